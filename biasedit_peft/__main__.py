@@ -1,0 +1,5 @@
+import sys
+
+from biasedit_peft.cli import main
+
+sys.exit(main())
