@@ -1,0 +1,116 @@
+"""``BiasEditModel``: the PEFT tuner that wraps the edited layers of a model in BiasEdit adapter layers."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from transformers.pytorch_utils import Conv1D
+
+from .config import BiasEditConfig
+from .layer import BiasEditLayer, Linear
+
+# model_type -> suffix of the MLP output projection inside each block (matched as peft does: exact or ".suffix").
+MLP_OUTPUT_PROJECTION: dict[str, str] = {
+    "gpt2": "mlp.c_proj",
+    "gptj": "mlp.fc_out",
+    "gpt_neox": "mlp.dense_4h_to_h",
+    "llama": "mlp.down_proj",
+    "mistral": "mlp.down_proj",
+    "gemma": "mlp.down_proj",
+    "gemma2": "mlp.down_proj",
+    "gemma3_text": "mlp.down_proj",
+    "qwen2": "mlp.down_proj",
+    "qwen3": "mlp.down_proj",
+    "phi": "mlp.fc2",
+    "phi3": "mlp.down_proj",
+    "opt": "fc2",
+    "falcon": "mlp.dense_4h_to_h",
+    "bloom": "mlp.dense_4h_to_h",
+    "olmo": "mlp.down_proj",
+    "olmo2": "mlp.down_proj",
+    "stablelm": "mlp.down_proj",
+    "starcoder2": "mlp.c_proj",
+    "granite": "mlp.down_proj",
+}
+
+_BLOCK_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def default_target_suffix(model_type: str) -> str:
+    """The MLP output projection suffix for ``model_type``; a clear error for unknown architectures."""
+    try:
+        return MLP_OUTPUT_PROJECTION[model_type]
+    except KeyError:
+        known = ", ".join(sorted(MLP_OUTPUT_PROJECTION))
+        raise ValueError(
+            f"BiasEdit has no default target for model_type {model_type!r}. Pass "
+            "BiasEditConfig(target_modules=[...]) naming the MLP output projection of the blocks to edit, e.g. "
+            "target_modules=['mlp.down_proj'] (Llama-style) or ['mlp.c_proj'] (GPT-2), optionally with "
+            f"layers_to_transform=[...]. Known model types: {known}."
+        ) from None
+
+
+def block_indices(model: torch.nn.Module, suffix: str) -> list[int]:
+    """Sorted block indices of the modules whose name ends with ``suffix`` (e.g. ``[0, 1, ..., 23]``)."""
+    indices = set()
+    for name, _ in model.named_modules():
+        if name == suffix or name.endswith("." + suffix):
+            match = _BLOCK_INDEX.findall(name)
+            if match:
+                indices.add(int(match[-1]))
+    return sorted(indices)
+
+
+class BiasEditModel(BaseTuner):
+    """Wraps the targeted layers of a transformers model in BiasEdit adapter layers.
+
+    Default targets (``target_modules=None``): the MLP output projection of the last ``num_edit_layers``
+    blocks, chosen by ``model.config.model_type`` (see :data:`MLP_OUTPUT_PROJECTION`).
+    """
+
+    prefix: str = "biasedit_"
+    tuner_layer_cls = BiasEditLayer
+    target_module_mapping = {model_type: [suffix] for model_type, suffix in MLP_OUTPUT_PROJECTION.items()}
+
+    def _prepare_adapter_config(self, peft_config: BiasEditConfig, model_config: dict) -> BiasEditConfig:
+        if peft_config.target_modules is not None:
+            return peft_config
+        suffix = default_target_suffix(model_config.get("model_type", ""))
+        peft_config.target_modules = {suffix}
+        if peft_config.layers_to_transform is None:
+            indices = block_indices(self.model, suffix)
+            if not indices:
+                raise ValueError(f"No module ending in {suffix!r} found in the model; pass target_modules explicitly.")
+            peft_config.layers_to_transform = indices[-peft_config.num_edit_layers :]
+        return peft_config
+
+    @staticmethod
+    def _create_new_module(config: BiasEditConfig, adapter_name: str, target: torch.nn.Module, **kwargs: Any):
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base, (torch.nn.Linear, Conv1D)):
+            raise TypeError(
+                f"Target module {target} is not supported by BiasEdit: only torch.nn.Linear and transformers' "
+                "Conv1D are (an MLP output projection is one of these)."
+            )
+        return Linear(target, adapter_name, config=config, **kwargs)
+
+    def _create_and_replace(
+        self,
+        config: BiasEditConfig,
+        adapter_name: str,
+        target: torch.nn.Module,
+        target_name: str,
+        parent: torch.nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        if isinstance(target, BiasEditLayer):
+            target.update_layer(adapter_name, config=config, module_name=current_key)
+            return
+        new_module = self._create_new_module(config, adapter_name, target, module_name=current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added adapter is not trainable until set active
+        self._replace_module(parent, target_name, new_module, target)

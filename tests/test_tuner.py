@@ -1,0 +1,352 @@
+"""The BiasEdit PEFT method: config, default targets, adapter layers, merge / unload, multi-adapter, deltas."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import PeftModel, PeftType, get_peft_model
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+import biasedit_peft
+from biasedit_peft import BiasEditConfig, edit_targets, get_deltas, override_deltas, set_deltas
+from biasedit_peft.tuner import RegistrationError, register
+from biasedit_peft.tuner.layer import BiasEditLayer
+from tests.tiny_models import EXPECTED_TARGETS, MODEL_TYPES, tiny_model, token_ids
+
+
+def with_weights_shifted(model, deltas):
+    """A copy of ``model`` whose named weights were replaced by ``W + delta`` (the reference for an adapter)."""
+    shifted = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            weight = shifted.get_submodule(name).weight
+            weight.copy_((weight.float() + delta).to(weight.dtype))
+    return shifted
+
+
+# ----- registration ---------------------------------------------------------------------------------
+def test_registration_is_idempotent_and_uses_peft_registry():
+    register()
+    register()
+    assert PeftType.BIASEDIT == "BIASEDIT"
+    assert PeftType("BIASEDIT") is PeftType.BIASEDIT
+    assert PEFT_TYPE_TO_CONFIG_MAPPING["BIASEDIT"] is BiasEditConfig
+    assert list(PeftType).count(PeftType.BIASEDIT) == 1
+
+
+def test_registration_refuses_a_foreign_biasedit(monkeypatch):
+    class OtherConfig:  # stands for a future peft that ships its own BIASEDIT
+        pass
+
+    monkeypatch.setitem(PEFT_TYPE_TO_CONFIG_MAPPING, "BIASEDIT", OtherConfig)
+    with pytest.raises(RegistrationError, match="already has a method named 'BIASEDIT'"):
+        register()
+
+
+def test_registration_refuses_a_changed_registry(monkeypatch):
+    from peft import mapping
+
+    monkeypatch.delattr(mapping, "PEFT_TYPE_TO_TUNER_MAPPING")
+    with pytest.raises(RegistrationError, match="registry changed"):
+        register()
+
+
+# ----- config ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"delta_storage": "sparse"}, "delta_storage"),
+        ({"num_edit_layers": 0}, "num_edit_layers"),
+        ({"layers_to_transform": [-1]}, "layers_to_transform"),
+        ({"factored_rank": 0}, "factored_rank"),
+        ({"target_modules": []}, "empty"),
+        ({"target_modules": ".*c_proj", "layers_to_transform": [1]}, "regex"),
+        ({"layers_pattern": "h"}, "layers_pattern"),
+        ({"init_weights": "yes"}, "init_weights"),
+        ({"delta_ranks": {"a": 0}}, "delta_ranks"),
+    ],
+)
+def test_config_rejects_bad_fields(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        BiasEditConfig(**kwargs)
+
+
+def test_config_round_trips_through_json(tmp_path):
+    config = BiasEditConfig(target_modules=["mlp.c_proj"], layers_to_transform=2, editor_id="me/editor",
+                            edit_data="stereoset:test", edit_info={"n": 3})
+    config.save_pretrained(tmp_path)
+    from peft import PeftConfig
+
+    loaded = PeftConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, BiasEditConfig)
+    assert loaded.peft_type == PeftType.BIASEDIT
+    assert loaded.target_modules == {"mlp.c_proj"} and loaded.layers_to_transform == [2]
+    assert (loaded.editor_id, loaded.edit_data, loaded.edit_info) == ("me/editor", "stereoset:test", {"n": 3})
+
+
+# ----- default targets and forward --------------------------------------------------------------------
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_default_targets_are_the_last_mlp_output_projections(model_type):
+    model = get_peft_model(tiny_model(model_type), BiasEditConfig())
+    assert list(edit_targets(model)) == EXPECTED_TARGETS[model_type]
+
+
+def test_num_edit_layers_and_layers_to_transform():
+    assert list(edit_targets(get_peft_model(tiny_model(), BiasEditConfig(num_edit_layers=1)))) == [
+        "transformer.h.3.mlp.c_proj"
+    ]
+    model = get_peft_model(tiny_model(), BiasEditConfig(layers_to_transform=[0, 2]))
+    assert list(edit_targets(model)) == ["transformer.h.0.mlp.c_proj", "transformer.h.2.mlp.c_proj"]
+
+
+def test_unknown_architecture_says_which_targets_to_pass():
+    from transformers import GPT2Config
+
+    class MysteryConfig(GPT2Config):
+        model_type = "mystery"
+
+    model = tiny_model()
+    model.config.__class__ = MysteryConfig
+    with pytest.raises(ValueError, match="target_modules=\\['mlp.down_proj'\\]"):
+        get_peft_model(model, BiasEditConfig())
+
+
+def test_unsupported_layer_type_is_a_type_error():
+    with pytest.raises(TypeError, match="only torch.nn.Linear and transformers' Conv1D"):
+        get_peft_model(tiny_model("llama"), BiasEditConfig(target_modules=["embed_tokens"]))
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_zero_init_adapter_is_exactly_the_base(model_type):
+    base = tiny_model(model_type)
+    ids = token_ids()
+    expected = base(ids).logits
+    model = get_peft_model(base, BiasEditConfig())
+    assert torch.equal(model(ids).logits, expected)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_random_delta_equals_shifted_weights_fp32(model_type):
+    base = tiny_model(model_type)
+    reference = copy.deepcopy(base)
+    model = get_peft_model(base, BiasEditConfig(init_weights=False))
+    deltas = get_deltas(model)
+    assert all(d.abs().max() > 0 for d in deltas.values())
+    ids = token_ids()
+    expected = with_weights_shifted(reference, deltas)(ids).logits
+    torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_low_precision_base_keeps_float32_deltas(model_type, dtype):
+    base = tiny_model(model_type, dtype=dtype)
+    reference = copy.deepcopy(base)
+    model = get_peft_model(base, BiasEditConfig(init_weights=False))
+    for layer in edit_targets(model).values():
+        assert layer.biasedit_delta["default"].dtype == torch.float32
+    ids = token_ids()
+    out = model(ids).logits
+    assert out.dtype == dtype
+    expected = with_weights_shifted(reference, get_deltas(model))(ids).logits
+    torch.testing.assert_close(out.float(), expected.float(), atol=0.1, rtol=0.05)
+
+
+# ----- merge / unload ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_merge_unmerge_restores_weights_bitwise(model_type):
+    model = get_peft_model(tiny_model(model_type), BiasEditConfig(init_weights=False))
+    ids = token_ids()
+    before = {n: l.get_base_layer().weight.detach().clone() for n, l in edit_targets(model).items()}
+    unmerged = model(ids).logits
+    model.merge_adapter()
+    torch.testing.assert_close(model(ids).logits, unmerged, atol=1e-5, rtol=1e-5)
+    model.unmerge_adapter()
+    for name, layer in edit_targets(model).items():
+        assert torch.equal(layer.get_base_layer().weight, before[name])
+    assert torch.equal(model(ids).logits, unmerged)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_merge_and_unload_returns_plain_model_with_equal_outputs(model_type):
+    base = tiny_model(model_type)
+    plain_class = type(base)
+    model = get_peft_model(base, BiasEditConfig(init_weights=False))
+    ids = token_ids()
+    expected = model(ids).logits
+    merged = model.merge_and_unload()
+    assert type(merged) is plain_class
+    assert not any(isinstance(m, BiasEditLayer) for m in merged.modules())
+    torch.testing.assert_close(merged(ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_into_bf16_casts_once():
+    base = tiny_model("gpt2", dtype=torch.bfloat16)
+    reference = copy.deepcopy(base)
+    model = get_peft_model(base, BiasEditConfig(init_weights=False))
+    deltas = get_deltas(model)
+    merged = model.merge_and_unload()
+    for name, delta in deltas.items():
+        expected = (reference.get_submodule(name).weight.float() + delta).to(torch.bfloat16)
+        assert torch.equal(merged.get_submodule(name).weight, expected)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "opt"])
+def test_unload_and_disable_adapter_give_the_base(model_type):
+    base = tiny_model(model_type)
+    ids = token_ids()
+    expected = base(ids).logits
+    model = get_peft_model(base, BiasEditConfig(init_weights=False))
+    assert not torch.allclose(model(ids).logits, expected)
+    with model.disable_adapter():
+        assert torch.equal(model(ids).logits, expected)
+    model.merge_adapter()
+    with model.disable_adapter():  # disabling a merged adapter unmerges it
+        assert torch.equal(model(ids).logits, expected)
+    assert torch.equal(model.unload()(ids).logits, expected)
+
+
+def test_safe_merge_refuses_non_finite_deltas():
+    model = get_peft_model(tiny_model(), BiasEditConfig(init_weights=False))
+    name, layer = next(iter(edit_targets(model).items()))
+    before = layer.get_base_layer().weight.detach().clone()
+    layer.biasedit_delta["default"].data[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaNs or infs"):
+        model.merge_adapter(safe_merge=True)
+    assert torch.equal(layer.get_base_layer().weight, before)
+    assert not layer.merged
+
+
+# ----- several adapters -----------------------------------------------------------------------------
+def test_two_adapters_switch_and_delete():
+    base = tiny_model()
+    reference = copy.deepcopy(base)
+    model = get_peft_model(base, BiasEditConfig(init_weights=False))
+    model.add_adapter("other", BiasEditConfig(init_weights=False))
+    ids = token_ids()
+    first, second = get_deltas(model, "default"), get_deltas(model, "other")
+    out_default = model(ids).logits
+    torch.testing.assert_close(out_default, with_weights_shifted(reference, first)(ids).logits, atol=1e-5, rtol=0)
+    model.set_adapter("other")
+    torch.testing.assert_close(model(ids).logits, with_weights_shifted(reference, second)(ids).logits, atol=1e-5,
+                               rtol=0)
+    model.base_model.set_adapter(["default", "other"])  # both active: deltas add
+    both = {n: first[n] + second[n] for n in first}
+    torch.testing.assert_close(model(ids).logits, with_weights_shifted(reference, both)(ids).logits, atol=1e-5,
+                               rtol=0)
+    model.set_adapter("default")
+    model.delete_adapter("other")
+    assert "other" not in model.peft_config
+    assert all("other" not in layer.biasedit_delta for layer in edit_targets(model).values())
+    assert torch.equal(model(ids).logits, out_default)
+
+
+# ----- writing deltas ---------------------------------------------------------------------------------
+def test_set_deltas_writes_native_layout_for_conv1d_and_linear():
+    for model_type in ("gpt2", "llama"):
+        base = tiny_model(model_type)
+        reference = copy.deepcopy(base)
+        model = get_peft_model(base, BiasEditConfig())
+        shapes = {n: l.get_base_layer().weight.shape for n, l in edit_targets(model).items()}
+        generator = torch.Generator().manual_seed(3)
+        deltas = {n: torch.randn(s, generator=generator) * 0.05 for n, s in shapes.items()}
+        set_deltas(model, deltas)
+        ids = token_ids()
+        expected = with_weights_shifted(reference, deltas)(ids).logits
+        torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
+        assert all(torch.equal(get_deltas(model)[n], deltas[n]) for n in deltas)
+
+
+@pytest.mark.parametrize(
+    "make_bad, error, message",
+    [
+        (lambda n, s: {"transformer.h.0.attn.c_attn": torch.zeros(s)}, KeyError, "No BiasEdit layer"),
+        (lambda n, s: {n: torch.zeros(s[1], s[0] + 1)}, ValueError, "expected the module's weight shape"),
+        (lambda n, s: {n: torch.full(s, float("nan"))}, ValueError, "NaN"),
+        (lambda n, s: {n: (torch.zeros(s[0], 2), torch.zeros(3, s[1]))}, ValueError, "Factored delta"),
+        (lambda n, s: {n: torch.zeros(s, dtype=torch.long)}, TypeError, "floating point"),
+    ],
+)
+def test_set_deltas_validates_everything_before_writing(make_bad, error, message):
+    model = get_peft_model(tiny_model(), BiasEditConfig(init_weights=False))
+    before = get_deltas(model)
+    names = list(before)
+    good = {names[0]: torch.ones_like(before[names[0]])}
+    bad = make_bad(names[1], tuple(before[names[1]].shape))
+    with pytest.raises(error, match=message):
+        set_deltas(model, {**good, **bad})
+    after = get_deltas(model)
+    assert all(torch.equal(after[n], before[n]) for n in names)  # nothing half-written
+
+
+def test_factored_delta_equals_dense_and_auto_picks_the_smaller():
+    base = tiny_model()
+    model = get_peft_model(base, BiasEditConfig())
+    name, layer = next(iter(edit_targets(model).items()))
+    rows, cols = layer.weight_shape
+    generator = torch.Generator().manual_seed(0)
+    first, second = torch.randn(rows, 2, generator=generator), torch.randn(2, cols, generator=generator)
+    ids = token_ids()
+    set_deltas(model, {name: (first, second)})
+    assert layer.delta_rank("default") == 2 and model.peft_config["default"].delta_ranks == {name: 2}
+    factored_out = model(ids).logits
+    set_deltas(model, {name: first @ second})  # dense input stays dense under "auto"
+    assert layer.delta_rank("default") is None and model.peft_config["default"].delta_ranks == {}
+    torch.testing.assert_close(model(ids).logits, factored_out, atol=1e-5, rtol=1e-5)
+    high_rank = min(rows, cols)  # r * (rows + cols) > rows * cols: auto stores it dense
+    set_deltas(model, {name: (torch.randn(rows, high_rank), torch.randn(high_rank, cols))})
+    assert layer.delta_rank("default") is None
+
+
+def test_factored_storage_factorises_dense_input_exactly():
+    model = get_peft_model(tiny_model("llama"), BiasEditConfig(delta_storage="factored"))
+    name, layer = next(iter(edit_targets(model).items()))
+    rows, cols = layer.weight_shape
+    low_rank = torch.randn(rows, 3) @ torch.randn(3, cols)
+    set_deltas(model, {name: low_rank})
+    assert layer.delta_rank("default") == 3
+    torch.testing.assert_close(get_deltas(model)[name], low_rank, atol=1e-5, rtol=1e-5)
+
+
+def test_factored_init_has_zero_product_but_gradients():
+    model = get_peft_model(tiny_model(), BiasEditConfig(delta_storage="factored", factored_rank=2))
+    layer = next(iter(edit_targets(model).values()))
+    assert torch.equal(layer.get_delta_weight("default"), torch.zeros(layer.weight_shape))
+    model(token_ids()).logits.sum().backward()
+    assert layer.biasedit_A["default"].grad.abs().sum() > 0
+
+
+def test_override_deltas_is_functional_and_differentiable():
+    model = get_peft_model(tiny_model(), BiasEditConfig())
+    ids = token_ids()
+    base_out = model(ids).logits.detach()
+    stored = get_deltas(model)
+    overrides = {n: torch.zeros_like(d, requires_grad=True) for n, d in stored.items()}
+    with override_deltas(model, overrides):
+        loss = model(ids).logits.square().mean()
+    loss.backward()
+    # the gradient w.r.t. an override equals the gradient w.r.t. the stored delta parameter
+    model.zero_grad()
+    model(ids).logits.square().mean().backward()
+    for name, layer in edit_targets(model).items():
+        torch.testing.assert_close(overrides[name].grad, layer.biasedit_delta["default"].grad)
+    assert torch.equal(model(ids).logits, base_out)  # nothing was written
+    assert all(not layer._delta_overrides for layer in edit_targets(model).values())
+
+
+def test_set_deltas_refuses_a_merged_adapter():
+    model = get_peft_model(tiny_model(), BiasEditConfig(init_weights=False))
+    model.merge_adapter()
+    deltas = get_deltas(model)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        set_deltas(model, deltas)
+
+
+def test_adapter_parameters_are_float32_and_package_exports():
+    assert biasedit_peft.BiasEditConfig is BiasEditConfig
+    model = get_peft_model(tiny_model(), BiasEditConfig())
+    assert isinstance(model, PeftModel)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("biasedit_" in n for n in trainable)
