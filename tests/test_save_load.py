@@ -135,11 +135,17 @@ def test_loading_without_import_fails_in_peft_and_the_documented_path_works(tmp_
 
 
 def test_from_config_models_have_no_base_path_and_autopeft_says_so(tmp_path):
-    model = get_peft_model(tiny_model(), BiasEditConfig())
+    with pytest.warns(UserWarning, match="AutoPeftModelForCausalLM cannot find its base"):
+        model = get_peft_model(tiny_model(), BiasEditConfig())
     model.save_pretrained(tmp_path / "adapter")
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] is None
-    with pytest.raises(Exception):
-        AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    base = tiny_model()  # the documented fix: save the base, point name_or_path at it
+    base.save_pretrained(tmp_path / "base")
+    base.name_or_path = str(tmp_path / "base")
+    fixed = get_peft_model(base, BiasEditConfig(init_weights=False))
+    fixed.save_pretrained(tmp_path / "adapter2")
+    loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter2").eval()
+    assert torch.equal(loaded(token_ids()).logits, fixed(token_ids()).logits)
 
 
 def test_loading_onto_a_different_shape_fails(tmp_path, saved_base):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -76,6 +77,14 @@ class BiasEditModel(BaseTuner):
     target_module_mapping = {model_type: [suffix] for model_type, suffix in MLP_OUTPUT_PROJECTION.items()}
 
     def _prepare_adapter_config(self, peft_config: BiasEditConfig, model_config: dict) -> BiasEditConfig:
+        if not getattr(self.model, "name_or_path", ""):
+            warnings.warn(
+                "This base model has no name_or_path (it was built from a config), so a saved adapter records "
+                "base_model_name_or_path=None and AutoPeftModelForCausalLM cannot find its base. Load such "
+                "adapters with PeftModel.from_pretrained(base, path), or save the base first and set "
+                "model.name_or_path to its folder.",
+                stacklevel=2,
+            )
         if peft_config.target_modules is not None:
             return peft_config
         suffix = default_target_suffix(model_config.get("model_type", ""))
