@@ -1,0 +1,17 @@
+"""The examples in examples/ run and print what they promise."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quickstart_example_runs():
+    result = subprocess.run([sys.executable, "examples/quickstart.py"], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "deltas after save/load bitwise identical: True" in result.stdout
+    assert "merged model class: GPT2LMHeadModel" in result.stdout
