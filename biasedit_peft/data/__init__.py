@@ -1,0 +1,33 @@
+"""Bundled bias benchmarks (StereoSet intrasentence, CrowS-Pairs) and their loaders.
+
+Data: CC BY-SA 4.0, see ``resources/NOTICE.md``. Splits, counts and the noisy-row rule: docs/data.md.
+"""
+
+from .crows import CROWS_BIAS_TYPES, CrowsFormatError, CrowsPair, crows_bias_type, load_crows
+from .neutral import load_neutral_text
+from .splits import SPLIT_SEED, split_train_dev
+from .stereoset import (
+    NOISE_RULES,
+    ROLES,
+    SPLITS,
+    NoiseReport,
+    StereoSetFormatError,
+    StereoSetItem,
+    load_split_ids,
+    load_stereoset,
+    load_stereoset_file,
+    noise_report,
+)
+from .swap import gender_swapped, load_bias_attribute_words, swap_gender
+
+BIAS_TYPES = ("gender", "race", "religion")  # the BiasEdit paper's types (train / dev / test)
+EXTRA_BIAS_TYPES = ("profession",)  # held out: only in the test split
+STEREOSET_BIAS_TYPES = BIAS_TYPES + EXTRA_BIAS_TYPES
+
+__all__ = [
+    "BIAS_TYPES", "EXTRA_BIAS_TYPES", "STEREOSET_BIAS_TYPES", "CROWS_BIAS_TYPES", "NOISE_RULES", "ROLES",
+    "SPLITS", "SPLIT_SEED", "CrowsFormatError", "CrowsPair", "NoiseReport", "StereoSetFormatError",
+    "StereoSetItem", "crows_bias_type", "gender_swapped", "load_bias_attribute_words", "load_crows",
+    "load_neutral_text", "load_split_ids", "load_stereoset", "load_stereoset_file", "noise_report",
+    "split_train_dev", "swap_gender",
+]

@@ -1,0 +1,49 @@
+"""The deterministic 8:1 train / dev split of StereoSet's test file (BiasEdit paper, Table 5).
+
+Grouped by target term (no target on both sides), stratified by bias type (each type is split on
+its own), seeded. The bundling script computes it once and ships the ids; a test recomputes it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from typing import Sequence
+
+from .stereoset import StereoSetItem
+
+SPLIT_SEED = 0
+SPLIT_RATIO = (8, 1)  # train : dev
+SPLIT_BIAS_TYPES = ("gender", "race", "religion")
+
+
+def split_train_dev(
+    items: Sequence[StereoSetItem],
+    bias_types: Sequence[str] = SPLIT_BIAS_TYPES,
+    seed: int = SPLIT_SEED,
+    ratio: tuple[int, int] = SPLIT_RATIO,
+) -> dict[str, list[str]]:
+    """``{"train": ids, "dev": ids}`` (file order kept within each side).
+
+    Per bias type: target groups sorted by name, shuffled with ``random.Random(f"{seed}:{type}")``,
+    then each group goes to dev if that brings dev's size closer to ``n * dev / (train + dev)``,
+    else to train.
+    """
+    by_type_target: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for item in items:
+        if item.bias_type in bias_types:
+            by_type_target[item.bias_type][item.target].append(item.id)
+    dev_ids: set[str] = set()
+    for bias_type in bias_types:
+        groups = by_type_target[bias_type]
+        targets = sorted(groups)
+        random.Random(f"{seed}:{bias_type}").shuffle(targets)
+        goal = sum(len(ids) for ids in groups.values()) * ratio[1] / sum(ratio)
+        dev_size = 0
+        for target in targets:
+            size = len(groups[target])
+            if abs(dev_size + size - goal) < abs(dev_size - goal):
+                dev_ids.update(groups[target])
+                dev_size += size
+    chosen = [item.id for item in items if item.bias_type in bias_types]
+    return {"train": [i for i in chosen if i not in dev_ids], "dev": [i for i in chosen if i in dev_ids]}

@@ -1,0 +1,190 @@
+"""Sentence log-likelihoods under a causal LM: one batched forward and a gather.
+
+A sentence ``x_1 .. x_n`` is scored as ``log p(x_1 .. x_n | BOS) = sum_t log p(x_t | BOS, x_<t)``.
+BOS is the tokenizer's ``bos_token_id`` (GPT-2: ``<|endoftext|>``, which is also its EOS), else its
+``eos_token_id`` (Qwen-style tokenizers without a BOS). Sentences are tokenised *without* special
+tokens and the BOS is prepended here, so tokenizers that add BOS themselves (Llama, Gemma, OPT)
+never get two. Padding is always on the right (whatever ``tokenizer.padding_side`` says), so
+positions of real tokens do not depend on the batch and batched scores equal one-at-a-time scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+_HUGE_MAX_LENGTH = 10**6  # tokenizers without a real limit report ~1e30
+
+
+@dataclass
+class TokenBatch:
+    """Right-padded token ids of BOS + sentence.
+
+    ``input_ids`` [B, T] long; ``attention_mask`` [B, T] long (1 on BOS and sentence tokens);
+    ``target_mask`` [B, T] bool (True on the scored sentence tokens: not BOS, not padding).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    target_mask: Tensor
+
+    def to(self, device: torch.device | str) -> "TokenBatch":
+        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.target_mask.to(device))
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+@dataclass
+class SentenceLogProbs:
+    """Per-sentence scores, each [B] float32: ``sum`` and ``mean`` of token log-probs, ``n_tokens``.
+
+    ``mean_prob`` [B] is the arithmetic mean of token probabilities (the BiasEdit paper's SS score).
+    """
+
+    sum: Tensor
+    mean: Tensor
+    n_tokens: Tensor
+    mean_prob: Tensor | None = None
+
+    def __getitem__(self, index) -> "SentenceLogProbs":
+        mean_prob = None if self.mean_prob is None else self.mean_prob[index]
+        return SentenceLogProbs(self.sum[index], self.mean[index], self.n_tokens[index], mean_prob)
+
+
+def start_token_id(tokenizer) -> int:
+    """The id prepended to every sentence: BOS, else EOS."""
+    for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    raise ValueError(
+        f"{type(tokenizer).__name__} has neither a BOS nor an EOS token; a causal LM needs one "
+        "to condition the first word of a sentence on."
+    )
+
+
+def _max_length(tokenizer, max_length: int | None) -> int | None:
+    if max_length is not None:
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2 (BOS + one token), got {max_length}")
+        return max_length
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if limit is not None and limit < _HUGE_MAX_LENGTH else None
+
+
+def encode_sentences(tokenizer, sentences: Sequence[str], max_length: int | None = None) -> TokenBatch:
+    """Tokenise ``sentences`` as ``BOS + tokens``, right-padded, truncated to ``max_length`` in all.
+
+    ``max_length`` defaults to the tokenizer's ``model_max_length`` when it is a real limit.
+    Truncation keeps the beginning of a sentence.
+    """
+    if isinstance(sentences, str):
+        raise TypeError("encode_sentences takes a list of sentences, not one string")
+    if len(sentences) == 0:
+        raise ValueError("encode_sentences got no sentences")
+    bos = start_token_id(tokenizer)
+    limit = _max_length(tokenizer, max_length)
+    encoded = tokenizer(list(sentences), add_special_tokens=False)["input_ids"]
+    rows = []
+    for index, ids in enumerate(encoded):
+        if ids and ids[0] == bos:  # a tokenizer that adds BOS even without special tokens
+            ids = ids[1:]
+        if not ids:
+            raise ValueError(f"sentence {index} ({sentences[index]!r}) has no tokens to score")
+        rows.append([bos] + ids)
+    if limit is not None:
+        rows = [row[:limit] for row in rows]
+    lengths = torch.tensor([len(row) for row in rows])
+    width = int(lengths.max())
+    positions = torch.arange(width)
+    attention = positions[None, :] < lengths[:, None]  # [B, T]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else bos
+    input_ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
+    input_ids[attention] = torch.tensor([token for row in rows for token in row], dtype=torch.long)
+    target_mask = attention & (positions[None, :] > 0)
+    return TokenBatch(input_ids, attention.long(), target_mask)
+
+
+def token_log_probs(logits: Tensor, batch: TokenBatch) -> Tensor:
+    """``log p(input_ids[:, t] | < t)`` [B, T] float32 at target positions, 0 elsewhere.
+
+    ``logits`` [B, T, V] (any float dtype); logit position ``t - 1`` scores token ``t``.
+    Computed as ``logit[target] - logsumexp(logits)`` in float32 (no [B, T, V] log-softmax kept).
+    """
+    previous = logits[:, :-1].float()  # [B, T-1, V]
+    targets = batch.input_ids[:, 1:].unsqueeze(-1)  # [B, T-1, 1]
+    picked = previous.gather(-1, targets).squeeze(-1) - torch.logsumexp(previous, dim=-1)
+    scores = torch.nn.functional.pad(picked, (1, 0))  # position 0 (BOS) scores nothing
+    return scores.masked_fill(~batch.target_mask, 0.0)
+
+
+def sentence_scores(token_scores: Tensor, batch: TokenBatch) -> SentenceLogProbs:
+    """Reduce [B, T] token log-probs (0 off-target) to per-sentence sum / mean / mean prob."""
+    n_tokens = batch.target_mask.sum(-1)
+    total = token_scores.sum(-1)
+    probs = token_scores.exp().masked_fill(~batch.target_mask, 0.0).sum(-1)
+    count = n_tokens.clamp(min=1).to(total.dtype)
+    return SentenceLogProbs(total, total / count, n_tokens, probs / count)
+
+
+def sentence_log_probs(model, batch: TokenBatch) -> SentenceLogProbs:
+    """Differentiable per-sentence scores from one forward pass of ``model`` on ``batch``."""
+    output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    return sentence_scores(token_log_probs(output.logits, batch), batch)
+
+
+def model_device(model) -> torch.device:
+    """Where inputs go: the input embedding's device (right for ``device_map`` models too)."""
+    try:
+        return model.get_input_embeddings().weight.device
+    except (AttributeError, NotImplementedError):
+        return next(model.parameters()).device
+
+
+@torch.no_grad()
+def score_sentences(
+    model, tokenizer, sentences: Sequence[str], batch_size: int = 32, progress: bool = False,
+    max_length: int | None = None,
+) -> SentenceLogProbs:
+    """Scores of ``sentences`` (no grad), in input order; batches are formed by token length.
+
+    The model is put in eval mode for the call and its mode restored afterwards. Outputs are on CPU.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    sentences = list(sentences)
+    if not sentences:
+        empty = torch.zeros(0)
+        return SentenceLogProbs(empty, empty, torch.zeros(0, dtype=torch.long), empty)
+    encoded = encode_sentences(tokenizer, sentences, max_length)
+    order = torch.argsort(encoded.attention_mask.sum(-1), descending=True, stable=True)
+    device = model_device(model)
+    pieces: list[SentenceLogProbs] = []
+    chunks = torch.split(order, batch_size)
+    was_training = model.training
+    model.eval()
+    try:
+        for chunk in _progress(chunks, progress, len(sentences)):
+            width = int(encoded.attention_mask[chunk].sum(-1).max())
+            batch = TokenBatch(
+                encoded.input_ids[chunk, :width], encoded.attention_mask[chunk, :width],
+                encoded.target_mask[chunk, :width],
+            ).to(device)
+            pieces.append(sentence_log_probs(model, batch))
+    finally:
+        model.train(was_training)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order))
+    joined = [torch.cat([getattr(p, field).cpu() for p in pieces])[inverse] for field in ("sum", "mean", "n_tokens", "mean_prob")]
+    return SentenceLogProbs(*joined)
+
+
+def _progress(chunks, enabled: bool, total: int):
+    if not enabled:
+        return chunks
+    from tqdm.auto import tqdm
+
+    return tqdm(chunks, desc=f"Scoring {total} sentences", unit="batch")

@@ -1,0 +1,157 @@
+"""Sentence scoring: BOS handling, right padding, gather semantics, batched == one at a time."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from biasedit_peft.scoring import (
+    SentenceLogProbs,
+    TokenBatch,
+    encode_sentences,
+    score_sentences,
+    sentence_log_probs,
+    token_log_probs,
+)
+
+SENTENCES = [
+    "the nurse was kind",
+    "the engineer was very careful with the long bridge plans",
+    "a cat",
+    "the river carries sand and gravel to the sea every day of the year",
+    "rain forms when water vapour cools",
+]
+
+
+def word_tokenizer(bos: str | None = "<|endoftext|>", add_bos_template: bool = False, padding_side="right"):
+    """A word-level tokenizer trained offline on SENTENCES (GPT-2 style: BOS == EOS)."""
+    specials = ["[UNK]", "[PAD]", "<s>", "</s>", "<|endoftext|>"]
+    backend = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=specials))
+    if add_bos_template:  # Llama style: the tokenizer itself adds <s>
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", backend.token_to_id("<s>"))]
+        )
+    kwargs = {"unk_token": "[UNK]", "pad_token": "[PAD]", "padding_side": padding_side}
+    if bos == "<s>":
+        kwargs.update(bos_token="<s>", eos_token="</s>")
+    elif bos is None:
+        kwargs.update(eos_token="</s>")
+    else:
+        kwargs.update(bos_token=bos, eos_token=bos)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
+
+
+def tiny_gpt2(vocab_size: int) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab_size, n_positions=64)
+    return GPT2LMHeadModel(config).eval()
+
+
+def test_encode_prepends_bos_and_right_pads():
+    tokenizer = word_tokenizer(padding_side="left")  # ignored: we always pad right
+    batch = encode_sentences(tokenizer, ["a cat", "the nurse was kind"])
+    bos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    pad = tokenizer.pad_token_id
+    cat = tokenizer.convert_tokens_to_ids(["a", "cat"])
+    assert batch.input_ids.tolist()[0] == [bos, *cat, pad, pad]
+    assert batch.input_ids[1, 0].item() == bos
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert batch.target_mask.tolist() == [[False, True, True, False, False], [False, True, True, True, True]]
+    assert batch.input_ids.dtype == torch.long and batch.target_mask.dtype == torch.bool
+
+
+def test_bos_never_doubled_for_llama_style_tokenizer():
+    tokenizer = word_tokenizer(bos="<s>", add_bos_template=True)
+    assert tokenizer("a cat")["input_ids"][0] == tokenizer.bos_token_id  # it does add BOS itself
+    batch = encode_sentences(tokenizer, ["a cat"])
+    assert batch.input_ids[0].tolist() == [tokenizer.bos_token_id, *tokenizer.convert_tokens_to_ids(["a", "cat"])]
+
+
+def test_eos_used_when_no_bos():
+    tokenizer = word_tokenizer(bos=None)
+    assert tokenizer.bos_token_id is None
+    batch = encode_sentences(tokenizer, ["a cat"])
+    assert batch.input_ids[0, 0].item() == tokenizer.eos_token_id
+
+
+def test_truncation_keeps_bos_and_beginning():
+    tokenizer = word_tokenizer()
+    batch = encode_sentences(tokenizer, [SENTENCES[3]], max_length=4)
+    assert batch.input_ids.shape == (1, 4)
+    assert batch.input_ids[0, 1:].tolist() == tokenizer.convert_tokens_to_ids(["the", "river", "carries"])
+    assert batch.target_mask.sum().item() == 3
+
+
+def test_empty_sentence_is_an_error():
+    with pytest.raises(ValueError, match="sentence 1"):
+        encode_sentences(word_tokenizer(), ["a cat", ""])
+
+
+def test_token_log_probs_hand_computed():
+    # vocabulary of 3, one sentence BOS=0, tokens [1, 2], then one pad
+    logits = torch.tensor([[[0.0, math.log(3.0), 0.0], [math.log(2.0), 0.0, math.log(2.0)], [9.0, 9.0, 9.0],
+                            [1.0, 2.0, 3.0]]])
+    batch = TokenBatch(
+        input_ids=torch.tensor([[0, 1, 2, 0]]),
+        attention_mask=torch.tensor([[1, 1, 1, 0]]),
+        target_mask=torch.tensor([[False, True, True, False]]),
+    )
+    scores = token_log_probs(logits, batch)
+    # token 1 scored by logits[0]: p = 3 / (1 + 3 + 1); token 2 by logits[1]: p = 2 / (2 + 1 + 2)
+    expected = torch.tensor([[0.0, math.log(3 / 5), math.log(2 / 5), 0.0]])
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, expected)
+
+
+def test_token_log_probs_bf16_logits_are_float32():
+    logits = torch.randn(2, 5, 7).to(torch.bfloat16)
+    batch = TokenBatch(torch.randint(0, 7, (2, 5)), torch.ones(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.bool))
+    scores = token_log_probs(logits, batch)
+    assert scores.dtype == torch.float32
+    assert (scores[:, 0] == 0).all()  # position 0 is BOS-like: nothing predicts it
+    reference = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(scores[:, 1:], reference)
+
+
+def test_sentence_log_probs_matches_manual_loop_and_is_differentiable():
+    tokenizer = word_tokenizer()
+    model = tiny_gpt2(len(tokenizer))
+    batch = encode_sentences(tokenizer, SENTENCES[:2])
+    result = sentence_log_probs(model, batch)
+    for row, sentence in enumerate(SENTENCES[:2]):
+        ids = [tokenizer.bos_token_id] + tokenizer(sentence, add_special_tokens=False)["input_ids"]
+        logits = model(torch.tensor([ids])).logits[0].float()
+        manual = sum(torch.log_softmax(logits[t - 1], -1)[ids[t]] for t in range(1, len(ids)))
+        torch.testing.assert_close(result.sum[row], manual, atol=1e-5, rtol=1e-5)
+        assert result.n_tokens[row].item() == len(ids) - 1
+        torch.testing.assert_close(result.mean[row], manual / (len(ids) - 1), atol=1e-5, rtol=1e-5)
+    result.sum.sum().backward()
+    assert model.transformer.h[1].mlp.c_proj.weight.grad is not None
+
+
+def test_batched_equals_one_at_a_time_and_keeps_order():
+    tokenizer = word_tokenizer()
+    model = tiny_gpt2(len(tokenizer))
+    batched = score_sentences(model, tokenizer, SENTENCES, batch_size=3)
+    single = [score_sentences(model, tokenizer, [s], batch_size=1) for s in SENTENCES]
+    for field in ("sum", "mean", "n_tokens", "mean_prob"):
+        one_by_one = torch.cat([getattr(s, field) for s in single])
+        torch.testing.assert_close(getattr(batched, field), one_by_one, atol=1e-5, rtol=1e-5)
+    assert batched.n_tokens.tolist() == [len(s.split()) for s in SENTENCES]
+    mean_prob = batched.mean_prob
+    assert ((mean_prob > 0) & (mean_prob < 1)).all()
+    assert (mean_prob >= batched.mean.exp() - 1e-6).all()  # arithmetic mean >= geometric mean
+
+
+def test_score_sentences_restores_training_mode():
+    tokenizer = word_tokenizer()
+    model = tiny_gpt2(len(tokenizer)).train()
+    scores = score_sentences(model, tokenizer, SENTENCES[:2])
+    assert model.training
+    assert isinstance(scores, SentenceLogProbs) and not scores.sum.requires_grad
