@@ -1,0 +1,143 @@
+"""``biasedit train-editor``: meta-train a BiasEdit editor (MALMEN hyper-network) for a model.
+
+    biasedit train-editor --model M --out EDITOR_DIR [--preset gpt2|llama|mistral|gemma|testbed]
+                          [--targets NAME,...] [--epochs N] [--max-steps N] [--resume] [--seed S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "train-editor",
+        help="meta-train a BiasEdit editor for a causal LM",
+        description="Meta-train a BiasEdit editor (MALMEN hyper-network) on StereoSet. The best editor "
+        "(lowest dev loss) is written to --out; --out/checkpoint holds the resumable latest state. "
+        "Method: docs/method.md.",
+    )
+    parser.add_argument("--model", required=True, help="local folder, Hub id, or 'testbed' (bundled toy model)")
+    parser.add_argument("--out", required=True, help="editor folder to write")
+    parser.add_argument("--targets", default=None,
+                        help="comma-separated module names to edit (default: MLP output projections of the last "
+                        "--num-edit-layers blocks)")
+    parser.add_argument("--num-edit-layers", type=int, default=3, help="last blocks to edit (default 3)")
+    parser.add_argument("--preset", default=None,
+                        help="hyper-parameter preset: gpt2, llama, mistral, gemma, testbed (default: from the "
+                        "model type; 'testbed' for --model testbed)")
+    parser.add_argument("--train-data", default="stereoset:train", help="stereoset:SPLIT or a file (default "
+                        "stereoset:train)")
+    parser.add_argument("--eval-data", default="stereoset:dev", help="stereoset:SPLIT, a file, or 'none'")
+    parser.add_argument("--bias-types", default="gender,race,religion", help="comma-separated (StereoSet data)")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N training / dev samples")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after N meta-steps in total")
+    parser.add_argument("--eval-every", type=int, default=None, help="validate every N steps (default: per epoch)")
+    parser.add_argument("--patience", type=int, default=None, help="early stopping patience (validations)")
+    parser.add_argument("--n-edits", type=int, default=None, help="samples per meta-step")
+    parser.add_argument("--batch-size", type=int, default=None, help="sentence pairs per LM forward pass")
+    parser.add_argument("--lr", type=float, default=None, help="initial editor step size")
+    parser.add_argument("--meta-lr", type=float, default=None, help="Adam learning rate of the editor")
+    parser.add_argument("--loc-coef", type=float, default=None, help="weight of the retention loss")
+    parser.add_argument("--rank", type=int, default=None)
+    parser.add_argument("--n-blocks", type=int, default=None)
+    parser.add_argument("--loss", choices=("paper", "token"), default="paper", help="loss variant (docs/method.md)")
+    parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="LM dtype (editor: fp32)")
+    parser.add_argument("--device", default=None, help="LM device (default: cuda if available)")
+    parser.add_argument("--editor-device", default=None, help="editor device (default: the LM device)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def split_list(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    return parts or None
+
+
+def load_edit_samples(spec: str, bias_types: list[str] | None = None, limit: int | None = None) -> list:
+    """``stereoset:SPLIT`` (bundled), a StereoSet-schema ``.json`` file, or ``.jsonl`` lines with
+    ``stereotype``, ``anti_stereotype`` and ``unrelated`` fields."""
+    from biasedit_peft.data import load_stereoset, load_stereoset_file
+
+    if spec.startswith("stereoset:"):
+        items = load_stereoset(spec.split(":", 1)[1], bias_types=bias_types)
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise ValueError(f"--data {spec!r}: neither 'stereoset:SPLIT' nor an existing file")
+        if path.suffix == ".jsonl":
+            items = []
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    try:
+                        items.append(json.loads(line))
+                    except json.JSONDecodeError as error:
+                        raise ValueError(f"{path}: line {number} is not JSON ({error})") from None
+        else:
+            items = load_stereoset_file(path, bias_types=bias_types)
+    items = items[:limit] if limit is not None else items
+    if not items:
+        raise ValueError(f"{spec}: no samples")
+    return items
+
+
+def build_peft_model(model, targets: list[str] | None, num_edit_layers: int):
+    from peft import get_peft_model
+
+    from biasedit_peft import BiasEditConfig
+
+    config = BiasEditConfig(target_modules=targets, num_edit_layers=num_edit_layers)
+    return get_peft_model(model, config)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from biasedit_peft.editor import BiasEditor, BiasEditTrainer, BiasEditTrainingArguments, preset_for_model
+    from biasedit_peft.models import TESTBED_NAME, load_model_and_tokenizer
+
+    try:
+        bias_types = split_list(args.bias_types)
+        train_data = load_edit_samples(args.train_data, bias_types, args.limit)
+        eval_data = None if args.eval_data == "none" else load_edit_samples(args.eval_data, bias_types, args.limit)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
+        preset = preset_for_model(model, args.preset or ("testbed" if args.model == TESTBED_NAME else None))
+        peft_model = build_peft_model(model, split_list(args.targets), args.num_edit_layers)
+
+        def pick(value, default):
+            return default if value is None else value
+
+        editor = BiasEditor.for_model(
+            peft_model, rank=pick(args.rank, preset.rank), n_blocks=pick(args.n_blocks, preset.n_blocks),
+            lr=pick(args.lr, preset.lr), loss=args.loss, base_model=args.model,
+        ).to(args.editor_device or device)
+        training = BiasEditTrainingArguments(
+            output_dir=args.out, n_edits=pick(args.n_edits, preset.n_edits),
+            batch_size=pick(args.batch_size, preset.batch_size), meta_lr=pick(args.meta_lr, preset.meta_lr),
+            loc_coef=pick(args.loc_coef, preset.loc_coef), epochs=pick(args.epochs, preset.epochs),
+            max_steps=args.max_steps, eval_every=args.eval_every,
+            early_stopping_patience=pick(args.patience, preset.early_stopping_patience),
+            max_grad_norm=preset.max_grad_norm, seed=args.seed, resume=args.resume, progress=not args.quiet,
+        )
+        trainer = BiasEditTrainer(peft_model, editor, training, train_data, eval_data, tokenizer=tokenizer)
+        state = trainer.train()
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    last = state.history[-1] if state.history else {}
+    summary = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float))
+    print(f"trained {state.global_step} meta-steps ({state.epoch} epochs"
+          f"{', stopped early' if state.stopped_early else ''}); best loss {state.best_loss:.4g}")
+    if summary:
+        print(f"last validation: {summary}")
+    print(f"editor written to {args.out}")
+    return 0

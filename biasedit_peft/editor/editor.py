@@ -1,0 +1,512 @@
+"""``BiasEditor``: the MALMEN hyper-networks of one model, the edit pipeline, and editor folders.
+
+An edit is: cache keys and value gradients of the debias loss at every edited layer
+(:meth:`BiasEditor.cache_samples`), map them to value changes with the hyper-network and solve the
+ridge problem per layer (:meth:`BiasEditor.predict`), then write the factored deltas into the adapter
+(:meth:`BiasEditor.debias`). Meta-training (``trainer.py``) adds :meth:`BiasEditor.meta_backward`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .cache import EditSample, KeyValueCache, as_edit_sample, logit_positions, record_layer_io
+from .losses import LOSS_KINDS, debias_loss, pair_scores
+from .nets import EditorNet
+from .solve import RidgeDelta, RidgeSolution, solve_ridge
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "editor.safetensors"
+CARD_NAME = "README.md"
+EDITOR_FORMAT = "biasedit-editor/1"
+
+
+@dataclass
+class BiasEditorConfig:
+    """Everything needed to rebuild an editor (saved as ``config.json``)."""
+
+    targets: dict[str, list[int]]
+    """Edited module name -> ``[key_size, value_size]`` (the layer's ``[in_features, out_features]``)."""
+    rank: int = 1920
+    """Rank of each residual block (capped by ``key_size + value_size``)."""
+    n_blocks: int = 2
+    lr: float = 1e-6
+    """Initial per-module step size ``lr[m]``."""
+    loss: str = "paper"
+    """Debias / retention loss variant: ``"paper"`` or ``"token"`` (see ``losses.py``)."""
+    chunk_size: int = 4096
+    """Token rows the hyper-network processes at once (independent of the LM batch size)."""
+    base_model: str | None = None
+    format: str = EDITOR_FORMAT
+
+    def __post_init__(self):
+        if not self.targets:
+            raise ValueError("An editor needs at least one target module")
+        if self.loss not in LOSS_KINDS:
+            raise ValueError(f"Unknown loss {self.loss!r}; choose one of {LOSS_KINDS}")
+        self.targets = {name: [int(size) for size in shape] for name, shape in self.targets.items()}
+
+
+@dataclass
+class DebiasReport:
+    """What :meth:`BiasEditor.debias` did."""
+
+    n_samples: int
+    n_tokens: int
+    layers: list[str]
+    batches: list[dict[str, float]] = field(default_factory=list)
+    """``per_batch`` mode: metrics of each batch before and after its edit."""
+
+
+def shape_key(key_size: int, value_size: int) -> str:
+    return f"{key_size}x{value_size}"
+
+
+def _chunks(n_rows: int, chunk_size: int) -> Iterable[slice]:
+    return (slice(start, start + chunk_size) for start in range(0, n_rows, chunk_size))
+
+
+def predict_layer(net: EditorNet, index: int, keys: torch.Tensor, value_grads: torch.Tensor, chunk_size: int):
+    """Value changes in chunks (no autograd), then the ridge solve -> :class:`RidgeSolution`."""
+    with torch.no_grad():
+        changes = torch.cat([net.value_changes(keys[c], value_grads[c], index) for c in _chunks(len(keys), chunk_size)])
+        return solve_ridge(keys, changes, net.ridge(index))
+
+
+def meta_backward_layer(
+    net: EditorNet,
+    index: int,
+    keys: torch.Tensor,
+    value_grads: torch.Tensor,
+    solution: RidgeSolution,
+    delta_grad: torch.Tensor,
+    chunk_size: int,
+) -> None:
+    """Accumulate ``dL/dtheta`` into ``net`` given ``delta_grad = dL/dS [d_in, d_out]`` (MALMEN's decoupling).
+
+    The solve's closed-form backward gives ``dL/dD`` and ``dL/dlambda``; the hyper-network is then
+    re-run chunk by chunk and ``<dL/dD, D(theta)>`` back-propagated, so memory is one chunk's graph.
+    """
+    change_grads, ridge_grad = solution.backward(delta_grad.to(keys.device))
+    (ridge_grad * net.ridge(index)).backward()
+    for chunk in _chunks(len(keys), chunk_size):
+        (change_grads[chunk] * net.value_changes(keys[chunk], value_grads[chunk], index)).sum().backward()
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where token ids must go (the input embeddings' device; works with accelerate device maps)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None:
+        return embeddings.weight.device
+    return next(model.parameters()).device
+
+
+def encode_pairs(tokenizer, samples: Sequence[EditSample], first_index: int = 0):
+    """One padded batch of ``2P`` sentences, stereotypes then anti-stereotypes; rejects empty sentences."""
+    from ..scoring import encode_sentences
+
+    sentences = [s.stereotype for s in samples] + [s.anti_stereotype for s in samples]
+    try:
+        return encode_sentences(tokenizer, sentences)
+    except ValueError:  # name the sample and field (error path only: find the first bad sentence)
+        for row, sentence in enumerate(sentences):
+            try:
+                encode_sentences(tokenizer, [sentence])
+            except ValueError:
+                field_name = "stereotype" if row < len(samples) else "anti_stereotype"
+                raise ValueError(f"Sample {first_index + row % len(samples)}: field {field_name!r} "
+                                 f"({sentence!r}) tokenizes to no scored tokens") from None
+        raise
+
+
+def forward_logits(model: nn.Module, batch) -> torch.Tensor:
+    device = input_device(model)
+    return model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                 use_cache=False).logits
+
+
+class BiasEditor(nn.Module):
+    """One :class:`EditorNet` per distinct ``(key_size, value_size)`` of the edited layers.
+
+    Example::
+
+        editor = BiasEditor.for_model(peft_model)
+        editor.debias(peft_model, samples, tokenizer=tokenizer)   # writes deltas into the adapter
+    """
+
+    def __init__(self, config: BiasEditorConfig):
+        super().__init__()
+        self.config = config
+        counts: Counter[str] = Counter()
+        self.module_index: dict[str, tuple[str, int]] = {}
+        for name, (key_size, value_size) in config.targets.items():
+            key = shape_key(key_size, value_size)
+            self.module_index[name] = (key, counts[key])
+            counts[key] += 1
+        self.nets = nn.ModuleDict({
+            key: EditorNet(*map(int, key.split("x")), config.rank, config.n_blocks, n_modules, config.lr)
+            for key, n_modules in counts.items()
+        })
+
+    # ----- construction -----------------------------------------------------------------------------
+    @classmethod
+    def for_model(cls, peft_model: nn.Module, targets: Sequence[str] | None = None, **config: Any) -> "BiasEditor":
+        """An untrained editor for the BiasEdit layers of ``peft_model`` (all of them unless ``targets``)."""
+        layers = _edit_layers(peft_model)
+        if targets is not None:
+            unknown = sorted(set(targets) - set(layers))
+            if unknown:
+                raise ValueError(f"Modules {unknown} are not BiasEdit layers of the model; it has {sorted(layers)}")
+            layers = {name: layers[name] for name in targets}
+        config.setdefault("base_model", _base_model_name(peft_model))
+        shapes = {name: [layer.in_features, layer.out_features] for name, layer in layers.items()}
+        return cls(BiasEditorConfig(targets=shapes, **config))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def net_for(self, name: str) -> tuple[EditorNet, int]:
+        key, index = self.module_index[name]
+        return self.nets[key], index
+
+    def check_compatible(self, peft_model: nn.Module) -> dict[str, nn.Module]:
+        """The model's edited layers, after checking they match this editor's targets and shapes."""
+        layers = _edit_layers(peft_model)
+        missing = [name for name in self.config.targets if name not in layers]
+        if missing:
+            raise ValueError(
+                f"The editor edits {missing}, which are not BiasEdit layers of this model (it has {sorted(layers)}). "
+                f"The editor was trained for {self.config.base_model!r}."
+            )
+        wrong = {
+            name: (shape, [layers[name].in_features, layers[name].out_features])
+            for name, shape in self.config.targets.items()
+            if shape != [layers[name].in_features, layers[name].out_features]
+        }
+        if wrong:
+            details = ", ".join(f"{n}: editor {e} vs model {m}" for n, (e, m) in wrong.items())
+            raise ValueError(f"Layer shapes differ between editor and model ([in, out]): {details}")
+        return {name: layers[name] for name in self.config.targets}
+
+    # ----- the edit pipeline -------------------------------------------------------------------------
+    def cache_samples(
+        self,
+        peft_model: nn.Module,
+        tokenizer,
+        samples: Sequence[EditSample],
+        batch_size: int = 16,
+        update_normalizers: bool = False,
+        progress: bool = False,
+    ) -> tuple[KeyValueCache, torch.Tensor, torch.Tensor]:
+        """Keys and value gradients of the debias loss (mean over all ``samples``) at every target.
+
+        Returns the cache and the pre-edit mean token log-probs of stereotypes and anti-stereotypes ``[P]``.
+        """
+        layers = self.check_compatible(peft_model)
+        cache = KeyValueCache()
+        stereo_scores, anti_scores = [], []
+        starts = range(0, len(samples), batch_size)
+        with record_layer_io(layers) as recorder:
+            for start in tqdm(starts, desc="caching", disable=not progress, leave=False):
+                chunk = samples[start:start + batch_size]
+                batch = encode_pairs(tokenizer, chunk, start)
+                with torch.enable_grad():
+                    logits = forward_logits(peft_model, batch)
+                    on_device = batch.to(logits.device)
+                    loss = debias_loss(self.config.loss, logits, on_device).sum() / len(samples)
+                    taken = recorder.take(loss, logit_positions(batch.target_mask), self.device)
+                cache.update(taken)
+                if update_normalizers:
+                    self.update_normalizers(taken)
+                stereo, anti = pair_scores(logits.detach(), on_device)
+                stereo_scores.append(stereo.mean.cpu())
+                anti_scores.append(anti.mean.cpu())
+        return cache, torch.cat(stereo_scores), torch.cat(anti_scores)
+
+    @torch.no_grad()
+    def update_normalizers(self, taken: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for name, (keys, value_grads) in taken.items():
+            net, _ = self.net_for(name)
+            net.normalizer.update(torch.cat((keys, value_grads), -1))
+
+    def predict(self, cache: KeyValueCache, chunk_size: int | None = None) -> dict[str, RidgeSolution]:
+        """The ridge solution (delta in key -> value layout) for every target layer.
+
+        ``chunk_size``: token rows per hyper-network call (default ``config.chunk_size``).
+        """
+        self._check_normalizers()
+        solutions = {}
+        for name in self.config.targets:
+            net, index = self.net_for(name)
+            keys, value_grads = cache.layer(name)
+            solutions[name] = predict_layer(net, index, keys, value_grads, chunk_size or self.config.chunk_size)
+        return solutions
+
+    def meta_backward(
+        self, cache: KeyValueCache, solutions: dict[str, RidgeSolution], delta_grads: dict[str, torch.Tensor]
+    ) -> None:
+        """Accumulate editor gradients from ``dL/dS`` of every layer (``[d_in, d_out]`` each)."""
+        for name, delta_grad in delta_grads.items():
+            net, index = self.net_for(name)
+            keys, value_grads = cache.layer(name)
+            meta_backward_layer(net, index, keys, value_grads, solutions[name], delta_grad, self.config.chunk_size)
+
+    def _check_normalizers(self) -> None:
+        for key, net in self.nets.items():
+            if net.normalizer.count < 2:
+                raise RuntimeError(
+                    f"Editor net {key} has no normaliser statistics: train it (BiasEditTrainer) before editing"
+                )
+
+    def debias(
+        self,
+        peft_model: nn.Module,
+        samples: Sequence[Any],
+        tokenizer=None,
+        adapter_name: str = "default",
+        mode: Literal["joint", "per_batch"] = "joint",
+        batch_size: int = 16,
+        edit_batch_size: int | None = None,
+        chunk_size: int | None = None,
+        measure: Callable[[nn.Module, list[EditSample]], dict[str, float]] | None = None,
+        progress: bool = True,
+    ) -> DebiasReport:
+        """Compute debias deltas from ``samples`` and write them into adapter ``adapter_name``.
+
+        ``samples``: StereoSet items, dicts or ``(stereotype, anti_stereotype[, unrelated])`` tuples.
+        ``joint``: one solve over all samples (cached ``batch_size`` pairs at a time); the new delta is
+        added to the adapter's current one (exactly, as a longer factorisation). ``per_batch``: the paper's
+        evaluation protocol — each ``edit_batch_size`` group is edited, measured with ``measure`` (default:
+        SS / LMS of the group) and undone; the adapter is left unchanged. ``chunk_size``: token rows per
+        hyper-network call (independent of ``batch_size``). On any error nothing is written.
+        """
+        if mode not in ("joint", "per_batch"):
+            raise ValueError(f"Unknown mode {mode!r}; choose 'joint' or 'per_batch'")
+        if len(samples) == 0:
+            raise ValueError("debias() needs at least one sample; got an empty list")
+        edit_samples = [as_edit_sample(sample, index) for index, sample in enumerate(samples)]
+        tokenizer = tokenizer if tokenizer is not None else _load_tokenizer_for(peft_model)
+        layers = self.check_compatible(peft_model)
+        if mode == "per_batch":
+            return self._debias_per_batch(peft_model, tokenizer, edit_samples, adapter_name, batch_size,
+                                          edit_batch_size or batch_size, chunk_size, measure, progress, layers)
+        cache, _, _ = self.cache_samples(peft_model, tokenizer, edit_samples, batch_size, progress=progress)
+        solutions = self.predict(cache, chunk_size)
+        deltas = {name: solutions[name].delta for name in self.config.targets}
+        _write_added_deltas(peft_model, layers, deltas, adapter_name)
+        return DebiasReport(len(edit_samples), cache.n_tokens, list(self.config.targets))
+
+    def _debias_per_batch(self, peft_model, tokenizer, samples, adapter_name, batch_size, edit_batch_size,
+                          chunk_size, measure, progress, layers) -> DebiasReport:
+        from ..tuner.deltas import override_deltas
+
+        measure = measure or (lambda model, group: batch_metrics(model, tokenizer, group, batch_size))
+        report = DebiasReport(len(samples), 0, list(self.config.targets))
+        for start in tqdm(range(0, len(samples), edit_batch_size), desc="per-batch edits", disable=not progress):
+            group = samples[start:start + edit_batch_size]
+            cache, _, _ = self.cache_samples(peft_model, tokenizer, group, batch_size)
+            solutions = self.predict(cache, chunk_size)
+            report.n_tokens += cache.n_tokens
+            before = measure(peft_model, group)
+            current = _current_deltas(layers, adapter_name)
+            added = {name: _native(layers[name], solutions[name].delta, current.get(name)) for name in layers}
+            with override_deltas(peft_model, added, adapter_name), torch.no_grad():
+                after = measure(peft_model, group)
+            report.batches.append({**{f"pre/{k}": v for k, v in before.items()},
+                                   **{f"edit/{k}": v for k, v in after.items()}, "n_samples": len(group)})
+        return report
+
+    # ----- editor folders ---------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``config.json``, ``editor.safetensors`` and a model card (each file atomically)."""
+        from safetensors.torch import save_file
+
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {key: value.detach().to("cpu").contiguous() for key, value in self.state_dict().items()}
+        atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(state, path, metadata={"format": "pt"}))
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(asdict(self.config), indent=2) + "\n")
+        atomic_write_text(directory / CARD_NAME, editor_card(self.config))
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, device: str | torch.device | None = None,
+                        **hub_kwargs: Any) -> "BiasEditor":
+        """Load an editor folder, or download one from the Hub (``snapshot_download``)."""
+        from safetensors.torch import load_file
+
+        directory = Path(path_or_repo_id)
+        if not directory.is_dir():
+            from huggingface_hub import snapshot_download
+
+            directory = Path(snapshot_download(str(path_or_repo_id), **hub_kwargs))
+        config_path = directory / CONFIG_NAME
+        if not config_path.is_file() or not (directory / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"{directory} is not an editor folder (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+        config_dict = json.loads(config_path.read_text())
+        if config_dict.get("format") != EDITOR_FORMAT:
+            raise ValueError(f"{config_path}: format {config_dict.get('format')!r} is not {EDITOR_FORMAT!r}")
+        editor = cls(BiasEditorConfig(**config_dict))
+        state = load_file(str(directory / WEIGHTS_NAME))
+        missing, unexpected = editor.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{directory / WEIGHTS_NAME} does not match {CONFIG_NAME}: "
+                             f"missing {missing}, unexpected {unexpected}")
+        return editor.to(device) if device is not None else editor
+
+    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
+                    commit_message: str = "Upload BiasEdit editor") -> str:
+        """Save to a temporary folder and upload it in one commit; returns the commit URL."""
+        from ..sharing.hub import push_folder_to_hub
+
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            return push_folder_to_hub(folder, repo_id, private=private, token=token, commit_message=commit_message)
+
+
+# ----- helpers ---------------------------------------------------------------------------------------
+def _edit_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
+    from ..tuner.deltas import edit_targets
+
+    layers = edit_targets(peft_model)
+    if not layers:
+        raise ValueError("The model has no BiasEdit layers; wrap it with get_peft_model(model, BiasEditConfig())")
+    return layers
+
+
+def _base_model_name(peft_model: nn.Module) -> str | None:
+    config = getattr(peft_model, "config", None)
+    return getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
+
+
+def _load_tokenizer_for(peft_model: nn.Module):
+    name = _base_model_name(peft_model)
+    if not name:
+        raise ValueError("Pass tokenizer=...: the model does not record which base model it came from")
+    from ..models import load_tokenizer
+
+    return load_tokenizer(name)
+
+
+def _native(layer: nn.Module, delta: RidgeDelta, current: torch.Tensor | tuple | None = None):
+    """``delta`` in the layer's native layout and device, added to ``current`` (factors concatenated)."""
+    device = layer.get_base_layer().weight.device
+    new = tuple(t.to(device) for t in delta.native(layer.fan_in_fan_out, factored=True))
+    if current is None:
+        return new if delta.factored_is_smaller else new[0] @ new[1]
+    if isinstance(current, tuple):
+        combined = (torch.cat((current[0], new[0]), 1), torch.cat((current[1], new[1]), 0))
+        rows, cols = layer.weight_shape
+        if combined[0].shape[1] * (rows + cols) < rows * cols:
+            return combined
+        return combined[0] @ combined[1]
+    return current + new[0] @ new[1]
+
+
+def _current_deltas(layers: dict[str, nn.Module], adapter_name: str) -> dict[str, torch.Tensor | tuple]:
+    """Non-zero stored deltas of ``adapter_name`` (factors kept factored), detached float32."""
+    current = {}
+    for name, layer in layers.items():
+        if not layer.has_delta(adapter_name):
+            raise KeyError(f"Adapter {adapter_name!r} does not cover {name!r}")
+        if adapter_name in layer.biasedit_A:
+            pair = (layer.biasedit_A[adapter_name].detach(), layer.biasedit_B[adapter_name].detach())
+            if pair[0].any() and pair[1].any():
+                current[name] = pair
+        elif layer.biasedit_delta[adapter_name].any():
+            current[name] = layer.biasedit_delta[adapter_name].detach()
+    return current
+
+
+def _write_added_deltas(peft_model, layers, deltas: dict[str, RidgeDelta], adapter_name: str) -> None:
+    from ..tuner.deltas import set_deltas
+
+    current = _current_deltas(layers, adapter_name)
+    set_deltas(peft_model, {name: _native(layers[name], deltas[name], current.get(name)) for name in deltas},
+               adapter_name)
+
+
+@torch.no_grad()
+def batch_metrics(model: nn.Module, tokenizer, samples: Sequence[EditSample], batch_size: int = 16) -> dict[str, float]:
+    """SS and (when every sample has an unrelated sentence) LMS of ``samples``, by mean token log-prob."""
+    from ..scoring import score_sentences
+
+    def mean_scores(sentences):
+        return score_sentences(model, tokenizer, sentences, batch_size=batch_size, progress=False).mean
+
+    stereo = mean_scores([s.stereotype for s in samples])
+    anti = mean_scores([s.anti_stereotype for s in samples])
+    unrelated = None
+    if all(s.unrelated for s in samples):
+        unrelated = mean_scores([s.unrelated for s in samples])
+    return ss_lms(stereo, anti, unrelated)
+
+
+def ss_lms(stereo: torch.Tensor, anti: torch.Tensor, unrelated: torch.Tensor | None = None) -> dict[str, float]:
+    """StereoSet-style scores of per-sentence mean log-probs ``[P]``: SS (% stereotype preferred) and LMS
+    (% of stereotype and anti-stereotype sentences preferred over the unrelated one), in percent."""
+    metrics = {"ss": 100.0 * (stereo > anti).float().mean().item()}
+    if unrelated is not None:
+        metrics["lms"] = 100.0 * torch.cat((stereo > unrelated, anti > unrelated)).float().mean().item()
+    return metrics
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write ``path`` through a temporary file in the same folder and ``os.replace`` it into place."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda temporary: Path(temporary).write_text(text))
+
+
+def editor_card(config: BiasEditorConfig) -> str:
+    """A model card for an editor folder."""
+    shapes = "\n".join(f"| `{name}` | {shape[0]} | {shape[1]} |" for name, shape in config.targets.items())
+    base = config.base_model or "unknown"
+    return f"""---
+library_name: biasedit-peft
+tags:
+- biasedit
+- model-editing
+- debiasing
+base_model: {base}
+---
+
+# BiasEdit editor for `{base}`
+
+A MALMEN hyper-network editor trained with BiasEdit (Xu et al., 2025, arXiv:2503.08588) to remove
+stereotypical bias by editing the layers below. Use it with `biasedit_peft`:
+
+```python
+from biasedit_peft import BiasEditor, BiasEditConfig
+editor = BiasEditor.from_pretrained("<this folder or repo>")
+editor.debias(peft_model, samples, tokenizer=tokenizer)
+```
+
+or `biasedit debias --model {base} --editor <this folder or repo> --out ADAPTER_DIR`.
+
+| edited module | in | out |
+| --- | --- | --- |
+{shapes}
+
+Hyper-network: {config.n_blocks} residual blocks of rank {config.rank}; loss variant `{config.loss}`.
+"""

@@ -1,0 +1,89 @@
+"""BiasEdit's debias and retention losses, in two variants.
+
+Notation per sentence with scored tokens ``t = 1..n``: ``l_t = log p(x_t | x_<t)``,
+``mean_logp = (1/n) sum_t l_t`` and ``mean_p = (1/n) sum_t exp(l_t)``.
+
+``"paper"`` — the semantics of the BiasEdit code (``nn.KLDivLoss(reduction="batchmean")`` on
+per-sentence scores; ``KLDivLoss(input, target) = target * (log target - input)``):
+
+    debias    = mean_p(s) (log mean_p(s) - mean_logp(a)) + mean_p(a) (log mean_p(a) - mean_logp(s))
+    retention = mean_p_pre(u) (log mean_p_pre(u) - mean_logp_post(u))
+
+``"token"`` — principled distributions:
+
+    debias    = symmetric KL between Bernoulli(q) and Bernoulli(1 - q),
+                q = sigmoid(mean_logp(s) - mean_logp(a)) the model's preference for the stereotype;
+                = delta * tanh(delta / 2) with delta = mean_logp(s) - mean_logp(a); zero iff no preference
+    retention = (1/n) sum_t KL(p_pre(. | x_<t) || p_post(. | x_<t)) over the whole vocabulary
+
+Every function returns one loss per pair / sentence; callers sum and scale (see docs/method.md).
+Sentence scores come from :mod:`biasedit_peft.scoring` (logit ``t - 1`` scores token ``t``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from ..scoring import SentenceLogProbs, TokenBatch, sentence_scores, token_log_probs
+
+LossKind = Literal["paper", "token"]
+LOSS_KINDS: tuple[str, ...] = ("paper", "token")
+
+
+def paper_debias_loss(stereo: SentenceLogProbs, anti: SentenceLogProbs) -> torch.Tensor:
+    """Per-pair symmetric KLDivLoss of the BiasEdit code: scores of ``P`` pairs -> ``[P]``."""
+    return (stereo.mean_prob * (stereo.mean_prob.log() - anti.mean)
+            + anti.mean_prob * (anti.mean_prob.log() - stereo.mean))
+
+
+def token_debias_loss(stereo: SentenceLogProbs, anti: SentenceLogProbs) -> torch.Tensor:
+    """Per-pair symmetric Bernoulli KL of the stereotype preference: ``[P]``."""
+    gap = stereo.mean - anti.mean
+    return gap * torch.tanh(gap / 2)
+
+
+def paper_retention_loss(pre: SentenceLogProbs, post: SentenceLogProbs) -> torch.Tensor:
+    """Per-sentence KLDivLoss of the BiasEdit code (pre-edit scores are constants): ``[B]``."""
+    pre_prob = pre.mean_prob.detach()
+    return pre_prob * (pre_prob.log() - post.mean)
+
+
+def token_retention_loss(pre_logits: torch.Tensor, post_logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """Mean over scored positions of ``KL(p_pre || p_post)``: logits ``[B, T, V]`` -> ``[B]``."""
+    positions = torch.zeros_like(batch.target_mask)
+    positions[:, :-1] = batch.target_mask[:, 1:]
+    pre_log = torch.log_softmax(pre_logits.detach().float(), -1)
+    post_log = torch.log_softmax(post_logits.float(), -1)
+    per_position = (pre_log.exp() * (pre_log - post_log)).sum(-1)
+    return (per_position * positions).sum(-1) / positions.sum(-1).clamp(min=1)
+
+
+def pair_scores(logits: torch.Tensor, batch: TokenBatch) -> tuple[SentenceLogProbs, SentenceLogProbs]:
+    """Scores of a ``2P``-sentence batch (stereotypes first, then anti-stereotypes), split in two."""
+    scores = sentence_scores(token_log_probs(logits, batch), batch)
+    n_pairs = len(batch) // 2
+    return scores[:n_pairs], scores[n_pairs:]
+
+
+def debias_loss(kind: LossKind, logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """Per-pair debias loss of a batch of ``2P`` sentences, stereotypes first: logits ``[2P, T, V]`` -> ``[P]``."""
+    stereo, anti = pair_scores(logits, batch)
+    loss_fn = {"paper": paper_debias_loss, "token": token_debias_loss}[_check_kind(kind)]
+    return loss_fn(stereo, anti)
+
+
+def retention_loss(kind: LossKind, pre_logits: torch.Tensor, post_logits: torch.Tensor, batch: TokenBatch):
+    """Per-sentence retention loss on unrelated sentences: logits ``[B, T, V]`` -> ``[B]``."""
+    if _check_kind(kind) == "token":
+        return token_retention_loss(pre_logits, post_logits, batch)
+    pre = sentence_scores(token_log_probs(pre_logits, batch), batch)
+    post = sentence_scores(token_log_probs(post_logits, batch), batch)
+    return paper_retention_loss(pre, post)
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"Unknown loss kind {kind!r}; choose one of {LOSS_KINDS}")
+    return kind

@@ -1,0 +1,91 @@
+"""The MALMEN hyper-network (Tan et al., ICLR 2024) that BiasEdit trains.
+
+One :class:`EditorNet` serves every edited layer of one weight shape; per-layer behaviour comes from
+the per-module ``scale`` / ``shift`` of each block, the step size ``lr[m]`` and the ridge strength
+``lambda[m] = exp(log_lambda[m])``. Everything here is float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RunningMeanStd(nn.Module):
+    """Running mean and standard deviation of feature vectors (Chan et al.'s parallel update)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.register_buffer("count", torch.zeros(()))
+        self.register_buffer("mean", torch.zeros(size))
+        self.register_buffer("sum_sq", torch.zeros(size))  # sum of squared deviations from the mean
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Fold rows ``x [N, size]`` into the statistics."""
+        n_new = x.shape[0]
+        total = self.count + n_new
+        batch_mean = x.mean(0)
+        delta = batch_mean - self.mean
+        self.mean += delta * (n_new / total)
+        self.sum_sq += ((x - batch_mean) ** 2).sum(0) + delta**2 * (self.count * n_new / total)
+        self.count.copy_(total)
+
+    @property
+    def std(self) -> torch.Tensor:
+        """Unbiased standard deviation ``[size]`` (zero before two rows were seen)."""
+        return (self.sum_sq / (self.count - 1).clamp(min=1)).sqrt()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / (self.std + torch.finfo(x.dtype).eps)
+
+
+class EditorBlock(nn.Module):
+    """``h + scale[m] * relu(h @ A @ B + bias) + shift[m]``; ``B = 0`` makes it the identity at init."""
+
+    def __init__(self, size: int, rank: int, n_modules: int):
+        super().__init__()
+        self.A = nn.Parameter(torch.randn(size, rank))
+        self.B = nn.Parameter(torch.zeros(rank, size))
+        self.bias = nn.Parameter(torch.zeros(size))
+        self.scale = nn.Parameter(torch.ones(n_modules, size))
+        self.shift = nn.Parameter(torch.zeros(n_modules, size))
+
+    def forward(self, h: torch.Tensor, module_index: int) -> torch.Tensor:
+        """``h [N, size]`` -> ``[N, size]``."""
+        update = torch.relu(h @ self.A @ self.B + self.bias)
+        return h + self.scale[module_index] * update + self.shift[module_index]
+
+
+class EditorNet(nn.Module):
+    """Maps cached keys ``u`` and value gradients ``g`` of one layer to value changes ``d``.
+
+    ``(u~, g~) = blocks(normalise([u, g]))`` and ``d = -lr[m] * (u . u~) * g~``: at init (identity
+    blocks) this is MEND's rank-one gradient step with normalised factors.
+    """
+
+    def __init__(self, key_size: int, value_size: int, rank: int, n_blocks: int, n_modules: int, lr: float):
+        super().__init__()
+        self.key_size, self.value_size = key_size, value_size
+        size = key_size + value_size
+        self.normalizer = RunningMeanStd(size)
+        self.blocks = nn.ModuleList(EditorBlock(size, min(rank, size), n_modules) for _ in range(n_blocks))
+        self.lr = nn.Parameter(torch.full((n_modules,), float(lr)))
+        self.log_lambda = nn.Parameter(torch.zeros(n_modules))
+
+    def forward(self, keys: torch.Tensor, value_grads: torch.Tensor, module_index: int):
+        """``keys [N, key_size]``, ``value_grads [N, value_size]`` -> pseudo keys and value gradients."""
+        h = self.normalizer(torch.cat((keys, value_grads), -1))
+        for block in self.blocks:
+            h = block(h, module_index)
+        return h.split([self.key_size, self.value_size], -1)
+
+    def value_changes(self, keys: torch.Tensor, value_grads: torch.Tensor, module_index: int) -> torch.Tensor:
+        """``d = -lr[m] * (u . u~) * g~``: ``[N, value_size]``."""
+        pseudo_keys, pseudo_grads = self(keys, value_grads, module_index)
+        coefficients = -self.lr[module_index] * (keys * pseudo_keys).sum(-1, keepdim=True)
+        return coefficients * pseudo_grads
+
+    def ridge(self, module_index: int) -> torch.Tensor:
+        """``lambda[m] = exp(log_lambda[m])`` (a scalar that carries autograd)."""
+        return self.log_lambda[module_index].exp()

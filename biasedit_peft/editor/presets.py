@@ -1,0 +1,68 @@
+"""Hyper-parameter presets: the BiasEdit paper's values per model family, plus the bundled testbed.
+
+Paper values (Xu et al., 2025, Sec. 4 / App. B and the released scripts): GPT-2-medium edits 128 samples
+per meta-step cached in LM batches of 64, initial step 1e-7, meta learning rate 1e-6, loc_coef 1;
+Llama-3 and Mistral 64 / 16, 1e-6, 1e-5, loc_coef 4; Gemma as Llama-3 but loc_coef 5. Everywhere: rank
+1920 (capped by the layer size), 2 blocks, Adam, gradient clipping at 1, early stopping on the dev loss.
+The family comes from ``config.model_type`` (never from class-name substrings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Editor and meta-training hyper-parameters."""
+
+    n_edits: int
+    """Samples per meta-step (one joint edit)."""
+    batch_size: int
+    """Sentence pairs per LM forward pass while caching (independent of ``n_edits``)."""
+    lr: float
+    """Initial per-module step size of the editor."""
+    meta_lr: float
+    """Adam learning rate of the editor."""
+    loc_coef: float
+    """Weight of the retention loss."""
+    rank: int = 1920
+    n_blocks: int = 2
+    max_grad_norm: float = 1.0
+    epochs: int = 100
+    early_stopping_patience: int = 3
+
+    def editor_kwargs(self) -> dict:
+        return {"rank": self.rank, "n_blocks": self.n_blocks, "lr": self.lr}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_LLAMA = Preset(n_edits=64, batch_size=16, lr=1e-6, meta_lr=1e-5, loc_coef=4.0)
+
+PRESETS: dict[str, Preset] = {
+    "gpt2": Preset(n_edits=128, batch_size=64, lr=1e-7, meta_lr=1e-6, loc_coef=1.0),
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "gemma": replace(_LLAMA, loc_coef=5.0),
+    # the bundled tiny GPT-2 (biasedit_peft/testbed): small batches, larger steps, short patience
+    "testbed": Preset(n_edits=32, batch_size=32, lr=1e-3, meta_lr=1e-3, loc_coef=1.0, rank=256, epochs=20,
+                      early_stopping_patience=3),
+}
+
+# config.model_type -> preset name
+MODEL_TYPE_PRESETS = {"gpt2": "gpt2", "llama": "llama", "mistral": "mistral", "gemma": "gemma", "gemma2": "gemma",
+                      "gemma3_text": "gemma"}
+
+
+def preset_for_model(model: nn.Module | None = None, name: str | None = None) -> Preset:
+    """``PRESETS[name]`` if given, else the preset of ``model.config.model_type`` (default: Llama's)."""
+    if name is not None:
+        if name not in PRESETS:
+            raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return PRESETS[name]
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return PRESETS[MODEL_TYPE_PRESETS.get(model_type, "llama")]

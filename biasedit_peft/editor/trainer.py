@@ -1,0 +1,315 @@
+"""Meta-training of a :class:`~biasedit_peft.editor.editor.BiasEditor` (BiasEdit, Xu et al. 2025, Sec. 3).
+
+One meta-step on ``n_edits`` samples:
+
+1. cache keys / value gradients of the debias loss (normaliser statistics updated),
+2. predict the deltas ``S`` (hyper-network + ridge solve, no autograd),
+3. apply ``S`` functionally (``override_deltas``) and back-propagate the meta-loss
+   ``debias(post-edit) + loc_coef * retention(pre -> post, unrelated sentences)`` to ``dL/dS`` only,
+4. ``BiasEditor.meta_backward`` carries ``dL/dS`` through the solve into the editor; clip; Adam step.
+
+Checkpoints: ``output_dir`` always holds the best editor so far (an editor folder); ``output_dir/checkpoint``
+holds the latest resumable state (editor, optimiser, trainer state). Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .cache import EditSample, as_edit_sample
+from .editor import (
+    BiasEditor,
+    atomic_write,
+    atomic_write_text,
+    encode_pairs,
+    forward_logits,
+    ss_lms,
+)
+from ..scoring import encode_sentences, sentence_scores, token_log_probs
+from .losses import debias_loss, pair_scores, retention_loss
+
+CHECKPOINT_DIR = "checkpoint"
+OPTIMIZER_NAME = "optimizer.safetensors"
+STATE_NAME = "trainer_state.json"
+
+
+@dataclass
+class BiasEditTrainingArguments:
+    """Meta-training settings (see ``presets.py`` for the paper's values)."""
+
+    output_dir: str
+    n_edits: int = 64
+    batch_size: int = 16
+    meta_lr: float = 1e-5
+    loc_coef: float = 4.0
+    epochs: int = 100
+    max_steps: int | None = None
+    """Stop after this many meta-steps in total (counting those before a resume)."""
+    eval_every: int | None = None
+    """Validate (and checkpoint) every this many steps; None: at the end of each epoch."""
+    early_stopping_patience: int = 3
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    editor_device: str | None = None
+    """Device of the editor nets (default: where they are); the LM stays where it is."""
+    adapter_name: str = "default"
+    resume: bool = False
+    progress: bool = True
+
+
+@dataclass
+class TrainerState:
+    """Where training stands (saved as ``trainer_state.json``)."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_loss: float = math.inf
+    bad_evals: int = 0
+    stopped_early: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, meta = {}, {"param_groups": state_dict["param_groups"], "scalars": {}}
+    for index, per_param in state_dict["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                meta["scalars"][f"{index}.{key}"] = value
+    return tensors, meta
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    for name, value in meta["scalars"].items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+class BiasEditTrainer:
+    """Meta-trains ``editor`` on ``train_data`` (StereoSet-like samples with an unrelated sentence)."""
+
+    def __init__(
+        self,
+        peft_model: nn.Module,
+        editor: BiasEditor,
+        args: BiasEditTrainingArguments,
+        train_data: Sequence[Any],
+        eval_data: Sequence[Any] | None = None,
+        tokenizer=None,
+    ):
+        self.model, self.editor, self.args = peft_model, editor, args
+        self.train_data = self._samples(train_data, "train_data")
+        self.eval_data = self._samples(eval_data, "eval_data") if eval_data else []
+        if tokenizer is None:
+            from .editor import _load_tokenizer_for
+
+            tokenizer = _load_tokenizer_for(peft_model)
+        self.tokenizer = tokenizer
+        self.layers = editor.check_compatible(peft_model)
+        if args.editor_device is not None:
+            editor.to(args.editor_device)
+        self.optimizer = torch.optim.Adam(editor.parameters(), lr=args.meta_lr)
+        self.state = TrainerState()
+
+    @staticmethod
+    def _samples(data: Sequence[Any], what: str) -> list[EditSample]:
+        samples = [as_edit_sample(sample, index) for index, sample in enumerate(data)]
+        if not samples:
+            raise ValueError(f"{what} is empty")
+        missing = [i for i, s in enumerate(samples) if not s.unrelated]
+        if missing:
+            raise ValueError(f"{what}: samples {missing[:5]} have no 'unrelated' sentence (needed for retention)")
+        return samples
+
+    # ----- one meta-step ----------------------------------------------------------------------------
+    def _natives(self, deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Key -> value deltas ``[d_in, d_out]`` in each layer's native layout and device (keeps autograd)."""
+        natives = {}
+        for name, delta in deltas.items():
+            layer = self.layers[name]
+            native = delta if layer.fan_in_fan_out else delta.T
+            natives[name] = native.to(layer.get_base_layer().weight.device)
+        return natives
+
+    def edit_step(self, samples: list[EditSample], train: bool) -> dict[str, float]:
+        """One edit of ``samples``; with ``train`` also the meta-update. Returns the batch metrics."""
+        from ..tuner.deltas import override_deltas
+
+        args, kind = self.args, self.editor.config.loss
+        self.model.eval()
+        cache, pre_stereo, pre_anti = self.editor.cache_samples(
+            self.model, self.tokenizer, samples, args.batch_size, update_normalizers=train
+        )
+        solutions = self.editor.predict(cache)
+        leaves = {name: s.delta.dense().requires_grad_(train) for name, s in solutions.items()}
+        delta_grads = {name: torch.zeros_like(leaf) for name, leaf in leaves.items()}
+        names = list(leaves)
+
+        def accumulate(loss: torch.Tensor) -> None:
+            if train:
+                for name, grad in zip(names, torch.autograd.grad(loss, [leaves[n] for n in names])):
+                    delta_grads[name] += grad
+
+        post_stereo, post_anti, pre_unrelated, post_unrelated = [], [], [], []
+        debias_total = retention_total = 0.0
+        n = len(samples)
+        with torch.set_grad_enabled(train):
+            for start in range(0, n, args.batch_size):
+                chunk = samples[start:start + args.batch_size]
+                batch = encode_pairs(self.tokenizer, chunk, start)
+                with override_deltas(self.model, self._natives(leaves), args.adapter_name):
+                    logits = forward_logits(self.model, batch)
+                batch = batch.to(logits.device)
+                loss = debias_loss(kind, logits, batch).sum() / n
+                accumulate(loss)
+                debias_total += loss.item()
+                stereo, anti = pair_scores(logits.detach(), batch)
+                post_stereo.append(stereo.mean.cpu())
+                post_anti.append(anti.mean.cpu())
+
+                unrelated = encode_sentences(self.tokenizer, [s.unrelated for s in chunk])
+                with torch.no_grad():
+                    pre_logits = forward_logits(self.model, unrelated)
+                with override_deltas(self.model, self._natives(leaves), args.adapter_name):
+                    post_logits = forward_logits(self.model, unrelated)
+                unrelated = unrelated.to(post_logits.device)
+                loss = retention_loss(kind, pre_logits, post_logits, unrelated).sum() / n
+                accumulate(args.loc_coef * loss)
+                retention_total += loss.item()
+                pre_unrelated.append(sentence_scores(token_log_probs(pre_logits, unrelated), unrelated).mean.cpu())
+                post_unrelated.append(
+                    sentence_scores(token_log_probs(post_logits.detach(), unrelated), unrelated).mean.cpu())
+
+        if train:
+            if not all(torch.isfinite(g).all() for g in delta_grads.values()):
+                raise FloatingPointError("Non-finite meta-gradient dL/dS; lower the editor lr or meta_lr")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.editor.meta_backward(cache, solutions, delta_grads)
+            torch.nn.utils.clip_grad_norm_(self.editor.parameters(), args.max_grad_norm)
+            self.optimizer.step()
+
+        pre = ss_lms(pre_stereo, pre_anti, torch.cat(pre_unrelated))
+        post = ss_lms(torch.cat(post_stereo), torch.cat(post_anti), torch.cat(post_unrelated))
+        return {
+            "debias": debias_total,
+            "retention": retention_total,
+            "loss": debias_total + args.loc_coef * retention_total,
+            "ss_pre": pre["ss"], "ss_post": post["ss"], "lms_pre": pre["lms"], "lms_post": post["lms"],
+        }
+
+    # ----- loops ------------------------------------------------------------------------------------
+    def _batches(self, samples: list[EditSample], epoch: int | None) -> list[list[EditSample]]:
+        order = list(range(len(samples)))
+        if epoch is not None:
+            random.Random(self.args.seed * 1_000_003 + epoch).shuffle(order)
+        n_edits = self.args.n_edits
+        return [[samples[i] for i in order[s:s + n_edits]] for s in range(0, len(order), n_edits)]
+
+    def evaluate(self) -> dict[str, float]:
+        """Mean metrics of editing each ``n_edits`` group of ``eval_data`` (no meta-update)."""
+        batches = self._batches(self.eval_data, None)
+        results = [self.edit_step(batch, train=False) for batch in batches]
+        weights = [len(batch) for batch in batches]
+        return {key: sum(w * r[key] for w, r in zip(weights, results)) / sum(weights) for key in results[0]}
+
+    def train(self) -> TrainerState:
+        """Meta-train until ``epochs`` / ``max_steps`` / early stopping; returns the final state."""
+        args = self.args
+        torch.manual_seed(args.seed)
+        if args.resume and (Path(args.output_dir) / CHECKPOINT_DIR / STATE_NAME).is_file():
+            self.load_checkpoint()
+        steps_per_epoch = math.ceil(len(self.train_data) / args.n_edits)
+        total = steps_per_epoch * args.epochs if args.max_steps is None else min(args.max_steps, steps_per_epoch * args.epochs)
+        metrics: dict[str, float] = {"loss": math.inf}
+        bar = tqdm(total=total, initial=min(self.state.global_step, total), desc="meta-training",
+                   disable=not args.progress, dynamic_ncols=True)
+        try:
+            while self.state.epoch < args.epochs and not self._done():
+                batches = self._batches(self.train_data, self.state.epoch)
+                while self.state.step_in_epoch < len(batches) and not self._done():
+                    metrics = self.edit_step(batches[self.state.step_in_epoch], train=True)
+                    self.state.step_in_epoch += 1
+                    self.state.global_step += 1
+                    bar.update(1)
+                    bar.set_postfix(debias=f"{metrics['debias']:.4f}", retain=f"{metrics['retention']:.4f}",
+                                    ss=f"{metrics['ss_pre']:.0f}->{metrics['ss_post']:.0f}",
+                                    lms=f"{metrics['lms_pre']:.0f}->{metrics['lms_post']:.0f}")
+                    if args.eval_every and self.state.global_step % args.eval_every == 0:
+                        self._validate(metrics)
+                if self.state.step_in_epoch >= len(batches):
+                    self.state.epoch += 1
+                    self.state.step_in_epoch = 0
+                    if not args.eval_every:
+                        self._validate(metrics)
+            if not self.state.history or self.state.history[-1].get("step") != self.state.global_step:
+                self.save_checkpoint()
+        finally:
+            bar.close()
+        return self.state
+
+    def _done(self) -> bool:
+        return self.state.stopped_early or (
+            self.args.max_steps is not None and self.state.global_step >= self.args.max_steps
+        )
+
+    def _validate(self, train_metrics: dict[str, float]) -> None:
+        """Validate, save the best editor, checkpoint, and update early stopping."""
+        metrics = {f"eval_{k}": v for k, v in self.evaluate().items()} if self.eval_data else {}
+        loss = metrics.get("eval_loss", train_metrics["loss"])
+        record = {"step": self.state.global_step, "epoch": self.state.epoch,
+                  **{f"train_{k}": v for k, v in train_metrics.items()}, **metrics}
+        self.state.history.append(record)
+        if loss < self.state.best_loss:
+            self.state.best_loss, self.state.bad_evals = loss, 0
+            self.editor.save_pretrained(self.args.output_dir)
+        else:
+            self.state.bad_evals += 1
+            if self.state.bad_evals >= self.args.early_stopping_patience:
+                self.state.stopped_early = True
+        self.save_checkpoint()
+
+    # ----- checkpoints ------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """Editor + optimiser + trainer state under ``output_dir/checkpoint`` (atomic files, state last)."""
+        from safetensors.torch import save_file
+
+        directory = Path(self.args.output_dir) / CHECKPOINT_DIR
+        self.editor.save_pretrained(directory)
+        tensors, meta = _flatten_optimizer(self.optimizer.state_dict())
+        atomic_write(directory / OPTIMIZER_NAME, lambda path: save_file(tensors, path))
+        state = {"trainer": asdict(self.state), "optimizer": meta, "args": asdict(self.args)}
+        atomic_write_text(directory / STATE_NAME, json.dumps(state, indent=2, default=float) + "\n")
+        if not (Path(self.args.output_dir) / "config.json").is_file():  # no validation yet: best = latest
+            self.editor.save_pretrained(self.args.output_dir)
+        return directory
+
+    def load_checkpoint(self) -> None:
+        """Restore editor, optimiser and trainer state from ``output_dir/checkpoint``."""
+        from safetensors.torch import load_file
+
+        directory = Path(self.args.output_dir) / CHECKPOINT_DIR
+        saved = json.loads((directory / STATE_NAME).read_text())
+        restored = BiasEditor.from_pretrained(directory)
+        if restored.config.targets != self.editor.config.targets:
+            raise ValueError(f"Checkpoint {directory} edits {sorted(restored.config.targets)}, "
+                             f"not {sorted(self.editor.config.targets)}")
+        self.editor.load_state_dict(restored.state_dict())
+        optimizer_state = _unflatten_optimizer(load_file(str(directory / OPTIMIZER_NAME)), saved["optimizer"])
+        self.optimizer.load_state_dict(optimizer_state)
+        self.state = TrainerState(**saved["trainer"])

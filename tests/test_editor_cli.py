@@ -1,0 +1,60 @@
+"""``biasedit train-editor`` then ``biasedit debias`` end to end on a tiny saved model."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from peft import PeftModel
+
+import biasedit_peft  # noqa: F401  (registers BIASEDIT)
+from biasedit_peft.cli import main
+from biasedit_peft.editor import BiasEditor
+from biasedit_peft.tuner.deltas import get_deltas
+
+from editor_fixtures import gpt2_base, peft_gpt2, tokenizer
+
+
+def _saved_model(tmp_path):
+    folder = tmp_path / "model"
+    gpt2_base().save_pretrained(folder)
+    tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_train_editor_then_debias_then_load_adapter(tmp_path, capsys):
+    model_dir = _saved_model(tmp_path)
+    editor_dir, adapter_dir = tmp_path / "editor", tmp_path / "adapter"
+    common = ["--model", str(model_dir), "--limit", "8", "--quiet"]
+    code = main(["train-editor", *common, "--out", str(editor_dir), "--preset", "testbed", "--rank", "8",
+                 "--n-edits", "4", "--batch-size", "4", "--max-steps", "3", "--eval-every", "2",
+                 "--num-edit-layers", "2"])
+    assert code == 0, capsys.readouterr().err
+    assert (editor_dir / "checkpoint" / "trainer_state.json").is_file()
+    state = json.loads((editor_dir / "checkpoint" / "trainer_state.json").read_text())["trainer"]
+    assert state["global_step"] == 3
+    editor = BiasEditor.from_pretrained(editor_dir)
+    assert list(editor.config.targets) == ["transformer.h.1.mlp.c_proj", "transformer.h.2.mlp.c_proj"]
+
+    code = main(["debias", *common, "--editor", str(editor_dir), "--out", str(adapter_dir)])
+    assert code == 0, capsys.readouterr().err
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    loaded = PeftModel.from_pretrained(base, adapter_dir)
+    deltas = get_deltas(loaded)
+    assert set(deltas) == set(editor.config.targets) and all(d.abs().sum() > 0 for d in deltas.values())
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert config["edit_data"] == "stereoset:train" and config["edit_info"]["n_samples"] == 8
+
+
+def test_debias_reports_a_mismatched_editor(tmp_path, capsys):
+    model_dir = _saved_model(tmp_path)
+    editor = BiasEditor.for_model(peft_gpt2(num_edit_layers=1), rank=4)
+    editor.config.targets = {"transformer.h.9.mlp.c_proj": [24, 16]}
+    editor.save_pretrained(tmp_path / "editor")
+    code = main(["debias", "--model", str(model_dir), "--editor", str(tmp_path / "editor"), "--limit", "2",
+                 "--out", str(tmp_path / "adapter"), "--quiet"])
+    assert code == 2
+    assert "transformer.h.9.mlp.c_proj" in capsys.readouterr().err
+    assert not (tmp_path / "adapter").exists()

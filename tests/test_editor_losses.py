@@ -1,0 +1,65 @@
+"""Debias / retention losses: hand-computed values of both variants."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from biasedit_peft.editor.losses import debias_loss, retention_loss
+from biasedit_peft.scoring import TokenBatch
+
+
+def _batch(ids: list[list[int]], lengths: list[int]) -> TokenBatch:
+    input_ids = torch.tensor(ids)
+    positions = torch.arange(input_ids.shape[1])
+    attention = positions[None] < torch.tensor(lengths)[:, None]
+    return TokenBatch(input_ids, attention.long(), attention & (positions[None] > 0))
+
+
+def _logits_for(probabilities: list[list[float]], ids: list[list[int]], vocab: int = 4) -> torch.Tensor:
+    """Logits [B, T, V] under which token ids[b][t+1] has probability probabilities[b][t]."""
+    batch, length = len(ids), len(ids[0])
+    logits = torch.full((batch, length, vocab), -1e9)
+    for b in range(batch):
+        for t, p in enumerate(probabilities[b]):
+            target = ids[b][t + 1]
+            logits[b, t] = math.log((1 - p) / (vocab - 1))
+            logits[b, t, target] = math.log(p)
+    return logits
+
+
+def test_paper_debias_loss_is_the_codes_symmetric_kldivloss():
+    ids = [[0, 1, 2], [0, 3, 1]]  # stereotype, anti-stereotype; two scored tokens each
+    probs = [[0.5, 0.2], [0.1, 0.4]]
+    loss = debias_loss("paper", _logits_for(probs, ids), _batch(ids, [3, 3]))
+    stereo_p, anti_p = (0.5 + 0.2) / 2, (0.1 + 0.4) / 2
+    stereo_l, anti_l = (math.log(0.5) + math.log(0.2)) / 2, (math.log(0.1) + math.log(0.4)) / 2
+    expected = stereo_p * (math.log(stereo_p) - anti_l) + anti_p * (math.log(anti_p) - stereo_l)
+    assert loss.shape == (1,)
+    assert math.isclose(loss.item(), expected, rel_tol=1e-5)
+
+
+def test_token_debias_loss_is_symmetric_bernoulli_kl():
+    ids = [[0, 1, 2], [0, 3, 0]]
+    probs = [[0.5, 0.2], [0.1, 0.0]]  # the anti-stereotype has one scored token (length 2)
+    loss = debias_loss("token", _logits_for([[0.5, 0.2], [0.1, 0.25]], ids), _batch(ids, [3, 2]))
+    gap = (math.log(0.5) + math.log(0.2)) / 2 - math.log(0.1)
+    q = 1 / (1 + math.exp(-gap))
+    expected = q * math.log(q / (1 - q)) + (1 - q) * math.log((1 - q) / q)
+    assert math.isclose(loss.item(), expected, rel_tol=1e-5)
+    same = debias_loss("token", _logits_for([probs[0], probs[0]], [ids[0], ids[0]]), _batch([ids[0], ids[0]], [3, 3]))
+    assert same.abs().item() < 1e-7
+
+
+def test_retention_losses():
+    ids = [[0, 1, 2]]
+    batch = _batch(ids, [3])
+    pre, post = _logits_for([[0.5, 0.2]], ids), _logits_for([[0.4, 0.3]], ids)
+    pre_p, post_l = 0.35, (math.log(0.4) + math.log(0.3)) / 2
+    paper = retention_loss("paper", pre, post, batch)
+    assert math.isclose(paper.item(), pre_p * (math.log(pre_p) - post_l), rel_tol=1e-5)
+    assert retention_loss("token", pre, pre.clone(), batch).abs().item() < 1e-6
+    pre_soft, post_soft = pre[0, :2].softmax(-1), post[0, :2].softmax(-1)
+    kl = (pre_soft * (pre_soft.clamp_min(1e-30).log() - post_soft.clamp_min(1e-30).log())).sum(-1).mean()
+    assert math.isclose(retention_loss("token", pre, post, batch).item(), kl.item(), rel_tol=1e-4)

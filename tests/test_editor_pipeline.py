@@ -1,0 +1,234 @@
+"""Caching, meta-training, debias, editor folders and resume on tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from biasedit_peft.editor import BiasEditor, BiasEditTrainer, BiasEditTrainingArguments
+from biasedit_peft.editor.cache import logit_positions, record_layer_io
+from biasedit_peft.editor.editor import encode_pairs, forward_logits
+from biasedit_peft.editor.losses import debias_loss
+from biasedit_peft.tuner.deltas import edit_targets, get_deltas, set_deltas
+
+from editor_fixtures import peft_gpt2, peft_llama, samples, tokenizer
+
+TOKENIZER = tokenizer()
+
+
+def _editor(model, loss="paper", data=None, **config):
+    """An editor whose normalisers have seen the cache of ``data`` (as after training)."""
+    editor = BiasEditor.for_model(model, rank=8, lr=1e-2, loss=loss, **config)
+    editor.cache_samples(model, TOKENIZER, data or samples(8), batch_size=4, update_normalizers=True)
+    return editor
+
+
+def _args(tmp_path, **kwargs):
+    defaults = dict(output_dir=str(tmp_path), n_edits=4, batch_size=2, meta_lr=1e-2, loc_coef=1.0, epochs=2,
+                    progress=False, seed=0)
+    return BiasEditTrainingArguments(**{**defaults, **kwargs})
+
+
+def _base_weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.get_base_model().state_dict().items() if "biasedit" not in k}
+
+
+def test_cache_holds_layer_inputs_and_output_gradients_at_logit_positions():
+    model = peft_gpt2()
+    editor = BiasEditor.for_model(model, rank=8)
+    data = samples(4)
+    cache, _, _ = editor.cache_samples(model, TOKENIZER, data, batch_size=3)  # two LM batches: 3 + 1 pairs
+    assert all(p.grad is None for p in model.parameters())  # caching leaves .grad untouched
+
+    name = "transformer.h.2.mlp.c_proj"
+    layer = edit_targets(model)[name]
+    outputs = []
+    handle = layer.register_forward_hook(lambda module, inputs, output: outputs.append((inputs[0], output)))
+    keys, grads = [], []
+    for start in (0, 3):
+        batch = encode_pairs(TOKENIZER, data[start:start + 3])
+        outputs.clear()
+        logits = forward_logits(model, batch)
+        layer_input, layer_output = outputs[0]
+        layer_output.retain_grad()
+        (debias_loss("paper", logits, batch).sum() / len(data)).backward()
+        positions = torch.zeros_like(batch.target_mask)
+        positions[:, :-1] = batch.target_mask[:, 1:]  # logit t-1 scores token t
+        keys.append(layer_input[positions].detach())
+        grads.append(layer_output.grad[positions])
+    handle.remove()
+    cached_keys, cached_grads = cache.layer(name)
+    assert cache.n_tokens == int(sum(encode_pairs(TOKENIZER, data).target_mask.sum(-1)))
+    torch.testing.assert_close(cached_keys, torch.cat(keys))
+    torch.testing.assert_close(cached_grads, torch.cat(grads))
+
+
+def test_logit_positions_shift_left_by_one():
+    target = torch.tensor([[False, True, True, False]])
+    assert logit_positions(target).tolist() == [[True, True, False, False]]
+
+
+@pytest.mark.parametrize("loss", ["paper", "token"])
+def test_meta_steps_lower_the_meta_loss_on_a_fixed_batch(tmp_path, loss):
+    model = peft_gpt2()
+    editor = _editor(model, loss)
+    data = samples(8)
+    trainer = BiasEditTrainer(model, editor, _args(tmp_path, batch_size=4), data, tokenizer=TOKENIZER)
+    before = trainer.edit_step(data, train=False)["loss"]
+    for _ in range(6):
+        trainer.edit_step(data, train=True)
+    after = trainer.edit_step(data, train=False)["loss"]
+    assert after < before
+    assert not any(get_deltas(model)[n].any() for n in edit_targets(model))  # training wrote nothing
+
+
+@pytest.mark.parametrize("make_model", [peft_gpt2, peft_llama])
+def test_debias_writes_the_predicted_deltas_only_into_targeted_layers(make_model):
+    model = make_model()
+    editor = _editor(model)
+    base_before = _base_weights(model)
+    data = samples(6)
+    cache, _, _ = editor.cache_samples(model, TOKENIZER, data, batch_size=4)
+    expected = {name: s.delta.dense() for name, s in editor.predict(cache).items()}
+    report = editor.debias(model, data, tokenizer=TOKENIZER, batch_size=4, progress=False)
+    assert report.n_samples == 6 and report.n_tokens == cache.n_tokens
+    deltas = get_deltas(model)
+    for name, layer in edit_targets(model).items():
+        native = expected[name] if layer.fan_in_fan_out else expected[name].T
+        torch.testing.assert_close(deltas[name], native, atol=1e-6, rtol=1e-5)
+        assert deltas[name].abs().sum() > 0
+    after = _base_weights(model)
+    assert all(torch.equal(base_before[k], after[k]) for k in base_before)  # base weights untouched
+    # the edited model maps each cached key u to its output plus u @ S
+    name = next(iter(expected))
+    keys, _ = cache.layer(name)
+    layer = edit_targets(model)[name]
+    with torch.no_grad():
+        torch.testing.assert_close(layer(keys) - layer.get_base_layer()(keys), keys @ expected[name],
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_debias_adds_to_an_existing_delta():
+    model = peft_gpt2()
+    editor = _editor(model)
+    data = samples(4)
+    names = list(edit_targets(model))
+    existing = {n: torch.randn(24, 16) * 1e-3 for n in names}
+    set_deltas(model, existing)
+    cache, _, _ = editor.cache_samples(model, TOKENIZER, data, batch_size=4)
+    new = {n: s.delta.dense() for n, s in editor.predict(cache).items()}
+    editor.debias(model, data, tokenizer=TOKENIZER, progress=False)
+    for name, delta in get_deltas(model).items():
+        torch.testing.assert_close(delta, existing[name] + new[name], atol=1e-6, rtol=1e-5)
+
+
+def test_per_batch_mode_measures_each_edit_and_leaves_the_adapter_unchanged():
+    model = peft_gpt2()
+    editor = _editor(model)
+    report = editor.debias(model, samples(8), tokenizer=TOKENIZER, mode="per_batch", edit_batch_size=4,
+                           progress=False)
+    assert len(report.batches) == 2 and report.batches[0]["n_samples"] == 4
+    assert {"pre/ss", "edit/ss", "pre/lms", "edit/lms"} <= set(report.batches[0])
+    assert not any(d.any() for d in get_deltas(model).values())
+
+
+def test_bad_input_is_a_clear_error_and_changes_nothing():
+    model = peft_gpt2()
+    editor = _editor(model)
+    before = get_deltas(model)
+    with pytest.raises(ValueError, match="empty"):
+        editor.debias(model, [], tokenizer=TOKENIZER)
+    with pytest.raises(ValueError, match="Sample 1: field 'anti_stereotype'"):
+        editor.debias(model, [("he is a cook .", "he is a pilot ."), ("she is a cook .", "")], tokenizer=TOKENIZER)
+    with pytest.raises(ValueError, match="Sample 0: field 'anti_stereotype' .* tokenizes to no scored tokens"):
+        editor.debias(model, [("he is a cook .", "\x07\x07")], tokenizer=TOKENIZER)
+    with torch.no_grad():  # a NaN upstream of the edited layers poisons keys and gradients
+        model.get_base_model().transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="Non-finite"):
+        editor.debias(model, samples(2), tokenizer=TOKENIZER)
+    after = get_deltas(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_bf16_model_with_float32_editor():
+    model = peft_gpt2(dtype=torch.bfloat16)
+    editor = _editor(model)
+    assert all(p.dtype == torch.float32 for p in editor.parameters())
+    editor.debias(model, samples(4), tokenizer=TOKENIZER, progress=False)
+    deltas = get_deltas(model)
+    assert all(d.dtype == torch.float32 and torch.isfinite(d).all() and d.any() for d in deltas.values())
+
+
+def test_editor_folder_round_trip_and_mismatch_errors(tmp_path):
+    model = peft_gpt2()
+    editor = _editor(model)
+    with torch.no_grad():
+        editor.nets["24x16"].blocks[0].B.normal_()
+    editor.save_pretrained(tmp_path / "editor")
+    assert {p.name for p in (tmp_path / "editor").iterdir()} == {"config.json", "editor.safetensors", "README.md"}
+    loaded = BiasEditor.from_pretrained(tmp_path / "editor")
+    assert json.loads((tmp_path / "editor" / "config.json").read_text())["targets"] == editor.config.targets
+    for (name, a), (_, b) in zip(editor.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    cache, _, _ = editor.cache_samples(model, TOKENIZER, samples(4))
+    torch.testing.assert_close(editor.predict(cache)["transformer.h.2.mlp.c_proj"].delta.dense(),
+                               loaded.predict(cache)["transformer.h.2.mlp.c_proj"].delta.dense())
+    with pytest.raises(ValueError, match="not BiasEdit layers"):
+        loaded.debias(peft_llama(), samples(2), tokenizer=TOKENIZER)
+    with pytest.raises(ValueError, match="shapes differ"):
+        loaded.debias(peft_gpt2_wide(), samples(2), tokenizer=TOKENIZER)
+
+
+def peft_gpt2_wide():
+    from peft import get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from biasedit_peft import BiasEditConfig
+
+    base = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=16, n_head=2, n_inner=32, vocab_size=40, n_positions=16))
+    return get_peft_model(base.eval(), BiasEditConfig(num_edit_layers=2))
+
+
+def _train(tmp_path, **kwargs):
+    model = peft_gpt2()
+    editor = BiasEditor.for_model(model, rank=8, lr=1e-2)
+    data = samples(12)
+    trainer = BiasEditTrainer(model, editor, _args(tmp_path, **kwargs), data, samples(4), tokenizer=TOKENIZER)
+    state = trainer.train()
+    return editor, state
+
+
+def test_resume_after_interruption_continues_from_the_checkpoint(tmp_path):
+    full, full_state = _train(tmp_path / "full", max_steps=5, eval_every=2)
+    _train(tmp_path / "cut", max_steps=3, eval_every=2)  # "interrupted" after step 3 (checkpoint at step 3)
+    saved = json.loads((tmp_path / "cut" / "checkpoint" / "trainer_state.json").read_text())
+    assert saved["trainer"]["global_step"] == 3 and saved["trainer"]["step_in_epoch"] == 0
+    resumed, resumed_state = _train(tmp_path / "cut", max_steps=5, eval_every=2, resume=True)
+    assert resumed_state.global_step == full_state.global_step == 5
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert (tmp_path / "cut" / "editor.safetensors").is_file()  # best editor folder
+
+
+def test_same_seed_gives_the_same_editor_and_deltas(tmp_path):
+    first, _ = _train(tmp_path / "a", max_steps=3)
+    second, _ = _train(tmp_path / "b", max_steps=3)
+    other, _ = _train(tmp_path / "c", max_steps=3, seed=1)
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(a, b) for a, b in zip(first.state_dict().values(), other.state_dict().values()))
+    deltas = []
+    for editor in (first, second):
+        model = peft_gpt2()
+        editor.debias(model, samples(4), tokenizer=TOKENIZER, progress=False)
+        deltas.append(get_deltas(model))
+    assert all(torch.equal(deltas[0][k], deltas[1][k]) for k in deltas[0])
+
+
+def test_early_stopping_and_best_checkpoint(tmp_path):
+    _, state = _train(tmp_path, epochs=30, early_stopping_patience=1, meta_lr=0.5)
+    assert state.stopped_early and state.epoch < 30
+    best = min(record["eval_loss"] for record in state.history)
+    assert state.best_loss == best
