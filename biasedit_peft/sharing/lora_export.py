@@ -1,0 +1,227 @@
+"""Exporting a BiasEdit adapter as a standard peft LoRA adapter, for stacks that only serve LoRA.
+
+A LoRA layer adds ``scaling * B @ A`` to the ``[out, in]`` weight, with ``A`` ``[r, in]`` and ``B`` ``[out, r]``.
+We set ``lora_alpha = r`` for every module (``scaling = 1``) and factor each BiasEdit delta:
+
+- deltas stored factored (``delta = A_f @ B_f``, rank ``k``): exact, no SVD, when ``rank`` is None or ``>= k``;
+- otherwise a truncated SVD ``delta ≈ U_r S_r V_r^T``, split as ``B = U_r S_r^{1/2}``, ``A = S_r^{1/2} V_r^T``,
+  which is the best rank-``r`` approximation (Eckart–Young); the relative Frobenius error
+  ``sqrt(sum_{i>r} s_i^2 / sum_i s_i^2)`` is reported per module. With ``rank=None`` the numerical rank is
+  kept, so the export is exact up to float32 rounding.
+
+Conv1D deltas (``[in, out]``) are transposed to the ``[out, in]`` LoRA convention; the config sets
+``fan_in_fan_out=True`` when every target is a Conv1D, as peft expects for GPT-2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+SAFETENSORS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+KEY_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class ModuleExport:
+    """How one delta was exported."""
+
+    module: str
+    rank: int
+    """LoRA rank written for this module."""
+    delta_rank: int
+    """Numerical rank of the delta (the stored rank for factored deltas)."""
+    relative_error: float
+    """``||delta - B @ A|| / ||delta||`` (Frobenius), 0 when exact."""
+    exact: bool
+
+
+@dataclass
+class LoraExportReport:
+    """Per-module results and the overall relative Frobenius error of the export."""
+
+    out_dir: str
+    modules: list[ModuleExport] = field(default_factory=list)
+    relative_error: float = 0.0
+    """``sqrt(sum ||delta - BA||^2 / sum ||delta||^2)`` over all modules."""
+    skipped_zero: list[str] = field(default_factory=list)
+    """Modules whose delta is exactly zero (nothing to export)."""
+
+    @property
+    def exact(self) -> bool:
+        return all(m.exact for m in self.modules)
+
+    def to_dict(self) -> dict:
+        return {"out_dir": self.out_dir, "relative_error": self.relative_error, "exact": self.exact,
+                "modules": [asdict(m) for m in self.modules], "skipped_zero": self.skipped_zero}
+
+    def to_text(self) -> str:
+        lines = [f"LoRA adapter written to {self.out_dir} ({'exact' if self.exact else 'truncated'}; "
+                 f"relative Frobenius error {self.relative_error:.3e})"]
+        lines += [f"  {m.module}: rank {m.rank} of {m.delta_rank}, relative error {m.relative_error:.3e}"
+                  for m in self.modules]
+        lines += [f"  {name}: zero delta, skipped" for name in self.skipped_zero]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """``delta_out_in ≈ lora_B @ lora_A`` with ``lora_A`` ``[r, in]`` and ``lora_B`` ``[out, r]`` (float32)."""
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    delta_rank: int
+    relative_error: float
+    squared_error: float
+    squared_norm: float
+
+
+def numerical_rank(singular_values: torch.Tensor, shape: Sequence[int]) -> int:
+    """Singular values above ``s_max * max(shape) * eps(float32)`` (numpy's ``matrix_rank`` rule)."""
+    if singular_values.numel() == 0 or float(singular_values.max()) == 0.0:
+        return 0
+    tolerance = singular_values.max() * max(shape) * torch.finfo(torch.float32).eps
+    return int((singular_values > tolerance).sum())
+
+
+def lora_factors_from_dense(delta_out_in: torch.Tensor, rank: int | None) -> LoraFactors:
+    """Best rank-``rank`` factors of a ``[out, in]`` delta by SVD (``rank=None``: its numerical rank)."""
+    delta = delta_out_in.to(torch.float64)
+    left, singular, right_t = torch.linalg.svd(delta, full_matrices=False)
+    delta_rank = numerical_rank(singular, delta.shape)
+    keep = delta_rank if rank is None else min(rank, delta_rank)
+    root = singular[:keep].sqrt()
+    squared_norm = float((singular**2).sum())
+    squared_error = float((singular[keep:] ** 2).sum()) if keep < delta_rank else 0.0
+    return LoraFactors(
+        lora_A=(root[:, None] * right_t[:keep]).to(torch.float32),
+        lora_B=(left[:, :keep] * root).to(torch.float32),
+        delta_rank=delta_rank,
+        relative_error=math.sqrt(squared_error / squared_norm) if squared_norm > 0 else 0.0,
+        squared_error=squared_error,
+        squared_norm=squared_norm,
+    )
+
+
+def lora_factors_from_factored(first: torch.Tensor, second: torch.Tensor, fan_in_fan_out: bool,
+                               rank: int | None) -> LoraFactors:
+    """LoRA factors of a delta stored as ``first @ second`` (native layout), exact when ``rank`` fits."""
+    first, second = first.detach().to(torch.float32), second.detach().to(torch.float32)
+    # native [out, in] (Linear): delta = first [out, k] @ second [k, in]  ->  B = first, A = second
+    # native [in, out] (Conv1D): delta^T = second^T [out, k] @ first^T [k, in]
+    lora_B, lora_A = (second.T, first.T) if fan_in_fan_out else (first, second)
+    stored_rank = lora_A.shape[0]
+    if rank is not None and rank < stored_rank:
+        return lora_factors_from_dense(lora_B @ lora_A, rank)
+    squared_norm = float((lora_B.double() @ lora_A.double()).pow(2).sum())
+    return LoraFactors(lora_A.contiguous(), lora_B.contiguous(), stored_rank, 0.0, 0.0, squared_norm)
+
+
+def _layer_factors(layer, adapter_name: str, rank: int | None) -> LoraFactors:
+    if adapter_name in layer.biasedit_A:
+        return lora_factors_from_factored(layer.biasedit_A[adapter_name], layer.biasedit_B[adapter_name],
+                                          layer.fan_in_fan_out, rank)
+    delta = layer.get_delta_weight(adapter_name).detach().to(torch.float32)
+    return lora_factors_from_dense(delta.T if layer.fan_in_fan_out else delta, rank)
+
+
+def _lora_config(base_model: str | None, ranks: dict[str, int], all_conv1d: bool) -> dict:
+    """A LoRA ``adapter_config.json`` with one rank per module and ``lora_alpha == r`` (scaling 1)."""
+    from peft import LoraConfig
+
+    top_rank = max(ranks.values())
+    config = LoraConfig(
+        r=top_rank,
+        lora_alpha=top_rank,
+        target_modules=sorted(ranks),
+        rank_pattern={name: r for name, r in ranks.items() if r != top_rank},
+        alpha_pattern={name: r for name, r in ranks.items() if r != top_rank},
+        fan_in_fan_out=all_conv1d,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model,
+        init_lora_weights=True,
+    )
+    return config.to_dict()
+
+
+def _config_json(config: dict) -> str:
+    def default(value):
+        if isinstance(value, set):
+            return sorted(value)
+        return str(getattr(value, "value", value))
+
+    return json.dumps(config, indent=2, sort_keys=True, default=default)
+
+
+def export_lora_from_peft_model(peft_model, out_dir: str | Path, rank: int | None = None,
+                                adapter_name: str = "default") -> LoraExportReport:
+    """Write adapter ``adapter_name`` of a BiasEdit ``PeftModel`` to ``out_dir`` as a peft LoRA adapter."""
+    from safetensors.torch import save_file
+
+    from ..tuner import edit_targets
+
+    if rank is not None and rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank}.")
+    layers = edit_targets(peft_model, adapter_name)
+    if not layers:
+        raise ValueError(f"Adapter {adapter_name!r} has no BiasEdit layers to export.")
+    report = LoraExportReport(out_dir=str(out_dir))
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    total_error = total_norm = 0.0
+    for name, layer in layers.items():
+        factors = _layer_factors(layer, adapter_name, rank)
+        if factors.lora_A.shape[0] == 0:
+            report.skipped_zero.append(name)
+            continue
+        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = factors.lora_A.contiguous()
+        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = factors.lora_B.contiguous()
+        ranks[name] = factors.lora_A.shape[0]
+        total_error += factors.squared_error
+        total_norm += factors.squared_norm
+        report.modules.append(ModuleExport(name, ranks[name], factors.delta_rank, factors.relative_error,
+                                           exact=factors.relative_error == 0.0))
+    if not ranks:
+        raise ValueError(f"Every delta of adapter {adapter_name!r} is zero: there is nothing to export.")
+    report.relative_error = math.sqrt(total_error / total_norm) if total_norm > 0 else 0.0
+    config = peft_model.peft_config[adapter_name]
+    all_conv1d = all(layers[name].fan_in_fan_out for name in ranks)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / SAFETENSORS_NAME), metadata={"format": "pt"})
+    (out_dir / CONFIG_NAME).write_text(_config_json(_lora_config(config.base_model_name_or_path, ranks, all_conv1d)))
+    (out_dir / "lora_export_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    return report
+
+
+def export_lora(
+    peft_model_or_paths,
+    out_dir: str | Path,
+    rank: int | None = None,
+    adapter_name: str = "default",
+) -> LoraExportReport:
+    """Export a BiasEdit adapter as a standard peft LoRA adapter in ``out_dir``.
+
+    ``peft_model_or_paths`` is a BiasEdit ``PeftModel``, or a pair ``(base model name, adapter folder or Hub
+    id)``. ``rank=None`` keeps each delta's full (numerical) rank, which is exact; a smaller ``rank``
+    truncates by SVD and the report gives the relative Frobenius error.
+    """
+    if isinstance(peft_model_or_paths, (tuple, list)):
+        from ..models import load_model
+        from .merge import load_adapters
+
+        base_name, adapter = peft_model_or_paths
+        peft_model = load_adapters(load_model(base_name), [adapter])
+        config = peft_model.peft_config["adapter_0"]
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = str(base_name)
+        return export_lora_from_peft_model(peft_model, out_dir, rank, "adapter_0")
+    return export_lora_from_peft_model(peft_model_or_paths, out_dir, rank, adapter_name)

@@ -1,0 +1,228 @@
+"""Merging BiasEdit adapters into a plain transformers checkpoint.
+
+For every edited module the merged weight is ``W' = cast(float32(W) + sum_k delta_k)``: the deltas of all
+adapters add up (each was computed against the base model, so stacking e.g. one adapter per bias type is a
+first-order combination of their edits), the sum is formed in float32 and cast to the output dtype *once*.
+Nothing is added to and then subtracted from weights. Non-finite results are refused before anything is
+written (peft's ``safe_merge``). The result has no adapter layers and loads without ``biasedit_peft``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..models import load_model, load_tokenizer, parse_dtype
+
+PEFT_PREFIX = "base_model.model."
+DELTA_PARAMETERS = ("biasedit_delta", "biasedit_A", "biasedit_B")
+
+
+@dataclass(frozen=True)
+class TensorChange:
+    """What merging did to one weight."""
+
+    module: str
+    shape: tuple[int, ...]
+    max_abs_delta: float
+    """Largest entry of ``|sum of deltas|`` (float32): the intended change."""
+    max_abs_change: float
+    """Largest entry of ``|W' - cast(W)|`` in the output dtype: the change that survived rounding."""
+
+
+@dataclass
+class MergeReport:
+    """The adapters merged, the output dtype and one :class:`TensorChange` per edited weight."""
+
+    adapters: list[str]
+    dtype: str
+    changes: list[TensorChange] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"adapters": self.adapters, "dtype": self.dtype, "changes": [asdict(c) for c in self.changes]}
+
+    def to_text(self) -> str:
+        lines = [f"Merged {len(self.adapters)} adapter(s) into {len(self.changes)} weight(s), dtype {self.dtype}:"]
+        lines += [f"  {c.module}: max |delta| {c.max_abs_delta:.3e}, max |change| {c.max_abs_change:.3e}"
+                  for c in self.changes]
+        return "\n".join(lines)
+
+
+def _adapter_module_names(adapter: str | Path) -> set[str]:
+    """Base module names an adapter's saved weights cover (read from its safetensors / bin file)."""
+    from peft.utils import load_peft_weights
+
+    names = set()
+    for key in load_peft_weights(str(adapter), device="cpu"):
+        module, _, parameter = key.removeprefix(PEFT_PREFIX).rpartition(".")
+        if parameter in DELTA_PARAMETERS:
+            names.add(module)
+    return names
+
+
+def _check_adapter_config(config, model: torch.nn.Module, adapter: str | Path) -> None:
+    peft_type = str(getattr(config.peft_type, "value", config.peft_type))
+    if peft_type != "BIASEDIT":
+        raise ValueError(f"{adapter} is a {peft_type} adapter, not a BiasEdit adapter (peft_type BIASEDIT).")
+    made_for = (config.auto_mapping or {}).get("base_model_class")
+    if made_for is not None and made_for != type(model).__name__:
+        raise ValueError(
+            f"Adapter {adapter} was made for a {made_for} (base {config.base_model_name_or_path!r}); "
+            f"the base model given is a {type(model).__name__} ({getattr(model.config, 'model_type', '?')})."
+        )
+
+
+def load_adapters(model: torch.nn.Module, adapters: Sequence[str | Path]):
+    """A ``PeftModel`` over ``model`` holding ``adapters`` (folders or Hub ids) as ``adapter_0``, ``adapter_1``, ...
+
+    Raises ValueError naming the adapter when it is not a BiasEdit adapter, was made for another model class,
+    or its deltas do not fit the base model's modules (missing modules or wrong shapes).
+    """
+    import biasedit_peft  # noqa: F401 - registers BIASEDIT with peft
+    from peft import PeftConfig, PeftModel
+
+    from ..tuner import edit_targets
+
+    if not adapters:
+        raise ValueError("Give at least one adapter to load.")
+    peft_model = None
+    for index, adapter in enumerate(adapters):
+        name = f"adapter_{index}"
+        config = PeftConfig.from_pretrained(str(adapter))
+        _check_adapter_config(config, model, adapter)
+        try:
+            if peft_model is None:
+                peft_model = PeftModel.from_pretrained(model, str(adapter), adapter_name=name)
+            else:
+                peft_model.load_adapter(str(adapter), adapter_name=name)
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise ValueError(
+                f"Adapter {adapter} (made for {config.base_model_name_or_path!r}) does not fit the base model "
+                f"{type(model).__name__}: {error}"
+            ) from error
+        saved, loaded = _adapter_module_names(adapter), set(edit_targets(peft_model, name))
+        if saved != loaded:
+            raise ValueError(
+                f"Adapter {adapter} holds deltas for {sorted(saved - loaded) or sorted(saved)}, but the base model "
+                f"{type(model).__name__} only received {sorted(loaded)}: it was made for another model."
+            )
+    return peft_model
+
+
+def summed_deltas(peft_model, adapter_names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """``{module name: sum of the adapters' float32 deltas}`` (native layout, on CPU)."""
+    from ..tuner import get_deltas
+
+    total: dict[str, torch.Tensor] = {}
+    for name in adapter_names:
+        for module, delta in get_deltas(peft_model, name).items():
+            delta = delta.to("cpu", torch.float32)
+            total[module] = total[module] + delta if module in total else delta
+    return total
+
+
+def merge_deltas_into(
+    model: torch.nn.Module,
+    deltas: Mapping[str, torch.Tensor],
+    dtype: str | torch.dtype | None = None,
+    safe_merge: bool = True,
+) -> list[TensorChange]:
+    """Write ``W + delta`` into the weights of a plain model, in float32, cast once to ``dtype``.
+
+    ``deltas`` maps module names to float32 tensors of the module's weight shape. ``dtype=None`` keeps the
+    model's dtype; otherwise the whole model is cast to it. Every merge is computed and checked (shape,
+    finiteness with ``safe_merge``) before any weight is written.
+    """
+    target_dtype = parse_dtype(dtype) or next(model.parameters()).dtype
+    modules = dict(model.named_modules())
+    planned: dict[str, tuple[torch.Tensor, TensorChange]] = {}
+    for name, delta in deltas.items():
+        module = modules.get(name)
+        weight = getattr(module, "weight", None)
+        if weight is None:
+            raise KeyError(f"The model has no module {name!r} with a weight to merge into.")
+        if tuple(weight.shape) != tuple(delta.shape):
+            raise ValueError(f"Delta for {name!r} has shape {tuple(delta.shape)}, the weight {tuple(weight.shape)}.")
+        delta32 = delta.to(weight.device, torch.float32)
+        merged = (weight.detach().to(torch.float32) + delta32).to(target_dtype)
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError(f"Merging into {name!r} gives NaN or infinite values in {target_dtype}; nothing was written.")
+        base_cast = weight.detach().to(target_dtype)
+        change = TensorChange(
+            module=name, shape=tuple(weight.shape), max_abs_delta=float(delta32.abs().max()),
+            max_abs_change=float((merged.to(torch.float32) - base_cast.to(torch.float32)).abs().max()),
+        )
+        planned[name] = (merged, change)
+    model.to(target_dtype)
+    with torch.no_grad():
+        for name, (merged, _) in planned.items():
+            modules[name].weight.copy_(merged)
+    return [change for _, change in planned.values()]
+
+
+def merge_adapters_with_report(
+    base_model: str | torch.nn.Module,
+    adapter_paths: Sequence[str | Path],
+    dtype: str | torch.dtype | None = None,
+    safe_merge: bool = True,
+):
+    """``(plain transformers model with all adapters merged, MergeReport)``.
+
+    ``base_model`` is a name for :func:`biasedit_peft.models.load_model` (folder, Hub id, ``testbed``) or a
+    loaded model (which is modified in place). Deltas of several adapters add.
+    """
+    model = load_model(base_model) if isinstance(base_model, str) else base_model
+    peft_model = load_adapters(model, adapter_paths)
+    names = [f"adapter_{i}" for i in range(len(adapter_paths))]
+    deltas = summed_deltas(peft_model, names)
+    plain = peft_model.unload()  # drops the adapter layers, restores the base modules untouched
+    changes = merge_deltas_into(plain, deltas, dtype, safe_merge)
+    target = parse_dtype(dtype) or next(plain.parameters()).dtype
+    report = MergeReport([str(a) for a in adapter_paths], str(target).removeprefix("torch."), changes)
+    return plain, report
+
+
+def merge_adapters(
+    base_model: str | torch.nn.Module,
+    adapter_paths: Sequence[str | Path],
+    dtype: str | torch.dtype | None = None,
+    safe_merge: bool = True,
+) -> torch.nn.Module:
+    """A plain transformers model with ``adapter_paths`` merged (see :func:`merge_adapters_with_report`)."""
+    return merge_adapters_with_report(base_model, adapter_paths, dtype, safe_merge)[0]
+
+
+def save_merged(
+    model: torch.nn.Module,
+    out_dir: str | Path,
+    tokenizer=None,
+    report: MergeReport | None = None,
+    max_shard_size: str | int = "5GB",
+) -> Path:
+    """Write a standard transformers checkpoint (safetensors, sharded above ``max_shard_size``), the tokenizer
+    and ``merge_report.json``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    if report is not None:
+        (out_dir / "merge_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    return out_dir
+
+
+def merge_to_folder(
+    base_model: str,
+    adapter_paths: Sequence[str | Path],
+    out_dir: str | Path,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: str | int = "5GB",
+) -> MergeReport:
+    """Load ``base_model`` by name, merge ``adapter_paths``, save model + tokenizer to ``out_dir``."""
+    model, report = merge_adapters_with_report(base_model, adapter_paths, dtype)
+    save_merged(model, out_dir, load_tokenizer(base_model), report, max_shard_size)
+    return report

@@ -1,0 +1,303 @@
+"""Model cards (``README.md`` with YAML metadata) for BiasEdit adapters and editors.
+
+A card is generated from what we know about the artifact: base model, edited modules, delta storage and
+size, editor provenance, training data, metrics before / after (as a Markdown table and as ``model-index``
+metadata), the command that produced it, and how to load it (``import biasedit_peft`` first).
+
+Metrics use the ``biasedit evaluate --json`` schema: nested dicts with numbers at the leaves, e.g.
+``{"stereoset": {"gender": {"ss": 61.2, "lms": 91.0, "icat": 70.6, "n": 250}}, "crows": {...},
+"perplexity": 31.4}``. Sample counts (``n``, ``n_*``) and non-numeric leaves are kept out of the metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+COMMON_TAGS = ("peft", "biasedit", "debiasing")
+TASK_TYPE = "text-generation"
+DATASET_NAMES = {
+    "stereoset": ("stereoset", "StereoSet (intrasentence)"),
+    "crows": ("crows_pairs", "CrowS-Pairs"),
+    "crows_pairs": ("crows_pairs", "CrowS-Pairs"),
+    "perplexity": ("text", "Perplexity corpus"),
+}
+METRIC_LABELS = {"ss": "SS", "lms": "LMS", "icat": "ICAT", "perplexity": "Perplexity", "ppl": "Perplexity"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+PAPER = "https://arxiv.org/abs/2503.08588"
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    """One number of an evaluation: ``path`` is its key path in the metrics dict, e.g. ``("stereoset", "gender", "ss")``."""
+
+    path: tuple[str, ...]
+    before: float | None
+    after: float | None
+
+    @property
+    def label(self) -> str:
+        *where, leaf = self.path
+        name = METRIC_LABELS.get(leaf.lower(), leaf)
+        if where and where[0].lower() in ("crows", "crows_pairs"):
+            name = f"CrowS {name}" if name.lower() not in ("crows", "score", "metric") else "CrowS"
+        details = [part for part in where[1:]]
+        return f"{name} ({', '.join(details)})" if details else name
+
+    @property
+    def change(self) -> float | None:
+        return None if self.before is None or self.after is None else self.after - self.before
+
+
+def _is_count(key: str) -> bool:
+    return key == "n" or key.startswith("n_") or key in ("count", "num_samples")
+
+
+def flatten_metrics(metrics: Mapping[str, Any] | None, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], float]:
+    """``{key path: value}`` for every finite numeric leaf of an evaluate-style dict (counts skipped)."""
+    flat: dict[tuple[str, ...], float] = {}
+    for key, value in (metrics or {}).items():
+        path = (*prefix, str(key))
+        if isinstance(value, Mapping):
+            flat.update(flatten_metrics(value, path))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and not _is_count(str(key)):
+            if math.isfinite(float(value)):
+                flat[path] = float(value)
+    return flat
+
+
+def metric_rows(before: Mapping[str, Any] | None, after: Mapping[str, Any] | None) -> list[MetricRow]:
+    """The union of metrics in ``before`` and ``after``, in the order they first appear."""
+    flat_before, flat_after = flatten_metrics(before), flatten_metrics(after)
+    paths = list(dict.fromkeys([*flat_after, *flat_before]))
+    return [MetricRow(path, flat_before.get(path), flat_after.get(path)) for path in paths]
+
+
+def _format(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "–"
+    return f"{value:+.2f}" if signed else f"{value:.2f}"
+
+
+def metrics_table(rows: Sequence[MetricRow]) -> str:
+    """A Markdown table: metric, before, after, change."""
+    lines = ["| metric | before | after | change |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {r.label} | {_format(r.before)} | {_format(r.after)} | {_format(r.change, True)} |" for r in rows]
+    return "\n".join(lines)
+
+
+def _eval_results(rows: Sequence[MetricRow], model_name: str):
+    """``EvalResult`` entries for ``model-index``: the after values, and the base model's as ``*_base``."""
+    from huggingface_hub import EvalResult
+
+    results = []
+    for row in rows:
+        dataset_type, dataset_name = DATASET_NAMES.get(row.path[0].lower(), (row.path[0], row.path[0]))
+        config = "/".join(row.path[1:-1]) or None
+        metric_type = row.path[-1].lower()
+        for value, suffix, name_suffix in ((row.after, "", ""), (row.before, "_base", " (base model)")):
+            if value is None:
+                continue
+            results.append(EvalResult(
+                task_type=TASK_TYPE, dataset_type=dataset_type, dataset_name=dataset_name, dataset_config=config,
+                metric_type=f"{metric_type}{suffix}", metric_value=round(value, 4),
+                metric_name=f"{row.label}{name_suffix}",
+            ))
+    return results
+
+
+def _hub_base_model(base_model: str | None) -> str | None:
+    """``base_model`` metadata only for Hub ids (not local paths, not the bundled ``testbed``)."""
+    if not base_model or base_model == "testbed" or Path(base_model).exists() or not HUB_ID.match(base_model):
+        return None
+    return base_model
+
+
+def _card(metadata_kwargs: dict, body: str):
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(**metadata_kwargs)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body.strip()}\n")
+
+
+def _metadata(base_model: str | None, rows: Sequence[MetricRow], model_name: str, extra_tags: Sequence[str],
+              datasets: Sequence[str] | None) -> dict:
+    hub_base = _hub_base_model(base_model)
+    tags = list(dict.fromkeys([*COMMON_TAGS, *extra_tags]))
+    metadata: dict[str, Any] = {"library_name": "peft", "tags": tags, "model_name": model_name}
+    if hub_base is not None:
+        metadata["base_model"] = hub_base
+    if datasets:
+        metadata["datasets"] = list(datasets)
+    if rows:
+        metadata["eval_results"] = _eval_results(rows, model_name)
+    return metadata
+
+
+def _command_section(command: str | Sequence[str] | None) -> str:
+    if command is None:
+        return ""
+    if not isinstance(command, str):
+        import shlex
+
+        command = shlex.join(command)
+    return f"## How it was made\n\n```bash\n{command}\n```\n"
+
+
+def _metrics_section(rows: Sequence[MetricRow]) -> str:
+    if not rows:
+        return "## Evaluation\n\nNo evaluation was recorded for this artifact.\n"
+    return (
+        "## Evaluation\n\nStereoSet SS is the share of stereotypical choices (ideal 50), LMS the share of meaningful "
+        "over meaningless ones (ideal 100), ICAT combines both; CrowS is the share of pairs where the more "
+        "stereotypical sentence is more likely (ideal 50). *before*: the base model; *after*: with this "
+        f"artifact applied.\n\n{metrics_table(rows)}\n"
+    )
+
+
+def adapter_model_card(
+    peft_model=None,
+    adapter_name: str = "default",
+    *,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    target_modules: Sequence[str] | None = None,
+    metrics_before: Mapping[str, Any] | None = None,
+    metrics_after: Mapping[str, Any] | None = None,
+    command: str | Sequence[str] | None = None,
+    datasets: Sequence[str] | None = None,
+    notes: str | None = None,
+):
+    """The ``huggingface_hub.ModelCard`` of a BiasEdit adapter.
+
+    Facts come from ``peft_model`` (its ``peft_config[adapter_name]`` and adapter layers) when given; the
+    keyword arguments fill in or override them. ``str(card)`` is the README text.
+    """
+    config = peft_model.peft_config[adapter_name] if peft_model is not None else None
+    base_model = base_model or (config.base_model_name_or_path if config is not None else None)
+    storage_lines: list[str] = []
+    if peft_model is not None:
+        from ..tuner import delta_nbytes, edit_targets
+
+        layers = edit_targets(peft_model, adapter_name)
+        target_modules = target_modules or list(layers)
+        for name, layer in layers.items():
+            rank = layer.delta_rank(adapter_name)
+            rows_cols = "×".join(map(str, layer.weight_shape))
+            form = f"factored, rank {rank}" if rank is not None else "dense"
+            layout = "Conv1D [in, out]" if layer.fan_in_fan_out else "Linear [out, in]"
+            storage_lines.append(f"| `{name}` | {layout} {rows_cols} | {form} |")
+        size = delta_nbytes(peft_model, adapter_name)
+        storage_lines.append(f"\nStored deltas: {size / 1024:.1f} KiB (float32).")
+    rows = metric_rows(metrics_before, metrics_after)
+    model_name = repo_id or "biasedit-adapter"
+    provenance = []
+    if config is not None:
+        if config.editor_id:
+            provenance.append(f"- Editor: `{config.editor_id}`")
+        if config.edit_data:
+            provenance.append(f"- Edit samples: `{config.edit_data}`")
+        for key, value in sorted((config.edit_info or {}).items()):
+            provenance.append(f"- {key}: `{value}`")
+    repo = repo_id or "path/to/this/adapter"
+    base_for_code = base_model or "BASE_MODEL"
+    body = f"""
+# {model_name}
+
+A [BiasEdit]({PAPER}) debiasing adapter for `{base_model or 'unknown base model'}`: a weight delta on the MLP
+output projections listed below, computed in one shot by a BiasEdit editor network. Stored as a
+[PEFT](https://github.com/huggingface/peft) adapter of type `BIASEDIT`.
+
+## Edited modules
+
+{chr(10).join(f'- `{m}`' for m in (target_modules or [])) or '- (unknown)'}
+
+{('| module | weight | delta storage |' + chr(10) + '| --- | --- | --- |' + chr(10) + chr(10).join(storage_lines)) if storage_lines else ''}
+
+## Provenance
+
+{chr(10).join(provenance) or '- (not recorded)'}
+
+{_metrics_section(rows)}
+{_command_section(command)}
+## How to load
+
+`import biasedit_peft` first: it registers the `BIASEDIT` method with peft.
+
+```python
+import biasedit_peft  # registers BIASEDIT with peft
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+base = AutoModelForCausalLM.from_pretrained("{base_for_code}")
+model = PeftModel.from_pretrained(base, "{repo}")
+```
+
+To serve without `biasedit_peft`, merge it (`biasedit merge --model {base_for_code} --adapter {repo} --out merged`)
+or export it as a LoRA adapter (`biasedit export-lora --model {base_for_code} --adapter {repo} --out lora`).
+
+{notes or ''}
+"""
+    tags = ["biasedit-adapter"] + ([f"base_model:adapter:{_hub_base_model(base_model)}"]
+                                   if _hub_base_model(base_model) else [])
+    return _card(_metadata(base_model, rows, model_name, tags, datasets), body)
+
+
+def editor_model_card(
+    *,
+    base_model: str | None,
+    target_modules: Sequence[str],
+    repo_id: str | None = None,
+    training_data: str | None = None,
+    splits: Mapping[str, Any] | None = None,
+    hyperparameters: Mapping[str, Any] | None = None,
+    metrics_before: Mapping[str, Any] | None = None,
+    metrics_after: Mapping[str, Any] | None = None,
+    command: str | Sequence[str] | None = None,
+    datasets: Sequence[str] | None = None,
+    notes: str | None = None,
+):
+    """The ``huggingface_hub.ModelCard`` of a trained BiasEdit editor (hyper-network) for ``base_model``."""
+    rows = metric_rows(metrics_before, metrics_after)
+    model_name = repo_id or "biasedit-editor"
+    repo = repo_id or "path/to/this/editor"
+    base_for_code = base_model or "BASE_MODEL"
+    split_lines = [f"- {k}: `{v}`" for k, v in (splits or {}).items()]
+    hyper_lines = [f"| `{k}` | `{v}` |" for k, v in sorted((hyperparameters or {}).items())]
+    body = f"""
+# {model_name}
+
+A [BiasEdit]({PAPER}) editor: a MALMEN-style hyper-network trained to turn the gradients of debiasing losses
+into weight deltas for `{base_model or 'unknown base model'}`. Apply it to produce a BiasEdit PEFT adapter.
+
+## Edited modules
+
+{chr(10).join(f'- `{m}`' for m in target_modules) or '- (unknown)'}
+
+## Training data
+
+- Data: `{training_data or 'not recorded'}`
+{chr(10).join(split_lines)}
+
+{('## Hyper-parameters' + chr(10) + chr(10) + '| name | value |' + chr(10) + '| --- | --- |' + chr(10) + chr(10).join(hyper_lines)) if hyper_lines else ''}
+
+{_metrics_section(rows)}
+{_command_section(command)}
+## How to load
+
+```python
+import biasedit_peft
+from biasedit_peft import BiasEditor
+
+editor = BiasEditor.from_pretrained("{repo}")
+```
+
+Then debias: `biasedit debias --model {base_for_code} --editor {repo} --out adapter`.
+
+{notes or ''}
+"""
+    return _card(_metadata(base_model, rows, model_name, ["biasedit-editor", "hypernetwork"], datasets), body)
