@@ -161,3 +161,35 @@ def test_editor_push_pull_identical(hub, tmp_path):
     assert pushed["digest"] == pulled["digest"] == pulled["digest2"]
     assert set(pulled["config"]) == {"transformer.h.1.mlp.c_proj", "transformer.h.2.mlp.c_proj"}
     assert "biasedit-editor" in pulled["tags"] and pulled["ss"] == 51.0
+
+
+CLI_PUSH_PULL = """
+import torch
+from biasedit_peft.cli import main
+from biasedit_peft.editor import BiasEditor
+from biasedit_peft.tuner.deltas import get_deltas
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+common = ["--model", {base!r}, "--limit", "6", "--quiet"]
+assert main(["train-editor", *common, "--out", {editor!r}, "--preset", "testbed", "--rank", "8", "--n-edits", "3",
+             "--batch-size", "3", "--max-steps", "2", "--num-edit-layers", "2", "--eval-data", "none",
+             "--push-to-hub", "me/cli-editor"]) == 0
+assert main(["debias", *common, "--editor", "me/cli-editor", "--out", {adapter!r},
+             "--push-to-hub", "me/cli-adapter"]) == 0
+pulled_editor = BiasEditor.from_pretrained("me/cli-editor")
+local_editor = BiasEditor.from_pretrained({editor!r})
+same_editor = all(torch.equal(a, b) for a, b in zip(pulled_editor.state_dict().values(),
+                                                   local_editor.state_dict().values()))
+remote = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), "me/cli-adapter")
+local = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), {adapter!r})
+same_adapter = all(torch.equal(get_deltas(remote)[n], d) for n, d in get_deltas(local).items())
+emit({{"same_editor": same_editor, "same_adapter": same_adapter, "n": len(get_deltas(remote))}})
+"""
+
+
+@pytest.mark.slow
+def test_cli_push_to_hub_for_editor_and_adapter(hub, tmp_path):
+    base = str(make_gpt2(tmp_path / "base"))
+    result = run_client(hub, tmp_path / "home", CLI_PUSH_PULL.format(
+        base=base, editor=str(tmp_path / "editor"), adapter=str(tmp_path / "adapter")))
+    assert result == {"same_editor": True, "same_adapter": True, "n": 2}

@@ -31,6 +31,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="LM dtype (editor: fp32)")
     parser.add_argument("--device", default=None, help="LM device (default: cuda if available)")
     parser.add_argument("--editor-device", default=None, help="editor device (default: the LM device)")
+    parser.add_argument("--push-to-hub", default=None, metavar="REPO",
+                        help="also upload the adapter folder, with its model card, to this Hub repo")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -61,4 +63,10 @@ def run(args: argparse.Namespace) -> int:
     peft_model.save_pretrained(args.out)
     print(f"edited {len(report.layers)} layers with {report.n_samples} samples ({report.n_tokens} tokens); "
           f"adapter written to {args.out}")
+    if args.push_to_hub:
+        from biasedit_peft.sharing import push_adapter_to_hub
+
+        url = push_adapter_to_hub(peft_model, args.push_to_hub, adapter_name=args.adapter_name,
+                                  command="biasedit " + " ".join(sys.argv[1:]))
+        print(f"adapter pushed to {args.push_to_hub}: {url}")
     return 0

@@ -51,6 +51,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="LM dtype (editor: fp32)")
     parser.add_argument("--device", default=None, help="LM device (default: cuda if available)")
     parser.add_argument("--editor-device", default=None, help="editor device (default: the LM device)")
+    parser.add_argument("--push-to-hub", default=None, metavar="REPO",
+                        help="also upload the best editor (config, weights, model card) to this Hub repo")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -140,4 +142,7 @@ def run(args: argparse.Namespace) -> int:
     if summary:
         print(f"last validation: {summary}")
     print(f"editor written to {args.out}")
+    if args.push_to_hub:
+        url = BiasEditor.from_pretrained(args.out).push_to_hub(args.push_to_hub)
+        print(f"editor pushed to {args.push_to_hub}: {url}")
     return 0
