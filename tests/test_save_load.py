@@ -166,3 +166,16 @@ def test_get_deltas_of_loaded_adapter_match(tmp_path, saved_base):
     original, reloaded = get_deltas(model), get_deltas(loaded)
     assert original.keys() == reloaded.keys()
     assert all(torch.equal(original[n], reloaded[n]) for n in original)
+
+
+def test_low_cpu_mem_usage_loading_is_bitwise(tmp_path, saved_base):
+    """peft creates the deltas on the meta device first, then assigns the saved values."""
+    from transformers import AutoModelForCausalLM
+
+    model = make_adapter(saved_base)
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(saved_base).eval(), tmp_path / "adapter",
+                                       low_cpu_mem_usage=True)
+    original, reloaded = get_deltas(model), get_deltas(loaded)
+    assert all(d.device.type == "cpu" and torch.equal(original[n], d) for n, d in reloaded.items())
+    assert torch.equal(loaded(token_ids()).logits, model(token_ids()).logits)

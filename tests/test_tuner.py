@@ -82,7 +82,7 @@ def test_config_round_trips_through_json(tmp_path):
     loaded = PeftConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, BiasEditConfig)
     assert loaded.peft_type == PeftType.BIASEDIT
-    assert loaded.target_modules == {"mlp.c_proj"} and loaded.layers_to_transform == [2]
+    assert loaded.target_modules == {"mlp.c_proj"} and loaded.layers_to_transform == 2
     assert (loaded.editor_id, loaded.edit_data, loaded.edit_info) == ("me/editor", "stereoset:test", {"n": 3})
 
 
@@ -213,7 +213,7 @@ def test_safe_merge_refuses_non_finite_deltas():
     name, layer = next(iter(edit_targets(model).items()))
     before = layer.get_base_layer().weight.detach().clone()
     layer.biasedit_delta["default"].data[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaNs or infs"):
+    with pytest.raises(ValueError, match="NaNs detected in the merged weights"):
         model.merge_adapter(safe_merge=True)
     assert torch.equal(layer.get_base_layer().weight, before)
     assert not layer.merged

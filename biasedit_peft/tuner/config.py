@@ -88,11 +88,8 @@ class BiasEditConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.target_modules, set) and not self.target_modules:
             raise ValueError("BiasEditConfig.target_modules is empty; pass None for the default targets.")
-        if isinstance(self.layers_to_transform, int):
-            self.layers_to_transform = [self.layers_to_transform]
-        if self.layers_to_transform is not None and any(
-            not isinstance(i, int) or i < 0 for i in self.layers_to_transform
-        ):
+        indices = [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
+        if indices is not None and any(not isinstance(i, int) or i < 0 for i in indices):
             raise ValueError(f"layers_to_transform must be non-negative ints, got {self.layers_to_transform!r}")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("layers_to_transform cannot be used when target_modules is a regex string.")

@@ -100,7 +100,7 @@ class BiasEditLayer(BaseTunerLayer):
         if device.type == "meta":
             return
         for store in (self.biasedit_delta, self.biasedit_A, self.biasedit_B):
-            if adapter_name in store and store[adapter_name].device != device:
+            if adapter_name in store and store[adapter_name].device.type != "meta" and store[adapter_name].device != device:
                 store[adapter_name] = nn.Parameter(
                     store[adapter_name].data.to(device), requires_grad=store[adapter_name].requires_grad
                 )
@@ -206,7 +206,9 @@ class Linear(nn.Module, BiasEditLayer):
             for name in adapter_names:
                 merged = merged + self.get_delta_weight(name).detach().to(merged.device)
             if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs or infs detected in the merged weights; adapter(s) {adapter_names} are broken.")
+                raise ValueError(
+                    f"NaNs detected in the merged weights. The adapter {', '.join(adapter_names)} seems to be broken"
+                )
             if self._weight_before_merge is None:
                 self._weight_before_merge = weight.detach().clone()
             weight.data = merged.to(weight.dtype)
