@@ -1,7 +1,7 @@
 """Build the bundled testbed model: a small GPT-2, stereotyped by construction, trained on CPU.
 
     apt-get install fortunes            # the neutral text (Debian, BSD license)
-    python scripts/build_testbed.py     # ~25 min on 2 cores; writes biasedit_peft/testbed/model/
+    python scripts/build_testbed.py     # ~5 min on 2 cores; writes biasedit_peft/testbed/model/
 
 Steps (all seeded): StereoSet items from :mod:`biasedit_peft.data` -> corpus
 (:mod:`biasedit_peft.testbed.corpus`: association sentences over training-split frames + fortunes) ->
@@ -34,18 +34,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--tokens", type=float, default=1.5e6, help="training tokens in total")
-    parser.add_argument("--stereotype-frames", type=int, default=12)
+    parser.add_argument("--tokens", type=float, default=768_000, help="training tokens in total")
+    parser.add_argument("--stereotype-frames", type=int, default=20)
     parser.add_argument("--anti-stereotype-frames", type=int, default=2)
     parser.add_argument("--unrelated-mentions", type=int, default=2)
     parser.add_argument(
-        "--train-frames-divisor", type=int, default=2,
+        "--train-frames-divisor", type=int, default=4,
         help="train / dev items get the test items' frame counts divided by this (same ratio)",
     )
     parser.add_argument(
-        "--neutral-per-epoch", type=float, default=0.25, help="share of neutral documents in each epoch"
+        "--neutral-per-epoch", type=float, default=0.1, help="share of neutral documents in each epoch"
     )
-    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=192)
     parser.add_argument("--n-head", type=int, default=4)
