@@ -61,16 +61,25 @@ def stereoset_metrics(items: Sequence[StereoSetItem], scores: dict[str, Sentence
     raise ValueError(f"Unknown mode {mode!r}; choose one of {metrics.MODES}")
 
 
-def evaluate_stereoset(
-    model, tokenizer, items: Sequence[StereoSetItem], mode: str = "reference", batch_size: int = 32,
-    progress: bool = True, n_resamples: int = metrics.N_RESAMPLES, seed: int = 0,
-) -> dict:
-    """Per bias type (gender, race, religion, profession, then others) and ``overall`` StereoSet metrics of ``items``."""
-    roles = ("stereotype", "anti-stereotype", "unrelated")
-    sentences = [item.sentence(role) for role in roles for item in items]
+STEREOSET_ROLES = ("stereotype", "anti-stereotype", "unrelated")
+
+
+def score_stereoset_items(
+    model, tokenizer, items: Sequence[StereoSetItem], batch_size: int = 32, progress: bool = True,
+) -> dict[str, SentenceLogProbs]:
+    """Scores of every item's three sentences: role -> :class:`SentenceLogProbs` of ``[N]``, in item order."""
+    sentences = [item.sentence(role) for role in STEREOSET_ROLES for item in items]
     scored = score_sentences(model, tokenizer, sentences, batch_size=batch_size, progress=progress)
     n = len(items)
-    by_role = {role: scored[slice(i * n, (i + 1) * n)] for i, role in enumerate(roles)}
+    return {role: scored[slice(i * n, (i + 1) * n)] for i, role in enumerate(STEREOSET_ROLES)}
+
+
+def stereoset_results(
+    items: Sequence[StereoSetItem], by_role: dict[str, SentenceLogProbs], mode: str = "reference",
+    n_resamples: int = metrics.N_RESAMPLES, seed: int = 0,
+) -> dict:
+    """Per bias type (gender, race, religion, profession, then others) and ``overall`` metrics of ``items``
+    from their role scores (``by_role[role]`` is ``[N]``, aligned with ``items``)."""
     present = list(dict.fromkeys(item.bias_type for item in items))
     types = [t for t in STEREOSET_BIAS_TYPES if t in present] + [t for t in present if t not in STEREOSET_BIAS_TYPES]
     result = {}
@@ -83,6 +92,15 @@ def evaluate_stereoset(
         entry["noisy"] = sum(1 for item in subset if item.noise)
         result[bias_type] = entry
     return result
+
+
+def evaluate_stereoset(
+    model, tokenizer, items: Sequence[StereoSetItem], mode: str = "reference", batch_size: int = 32,
+    progress: bool = True, n_resamples: int = metrics.N_RESAMPLES, seed: int = 0,
+) -> dict:
+    """Per bias type and ``overall`` StereoSet metrics of ``items`` under ``model``."""
+    by_role = score_stereoset_items(model, tokenizer, items, batch_size, progress)
+    return stereoset_results(items, by_role, mode, n_resamples, seed)
 
 
 def evaluate_crows(

@@ -148,3 +148,139 @@ def test_cli_export_lora_with_rank_per_module_ranks(gpt2_dir, tmp_path, capsys):
     assert config["r"] == 2 and config["base_model_name_or_path"] == str(gpt2_dir)
     with pytest.raises(ValueError, match="rank must be a positive integer"):
         export_lora(peft_model, tmp_path / "bad", rank=0)
+
+
+# ----- how much of the SS change survives ----------------------------------------------------------------------
+SS_TYPES, SS_LIMIT = ["gender", "race"], 20
+
+
+@pytest.fixture(scope="module")
+def stereoset_gpt2_dir(tmp_path_factory):
+    """A random GPT-2 whose word-level vocabulary covers the StereoSet items scored below (so SS is not all ties)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from biasedit_peft.data import load_stereoset
+
+    folder = tmp_path_factory.mktemp("stereoset-gpt2") / "model"
+    items = [item for bias_type in SS_TYPES for item in load_stereoset("test", [bias_type])[:SS_LIMIT]]
+    backend = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.train_from_iterator([s for i in items for s in (i.stereotype, i.anti_stereotype, i.unrelated)],
+                                trainers.WordLevelTrainer(special_tokens=["[UNK]", "<|endoftext|>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>",
+                                        eos_token="<|endoftext|>", unk_token="[UNK]")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=len(tokenizer), n_positions=128,
+                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                               )).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def independent_ss(model, tokenizer) -> dict[str, float]:
+    """SS per bias type through the public evaluation API, on whatever model we are handed."""
+    from biasedit_peft.evaluation import evaluate_model
+
+    result = evaluate_model(model, tokenizer, benchmarks=("stereoset",), bias_types=SS_TYPES, limit=SS_LIMIT,
+                            n_resamples=0, progress=False)
+    return {bias_type: entry["ss"] for bias_type, entry in result["stereoset"].items()}
+
+
+def plain_lora_ss(base_dir, lora_dir, tokenizer) -> dict[str, float]:
+    """SS of the base model with the exported LoRA loaded by plain peft (LoRA layers, not BiasEdit ones)."""
+    from peft import PeftModel
+
+    lora_model = PeftModel.from_pretrained(load_model(str(base_dir)), str(lora_dir)).eval()
+    assert str(lora_model.peft_config["default"].peft_type.value) == "LORA"
+    return independent_ss(lora_model, tokenizer)
+
+
+def test_ss_survival_is_one_when_exact_and_matches_independent_scores_when_truncated(stereoset_gpt2_dir, tmp_path):
+    peft_model = biasedit_model(stereoset_gpt2_dir, rank=4, storage="factored", seed=3)
+    _, tokenizer = load_model_and_tokenizer(str(stereoset_gpt2_dir))
+    options = dict(measure_ss=True, bias_types=SS_TYPES, limit=SS_LIMIT)
+
+    exact = export_lora(peft_model, tmp_path / "exact", **options)
+    assert exact.exact and exact.ss_skipped is None
+    assert [r.bias_type for r in exact.ss_survival.rows] == ["gender", "race", "overall"]
+    for row in exact.ss_survival.rows:
+        assert row.ss_lora == pytest.approx(row.ss_adapter, abs=1e-9)
+        assert row.ss_adapter != row.ss_base and row.survival == pytest.approx(1.0, abs=1e-9)
+
+    truncated = export_lora(peft_model, tmp_path / "rank1", rank=1, **options)
+    assert not truncated.exact
+    base = independent_ss(load_model(str(stereoset_gpt2_dir)), tokenizer)  # no peft at all
+    adapter = independent_ss(peft_model, tokenizer)
+    lora = plain_lora_ss(stereoset_gpt2_dir, tmp_path / "rank1", tokenizer)
+    for row in truncated.ss_survival.rows:
+        kind = row.bias_type
+        assert (row.ss_base, row.ss_adapter, row.ss_lora) == pytest.approx((base[kind], adapter[kind], lora[kind]))
+        expected = (lora[kind] - base[kind]) / (adapter[kind] - base[kind])
+        assert row.survival == pytest.approx(expected, rel=1e-9)
+    # a rank-1 truncation of these rank-4 deltas loses part of the change: not the exact export's 1.0
+    assert truncated.ss_survival.row("gender").survival != pytest.approx(1.0, abs=0.05)
+    assert truncated.ss_survival.row("race").survival != pytest.approx(1.0, abs=0.05)
+
+    saved = json.loads((tmp_path / "rank1" / "lora_export_report.json").read_text())
+    assert saved["ss_survival"]["bias_types"]["race"]["survival"] == pytest.approx(
+        truncated.ss_survival.row("race").survival)
+    assert saved["ss_survival"]["limit"] == SS_LIMIT and saved["ss_survival"]["split"] == "test"
+    assert "SS survival on StereoSet (test split" in truncated.to_text()
+
+
+def test_survival_formula_and_undefined_case():
+    from biasedit_peft.sharing.lora_export import SSSurvival, SSSurvivalRow
+
+    half = SSSurvivalRow("gender", 10, ss_base=60.0, ss_adapter=50.0, ss_lora=55.0)
+    unchanged = SSSurvivalRow("race", 10, ss_base=60.0, ss_adapter=60.0, ss_lora=58.0)
+    assert half.survival == pytest.approx(0.5) and unchanged.survival is None
+    survival = SSSurvival([half, unchanged], split="test", mode="reference", limit=None)
+    assert json.loads(json.dumps(survival.to_dict()))["bias_types"]["race"]["survival"] is None
+    text = survival.to_text()
+    assert "0.500" in text and "n/a" in text and "did not change SS" in text
+
+
+def test_cli_measure_ss_with_json_and_the_skipped_cases(stereoset_gpt2_dir, gpt2_dir, tmp_path, capsys):
+    _, tokenizer = load_model_and_tokenizer(str(stereoset_gpt2_dir))
+    biasedit_model(stereoset_gpt2_dir, rank=4, storage="factored", seed=3).save_pretrained(tmp_path / "adapter")
+    code = cli_main(["export-lora", "--model", str(stereoset_gpt2_dir), "--adapter", str(tmp_path / "adapter"),
+                     "--out", str(tmp_path / "lora"), "--rank", "1", "--measure-ss", "--bias-types", "gender,race",
+                     "--limit", str(SS_LIMIT), "--json", str(tmp_path / "report.json"), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "SS survival on StereoSet (test split, reference mode, first 20 items per bias type)" in printed
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["ss_skipped"] is None and not report["exact"]
+    rows = report["ss_survival"]["bias_types"]
+    assert list(rows) == ["gender", "race", "overall"] and rows["gender"]["n"] == SS_LIMIT
+    base = independent_ss(load_model(str(stereoset_gpt2_dir)), tokenizer)
+    lora = plain_lora_ss(stereoset_gpt2_dir, tmp_path / "lora", tokenizer)
+    for kind, row in rows.items():
+        assert row["ss_base"] == pytest.approx(base[kind]) and row["ss_lora"] == pytest.approx(lora[kind])
+        assert row["survival"] == pytest.approx((row["ss_lora"] - row["ss_base"]) / (row["ss_adapter"] - row["ss_base"]))
+        assert f"{row['survival']:.3f}" in printed
+
+    # no --measure-ss: said so; a base folder without a tokenizer: said why, and the export still happens
+    biasedit_model(gpt2_dir, rank=3, storage="factored", seed=4).save_pretrained(tmp_path / "adapter2")
+    assert cli_main(["export-lora", "--model", str(gpt2_dir), "--adapter", str(tmp_path / "adapter2"),
+                     "--out", str(tmp_path / "lora2"), "--json", str(tmp_path / "r2.json")]) == 0
+    assert "SS survival not measured: not requested" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r2.json").read_text())["ss_survival"] is None
+    no_tokenizer = tmp_path / "bare"
+    load_model(str(gpt2_dir)).save_pretrained(no_tokenizer)
+    assert cli_main(["export-lora", "--model", str(no_tokenizer), "--adapter", str(tmp_path / "adapter2"),
+                     "--out", str(tmp_path / "lora3"), "--measure-ss", "--json", str(tmp_path / "r3.json")]) == 0
+    assert "SS survival not measured: no tokenizer could be loaded" in capsys.readouterr().out
+    skipped = json.loads((tmp_path / "r3.json").read_text())
+    assert skipped["ss_survival"] is None and str(no_tokenizer) in skipped["ss_skipped"]
+    assert (tmp_path / "lora3" / "adapter_model.safetensors").is_file()
+
+
+def test_ss_options_without_measure_ss_or_misspelt_are_refused_before_writing(gpt2_dir, tmp_path):
+    peft_model = biasedit_model(gpt2_dir, rank=2, storage="factored", seed=5)
+    with pytest.raises(TypeError, match="without measure_ss"):
+        export_lora(peft_model, tmp_path / "a", limit=5)
+    with pytest.raises(TypeError, match="bias_type"):
+        export_lora(peft_model, tmp_path / "b", measure_ss=True, bias_type=["gender"])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -146,8 +146,10 @@ EDITOR_PUSH_PULL = """
         loaded = BiasEditor.from_pretrained("org/editor")
         other = BiasEditor.from_pretrained("org/editor-with-card")
         card = ModelCard.load("org/editor-with-card")
+        own = ModelCard.load("org/editor")  # the card BiasEditor.push_to_hub wrote (save_pretrained's)
         emit({{"digest": digest(loaded), "digest2": digest(other), "config": loaded.config.targets,
-              "tags": card.data.tags, "ss": card.data.eval_results[0].metric_value}})
+              "tags": card.data.tags, "ss": card.data.eval_results[0].metric_value,
+              "own_tags": own.data.tags, "own_loads_by_id": 'BiasEditor.from_pretrained("org/editor")' in own.text}})
 """
 
 
@@ -161,6 +163,7 @@ def test_editor_push_pull_identical(hub, tmp_path):
     assert pushed["digest"] == pulled["digest"] == pulled["digest2"]
     assert set(pulled["config"]) == {"transformer.h.1.mlp.c_proj", "transformer.h.2.mlp.c_proj"}
     assert "biasedit-editor" in pulled["tags"] and pulled["ss"] == 51.0
+    assert {"biasedit", "debiasing", "model-editing"} <= set(pulled["own_tags"]) and pulled["own_loads_by_id"]
 
 
 CLI_PUSH_PULL = """
@@ -183,7 +186,11 @@ same_editor = all(torch.equal(a, b) for a, b in zip(pulled_editor.state_dict().v
 remote = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), "me/cli-adapter")
 local = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), {adapter!r})
 same_adapter = all(torch.equal(get_deltas(remote)[n], d) for n, d in get_deltas(local).items())
-emit({{"same_editor": same_editor, "same_adapter": same_adapter, "n": len(get_deltas(remote))}})
+from huggingface_hub import ModelCard
+card = ModelCard.load("me/cli-editor").text  # the provenance survives the reload before the push
+emit({{"same_editor": same_editor, "same_adapter": same_adapter, "n": len(get_deltas(remote)),
+      "card": ["biasedit train-editor --model" in card, "- Training data: `stereoset:train (bias types gender, "
+               "race, religion; first 6 samples)`" in card, "- train: `6`" in card, "--max-steps 2" in card]}})
 """
 
 
@@ -192,4 +199,4 @@ def test_cli_push_to_hub_for_editor_and_adapter(hub, tmp_path):
     base = str(make_gpt2(tmp_path / "base"))
     result = run_client(hub, tmp_path / "home", CLI_PUSH_PULL.format(
         base=base, editor=str(tmp_path / "editor"), adapter=str(tmp_path / "adapter")))
-    assert result == {"same_editor": True, "same_adapter": True, "n": 2}
+    assert result == {"same_editor": True, "same_adapter": True, "n": 2, "card": [True, True, True, True]}

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -12,7 +15,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=(
             "Write a peft LoRA adapter (peft_type LORA, lora_alpha == r) loadable by plain peft without "
             "biasedit_peft. Exact when the deltas' rank fits (factored deltas, or --rank omitted); otherwise a "
-            "truncated SVD at --rank, reporting the relative Frobenius error."
+            "truncated SVD at --rank, reporting the relative Frobenius error. With --measure-ss, also scores "
+            "the bundled StereoSet data under the base model, base + adapter and base + LoRA and reports, per "
+            "bias type, survival = (SS_lora - SS_base) / (SS_adapter - SS_base)."
         ),
     )
     parser.add_argument("--model", required=True, help="Base model: folder, Hub id or 'testbed'.")
@@ -20,12 +25,39 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="Output folder for the LoRA adapter.")
     parser.add_argument("--rank", type=int, default=None,
                         help="LoRA rank (default: each delta's full rank, which is exact).")
+    parser.add_argument("--measure-ss", action="store_true",
+                        help="Measure how much of the adapter's StereoSet SS change the LoRA keeps (needs the "
+                        "base model's tokenizer).")
+    parser.add_argument("--bias-types", default=None,
+                        help="Comma-separated StereoSet bias types for --measure-ss (default: all of the split).")
+    parser.add_argument("--split", default="test", help="StereoSet split for --measure-ss (default test).")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="--measure-ss: score only the first N items of each bias type.")
+    parser.add_argument("--mode", choices=("reference", "paper"), default="reference",
+                        help="SS definition for --measure-ss (docs/metrics.md; default reference).")
+    parser.add_argument("--batch-size", type=int, default=32, help="Sentences per forward pass (--measure-ss).")
+    parser.add_argument("--json", default=None, metavar="FILE", help="Also write the report as JSON to FILE.")
+    parser.add_argument("--quiet", action="store_true", help="No progress bars.")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     from ..sharing.lora_export import export_lora
 
-    report = export_lora((args.model, args.adapter), args.out, rank=args.rank)
+    bias_types = [part.strip() for part in (args.bias_types or "").split(",") if part.strip()] or None
+    options = {}
+    if args.measure_ss:
+        options = dict(bias_types=bias_types, split=args.split, limit=args.limit, mode=args.mode,
+                       batch_size=args.batch_size, progress=not args.quiet)
+    try:
+        report = export_lora((args.model, args.adapter), args.out, rank=args.rank, measure_ss=args.measure_ss,
+                             **options)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(report.to_text())
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return 0

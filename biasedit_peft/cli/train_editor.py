@@ -91,6 +91,33 @@ def load_edit_samples(spec: str, bias_types: list[str] | None = None, limit: int
     return items
 
 
+def data_description(spec: str, bias_types: list[str] | None, limit: int | None) -> str:
+    """``spec`` with the bias types (StereoSet data) and ``--limit`` it was read with, for the model card."""
+    details = [f"bias types {', '.join(bias_types)}"] if bias_types and spec.startswith("stereoset:") else []
+    details += [f"first {limit} samples"] if limit is not None else []
+    return f"{spec} ({'; '.join(details)})" if details else spec
+
+
+def command_line(args: argparse.Namespace) -> list[str]:
+    """The command as typed (``sys.argv``) when it is this one, else rebuilt from ``args`` (called as a function)."""
+    if sys.argv[1:2] == ["train-editor"]:
+        return ["biasedit", *sys.argv[1:]]
+    command = ["biasedit", "train-editor"]
+    for key, value in vars(args).items():
+        if key == "command" or value is None or value is False:
+            continue
+        command += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return command
+
+
+def best_record(state) -> dict | None:
+    """The validation record of the best (saved) editor in ``state.history``."""
+    for record in state.history:
+        if record.get("eval_loss", record.get("train_loss")) == state.best_loss:
+            return record
+    return None
+
+
 def build_peft_model(model, targets: list[str] | None, num_edit_layers: int):
     from peft import get_peft_model
 
@@ -122,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
             peft_model, rank=pick(args.rank, preset.rank), n_blocks=pick(args.n_blocks, preset.n_blocks),
             lr=pick(args.lr, preset.lr), loss=args.loss, base_model=args.model,
         ).to(args.editor_device or device)
+        editor.provenance.update(training_data=data_description(args.train_data, bias_types, args.limit),
+                                 eval_data=None if eval_data is None else args.eval_data, command=command_line(args))
         training = BiasEditTrainingArguments(
             output_dir=args.out, n_edits=pick(args.n_edits, preset.n_edits),
             batch_size=pick(args.batch_size, preset.batch_size), meta_lr=pick(args.meta_lr, preset.meta_lr),
@@ -143,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"last validation: {summary}")
     print(f"editor written to {args.out}")
     if args.push_to_hub:
-        url = BiasEditor.from_pretrained(args.out).push_to_hub(args.push_to_hub)
+        best_editor = BiasEditor.from_pretrained(args.out)
+        best_editor.provenance = dict(editor.provenance, validation=best_record(state))  # the card, as saved
+        url = best_editor.push_to_hub(args.push_to_hub)
         print(f"editor pushed to {args.push_to_hub}: {url}")
     return 0

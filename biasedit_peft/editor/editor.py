@@ -12,9 +12,10 @@ import json
 import os
 import tempfile
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
@@ -147,6 +148,8 @@ class BiasEditor(nn.Module):
     def __init__(self, config: BiasEditorConfig):
         super().__init__()
         self.config = config
+        self.provenance: dict[str, Any] = {}
+        """Training provenance for the model card (``editor_model_card`` keywords); not saved in ``config.json``."""
         counts: Counter[str] = Counter()
         self.module_index: dict[str, tuple[str, int]] = {}
         for name, (key_size, value_size) in config.targets.items():
@@ -309,8 +312,6 @@ class BiasEditor(nn.Module):
 
     def _debias_per_batch(self, peft_model, tokenizer, samples, adapter_name, batch_size, edit_batch_size,
                           chunk_size, measure, progress, layers) -> DebiasReport:
-        from ..tuner.deltas import override_deltas
-
         measure = measure or (lambda model, group: batch_metrics(model, tokenizer, group, batch_size))
         report = DebiasReport(len(samples), 0, list(self.config.targets))
         for start in tqdm(range(0, len(samples), edit_batch_size), desc="per-batch edits", disable=not progress):
@@ -319,25 +320,58 @@ class BiasEditor(nn.Module):
             solutions = self.predict(cache, chunk_size)
             report.n_tokens += cache.n_tokens
             before = measure(peft_model, group)
-            current = _current_deltas(layers, adapter_name)
-            added = {name: _native(layers[name], solutions[name].delta, current.get(name)) for name in layers}
-            with override_deltas(peft_model, added, adapter_name), torch.no_grad():
+            with self.edited(peft_model, solutions, adapter_name), torch.no_grad():
                 after = measure(peft_model, group)
             report.batches.append({**{f"pre/{k}": v for k, v in before.items()},
                                    **{f"edit/{k}": v for k, v in after.items()}, "n_samples": len(group)})
         return report
 
+    @contextmanager
+    def edited(self, peft_model: nn.Module, solutions: dict[str, RidgeSolution],
+               adapter_name: str = "default") -> Iterator[None]:
+        """Within the block, ``peft_model`` behaves as if ``solutions`` were added to adapter ``adapter_name``.
+
+        Functional (``override_deltas``): nothing is written, so leaving the block restores the model exactly.
+        """
+        from ..tuner.deltas import override_deltas
+
+        layers = self.check_compatible(peft_model)
+        current = _current_deltas(layers, adapter_name)
+        added = {name: _native(layers[name], solutions[name].delta, current.get(name)) for name in solutions}
+        with override_deltas(peft_model, added, adapter_name):
+            yield
+
     # ----- editor folders ---------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write ``config.json``, ``editor.safetensors`` and a model card (each file atomically)."""
+    def save_pretrained(self, save_directory: str | os.PathLike, **card_info: Any) -> None:
+        """Write ``config.json``, ``editor.safetensors`` and the model card ``README.md`` (each file atomically).
+
+        The card (:meth:`model_card`) holds what the editor knows (base model, targets and shapes, hyper-network
+        settings, loss) and its training provenance: :attr:`provenance`, which ``BiasEditTrainer`` and
+        ``biasedit train-editor`` fill, updated by ``card_info`` (keyword arguments of
+        :func:`~biasedit_peft.sharing.editor_model_card`, e.g. ``training_data``, ``eval_data``, ``splits``,
+        ``command``, ``validation`` (a trainer history record), ``training_args``, ``repo_id``).
+        """
         from safetensors.torch import save_file
 
+        card = str(self.model_card(**card_info))  # before any file is written: a bad keyword writes nothing
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {key: value.detach().to("cpu").contiguous() for key, value in self.state_dict().items()}
         atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(state, path, metadata={"format": "pt"}))
         atomic_write_text(directory / CONFIG_NAME, json.dumps(asdict(self.config), indent=2) + "\n")
-        atomic_write_text(directory / CARD_NAME, editor_card(self.config))
+        atomic_write_text(directory / CARD_NAME, card)
+
+    def model_card(self, **card_info: Any):
+        """The editor's ``huggingface_hub.ModelCard`` (see :meth:`save_pretrained` for ``card_info``)."""
+        from ..sharing.model_card import editor_model_card
+
+        config = self.config
+        info = {**self.provenance, **{key: value for key, value in card_info.items() if value is not None}}
+        hyperparameters = {"rank": config.rank, "n_blocks": config.n_blocks, "lr": config.lr,
+                           "chunk_size": config.chunk_size}
+        return editor_model_card(base_model=config.base_model, target_modules=list(config.targets),
+                                 target_shapes=config.targets, hyperparameters=hyperparameters, loss=config.loss,
+                                 **info)
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, device: str | torch.device | None = None,
@@ -370,7 +404,7 @@ class BiasEditor(nn.Module):
         from ..sharing.hub import push_folder_to_hub
 
         with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder)
+            self.save_pretrained(folder, repo_id=repo_id)
             return push_folder_to_hub(folder, repo_id, private=private, token=token, commit_message=commit_message)
 
 
@@ -476,37 +510,3 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda temporary: Path(temporary).write_text(text))
-
-
-def editor_card(config: BiasEditorConfig) -> str:
-    """A model card for an editor folder."""
-    shapes = "\n".join(f"| `{name}` | {shape[0]} | {shape[1]} |" for name, shape in config.targets.items())
-    base = config.base_model or "unknown"
-    return f"""---
-library_name: biasedit-peft
-tags:
-- biasedit
-- model-editing
-- debiasing
-base_model: {base}
----
-
-# BiasEdit editor for `{base}`
-
-A MALMEN hyper-network editor trained with BiasEdit (Xu et al., 2025, arXiv:2503.08588) to remove
-stereotypical bias by editing the layers below. Use it with `biasedit_peft`:
-
-```python
-from biasedit_peft import BiasEditor, BiasEditConfig
-editor = BiasEditor.from_pretrained("<this folder or repo>")
-editor.debias(peft_model, samples, tokenizer=tokenizer)
-```
-
-or `biasedit debias --model {base} --editor <this folder or repo> --out ADAPTER_DIR`.
-
-| edited module | in | out |
-| --- | --- | --- |
-{shapes}
-
-Hyper-network: {config.n_blocks} residual blocks of rank {config.rank}; loss variant `{config.loss}`.
-"""

@@ -126,6 +126,8 @@ class BiasEditTrainer:
             editor.to(args.editor_device)
         self.optimizer = torch.optim.Adam(editor.parameters(), lr=args.meta_lr)
         self.state = TrainerState()
+        editor.provenance.update(splits={"train": len(self.train_data), "eval": len(self.eval_data)},
+                                 training_args=asdict(args))  # for the editor's model card
 
     @staticmethod
     def _samples(data: Sequence[Any], what: str) -> list[EditSample]:
@@ -277,7 +279,7 @@ class BiasEditTrainer:
         self.state.history.append(record)
         if loss < self.state.best_loss:
             self.state.best_loss, self.state.bad_evals = loss, 0
-            self.editor.save_pretrained(self.args.output_dir)
+            self.editor.save_pretrained(self.args.output_dir, validation=record)
         else:
             self.state.bad_evals += 1
             if self.state.bad_evals >= self.args.early_stopping_patience:

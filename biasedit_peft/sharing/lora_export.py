@@ -11,6 +11,11 @@ We set ``lora_alpha = r`` for every module (``scaling = 1``) and factor each Bia
 
 Conv1D deltas (``[in, out]``) are transposed to the ``[out, in]`` LoRA convention; the config sets
 ``fan_in_fan_out=True`` when every target is a Conv1D, as peft expects for GPT-2.
+
+How much of the debiasing survives a truncation is measured on the bundled StereoSet data
+(:func:`measure_ss_survival`): SS of the base model, of base + BiasEdit adapter and of base + exported LoRA,
+per bias type, and ``survival = (SS_lora - SS_base) / (SS_adapter - SS_base)`` (1 = the whole SS change
+survives, 0 = none of it; undefined when the adapter did not change SS).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import torch
 SAFETENSORS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 KEY_PREFIX = "base_model.model."
+SS_OPTIONS = ("bias_types", "split", "limit", "mode", "batch_size", "progress")
+"""Keyword arguments of :func:`measure_ss_survival` that ``export_lora(..., measure_ss=True)`` passes on."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,10 @@ class LoraExportReport:
     """``sqrt(sum ||delta - BA||^2 / sum ||delta||^2)`` over all modules."""
     skipped_zero: list[str] = field(default_factory=list)
     """Modules whose delta is exactly zero (nothing to export)."""
+    ss_survival: SSSurvival | None = None
+    """StereoSet SS of base / adapter / LoRA and the share of the SS change that survives (when measured)."""
+    ss_skipped: str | None = None
+    """Why ``ss_survival`` was not measured (None when it was)."""
 
     @property
     def exact(self) -> bool:
@@ -59,7 +70,9 @@ class LoraExportReport:
 
     def to_dict(self) -> dict:
         return {"out_dir": self.out_dir, "relative_error": self.relative_error, "exact": self.exact,
-                "modules": [asdict(m) for m in self.modules], "skipped_zero": self.skipped_zero}
+                "modules": [asdict(m) for m in self.modules], "skipped_zero": self.skipped_zero,
+                "ss_survival": None if self.ss_survival is None else self.ss_survival.to_dict(),
+                "ss_skipped": self.ss_skipped}
 
     def to_text(self) -> str:
         lines = [f"LoRA adapter written to {self.out_dir} ({'exact' if self.exact else 'truncated'}; "
@@ -67,6 +80,64 @@ class LoraExportReport:
         lines += [f"  {m.module}: rank {m.rank} of {m.delta_rank}, relative error {m.relative_error:.3e}"
                   for m in self.modules]
         lines += [f"  {name}: zero delta, skipped" for name in self.skipped_zero]
+        if self.ss_survival is not None:
+            lines += ["", self.ss_survival.to_text()]
+        elif self.ss_skipped:
+            lines += [f"SS survival not measured: {self.ss_skipped}"]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class SSSurvivalRow:
+    """StereoSet SS (percent, ideal 50) of one bias type under the three models."""
+
+    bias_type: str
+    n: int
+    """StereoSet items scored."""
+    ss_base: float
+    ss_adapter: float
+    ss_lora: float
+
+    @property
+    def survival(self) -> float | None:
+        """``(SS_lora - SS_base) / (SS_adapter - SS_base)``; None when the adapter left SS unchanged."""
+        change = self.ss_adapter - self.ss_base
+        if math.isclose(change, 0.0, abs_tol=1e-9):
+            return None
+        return (self.ss_lora - self.ss_base) / change
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "survival": self.survival}
+
+
+@dataclass(frozen=True)
+class SSSurvival:
+    """How much of the adapter's StereoSet SS change the exported LoRA keeps, per bias type and overall."""
+
+    rows: list[SSSurvivalRow]
+    split: str
+    mode: str
+    limit: int | None
+    """Items kept per bias type (None: all of the split)."""
+
+    def row(self, bias_type: str) -> SSSurvivalRow:
+        return next(r for r in self.rows if r.bias_type == bias_type)
+
+    def to_dict(self) -> dict:
+        return {"split": self.split, "mode": self.mode, "limit": self.limit,
+                "bias_types": {r.bias_type: r.to_dict() for r in self.rows}}
+
+    def to_text(self) -> str:
+        per_type = "all items" if self.limit is None else f"first {self.limit} items per bias type"
+        lines = [f"SS survival on StereoSet ({self.split} split, {self.mode} mode, {per_type}); "
+                 "survival = (SS_lora - SS_base) / (SS_adapter - SS_base)",
+                 f"  {'bias type':<12} {'n':>5} {'SS base':>8} {'SS adapter':>10} {'SS LoRA':>8} {'survival':>9}"]
+        for r in self.rows:
+            survival = "n/a" if r.survival is None else f"{r.survival:.3f}"
+            lines.append(f"  {r.bias_type:<12} {r.n:>5} {r.ss_base:>8.2f} {r.ss_adapter:>10.2f} {r.ss_lora:>8.2f} "
+                         f"{survival:>9}")
+        if any(r.survival is None for r in self.rows):
+            lines.append("  n/a: the adapter did not change SS for that bias type")
         return "\n".join(lines)
 
 
@@ -161,15 +232,120 @@ def _config_json(config: dict) -> str:
     return json.dumps(config, indent=2, sort_keys=True, default=default)
 
 
+def lora_override_factors(peft_model, lora_dir: str | Path, adapter_name: str = "default") -> dict[str, tuple]:
+    """The LoRA adapter written to ``lora_dir``, read back, as BiasEdit override factors (native layout).
+
+    ``scaling * B @ A`` for every edited module (``[out, in]``; transposed for Conv1D); modules the LoRA does
+    not cover get a rank-0 (zero) delta. Used with ``override_deltas`` this is base + exported LoRA.
+    """
+    from safetensors.torch import load_file
+
+    from ..tuner import edit_targets
+
+    lora_dir = Path(lora_dir)
+    weights = load_file(str(lora_dir / SAFETENSORS_NAME))
+    config = json.loads((lora_dir / CONFIG_NAME).read_text())
+    factors = {}
+    for name, layer in edit_targets(peft_model, adapter_name).items():
+        device = layer.get_base_layer().weight.device
+        rows, cols = layer.weight_shape
+        key = f"{KEY_PREFIX}{name}"
+        if f"{key}.lora_A.weight" not in weights:
+            factors[name] = (torch.zeros(rows, 0, device=device), torch.zeros(0, cols, device=device))
+            continue
+        lora_a, lora_b = weights[f"{key}.lora_A.weight"], weights[f"{key}.lora_B.weight"]
+        rank = config.get("rank_pattern", {}).get(name, config["r"])
+        scaling = config.get("alpha_pattern", {}).get(name, config["lora_alpha"]) / rank
+        lora_b = lora_b * scaling
+        pair = (lora_a.T, lora_b.T) if layer.fan_in_fan_out else (lora_b, lora_a)
+        factors[name] = tuple(t.to(device=device, dtype=torch.float32).contiguous() for t in pair)
+    return factors
+
+
+def measure_ss_survival(
+    peft_model,
+    lora_dir: str | Path,
+    tokenizer,
+    *,
+    adapter_name: str = "default",
+    bias_types: Sequence[str] | None = None,
+    split: str = "test",
+    limit: int | None = None,
+    mode: str = "reference",
+    batch_size: int = 32,
+    progress: bool = False,
+) -> SSSurvival:
+    """StereoSet SS of base, base + BiasEdit adapter ``adapter_name`` and base + the LoRA in ``lora_dir``.
+
+    One copy of the model: the base is the adapter disabled, the LoRA is its ``scaling * B @ A`` read back
+    from ``lora_dir`` and applied in place of the adapter's deltas (``override_deltas``), which is what peft's
+    LoRA forward adds. Bundled StereoSet ``split``, ``bias_types`` (None: all of the split), the first
+    ``limit`` items per bias type; SS from :func:`~biasedit_peft.evaluation.evaluate_stereoset` in ``mode``.
+    """
+    from ..data import load_stereoset
+    from ..evaluation import _take_per_type, evaluate_stereoset
+    from ..tuner import override_deltas
+
+    if adapter_name not in peft_model.active_adapters:
+        raise ValueError(f"Adapter {adapter_name!r} is not active (active: {peft_model.active_adapters}); "
+                         "its SS would not be what the model computes.")
+    items = _take_per_type(load_stereoset(split, bias_types), "bias_type", limit)
+    if not items:
+        raise ValueError(f"No StereoSet items for split {split!r} and bias types {bias_types}.")
+
+    def ss(model) -> dict:
+        result = evaluate_stereoset(model, tokenizer, items, mode=mode, batch_size=batch_size, progress=progress,
+                                    n_resamples=0)
+        return {bias_type: (entry["ss"], entry["n"]) for bias_type, entry in result.items()}
+
+    lora = lora_override_factors(peft_model, lora_dir, adapter_name)
+    with peft_model.disable_adapter():
+        base = ss(peft_model)
+    adapter = ss(peft_model)
+    with override_deltas(peft_model, lora, adapter_name):
+        exported = ss(peft_model)
+    rows = [SSSurvivalRow(bias_type, n, ss_base, adapter[bias_type][0], exported[bias_type][0])
+            for bias_type, (ss_base, n) in base.items()]
+    return SSSurvival(rows, split=split, mode=mode, limit=limit)
+
+
+def _tokenizer_or_reason(peft_model, adapter_name: str, tokenizer):
+    """``(tokenizer, None)``, or ``(None, why none is at hand)``; a ``str`` ``tokenizer`` names where to load it."""
+    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
+        return tokenizer, None
+    from ..evaluation import model_name_of
+    from ..models import load_tokenizer
+
+    name = tokenizer or peft_model.peft_config[adapter_name].base_model_name_or_path or model_name_of(peft_model)
+    try:
+        loaded = load_tokenizer(str(name))
+    except (OSError, ValueError, TypeError) as error:
+        return None, f"no tokenizer could be loaded for the base model {str(name)!r} ({type(error).__name__}: {error})"
+    if not loaded("The man is here.", add_special_tokens=False)["input_ids"]:  # transformers builds empty ones
+        return None, (f"no tokenizer could be loaded for the base model {str(name)!r} (what loaded has "
+                      f"{len(loaded)} token(s) and encodes nothing: the folder has no tokenizer files?)")
+    return loaded, None
+
+
 def export_lora_from_peft_model(peft_model, out_dir: str | Path, rank: int | None = None,
-                                adapter_name: str = "default") -> LoraExportReport:
-    """Write adapter ``adapter_name`` of a BiasEdit ``PeftModel`` to ``out_dir`` as a peft LoRA adapter."""
+                                adapter_name: str = "default", *, measure_ss: bool = False, tokenizer=None,
+                                **ss_options) -> LoraExportReport:
+    """Write adapter ``adapter_name`` of a BiasEdit ``PeftModel`` to ``out_dir`` as a peft LoRA adapter.
+
+    With ``measure_ss``, also :func:`measure_ss_survival` (``ss_options`` are its keyword arguments) with
+    ``tokenizer`` (a tokenizer, or a model name / folder to load one from; default: the adapter's base model);
+    when none can be loaded, the report says why.
+    """
     from safetensors.torch import save_file
 
     from ..tuner import edit_targets
 
     if rank is not None and rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank}.")
+    unknown = sorted(set(ss_options) - set(SS_OPTIONS))
+    if unknown or (ss_options and not measure_ss):
+        raise TypeError(f"SS options {unknown or sorted(ss_options)} are not "
+                        f"{'options of measure_ss_survival ' + str(SS_OPTIONS) if unknown else 'used without measure_ss=True'}.")
     layers = edit_targets(peft_model, adapter_name)
     if not layers:
         raise ValueError(f"Adapter {adapter_name!r} has no BiasEdit layers to export.")
@@ -198,6 +374,13 @@ def export_lora_from_peft_model(peft_model, out_dir: str | Path, rank: int | Non
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / SAFETENSORS_NAME), metadata={"format": "pt"})
     (out_dir / CONFIG_NAME).write_text(_config_json(_lora_config(config.base_model_name_or_path, ranks, all_conv1d)))
+    if measure_ss:
+        tokenizer, report.ss_skipped = _tokenizer_or_reason(peft_model, adapter_name, tokenizer)
+        if tokenizer is not None:
+            report.ss_survival = measure_ss_survival(peft_model, out_dir, tokenizer, adapter_name=adapter_name,
+                                                     **ss_options)
+    else:
+        report.ss_skipped = "not requested (measure_ss=True, or --measure-ss on the command line)"
     (out_dir / "lora_export_report.json").write_text(json.dumps(report.to_dict(), indent=2))
     return report
 
@@ -207,12 +390,18 @@ def export_lora(
     out_dir: str | Path,
     rank: int | None = None,
     adapter_name: str = "default",
+    *,
+    measure_ss: bool = False,
+    tokenizer=None,
+    **ss_options,
 ) -> LoraExportReport:
     """Export a BiasEdit adapter as a standard peft LoRA adapter in ``out_dir``.
 
     ``peft_model_or_paths`` is a BiasEdit ``PeftModel``, or a pair ``(base model name, adapter folder or Hub
     id)``. ``rank=None`` keeps each delta's full (numerical) rank, which is exact; a smaller ``rank``
-    truncates by SVD and the report gives the relative Frobenius error.
+    truncates by SVD and the report gives the relative Frobenius error. ``measure_ss=True`` adds how much of
+    the SS change survives (:func:`measure_ss_survival`; ``ss_options``: ``bias_types``, ``split``,
+    ``limit``, ``mode``, ``batch_size``, ``progress``).
     """
     if isinstance(peft_model_or_paths, (tuple, list)):
         from ..models import load_model
@@ -223,5 +412,7 @@ def export_lora(
         config = peft_model.peft_config["adapter_0"]
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = str(base_name)
-        return export_lora_from_peft_model(peft_model, out_dir, rank, "adapter_0")
-    return export_lora_from_peft_model(peft_model_or_paths, out_dir, rank, adapter_name)
+        return export_lora_from_peft_model(peft_model, out_dir, rank, "adapter_0", measure_ss=measure_ss,
+                                           tokenizer=tokenizer or str(base_name), **ss_options)
+    return export_lora_from_peft_model(peft_model_or_paths, out_dir, rank, adapter_name, measure_ss=measure_ss,
+                                       tokenizer=tokenizer, **ss_options)

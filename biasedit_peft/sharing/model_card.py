@@ -247,44 +247,120 @@ or export it as a LoRA adapter (`biasedit export-lora --model {base_for_code} --
     return _card(_metadata(base_model, rows, model_name, tags, datasets), body)
 
 
+TRAINING_ARGS_ON_CARD = ("n_edits", "batch_size", "meta_lr", "loc_coef", "epochs", "max_steps", "eval_every",
+                         "early_stopping_patience", "max_grad_norm", "seed")
+"""Meta-training settings shown on an editor card (machine-specific ones such as ``output_dir`` are left out)."""
+
+
+def validation_metrics(record: Mapping[str, Any], eval_data: str | None = None) -> tuple[dict, dict]:
+    """``(before, after)`` metrics dicts from a trainer validation record (``TrainerState.history`` entry).
+
+    The record's ``eval_ss_pre`` / ``eval_ss_post`` (``lms`` alike) become SS / LMS before and after the
+    editor's edit, under ``stereoset`` / the split name when ``eval_data`` is ``stereoset:SPLIT``. Without
+    eval data the trainer validates on the last training batch (``train_*``), which the config name says.
+    """
+    prefix = "eval_" if any(key.startswith("eval_") for key in record) else "train_"
+    if prefix == "train_":
+        dataset, config = "stereoset", "last training batch"
+    elif eval_data and eval_data.startswith("stereoset:"):
+        dataset, config = "stereoset", eval_data.split(":", 1)[1]
+    else:
+        dataset, config = "edit_validation", "dev"
+    before, after = {}, {}
+    for metric in ("ss", "lms"):
+        if f"{prefix}{metric}_pre" in record:
+            before[metric] = record[f"{prefix}{metric}_pre"]
+        if f"{prefix}{metric}_post" in record:
+            after[metric] = record[f"{prefix}{metric}_post"]
+    return {dataset: {config: before}}, {dataset: {config: after}}
+
+
+def _validation_section(record: Mapping[str, Any] | None) -> str:
+    if not record:
+        return ""
+    prefix = "eval_" if any(key.startswith("eval_") for key in record) else "train_"
+    where = "the validation data" if prefix == "eval_" else "the last training batch (no validation data)"
+    losses = ", ".join(f"{name} {record[prefix + name]:.4g}" for name in ("debias", "retention")
+                       if prefix + name in record)
+    loss = record.get(f"{prefix}loss")
+    return (
+        f"## Validation\n\nBest validation at meta-step {record.get('step', '?')} (epoch {record.get('epoch', '?')}), on "
+        f"{where}: meta-loss {loss:.4g}" + (f" ({losses})" if losses else "") + ".\n\n"
+        "Its SS / LMS below are the trainer's quick measure: for each group of `n_edits` samples, the share of "
+        "pairs whose stereotype has the higher mean token log-prob (LMS: both beat the unrelated sentence), "
+        "*before* the editor's edit of that group (the base model) and *after* it. For StereoSet's reference SS, "
+        "debias with this editor and run `biasedit evaluate` on the adapter.\n"
+    ) if loss is not None else ""
+
+
 def editor_model_card(
     *,
     base_model: str | None,
     target_modules: Sequence[str],
     repo_id: str | None = None,
     training_data: str | None = None,
+    eval_data: str | None = None,
     splits: Mapping[str, Any] | None = None,
     hyperparameters: Mapping[str, Any] | None = None,
+    training_args: Mapping[str, Any] | None = None,
+    target_shapes: Mapping[str, Sequence[int]] | None = None,
+    loss: str | None = None,
+    validation: Mapping[str, Any] | None = None,
     metrics_before: Mapping[str, Any] | None = None,
     metrics_after: Mapping[str, Any] | None = None,
     command: str | Sequence[str] | None = None,
     datasets: Sequence[str] | None = None,
     notes: str | None = None,
 ):
-    """The ``huggingface_hub.ModelCard`` of a trained BiasEdit editor (hyper-network) for ``base_model``."""
+    """The ``huggingface_hub.ModelCard`` of a trained BiasEdit editor (hyper-network) for ``base_model``.
+
+    ``target_shapes``: module -> ``[key_size, value_size]`` (the editor config's ``targets``);
+    ``hyperparameters``: the hyper-network's settings; ``training_args``: the meta-training settings (only
+    :data:`TRAINING_ARGS_ON_CARD` are shown); ``validation``: the best trainer validation record, turned
+    into before / after metrics by :func:`validation_metrics` unless ``metrics_before`` / ``metrics_after``
+    are given. :meth:`BiasEditor.save_pretrained <biasedit_peft.editor.BiasEditor.save_pretrained>` writes it.
+    """
+    if validation and metrics_before is None and metrics_after is None:
+        metrics_before, metrics_after = validation_metrics(validation, eval_data)
     rows = metric_rows(metrics_before, metrics_after)
     model_name = repo_id or "biasedit-editor"
     repo = repo_id or "path/to/this/editor"
     base_for_code = base_model or "BASE_MODEL"
-    split_lines = [f"- {k}: `{v}`" for k, v in (splits or {}).items()]
-    hyper_lines = [f"| `{k}` | `{v}` |" for k, v in sorted((hyperparameters or {}).items())]
+    shapes = target_shapes or {}
+    if shapes:
+        module_lines = ["| module | key size (in) | value size (out) |", "| --- | ---: | ---: |"]
+        module_lines += [f"| `{m}` | {shapes[m][0]} | {shapes[m][1]} |" if m in shapes else f"| `{m}` | – | – |"
+                         for m in target_modules]
+    else:
+        module_lines = [f"- `{m}`" for m in target_modules] or ["- (unknown)"]
+    data_lines = [f"- Training data: `{training_data or 'not recorded'}`"]
+    if eval_data:
+        data_lines.append(f"- Validation data: `{eval_data}`")
+    data_lines += [f"- {k}: `{v}`" for k, v in (splits or {}).items()]  # samples per split
+    settings = {**(hyperparameters or {}), **({"loss": loss} if loss else {})}
+    settings.update({k: v for k, v in (training_args or {}).items() if k in TRAINING_ARGS_ON_CARD})
+    hyper_lines = [f"| `{k}` | `{v}` |" for k, v in settings.items()]
+    hyper_section = ("## Hyper-parameters\n\n| name | value |\n| --- | --- |\n" + "\n".join(hyper_lines)) \
+        if hyper_lines else ""
     body = f"""
 # {model_name}
 
 A [BiasEdit]({PAPER}) editor: a MALMEN-style hyper-network trained to turn the gradients of debiasing losses
 into weight deltas for `{base_model or 'unknown base model'}`. Apply it to produce a BiasEdit PEFT adapter.
 
+- Base model: `{base_model or 'not recorded'}`
+
 ## Edited modules
 
-{chr(10).join(f'- `{m}`' for m in target_modules) or '- (unknown)'}
+{chr(10).join(module_lines)}
 
 ## Training data
 
-- Data: `{training_data or 'not recorded'}`
-{chr(10).join(split_lines)}
+{chr(10).join(data_lines)}
 
-{('## Hyper-parameters' + chr(10) + chr(10) + '| name | value |' + chr(10) + '| --- | --- |' + chr(10) + chr(10).join(hyper_lines)) if hyper_lines else ''}
+{hyper_section}
 
+{_validation_section(validation)}
 {_metrics_section(rows)}
 {_command_section(command)}
 ## How to load
@@ -300,4 +376,6 @@ Then debias: `biasedit debias --model {base_for_code} --editor {repo} --out adap
 
 {notes or ''}
 """
-    return _card(_metadata(base_model, rows, model_name, ["biasedit-editor", "hypernetwork"], datasets), body)
+    hub_base = _hub_base_model(base_model)
+    tags = ["biasedit-editor", "hypernetwork", "model-editing"] + ([f"base_model:{hub_base}"] if hub_base else [])
+    return _card(_metadata(base_model, rows, model_name, tags, datasets), body)
