@@ -10,8 +10,9 @@ positions of real tokens do not depend on the batch and batched scores equal one
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -144,6 +145,22 @@ def model_device(model) -> torch.device:
         return next(model.parameters()).device
 
 
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Every module in eval mode (no dropout) within the block; each module's own flag restored after.
+
+    ``model.train(was_training)`` would not do: it sets *all* submodules to the wrapper's flag, which
+    turns dropout on inside a base model that was in eval mode under a ``PeftModel`` in train mode.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 @torch.no_grad()
 def score_sentences(
     model, tokenizer, sentences: Sequence[str], batch_size: int = 32, progress: bool = False,
@@ -151,7 +168,7 @@ def score_sentences(
 ) -> SentenceLogProbs:
     """Scores of ``sentences`` (no grad), in input order; batches are formed by token length.
 
-    The model is put in eval mode for the call and its mode restored afterwards. Outputs are on CPU.
+    Runs in :func:`eval_mode` (every module's mode restored afterwards). Outputs are on CPU.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -164,9 +181,7 @@ def score_sentences(
     device = model_device(model)
     pieces: list[SentenceLogProbs] = []
     chunks = torch.split(order, batch_size)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for chunk in _progress(chunks, progress, len(sentences)):
             width = int(encoded.attention_mask[chunk].sum(-1).max())
             batch = TokenBatch(
@@ -174,8 +189,6 @@ def score_sentences(
                 encoded.target_mask[chunk, :width],
             ).to(device)
             pieces.append(sentence_log_probs(model, batch))
-    finally:
-        model.train(was_training)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(len(order))
     joined = [torch.cat([getattr(p, field).cpu() for p in pieces])[inverse] for field in ("sum", "mean", "n_tokens", "mean_prob")]

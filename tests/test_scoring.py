@@ -155,3 +155,22 @@ def test_score_sentences_restores_training_mode():
     scores = score_sentences(model, tokenizer, SENTENCES[:2])
     assert model.training
     assert isinstance(scores, SentenceLogProbs) and not scores.sum.requires_grad
+
+
+def test_scoring_keeps_each_module_mode_under_a_peft_wrapper_in_train_mode():
+    """A PeftModel is in train mode while its base is in eval mode; scoring must not switch dropout on."""
+    from peft import get_peft_model
+
+    import biasedit_peft
+    from biasedit_peft.scoring import eval_mode
+
+    base = tiny_gpt2(64).eval()
+    model = get_peft_model(base, biasedit_peft.BiasEditConfig())
+    modes = {name: module.training for name, module in model.named_modules()}
+    assert modes[""] is True and not any(m.training for m in base.modules() if isinstance(m, torch.nn.Dropout))
+    with eval_mode(model):
+        assert not any(module.training for module in model.modules())
+    assert {name: module.training for name, module in model.named_modules()} == modes
+    tokenizer = word_tokenizer()
+    score_sentences(model, tokenizer, ["the nurse was kind"])
+    assert {name: module.training for name, module in model.named_modules()} == modes

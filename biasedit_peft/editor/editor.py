@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..scoring import eval_mode
 from .cache import EditSample, KeyValueCache, as_edit_sample, logit_positions, record_layer_io
 from .losses import LOSS_KINDS, debias_loss, pair_scores
 from .nets import EditorNet
@@ -220,7 +221,7 @@ class BiasEditor(nn.Module):
         cache = KeyValueCache()
         stereo_scores, anti_scores = [], []
         starts = range(0, len(samples), batch_size)
-        with record_layer_io(layers) as recorder:
+        with record_layer_io(layers) as recorder, eval_mode(peft_model):
             for start in tqdm(starts, desc="caching", disable=not progress, leave=False):
                 chunk = samples[start:start + batch_size]
                 batch = encode_pairs(tokenizer, chunk, start)

@@ -1,0 +1,365 @@
+"""``biasedit bench``: quality, speed, memory and size figures that anyone can rerun with one command.
+
+Sections (each a function returning a JSON-ready dict):
+
+- ``quality``: the demo's metrics (``demo.run_demo``) for the default editor and its ablations — without
+  the retention loss (``loc_coef = 0``, the paper's ablation), the ``token`` loss variant, and editing the
+  first vs the last blocks (the paper's block sweep);
+- ``speed``: seconds per meta-training step and samples per second at a given edit-batch shape;
+- ``solve``: time to compute one joint delta for 128 / 1024 samples, primal vs dual ridge solve;
+- ``forward``: forward-pass time of the base model, the model with an unmerged adapter, and merged;
+- ``memory``: peak resident memory of meta-training and of debiasing (each in a fresh process);
+- ``size``: adapter bytes, dense vs factored vs LoRA exports at a few ranks.
+
+Timings are medians over ``repeats`` runs after one warm-up, with min and max.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .demo import DemoConfig, build_model, environment, load_demo_items
+
+SECTIONS = ("speed", "solve", "forward", "memory", "size", "quality")
+
+
+@dataclass
+class BenchConfig:
+    """What to measure and how often."""
+
+    model: str = "testbed"
+    out: str = "bench"
+    sections: tuple[str, ...] = SECTIONS
+    repeats: int = 5
+    n_edits: int = 32
+    """Edit-batch shape of the speed section (samples per meta-step)."""
+    batch_size: int = 32
+    solve_sizes: tuple[int, ...] = (128, 1024)
+    lora_ranks: tuple[int, ...] = (1, 4, 16, 64)
+    quality_steps: int = 60
+    limit: int | None = None
+    """First N test / train items per bias type in the quality, size and memory sections (quick runs)."""
+    seed: int = 0
+    device: str | None = None
+    progress: bool = True
+
+
+def timed(function: Callable[[], Any], repeats: int) -> dict[str, float]:
+    """Median, min and max wall-clock seconds of ``repeats`` calls after one warm-up call."""
+    function()
+    seconds = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        function()
+        seconds.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds),
+            "repeats": len(seconds)}
+
+
+def _demo_config(config: BenchConfig, **overrides) -> DemoConfig:
+    return DemoConfig(model=config.model, device=config.device, seed=config.seed, progress=False, **overrides)
+
+
+def _fresh_editor(peft_model, config: BenchConfig):
+    from .editor import BiasEditor, preset_for_model
+    from .models import TESTBED_NAME
+
+    preset = preset_for_model(peft_model.get_base_model(), "testbed" if config.model == TESTBED_NAME else None)
+    editor = BiasEditor.for_model(peft_model, rank=preset.rank, n_blocks=preset.n_blocks, lr=preset.lr)
+    return editor.to(next(peft_model.parameters()).device), preset
+
+
+def _trainer(config: BenchConfig, out_dir: str):
+    from .editor import BiasEditTrainer, BiasEditTrainingArguments
+
+    peft_model, tokenizer, _ = build_model(_demo_config(config))
+    editor, preset = _fresh_editor(peft_model, config)
+    args = BiasEditTrainingArguments(output_dir=out_dir, n_edits=config.n_edits, batch_size=config.batch_size,
+                                     meta_lr=preset.meta_lr, loc_coef=preset.loc_coef, seed=config.seed,
+                                     progress=False)
+    train = load_demo_items("train", ("gender", "race", "religion"), None)
+    return BiasEditTrainer(peft_model, editor, args, train, None, tokenizer=tokenizer)
+
+
+def bench_speed(config: BenchConfig) -> dict:
+    """Seconds per meta-training step (cache, predict, post-edit losses, meta-backward, Adam) at ``n_edits``."""
+    with tempfile.TemporaryDirectory() as folder:
+        trainer = _trainer(config, folder)
+        batches = trainer._batches(trainer.train_data, 0)
+        cursor = iter(range(len(batches)))
+        step = timed(lambda: trainer.edit_step(batches[next(cursor) % len(batches)], train=True), config.repeats)
+    return {"n_edits": config.n_edits, "batch_size": config.batch_size, "seconds_per_step": step,
+            "samples_per_second": config.n_edits / step["median_s"]}
+
+
+def _cached(peft_model, tokenizer, editor, n_samples: int):
+    items = load_demo_items("train", ("gender", "race", "religion"), None)
+    items = (items * math.ceil(n_samples / len(items)))[:n_samples]
+    cache, _, _ = editor.cache_samples(peft_model, tokenizer, items, 32, update_normalizers=True)
+    return cache
+
+
+def bench_solve(config: BenchConfig) -> dict:
+    """One joint delta for each of ``solve_sizes`` samples: caching time, and the solve in both forms."""
+    from .editor.editor import _chunks
+    from .editor.solve import solve_ridge
+
+    peft_model, tokenizer, _ = build_model(_demo_config(config))
+    editor, _ = _fresh_editor(peft_model, config)
+    results = []
+    for n_samples in config.solve_sizes:
+        start = time.perf_counter()
+        cache = _cached(peft_model, tokenizer, editor, n_samples)
+        cache_seconds = time.perf_counter() - start
+        name = next(iter(editor.config.targets))
+        net, index = editor.net_for(name)
+        keys, grads = cache.layer(name)
+        with torch.no_grad():
+            changes = torch.cat([net.value_changes(keys[c], grads[c], index) for c in _chunks(len(keys), 4096)])
+        ridge = net.ridge(index).detach()
+        forms = {form: timed(lambda form=form: solve_ridge(keys, changes, ridge, form=form), config.repeats)
+                 for form in ("primal", "dual")}
+        dense = {form: solve_ridge(keys, changes, ridge, form=form).delta.dense() for form in forms}
+        agreement = float((dense["primal"] - dense["dual"]).abs().max() / dense["primal"].abs().max())
+        predict = timed(lambda: editor.predict(cache), config.repeats)
+        results.append({"n_samples": n_samples, "n_tokens": cache.n_tokens, "key_size": keys.shape[1],
+                        "auto_form": "dual" if cache.n_tokens < keys.shape[1] else "primal",
+                        "cache_seconds": cache_seconds, "solve_one_layer": forms,
+                        "predict_all_layers": predict, "primal_vs_dual_relative_difference": agreement})
+    return {"layer": name, "sizes": results}
+
+
+def bench_forward(config: BenchConfig) -> dict:
+    """Forward time on a fixed batch: base, unmerged adapter with a non-zero delta, merged."""
+    from peft import get_peft_model
+
+    from .models import load_model_and_tokenizer
+    from .scoring import encode_sentences
+    from .tuner import BiasEditConfig, edit_targets, set_deltas
+
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    base, tokenizer = load_model_and_tokenizer(config.model, device=device)
+    items = load_demo_items("test", ("gender", "race", "religion"), None)[:64]
+    batch = encode_sentences(tokenizer, [item.stereotype for item in items]).to(device)
+    generator = torch.Generator().manual_seed(config.seed)
+
+    def forward(model):
+        with torch.no_grad():
+            return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+
+    results = {"batch": list(batch.input_ids.shape), "base": timed(lambda: forward(base), config.repeats)}
+    peft_model = get_peft_model(base, BiasEditConfig())
+    deltas = {name: 1e-3 * torch.randn(layer.weight_shape, generator=generator)
+              for name, layer in edit_targets(peft_model).items()}
+    set_deltas(peft_model, deltas)
+    unmerged_logits = forward(peft_model)
+    results["unmerged_adapter"] = timed(lambda: forward(peft_model), config.repeats)
+    peft_model.merge_adapter()
+    results["merged"] = timed(lambda: forward(peft_model), config.repeats)
+    results["max_abs_logit_difference_merged_vs_unmerged"] = float((forward(peft_model) - unmerged_logits).abs().max())
+    base_median = results["base"]["median_s"]
+    results["overhead_unmerged_pct"] = 100 * (results["unmerged_adapter"]["median_s"] / base_median - 1)
+    results["overhead_merged_pct"] = 100 * (results["merged"]["median_s"] / base_median - 1)
+    return results
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _memory_phase(phase: str, config: BenchConfig) -> dict:
+    """Run one phase in this (fresh) process; report RSS after loading and the peak after the phase."""
+    with tempfile.TemporaryDirectory() as folder:
+        trainer = _trainer(config, folder)
+        loaded = peak_rss_mib()
+        batches = trainer._batches(trainer.train_data, 0)
+        if phase == "meta_training":
+            for batch in batches[:3]:
+                trainer.edit_step(batch, train=True)
+        elif phase == "debiasing":
+            _cached(trainer.model, trainer.tokenizer, trainer.editor, 64)  # normaliser statistics
+            items = load_demo_items("test", ("gender", "race", "religion"), config.limit)
+            trainer.editor.debias(trainer.model, items, tokenizer=trainer.tokenizer, progress=False)
+        else:
+            raise ValueError(f"Unknown memory phase {phase!r}")
+    return {"phase": phase, "rss_after_load_mib": loaded, "peak_rss_mib": peak_rss_mib()}
+
+
+def bench_memory(config: BenchConfig) -> dict:
+    """Peak RSS of three meta-training steps and of debiasing the test split, each in a fresh process."""
+    results = {}
+    for phase in ("meta_training", "debiasing"):
+        payload = json.dumps({"phase": phase, "config": asdict(config)})
+        completed = subprocess.run(
+            [sys.executable, "-c", "import json,sys; from biasedit_peft.bench import _memory_main; _memory_main(sys.argv[1])",
+             payload], capture_output=True, text=True, check=False,
+        )
+        if completed.returncode != 0:
+            raise RuntimeError(f"memory phase {phase} failed:\n{completed.stderr[-2000:]}")
+        results[phase] = json.loads(completed.stdout.strip().splitlines()[-1])
+    results["n_edits"] = config.n_edits
+    return results
+
+
+def _memory_main(payload: str) -> None:
+    data = json.loads(payload)
+    fields = data["config"]
+    config = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    print(json.dumps(_memory_phase(data["phase"], config)))
+
+
+def _file_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
+
+
+def bench_size(config: BenchConfig) -> dict:
+    """Bytes on disk of one real debias delta (test split) stored dense, factored, and as LoRA exports."""
+    from .sharing import export_lora_from_peft_model
+    from .tuner import get_deltas, set_deltas
+
+    peft_model, tokenizer, _ = build_model(_demo_config(config))
+    editor, _ = _fresh_editor(peft_model, config)
+    _cached(peft_model, tokenizer, editor, 64)  # normaliser statistics of an untrained editor
+    items = load_demo_items("test", ("gender", "race", "religion"), config.limit)
+    report = editor.debias(peft_model, items, tokenizer=tokenizer, progress=False)
+    results: dict[str, Any] = {"n_samples": report.n_samples, "n_tokens": report.n_tokens}
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        peft_model.save_pretrained(root / "as_debiased")
+        results["as_written_by_debias"] = _file_bytes(root / "as_debiased")
+        config_ = peft_model.peft_config["default"]
+        dense = get_deltas(peft_model)
+        for storage in ("dense", "factored"):
+            config_.delta_storage = storage
+            set_deltas(peft_model, dense)
+            peft_model.save_pretrained(root / storage)
+            results[storage] = _file_bytes(root / storage)
+        exports = {}
+        for rank in config.lora_ranks:
+            export = export_lora_from_peft_model(peft_model, root / f"lora{rank}", rank=rank)
+            exports[str(rank)] = {"bytes": _file_bytes(root / f"lora{rank}"),
+                                  "relative_error": export.relative_error}
+        results["lora"] = exports
+    return results
+
+
+QUALITY_VARIANTS: dict[str, dict] = {
+    "default": {},
+    "no_retention": {"loc_coef": 0.0},
+    "token_loss": {"loss": "token"},
+    "first_2_blocks": {"layers_to_transform": (0, 1)},
+    "last_2_blocks": {"layers_to_transform": None, "num_edit_layers": 2},
+}
+
+
+def bench_quality(config: BenchConfig, variants: Sequence[str] = tuple(QUALITY_VARIANTS)) -> dict:
+    """``run_demo`` per variant (no merge); keeps the headline numbers of each."""
+    from .demo import run_demo
+
+    results = {}
+    for name in variants:
+        demo = _demo_config(config, out=str(Path(config.out) / "quality" / name), max_steps=config.quality_steps,
+                            limit=config.limit, merge=False, crows=True, n_resamples=0,
+                            **QUALITY_VARIANTS[name])
+        if config.progress:
+            print(f"[bench] quality variant {name} ...", file=sys.stderr, flush=True)
+        run = run_demo(demo)
+        results[name] = {
+            "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in QUALITY_VARIANTS[name].items()},
+            "edited_layers": run["edit"]["layers"],
+            "before": summary(run["before"]), "after_joint": summary(run["after"]),
+            "per_batch": {"before": _ss_lms(run["protocols"]["per_batch"]["before"]),
+                          "after": _ss_lms(run["protocols"]["per_batch"]["after"])},
+            "held_out": {"before": _ss_lms(run["protocols"]["held_out"]["before"]),
+                         "after": _ss_lms(run["protocols"]["held_out"]["after"])},
+            "training_steps": run["training"]["steps"], "seconds": run["seconds"]["total"],
+        }
+    return results
+
+
+def _ss_lms(stereoset: dict) -> dict:
+    return {t: {"ss": e["ss"], "lms": e["lms"], "icat": e["icat"], "n": e["n"]} for t, e in stereoset.items()}
+
+
+def summary(evaluation: dict) -> dict:
+    """SS / LMS / ICAT per bias type, CrowS-Pairs overall and perplexity of an evaluate result."""
+    return {"stereoset": _ss_lms(evaluation["stereoset"]),
+            "crows_overall": evaluation.get("crows", {}).get("overall", {}).get("metric"),
+            "perplexity": evaluation["perplexity"]}
+
+
+SECTION_FUNCTIONS: dict[str, Callable[[BenchConfig], dict]] = {
+    "speed": bench_speed, "solve": bench_solve, "forward": bench_forward, "memory": bench_memory,
+    "size": bench_size, "quality": bench_quality,
+}
+
+
+def run_bench(config: BenchConfig) -> dict:
+    """Every section of ``config.sections``; writes ``OUT/bench.json`` after each (nothing lost on interruption)."""
+    unknown = [s for s in config.sections if s not in SECTION_FUNCTIONS]
+    if unknown:
+        raise ValueError(f"Unknown bench section(s) {unknown}; choose from {list(SECTIONS)}")
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"config": asdict(config), "environment": environment(), "sections": {}}
+    for section in config.sections:
+        if config.progress:
+            print(f"[bench] {section} ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        results["sections"][section] = SECTION_FUNCTIONS[section](config)
+        results["sections"][section]["section_seconds"] = round(time.perf_counter() - start, 2)
+        (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return results
+
+
+def format_bench(results: dict) -> str:
+    """A short plain-text table of a :func:`run_bench` result."""
+    sections, lines = results["sections"], []
+    if "speed" in sections:
+        s = sections["speed"]
+        step = s["seconds_per_step"]
+        lines.append(f"meta-training step ({s['n_edits']} edits): median {step['median_s']:.3f} s "
+                     f"[{step['min_s']:.3f}, {step['max_s']:.3f}], {s['samples_per_second']:.1f} samples/s")
+    for row in sections.get("solve", {}).get("sizes", []):
+        p, d = row["solve_one_layer"]["primal"]["median_s"], row["solve_one_layer"]["dual"]["median_s"]
+        lines.append(f"joint delta, {row['n_samples']} samples ({row['n_tokens']} tokens): cache {row['cache_seconds']:.2f} s, "
+                     f"solve primal {1e3 * p:.1f} ms / dual {1e3 * d:.1f} ms (auto: {row['auto_form']}), "
+                     f"predict all layers {1e3 * row['predict_all_layers']['median_s']:.1f} ms")
+    if "forward" in sections:
+        f = sections["forward"]
+        lines.append(f"forward {f['batch']}: base {1e3 * f['base']['median_s']:.1f} ms, unmerged adapter "
+                     f"{1e3 * f['unmerged_adapter']['median_s']:.1f} ms ({f['overhead_unmerged_pct']:+.1f}%), merged "
+                     f"{1e3 * f['merged']['median_s']:.1f} ms ({f['overhead_merged_pct']:+.1f}%)")
+    if "memory" in sections:
+        m = sections["memory"]
+        lines.append(f"peak RSS: meta-training {m['meta_training']['peak_rss_mib']:.0f} MiB, debiasing "
+                     f"{m['debiasing']['peak_rss_mib']:.0f} MiB (after load {m['meta_training']['rss_after_load_mib']:.0f} MiB)")
+    if "size" in sections:
+        z = sections["size"]
+        lora = ", ".join(f"r{r} {v['bytes'] / 1024:.0f} KiB (err {v['relative_error']:.2f})" for r, v in z["lora"].items())
+        lines.append(f"adapter bytes: dense {z['dense'] / 1024:.0f} KiB, factored {z['factored'] / 1024:.0f} KiB "
+                     f"({z['n_tokens']} tokens); LoRA {lora}")
+    for name, q in sections.get("quality", {}).items():
+        if name == "section_seconds":
+            continue
+        cells = []
+        for bias_type, entry in q["per_batch"]["after"].items():
+            before = q["per_batch"]["before"][bias_type]
+            held = q["held_out"]["after"][bias_type]
+            cells.append(f"{bias_type} SS {before['ss']:.1f}->{entry['ss']:.1f} LMS {before['lms']:.1f}->{entry['lms']:.1f} "
+                         f"(held-out SS {held['ss']:.1f} LMS {held['lms']:.1f})")
+        lines.append(f"quality {name}: " + "; ".join(cells))
+    return "\n".join(lines)

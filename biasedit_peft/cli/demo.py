@@ -1,0 +1,85 @@
+"""``biasedit demo``: the whole BiasEdit workflow on the bundled testbed (or any model), offline.
+
+    biasedit demo [--model testbed] [--bias-types gender,race,religion] [--out demo] [--json FILE]
+
+Trains an editor (train split, dev for early stopping), measures it under the paper's per-batch protocol
+and a held-out protocol, debiases the test split into an adapter, evaluates before and after, merges the
+adapter into a plain checkpoint and re-scores it. See :mod:`biasedit_peft.demo`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "demo",
+        help="train an editor, debias, evaluate before/after, merge (default: the bundled testbed)",
+        description="The whole BiasEdit workflow in one command, offline: meta-train an editor on StereoSet's "
+        "train split, debias the test split into a PEFT adapter, evaluate before and after (StereoSet, "
+        "CrowS-Pairs, perplexity), merge the adapter into a plain checkpoint and re-score it. Writes "
+        "OUT/results.json, OUT/before_after.png, OUT/editor, OUT/adapter and OUT/merged.",
+    )
+    parser.add_argument("--model", default="testbed", help="local folder, Hub id, or 'testbed' (default)")
+    parser.add_argument("--bias-types", default="gender,race,religion", help="comma-separated StereoSet types")
+    parser.add_argument("--out", default="demo", help="output folder (default ./demo)")
+    parser.add_argument("--json", dest="json_path", default=None, help="also write results.json here")
+    parser.add_argument("--max-steps", type=int, default=60, help="meta-training steps (default 60)")
+    parser.add_argument("--eval-every", type=int, default=20, help="validate on dev every N steps (default 20)")
+    parser.add_argument("--n-edits", type=int, default=None, help="samples per edit (default: preset)")
+    parser.add_argument("--loss", choices=("paper", "token"), default=None, help="loss variant (default paper)")
+    parser.add_argument("--loc-coef", type=float, default=None, help="retention weight (default: preset)")
+    parser.add_argument("--num-edit-layers", type=int, default=3, help="edit the last N blocks (default 3)")
+    parser.add_argument("--limit", type=int, default=None, help="first N items per bias type of each split (quick runs)")
+    parser.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples for CIs (0: none)")
+    parser.add_argument("--no-merge", action="store_true", help="skip the merged checkpoint")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="LM dtype (editor: fp32)")
+    parser.add_argument("--device", default=None, help="default: cuda if available")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace):
+    from biasedit_peft.cli.train_editor import split_list
+    from biasedit_peft.demo import DemoConfig
+
+    bias_types = split_list(args.bias_types)
+    if not bias_types:
+        raise ValueError("--bias-types is empty")
+    return DemoConfig(
+        model=args.model, out=args.out, bias_types=tuple(bias_types), num_edit_layers=args.num_edit_layers,
+        max_steps=args.max_steps, eval_every=args.eval_every, n_edits=args.n_edits, loss=args.loss,
+        loc_coef=args.loc_coef, limit=args.limit, n_resamples=args.n_resamples, seed=args.seed, dtype=args.dtype,
+        device=args.device, merge=not args.no_merge, progress=not args.quiet,
+        command="biasedit " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["demo"] else None,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import biasedit_peft  # noqa: F401  (registers BIASEDIT with peft)
+    from biasedit_peft.demo import PLOT_NAME, RESULTS_NAME, format_results, plot_before_after, run_demo
+
+    try:
+        config = config_from_args(args)
+        results = run_demo(config)
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_results(results))
+    out = Path(args.out)
+    plot = plot_before_after(results, out / PLOT_NAME)
+    print(f"\nwrote {out / RESULTS_NAME}, {out / 'editor'}, {out / 'adapter'}"
+          + (f", {out / 'merged'}" if "merged" in results else ""))
+    print(f"plot: {plot}" if plot else "plot skipped: matplotlib is not installed (pip install 'biasedit-peft[plot]')")
+    if args.json_path:
+        path = Path(args.json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text((out / RESULTS_NAME).read_text(encoding="utf-8"), encoding="utf-8")
+        print(f"wrote {path}")
+    return 0

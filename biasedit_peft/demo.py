@@ -1,0 +1,355 @@
+"""The whole BiasEdit workflow on one model, end to end: the job behind ``biasedit demo``.
+
+1. evaluate the base model (StereoSet ``test`` split, CrowS-Pairs, perplexity),
+2. meta-train an editor on the ``train`` split (``dev`` for early stopping)  -> ``OUT/editor``,
+3. measure it under the paper's per-batch protocol and a held-out protocol (``protocols.py``),
+4. debias: one joint delta from the ``test`` items, written into a BiasEdit adapter -> ``OUT/adapter``,
+5. evaluate base + adapter,
+6. merge into a plain transformers checkpoint -> ``OUT/merged``, reload it without the adapter, re-score,
+7. write ``OUT/results.json`` and a before / after bar chart ``OUT/before_after.png``.
+
+Everything is offline; with ``model="testbed"`` (the default) it runs in minutes on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .data import BIAS_TYPES, load_stereoset
+
+RESULTS_NAME = "results.json"
+PLOT_NAME = "before_after.png"
+
+
+@dataclass
+class DemoConfig:
+    """Settings of one demo run; ``None`` means "the model family's preset" (``editor/presets.py``)."""
+
+    model: str = "testbed"
+    out: str = "demo"
+    bias_types: tuple[str, ...] = BIAS_TYPES
+    targets: tuple[str, ...] | None = None
+    """Modules to edit (default: MLP output projections of the last ``num_edit_layers`` blocks)."""
+    num_edit_layers: int = 3
+    layers_to_transform: tuple[int, ...] | None = None
+    """Edit the MLP output projections of these block indices instead (e.g. ``(0, 1)``: the first blocks)."""
+    max_steps: int | None = 60
+    eval_every: int | None = 20
+    n_edits: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    meta_lr: float | None = None
+    loc_coef: float | None = None
+    rank: int | None = None
+    loss: str | None = None
+    patience: int | None = None
+    limit: int | None = None
+    """Keep only the first N items per bias type of every split (quick runs and tests)."""
+    n_resamples: int = 1000
+    seed: int = 0
+    dtype: str | None = None
+    device: str | None = None
+    merge: bool = True
+    crows: bool = True
+    progress: bool = True
+    command: str | None = None
+
+
+@dataclass
+class StageTimer:
+    """Wall-clock seconds of each named stage."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def run(self, name: str, function, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            self.seconds[name] = round(time.perf_counter() - start, 2)
+
+
+def _limited(items: list, limit: int | None) -> list:
+    if limit is None:
+        return items
+    counts: dict[str, int] = {}
+    kept = []
+    for item in items:
+        if counts.get(item.bias_type, 0) < limit:
+            counts[item.bias_type] = counts.get(item.bias_type, 0) + 1
+            kept.append(item)
+    return kept
+
+
+def load_demo_items(split: str, bias_types: Sequence[str], limit: int | None) -> list:
+    """StereoSet items of ``split`` for ``bias_types``, the first ``limit`` per type when given."""
+    return _limited(load_stereoset(split, bias_types=list(bias_types)), limit)
+
+
+def build_model(config: DemoConfig):
+    """``(peft_model, tokenizer, device)`` with a zero BiasEdit adapter on the configured targets."""
+    from peft import get_peft_model
+
+    from .models import load_model_and_tokenizer
+    from .tuner import BiasEditConfig
+
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model_and_tokenizer(config.model, dtype=config.dtype, device=device)
+    peft_config = BiasEditConfig(
+        target_modules=list(config.targets) if config.targets else None, num_edit_layers=config.num_edit_layers,
+        layers_to_transform=list(config.layers_to_transform) if config.layers_to_transform else None,
+    )
+    return get_peft_model(model, peft_config), tokenizer, device
+
+
+def train_editor(config: DemoConfig, peft_model, tokenizer, device: str, out_dir: Path):
+    """Meta-train an editor on ``train`` (``dev`` for validation); returns ``(best editor, trainer state)``."""
+    from .editor import BiasEditor, BiasEditTrainer, BiasEditTrainingArguments, preset_for_model
+    from .models import TESTBED_NAME
+
+    preset = preset_for_model(peft_model.get_base_model(), "testbed" if config.model == TESTBED_NAME else None)
+
+    def pick(value, default):
+        return default if value is None else value
+
+    editor = BiasEditor.for_model(
+        peft_model, rank=pick(config.rank, preset.rank), n_blocks=preset.n_blocks, lr=pick(config.lr, preset.lr),
+        loss=pick(config.loss, "paper"), base_model=config.model,
+    ).to(device)
+    args = BiasEditTrainingArguments(
+        output_dir=str(out_dir), n_edits=pick(config.n_edits, preset.n_edits),
+        batch_size=pick(config.batch_size, preset.batch_size), meta_lr=pick(config.meta_lr, preset.meta_lr),
+        loc_coef=pick(config.loc_coef, preset.loc_coef), epochs=preset.epochs, max_steps=config.max_steps,
+        eval_every=config.eval_every, early_stopping_patience=pick(config.patience, preset.early_stopping_patience),
+        max_grad_norm=preset.max_grad_norm, seed=config.seed, progress=config.progress,
+    )
+    train = load_demo_items("train", config.bias_types, config.limit)
+    dev = load_demo_items("dev", config.bias_types, config.limit)
+    trainer = BiasEditTrainer(peft_model, editor, args, train, dev, tokenizer=tokenizer)
+    state = trainer.train()
+    best = BiasEditor.from_pretrained(out_dir, device=device)
+    return best, state, args
+
+
+def evaluate(model, tokenizer, config: DemoConfig, name: str, adapter: str | None = None) -> dict:
+    """``evaluate_model`` on the ``test`` split with the demo's bias types (the ``biasedit evaluate`` schema)."""
+    from .evaluation import evaluate_model
+
+    benchmarks = ("stereoset", "crows") if config.crows else ("stereoset",)
+    return evaluate_model(model, tokenizer, benchmarks=benchmarks, bias_types=list(config.bias_types), split="test",
+                          progress=False, limit=config.limit, model_name=name, adapter=adapter,
+                          n_resamples=config.n_resamples, seed=config.seed)
+
+
+def numeric_leaves(tree: Any, prefix: str = "") -> dict[str, float]:
+    """Flatten the numbers of a nested dict (lists and strings skipped) to ``{"a/b/c": value}``."""
+    if isinstance(tree, dict):
+        leaves: dict[str, float] = {}
+        for key, value in tree.items():
+            leaves.update(numeric_leaves(value, f"{prefix}{key}/"))
+        return leaves
+    if isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        return {prefix.rstrip("/"): float(tree)}
+    return {}
+
+
+def max_abs_difference(first: dict, second: dict, sections: Sequence[str] = ("stereoset", "crows", "perplexity")) -> float:
+    """Largest ``|a - b|`` over the numbers the two results share in ``sections`` (inf if a key is missing)."""
+    a = numeric_leaves({k: first.get(k) for k in sections})
+    b = numeric_leaves({k: second.get(k) for k in sections})
+    if a.keys() != b.keys():
+        return math.inf
+    return max((abs(a[k] - b[k]) for k in a), default=0.0)
+
+
+def target_check(before: dict, after: dict, bias_types: Sequence[str], ss_tolerance: float = 3.0,
+                 lms_drop: float = 3.0) -> dict:
+    """Per bias type: ``|SS - 50| <= ss_tolerance`` and ``LMS drop <= lms_drop`` after debiasing?"""
+    rows = {}
+    for bias_type in bias_types:
+        if bias_type not in after or bias_type not in before:
+            continue
+        ss, drop = after[bias_type]["ss"], before[bias_type]["lms"] - after[bias_type]["lms"]
+        rows[bias_type] = {"ss": ss, "lms_drop": drop, "ss_ok": abs(ss - 50) <= ss_tolerance,
+                           "lms_ok": drop <= lms_drop}
+    rows["all_ok"] = all(r["ss_ok"] and r["lms_ok"] for r in rows.values())
+    return rows
+
+
+def debias_and_save(editor, peft_model, tokenizer, config: DemoConfig, out_dir: Path) -> dict:
+    """One joint delta from the ``test`` items written into the adapter and saved (with a model card)."""
+    items = load_demo_items("test", config.bias_types, config.limit)
+    report = editor.debias(peft_model, items, tokenizer=tokenizer, progress=config.progress)
+    peft_config = peft_model.peft_config["default"]
+    peft_config.editor_id = str(out_dir.parent / "editor")
+    peft_config.edit_data = "stereoset:test"
+    peft_config.edit_info = {"n_samples": report.n_samples, "n_tokens": report.n_tokens,
+                             "bias_types": ",".join(config.bias_types), "limit": config.limit}
+    peft_model.save_pretrained(out_dir)
+    return {"n_samples": report.n_samples, "n_tokens": report.n_tokens, "layers": report.layers}
+
+
+def write_card(peft_model, out_dir: Path, config: DemoConfig, before: dict, after: dict) -> None:
+    from .sharing import adapter_model_card
+
+    card = adapter_model_card(peft_model, base_model=config.model, metrics_before=before, metrics_after=after,
+                              command=config.command, datasets=["stereoset", "crows_pairs"])
+    (out_dir / "README.md").write_text(str(card), encoding="utf-8")
+
+
+def merge_and_rescore(config: DemoConfig, adapter_dir: Path, merged_dir: Path, after: dict) -> dict:
+    """Merge the adapter into a plain checkpoint, reload it with transformers alone, score it again."""
+    from transformers import AutoModelForCausalLM
+
+    from .models import load_tokenizer
+    from .sharing import merge_to_folder
+
+    report = merge_to_folder(config.model, [adapter_dir], merged_dir, dtype=config.dtype)
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).to(device).eval()
+    scores = evaluate(merged, load_tokenizer(str(merged_dir)), config, name=str(merged_dir))
+    return {"path": str(merged_dir), "max_abs_weight_change": max(c.max_abs_change for c in report.changes),
+            "evaluation": scores, "max_abs_metric_difference": max_abs_difference(after, scores)}
+
+
+def run_demo(config: DemoConfig) -> dict:
+    """Run the whole workflow (module docstring); returns what ``OUT/results.json`` holds."""
+    from .protocols import held_out_protocol, per_batch_protocol
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    timer = StageTimer()
+    started = time.perf_counter()
+    peft_model, tokenizer, device = build_model(config)
+    before = timer.run("evaluate_before", evaluate, peft_model, tokenizer, config, config.model)
+    editor, state, args = timer.run("train_editor", train_editor, config, peft_model, tokenizer, device, out / "editor")
+    test_items = load_demo_items("test", config.bias_types, config.limit)
+    common = dict(batch_size=args.batch_size, n_resamples=config.n_resamples, seed=config.seed, progress=config.progress)
+    per_batch = timer.run("per_batch_protocol", per_batch_protocol, editor, peft_model, tokenizer, test_items,
+                          edit_batch_size=args.n_edits, **common)
+    held_out = timer.run("held_out_protocol", held_out_protocol, editor, peft_model, tokenizer, test_items, **common)
+    adapter_dir = out / "adapter"
+    edit = timer.run("debias", debias_and_save, editor, peft_model, tokenizer, config, adapter_dir)
+    after = timer.run("evaluate_after", evaluate, peft_model, tokenizer, config, config.model, str(adapter_dir))
+    write_card(peft_model, adapter_dir, config, before, after)
+    results: dict[str, Any] = {"before": before, "after": after}
+    if config.merge:
+        results["merged"] = timer.run("merge_and_rescore", merge_and_rescore, config, adapter_dir, out / "merged", after)
+    results["protocols"] = {"per_batch": per_batch, "held_out": held_out}
+    results["targets"] = {
+        "joint_on_test": target_check(before["stereoset"], after["stereoset"], config.bias_types),
+        "per_batch": target_check(per_batch["before"], per_batch["after"], config.bias_types),
+        "held_out": target_check(held_out["before"], held_out["after"], config.bias_types),
+    }
+    results["edit"] = edit
+    results["training"] = {"steps": state.global_step, "epochs": state.epoch, "stopped_early": state.stopped_early,
+                           "best_loss": state.best_loss, "history": state.history, "arguments": asdict(args)}
+    results["config"] = asdict(config)
+    results["environment"] = environment()
+    timer.seconds["total"] = round(time.perf_counter() - started, 2)
+    results["seconds"] = timer.seconds
+    (out / RESULTS_NAME).write_text(json.dumps(results, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    return results
+
+
+def environment() -> dict:
+    import platform
+
+    import peft
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "argv": sys.argv}
+
+
+def _json_default(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+# ----- presentation ------------------------------------------------------------------------------------
+def _row(label: str, before: float | None, after: float | None) -> str:
+    def text(value):
+        return f"{value:8.2f}" if isinstance(value, (int, float)) else f"{'-':>8}"
+
+    change = after - before if isinstance(before, (int, float)) and isinstance(after, (int, float)) else None
+    return f"{label:<28} {text(before)} {text(after)} {('%+8.2f' % change) if change is not None else '':>8}"
+
+
+def format_results(results: dict) -> str:
+    """The before / after table printed by ``biasedit demo``."""
+    before, after = results["before"], results["after"]
+    lines = ["", f"{'metric (test split)':<28} {'before':>8} {'after':>8} {'change':>8}"]
+    for bias_type, entry in after["stereoset"].items():
+        for metric in ("ss", "lms", "icat"):
+            lines.append(_row(f"StereoSet {bias_type} {metric.upper()}", before["stereoset"][bias_type][metric],
+                              entry[metric]))
+    for bias_type, entry in after.get("crows", {}).items():
+        lines.append(_row(f"CrowS-Pairs {bias_type}", before["crows"][bias_type]["metric"], entry["metric"]))
+    lines.append(_row("perplexity", before["perplexity"], after["perplexity"]))
+    lines.append("  (after = one joint delta computed from the test items; SS ideal 50, LMS / ICAT ideal 100)")
+    for name, label in (("per_batch", "per-batch protocol (paper)"), ("held_out", "held-out target terms")):
+        protocol = results["protocols"][name]
+        lines += ["", f"{label}: SS / LMS before -> after"]
+        for bias_type, entry in protocol["after"].items():
+            b = protocol["before"][bias_type]
+            lines.append(f"  {bias_type:<10} SS {b['ss']:6.2f} -> {entry['ss']:6.2f}   "
+                         f"LMS {b['lms']:6.2f} -> {entry['lms']:6.2f}   (n={entry['n']})")
+    lines.append("")
+    for name, check in results["targets"].items():
+        verdicts = ", ".join(f"{t}: |SS-50| {abs(r['ss'] - 50):.1f}{'' if r['ss_ok'] else ' (>3)'}, "
+                             f"LMS drop {r['lms_drop']:.1f}{'' if r['lms_ok'] else ' (>3)'}"
+                             for t, r in check.items() if t != "all_ok")
+        lines.append(f"target |SS-50|<=3 and LMS drop<=3, {name}: {'met' if check['all_ok'] else 'NOT met'} ({verdicts})")
+    merged = results.get("merged")
+    if merged:
+        lines.append(f"merged checkpoint {merged['path']}: reloaded without the adapter, max |metric difference| "
+                     f"{merged['max_abs_metric_difference']:.2e} vs base + adapter")
+    lines.append(f"total {results['seconds']['total']:.0f} s: " +
+                 ", ".join(f"{k} {v:.0f} s" for k, v in results["seconds"].items() if k != "total"))
+    return "\n".join(lines)
+
+
+def plot_before_after(results: dict, path: str | Path) -> Path | None:
+    """A grouped bar chart of SS, LMS and ICAT per bias type before and after; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    before, after = results["before"]["stereoset"], results["after"]["stereoset"]
+    types = list(after)
+    metrics_ = ("ss", "lms", "icat")
+    figure, axes = plt.subplots(1, len(metrics_), figsize=(4 * len(metrics_), 3.6))
+    width = 0.38
+    for axis, metric in zip(axes, metrics_):
+        positions = range(len(types))
+        axis.bar([p - width / 2 for p in positions], [before[t][metric] for t in types], width, label="before")
+        axis.bar([p + width / 2 for p in positions], [after[t][metric] for t in types], width, label="after")
+        axis.set_xticks(list(positions), types, rotation=20)
+        axis.set_title({"ss": "SS (ideal 50)", "lms": "LMS (ideal 100)", "icat": "ICAT (ideal 100)"}[metric])
+        axis.set_ylim(0, 100)
+        if metric == "ss":
+            axis.axhline(50, color="grey", linestyle="--", linewidth=1)
+    axes[0].legend(loc="lower left")
+    figure.suptitle(f"BiasEdit on {results['before'].get('model')}: StereoSet test split")
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

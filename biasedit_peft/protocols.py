@@ -1,0 +1,125 @@
+"""How a trained editor's debiasing is measured on StereoSet: the paper's per-batch protocol and a held-out one.
+
+``per_batch`` (BiasEdit, Xu et al. 2025, Sec. 4): the items of each bias type are edited ``edit_batch_size``
+at a time; each batch's edit is applied (functionally), that batch is scored, and the edit is undone. The
+edit is therefore computed from the very items it is scored on.
+
+``held_out`` (not in the paper): the target terms of each bias type are split in two halves (seeded); one
+joint delta is computed from the items of the *edit* half and the items of the other half are scored with
+it. No scored item, sentence or target term was seen by the edit, so it measures generalisation.
+
+Both return StereoSet results in the schema of ``biasedit evaluate`` (``evaluation.stereoset_results``)
+for the same items before and after, and never change the model or its adapter.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data.stereoset import StereoSetItem
+from .evaluation import STEREOSET_ROLES, score_stereoset_items, stereoset_results
+from .metrics import N_RESAMPLES
+from .scoring import SentenceLogProbs
+
+
+@dataclass(frozen=True)
+class TargetSplit:
+    """Target terms of a held-out split: the edit half and the scored half, per bias type."""
+
+    edit: dict[str, list[str]]
+    scored: dict[str, list[str]]
+
+
+def _concat(pieces: Sequence[SentenceLogProbs]) -> SentenceLogProbs:
+    return SentenceLogProbs(*(torch.cat([getattr(p, f) for p in pieces]) for f in ("sum", "mean", "n_tokens", "mean_prob")))
+
+
+def _reorder(pieces: Sequence[dict[str, SentenceLogProbs]], order: torch.Tensor) -> dict[str, SentenceLogProbs]:
+    """Concatenate per-batch role scores and put them back in item order (``order[k]`` = item of row ``k``)."""
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order))
+    return {role: _concat([p[role] for p in pieces])[inverse] for role in STEREOSET_ROLES}
+
+
+def edit_batches(items: Sequence[StereoSetItem], edit_batch_size: int) -> list[list[int]]:
+    """Indices of ``items`` in edit batches: per bias type (in order of appearance), ``edit_batch_size`` each."""
+    if edit_batch_size < 1:
+        raise ValueError(f"edit_batch_size must be positive, got {edit_batch_size}")
+    by_type: dict[str, list[int]] = {}
+    for index, item in enumerate(items):
+        by_type.setdefault(item.bias_type, []).append(index)
+    return [indices[start:start + edit_batch_size] for indices in by_type.values()
+            for start in range(0, len(indices), edit_batch_size)]
+
+
+def per_batch_protocol(
+    editor, peft_model: nn.Module, tokenizer, items: Sequence[StereoSetItem], edit_batch_size: int = 32,
+    batch_size: int = 32, mode: str = "reference", adapter_name: str = "default",
+    n_resamples: int = N_RESAMPLES, seed: int = 0, progress: bool = True,
+) -> dict:
+    """The paper's protocol: edit each batch, score it, undo. Returns ``{"before", "after", ...}``."""
+    items = list(items)
+    if not items:
+        raise ValueError("per_batch_protocol needs at least one StereoSet item")
+    before = score_stereoset_items(peft_model, tokenizer, items, batch_size, progress=False)
+    batches = edit_batches(items, edit_batch_size)
+    pieces = []
+    for indices in tqdm(batches, desc="per-batch edits", disable=not progress):
+        group = [items[i] for i in indices]
+        cache, _, _ = editor.cache_samples(peft_model, tokenizer, group, batch_size)
+        solutions = editor.predict(cache)
+        with editor.edited(peft_model, solutions, adapter_name):
+            pieces.append(score_stereoset_items(peft_model, tokenizer, group, batch_size, progress=False))
+    after = _reorder(pieces, torch.tensor([i for indices in batches for i in indices]))
+    return {
+        "protocol": "per_batch", "edit_batch_size": edit_batch_size, "n_batches": len(batches), "n_items": len(items),
+        "before": stereoset_results(items, before, mode, n_resamples, seed),
+        "after": stereoset_results(items, after, mode, n_resamples, seed),
+    }
+
+
+def split_targets(items: Sequence[StereoSetItem], seed: int = 0) -> TargetSplit:
+    """Halve the target terms of each bias type at random (seeded); the edit half gets the extra one."""
+    terms: dict[str, list[str]] = {}
+    for item in items:
+        terms.setdefault(item.bias_type, [])
+        if item.target not in terms[item.bias_type]:
+            terms[item.bias_type].append(item.target)
+    edit, scored = {}, {}
+    for bias_type, targets in terms.items():
+        if len(targets) < 2:
+            raise ValueError(f"Bias type {bias_type!r} has {len(targets)} target term(s); a held-out split needs 2")
+        shuffled = sorted(targets)
+        random.Random(f"{seed}/{bias_type}").shuffle(shuffled)
+        half = (len(shuffled) + 1) // 2
+        edit[bias_type], scored[bias_type] = sorted(shuffled[:half]), sorted(shuffled[half:])
+    return TargetSplit(edit, scored)
+
+
+def held_out_protocol(
+    editor, peft_model: nn.Module, tokenizer, items: Sequence[StereoSetItem], batch_size: int = 32,
+    mode: str = "reference", adapter_name: str = "default", n_resamples: int = N_RESAMPLES, seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """One joint delta from half of the target terms, scored on the items of the other half."""
+    items = list(items)
+    split = split_targets(items, seed)
+    edit_items = [item for item in items if item.target in split.edit[item.bias_type]]
+    scored_items = [item for item in items if item.target in split.scored[item.bias_type]]
+    before = score_stereoset_items(peft_model, tokenizer, scored_items, batch_size, progress=False)
+    cache, _, _ = editor.cache_samples(peft_model, tokenizer, edit_items, batch_size, progress=progress)
+    solutions = editor.predict(cache)
+    with editor.edited(peft_model, solutions, adapter_name):
+        after = score_stereoset_items(peft_model, tokenizer, scored_items, batch_size, progress=False)
+    return {
+        "protocol": "held_out", "seed": seed, "n_edit_items": len(edit_items), "n_items": len(scored_items),
+        "n_edit_tokens": cache.n_tokens, "edit_targets": split.edit, "scored_targets": split.scored,
+        "before": stereoset_results(scored_items, before, mode, n_resamples, seed),
+        "after": stereoset_results(scored_items, after, mode, n_resamples, seed),
+    }

@@ -1,0 +1,55 @@
+"""``biasedit bench``: timing helper, and the figures of the cheap sections on the testbed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from biasedit_peft.bench import BenchConfig, bench_forward, bench_size, bench_solve, run_bench, timed
+from biasedit_peft.cli import main
+
+
+def test_timed_warms_up_once_then_times_each_repeat():
+    calls = []
+    result = timed(lambda: calls.append(1), repeats=4)
+    assert len(calls) == 5 and result["repeats"] == 4
+    assert result["min_s"] <= result["median_s"] <= result["max_s"]
+
+
+def test_forward_merged_equals_unmerged_adapter():
+    result = bench_forward(BenchConfig(repeats=1))
+    assert result["max_abs_logit_difference_merged_vs_unmerged"] < 1e-4
+    assert result["batch"][0] == 64
+
+
+def test_solve_primal_and_dual_agree_and_auto_picks_the_smaller_system():
+    result = bench_solve(BenchConfig(repeats=1, solve_sizes=(2,)))
+    (row,) = result["sizes"]
+    assert row["n_samples"] == 2 and row["n_tokens"] < row["key_size"]
+    assert row["auto_form"] == "dual"
+    assert row["primal_vs_dual_relative_difference"] < 1e-3
+
+
+def test_size_factored_is_smaller_than_dense_for_few_tokens_and_lora_exact_at_full_rank():
+    result = bench_size(BenchConfig(limit=1, lora_ranks=(1, 64)))
+    assert result["n_tokens"] < 64
+    assert result["factored"] < result["dense"]
+    assert result["as_written_by_debias"] < result["dense"]  # debias keeps the exact U^T C factors
+    assert result["lora"]["64"]["relative_error"] < 1e-5
+    assert result["lora"]["1"]["bytes"] < result["lora"]["64"]["bytes"]
+
+
+def test_unknown_section_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="Unknown bench section"):
+        run_bench(BenchConfig(out=str(tmp_path), sections=("speed", "nope")))
+
+
+def test_bench_cli_writes_json_per_section(tmp_path):
+    code = main(["bench", "--sections", "forward", "--repeats", "1", "--out", str(tmp_path / "b"),
+                 "--json", str(tmp_path / "copy.json"), "--quiet"])
+    assert code == 0
+    data = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert list(data["sections"]) == ["forward"]
+    assert data["sections"]["forward"]["base"]["repeats"] == 1
+    assert json.loads((tmp_path / "copy.json").read_text()) == data

@@ -1,0 +1,93 @@
+"""``biasedit demo``: a short seeded run on the bundled testbed, its results schema and its checks."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from biasedit_peft.cli import main
+from biasedit_peft.demo import max_abs_difference, numeric_leaves, target_check
+
+EVALUATE_KEYS = {"stereoset", "crows", "perplexity", "model", "adapter", "mode", "split"}
+
+
+def test_numeric_leaves_and_max_abs_difference_by_hand():
+    first = {"stereoset": {"gender": {"ss": 60.0, "ci": [1, 2], "n": 3}}, "perplexity": 10.0, "model": "m"}
+    second = {"stereoset": {"gender": {"ss": 58.5, "ci": [1, 2], "n": 3}}, "perplexity": 10.25, "model": "x"}
+    assert numeric_leaves(first) == {"stereoset/gender/ss": 60.0, "stereoset/gender/n": 3.0, "perplexity": 10.0}
+    assert max_abs_difference(first, second) == 1.5
+    assert max_abs_difference(first, {"stereoset": {}, "perplexity": 10.0}) == math.inf
+
+
+def test_target_check_by_hand():
+    before = {"gender": {"ss": 70.0, "lms": 80.0}, "race": {"ss": 65.0, "lms": 90.0}}
+    after = {"gender": {"ss": 52.5, "lms": 77.5}, "race": {"ss": 46.0, "lms": 89.0}}
+    check = target_check(before, after, ["gender", "race"])
+    assert check["gender"] == {"ss": 52.5, "lms_drop": 2.5, "ss_ok": True, "lms_ok": True}
+    assert check["race"]["ss_ok"] is False and check["race"]["lms_ok"] is True
+    assert check["all_ok"] is False
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    code = main(["demo", "--out", str(out / "run"), "--json", str(out / "copy.json"), "--limit", "6",
+                 "--max-steps", "2", "--eval-every", "1", "--n-resamples", "0", "--bias-types", "gender,race",
+                 "--quiet"])
+    assert code == 0
+    return out
+
+
+def test_demo_writes_every_artifact_with_the_evaluate_schema(demo_run):
+    run = demo_run / "run"
+    results = json.loads((run / "results.json").read_text())
+    assert json.loads((demo_run / "copy.json").read_text()) == results
+    for key in ("before", "after"):
+        assert set(results[key]) == EVALUATE_KEYS
+        assert set(results[key]["stereoset"]) == {"gender", "race", "overall"}
+    assert results["after"]["adapter"] == str(run / "adapter")
+    for protocol in ("per_batch", "held_out"):
+        assert set(results["protocols"][protocol]["after"]) == {"gender", "race", "overall"}
+    for path, value in numeric_leaves({k: results[k] for k in ("before", "after", "protocols")}).items():
+        assert math.isfinite(value), path
+        if path.rsplit("/", 1)[-1] in ("ss", "lms", "icat", "metric"):
+            assert 0.0 <= value <= 100.0, path
+    assert results["training"]["steps"] == 2
+    for folder, name in (("editor", "config.json"), ("editor", "editor.safetensors"), ("adapter", "adapter_config.json"),
+                         ("adapter", "README.md"), ("merged", "config.json"), ("merged", "tokenizer.json")):
+        assert (run / folder / name).is_file(), f"{folder}/{name}"
+    pytest.importorskip("matplotlib")
+    assert (run / "before_after.png").stat().st_size > 1000
+
+
+def test_demo_merged_checkpoint_scores_like_base_plus_adapter(demo_run):
+    results = json.loads((demo_run / "run" / "results.json").read_text())
+    merged = results["merged"]["evaluation"]
+    for bias_type, entry in results["after"]["stereoset"].items():
+        assert merged["stereoset"][bias_type]["ss"] == entry["ss"]
+        assert merged["stereoset"][bias_type]["lms"] == entry["lms"]
+    assert results["merged"]["max_abs_metric_difference"] < 1e-2  # perplexity in float32 differs in the last bits
+    assert results["merged"]["max_abs_weight_change"] > 0
+
+
+def test_demo_adapter_reloads_with_peft_and_reproduces_after(demo_run):
+    import biasedit_peft  # noqa: F401
+    from peft import PeftModel
+
+    from biasedit_peft.evaluation import evaluate_model
+    from biasedit_peft.models import load_model_and_tokenizer
+
+    results = json.loads((demo_run / "run" / "results.json").read_text())
+    base, tokenizer = load_model_and_tokenizer("testbed")
+    model = PeftModel.from_pretrained(base, str(demo_run / "run" / "adapter"))
+    scores = evaluate_model(model, tokenizer, benchmarks=("stereoset",), bias_types=["gender", "race"], limit=6,
+                            progress=False, n_resamples=0)
+    for bias_type, entry in results["after"]["stereoset"].items():
+        assert scores["stereoset"][bias_type]["ss"] == entry["ss"]
+
+
+def test_demo_rejects_empty_bias_types(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--bias-types", ",", "--quiet"]) == 2
+    assert "--bias-types is empty" in capsys.readouterr().err
