@@ -232,3 +232,42 @@ def test_early_stopping_and_best_checkpoint(tmp_path):
     assert state.stopped_early and state.epoch < 30
     best = min(record["eval_loss"] for record in state.history)
     assert state.best_loss == best
+
+
+def test_ctrl_c_mid_run_checkpoints_the_last_completed_step_and_resume_matches(tmp_path, monkeypatch):
+    full, full_state = _train(tmp_path / "full", max_steps=5, eval_every=2)
+    original = BiasEditTrainer.edit_step
+    calls = {"train": 0}
+
+    def interrupted(self, batch, train):
+        if train:
+            calls["train"] += 1
+            if calls["train"] == 4:  # Ctrl-C while the 4th meta-step computes
+                raise KeyboardInterrupt
+        return original(self, batch, train)
+
+    monkeypatch.setattr(BiasEditTrainer, "edit_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / "cut", max_steps=5, eval_every=2)
+    monkeypatch.setattr(BiasEditTrainer, "edit_step", original)
+    saved = json.loads((tmp_path / "cut" / "checkpoint" / "trainer_state.json").read_text())
+    assert saved["trainer"]["global_step"] == 3
+    resumed, resumed_state = _train(tmp_path / "cut", max_steps=5, eval_every=2, resume=True)
+    assert resumed_state.global_step == 5
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_deferred_interrupts_finish_the_block_then_raise():
+    import os
+    import signal
+
+    from biasedit_peft.editor.trainer import deferred_interrupts
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("after the signal")
+    assert done == ["after the signal"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

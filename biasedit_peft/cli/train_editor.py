@@ -164,6 +164,10 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the trainer has written a checkpoint of the last completed step
+        print(f"stopped; rerun the same command with --resume to continue from {args.out}/checkpoint",
+              file=sys.stderr)
+        return 130
     last = state.history[-1] if state.history else {}
     summary = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float))
     print(f"trained {state.global_step} meta-steps ({state.epoch} epochs"

@@ -10,6 +10,8 @@ One meta-step on ``n_edits`` samples:
 
 Checkpoints: ``output_dir`` always holds the best editor so far (an editor folder); ``output_dir/checkpoint``
 holds the latest resumable state (editor, optimiser, trainer state). Every file is written atomically.
+Ctrl-C writes a checkpoint of the last completed meta-step before it stops the run (the Adam update and the
+step count are applied together, with SIGINT held back), so ``resume=True`` continues exactly from there.
 """
 
 from __future__ import annotations
@@ -17,9 +19,13 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
+import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -77,6 +83,22 @@ class TrainerState:
     bad_evals: int = 0
     stopped_early: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+@contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) until the block is done, then raise it; a no-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -203,8 +225,11 @@ class BiasEditTrainer:
                 raise FloatingPointError("Non-finite meta-gradient dL/dS; lower the editor lr or meta_lr")
             self.optimizer.zero_grad(set_to_none=True)
             self.editor.meta_backward(cache, solutions, delta_grads)
-            torch.nn.utils.clip_grad_norm_(self.editor.parameters(), args.max_grad_norm)
-            self.optimizer.step()
+            with deferred_interrupts():  # the update and its count happen together or not at all
+                torch.nn.utils.clip_grad_norm_(self.editor.parameters(), args.max_grad_norm)
+                self.optimizer.step()
+                self.state.step_in_epoch += 1
+                self.state.global_step += 1
 
         pre = ss_lms(pre_stereo, pre_anti, torch.cat(pre_unrelated))
         post = ss_lms(torch.cat(post_stereo), torch.cat(post_anti), torch.cat(post_unrelated))
@@ -245,9 +270,7 @@ class BiasEditTrainer:
             while self.state.epoch < args.epochs and not self._done():
                 batches = self._batches(self.train_data, self.state.epoch)
                 while self.state.step_in_epoch < len(batches) and not self._done():
-                    metrics = self.edit_step(batches[self.state.step_in_epoch], train=True)
-                    self.state.step_in_epoch += 1
-                    self.state.global_step += 1
+                    metrics = self.edit_step(batches[self.state.step_in_epoch], train=True)  # counts the step
                     bar.update(1)
                     bar.set_postfix(debias=f"{metrics['debias']:.4f}", retain=f"{metrics['retention']:.4f}",
                                     ss=f"{metrics['ss_pre']:.0f}->{metrics['ss_post']:.0f}",
@@ -261,6 +284,12 @@ class BiasEditTrainer:
                         self._validate(metrics)
             if not self.state.history or self.state.history[-1].get("step") != self.state.global_step:
                 self.save_checkpoint()
+        except KeyboardInterrupt:
+            bar.close()
+            directory = self.save_checkpoint()
+            print(f"\nInterrupted after meta-step {self.state.global_step}: checkpoint written to {directory}; "
+                  "continue with resume=True (--resume).", file=sys.stderr)
+            raise
         finally:
             bar.close()
         return self.state
