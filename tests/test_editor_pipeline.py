@@ -271,3 +271,24 @@ def test_deferred_interrupts_finish_the_block_then_raise():
             done.append("after the signal")
     assert done == ["after the signal"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_caching_is_invariant_to_sample_order_and_lm_batch_size():
+    """Samples are length-sorted into LM batches; scores come back in input order, the delta is the same."""
+    from biasedit_peft.editor.editor import length_order
+
+    model = peft_gpt2()
+    data = samples(8)
+    editor = _editor(model, data=data)
+    order = length_order(TOKENIZER, data)
+    lengths = [max(len(TOKENIZER(s.stereotype)["input_ids"]), len(TOKENIZER(s.anti_stereotype)["input_ids"]))
+               for s in (data[i] for i in order.tolist())]
+    assert lengths == sorted(lengths, reverse=True)
+    reference, stereo, anti = editor.cache_samples(model, TOKENIZER, data, batch_size=8)
+    shuffled = [data[i] for i in (3, 0, 7, 1, 6, 2, 5, 4)]
+    cache, stereo_shuffled, anti_shuffled = editor.cache_samples(model, TOKENIZER, shuffled, batch_size=3)
+    torch.testing.assert_close(stereo_shuffled, stereo[[3, 0, 7, 1, 6, 2, 5, 4]])
+    torch.testing.assert_close(anti_shuffled, anti[[3, 0, 7, 1, 6, 2, 5, 4]])
+    for name in editor.config.targets:
+        torch.testing.assert_close(editor.predict(cache)[name].delta.dense(),
+                                   editor.predict(reference)[name].delta.dense(), rtol=1e-4, atol=1e-7)

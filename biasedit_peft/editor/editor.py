@@ -131,6 +131,23 @@ def encode_pairs(tokenizer, samples: Sequence[EditSample], first_index: int = 0)
         raise
 
 
+def length_order(tokenizer, samples: Sequence[EditSample]) -> torch.Tensor:
+    """Indices ``[P]`` of ``samples``, longest pair first (in tokens; stable), so LM batches pad little.
+
+    Also rejects a sentence that tokenizes to nothing, naming the sample and field.
+    """
+    sentences = [s.stereotype for s in samples] + [s.anti_stereotype for s in samples]
+    lengths = torch.tensor([len(ids) for ids in tokenizer(sentences, add_special_tokens=False)["input_ids"]])
+    empty = (lengths == 0).nonzero().flatten().tolist()
+    if empty:
+        row = empty[0]
+        field_name = "stereotype" if row < len(samples) else "anti_stereotype"
+        raise ValueError(f"Sample {row % len(samples)}: field {field_name!r} ({sentences[row]!r}) tokenizes to "
+                         "no scored tokens")
+    pair_lengths = torch.maximum(lengths[:len(samples)], lengths[len(samples):])
+    return torch.argsort(pair_lengths, descending=True, stable=True)
+
+
 def forward_logits(model: nn.Module, batch) -> torch.Tensor:
     device = input_device(model)
     return model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
@@ -220,10 +237,12 @@ class BiasEditor(nn.Module):
         layers = self.check_compatible(peft_model)
         cache = KeyValueCache()
         stereo_scores, anti_scores = [], []
+        order = length_order(tokenizer, samples)  # LM batches of similar lengths: little padding
+        ordered = [samples[i] for i in order.tolist()]
         starts = range(0, len(samples), batch_size)
         with record_layer_io(layers) as recorder, eval_mode(peft_model):
             for start in tqdm(starts, desc="caching", disable=not progress, leave=False):
-                chunk = samples[start:start + batch_size]
+                chunk = ordered[start:start + batch_size]
                 batch = encode_pairs(tokenizer, chunk, start)
                 with torch.enable_grad():
                     logits = forward_logits(peft_model, batch)
@@ -236,7 +255,9 @@ class BiasEditor(nn.Module):
                 stereo, anti = pair_scores(logits.detach(), on_device)
                 stereo_scores.append(stereo.mean.cpu())
                 anti_scores.append(anti.mean.cpu())
-        return cache, torch.cat(stereo_scores), torch.cat(anti_scores)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order))
+        return cache, torch.cat(stereo_scores)[inverse], torch.cat(anti_scores)[inverse]
 
     @torch.no_grad()
     def update_normalizers(self, taken: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:

@@ -49,7 +49,7 @@ PRESETS: dict[str, Preset] = {
     "mistral": _LLAMA,
     "gemma": replace(_LLAMA, loc_coef=5.0),
     # the bundled tiny GPT-2 (biasedit_peft/testbed): small batches, larger steps, short patience
-    "testbed": Preset(n_edits=32, batch_size=32, lr=1e-3, meta_lr=1e-3, loc_coef=1.0, rank=256, epochs=20,
+    "testbed": Preset(n_edits=32, batch_size=8, lr=1e-3, meta_lr=1e-3, loc_coef=1.0, rank=256, epochs=20,
                       early_stopping_patience=3),
 }
 

@@ -38,6 +38,7 @@ from .editor import (
     atomic_write_text,
     encode_pairs,
     forward_logits,
+    length_order,
     ss_lms,
 )
 from ..scoring import encode_sentences, sentence_scores, token_log_probs
@@ -177,6 +178,7 @@ class BiasEditTrainer:
 
         args, kind = self.args, self.editor.config.loss
         self.model.eval()
+        samples = [samples[i] for i in length_order(self.tokenizer, samples).tolist()]  # LM batches pad little
         cache, pre_stereo, pre_anti = self.editor.cache_samples(
             self.model, self.tokenizer, samples, args.batch_size, update_normalizers=train
         )
