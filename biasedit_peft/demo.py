@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import torch
 
 from .data import BIAS_TYPES, load_stereoset
+from .evaluation import take_per_type
 
 RESULTS_NAME = "results.json"
 PLOT_NAME = "before_after.png"
@@ -77,21 +78,9 @@ class StageTimer:
             self.seconds[name] = round(time.perf_counter() - start, 2)
 
 
-def _limited(items: list, limit: int | None) -> list:
-    if limit is None:
-        return items
-    counts: dict[str, int] = {}
-    kept = []
-    for item in items:
-        if counts.get(item.bias_type, 0) < limit:
-            counts[item.bias_type] = counts.get(item.bias_type, 0) + 1
-            kept.append(item)
-    return kept
-
-
 def load_demo_items(split: str, bias_types: Sequence[str], limit: int | None) -> list:
     """StereoSet items of ``split`` for ``bias_types``, the first ``limit`` per type when given."""
-    return _limited(load_stereoset(split, bias_types=list(bias_types)), limit)
+    return take_per_type(load_stereoset(split, bias_types=list(bias_types)), limit)
 
 
 def build_model(config: DemoConfig):

@@ -33,9 +33,10 @@ def model_name_of(model) -> str:
     return str(name) if name else type(base).__name__
 
 
-def _take_per_type(items: list, key: str, limit: int | None) -> list:
+def take_per_type(items: list, limit: int | None, key: str = "bias_type") -> list:
+    """The first ``limit`` items of each ``key`` group (all of them when ``limit`` is None), in order."""
     if limit is None:
-        return items
+        return list(items)
     seen: dict[str, int] = {}
     kept = []
     for item in items:
@@ -150,14 +151,14 @@ def evaluate_model(
     result: dict = {}
     common = dict(batch_size=batch_size, progress=progress, n_resamples=n_resamples, seed=seed)
     if "stereoset" in benchmarks:
-        items = _take_per_type(load_stereoset(split, bias_types), "bias_type", limit)
+        items = take_per_type(load_stereoset(split, bias_types), limit)
         result["stereoset"] = evaluate_stereoset(model, tokenizer, items, mode=mode, **common)
     if "crows" in benchmarks:
         crows_types = None
         if bias_types is not None:
             crows_types = [crows_bias_type(b) for b in bias_types if crows_bias_type(b) in CROWS_BIAS_TYPES]
         if crows_types is None or crows_types:
-            pairs = _take_per_type(load_crows(crows_types), "bias_type", limit)
+            pairs = take_per_type(load_crows(crows_types), limit)
             result["crows"] = evaluate_crows(model, tokenizer, pairs, **common)
         else:
             result["crows"] = {}

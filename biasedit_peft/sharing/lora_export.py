@@ -283,13 +283,13 @@ def measure_ss_survival(
     ``limit`` items per bias type; SS from :func:`~biasedit_peft.evaluation.evaluate_stereoset` in ``mode``.
     """
     from ..data import load_stereoset
-    from ..evaluation import _take_per_type, evaluate_stereoset
+    from ..evaluation import evaluate_stereoset, take_per_type
     from ..tuner import override_deltas
 
     if adapter_name not in peft_model.active_adapters:
         raise ValueError(f"Adapter {adapter_name!r} is not active (active: {peft_model.active_adapters}); "
                          "its SS would not be what the model computes.")
-    items = _take_per_type(load_stereoset(split, bias_types), "bias_type", limit)
+    items = take_per_type(load_stereoset(split, bias_types), limit)
     if not items:
         raise ValueError(f"No StereoSet items for split {split!r} and bias types {bias_types}.")
 
