@@ -292,3 +292,25 @@ def test_caching_is_invariant_to_sample_order_and_lm_batch_size():
     for name in editor.config.targets:
         torch.testing.assert_close(editor.predict(cache)[name].delta.dense(),
                                    editor.predict(reference)[name].delta.dense(), rtol=1e-4, atol=1e-7)
+
+
+def test_accelerate_device_map_model_trains_and_debiases(tmp_path):
+    """A model loaded with an accelerate ``device_map`` (here all on CPU) goes through the whole pipeline."""
+    from peft import get_peft_model
+
+    from biasedit_peft import BiasEditConfig
+    from biasedit_peft.models import load_model_and_tokenizer
+
+    base, testbed_tokenizer = load_model_and_tokenizer("testbed", device_map={"": "cpu"})
+    assert getattr(base, "hf_device_map", {"": "cpu"}) == {"": "cpu"}  # transformers 5 sets it only when split
+    model = get_peft_model(base, BiasEditConfig(num_edit_layers=1))
+    editor = BiasEditor.for_model(model, rank=8, lr=1e-2)
+    data = [("The nurse was caring.", "The nurse was rude.", "The nurse was purple."),
+            ("The boy was strong.", "The boy was weak.", "The boy was cloud.")] * 2
+    args = BiasEditTrainingArguments(output_dir=str(tmp_path), n_edits=2, batch_size=1, meta_lr=1e-2, max_steps=2,
+                                     progress=False)
+    state = BiasEditTrainer(model, editor, args, data, None, tokenizer=testbed_tokenizer).train()
+    assert state.global_step == 2
+    editor.debias(model, data, tokenizer=testbed_tokenizer, progress=False)
+    (name,) = edit_targets(model)
+    assert get_deltas(model)[name].abs().sum() > 0
