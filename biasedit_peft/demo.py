@@ -111,7 +111,7 @@ def train_editor(config: DemoConfig, peft_model, tokenizer, device: str, out_dir
 
     editor = BiasEditor.for_model(
         peft_model, rank=pick(config.rank, preset.rank), n_blocks=preset.n_blocks, lr=pick(config.lr, preset.lr),
-        loss=pick(config.loss, "paper"), base_model=config.model,
+        loss=pick(config.loss, "token"), base_model=config.model,
     ).to(device)
     args = BiasEditTrainingArguments(
         output_dir=str(out_dir), n_edits=pick(config.n_edits, preset.n_edits),

@@ -36,10 +36,13 @@ def _base_weights(model) -> dict[str, torch.Tensor]:
 
 
 def test_cache_holds_layer_inputs_and_output_gradients_at_logit_positions():
+    from biasedit_peft.editor.editor import length_order
+
     model = peft_gpt2()
-    editor = BiasEditor.for_model(model, rank=8)
+    editor = BiasEditor.for_model(model, rank=8, loss="paper")
     data = samples(4)
     cache, _, _ = editor.cache_samples(model, TOKENIZER, data, batch_size=3)  # two LM batches: 3 + 1 pairs
+    data = [data[i] for i in length_order(TOKENIZER, data).tolist()]  # the LM batches hold length-sorted pairs
     assert all(p.grad is None for p in model.parameters())  # caching leaves .grad untouched
 
     name = "transformer.h.2.mlp.c_proj"

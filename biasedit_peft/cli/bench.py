@@ -27,7 +27,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--json", dest="json_path", default=None, help="also write bench.json here")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats after one warm-up (default 5)")
     parser.add_argument("--n-edits", type=int, default=32, help="samples per meta-step in the speed section")
-    parser.add_argument("--batch-size", type=int, default=32, help="sentence pairs per LM forward pass")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="sentence pairs per LM forward pass (default: the preset's)")
     parser.add_argument("--solve-sizes", default="128,1024", help="samples per joint delta (solve section)")
     parser.add_argument("--lora-ranks", default="1,4,16,64", help="LoRA export ranks (size section)")
     parser.add_argument("--quality-steps", type=int, default=60, help="meta-training steps per quality variant")

@@ -32,7 +32,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=int, default=60, help="meta-training steps (default 60)")
     parser.add_argument("--eval-every", type=int, default=20, help="validate on dev every N steps (default 20)")
     parser.add_argument("--n-edits", type=int, default=None, help="samples per edit (default: preset)")
-    parser.add_argument("--loss", choices=("paper", "token"), default=None, help="loss variant (default paper)")
+    parser.add_argument("--loss", choices=("token", "paper"), default=None, help="loss variant (default token)")
     parser.add_argument("--loc-coef", type=float, default=None, help="retention weight (default: preset)")
     parser.add_argument("--num-edit-layers", type=int, default=3, help="edit the last N blocks (default 3)")
     parser.add_argument("--limit", type=int, default=None, help="first N items per bias type of each split (quick runs)")

@@ -45,7 +45,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--loc-coef", type=float, default=None, help="weight of the retention loss")
     parser.add_argument("--rank", type=int, default=None)
     parser.add_argument("--n-blocks", type=int, default=None)
-    parser.add_argument("--loss", choices=("paper", "token"), default="paper", help="loss variant (docs/method.md)")
+    parser.add_argument("--loss", choices=("token", "paper"), default="token",
+                        help="loss variant: token (default) or paper (the BiasEdit code's); docs/method.md")
     parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="LM dtype (editor: fp32)")

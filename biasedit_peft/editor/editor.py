@@ -44,8 +44,9 @@ class BiasEditorConfig:
     n_blocks: int = 2
     lr: float = 1e-6
     """Initial per-module step size ``lr[m]``."""
-    loss: str = "paper"
-    """Debias / retention loss variant: ``"paper"`` or ``"token"`` (see ``losses.py``)."""
+    loss: str = "token"
+    """Debias / retention loss variant: ``"token"`` (default, better on the testbed) or ``"paper"``
+    (the BiasEdit code's semantics); see ``losses.py`` and docs/method.md."""
     chunk_size: int = 4096
     """Token rows the hyper-network processes at once (independent of the LM batch size)."""
     base_model: str | None = None
