@@ -73,24 +73,25 @@ def _demo_config(config: BenchConfig, **overrides) -> DemoConfig:
     return DemoConfig(model=config.model, device=config.device, seed=config.seed, progress=False, **overrides)
 
 
-def _fresh_editor(peft_model, config: BenchConfig):
-    from .editor import BiasEditor, preset_for_model
+def _preset(peft_model, config: BenchConfig):
+    from .editor import preset_for_model
     from .models import TESTBED_NAME
 
-    preset = preset_for_model(peft_model.get_base_model(), "testbed" if config.model == TESTBED_NAME else None)
-    editor = BiasEditor.for_model(peft_model, rank=preset.rank, n_blocks=preset.n_blocks, lr=preset.lr)
-    return editor.to(next(peft_model.parameters()).device), preset
+    return preset_for_model(peft_model.get_base_model(), "testbed" if config.model == TESTBED_NAME else None)
+
+
+def _fresh_editor(peft_model, config: BenchConfig, output_dir: str = "unused", **training):
+    """An untrained editor of the preset and its training arguments (``n_edits`` / LM batch from ``config``)."""
+    return _preset(peft_model, config).editor_and_arguments(
+        peft_model, output_dir, n_edits=config.n_edits, batch_size=config.batch_size, seed=config.seed,
+        progress=False, **training)
 
 
 def _trainer(config: BenchConfig, out_dir: str):
-    from .editor import BiasEditTrainer, BiasEditTrainingArguments
+    from .editor import BiasEditTrainer
 
     peft_model, tokenizer, _ = build_model(_demo_config(config))
-    editor, preset = _fresh_editor(peft_model, config)
-    batch_size = config.batch_size or preset.batch_size
-    args = BiasEditTrainingArguments(output_dir=out_dir, n_edits=config.n_edits, batch_size=batch_size,
-                                     meta_lr=preset.meta_lr, loc_coef=preset.loc_coef, seed=config.seed,
-                                     progress=False)
+    editor, args = _fresh_editor(peft_model, config, out_dir)
     train = load_demo_items("train", ("gender", "race", "religion"), None)
     return BiasEditTrainer(peft_model, editor, args, train, None, tokenizer=tokenizer)
 

@@ -101,24 +101,15 @@ def build_model(config: DemoConfig):
 
 def train_editor(config: DemoConfig, peft_model, tokenizer, device: str, out_dir: Path):
     """Meta-train an editor on ``train`` (``dev`` for validation); returns ``(best editor, trainer state)``."""
-    from .editor import BiasEditor, BiasEditTrainer, BiasEditTrainingArguments, preset_for_model
+    from .editor import BiasEditor, BiasEditTrainer, preset_for_model
     from .models import TESTBED_NAME
 
     preset = preset_for_model(peft_model.get_base_model(), "testbed" if config.model == TESTBED_NAME else None)
-
-    def pick(value, default):
-        return default if value is None else value
-
-    editor = BiasEditor.for_model(
-        peft_model, rank=pick(config.rank, preset.rank), n_blocks=preset.n_blocks, lr=pick(config.lr, preset.lr),
-        loss=pick(config.loss, "token"), base_model=config.model,
-    ).to(device)
-    args = BiasEditTrainingArguments(
-        output_dir=str(out_dir), n_edits=pick(config.n_edits, preset.n_edits),
-        batch_size=pick(config.batch_size, preset.batch_size), meta_lr=pick(config.meta_lr, preset.meta_lr),
-        loc_coef=pick(config.loc_coef, preset.loc_coef), epochs=preset.epochs, max_steps=config.max_steps,
-        eval_every=config.eval_every, early_stopping_patience=pick(config.patience, preset.early_stopping_patience),
-        max_grad_norm=preset.max_grad_norm, seed=config.seed, progress=config.progress,
+    editor, args = preset.editor_and_arguments(
+        peft_model, str(out_dir), loss=config.loss or "token", base_model=config.model, rank=config.rank,
+        lr=config.lr, n_edits=config.n_edits, batch_size=config.batch_size, meta_lr=config.meta_lr,
+        loc_coef=config.loc_coef, patience=config.patience, max_steps=config.max_steps,
+        eval_every=config.eval_every, seed=config.seed, progress=config.progress,
     )
     train = load_demo_items("train", config.bias_types, config.limit)
     dev = load_demo_items("dev", config.bias_types, config.limit)

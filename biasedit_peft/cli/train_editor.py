@@ -131,7 +131,7 @@ def build_peft_model(model, targets: list[str] | None, num_edit_layers: int):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from biasedit_peft.editor import BiasEditor, BiasEditTrainer, BiasEditTrainingArguments, preset_for_model
+    from biasedit_peft.editor import BiasEditor, BiasEditTrainer, preset_for_model
     from biasedit_peft.models import TESTBED_NAME, load_model_and_tokenizer
 
     try:
@@ -143,23 +143,15 @@ def run(args: argparse.Namespace) -> int:
         preset = preset_for_model(model, args.preset or ("testbed" if args.model == TESTBED_NAME else None))
         peft_model = build_peft_model(model, split_list(args.targets), args.num_edit_layers)
 
-        def pick(value, default):
-            return default if value is None else value
-
-        editor = BiasEditor.for_model(
-            peft_model, rank=pick(args.rank, preset.rank), n_blocks=pick(args.n_blocks, preset.n_blocks),
-            lr=pick(args.lr, preset.lr), loss=args.loss, base_model=args.model,
-        ).to(args.editor_device or device)
+        editor, training = preset.editor_and_arguments(
+            peft_model, args.out, loss=args.loss, base_model=args.model, rank=args.rank, n_blocks=args.n_blocks,
+            lr=args.lr, n_edits=args.n_edits, batch_size=args.batch_size, meta_lr=args.meta_lr,
+            loc_coef=args.loc_coef, epochs=args.epochs, patience=args.patience, max_steps=args.max_steps,
+            eval_every=args.eval_every, seed=args.seed, resume=args.resume, progress=not args.quiet,
+        )
+        editor.to(args.editor_device or device)
         editor.provenance.update(training_data=data_description(args.train_data, bias_types, args.limit),
                                  eval_data=None if eval_data is None else args.eval_data, command=command_line(args))
-        training = BiasEditTrainingArguments(
-            output_dir=args.out, n_edits=pick(args.n_edits, preset.n_edits),
-            batch_size=pick(args.batch_size, preset.batch_size), meta_lr=pick(args.meta_lr, preset.meta_lr),
-            loc_coef=pick(args.loc_coef, preset.loc_coef), epochs=pick(args.epochs, preset.epochs),
-            max_steps=args.max_steps, eval_every=args.eval_every,
-            early_stopping_patience=pick(args.patience, preset.early_stopping_patience),
-            max_grad_norm=preset.max_grad_norm, seed=args.seed, resume=args.resume, progress=not args.quiet,
-        )
         trainer = BiasEditTrainer(peft_model, editor, training, train_data, eval_data, tokenizer=tokenizer)
         state = trainer.train()
     except (ValueError, FileNotFoundError, FloatingPointError) as error:

@@ -10,6 +10,7 @@ The family comes from ``config.model_type`` (never from class-name substrings).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 from torch import nn
 
@@ -36,6 +37,33 @@ class Preset:
 
     def editor_kwargs(self) -> dict:
         return {"rank": self.rank, "n_blocks": self.n_blocks, "lr": self.lr}
+
+    def editor_and_arguments(self, peft_model: nn.Module, output_dir: str, *, loss: str = "token",
+                             base_model: str | None = None, rank: int | None = None, n_blocks: int | None = None,
+                             lr: float | None = None, n_edits: int | None = None, batch_size: int | None = None,
+                             meta_lr: float | None = None, loc_coef: float | None = None, epochs: int | None = None,
+                             patience: int | None = None, **training: Any):
+        """A fresh editor for ``peft_model`` (on its device) and its ``BiasEditTrainingArguments``.
+
+        Every hyper-parameter left ``None`` takes this preset's value; ``training`` passes the other
+        arguments (``max_steps``, ``eval_every``, ``seed``, ``resume``, ``progress``, ...) through.
+        """
+        from .editor import BiasEditor
+        from .trainer import BiasEditTrainingArguments
+
+        def pick(value, default):
+            return default if value is None else value
+
+        editor = BiasEditor.for_model(peft_model, rank=pick(rank, self.rank), n_blocks=pick(n_blocks, self.n_blocks),
+                                      lr=pick(lr, self.lr), loss=loss, base_model=base_model)
+        editor.to(next(peft_model.parameters()).device)
+        arguments = BiasEditTrainingArguments(
+            output_dir=str(output_dir), n_edits=pick(n_edits, self.n_edits), batch_size=pick(batch_size, self.batch_size),
+            meta_lr=pick(meta_lr, self.meta_lr), loc_coef=pick(loc_coef, self.loc_coef),
+            epochs=pick(epochs, self.epochs), early_stopping_patience=pick(patience, self.early_stopping_patience),
+            max_grad_norm=self.max_grad_norm, **training,
+        )
+        return editor, arguments
 
     def to_dict(self) -> dict:
         return asdict(self)
