@@ -56,7 +56,7 @@ def test_cache_holds_layer_inputs_and_output_gradients_at_logit_positions():
         logits = forward_logits(model, batch)
         layer_input, layer_output = outputs[0]
         layer_output.retain_grad()
-        (debias_loss("paper", logits, batch).sum() / len(data)).backward()
+        debias_loss("paper", logits, batch).sum().backward()  # per-pair losses, summed
         positions = torch.zeros_like(batch.target_mask)
         positions[:, :-1] = batch.target_mask[:, 1:]  # logit t-1 scores token t
         keys.append(layer_input[positions].detach())
@@ -317,3 +317,19 @@ def test_accelerate_device_map_model_trains_and_debiases(tmp_path):
     editor.debias(model, data, tokenizer=testbed_tokenizer, progress=False)
     (name,) = edit_targets(model)
     assert get_deltas(model)[name].abs().sum() > 0
+
+
+def test_value_gradients_do_not_shrink_with_the_number_of_samples_edited_together():
+    """Each token's cached gradient is that of its own pair's loss: editing a sample alone or among copies of
+    itself gives the same rows (a mean over samples would halve them for two copies)."""
+    model = peft_gpt2()
+    editor = BiasEditor.for_model(model, rank=8)
+    one = samples(1)
+    single, _, _ = editor.cache_samples(model, TOKENIZER, one)
+    double, _, _ = editor.cache_samples(model, TOKENIZER, one * 2)
+    name = "transformer.h.2.mlp.c_proj"
+    _, grads_single = single.layer(name)
+    _, grads_double = double.layer(name)
+    assert double.n_tokens == 2 * single.n_tokens
+    torch.testing.assert_close(grads_double.abs().max(), grads_single.abs().max())
+    torch.testing.assert_close(grads_double.pow(2).sum(), 2 * grads_single.pow(2).sum())

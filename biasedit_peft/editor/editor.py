@@ -231,7 +231,11 @@ class BiasEditor(nn.Module):
         update_normalizers: bool = False,
         progress: bool = False,
     ) -> tuple[KeyValueCache, torch.Tensor, torch.Tensor]:
-        """Keys and value gradients of the debias loss (mean over all ``samples``) at every target.
+        """Keys and value gradients of the debias loss at every target.
+
+        The loss is the *sum* of the per-pair losses, so each token's value gradient is that of its own pair's
+        loss: it depends neither on the LM batch size nor on how many samples are edited together (an editor
+        trained on edits of 32 samples sees gradients of the same scale in a joint edit of 10,000).
 
         Returns the cache and the pre-edit mean token log-probs of stereotypes and anti-stereotypes ``[P]``.
         """
@@ -248,7 +252,7 @@ class BiasEditor(nn.Module):
                 with torch.enable_grad():
                     logits = forward_logits(peft_model, batch)
                     on_device = batch.to(logits.device)
-                    loss = debias_loss(self.config.loss, logits, on_device).sum() / len(samples)
+                    loss = debias_loss(self.config.loss, logits, on_device).sum()  # per-pair losses
                     taken = recorder.take(loss, logit_positions(batch.target_mask), self.device)
                 cache.update(taken)
                 if update_normalizers:
