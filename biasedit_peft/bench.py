@@ -49,7 +49,8 @@ class BenchConfig:
     """Sentence pairs per LM forward pass (default: the model family's preset)."""
     solve_sizes: tuple[int, ...] = (128, 1024)
     lora_ranks: tuple[int, ...] = (1, 4, 16, 64)
-    quality_steps: int = 60
+    quality_steps: int = 150
+    quality_eval_every: int = 25
     limit: int | None = None
     """First N test / train items per bias type in the quality, size and memory sections (quick runs)."""
     seed: int = 0
@@ -275,6 +276,7 @@ def bench_quality(config: BenchConfig, variants: Sequence[str] = tuple(QUALITY_V
     results = {}
     for name in variants:
         demo = _demo_config(config, out=str(Path(config.out) / "quality" / name), max_steps=config.quality_steps,
+                            eval_every=config.quality_eval_every,
                             limit=config.limit, merge=False, crows=True, n_resamples=0,
                             **QUALITY_VARIANTS[name])
         if config.progress:

@@ -42,8 +42,8 @@ class DemoConfig:
     num_edit_layers: int = 3
     layers_to_transform: tuple[int, ...] | None = None
     """Edit the MLP output projections of these block indices instead (e.g. ``(0, 1)``: the first blocks)."""
-    max_steps: int | None = 60
-    eval_every: int | None = 20
+    max_steps: int | None = 150
+    eval_every: int | None = 25
     n_edits: int | None = None
     batch_size: int | None = None
     lr: float | None = None

@@ -31,7 +31,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="sentence pairs per LM forward pass (default: the preset's)")
     parser.add_argument("--solve-sizes", default="128,1024", help="samples per joint delta (solve section)")
     parser.add_argument("--lora-ranks", default="1,4,16,64", help="LoRA export ranks (size section)")
-    parser.add_argument("--quality-steps", type=int, default=60, help="meta-training steps per quality variant")
+    parser.add_argument("--quality-steps", type=int, default=150, help="meta-training steps per quality variant")
     parser.add_argument("--limit", type=int, default=None,
                         help="first N items per bias type in the quality, size and memory sections (quick runs)")
     parser.add_argument("--seed", type=int, default=0)
