@@ -48,6 +48,8 @@ class BenchConfig:
     batch_size: int | None = None
     """Sentence pairs per LM forward pass (default: the model family's preset)."""
     solve_sizes: tuple[int, ...] = (128, 1024)
+    max_system: int = 8192
+    """Skip timing a ridge system larger than this (the dual of 1024 samples is ~25k x 25k)."""
     lora_ranks: tuple[int, ...] = (1, 4, 16, 64)
     quality_steps: int = 150
     quality_eval_every: int = 25
@@ -133,10 +135,17 @@ def bench_solve(config: BenchConfig) -> dict:
         with torch.no_grad():
             changes = torch.cat([net.value_changes(keys[c], grads[c], index) for c in _chunks(len(keys), 4096)])
         ridge = net.ridge(index).detach()
-        forms = {form: timed(lambda form=form: solve_ridge(keys, changes, ridge, form=form), config.repeats)
-                 for form in ("primal", "dual")}
-        dense = {form: solve_ridge(keys, changes, ridge, form=form).delta.dense() for form in forms}
-        agreement = float((dense["primal"] - dense["dual"]).abs().max() / dense["primal"].abs().max())
+        sizes = {"primal": keys.shape[1], "dual": keys.shape[0]}
+        forms: dict[str, Any] = {}
+        for form, size in sizes.items():
+            if size > config.max_system:
+                forms[form] = {"skipped": f"{size} x {size} system (over --max-system {config.max_system})"}
+            else:
+                forms[form] = timed(lambda form=form: solve_ridge(keys, changes, ridge, form=form), config.repeats)
+        agreement = None
+        if all("median_s" in result for result in forms.values()):
+            dense = {form: solve_ridge(keys, changes, ridge, form=form).delta.dense() for form in forms}
+            agreement = float((dense["primal"] - dense["dual"]).abs().max() / dense["primal"].abs().max())
         predict = timed(lambda: editor.predict(cache), config.repeats)
         results.append({"n_samples": n_samples, "n_tokens": cache.n_tokens, "key_size": keys.shape[1],
                         "auto_form": "dual" if cache.n_tokens < keys.shape[1] else "primal",
@@ -339,9 +348,10 @@ def format_bench(results: dict) -> str:
         lines.append(f"meta-training step ({s['n_edits']} edits): median {step['median_s']:.3f} s "
                      f"[{step['min_s']:.3f}, {step['max_s']:.3f}], {s['samples_per_second']:.1f} samples/s")
     for row in sections.get("solve", {}).get("sizes", []):
-        p, d = row["solve_one_layer"]["primal"]["median_s"], row["solve_one_layer"]["dual"]["median_s"]
+        solved = {form: (f"{1e3 * r['median_s']:.1f} ms" if "median_s" in r else "skipped")
+                  for form, r in row["solve_one_layer"].items()}
         lines.append(f"joint delta, {row['n_samples']} samples ({row['n_tokens']} tokens): cache {row['cache_seconds']:.2f} s, "
-                     f"solve primal {1e3 * p:.1f} ms / dual {1e3 * d:.1f} ms (auto: {row['auto_form']}), "
+                     f"solve primal {solved['primal']} / dual {solved['dual']} (auto: {row['auto_form']}), "
                      f"predict all layers {1e3 * row['predict_all_layers']['median_s']:.1f} ms")
     if "forward" in sections:
         f = sections["forward"]

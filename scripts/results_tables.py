@@ -74,9 +74,10 @@ def bench_tables(results: dict) -> list[str]:
         lines += ["| joint delta | tokens | caching s | primal solve ms | dual solve ms | auto | hyper-network + solve, all layers ms |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for row in sections["solve"]["sizes"]:
-            forms = row["solve_one_layer"]
+            forms = {form: (f"{1e3 * r['median_s']:.1f}" if "median_s" in r else r["skipped"])
+                     for form, r in row["solve_one_layer"].items()}
             lines.append(f"| {row['n_samples']} samples | {row['n_tokens']} | {row['cache_seconds']:.2f} | "
-                         f"{1e3 * forms['primal']['median_s']:.1f} | {1e3 * forms['dual']['median_s']:.1f} | {row['auto_form']} | "
+                         f"{forms['primal']} | {forms['dual']} | {row['auto_form']} | "
                          f"{1e3 * row['predict_all_layers']['median_s']:.1f} |")
         lines.append("")
     if "forward" in sections:

@@ -53,3 +53,10 @@ def test_bench_cli_writes_json_per_section(tmp_path):
     assert list(data["sections"]) == ["forward"]
     assert data["sections"]["forward"]["base"]["repeats"] == 1
     assert json.loads((tmp_path / "copy.json").read_text()) == data
+
+
+def test_solve_skips_systems_over_the_limit():
+    result = bench_solve(BenchConfig(repeats=1, solve_sizes=(2,), max_system=16))
+    (row,) = result["sizes"]
+    assert "skipped" in row["solve_one_layer"]["primal"] and "skipped" in row["solve_one_layer"]["dual"]
+    assert row["primal_vs_dual_relative_difference"] is None

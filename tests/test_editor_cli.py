@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import torch
 from peft import PeftModel
 
 import biasedit_peft  # noqa: F401  (registers BIASEDIT)

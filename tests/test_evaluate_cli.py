@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from biasedit_peft.cli import main
-from biasedit_peft.data import load_crows, load_stereoset
+from biasedit_peft.data import load_stereoset
 from biasedit_peft.evaluation import evaluate_model, format_table
 from biasedit_peft.metrics import stereoset_reference
 from biasedit_peft.scoring import score_sentences

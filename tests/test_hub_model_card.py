@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from huggingface_hub import ModelCard
 from peft import get_peft_model

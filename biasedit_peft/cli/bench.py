@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from biasedit_peft.cli._common import add_model_argument, add_runtime_arguments, split_list
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -21,7 +22,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "128 / 1024 samples, primal vs dual), forward (adapter overhead), memory (peak RSS), size (dense vs "
         "factored vs LoRA). Writes OUT/bench.json after every section.",
     )
-    parser.add_argument("--model", default="testbed", help="local folder, Hub id, or 'testbed' (default)")
+    add_model_argument(parser, default="testbed")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated of {','.join(SECTIONS)}")
     parser.add_argument("--out", default="bench", help="output folder (default ./bench)")
     parser.add_argument("--json", dest="json_path", default=None, help="also write bench.json here")
@@ -30,13 +31,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="sentence pairs per LM forward pass (default: the preset's)")
     parser.add_argument("--solve-sizes", default="128,1024", help="samples per joint delta (solve section)")
+    parser.add_argument("--max-system", type=int, default=8192,
+                        help="skip timing ridge systems larger than N x N (default 8192)")
     parser.add_argument("--lora-ranks", default="1,4,16,64", help="LoRA export ranks (size section)")
     parser.add_argument("--quality-steps", type=int, default=150, help="meta-training steps per quality variant")
     parser.add_argument("--limit", type=int, default=None,
                         help="first N items per bias type in the quality, size and memory sections (quick runs)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--quiet", action="store_true")
+    add_runtime_arguments(parser, dtype=False)
     return parser
 
 
@@ -53,13 +55,12 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 def run(args: argparse.Namespace) -> int:
     import biasedit_peft  # noqa: F401
     from biasedit_peft.bench import BenchConfig, format_bench, run_bench
-    from biasedit_peft.cli.train_editor import split_list
 
     try:
         config = BenchConfig(
             model=args.model, out=args.out, sections=tuple(split_list(args.sections) or ()), repeats=args.repeats,
             n_edits=args.n_edits, batch_size=args.batch_size, solve_sizes=_ints(args.solve_sizes, "--solve-sizes"),
-            lora_ranks=_ints(args.lora_ranks, "--lora-ranks"), quality_steps=args.quality_steps,
+            max_system=args.max_system, lora_ranks=_ints(args.lora_ranks, "--lora-ranks"), quality_steps=args.quality_steps,
             limit=args.limit, seed=args.seed, device=args.device, progress=not args.quiet,
         )
         results = run_bench(config)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from biasedit_peft.cli._common import add_model_argument, add_runtime_arguments, default_device, split_list
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -18,7 +19,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Cache the debias gradients of the given samples, let the editor turn them into one "
         "joint weight delta per edited layer, and save the deltas as a PEFT adapter folder.",
     )
-    parser.add_argument("--model", required=True, help="local folder, Hub id, or 'testbed'")
+    add_model_argument(parser)
     parser.add_argument("--editor", required=True, help="editor folder or Hub id (from train-editor)")
     parser.add_argument("--out", required=True, help="adapter folder to write")
     parser.add_argument("--data", default="stereoset:train",
@@ -28,25 +29,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=None, help="use only the first N samples")
     parser.add_argument("--batch-size", type=int, default=16, help="sentence pairs per LM forward pass")
     parser.add_argument("--adapter-name", default="default")
-    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="LM dtype (editor: fp32)")
-    parser.add_argument("--device", default=None, help="LM device (default: cuda if available)")
+    add_runtime_arguments(parser)
     parser.add_argument("--editor-device", default=None, help="editor device (default: the LM device)")
     parser.add_argument("--push-to-hub", default=None, metavar="REPO",
                         help="also upload the adapter folder, with its model card, to this Hub repo")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from biasedit_peft.cli.train_editor import build_peft_model, load_edit_samples, split_list
+    from biasedit_peft.cli.train_editor import build_peft_model, load_edit_samples
     from biasedit_peft.editor import BiasEditor
     from biasedit_peft.models import load_model_and_tokenizer
 
     try:
         samples = load_edit_samples(args.data, split_list(args.bias_types), args.limit)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = default_device(args.device)
         editor = BiasEditor.from_pretrained(args.editor, device=args.editor_device or device)
         model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
         peft_model = build_peft_model(model, list(editor.config.targets), num_edit_layers=len(editor.config.targets))

@@ -10,10 +10,10 @@ adapter into a plain checkpoint and re-scores it. See :mod:`biasedit_peft.demo`.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
+from biasedit_peft.cli._common import add_model_argument, add_runtime_arguments, split_list
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -25,7 +25,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "CrowS-Pairs, perplexity), merge the adapter into a plain checkpoint and re-score it. Writes "
         "OUT/results.json, OUT/before_after.png, OUT/editor, OUT/adapter and OUT/merged.",
     )
-    parser.add_argument("--model", default="testbed", help="local folder, Hub id, or 'testbed' (default)")
+    add_model_argument(parser, default="testbed")
     parser.add_argument("--bias-types", default="gender,race,religion", help="comma-separated StereoSet types")
     parser.add_argument("--out", default="demo", help="output folder (default ./demo)")
     parser.add_argument("--json", dest="json_path", default=None, help="also write results.json here")
@@ -39,14 +39,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples for CIs (0: none)")
     parser.add_argument("--no-merge", action="store_true", help="skip the merged checkpoint")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="LM dtype (editor: fp32)")
-    parser.add_argument("--device", default=None, help="default: cuda if available")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_runtime_arguments(parser)
     return parser
 
 
 def config_from_args(args: argparse.Namespace):
-    from biasedit_peft.cli.train_editor import split_list
     from biasedit_peft.demo import DemoConfig
 
     bias_types = split_list(args.bias_types)

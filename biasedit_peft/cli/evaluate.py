@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from biasedit_peft.cli._common import add_model_argument, add_runtime_arguments, default_device
 
 BENCHMARK_CHOICES = {"stereoset": ("stereoset",), "crows": ("crows",), "all": ("stereoset", "crows")}
 
@@ -24,7 +25,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "of a causal LM, optionally with a (BiasEdit or other PEFT) adapter. Offline: the "
         "benchmarks ship with the package. Metric definitions: docs/metrics.md.",
     )
-    parser.add_argument("--model", required=True, help="local folder, Hub id, or 'testbed' (bundled toy model)")
+    add_model_argument(parser)
     parser.add_argument("--adapter", default=None, help="PEFT adapter folder or Hub id to apply on top")
     parser.add_argument("--benchmark", choices=sorted(BENCHMARK_CHOICES), default="all")
     parser.add_argument("--bias-types", default=None,
@@ -38,10 +39,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--perplexity-text", default=None, help="UTF-8 text file (default: bundled neutral text)")
     parser.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0: none)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None)
-    parser.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+    add_runtime_arguments(parser)
     parser.add_argument("--json", dest="json_path", default=None, help="also write the results here as JSON")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -55,8 +54,6 @@ def _bias_types(text: str | None) -> list[str] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     import biasedit_peft  # noqa: F401  (registers BIASEDIT with peft before loading an adapter)
     from biasedit_peft.evaluation import evaluate_model, format_table
     from biasedit_peft.models import load_model_and_tokenizer
@@ -67,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
     if args.adapter:
         from peft import PeftModel

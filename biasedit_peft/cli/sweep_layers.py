@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from .trace import add_tracing_arguments
+from biasedit_peft.cli._common import add_model_argument, add_runtime_arguments, default_device, split_list
 
 SWEEP_JSON = "sweep.json"
 
@@ -27,7 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "blocks, last blocks, or every window), edit held-out StereoSet items group by group and report SS and LMS; "
         "recommend the set with SS closest to 50 at the smallest LMS drop, and say what bias tracing suggests.",
     )
-    parser.add_argument("--model", required=True, help="local folder, Hub id, or 'testbed' (bundled toy model)")
+    add_model_argument(parser)
     parser.add_argument("--budget", type=int, default=3, help="blocks per candidate set (default 3)")
     parser.add_argument("--all-windows", action="store_true", help="every contiguous window, not only first / last")
     parser.add_argument("--bias-type", default="gender",
@@ -50,9 +51,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="folder for sweep.json and sweep.png")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None)
-    parser.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cuda if available)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_runtime_arguments(parser)
     return parser
 
 
@@ -75,7 +74,6 @@ def _trace_document(args, items) -> dict | None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from biasedit_peft.cli.train_editor import split_list
     from biasedit_peft.data import load_stereoset
     from biasedit_peft.editor import preset_for_model
     from biasedit_peft.layer_sweep import SweepSettings, format_sweep, plot_sweep, sweep_layers
@@ -90,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         tokenizer = load_tokenizer(args.model)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = default_device(args.device)
         preset_name = args.preset or ("testbed" if args.model == TESTBED_NAME else None)
         preset = preset_for_model(None, preset_name) if preset_name else None  # None: from the model type
         settings = SweepSettings(budget=args.budget, every_window=args.all_windows, max_steps=args.max_steps,

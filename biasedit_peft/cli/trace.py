@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from biasedit_peft.cli._common import add_model_argument, add_runtime_arguments, default_device, split_list
 
 TRACE_JSON = "trace.json"
 WEAK_GAP = 0.05  # |clean - corrupted| below this share of the clean effect: say that fractions are unreliable
@@ -38,7 +39,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "state (block output, MLP output or attention output) at one layer and position at a time, and measure how "
         "much of the bias effect |log p(anti) - log p(stereo)| comes back. Method: docs/tracing.md.",
     )
-    parser.add_argument("--model", required=True, help="local folder, Hub id, or 'testbed' (bundled toy model)")
+    add_model_argument(parser)
     parser.add_argument("--adapter", default=None, help="PEFT adapter folder or Hub id to apply on top")
     parser.add_argument("--bias-type", default="gender",
                         help="StereoSet bias type(s), comma-separated (default gender)")
@@ -52,9 +53,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="noise seed")
     parser.add_argument("--out", required=True, help="folder for trace.json and the PNG plots")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None)
-    parser.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cuda if available)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_runtime_arguments(parser)
     return parser
 
 
@@ -67,7 +66,7 @@ def load_traced_model(args: argparse.Namespace):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
     if getattr(args, "adapter", None):
         from peft import PeftModel
@@ -127,7 +126,6 @@ def write_plots(document: dict, out: Path) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from biasedit_peft.cli.train_editor import split_list
     from biasedit_peft.data import load_stereoset
     from biasedit_peft.tracing import find_layout, trace_items
 

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from biasedit_peft.cli._common import add_model_argument, add_runtime_arguments, default_device, split_list
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -20,7 +21,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "(lowest dev loss) is written to --out; --out/checkpoint holds the resumable latest state. "
         "Method: docs/method.md.",
     )
-    parser.add_argument("--model", required=True, help="local folder, Hub id, or 'testbed' (bundled toy model)")
+    add_model_argument(parser)
     parser.add_argument("--out", required=True, help="editor folder to write")
     parser.add_argument("--targets", default=None,
                         help="comma-separated module names to edit (default: MLP output projections of the last "
@@ -49,20 +50,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="loss variant: token (default) or paper (the BiasEdit code's); docs/method.md")
     parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="LM dtype (editor: fp32)")
-    parser.add_argument("--device", default=None, help="LM device (default: cuda if available)")
+    add_runtime_arguments(parser)
     parser.add_argument("--editor-device", default=None, help="editor device (default: the LM device)")
     parser.add_argument("--push-to-hub", default=None, metavar="REPO",
                         help="also upload the best editor (config, weights, model card) to this Hub repo")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
-
-
-def split_list(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    parts = [part.strip() for part in text.split(",") if part.strip()]
-    return parts or None
 
 
 def load_edit_samples(spec: str, bias_types: list[str] | None = None, limit: int | None = None) -> list:
@@ -129,8 +121,6 @@ def build_peft_model(model, targets: list[str] | None, num_edit_layers: int):
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from biasedit_peft.editor import BiasEditor, BiasEditTrainer, preset_for_model
     from biasedit_peft.models import TESTBED_NAME, load_model_and_tokenizer
 
@@ -138,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         bias_types = split_list(args.bias_types)
         train_data = load_edit_samples(args.train_data, bias_types, args.limit)
         eval_data = None if args.eval_data == "none" else load_edit_samples(args.eval_data, bias_types, args.limit)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = default_device(args.device)
         model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
         preset = preset_for_model(model, args.preset or ("testbed" if args.model == TESTBED_NAME else None))
         peft_model = build_peft_model(model, split_list(args.targets), args.num_edit_layers)

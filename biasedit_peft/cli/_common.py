@@ -1,0 +1,42 @@
+"""Arguments and small helpers that the ``biasedit`` sub-commands share."""
+
+from __future__ import annotations
+
+import argparse
+
+MODEL_HELP = "local folder, Hub id, or 'testbed' (the bundled toy model)"
+DTYPE_CHOICES = ("fp32", "bf16", "fp16")
+
+
+def add_model_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """``--model``: required, or with ``default``."""
+    if default is None:
+        parser.add_argument("--model", required=True, help=MODEL_HELP)
+    else:
+        parser.add_argument("--model", default=default, help=f"{MODEL_HELP}; default {default!r}")
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
+    """``--dtype`` (optional), ``--device`` and ``--quiet``."""
+    if dtype:
+        parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                            help="model dtype (the editor and the deltas stay float32)")
+    parser.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def default_device(requested: str | None) -> str:
+    """``requested``, else ``cuda`` when available, else ``cpu``."""
+    if requested:
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def split_list(text: str | None) -> list[str] | None:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``; None or nothing but commas -> None."""
+    if text is None:
+        return None
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    return parts or None
