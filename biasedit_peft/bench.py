@@ -8,7 +8,8 @@ Sections (each a function returning a JSON-ready dict):
 - ``speed``: seconds per meta-training step and samples per second at a given edit-batch shape;
 - ``solve``: time to compute one joint delta for 128 / 1024 samples, primal vs dual ridge solve;
 - ``forward``: forward-pass time of the base model, the model with an unmerged adapter, and merged;
-- ``memory``: peak resident memory of meta-training and of debiasing (each in a fresh process);
+- ``memory``: peak resident memory of meta-training and of debiasing (each in a fresh process; on Linux
+  the peak is reset after loading, so it is the phase's own peak);
 - ``size``: adapter bytes, dense vs factored vs LoRA exports at a few ranks.
 
 Timings are medians over ``repeats`` runs after one warm-up, with min and max.
@@ -47,6 +48,8 @@ class BenchConfig:
     """Edit-batch shape of the speed section (samples per meta-step)."""
     batch_size: int | None = None
     """Sentence pairs per LM forward pass (default: the model family's preset)."""
+    forward_repeats: int = 20
+    """Round-robin rounds of the forward section."""
     solve_sizes: tuple[int, ...] = (128, 1024)
     max_system: int = 8192
     """Skip timing a ridge system larger than this (the dual of 1024 samples is ~25k x 25k)."""
@@ -155,7 +158,13 @@ def bench_solve(config: BenchConfig) -> dict:
 
 
 def bench_forward(config: BenchConfig) -> dict:
-    """Forward time on a fixed batch: base, unmerged adapter with a non-zero delta, merged."""
+    """Forward time on a fixed batch: base, unmerged adapter with a non-zero delta, merged.
+
+    The three models are separate copies, timed round-robin (one call of each per round) so that drift in
+    the machine's speed affects them alike; ``forward_repeats`` rounds after one warm-up round.
+    """
+    import copy
+
     from peft import get_peft_model
 
     from .models import load_model_and_tokenizer
@@ -167,48 +176,84 @@ def bench_forward(config: BenchConfig) -> dict:
     items = load_demo_items("test", ("gender", "race", "religion"), None)[:64]
     batch = encode_sentences(tokenizer, [item.stereotype for item in items]).to(device)
     generator = torch.Generator().manual_seed(config.seed)
-
-    def forward(model):
-        with torch.no_grad():
-            return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-
-    results = {"batch": list(batch.input_ids.shape), "base": timed(lambda: forward(base), config.repeats)}
-    peft_model = get_peft_model(base, BiasEditConfig())
+    peft_model = get_peft_model(copy.deepcopy(base), BiasEditConfig())
     deltas = {name: 1e-3 * torch.randn(layer.weight_shape, generator=generator)
               for name, layer in edit_targets(peft_model).items()}
     set_deltas(peft_model, deltas)
-    unmerged_logits = forward(peft_model)
-    results["unmerged_adapter"] = timed(lambda: forward(peft_model), config.repeats)
-    peft_model.merge_adapter()
-    results["merged"] = timed(lambda: forward(peft_model), config.repeats)
-    results["max_abs_logit_difference_merged_vs_unmerged"] = float((forward(peft_model) - unmerged_logits).abs().max())
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    models = {"base": base, "unmerged_adapter": peft_model, "merged": merged}
+
+    @torch.no_grad()
+    def forward(model):
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+
+    seconds: dict[str, list[float]] = {name: [] for name in models}
+    for round_ in range(config.forward_repeats + 1):
+        for name, model in models.items():
+            start = time.perf_counter()
+            forward(model)
+            if round_:  # round 0 warms up
+                seconds[name].append(time.perf_counter() - start)
+    results: dict[str, Any] = {"batch": list(batch.input_ids.shape)}
+    for name, values in seconds.items():
+        results[name] = {"median_s": statistics.median(values), "min_s": min(values), "max_s": max(values),
+                         "repeats": len(values)}
+    results["max_abs_logit_difference_merged_vs_unmerged"] = float((forward(merged) - forward(peft_model)).abs().max())
     base_median = results["base"]["median_s"]
     results["overhead_unmerged_pct"] = 100 * (results["unmerged_adapter"]["median_s"] / base_median - 1)
     results["overhead_merged_pct"] = 100 * (results["merged"]["median_s"] / base_median - 1)
     return results
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (Linux ``clear_refs``); False where the OS does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def current_rss_mib() -> float:
+    """Resident set size now, in MiB (``/proc/self/status``; the peak so far where that is missing)."""
+    return _proc_status_mib("VmRSS") or peak_rss_mib()
+
+
+def _proc_status_mib(field_name: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size since the last :func:`reset_peak_rss` (else since the start), in MiB."""
+    return _proc_status_mib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _memory_phase(phase: str, config: BenchConfig) -> dict:
     """Run one phase in this (fresh) process; report RSS after loading and the peak after the phase."""
     with tempfile.TemporaryDirectory() as folder:
         trainer = _trainer(config, folder)
-        loaded = peak_rss_mib()
         batches = trainer._batches(trainer.train_data, 0)
+        items = load_demo_items("test", ("gender", "race", "religion"), config.limit)
+        if phase == "debiasing":
+            _cached(trainer.model, trainer.tokenizer, trainer.editor, 64)  # normaliser statistics
+        loaded = current_rss_mib()
+        reset = reset_peak_rss()
         if phase == "meta_training":
             for batch in batches[:3]:
                 trainer.edit_step(batch, train=True)
         elif phase == "debiasing":
-            _cached(trainer.model, trainer.tokenizer, trainer.editor, 64)  # normaliser statistics
-            items = load_demo_items("test", ("gender", "race", "religion"), config.limit)
             trainer.editor.debias(trainer.model, items, tokenizer=trainer.tokenizer, progress=False)
         else:
             raise ValueError(f"Unknown memory phase {phase!r}")
-    return {"phase": phase, "rss_after_load_mib": loaded, "peak_rss_mib": peak_rss_mib()}
+        peak = peak_rss_mib()
+    return {"phase": phase, "rss_after_load_mib": loaded, "peak_rss_mib": peak,
+            "peak_is_of_the_phase_alone": reset, "n_debias_samples": len(items) if phase == "debiasing" else None}
 
 
 def bench_memory(config: BenchConfig) -> dict:

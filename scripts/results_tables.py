@@ -88,7 +88,7 @@ def bench_tables(results: dict) -> list[str]:
                   f"| merged | {1e3 * f['merged']['median_s']:.1f} | {f['overhead_merged_pct']:+.1f} % |", ""]
     if "memory" in sections:
         m = sections["memory"]
-        lines += ["| phase (fresh process) | RSS after loading MiB | peak RSS MiB |", "| --- | --- | --- |"]
+        lines += ["| phase (fresh process) | RSS after loading MiB | peak RSS during the phase MiB |", "| --- | --- | --- |"]
         for phase in ("meta_training", "debiasing"):
             lines.append(f"| {phase} | {m[phase]['rss_after_load_mib']:.0f} | {m[phase]['peak_rss_mib']:.0f} |")
         lines.append("")

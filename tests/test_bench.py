@@ -18,7 +18,7 @@ def test_timed_warms_up_once_then_times_each_repeat():
 
 
 def test_forward_merged_equals_unmerged_adapter():
-    result = bench_forward(BenchConfig(repeats=1))
+    result = bench_forward(BenchConfig(forward_repeats=2))
     assert result["max_abs_logit_difference_merged_vs_unmerged"] < 1e-4
     assert result["batch"][0] == 64
 
@@ -51,7 +51,7 @@ def test_bench_cli_writes_json_per_section(tmp_path):
     assert code == 0
     data = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert list(data["sections"]) == ["forward"]
-    assert data["sections"]["forward"]["base"]["repeats"] == 1
+    assert data["sections"]["forward"]["base"]["repeats"] == 20
     assert json.loads((tmp_path / "copy.json").read_text()) == data
 
 
@@ -60,3 +60,12 @@ def test_solve_skips_systems_over_the_limit():
     (row,) = result["sizes"]
     assert "skipped" in row["solve_one_layer"]["primal"] and "skipped" in row["solve_one_layer"]["dual"]
     assert row["primal_vs_dual_relative_difference"] is None
+
+
+def test_memory_phase_reports_a_peak_at_least_the_loaded_size():
+    from biasedit_peft.bench import _memory_phase
+
+    result = _memory_phase("debiasing", BenchConfig(limit=1))
+    assert result["n_debias_samples"] == 3  # one item of each bias type
+    assert result["peak_is_of_the_phase_alone"]  # Linux: the peak was reset after loading
+    assert result["peak_rss_mib"] >= 0.99 * result["rss_after_load_mib"] > 0
