@@ -125,7 +125,7 @@ def evaluate(model, tokenizer, config: DemoConfig, name: str, adapter: str | Non
 
     benchmarks = ("stereoset", "crows") if config.crows else ("stereoset",)
     return evaluate_model(model, tokenizer, benchmarks=benchmarks, bias_types=list(config.bias_types), split="test",
-                          progress=False, limit=config.limit, model_name=name, adapter=adapter,
+                          progress=config.progress, limit=config.limit, model_name=name, adapter=adapter,
                           n_resamples=config.n_resamples, seed=config.seed)
 
 
