@@ -304,7 +304,8 @@ def format_results(results: dict) -> str:
 
 
 def plot_before_after(results: dict, path: str | Path) -> Path | None:
-    """A grouped bar chart of SS, LMS and ICAT per bias type before and after; None without matplotlib."""
+    """Grouped bars of SS, LMS and ICAT per bias type: before, after the joint adapter, and after each
+    batch's own edit (the paper's per-batch protocol); None without matplotlib."""
     try:
         import matplotlib
 
@@ -312,21 +313,23 @@ def plot_before_after(results: dict, path: str | Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    before, after = results["before"]["stereoset"], results["after"]["stereoset"]
-    types = list(after)
+    series = {"before": results["before"]["stereoset"], "joint adapter": results["after"]["stereoset"]}
+    if "protocols" in results:
+        series["per-batch edits (paper)"] = results["protocols"]["per_batch"]["after"]
+    types = list(series["before"])
     metrics_ = ("ss", "lms", "icat")
-    figure, axes = plt.subplots(1, len(metrics_), figsize=(4 * len(metrics_), 3.6))
-    width = 0.38
+    figure, axes = plt.subplots(1, len(metrics_), figsize=(4.4 * len(metrics_), 3.8))
+    width = 0.8 / len(series)
     for axis, metric in zip(axes, metrics_):
-        positions = range(len(types))
-        axis.bar([p - width / 2 for p in positions], [before[t][metric] for t in types], width, label="before")
-        axis.bar([p + width / 2 for p in positions], [after[t][metric] for t in types], width, label="after")
-        axis.set_xticks(list(positions), types, rotation=20)
+        for k, (label, scores) in enumerate(series.items()):
+            offsets = [p - 0.4 + width * (k + 0.5) for p in range(len(types))]
+            axis.bar(offsets, [scores[t][metric] for t in types], width, label=label)
+        axis.set_xticks(list(range(len(types))), types, rotation=20)
         axis.set_title({"ss": "SS (ideal 50)", "lms": "LMS (ideal 100)", "icat": "ICAT (ideal 100)"}[metric])
         axis.set_ylim(0, 100)
         if metric == "ss":
             axis.axhline(50, color="grey", linestyle="--", linewidth=1)
-    axes[0].legend(loc="lower left")
+    axes[0].legend(loc="lower left", fontsize=8)
     figure.suptitle(f"BiasEdit on {results['before'].get('model')}: StereoSet test split")
     figure.tight_layout()
     path = Path(path)
