@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import torch
 
 from .data import BIAS_TYPES, load_stereoset
+from .editor.presets import PresetOverrides
 from .evaluation import take_per_type
 
 RESULTS_NAME = "results.json"
@@ -31,8 +32,12 @@ PLOT_NAME = "before_after.png"
 
 
 @dataclass
-class DemoConfig:
-    """Settings of one demo run; ``None`` means "the model family's preset" (``editor/presets.py``)."""
+class DemoConfig(PresetOverrides):
+    """Settings of one demo run; ``None`` means "the model family's preset" (``editor/presets.py``).
+
+    The editor hyper-parameters (``n_edits``, ``batch_size``, ``lr``, ``meta_lr``, ``loc_coef``, ``rank``)
+    come from :class:`~biasedit_peft.editor.presets.PresetOverrides`.
+    """
 
     model: str = "testbed"
     out: str = "demo"
@@ -44,12 +49,6 @@ class DemoConfig:
     """Edit the MLP output projections of these block indices instead (e.g. ``(0, 1)``: the first blocks)."""
     max_steps: int | None = 150
     eval_every: int | None = 25
-    n_edits: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    meta_lr: float | None = None
-    loc_coef: float | None = None
-    rank: int | None = None
     loss: str | None = None
     patience: int | None = None
     limit: int | None = None
@@ -106,10 +105,9 @@ def train_editor(config: DemoConfig, peft_model, tokenizer, device: str, out_dir
 
     preset = preset_for_model(peft_model.get_base_model(), "testbed" if config.model == TESTBED_NAME else None)
     editor, args = preset.editor_and_arguments(
-        peft_model, str(out_dir), loss=config.loss or "token", base_model=config.model, rank=config.rank,
-        lr=config.lr, n_edits=config.n_edits, batch_size=config.batch_size, meta_lr=config.meta_lr,
-        loc_coef=config.loc_coef, patience=config.patience, max_steps=config.max_steps,
-        eval_every=config.eval_every, seed=config.seed, progress=config.progress,
+        peft_model, str(out_dir), loss=config.loss or "token", base_model=config.model, patience=config.patience,
+        max_steps=config.max_steps, eval_every=config.eval_every, seed=config.seed, progress=config.progress,
+        **config.overrides(),
     )
     train = load_demo_items("train", config.bias_types, config.limit)
     dev = load_demo_items("dev", config.bias_types, config.limit)

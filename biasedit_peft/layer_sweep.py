@@ -23,22 +23,19 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .editor.presets import PresetOverrides
+
 SWEEP_FORMAT = "biasedit-layer-sweep/1"
 
 
-@dataclass(frozen=True)
-class SweepSettings:
-    """Short-training settings; ``None`` takes the value of the editor preset."""
+@dataclass
+class SweepSettings(PresetOverrides):
+    """Short-training settings; the editor hyper-parameters (:class:`PresetOverrides`) left ``None`` take the
+    editor preset's values."""
 
     budget: int = 3
     every_window: bool = False
     max_steps: int = 30
-    n_edits: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    meta_lr: float | None = None
-    loc_coef: float | None = None
-    rank: int | None = None
     ss_tolerance: float = 1.0
     seed: int = 0
 
@@ -107,9 +104,8 @@ def train_and_score(model: nn.Module, tokenizer, layers: list[int], train_data: 
     peft_model = get_peft_model(model, BiasEditConfig(layers_to_transform=list(layers), num_edit_layers=len(layers)))
     with tempfile.TemporaryDirectory(prefix="biasedit-sweep-") as workdir:
         editor, arguments = preset.editor_and_arguments(
-            peft_model, workdir, rank=settings.rank, lr=settings.lr, n_edits=settings.n_edits,
-            batch_size=settings.batch_size, meta_lr=settings.meta_lr, loc_coef=settings.loc_coef,
-            max_steps=settings.max_steps, seed=settings.seed, progress=progress,
+            peft_model, workdir, max_steps=settings.max_steps, seed=settings.seed, progress=progress,
+            **settings.overrides(),
         )
         state = BiasEditTrainer(peft_model, editor, arguments, train_data, None, tokenizer=tokenizer).train()
     n_edits, batch_size = arguments.n_edits, arguments.batch_size

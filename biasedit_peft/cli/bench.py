@@ -17,8 +17,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "bench",
         help="measure quality (with ablations), speed, memory and adapter size",
-        description="Benchmarks anyone can rerun. Sections: quality (the demo and its ablations: no retention "
-        "loss, token loss, first vs last blocks), speed (seconds per meta-step), solve (joint delta for "
+        description="Benchmarks anyone can rerun. Sections: quality (the demo and its ablations: paper loss, "
+        "no retention loss, first vs last blocks), speed (seconds per meta-step), solve (joint delta for "
         "128 / 1024 samples, primal vs dual), forward (adapter overhead), memory (peak RSS), size (dense vs "
         "factored vs LoRA). Writes OUT/bench.json after every section.",
     )

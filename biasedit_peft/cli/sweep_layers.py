@@ -15,7 +15,13 @@ import sys
 from pathlib import Path
 
 from .trace import add_tracing_arguments
-from biasedit_peft.cli._common import add_model_argument, add_runtime_arguments, default_device, split_list
+from biasedit_peft.cli._common import (
+    add_model_argument,
+    add_runtime_arguments,
+    default_device,
+    split_list,
+    write_json_document,
+)
 
 SWEEP_JSON = "sweep.json"
 
@@ -103,8 +109,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     document = result.to_json()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SWEEP_JSON).write_text(json.dumps(document, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    write_json_document(out, SWEEP_JSON, document)
     print(format_sweep(document))
     written = [out / SWEEP_JSON]
     try:

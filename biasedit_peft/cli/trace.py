@@ -10,10 +10,15 @@ Method and JSON schema: docs/tracing.md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-from biasedit_peft.cli._common import add_model_argument, add_runtime_arguments, default_device, split_list
+from biasedit_peft.cli._common import (
+    add_model_argument,
+    add_runtime_arguments,
+    default_device,
+    split_list,
+    write_json_document,
+)
 
 TRACE_JSON = "trace.json"
 WEAK_GAP = 0.05  # |clean - corrupted| below this share of the clean effect: say that fractions are unreliable
@@ -142,8 +147,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     document = result.to_json()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / TRACE_JSON).write_text(json.dumps(document, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    write_json_document(out, TRACE_JSON, document)
     print(format_trace(document))
     paths = write_plots(document, out)
     print(f"\nwrote {out / TRACE_JSON}" + "".join(f", {p}" for p in paths))

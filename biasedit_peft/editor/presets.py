@@ -9,7 +9,7 @@ The family comes from ``config.model_type`` (never from class-name substrings).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from torch import nn
@@ -67,6 +67,22 @@ class Preset:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class PresetOverrides:
+    """Hyper-parameters that replace a preset's values in a run; ``None`` keeps the preset's."""
+
+    n_edits: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    meta_lr: float | None = None
+    loc_coef: float | None = None
+    rank: int | None = None
+
+    def overrides(self) -> dict[str, Any]:
+        """The keyword arguments of :meth:`Preset.editor_and_arguments` these fields stand for."""
+        return {f.name: getattr(self, f.name) for f in fields(PresetOverrides)}
 
 
 _LLAMA = Preset(n_edits=64, batch_size=16, lr=1e-6, meta_lr=1e-5, loc_coef=4.0)
