@@ -111,3 +111,18 @@ def test_cli_rejects_unknown_bias_type(tiny_model_dir, capsys):
     code = main(["evaluate", "--model", str(tiny_model_dir), "--bias-types", "weather", "--quiet"])
     assert code == 2
     assert "weather" in capsys.readouterr().err
+
+
+def test_quiet_hides_third_party_progress_bars_and_peft_deprecation_noise(capsys):
+    from transformers.utils import logging as transformers_logging
+
+    from biasedit_peft.cli import main
+
+    try:
+        code = main(["evaluate", "--model", "testbed", "--benchmark", "stereoset", "--bias-types", "religion",
+                     "--limit", "2", "--n-resamples", "0", "--quiet"])
+        err = capsys.readouterr().err
+    finally:
+        transformers_logging.enable_progress_bar()
+    assert code == 0
+    assert "Loading weights" not in err and "is_gradient_checkpointing" not in err

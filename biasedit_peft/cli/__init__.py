@@ -60,7 +60,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    _quiet_third_party(quiet=getattr(args, "quiet", False))
     return int(modules[args.command].run(args) or 0)
+
+
+def _quiet_third_party(quiet: bool) -> None:
+    """Hide a transformers deprecation that peft triggers on every model (not ours to fix), and with
+    ``--quiet`` also transformers' own weight-loading progress bars."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+    if quiet:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
 
 if __name__ == "__main__":  # pragma: no cover
