@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .demo import DemoConfig, build_model, environment, load_demo_items
+from .editor.editor import atomic_write_text
 
 SECTIONS = ("speed", "solve", "forward", "memory", "size", "quality")
 
@@ -323,8 +324,12 @@ QUALITY_VARIANTS: dict[str, dict] = {
 }
 
 
-def bench_quality(config: BenchConfig, variants: Sequence[str] = tuple(QUALITY_VARIANTS)) -> dict:
-    """``run_demo`` per variant (no merge); keeps the headline numbers of each."""
+def bench_quality(config: BenchConfig, variants: Sequence[str] = tuple(QUALITY_VARIANTS),
+                  on_variant: Callable[[dict], None] | None = None) -> dict:
+    """``run_demo`` per variant (no merge); keeps the headline numbers of each.
+
+    ``on_variant(results_so_far)`` is called after every variant (``run_bench`` saves them then).
+    """
     from .demo import run_demo
 
     results = {}
@@ -346,6 +351,8 @@ def bench_quality(config: BenchConfig, variants: Sequence[str] = tuple(QUALITY_V
                          "after": _ss_lms(run["protocols"]["held_out"]["after"])},
             "training_steps": run["training"]["steps"], "seconds": run["seconds"]["total"],
         }
+        if on_variant is not None:
+            on_variant(results)
     return results
 
 
@@ -374,13 +381,24 @@ def run_bench(config: BenchConfig) -> dict:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"config": asdict(config), "environment": environment(), "sections": {}}
+    def save() -> None:
+        atomic_write_text(out / "bench.json", json.dumps(results, indent=2) + "\n")
+
+    def save_partial(section: str, partial: dict) -> None:
+        results["sections"][section] = {**partial, "partial": True}
+        save()
+
     for section in config.sections:
         if config.progress:
             print(f"[bench] {section} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        results["sections"][section] = SECTION_FUNCTIONS[section](config)
-        results["sections"][section]["section_seconds"] = round(time.perf_counter() - start, 2)
-        (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        if section == "quality":  # long: save after every variant
+            outcome = bench_quality(config, on_variant=lambda partial: save_partial("quality", partial))
+        else:
+            outcome = SECTION_FUNCTIONS[section](config)
+        results["sections"][section] = outcome
+        outcome["section_seconds"] = round(time.perf_counter() - start, 2)
+        save()
     return results
 
 
@@ -413,7 +431,7 @@ def format_bench(results: dict) -> str:
         lines.append(f"adapter bytes: dense {z['dense'] / 1024:.0f} KiB, factored {z['factored'] / 1024:.0f} KiB "
                      f"({z['n_tokens']} tokens); LoRA {lora}")
     for name, q in sections.get("quality", {}).items():
-        if name == "section_seconds":
+        if name in ("section_seconds", "partial"):
             continue
         cells = []
         for bias_type, entry in q["per_batch"]["after"].items():

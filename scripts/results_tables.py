@@ -100,7 +100,7 @@ def bench_tables(results: dict) -> list[str]:
         for rank, row in z["lora"].items():
             lines.append(f"| LoRA rank {rank} | {row['bytes'] / 1024:.0f} | {row['relative_error']:.3f} |")
         lines.append("")
-    quality = {k: v for k, v in sections.get("quality", {}).items() if k != "section_seconds"}
+    quality = {k: v for k, v in sections.get("quality", {}).items() if k not in ("section_seconds", "partial")}
     if quality:
         lines += ["| variant | edited layers | per-batch SS (g / r / rel) | per-batch LMS (g / r / rel) | "
                   "held-out SS | held-out LMS | joint-on-test SS | joint-on-test LMS |",

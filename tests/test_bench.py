@@ -69,3 +69,28 @@ def test_memory_phase_reports_a_peak_at_least_the_loaded_size():
     assert result["n_debias_samples"] == 3  # one item of each bias type
     assert result["peak_is_of_the_phase_alone"]  # Linux: the peak was reset after loading
     assert result["peak_rss_mib"] >= 0.99 * result["rss_after_load_mib"] > 0
+
+
+def test_an_interrupted_quality_section_keeps_the_variants_already_run(tmp_path, monkeypatch):
+    import biasedit_peft.demo as demo
+
+    stereoset = {"gender": {"ss": 60.0, "lms": 80.0, "icat": 64.0, "n": 2}}
+    fake = {"edit": {"layers": ["transformer.h.3.mlp.c_proj"]},
+            "before": {"stereoset": stereoset, "perplexity": 10.0}, "after": {"stereoset": stereoset, "perplexity": 10.0},
+            "protocols": {p: {"before": stereoset, "after": stereoset} for p in ("per_batch", "held_out")},
+            "training": {"steps": 1}, "seconds": {"total": 0.1}}
+    calls = []
+
+    def run_demo(config):
+        calls.append(config.out)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return fake
+
+    monkeypatch.setattr(demo, "run_demo", run_demo)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(BenchConfig(out=str(tmp_path), sections=("quality",), progress=False))
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["sections"]["quality"]["partial"] is True
+    assert saved["sections"]["quality"]["default"]["per_batch"]["after"]["gender"]["ss"] == 60.0
+    assert "paper_loss" not in saved["sections"]["quality"]
