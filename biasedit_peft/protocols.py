@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .data.stereoset import StereoSetItem
 from .evaluation import STEREOSET_ROLES, score_stereoset_items, stereoset_results
 from .metrics import N_RESAMPLES
-from .scoring import SentenceLogProbs
+from .scoring import SentenceLogProbs, concat_scores, inverse_permutation
 
 
 @dataclass(frozen=True)
@@ -36,15 +36,10 @@ class TargetSplit:
     scored: dict[str, list[str]]
 
 
-def _concat(pieces: Sequence[SentenceLogProbs]) -> SentenceLogProbs:
-    return SentenceLogProbs(*(torch.cat([getattr(p, f) for p in pieces]) for f in ("sum", "mean", "n_tokens", "mean_prob")))
-
-
 def _reorder(pieces: Sequence[dict[str, SentenceLogProbs]], order: torch.Tensor) -> dict[str, SentenceLogProbs]:
     """Concatenate per-batch role scores and put them back in item order (``order[k]`` = item of row ``k``)."""
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(len(order))
-    return {role: _concat([p[role] for p in pieces])[inverse] for role in STEREOSET_ROLES}
+    inverse = inverse_permutation(order)
+    return {role: concat_scores([p[role] for p in pieces])[inverse] for role in STEREOSET_ROLES}
 
 
 def edit_batches(items: Sequence[StereoSetItem], edit_batch_size: int) -> list[list[int]]:

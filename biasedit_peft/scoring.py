@@ -55,6 +55,12 @@ class SentenceLogProbs:
         mean_prob = None if self.mean_prob is None else self.mean_prob[index]
         return SentenceLogProbs(self.sum[index], self.mean[index], self.n_tokens[index], mean_prob)
 
+    def cpu(self) -> "SentenceLogProbs":
+        return SentenceLogProbs(*(None if t is None else t.cpu() for t in (self.sum, self.mean, self.n_tokens, self.mean_prob)))
+
+
+SCORE_FIELDS = ("sum", "mean", "n_tokens", "mean_prob")
+
 
 def start_token_id(tokenizer) -> int:
     """The id prepended to every sentence: BOS, else EOS."""
@@ -189,10 +195,20 @@ def score_sentences(
                 encoded.target_mask[chunk, :width],
             ).to(device)
             pieces.append(sentence_log_probs(model, batch))
+    return concat_scores([piece.cpu() for piece in pieces])[inverse_permutation(order)]
+
+
+def inverse_permutation(order: Tensor) -> Tensor:
+    """``inverse [N]`` with ``inverse[order[k]] = k``: puts rows computed in ``order`` back in input order."""
     inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(len(order))
-    joined = [torch.cat([getattr(p, field).cpu() for p in pieces])[inverse] for field in ("sum", "mean", "n_tokens", "mean_prob")]
-    return SentenceLogProbs(*joined)
+    inverse[order] = torch.arange(len(order), device=order.device)
+    return inverse
+
+
+def concat_scores(pieces: Sequence[SentenceLogProbs]) -> SentenceLogProbs:
+    """Scores of several batches, concatenated along the sentence axis (``mean_prob`` None if any lacks it)."""
+    columns = [[getattr(p, name) for p in pieces] for name in SCORE_FIELDS]
+    return SentenceLogProbs(*(None if any(t is None for t in column) else torch.cat(column) for column in columns))
 
 
 def _progress(chunks, enabled: bool, total: int):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..scoring import eval_mode
+from ..scoring import eval_mode, inverse_permutation
 from .cache import EditSample, KeyValueCache, as_edit_sample, logit_positions, record_layer_io
 from .losses import LOSS_KINDS, debias_loss, pair_scores
 from .nets import EditorNet
@@ -114,22 +114,11 @@ def input_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def encode_pairs(tokenizer, samples: Sequence[EditSample], first_index: int = 0):
-    """One padded batch of ``2P`` sentences, stereotypes then anti-stereotypes; rejects empty sentences."""
+def encode_pairs(tokenizer, samples: Sequence[EditSample]):
+    """One padded batch of ``2P`` sentences, stereotypes then anti-stereotypes (validate with :func:`length_order`)."""
     from ..scoring import encode_sentences
 
-    sentences = [s.stereotype for s in samples] + [s.anti_stereotype for s in samples]
-    try:
-        return encode_sentences(tokenizer, sentences)
-    except ValueError:  # name the sample and field (error path only: find the first bad sentence)
-        for row, sentence in enumerate(sentences):
-            try:
-                encode_sentences(tokenizer, [sentence])
-            except ValueError:
-                field_name = "stereotype" if row < len(samples) else "anti_stereotype"
-                raise ValueError(f"Sample {first_index + row % len(samples)}: field {field_name!r} "
-                                 f"({sentence!r}) tokenizes to no scored tokens") from None
-        raise
+    return encode_sentences(tokenizer, [s.stereotype for s in samples] + [s.anti_stereotype for s in samples])
 
 
 def length_order(tokenizer, samples: Sequence[EditSample]) -> torch.Tensor:
@@ -248,7 +237,7 @@ class BiasEditor(nn.Module):
         with record_layer_io(layers) as recorder, eval_mode(peft_model):
             for start in tqdm(starts, desc="caching", disable=not progress, leave=False):
                 chunk = ordered[start:start + batch_size]
-                batch = encode_pairs(tokenizer, chunk, start)
+                batch = encode_pairs(tokenizer, chunk)
                 with torch.enable_grad():
                     logits = forward_logits(peft_model, batch)
                     on_device = batch.to(logits.device)
@@ -260,8 +249,7 @@ class BiasEditor(nn.Module):
                 stereo, anti = pair_scores(logits.detach(), on_device)
                 stereo_scores.append(stereo.mean.cpu())
                 anti_scores.append(anti.mean.cpu())
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(len(order))
+        inverse = inverse_permutation(order)
         return cache, torch.cat(stereo_scores)[inverse], torch.cat(anti_scores)[inverse]
 
     @torch.no_grad()

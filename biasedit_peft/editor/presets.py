@@ -35,9 +35,6 @@ class Preset:
     epochs: int = 100
     early_stopping_patience: int = 3
 
-    def editor_kwargs(self) -> dict:
-        return {"rank": self.rank, "n_blocks": self.n_blocks, "lr": self.lr}
-
     def editor_and_arguments(self, peft_model: nn.Module, output_dir: str, *, loss: str = "token",
                              base_model: str | None = None, rank: int | None = None, n_blocks: int | None = None,
                              lr: float | None = None, n_edits: int | None = None, batch_size: int | None = None,

@@ -198,7 +198,7 @@ class BiasEditTrainer:
         with torch.set_grad_enabled(train):
             for start in range(0, n, args.batch_size):
                 chunk = samples[start:start + args.batch_size]
-                batch = encode_pairs(self.tokenizer, chunk, start)
+                batch = encode_pairs(self.tokenizer, chunk)
                 with override_deltas(self.model, self._natives(leaves), args.adapter_name):
                     logits = forward_logits(self.model, batch)
                 batch = batch.to(logits.device)
