@@ -33,6 +33,7 @@ import torch
 
 from .demo import DemoConfig, build_model, environment, load_demo_items
 from .editor.editor import atomic_write_text
+from .models import default_device
 
 SECTIONS = ("speed", "solve", "forward", "memory", "size", "quality")
 
@@ -172,7 +173,7 @@ def bench_forward(config: BenchConfig) -> dict:
     from .scoring import encode_sentences
     from .tuner import BiasEditConfig, edit_targets, set_deltas
 
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(config.device)
     base, tokenizer = load_model_and_tokenizer(config.model, device=device)
     items = load_demo_items("test", ("gender", "race", "religion"), None)[:64]
     batch = encode_sentences(tokenizer, [item.stereotype for item in items]).to(device)

@@ -26,6 +26,7 @@ import torch
 from .data import BIAS_TYPES, load_stereoset
 from .editor.presets import PresetOverrides
 from .evaluation import take_per_type
+from .models import default_device
 
 RESULTS_NAME = "results.json"
 PLOT_NAME = "before_after.png"
@@ -89,7 +90,7 @@ def build_model(config: DemoConfig):
     from .models import load_model_and_tokenizer
     from .tuner import BiasEditConfig
 
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(config.device)
     model, tokenizer = load_model_and_tokenizer(config.model, dtype=config.dtype, device=device)
     peft_config = BiasEditConfig(
         target_modules=list(config.targets) if config.targets else None, num_edit_layers=config.num_edit_layers,
@@ -127,22 +128,13 @@ def evaluate(model, tokenizer, config: DemoConfig, name: str, adapter: str | Non
                           n_resamples=config.n_resamples, seed=config.seed)
 
 
-def numeric_leaves(tree: Any, prefix: str = "") -> dict[str, float]:
-    """Flatten the numbers of a nested dict (lists and strings skipped) to ``{"a/b/c": value}``."""
-    if isinstance(tree, dict):
-        leaves: dict[str, float] = {}
-        for key, value in tree.items():
-            leaves.update(numeric_leaves(value, f"{prefix}{key}/"))
-        return leaves
-    if isinstance(tree, (int, float)) and not isinstance(tree, bool):
-        return {prefix.rstrip("/"): float(tree)}
-    return {}
-
-
 def max_abs_difference(first: dict, second: dict, sections: Sequence[str] = ("stereoset", "crows", "perplexity")) -> float:
-    """Largest ``|a - b|`` over the numbers the two results share in ``sections`` (inf if a key is missing)."""
-    a = numeric_leaves({k: first.get(k) for k in sections})
-    b = numeric_leaves({k: second.get(k) for k in sections})
+    """Largest ``|a - b|`` over the metrics of ``sections`` (``flatten_metrics``: finite values, counts
+    skipped); inf when the two results do not hold the same metrics."""
+    from .sharing.model_card import flatten_metrics
+
+    a = flatten_metrics({k: first.get(k) for k in sections})
+    b = flatten_metrics({k: second.get(k) for k in sections})
     if a.keys() != b.keys():
         return math.inf
     return max((abs(a[k] - b[k]) for k in a), default=0.0)
@@ -162,9 +154,8 @@ def target_check(before: dict, after: dict, bias_types: Sequence[str], ss_tolera
     return rows
 
 
-def debias_and_save(editor, peft_model, tokenizer, config: DemoConfig, out_dir: Path) -> dict:
-    """One joint delta from the ``test`` items written into the adapter and saved (with a model card)."""
-    items = load_demo_items("test", config.bias_types, config.limit)
+def debias_and_save(editor, peft_model, tokenizer, config: DemoConfig, items: Sequence, out_dir: Path) -> dict:
+    """One joint delta from ``items`` written into the adapter, which is saved to ``out_dir``."""
     report = editor.debias(peft_model, items, tokenizer=tokenizer, progress=config.progress)
     peft_config = peft_model.peft_config["default"]
     peft_config.editor_id = str(out_dir.parent / "editor")
@@ -191,7 +182,7 @@ def merge_and_rescore(config: DemoConfig, adapter_dir: Path, merged_dir: Path, a
     from .sharing import merge_to_folder
 
     report = merge_to_folder(config.model, [adapter_dir], merged_dir, dtype=config.dtype)
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(config.device)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).to(device).eval()
     scores = evaluate(merged, load_tokenizer(str(merged_dir)), config, name=str(merged_dir))
     return {"path": str(merged_dir), "max_abs_weight_change": max(c.max_abs_change for c in report.changes),
@@ -216,7 +207,7 @@ def run_demo(config: DemoConfig) -> dict:
                           edit_batch_size=args.n_edits, **common)
     held_out = timer.run("held_out_protocol", held_out_protocol, editor, peft_model, tokenizer, test_items, **common)
     adapter_dir = out / "adapter"
-    edit = timer.run("debias", debias_and_save, editor, peft_model, tokenizer, config, adapter_dir)
+    edit = timer.run("debias", debias_and_save, editor, peft_model, tokenizer, config, test_items, adapter_dir)
     after = timer.run("evaluate_after", evaluate, peft_model, tokenizer, config, config.model, str(adapter_dir))
     write_card(peft_model, adapter_dir, config, before, after)
     results: dict[str, Any] = {"before": before, "after": after}

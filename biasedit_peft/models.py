@@ -45,6 +45,13 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
         raise ValueError(f"Unknown dtype {name!r}; choose one of {sorted(set(DTYPES))}") from None
 
 
+def default_device(requested: str | torch.device | None = None) -> str | torch.device:
+    """``requested``, else ``cuda`` when available, else ``cpu``."""
+    if requested:
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_tokenizer(name_or_path: str):
     """The tokenizer of a model, with a pad token set (the EOS token where the model has none)."""
     from transformers import AutoTokenizer

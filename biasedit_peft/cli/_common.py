@@ -27,15 +27,6 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, dtype: bool = True) -
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def default_device(requested: str | None) -> str:
-    """``requested``, else ``cuda`` when available, else ``cpu``."""
-    if requested:
-        return requested
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def split_list(text: str | None) -> list[str] | None:
     """``"a, b,,c"`` -> ``["a", "b", "c"]``; None or nothing but commas -> None."""
     if text is None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from biasedit_peft.cli._common import add_model_argument, add_runtime_arguments, default_device, split_list
+from biasedit_peft.cli._common import add_model_argument, add_runtime_arguments, split_list
+from biasedit_peft.models import default_device
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

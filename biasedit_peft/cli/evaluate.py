@@ -12,7 +12,8 @@ import json
 import logging
 import sys
 from pathlib import Path
-from biasedit_peft.cli._common import add_model_argument, add_runtime_arguments, default_device
+from biasedit_peft.cli._common import add_model_argument, add_runtime_arguments
+from biasedit_peft.models import default_device
 
 BENCHMARK_CHOICES = {"stereoset": ("stereoset",), "crows": ("crows",), "all": ("stereoset", "crows")}
 

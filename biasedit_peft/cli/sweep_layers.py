@@ -18,10 +18,10 @@ from .trace import add_tracing_arguments
 from biasedit_peft.cli._common import (
     add_model_argument,
     add_runtime_arguments,
-    default_device,
     split_list,
     write_json_document,
 )
+from biasedit_peft.models import default_device
 
 SWEEP_JSON = "sweep.json"
 

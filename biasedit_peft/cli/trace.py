@@ -15,10 +15,10 @@ from pathlib import Path
 from biasedit_peft.cli._common import (
     add_model_argument,
     add_runtime_arguments,
-    default_device,
     split_list,
     write_json_document,
 )
+from biasedit_peft.models import default_device
 
 TRACE_JSON = "trace.json"
 WEAK_GAP = 0.05  # |clean - corrupted| below this share of the clean effect: say that fractions are unreliable

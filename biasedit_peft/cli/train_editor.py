@@ -10,7 +10,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from biasedit_peft.cli._common import add_model_argument, add_runtime_arguments, default_device, split_list
+from biasedit_peft.cli._common import add_model_argument, add_runtime_arguments, split_list
+from biasedit_peft.models import default_device
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
