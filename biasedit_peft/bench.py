@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .demo import DemoConfig, build_model, environment, load_demo_items
+from .demo import DemoConfig, build_model, editor_preset, environment, load_demo_items
 from .editor.editor import atomic_write_text
 from .models import default_device
 
@@ -81,16 +81,9 @@ def _demo_config(config: BenchConfig, **overrides) -> DemoConfig:
     return DemoConfig(model=config.model, device=config.device, seed=config.seed, progress=False, **overrides)
 
 
-def _preset(peft_model, config: BenchConfig):
-    from .editor import preset_for_model
-    from .models import TESTBED_NAME
-
-    return preset_for_model(peft_model.get_base_model(), "testbed" if config.model == TESTBED_NAME else None)
-
-
 def _fresh_editor(peft_model, config: BenchConfig, output_dir: str = "unused", **training):
     """An untrained editor of the preset and its training arguments (``n_edits`` / LM batch from ``config``)."""
-    return _preset(peft_model, config).editor_and_arguments(
+    return editor_preset(config.model, peft_model).editor_and_arguments(
         peft_model, output_dir, n_edits=config.n_edits, batch_size=config.batch_size, seed=config.seed,
         progress=False, **training)
 
