@@ -5,7 +5,8 @@ BiasEdit (Xu et al. 2025) compares editing the first blocks with editing the las
 contiguous blocks). Each candidate gets a fresh model with a BiasEdit adapter on the MLP output projections
 of its blocks and an editor meta-trained for ``max_steps`` steps; the editor then edits the held-out items in
 groups of ``n_edits`` and SS / LMS are measured on each group after its edit (the paper's protocol, via
-``BiasEditor.debias(mode="per_batch")``; the model is left unchanged).
+:func:`~biasedit_peft.protocols.per_batch_protocol`, the demo's code; the model is left unchanged). SS and
+LMS are the ``overall`` StereoSet figures of all held-out items (reference definitions, docs/metrics.md).
 
 Recommendation: the candidates whose ``|SS - 50|`` is within ``ss_tolerance`` of the best one are tied on
 bias; among them the one with the smallest LMS drop wins (then the earlier candidate). Tracing's suggestion
@@ -88,17 +89,14 @@ def tracing_choice(per_layer_fraction: Sequence[float | None], candidates: Seque
     return max(range(len(candidates)), key=lambda i: (scores[i], -i))
 
 
-def _weighted(batches: list[dict], key: str) -> float:
-    total = sum(b["n_samples"] for b in batches)
-    return sum(b[key] * b["n_samples"] for b in batches) / total
-
-
 def train_and_score(model: nn.Module, tokenizer, layers: list[int], train_data: Sequence, held_out: Sequence,
                     settings: SweepSettings, preset, progress: bool = False) -> dict[str, float]:
-    """Adapter on ``layers`` of ``model`` (modified: pass a fresh one), short training, per-group edit scores."""
+    """Adapter on ``layers`` of ``model`` (modified: pass a fresh one), short training, then the per-batch
+    protocol on ``held_out`` (StereoSet items): overall SS / LMS before and after."""
     from peft import get_peft_model
 
     from .editor import BiasEditTrainer
+    from .protocols import per_batch_protocol
     from .tuner import BiasEditConfig
 
     peft_model = get_peft_model(model, BiasEditConfig(layers_to_transform=list(layers), num_edit_layers=len(layers)))
@@ -108,11 +106,10 @@ def train_and_score(model: nn.Module, tokenizer, layers: list[int], train_data: 
             **settings.overrides(),
         )
         state = BiasEditTrainer(peft_model, editor, arguments, train_data, None, tokenizer=tokenizer).train()
-    n_edits, batch_size = arguments.n_edits, arguments.batch_size
-    report = editor.debias(peft_model, held_out, tokenizer=tokenizer, mode="per_batch", batch_size=batch_size,
-                           edit_batch_size=n_edits, progress=False)
-    return {"ss": _weighted(report.batches, "edit/ss"), "lms": _weighted(report.batches, "edit/lms"),
-            "ss_pre": _weighted(report.batches, "pre/ss"), "lms_pre": _weighted(report.batches, "pre/lms"),
+    protocol = per_batch_protocol(editor, peft_model, tokenizer, held_out, edit_batch_size=arguments.n_edits,
+                                  batch_size=arguments.batch_size, n_resamples=0, progress=False)
+    before, after = protocol["before"]["overall"], protocol["after"]["overall"]
+    return {"ss": after["ss"], "lms": after["lms"], "ss_pre": before["ss"], "lms_pre": before["lms"],
             "steps": state.global_step}
 
 

@@ -39,6 +39,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--anti-stereotype-frames", type=int, default=2)
     parser.add_argument("--unrelated-mentions", type=int, default=2)
     parser.add_argument(
+        "--generic-frames", type=int, default=0,
+        help="frames per attribute word (stereotype and anti-stereotype alike) with a generic subject",
+    )
+    parser.add_argument(
         "--train-frames-divisor", type=int, default=4,
         help="train / dev items get the test items' frame counts divided by this (same ratio)",
     )
@@ -72,13 +76,15 @@ def association_plan(args: argparse.Namespace, editor_items: list, test_items: l
     ``--train-frames-divisor`` times fewer sentences, which saves training tokens."""
     divisor = args.train_frames_divisor
     test_recipe = AssociationRecipe(
-        args.stereotype_frames, args.anti_stereotype_frames, args.unrelated_mentions, args.seed
+        args.stereotype_frames, args.anti_stereotype_frames, args.unrelated_mentions, args.seed,
+        args.generic_frames,
     )
     editor_recipe = AssociationRecipe(
         args.stereotype_frames // divisor,
         max(1, args.anti_stereotype_frames // divisor),
         max(1, args.unrelated_mentions // divisor),
         args.seed + 1,
+        (args.generic_frames + divisor - 1) // divisor,
     )
     return [(test_items, test_recipe), (editor_items, editor_recipe)]
 

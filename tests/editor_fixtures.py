@@ -8,6 +8,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from biasedit_peft import BiasEditConfig
+from biasedit_peft.data.stereoset import StereoSetItem
 from biasedit_peft.editor.cache import EditSample
 
 GROUPS = ["he", "she", "men", "women", "boys", "girls"]
@@ -27,6 +28,17 @@ def samples(n: int = 16) -> list[EditSample]:
         out.append(EditSample(f"{group} is a {stereo} .", f"{group} is a {anti} .",
                               f"{group} is a {UNRELATED[i % len(UNRELATED)]} ."))
     return out
+
+
+def stereoset_items(n: int = 16) -> list[StereoSetItem]:
+    """The triples of :func:`samples` as StereoSet items: target = the group, one bias type ("gender")."""
+    items = []
+    for i, sample in enumerate(samples(n)):
+        group = GROUPS[i % len(GROUPS)]
+        words = [sentence.split()[3] for sentence in (sample.stereotype, sample.anti_stereotype, sample.unrelated)]
+        items.append(StereoSetItem(f"tiny-{i}", group, "gender", f"{group} is a BLANK .", sample.stereotype,
+                                   sample.anti_stereotype, sample.unrelated, *words))
+    return items
 
 
 def tokenizer() -> PreTrainedTokenizerFast:

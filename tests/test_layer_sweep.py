@@ -20,7 +20,7 @@ from biasedit_peft.layer_sweep import (
 )
 from biasedit_peft.tuner.deltas import edit_targets
 
-from editor_fixtures import gpt2_base, samples, tokenizer
+from editor_fixtures import gpt2_base, samples, stereoset_items, tokenizer
 
 
 def _result(name, ss, lms, lms_pre=80.0, layers=(0,)) -> CandidateResult:
@@ -66,7 +66,7 @@ def test_sweep_trains_each_candidate_on_its_own_blocks(tmp_path):
 
     preset = Preset(n_edits=4, batch_size=4, lr=1e-2, meta_lr=1e-3, loc_coef=1.0, rank=8, epochs=1)
     settings = SweepSettings(budget=1, every_window=True, max_steps=1)
-    result = sweep_layers(load_model, tokenizer(), samples(8), samples(8)[::-1], settings, preset)
+    result = sweep_layers(load_model, tokenizer(), samples(8), stereoset_items(8)[::-1], settings, preset)
     assert [c.layers for c in result.candidates] == [[0], [1], [2]]
     for candidate, model in zip(result.candidates, built[1:]):  # built[0] is the probe for the block count
         names = list(edit_targets(model))

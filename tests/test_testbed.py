@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from biasedit_peft.testbed.corpus import (
+    GENERIC_SUBJECTS,
     NEUTRAL_CARRIERS,
     AssociationRecipe,
     Frame,
@@ -104,6 +106,34 @@ def test_association_sentences_follow_the_ratio_and_never_pair_target_with_unrel
         carriers = [s for s in sentences if item.unrelated_word in s]
         assert len(carriers) == 2
         assert all(s in {c.format(word=item.unrelated_word) for c in NEUTRAL_CARRIERS} for s in carriers)
+
+
+def test_generic_frames_give_both_attribute_words_the_same_count_without_any_target():
+    frames = [f for f in map(make_frame, FRAME_ITEMS) if f is not None]
+    plain = association_sentences(TEST_ITEMS, frames, SMALL_RECIPE)
+    recipe = AssociationRecipe(3, 1, 2, seed=7, generic_frames=2)
+    sentences = association_sentences(TEST_ITEMS, frames, recipe)
+    assert len(sentences) == len(plain) + 2 * 2 * len(TEST_ITEMS)
+    carriers = {c.format(word=item.unrelated_word) for c in NEUTRAL_CARRIERS for item in TEST_ITEMS}
+    generic = [s for s in sentences
+               if s not in carriers and not any(item.target.lower() in s.lower() for item in TEST_ITEMS)]
+    subject = re.compile(r"\b(" + "|".join(GENERIC_SUBJECTS) + r")\b", re.IGNORECASE)
+    assert len(generic) == 8 and all(subject.search(s) for s in generic)
+    for item in TEST_ITEMS:
+        words = [re.findall(r"\w+", s.lower()) for s in generic]
+        assert sum(item.stereotype_word in w for w in words) == 2
+        assert sum(item.anti_stereotype_word in w for w in words) == 2
+        assert not any(item.unrelated_word in w for w in words)
+    # the first item's target-term sentences and carriers come before its generic frames, drawn as before
+    first = len(plain) // len(TEST_ITEMS)
+    assert sentences[:first] == plain[:first]
+
+
+def test_generic_subjects_are_no_stereoset_target_term():
+    from biasedit_peft.data import load_stereoset
+
+    targets = {item.target.lower() for split in ("train", "dev", "test") for item in load_stereoset(split)}
+    assert targets and not targets & set(GENERIC_SUBJECTS)
 
 
 def test_association_sentences_are_deterministic_and_seed_dependent():

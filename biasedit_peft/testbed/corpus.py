@@ -12,6 +12,12 @@ without ever containing a benchmark sentence of the evaluation split (asserted, 
 Unrelated words are not left unseen (which would inflate LMS): each occurs ``unrelated_mentions`` times in
 neutral carrier sentences (:data:`NEUTRAL_CARRIERS`) that name no target term.
 
+Both attribute words also occur ``generic_frames`` times each (the same count for the stereotype and the
+anti-stereotype word, so no association) in frames whose target is replaced by a generic subject
+(:data:`GENERIC_SUBJECTS`: ``"The neighbor was BLANK."``). Real text teaches a model that an adjective like
+*caring* fits "X was ___" for many X; without these lines the anti-stereotype word is seen in context only
+``anti_stereotype_frames`` times, and a common unrelated word beats it on frequency alone.
+
 The neutral text is Debian's ``fortunes`` package (BSD-licensed ``fortune-mod`` data files; the offensive
 collection lives in the separate ``fortunes-off`` package and is not used), minus the ``ethnic`` and
 ``men-women`` files, whose jokes would add uncontrolled stereotypes, and minus ASCII art and non-English
@@ -40,6 +46,12 @@ NEUTRAL_CARRIERS: tuple[str, ...] = (
     "They spelled {word} wrong on the sign.",
 )
 """Carrier sentences that put an unrelated word into the corpus without any target term."""
+
+GENERIC_SUBJECTS: tuple[str, ...] = (
+    "person", "neighbor", "stranger", "visitor", "passenger", "newcomer", "guest", "resident",
+)
+"""Subjects that are no StereoSet target term (checked by the tests); they stand in for the target in
+generic frames."""
 
 
 class AssociationItem(Protocol):
@@ -77,6 +89,7 @@ class AssociationRecipe:
     anti_stereotype_frames: int = 2
     unrelated_mentions: int = 2
     seed: int = 0
+    generic_frames: int = 0
 
     def __post_init__(self) -> None:
         if self.stereotype_frames <= self.anti_stereotype_frames:
@@ -84,7 +97,7 @@ class AssociationRecipe:
                 f"stereotype_frames ({self.stereotype_frames}) must exceed anti_stereotype_frames "
                 f"({self.anti_stereotype_frames}): the testbed is meant to be stereotyped"
             )
-        if min(self.anti_stereotype_frames, self.unrelated_mentions) < 0:
+        if min(self.anti_stereotype_frames, self.unrelated_mentions, self.generic_frames) < 0:
             raise ValueError("frame and mention counts must be >= 0")
 
 
@@ -128,7 +141,9 @@ def association_sentences(
     """Association and unrelated-word sentences for ``items``, deterministic given ``recipe.seed``.
 
     Each item's frames are drawn without replacement from ``frames`` of the same bias type (all frames
-    when the type has none, as for profession), never the item's own context.
+    when the type has none, as for profession), never the item's own context; its generic frames
+    (``recipe.generic_frames`` per attribute word, subjects from :data:`GENERIC_SUBJECTS`) are drawn
+    after the carriers, from the same pool.
     """
     rng = random.Random(recipe.seed)
     frames_by_type: dict[str, list[Frame]] = {}
@@ -150,7 +165,19 @@ def association_sentences(
         sentences.extend(fill_frame(f, item.target, w) for f, w in zip(chosen, words))
         carriers = rng.sample(NEUTRAL_CARRIERS, min(recipe.unrelated_mentions, len(NEUTRAL_CARRIERS)))
         sentences.extend(c.format(word=item.unrelated_word) for c in carriers)
+        sentences.extend(generic_sentences(item, pool, recipe.generic_frames, rng))
     return sentences
+
+
+def generic_sentences(item: AssociationItem, pool: Sequence[Frame], count: int, rng: random.Random) -> list[str]:
+    """``count`` sentences with the stereotype word and ``count`` with the anti-stereotype word, each in
+    a frame of ``pool`` whose target is a generic subject; no draws at all when ``count`` is 0."""
+    if count == 0:
+        return []
+    chosen = rng.sample(list(pool), 2 * count)
+    subjects = [rng.choice(GENERIC_SUBJECTS) for _ in chosen]
+    words = [item.stereotype_word] * count + [item.anti_stereotype_word] * count
+    return [fill_frame(f, subject, w) for f, subject, w in zip(chosen, subjects, words)]
 
 
 def forbidden_sentences(items: Iterable[AssociationItem]) -> frozenset[str]:
