@@ -34,12 +34,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--tokens", type=float, default=768_000, help="training tokens in total")
+    parser.add_argument("--tokens", type=float, default=307_200, help="training tokens in total")
     parser.add_argument("--stereotype-frames", type=int, default=20)
     parser.add_argument("--anti-stereotype-frames", type=int, default=2)
     parser.add_argument("--unrelated-mentions", type=int, default=2)
     parser.add_argument(
-        "--generic-frames", type=int, default=0,
+        "--generic-frames", type=int, default=6,
         help="frames per attribute word (stereotype and anti-stereotype alike) with a generic subject",
     )
     parser.add_argument(
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--neutral-per-epoch", type=float, default=0.1, help="share of neutral documents in each epoch"
     )
-    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--vocab-size", type=int, default=12288)
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=192)
     parser.add_argument("--n-head", type=int, default=4)

@@ -245,7 +245,7 @@ def test_testbed_prefers_a_frequent_word_to_byte_noise():
 
 def test_testbed_is_stereotyped_on_the_test_split():
     """Built to be biased: on the gender items of split ``test`` it prefers the stereotype sentence
-    clearly more often than chance (measured SS 67.7, see the model card)."""
+    clearly more often than chance (measured SS 66.3, see the model card)."""
     from biasedit_peft.data import load_stereoset
     from biasedit_peft.models import load_model_and_tokenizer
     from biasedit_peft.scoring import score_sentences
