@@ -234,8 +234,9 @@ def _memory_phase(phase: str, config: BenchConfig) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         trainer = _trainer(config, folder)
         batches = trainer._batches(trainer.train_data, 0)
-        items = load_demo_items("test", ("gender", "race", "religion"), config.limit)
+        items = []
         if phase == "debiasing":
+            items = load_demo_items("test", ("gender", "race", "religion"), config.limit)
             _cached(trainer.model, trainer.tokenizer, trainer.editor, 64)  # normaliser statistics
         loaded = current_rss_mib()
         reset = reset_peak_rss()

@@ -23,7 +23,9 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from . import metrics
 from .editor.presets import PresetOverrides
 
 SWEEP_FORMAT = "biasedit-layer-sweep/1"
@@ -60,7 +62,7 @@ class CandidateResult:
 
     @property
     def icat(self) -> float:
-        return self.lms * min(self.ss, 100 - self.ss) / 50
+        return metrics.icat(self.lms, self.ss)
 
 
 def candidate_sets(n_layers: int, budget: int, every_window: bool = False) -> list[tuple[str, list[int]]]:
@@ -90,12 +92,16 @@ def tracing_choice(per_layer_fraction: Sequence[float | None], candidates: Seque
 
 
 def train_and_score(model: nn.Module, tokenizer, layers: list[int], train_data: Sequence, held_out: Sequence,
-                    settings: SweepSettings, preset, progress: bool = False) -> dict[str, float]:
+                    settings: SweepSettings, preset, progress: bool = False,
+                    unedited: dict | None = None) -> tuple[dict[str, float], dict]:
     """Adapter on ``layers`` of ``model`` (modified: pass a fresh one), short training, then the per-batch
-    protocol on ``held_out`` (StereoSet items): overall SS / LMS before and after."""
+    protocol on ``held_out`` (StereoSet items): overall SS / LMS before and after, and the unedited role
+    scores of ``held_out``. Those do not depend on the candidate (a fresh model whose adapter is still zero
+    during the protocol's "before"), so pass the first candidate's back in as ``unedited``."""
     from peft import get_peft_model
 
     from .editor import BiasEditTrainer
+    from .evaluation import score_stereoset_items
     from .protocols import per_batch_protocol
     from .tuner import BiasEditConfig
 
@@ -106,11 +112,13 @@ def train_and_score(model: nn.Module, tokenizer, layers: list[int], train_data: 
             **settings.overrides(),
         )
         state = BiasEditTrainer(peft_model, editor, arguments, train_data, None, tokenizer=tokenizer).train()
+    if unedited is None:
+        unedited = score_stereoset_items(peft_model, tokenizer, held_out, arguments.batch_size, progress=False)
     protocol = per_batch_protocol(editor, peft_model, tokenizer, held_out, edit_batch_size=arguments.n_edits,
-                                  batch_size=arguments.batch_size, n_resamples=0, progress=False)
+                                  batch_size=arguments.batch_size, n_resamples=0, progress=False, unedited=unedited)
     before, after = protocol["before"]["overall"], protocol["after"]["overall"]
     return {"ss": after["ss"], "lms": after["lms"], "ss_pre": before["ss"], "lms_pre": before["lms"],
-            "steps": state.global_step}
+            "steps": state.global_step}, unedited
 
 
 @dataclass
@@ -166,11 +174,12 @@ def sweep_layers(load_model: Callable[[], nn.Module], tokenizer, train_data: Seq
     preset = preset or preset_for_model(probe)
     del probe
     sets = candidate_sets(n_layers, settings.budget, settings.every_window)
-    results = []
-    for name, layers in _progress(sets, progress):
+    results, unedited = [], None
+    for name, layers in tqdm(sets, desc=f"Sweeping {len(sets)} block sets", unit="set", disable=not progress):
         torch.manual_seed(settings.seed)
         started = time.perf_counter()
-        scores = train_and_score(load_model(), tokenizer, layers, train_data, held_out, settings, preset, progress)
+        scores, unedited = train_and_score(load_model(), tokenizer, layers, train_data, held_out, settings, preset,
+                                           progress, unedited)
         results.append(CandidateResult(name, layers, seconds=time.perf_counter() - started, **scores))
     recommended = recommend(results, settings.ss_tolerance)
     tracing = compare_with_tracing(results, recommended, trace, settings.budget) if trace else None
@@ -182,7 +191,7 @@ def format_sweep(document: dict) -> str:
     lines = [f"{'candidate':<14}{'blocks':<12}{'SS':>8}{'LMS':>8}{'LMS drop':>10}{'ICAT':>8}{'steps':>7}{'s':>7}"]
     first = document["candidates"][0]
     lines.append(f"{'(unedited)':<14}{'-':<12}{first['ss_pre']:>8.2f}{first['lms_pre']:>8.2f}{'':>10}"
-                 f"{first['lms_pre'] * min(first['ss_pre'], 100 - first['ss_pre']) / 50:>8.2f}")
+                 f"{metrics.icat(first['lms_pre'], first['ss_pre']):>8.2f}")
     for c in document["candidates"]:
         mark = " <- recommended" if c["name"] == document["recommended"] else ""
         lines.append(f"{c['name']:<14}{','.join(map(str, c['layers'])):<12}{c['ss']:>8.2f}{c['lms']:>8.2f}"
@@ -218,11 +227,3 @@ def plot_sweep(document: dict, path) -> None:
         low = min([c[key] for c in document["candidates"]] + [first[f"{key}_pre"], 50 if key == "ss" else 100])
         ax.set_ylim(max(0, low - 5), None)
     figure.savefig(path, dpi=130)
-
-
-def _progress(sets, enabled: bool):
-    if not enabled:
-        return sets
-    from tqdm.auto import tqdm
-
-    return tqdm(sets, desc=f"Sweeping {len(sets)} block sets", unit="set")

@@ -57,12 +57,18 @@ def per_batch_protocol(
     editor, peft_model: nn.Module, tokenizer, items: Sequence[StereoSetItem], edit_batch_size: int = 32,
     batch_size: int = 32, mode: str = "reference", adapter_name: str = "default",
     n_resamples: int = N_RESAMPLES, seed: int = 0, progress: bool = True,
+    unedited: dict[str, SentenceLogProbs] | None = None,
 ) -> dict:
-    """The paper's protocol: edit each batch, score it, undo. Returns ``{"before", "after", ...}``."""
+    """The paper's protocol: edit each batch, score it, undo. Returns ``{"before", "after", ...}``.
+
+    ``unedited``: the role scores of ``items`` under the model as it is (``score_stereoset_items``), when
+    the caller already has them; they are computed otherwise.
+    """
     items = list(items)
     if not items:
         raise ValueError("per_batch_protocol needs at least one StereoSet item")
-    before = score_stereoset_items(peft_model, tokenizer, items, batch_size, progress=False)
+    before = unedited if unedited is not None else score_stereoset_items(peft_model, tokenizer, items, batch_size,
+                                                                        progress=False)
     batches = edit_batches(items, edit_batch_size)
     pieces = []
     for indices in tqdm(batches, desc="per-batch edits", disable=not progress):

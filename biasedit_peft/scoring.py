@@ -11,7 +11,7 @@ positions of real tokens do not depend on the batch and batched scores equal one
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Iterator, Sequence
 
 import torch
@@ -56,10 +56,10 @@ class SentenceLogProbs:
         return SentenceLogProbs(self.sum[index], self.mean[index], self.n_tokens[index], mean_prob)
 
     def cpu(self) -> "SentenceLogProbs":
-        return SentenceLogProbs(*(None if t is None else t.cpu() for t in (self.sum, self.mean, self.n_tokens, self.mean_prob)))
+        return SentenceLogProbs(*(None if t is None else t.cpu() for t in (getattr(self, f) for f in SCORE_FIELDS)))
 
 
-SCORE_FIELDS = ("sum", "mean", "n_tokens", "mean_prob")
+SCORE_FIELDS = tuple(f.name for f in fields(SentenceLogProbs))
 
 
 def start_token_id(tokenizer) -> int:

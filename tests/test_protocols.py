@@ -95,6 +95,22 @@ def test_per_batch_scores_each_batch_under_its_own_edit_and_restores_the_model(t
     assert result["after"] != result["before"]
 
 
+def test_per_batch_uses_given_unedited_scores_instead_of_scoring_again(testbed, items):
+    peft_model, tokenizer = testbed
+    editor = _editor(peft_model, tokenizer, items, lr=1e-2)
+    unedited = score_stereoset_items(peft_model, tokenizer, items, progress=False)
+    given = per_batch_protocol(editor, peft_model, tokenizer, items, edit_batch_size=4, n_resamples=0,
+                               progress=False, unedited=unedited)
+    assert given == per_batch_protocol(editor, peft_model, tokenizer, items, edit_batch_size=4, n_resamples=0,
+                                       progress=False)
+    shifted = {role: scores[slice(None)] for role, scores in unedited.items()}
+    shifted["stereotype"].mean = shifted["stereotype"].mean + 100.0  # every stereotype now scores higher
+    before = per_batch_protocol(editor, peft_model, tokenizer, items, edit_batch_size=4, n_resamples=0,
+                                progress=False, unedited=shifted)["before"]
+    assert before["overall"]["ss"] == 100.0  # the given scores were used, not recomputed
+    assert before != given["before"]
+
+
 def test_held_out_scores_only_targets_the_edit_never_saw(testbed, items):
     peft_model, tokenizer = testbed
     editor = _editor(peft_model, tokenizer, items, lr=1e-2)

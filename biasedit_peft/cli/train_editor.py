@@ -139,8 +139,8 @@ def run(args: argparse.Namespace) -> int:
             lr=args.lr, n_edits=args.n_edits, batch_size=args.batch_size, meta_lr=args.meta_lr,
             loc_coef=args.loc_coef, epochs=args.epochs, patience=args.patience, max_steps=args.max_steps,
             eval_every=args.eval_every, seed=args.seed, resume=args.resume, progress=not args.quiet,
+            editor_device=args.editor_device,  # the trainer moves the editor there; None: with the LM
         )
-        editor.to(args.editor_device or device)
         editor.provenance.update(training_data=data_description(args.train_data, bias_types, args.limit),
                                  eval_data=None if eval_data is None else args.eval_data, command=command_line(args))
         trainer = BiasEditTrainer(peft_model, editor, training, train_data, eval_data, tokenizer=tokenizer)

@@ -25,7 +25,9 @@ from typing import Sequence
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
+from ..scoring import eval_mode
 from .layout import KINDS, ModelLayout, base_model_of, find_layout
 from .patching import add_embedding_noise, continuation_log_probs, record_states, restore_states
 from .prompts import POSITIONS, TracePrompt, prepare_prompts
@@ -318,20 +320,9 @@ def trace_items(model: nn.Module, tokenizer, items: Sequence, settings: TraceSet
     if not prompts:
         raise ValueError(f"None of the {len(items)} items can be traced (skipped: {skipped})")
     noise_std = embedding_std(model, prompts) if noise_std is None else noise_std
-    was_training = model.training
-    model.eval()
-    try:
-        traces = [trace_prompt(model, layout, prompt, noise_std, settings) for prompt in _progress(prompts, progress)]
-    finally:
-        model.train(was_training)
+    with eval_mode(model):  # restores each module's own mode (model.train(flag) would not)
+        traces = [trace_prompt(model, layout, prompt, noise_std, settings)
+                  for prompt in tqdm(prompts, desc=f"Tracing {len(prompts)} items", unit="item", disable=not progress)]
     overall, kinds = summarise(traces, settings.kinds)
     return TraceResult(settings, layout, layout.n_layers(model), noise_std, overall, kinds, traces, skipped,
                        dict(meta or {}))
-
-
-def _progress(prompts, enabled: bool):
-    if not enabled:
-        return prompts
-    from tqdm.auto import tqdm
-
-    return tqdm(prompts, desc=f"Tracing {len(prompts)} items", unit="item")
