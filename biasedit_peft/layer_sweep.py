@@ -15,10 +15,11 @@ bias; among them the one with the smallest LMS drop wins (then the earlier candi
 
 from __future__ import annotations
 
-import math
+import itertools
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -26,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import metrics
+from ._json import json_ready
 from .editor.presets import PresetOverrides
 
 SWEEP_FORMAT = "biasedit-layer-sweep/1"
@@ -137,17 +139,7 @@ class SweepResult:
                     "candidates": [{**asdict(c), "lms_drop": c.lms_drop, "icat": c.icat} for c in self.candidates],
                     "recommended": self.candidates[self.recommended].name,
                     "recommended_layers": self.candidates[self.recommended].layers, "tracing": self.tracing}
-        return _rounded(document)
-
-
-def _rounded(value):
-    if isinstance(value, float):
-        return None if math.isnan(value) else round(value, 4)
-    if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_rounded(v) for v in value]
-    return value
+        return json_ready(document, digits=4)
 
 
 def compare_with_tracing(candidates: Sequence[CandidateResult], recommended: int, trace: dict, budget: int) -> dict:
@@ -169,16 +161,17 @@ def sweep_layers(load_model: Callable[[], nn.Module], tokenizer, train_data: Seq
     from .editor import preset_for_model
     from .tracing import find_layout
 
-    probe = load_model()
+    probe = load_model()  # also the first candidate's model: nothing has touched it
     n_layers = find_layout(probe).n_layers(probe)
     preset = preset or preset_for_model(probe)
+    fresh_models = itertools.chain([probe], iter(load_model, None))
     del probe
     sets = candidate_sets(n_layers, settings.budget, settings.every_window)
     results, unedited = [], None
     for name, layers in tqdm(sets, desc=f"Sweeping {len(sets)} block sets", unit="set", disable=not progress):
         torch.manual_seed(settings.seed)
         started = time.perf_counter()
-        scores, unedited = train_and_score(load_model(), tokenizer, layers, train_data, held_out, settings, preset,
+        scores, unedited = train_and_score(next(fresh_models), tokenizer, layers, train_data, held_out, settings, preset,
                                            progress, unedited)
         results.append(CandidateResult(name, layers, seconds=time.perf_counter() - started, **scores))
     recommended = recommend(results, settings.ss_tolerance)
@@ -207,8 +200,8 @@ def format_sweep(document: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_sweep(document: dict, path) -> None:
-    """SS and LMS per candidate (bars) with the unedited values (dashed); needs matplotlib."""
+def plot_sweep(document: dict, path: str | Path) -> Path:
+    """SS and LMS per candidate (bars) with the unedited values (dashed), saved to ``path``; needs matplotlib."""
     from matplotlib.figure import Figure
 
     names = [f"{c['name']}\n({','.join(map(str, c['layers']))})" for c in document["candidates"]]
@@ -227,3 +220,4 @@ def plot_sweep(document: dict, path) -> None:
         low = min([c[key] for c in document["candidates"]] + [first[f"{key}_pre"], 50 if key == "ss" else 100])
         ax.set_ylim(max(0, low - 5), None)
     figure.savefig(path, dpi=130)
+    return Path(path)

@@ -68,7 +68,8 @@ def test_sweep_trains_each_candidate_on_its_own_blocks(tmp_path):
     settings = SweepSettings(budget=1, every_window=True, max_steps=1)
     result = sweep_layers(load_model, tokenizer(), samples(8), stereoset_items(8)[::-1], settings, preset)
     assert [c.layers for c in result.candidates] == [[0], [1], [2]]
-    for candidate, model in zip(result.candidates, built[1:]):  # built[0] is the probe for the block count
+    assert len(built) == 3  # one fresh model per candidate; the first also gave the block count
+    for candidate, model in zip(result.candidates, built):
         names = list(edit_targets(model))
         assert len(names) == 1 and names[0].endswith(f"h.{candidate.layers[0]}.mlp.c_proj")
     assert len({(c.ss_pre, c.lms_pre) for c in result.candidates}) == 1  # the unedited scores do not depend on it

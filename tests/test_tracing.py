@@ -302,3 +302,18 @@ def test_a_peft_model_is_traced_with_its_adapter(tokenizer):
         sums = sentence_scores(token_log_probs(peft_model(input_ids=batch.input_ids).logits, batch), batch).sum
     assert abs(edited.traces[0].clean - float((sums[1] - sums[0]).abs())) < 1e-5
     assert abs(edited.traces[0].clean - base.traces[0].clean) > 1e-4  # the adapter's delta is in the traced model
+
+
+def test_plots_or_hint_only_swallows_a_missing_matplotlib(capsys):
+    from biasedit_peft.cli._common import plots_or_hint
+
+    def missing(name):
+        def draw():
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return draw
+
+    assert plots_or_hint(missing("matplotlib.figure")) == []
+    assert "pip install 'biasedit-peft[plot]'" in capsys.readouterr().out
+    with pytest.raises(ModuleNotFoundError):
+        plots_or_hint(missing("matplotlibx"))
+    assert plots_or_hint(lambda: ["a.png"]) == ["a.png"]

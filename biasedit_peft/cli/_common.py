@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Callable
 
 MODEL_HELP = "local folder, Hub id, or 'testbed' (the bundled toy model)"
 DTYPE_CHOICES = ("fp32", "bf16", "fp16")
@@ -42,3 +43,16 @@ def write_json_document(out_dir: str | Path, name: str, document: dict) -> Path:
     path = out / name
     path.write_text(json.dumps(document, indent=1, allow_nan=False) + "\n", encoding="utf-8")
     return path
+
+
+def plots_or_hint(draw: Callable[[], list[Path]]) -> list[Path]:
+    """``draw()``'s PNG paths, or none (after printing how to install matplotlib) when matplotlib is missing."""
+    from biasedit_peft.tracing import PLOT_HINT
+
+    try:
+        return draw()
+    except ModuleNotFoundError as error:
+        if (error.name or "").partition(".")[0] != "matplotlib":
+            raise
+        print(f"no plots: {PLOT_HINT}")
+        return []

@@ -18,6 +18,7 @@ from .trace import add_tracing_arguments
 from biasedit_peft.cli._common import (
     add_model_argument,
     add_runtime_arguments,
+    plots_or_hint,
     split_list,
     write_json_document,
 )
@@ -84,7 +85,6 @@ def run(args: argparse.Namespace) -> int:
     from biasedit_peft.editor import preset_for_model
     from biasedit_peft.layer_sweep import SweepSettings, format_sweep, plot_sweep, sweep_layers
     from biasedit_peft.models import TESTBED_NAME, load_model, load_tokenizer
-    from biasedit_peft.tracing import PLOT_HINT
 
     try:
         bias_types = split_list(args.bias_type)
@@ -111,13 +111,6 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     write_json_document(out, SWEEP_JSON, document)
     print(format_sweep(document))
-    written = [out / SWEEP_JSON]
-    try:
-        plot_sweep(document, out / "sweep.png")
-        written.append(out / "sweep.png")
-    except ModuleNotFoundError as error:
-        if not str(error.name or "").startswith("matplotlib"):
-            raise
-        print(f"no plot: {PLOT_HINT}")
+    written = [out / SWEEP_JSON, *plots_or_hint(lambda: [plot_sweep(document, out / "sweep.png")])]
     print("\nwrote " + ", ".join(map(str, written)))
     return 0

@@ -15,6 +15,7 @@ from pathlib import Path
 from biasedit_peft.cli._common import (
     add_model_argument,
     add_runtime_arguments,
+    plots_or_hint,
     split_list,
     write_json_document,
 )
@@ -117,22 +118,9 @@ def format_trace(document: dict) -> str:
     return "\n".join(lines)
 
 
-def write_plots(document: dict, out: Path) -> list[Path]:
-    """The PNGs of ``document`` under ``out``, or none (with a message) when matplotlib is missing."""
-    from biasedit_peft.tracing import PLOT_HINT, plot_trace
-
-    try:
-        return plot_trace(document, out)
-    except ModuleNotFoundError as error:
-        if error.name != "matplotlib" and not str(error.name or "").startswith("matplotlib."):
-            raise
-        print(f"no plots: {PLOT_HINT}")
-        return []
-
-
 def run(args: argparse.Namespace) -> int:
     from biasedit_peft.data import load_stereoset
-    from biasedit_peft.tracing import find_layout, trace_items
+    from biasedit_peft.tracing import find_layout, plot_trace, trace_items
 
     try:
         settings = tracing_settings(args, split_list(args.kinds))
@@ -149,6 +137,6 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     write_json_document(out, TRACE_JSON, document)
     print(format_trace(document))
-    paths = write_plots(document, out)
+    paths = plots_or_hint(lambda: plot_trace(document, out))
     print(f"\nwrote {out / TRACE_JSON}" + "".join(f", {p}" for p in paths))
     return 0

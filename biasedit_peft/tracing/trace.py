@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .._json import json_ready
 from ..scoring import eval_mode
 from .layout import KINDS, ModelLayout, base_model_of, find_layout
 from .patching import add_embedding_noise, continuation_log_probs, record_states, restore_states
@@ -143,16 +144,19 @@ class PromptTracer:
         rows = mask.shape[0]
         per_row = mask.to(self.input_ids.device).repeat_interleave(2 * self.samples, 0)  # [R*S*2, L, T]
         sentence = torch.arange(2, device=self.input_ids.device).repeat(rows * self.samples)
-        noise = self.noise.repeat_interleave(2, 0).repeat(rows, 1, 1)  # [R*S*2, n, D]
         modules, clean = self.layout.modules(self.model, kind), self.clean_states(kind)  # clean pass before hooking
-        with add_embedding_noise(self.model, noise, self.prompt.subject_start), \
-                restore_states(modules, clean, sentence, per_row):
-            return bias_effect(self._log_probs(rows))
+        with restore_states(modules, clean, sentence, per_row):
+            return self._corrupted_effects(rows)
 
     def corrupted(self) -> Tensor:
         """[S] effects with nothing restored."""
-        empty = torch.zeros(1, self.n_layers, self.input_ids.shape[1], dtype=torch.bool)
-        return self.run(KINDS[0], empty)[0]
+        return self._corrupted_effects(1)[0]
+
+    def _corrupted_effects(self, rows: int) -> Tensor:
+        """[rows, S] effects of ``rows`` copies of the noised batch, under whatever restore hooks are active."""
+        noise = self.noise.repeat_interleave(2, 0).repeat(rows, 1, 1)  # [rows*S*2, n, D]
+        with add_embedding_noise(self.model, noise, self.prompt.subject_start):
+            return bias_effect(self._log_probs(rows))
 
     def grid(self, kind: str, window: int, layers_per_forward: int | None = None) -> Tensor:
         """[L, P, S] effects of restoring ``kind`` at each layer (window) and traced position.
@@ -246,18 +250,6 @@ def summarise(traces: Sequence[PromptTrace], kinds: Sequence[str]) -> tuple[dict
     return overall, summaries
 
 
-def _jsonable(value):
-    if isinstance(value, Tensor):
-        value = value.tolist()
-    if isinstance(value, float):
-        return None if math.isnan(value) else round(value, 6)
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 @dataclass
 class TraceResult:
     """Everything a trace found; :meth:`to_json` is what ``biasedit trace`` writes as ``trace.json``."""
@@ -283,7 +275,7 @@ class TraceResult:
 
     def to_json(self) -> dict:
         """The JSON document (schema in docs/tracing.md); NaN becomes null."""
-        return _jsonable({
+        return json_ready({
             "format": TRACE_FORMAT,
             **self.meta,
             "settings": {"noise_scale": self.settings.noise_scale, "samples": self.settings.samples,
