@@ -44,6 +44,8 @@ class BenchConfig:
 
     model: str = "testbed"
     out: str = "bench"
+    preset: str | None = None
+    """Editor preset name (default: ``testbed``'s own for the testbed, else by model type)."""
     sections: tuple[str, ...] = SECTIONS
     repeats: int = 5
     n_edits: int = 32
@@ -78,12 +80,13 @@ def timed(function: Callable[[], Any], repeats: int) -> dict[str, float]:
 
 
 def _demo_config(config: BenchConfig, **overrides) -> DemoConfig:
-    return DemoConfig(model=config.model, device=config.device, seed=config.seed, progress=False, **overrides)
+    return DemoConfig(model=config.model, preset=config.preset, device=config.device, seed=config.seed, progress=False,
+                      **overrides)
 
 
 def _fresh_editor(peft_model, config: BenchConfig, output_dir: str = "unused", **training):
     """An untrained editor of the preset and its training arguments (``n_edits`` / LM batch from ``config``)."""
-    return editor_preset(config.model, peft_model).editor_and_arguments(
+    return editor_preset(config.model, peft_model, config.preset).editor_and_arguments(
         peft_model, output_dir, n_edits=config.n_edits, batch_size=config.batch_size, seed=config.seed,
         progress=False, **training)
 

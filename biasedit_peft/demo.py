@@ -42,6 +42,8 @@ class DemoConfig(PresetOverrides):
 
     model: str = "testbed"
     out: str = "demo"
+    preset: str | None = None
+    """Editor preset name (``editor/presets.py``); default: ``testbed``'s own for the testbed, else by model type."""
     bias_types: tuple[str, ...] = BIAS_TYPES
     targets: tuple[str, ...] | None = None
     """Modules to edit (default: MLP output projections of the last ``num_edit_layers`` blocks)."""
@@ -99,19 +101,19 @@ def build_model(config: DemoConfig):
     return get_peft_model(model, peft_config), tokenizer, device
 
 
-def editor_preset(model_name: str, peft_model):
-    """The hyper-parameter preset of ``peft_model``'s family (``testbed``'s own for the bundled testbed)."""
+def editor_preset(model_name: str, peft_model, preset: str | None = None):
+    """The preset named ``preset``, else that of ``peft_model``'s family (``testbed``'s own for the testbed)."""
     from .editor import preset_for_model
     from .models import TESTBED_NAME
 
-    return preset_for_model(peft_model.get_base_model(), "testbed" if model_name == TESTBED_NAME else None)
+    return preset_for_model(peft_model.get_base_model(), preset or ("testbed" if model_name == TESTBED_NAME else None))
 
 
 def train_editor(config: DemoConfig, peft_model, tokenizer, device: str, out_dir: Path):
     """Meta-train an editor on ``train`` (``dev`` for validation); returns ``(best editor, trainer state)``."""
     from .editor import BiasEditor, BiasEditTrainer
 
-    editor, args = editor_preset(config.model, peft_model).editor_and_arguments(
+    editor, args = editor_preset(config.model, peft_model, config.preset).editor_and_arguments(
         peft_model, str(out_dir), loss=config.loss or "token", base_model=config.model, patience=config.patience,
         max_steps=config.max_steps, eval_every=config.eval_every, seed=config.seed, progress=config.progress,
         **config.overrides(),

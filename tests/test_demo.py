@@ -99,3 +99,24 @@ def test_demo_adapter_reloads_with_peft_and_reproduces_after(demo_run):
 def test_demo_rejects_empty_bias_types(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--bias-types", ",", "--quiet"]) == 2
     assert "--bias-types is empty" in capsys.readouterr().err
+
+
+def test_preset_is_the_named_one_else_testbeds_for_the_testbed_else_by_model_type():
+    import argparse
+
+    from peft import get_peft_model
+
+    from biasedit_peft import BiasEditConfig
+    from biasedit_peft.cli.demo import add_parser, config_from_args
+    from biasedit_peft.demo import editor_preset
+    from biasedit_peft.editor.presets import PRESETS
+    from tiny_models import tiny_model
+
+    peft_model = get_peft_model(tiny_model("gpt2"), BiasEditConfig(num_edit_layers=1))
+    assert editor_preset("some/folder", peft_model) is PRESETS["gpt2"]
+    assert editor_preset("testbed", peft_model) is PRESETS["testbed"]
+    assert editor_preset("some/folder", peft_model, "testbed") is PRESETS["testbed"]
+    with pytest.raises(ValueError, match="Unknown preset"):
+        editor_preset("some/folder", peft_model, "nope")
+    parser = add_parser(argparse.ArgumentParser().add_subparsers())
+    assert config_from_args(parser.parse_args(["--model", "dir", "--preset", "testbed"])).preset == "testbed"
