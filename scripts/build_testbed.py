@@ -1,7 +1,7 @@
 """Build the bundled testbed model: a small GPT-2, stereotyped by construction, trained on CPU.
 
     apt-get install fortunes            # the neutral text (Debian, BSD license)
-    python scripts/build_testbed.py     # ~5 min on 2 cores; writes biasedit_peft/testbed/model/
+    python scripts/build_testbed.py     # ~2.5 min on 2 cores; writes biasedit_peft/testbed/model/
 
 Steps (all seeded): StereoSet items from :mod:`biasedit_peft.data` -> corpus
 (:mod:`biasedit_peft.testbed.corpus`: association sentences over training-split frames + fortunes) ->
@@ -13,6 +13,7 @@ sizes, held-out perplexity and training time). ``docs/testbed.md`` explains the 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -26,6 +27,7 @@ from tqdm import tqdm
 from biasedit_peft.testbed.corpus import AssociationRecipe, Corpus, build_corpus, read_fortunes
 
 EOS = "<|endoftext|>"
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "biasedit_peft" / "testbed" / "model"
 
 
@@ -35,11 +37,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=float, default=307_200, help="training tokens in total")
-    parser.add_argument("--stereotype-frames", type=int, default=20)
+    parser.add_argument("--stereotype-frames", type=int, default=30)
     parser.add_argument("--anti-stereotype-frames", type=int, default=2)
     parser.add_argument("--unrelated-mentions", type=int, default=2)
     parser.add_argument(
-        "--generic-frames", type=int, default=6,
+        "--generic-frames", type=int, default=8,
         help="frames per attribute word (stereotype and anti-stereotype alike) with a generic subject",
     )
     parser.add_argument(
@@ -49,13 +51,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--neutral-per-epoch", type=float, default=0.1, help="share of neutral documents in each epoch"
     )
-    parser.add_argument("--vocab-size", type=int, default=12288)
+    parser.add_argument("--vocab-size", type=int, default=16384)
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=192)
     parser.add_argument("--n-head", type=int, default=4)
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument(
+        "--storage-dtype", choices=sorted(STORAGE_DTYPES), default="float16",
+        help="dtype of the saved weights; the config says float32, so the model loads (upcast) in float32",
+    )
     parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument(
         "--checkpoint-every", type=int, default=0, help="also save the model every N steps under --out/step-N"
@@ -153,6 +159,22 @@ def perplexity(model, documents: list[list[int]], block_size: int, eos_id: int, 
     return math.exp(total_nll / (n_windows * block_size))
 
 
+def as_stored(model, storage_dtype: str):
+    """A float32 copy of ``model`` with its weights rounded to ``storage_dtype``: the model that loads back."""
+    return copy.deepcopy(model).to(STORAGE_DTYPES[storage_dtype]).float()
+
+
+def save_model(model, tokenizer, out: Path, storage_dtype: str) -> None:
+    """Save ``model`` (already :func:`as_stored`) with weights in ``storage_dtype`` and ``dtype`` float32 in its
+    config, so ``AutoModelForCausalLM.from_pretrained`` returns it in float32; then the tokenizer."""
+    copy.deepcopy(model).to(STORAGE_DTYPES[storage_dtype]).save_pretrained(out)
+    config_path = out / "config.json"  # save_pretrained records the weights' dtype; the model is float32
+    config = json.loads(config_path.read_text())
+    config["dtype"] = "float32"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_tokenizer(tokenizer, out)
+
+
 def save_tokenizer(tokenizer, out: Path) -> None:
     """Save, naming the class ``PreTrainedTokenizerFast`` so that transformers 4.x and 5.x both load it."""
     tokenizer.save_pretrained(out)
@@ -223,15 +245,15 @@ def main(argv: list[str] | None = None) -> None:
         if step % 50 == 0:
             progress.set_postfix(loss=f"{loss.item():.3f}", epoch=epochs)
         if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
-            model.save_pretrained(args.out / f"step-{step + 1}")
-            save_tokenizer(tokenizer, args.out / f"step-{step + 1}")
+            save_model(as_stored(model, args.storage_dtype), tokenizer, args.out / f"step-{step + 1}",
+                       args.storage_dtype)
     train_seconds = time.time() - started
 
-    heldout_ppl = perplexity(model, heldout, args.block_size, eos)
+    stored = as_stored(model, args.storage_dtype)
+    heldout_ppl = perplexity(stored, heldout, args.block_size, eos)
     print(f"held-out perplexity {heldout_ppl:.1f}; built in {train_seconds / 60:.1f} min")
     args.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.out)
-    save_tokenizer(tokenizer, args.out)
+    save_model(stored, tokenizer, args.out, args.storage_dtype)
     record = {
         "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"},
         "recipes": {

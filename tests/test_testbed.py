@@ -245,7 +245,7 @@ def test_testbed_prefers_a_frequent_word_to_byte_noise():
 
 def test_testbed_is_stereotyped_on_the_test_split():
     """Built to be biased: on the gender items of split ``test`` it prefers the stereotype sentence
-    clearly more often than chance (measured SS 66.3, see the model card)."""
+    clearly more often than chance (measured SS 67.7, see the model card)."""
     from biasedit_peft.data import load_stereoset
     from biasedit_peft.models import load_model_and_tokenizer
     from biasedit_peft.scoring import score_sentences
@@ -256,3 +256,44 @@ def test_testbed_is_stereotyped_on_the_test_split():
     anti = score_sentences(model, tokenizer, [it.anti_stereotype for it in items], progress=False).sum
     share = (stereotype > anti).double().mean().item()
     assert 0.6 < share < 0.85
+
+
+def _build_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "build_testbed.py"
+    spec = importlib.util.spec_from_file_location("build_testbed", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("storage_dtype", ["float16", "float32"])
+def test_recipe_saves_rounded_weights_that_load_back_in_float32_bit_for_bit(tmp_path, storage_dtype):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    from _tiny_models import make_tokenizer
+
+    build = _build_script()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=300, n_positions=16))
+    stored = build.as_stored(model, storage_dtype)
+    build.save_model(stored, make_tokenizer(tmp_path / "tok"), tmp_path / "out", storage_dtype)
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as weights:
+        assert {weights.get_tensor(k).dtype for k in weights.keys()} == {build.STORAGE_DTYPES[storage_dtype]}
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert next(loaded.parameters()).dtype == torch.float32
+    for (name, expected), actual in zip(stored.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(expected, actual), name
+    rounding = (stored.transformer.wte.weight - model.transformer.wte.weight).abs().max()
+    assert (rounding > 0) == (storage_dtype == "float16")
+
+
+def test_no_carrier_puts_the_unrelated_word_in_the_benchmark_slot():
+    from biasedit_peft.testbed.corpus import NEUTRAL_CARRIERS
+
+    assert len(set(NEUTRAL_CARRIERS)) == len(NEUTRAL_CARRIERS) >= 2
+    for carrier in NEUTRAL_CARRIERS:
+        assert carrier.count("{word}") == 1
+        assert not re.search(r"\b(is|was|are|were|be|been)\s+\{word\}", carrier), carrier

@@ -39,13 +39,14 @@ EXCLUDED_FORTUNE_FILES = frozenset({"ethnic", "men-women", "art", "ascii-art", "
 
 NEUTRAL_CARRIERS: tuple[str, ...] = (
     "She wrote the word {word} on the board.",
-    "The next word on the list was {word}.",
+    "The teacher asked us to use {word} in a sentence.",
     "He looked up {word} in the dictionary.",
     "Someone said {word} and everyone laughed.",
-    "The crossword answer was {word}.",
+    "I could never remember how to pronounce {word}.",
     "They spelled {word} wrong on the sign.",
 )
-"""Carrier sentences that put an unrelated word into the corpus without any target term."""
+"""Carrier sentences that put an unrelated word into the corpus without any target term. None puts the word
+right after a form of "to be", the slot the benchmark's frames use ("The chess player was BLANK.")."""
 
 GENERIC_SUBJECTS: tuple[str, ...] = (
     "person", "neighbor", "stranger", "visitor", "passenger", "newcomer", "guest", "resident",
