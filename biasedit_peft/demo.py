@@ -103,10 +103,9 @@ def build_model(config: DemoConfig):
 
 def editor_preset(model_name: str, peft_model, preset: str | None = None):
     """The preset named ``preset``, else that of ``peft_model``'s family (``testbed``'s own for the testbed)."""
-    from .editor import preset_for_model
-    from .models import TESTBED_NAME
+    from .editor import preset_for_model, preset_name_for
 
-    return preset_for_model(peft_model.get_base_model(), preset or ("testbed" if model_name == TESTBED_NAME else None))
+    return preset_for_model(peft_model.get_base_model(), preset_name_for(model_name, preset))
 
 
 def train_editor(config: DemoConfig, peft_model, tokenizer, device: str, out_dir: Path):

@@ -109,13 +109,15 @@ def test_preset_is_the_named_one_else_testbeds_for_the_testbed_else_by_model_typ
     from biasedit_peft import BiasEditConfig
     from biasedit_peft.cli.demo import add_parser, config_from_args
     from biasedit_peft.demo import editor_preset
-    from biasedit_peft.editor.presets import PRESETS
+    from biasedit_peft.editor.presets import PRESETS, preset_name_for
     from tiny_models import tiny_model
 
     peft_model = get_peft_model(tiny_model("gpt2"), BiasEditConfig(num_edit_layers=1))
     assert editor_preset("some/folder", peft_model) is PRESETS["gpt2"]
     assert editor_preset("testbed", peft_model) is PRESETS["testbed"]
     assert editor_preset("some/folder", peft_model, "testbed") is PRESETS["testbed"]
+    assert (preset_name_for("testbed"), preset_name_for("some/folder"), preset_name_for("testbed", "gpt2")) == (
+        "testbed", None, "gpt2")
     with pytest.raises(ValueError, match="Unknown preset"):
         editor_preset("some/folder", peft_model, "nope")
     parser = add_parser(argparse.ArgumentParser().add_subparsers())

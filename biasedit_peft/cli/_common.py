@@ -19,6 +19,13 @@ def add_model_argument(parser: argparse.ArgumentParser, default: str | None = No
         parser.add_argument("--model", default=default, help=f"{MODEL_HELP}; default {default!r}")
 
 
+def add_preset_argument(parser: argparse.ArgumentParser) -> None:
+    """``--preset``: the editor hyper-parameters (``editor/presets.py``), by default chosen from the model."""
+    parser.add_argument("--preset", default=None,
+                        help="hyper-parameter preset: gpt2, llama, mistral, gemma, testbed (default: from the "
+                        "model type; 'testbed' for --model testbed)")
+
+
 def add_runtime_arguments(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
     """``--dtype`` (optional), ``--device`` and ``--quiet``."""
     if dtype:

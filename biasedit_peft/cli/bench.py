@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from biasedit_peft.cli._common import add_model_argument, add_runtime_arguments, split_list
+from biasedit_peft.cli._common import add_model_argument, add_preset_argument, add_runtime_arguments, split_list
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -23,8 +23,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "factored vs LoRA). Writes OUT/bench.json after every section.",
     )
     add_model_argument(parser, default="testbed")
-    parser.add_argument("--preset", default=None,
-                        help="editor preset (default: 'testbed' for the testbed, else from the model type)")
+    add_preset_argument(parser)
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated of {','.join(SECTIONS)}")
     parser.add_argument("--out", default="bench", help="output folder (default ./bench)")
     parser.add_argument("--json", dest="json_path", default=None, help="also write bench.json here")
@@ -60,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = BenchConfig(
-            model=args.model, out=args.out, preset=args.preset, sections=tuple(split_list(args.sections) or ()), repeats=args.repeats,
+            model=args.model, out=args.out, preset=args.preset, sections=tuple(split_list(args.sections) or ()),
+            repeats=args.repeats,
             n_edits=args.n_edits, batch_size=args.batch_size, solve_sizes=_ints(args.solve_sizes, "--solve-sizes"),
             max_system=args.max_system, lora_ranks=_ints(args.lora_ranks, "--lora-ranks"), quality_steps=args.quality_steps,
             limit=args.limit, seed=args.seed, device=args.device, progress=not args.quiet,

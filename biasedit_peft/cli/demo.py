@@ -13,7 +13,7 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
-from biasedit_peft.cli._common import add_model_argument, add_runtime_arguments, split_list
+from biasedit_peft.cli._common import add_model_argument, add_preset_argument, add_runtime_arguments, split_list
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -26,8 +26,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "OUT/results.json, OUT/before_after.png, OUT/editor, OUT/adapter and OUT/merged.",
     )
     add_model_argument(parser, default="testbed")
-    parser.add_argument("--preset", default=None,
-                        help="editor preset (default: 'testbed' for the testbed, else from the model type)")
+    add_preset_argument(parser)
     parser.add_argument("--bias-types", default="gender,race,religion", help="comma-separated StereoSet types")
     parser.add_argument("--out", default="demo", help="output folder (default ./demo)")
     parser.add_argument("--json", dest="json_path", default=None, help="also write results.json here")
@@ -52,7 +51,8 @@ def config_from_args(args: argparse.Namespace):
     if not bias_types:
         raise ValueError("--bias-types is empty")
     return DemoConfig(
-        model=args.model, out=args.out, preset=args.preset, bias_types=tuple(bias_types), num_edit_layers=args.num_edit_layers,
+        model=args.model, out=args.out, preset=args.preset, bias_types=tuple(bias_types),
+        num_edit_layers=args.num_edit_layers,
         max_steps=args.max_steps, eval_every=args.eval_every, n_edits=args.n_edits, loss=args.loss,
         loc_coef=args.loc_coef, limit=args.limit, n_resamples=args.n_resamples, seed=args.seed, dtype=args.dtype,
         device=args.device, merge=not args.no_merge, progress=not args.quiet,

@@ -17,6 +17,7 @@ from pathlib import Path
 from .trace import add_tracing_arguments
 from biasedit_peft.cli._common import (
     add_model_argument,
+    add_preset_argument,
     add_runtime_arguments,
     plots_or_hint,
     split_list,
@@ -43,7 +44,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--train-limit", type=int, default=None, help="first N training items (StereoSet train split)")
     parser.add_argument("--eval-limit", type=int, default=None, help="first N held-out items (StereoSet test split)")
     parser.add_argument("--max-steps", type=int, default=30, help="meta-training steps per candidate (default 30)")
-    parser.add_argument("--preset", default=None, help="editor preset (default: from the model; 'testbed' for testbed)")
+    add_preset_argument(parser)
     parser.add_argument("--n-edits", type=int, default=None, help="samples per edit (default: preset)")
     parser.add_argument("--batch-size", type=int, default=None, help="sentence pairs per forward (default: preset)")
     parser.add_argument("--lr", type=float, default=None, help="initial editor step size (default: preset)")
@@ -82,9 +83,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from biasedit_peft.data import load_stereoset
-    from biasedit_peft.editor import preset_for_model
+    from biasedit_peft.editor import preset_for_model, preset_name_for
     from biasedit_peft.layer_sweep import SweepSettings, format_sweep, plot_sweep, sweep_layers
-    from biasedit_peft.models import TESTBED_NAME, load_model, load_tokenizer
+    from biasedit_peft.models import load_model, load_tokenizer
 
     try:
         bias_types = split_list(args.bias_type)
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         tokenizer = load_tokenizer(args.model)
         device = default_device(args.device)
-        preset_name = args.preset or ("testbed" if args.model == TESTBED_NAME else None)
+        preset_name = preset_name_for(args.model, args.preset)
         preset = preset_for_model(None, preset_name) if preset_name else None  # None: from the model type
         settings = SweepSettings(budget=args.budget, every_window=args.all_windows, max_steps=args.max_steps,
                                  n_edits=args.n_edits, batch_size=args.batch_size, lr=args.lr, meta_lr=args.meta_lr,

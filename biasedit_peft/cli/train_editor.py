@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from biasedit_peft.cli._common import add_model_argument, add_runtime_arguments, split_list
+from biasedit_peft.cli._common import add_model_argument, add_preset_argument, add_runtime_arguments, split_list
 from biasedit_peft.models import default_device
 
 
@@ -28,9 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="comma-separated module names to edit (default: MLP output projections of the last "
                         "--num-edit-layers blocks)")
     parser.add_argument("--num-edit-layers", type=int, default=3, help="last blocks to edit (default 3)")
-    parser.add_argument("--preset", default=None,
-                        help="hyper-parameter preset: gpt2, llama, mistral, gemma, testbed (default: from the "
-                        "model type; 'testbed' for --model testbed)")
+    add_preset_argument(parser)
     parser.add_argument("--train-data", default="stereoset:train", help="stereoset:SPLIT or a file (default "
                         "stereoset:train)")
     parser.add_argument("--eval-data", default="stereoset:dev", help="stereoset:SPLIT, a file, or 'none'")
@@ -122,8 +120,8 @@ def build_peft_model(model, targets: list[str] | None, num_edit_layers: int):
 
 
 def run(args: argparse.Namespace) -> int:
-    from biasedit_peft.editor import BiasEditor, BiasEditTrainer, preset_for_model
-    from biasedit_peft.models import TESTBED_NAME, load_model_and_tokenizer
+    from biasedit_peft.editor import BiasEditor, BiasEditTrainer, preset_for_model, preset_name_for
+    from biasedit_peft.models import load_model_and_tokenizer
 
     try:
         bias_types = split_list(args.bias_types)
@@ -131,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         eval_data = None if args.eval_data == "none" else load_edit_samples(args.eval_data, bias_types, args.limit)
         device = default_device(args.device)
         model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
-        preset = preset_for_model(model, args.preset or ("testbed" if args.model == TESTBED_NAME else None))
+        preset = preset_for_model(model, preset_name_for(args.model, args.preset))
         peft_model = build_peft_model(model, split_list(args.targets), args.num_edit_layers)
 
         editor, training = preset.editor_and_arguments(

@@ -2,7 +2,7 @@
 
 from .editor import BiasEditor, BiasEditorConfig, DebiasReport
 from .nets import EditorNet
-from .presets import PRESETS, Preset, preset_for_model
+from .presets import PRESETS, Preset, preset_for_model, preset_name_for
 from .solve import RidgeDelta, RidgeSolution, solve_ridge
 from .trainer import BiasEditTrainer, BiasEditTrainingArguments
 
@@ -18,5 +18,6 @@ __all__ = [
     "RidgeDelta",
     "RidgeSolution",
     "preset_for_model",
+    "preset_name_for",
     "solve_ridge",
 ]

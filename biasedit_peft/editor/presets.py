@@ -14,6 +14,8 @@ from typing import Any
 
 from torch import nn
 
+from ..models import TESTBED_NAME
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -107,3 +109,8 @@ def preset_for_model(model: nn.Module | None = None, name: str | None = None) ->
         return PRESETS[name]
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     return PRESETS[MODEL_TYPE_PRESETS.get(model_type, "llama")]
+
+
+def preset_name_for(model_name: str, preset: str | None = None) -> str | None:
+    """``preset`` if given, else ``"testbed"`` for the bundled testbed, else None (choose by model type)."""
+    return preset or ("testbed" if model_name == TESTBED_NAME else None)
