@@ -258,11 +258,12 @@ def test_testbed_is_stereotyped_on_the_test_split():
     assert 0.6 < share < 0.85
 
 
-def _build_script():
+def _script(name: str = "build_testbed"):
+    """A module of ``scripts/`` (not a package), loaded from its file."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "build_testbed.py"
-    spec = importlib.util.spec_from_file_location("build_testbed", path)
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -275,7 +276,7 @@ def test_recipe_saves_rounded_weights_that_load_back_in_float32_bit_for_bit(tmp_
 
     from _tiny_models import make_tokenizer
 
-    build = _build_script()
+    build = _script()
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=300, n_positions=16))
     stored = build.as_stored(model, storage_dtype)
@@ -297,3 +298,15 @@ def test_no_carrier_puts_the_unrelated_word_in_the_benchmark_slot():
     for carrier in NEUTRAL_CARRIERS:
         assert carrier.count("{word}") == 1
         assert not re.search(r"\b(is|was|are|were|be|been)\s+\{word\}", carrier), carrier
+
+
+def test_lms_diagnostic_counts_word_pieces_and_win_shares():
+    from biasedit_peft.models import load_tokenizer
+
+    diagnostic = _script("lms_by_word_pieces")
+    wins = torch.tensor([True, False, True, True, False])
+    pieces = torch.tensor([1, 1, 2, 3, 3])
+    assert diagnostic.win_rates(wins, pieces) == {1: (2, 0.5), 2: (1, 1.0), 3: (2, 0.5)}
+    tokenizer = load_tokenizer("testbed")
+    counts = diagnostic.piece_counts(tokenizer, ["the", "xqzjvkwpfh"])
+    assert counts[0] == 1 and counts[1] == 3  # a common word is one piece; nonsense is capped at 3
