@@ -9,6 +9,20 @@
 7. write ``OUT/results.json`` and a before / after bar chart ``OUT/before_after.png``.
 
 Everything is offline; with ``model="testbed"`` (the default) it runs in minutes on a laptop CPU.
+
+Resumable (:mod:`biasedit_peft.progress_store`): each finished stage (:data:`STAGES`) is recorded at once
+as ``OUT/stages/NAME.json`` (its JSON-able result, its seconds, the files it wrote), and ``OUT/stages/
+config.json`` holds the settings that decide the results (:func:`demo_fingerprint`). A killed demo loses
+at most the running stage, and less: editor training keeps its own checkpoint (``OUT/editor/checkpoint``)
+and the evaluations keep their finished score pieces in ``OUT/stages/NAME.partial/``.
+``run_demo(config, resume=True)`` (``biasedit demo --resume``) loads the finished stages and runs the rest;
+a stored config that differs is refused (``ResumeMismatch``, naming the fields). Without ``resume`` an
+``OUT`` holding a previous demo is refused (``PreviousRunError``); ``overwrite=True`` deletes the demo's
+own entries of ``OUT`` (:data:`DEMO_ENTRIES`, nothing else) and starts fresh.
+
+``results.json`` of an uninterrupted run is what it always was, plus ``resumed_stages``: the stages loaded
+from an earlier run (``[]`` without a resume); their ``seconds`` are the stored ones, and ``seconds.total``
+is this run's wall-clock time plus theirs.
 """
 
 from __future__ import annotations
@@ -17,19 +31,39 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from .data import BIAS_TYPES, load_stereoset
+from .editor.editor import atomic_write_text
 from .editor.presets import PresetOverrides
 from .evaluation import take_per_type
 from .models import default_device
+from .progress_store import (
+    STAGE_CONFIG_NAME,
+    PreviousRunError,
+    ScoreStore,
+    StageStore,
+    files_under,
+    refuse_previous,
+    remove_path,
+    run_stage,
+)
 
 RESULTS_NAME = "results.json"
 PLOT_NAME = "before_after.png"
+STAGES_DIR = "stages"
+STAGES = ("evaluate_before", "train_editor", "per_batch_protocol", "held_out_protocol", "debias", "evaluate_after",
+          "merge_and_rescore")
+"""The demo's stages, in the order they run (``merge_and_rescore`` only with ``merge``)."""
+DEMO_ENTRIES = (STAGES_DIR, "editor", "adapter", "merged", RESULTS_NAME, PLOT_NAME)
+"""What a demo writes into ``OUT``; ``overwrite`` deletes these and nothing else."""
+NOT_FINGERPRINTED = ("out", "progress", "command")
+"""``DemoConfig`` fields that do not change the results (a resume may change them)."""
 
 
 @dataclass
@@ -66,34 +100,23 @@ class DemoConfig(PresetOverrides):
     command: str | None = None
 
 
-@dataclass
-class StageTimer:
-    """Wall-clock seconds of each named stage."""
-
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    def run(self, name: str, function, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return function(*args, **kwargs)
-        finally:
-            self.seconds[name] = round(time.perf_counter() - start, 2)
-
-
 def load_demo_items(split: str, bias_types: Sequence[str], limit: int | None) -> list:
     """StereoSet items of ``split`` for ``bias_types``, the first ``limit`` per type when given."""
     return take_per_type(load_stereoset(split, bias_types=list(bias_types)), limit)
 
 
-def build_model(config: DemoConfig):
-    """``(peft_model, tokenizer, device)`` with a zero BiasEdit adapter on the configured targets."""
-    from peft import get_peft_model
+def build_model(config: DemoConfig, adapter: str | Path | None = None):
+    """``(peft_model, tokenizer, device)`` with a zero BiasEdit adapter on the configured targets, or with the
+    saved ``adapter`` folder loaded instead."""
+    from peft import PeftModel, get_peft_model
 
     from .models import load_model_and_tokenizer
     from .tuner import BiasEditConfig
 
     device = default_device(config.device)
     model, tokenizer = load_model_and_tokenizer(config.model, dtype=config.dtype, device=device)
+    if adapter is not None:
+        return PeftModel.from_pretrained(model, str(adapter)), tokenizer, device
     peft_config = BiasEditConfig(
         target_modules=list(config.targets) if config.targets else None, num_edit_layers=config.num_edit_layers,
         layers_to_transform=list(config.layers_to_transform) if config.layers_to_transform else None,
@@ -108,14 +131,17 @@ def editor_preset(model_name: str, peft_model, preset: str | None = None):
     return preset_for_model(peft_model.get_base_model(), preset_name_for(model_name, preset))
 
 
-def train_editor(config: DemoConfig, peft_model, tokenizer, device: str, out_dir: Path):
-    """Meta-train an editor on ``train`` (``dev`` for validation); returns ``(best editor, trainer state)``."""
+def train_editor(config: DemoConfig, peft_model, tokenizer, device: str, out_dir: Path, resume: bool = False):
+    """Meta-train an editor on ``train`` (``dev`` for validation); returns ``(best editor, trainer state, args)``.
+
+    ``resume``: continue from the trainer checkpoint in ``out_dir/checkpoint`` when there is one.
+    """
     from .editor import BiasEditor, BiasEditTrainer
 
     editor, args = editor_preset(config.model, peft_model, config.preset).editor_and_arguments(
         peft_model, str(out_dir), loss=config.loss or "token", base_model=config.model, patience=config.patience,
         max_steps=config.max_steps, eval_every=config.eval_every, seed=config.seed, progress=config.progress,
-        **config.overrides(),
+        resume=resume, **config.overrides(),
     )
     train = load_demo_items("train", config.bias_types, config.limit)
     dev = load_demo_items("dev", config.bias_types, config.limit)
@@ -125,14 +151,22 @@ def train_editor(config: DemoConfig, peft_model, tokenizer, device: str, out_dir
     return best, state, args
 
 
-def evaluate(model, tokenizer, config: DemoConfig, name: str, adapter: str | None = None) -> dict:
-    """``evaluate_model`` on the ``test`` split with the demo's bias types (the ``biasedit evaluate`` schema)."""
+def training_summary(state, args) -> dict:
+    """``results["training"]``: where meta-training ended (a ``TrainerState``) and its arguments."""
+    return {"steps": state.global_step, "epochs": state.epoch, "stopped_early": state.stopped_early,
+            "best_loss": state.best_loss, "history": state.history, "arguments": asdict(args)}
+
+
+def evaluate(model, tokenizer, config: DemoConfig, name: str, adapter: str | None = None,
+             store: ScoreStore | None = None) -> dict:
+    """``evaluate_model`` on the ``test`` split with the demo's bias types (the ``biasedit evaluate`` schema);
+    ``store`` keeps (and resumes from) its finished score pieces."""
     from .evaluation import evaluate_model
 
     benchmarks = ("stereoset", "crows") if config.crows else ("stereoset",)
     return evaluate_model(model, tokenizer, benchmarks=benchmarks, bias_types=list(config.bias_types), split="test",
                           progress=config.progress, limit=config.limit, model_name=name, adapter=adapter,
-                          n_resamples=config.n_resamples, seed=config.seed)
+                          n_resamples=config.n_resamples, seed=config.seed, store=store)
 
 
 def max_abs_difference(first: dict, second: dict, sections: Sequence[str] = ("stereoset", "crows", "perplexity")) -> float:
@@ -181,8 +215,10 @@ def write_card(peft_model, out_dir: Path, config: DemoConfig, before: dict, afte
     (out_dir / "README.md").write_text(str(card), encoding="utf-8")
 
 
-def merge_and_rescore(config: DemoConfig, adapter_dir: Path, merged_dir: Path, after: dict) -> dict:
-    """Merge the adapter into a plain checkpoint, reload it with transformers alone, score it again."""
+def merge_and_rescore(config: DemoConfig, adapter_dir: Path, merged_dir: Path, after: dict,
+                      store: ScoreStore | None = None) -> dict:
+    """Merge the adapter into a plain checkpoint, reload it with transformers alone, score it again
+    (through ``store`` when given)."""
     from transformers import AutoModelForCausalLM
 
     from .models import load_tokenizer
@@ -191,35 +227,147 @@ def merge_and_rescore(config: DemoConfig, adapter_dir: Path, merged_dir: Path, a
     report = merge_to_folder(config.model, [adapter_dir], merged_dir, dtype=config.dtype)
     device = default_device(config.device)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).to(device).eval()
-    scores = evaluate(merged, load_tokenizer(str(merged_dir)), config, name=str(merged_dir))
+    scores = evaluate(merged, load_tokenizer(str(merged_dir)), config, name=str(merged_dir), store=store)
     return {"path": str(merged_dir), "max_abs_weight_change": max(c.max_abs_change for c in report.changes),
             "evaluation": scores, "max_abs_metric_difference": max_abs_difference(after, scores)}
 
 
-def run_demo(config: DemoConfig) -> dict:
-    """Run the whole workflow (module docstring); returns what ``OUT/results.json`` holds."""
-    from .protocols import held_out_protocol, per_batch_protocol
+def demo_fingerprint(config: DemoConfig) -> dict:
+    """The settings that decide a demo's results: ``config`` without :data:`NOT_FINGERPRINTED`, with the
+    device it resolves to."""
+    fields = {k: v for k, v in asdict(config).items() if k not in NOT_FINGERPRINTED}
+    fields["device"] = str(default_device(config.device))
+    return fields
 
+
+def previous_demo(out: Path) -> list[str]:
+    """The :data:`DEMO_ENTRIES` present in ``out``."""
+    return [name for name in DEMO_ENTRIES if (out / name).exists()]
+
+
+def prepare_out(config: DemoConfig, resume: bool = False, overwrite: bool = False) -> StageStore:
+    """``OUT``'s stage store after the resume / overwrite rules (module docstring); raises
+    ``PreviousRunError`` or ``ResumeMismatch`` (both ``ValueError``) before anything is computed."""
+    if resume and overwrite:
+        raise ValueError("choose one of resume and overwrite")
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    found = previous_demo(out)
+    if found:
+        refuse_previous(f"{out} holds a previous demo ({', '.join(found)})", resume, overwrite)
+        if overwrite:
+            for name in found:
+                remove_path(out / name)
+        elif not (out / STAGES_DIR / STAGE_CONFIG_NAME).is_file():
+            raise PreviousRunError(f"{out} holds a demo without {STAGES_DIR}/{STAGE_CONFIG_NAME} to resume from; "
+                                   "pass --overwrite to start again")
+    stages = StageStore(out / STAGES_DIR, STAGES if config.merge else STAGES[:-1])
+    stages.open(demo_fingerprint(config), resume)
+    return stages
+
+
+class DemoSession:
+    """One demo run: the stages' computations, and the live objects they share (model, editor, test items),
+    built when a stage that runs (is not loaded) first needs them."""
+
+    def __init__(self, config: DemoConfig, stages: StageStore, resume: bool = False):
+        self.config, self.stages, self.resume = config, stages, resume
+        self.out = Path(config.out)
+        self.adapter_dir = self.out / "adapter"
+
+    @cached_property
+    def built(self) -> tuple:
+        """``(peft_model, tokenizer, device)``; the adapter is the saved one when ``debias`` finished earlier."""
+        return build_model(self.config, self.adapter_dir if self.stages.finished("debias") else None)
+
+    @property
+    def peft_model(self):
+        return self.built[0]
+
+    @property
+    def tokenizer(self):
+        return self.built[1]
+
+    @cached_property
+    def editor(self):
+        """The best editor, from ``OUT/editor`` (set directly by :meth:`train`)."""
+        from .editor import BiasEditor
+
+        return BiasEditor.from_pretrained(self.out / "editor", device=self.built[2])
+
+    @cached_property
+    def test_items(self) -> list:
+        return load_demo_items("test", self.config.bias_types, self.config.limit)
+
+    def run(self, name: str, compute, seconds: dict[str, float], files: Sequence[str] = ()) -> Any:
+        """Stage ``name``: loaded when it finished earlier, else ``compute()`` recorded with ``files`` (folders
+        or files under ``OUT``, listed when the stage ends)."""
+        return run_stage(self.stages, name, compute, seconds, lambda: files_under(self.out, files))
+
+    def evaluate_before(self) -> dict:
+        return evaluate(self.peft_model, self.tokenizer, self.config, self.config.model,
+                        store=self.stages.partial("evaluate_before"))
+
+    def train(self) -> dict:
+        """Meta-train (resuming from the trainer checkpoint when resuming); returns :func:`training_summary`."""
+        self.editor, state, args = train_editor(self.config, self.peft_model, self.tokenizer, self.built[2],
+                                                self.out / "editor", resume=self.resume)
+        return training_summary(state, args)
+
+    def protocol_arguments(self, training: dict) -> dict:
+        config = self.config
+        return dict(batch_size=training["arguments"]["batch_size"], n_resamples=config.n_resamples, seed=config.seed,
+                    progress=config.progress)
+
+    def per_batch(self, training: dict) -> dict:
+        from .protocols import per_batch_protocol
+
+        return per_batch_protocol(self.editor, self.peft_model, self.tokenizer, self.test_items,
+                                  edit_batch_size=training["arguments"]["n_edits"], **self.protocol_arguments(training))
+
+    def held_out(self, training: dict) -> dict:
+        from .protocols import held_out_protocol
+
+        return held_out_protocol(self.editor, self.peft_model, self.tokenizer, self.test_items,
+                                 **self.protocol_arguments(training))
+
+    def debias(self) -> dict:
+        return debias_and_save(self.editor, self.peft_model, self.tokenizer, self.config, self.test_items,
+                               self.adapter_dir)
+
+    def evaluate_after(self, before: dict) -> dict:
+        """Evaluate base + adapter and write the adapter's model card."""
+        after = evaluate(self.peft_model, self.tokenizer, self.config, self.config.model, str(self.adapter_dir),
+                         store=self.stages.partial("evaluate_after"))
+        write_card(self.peft_model, self.adapter_dir, self.config, before, after)
+        return after
+
+    def merge(self, after: dict) -> dict:
+        return merge_and_rescore(self.config, self.adapter_dir, self.out / "merged", after,
+                                 store=self.stages.partial("merge_and_rescore"))
+
+
+def run_demo(config: DemoConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run the whole workflow (module docstring); returns what ``OUT/results.json`` holds.
+
+    ``resume``: load the stages a killed run of the same config finished and run the rest; ``overwrite``:
+    delete a previous demo in ``OUT`` first. Without either, an ``OUT`` holding a demo is refused.
+    """
+    stages = prepare_out(config, resume, overwrite)
+    resumed = [name for name in stages.stages if stages.finished(name)]
+    out = Path(config.out)
     torch.manual_seed(config.seed)
-    timer = StageTimer()
+    seconds: dict[str, float] = {}
     started = time.perf_counter()
-    peft_model, tokenizer, device = build_model(config)
-    before = timer.run("evaluate_before", evaluate, peft_model, tokenizer, config, config.model)
-    editor, state, args = timer.run("train_editor", train_editor, config, peft_model, tokenizer, device, out / "editor")
-    test_items = load_demo_items("test", config.bias_types, config.limit)
-    common = dict(batch_size=args.batch_size, n_resamples=config.n_resamples, seed=config.seed, progress=config.progress)
-    per_batch = timer.run("per_batch_protocol", per_batch_protocol, editor, peft_model, tokenizer, test_items,
-                          edit_batch_size=args.n_edits, **common)
-    held_out = timer.run("held_out_protocol", held_out_protocol, editor, peft_model, tokenizer, test_items, **common)
-    adapter_dir = out / "adapter"
-    edit = timer.run("debias", debias_and_save, editor, peft_model, tokenizer, config, test_items, adapter_dir)
-    after = timer.run("evaluate_after", evaluate, peft_model, tokenizer, config, config.model, str(adapter_dir))
-    write_card(peft_model, adapter_dir, config, before, after)
+    demo = DemoSession(config, stages, resume)
+    before = demo.run("evaluate_before", demo.evaluate_before, seconds)
+    training = demo.run("train_editor", demo.train, seconds, files=["editor"])
+    per_batch = demo.run("per_batch_protocol", lambda: demo.per_batch(training), seconds)
+    held_out = demo.run("held_out_protocol", lambda: demo.held_out(training), seconds)
+    edit = demo.run("debias", demo.debias, seconds, files=["adapter"])
+    after = demo.run("evaluate_after", lambda: demo.evaluate_after(before), seconds, files=["adapter/README.md"])
     results: dict[str, Any] = {"before": before, "after": after}
     if config.merge:
-        results["merged"] = timer.run("merge_and_rescore", merge_and_rescore, config, adapter_dir, out / "merged", after)
+        results["merged"] = demo.run("merge_and_rescore", lambda: demo.merge(after), seconds, files=["merged"])
     results["protocols"] = {"per_batch": per_batch, "held_out": held_out}
     results["targets"] = {
         "joint_on_test": target_check(before["stereoset"], after["stereoset"], config.bias_types),
@@ -227,13 +375,13 @@ def run_demo(config: DemoConfig) -> dict:
         "held_out": target_check(held_out["before"], held_out["after"], config.bias_types),
     }
     results["edit"] = edit
-    results["training"] = {"steps": state.global_step, "epochs": state.epoch, "stopped_early": state.stopped_early,
-                           "best_loss": state.best_loss, "history": state.history, "arguments": asdict(args)}
+    results["training"] = training
     results["config"] = asdict(config)
     results["environment"] = environment()
-    timer.seconds["total"] = round(time.perf_counter() - started, 2)
-    results["seconds"] = timer.seconds
-    (out / RESULTS_NAME).write_text(json.dumps(results, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    seconds["total"] = round(time.perf_counter() - started + sum(stages.seconds(name) for name in resumed), 2)
+    results["seconds"] = seconds
+    results["resumed_stages"] = resumed
+    atomic_write_text(out / RESULTS_NAME, json.dumps(results, indent=2, default=_json_default) + "\n")
     return results
 
 

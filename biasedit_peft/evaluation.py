@@ -8,10 +8,18 @@ The dict is exactly what ``biasedit evaluate --json`` writes::
      "perplexity": float, "model": str, "adapter": str | None, "mode": str, "split": str}
 
 Works on any causal LM, a ``PeftModel`` included. Definitions: docs/metrics.md.
+
+Resumable: with ``store=`` (a :class:`~biasedit_peft.progress_store.ScoreStore` or its folder) every
+section's sentences are scored piece by piece (:data:`PIECE_SENTENCES` each, rounded up to a multiple of
+``batch_size``) and each finished piece is written to the store at once; a rerun with the same store
+scores only the pieces that are missing and gives bitwise the same result as an uninterrupted run
+(pieces follow the batches of one unchunked ``score_sentences`` call, see :func:`score_in_pieces`).
+A store made for other inputs is refused (``ResumeMismatch``). The caller removes the store when done.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -21,9 +29,19 @@ from . import metrics
 from .data import STEREOSET_BIAS_TYPES, load_crows, load_neutral_text, load_stereoset
 from .data.crows import CROWS_BIAS_TYPES, CrowsPair, crows_bias_type
 from .data.stereoset import StereoSetItem
-from .scoring import SentenceLogProbs, score_sentences
+from .progress_store import ScoreStore, sentences_digest, tensors_digest
+from .scoring import (
+    SentenceLogProbs,
+    concat_scores,
+    encode_sentences,
+    inverse_permutation,
+    model_device,
+    score_sentences,
+)
 
 BENCHMARKS = ("stereoset", "crows")
+PIECE_SENTENCES = 512
+"""Sentences per stored piece (rounded up to a multiple of the batch size)."""
 
 
 def model_name_of(model) -> str:
@@ -65,12 +83,88 @@ def stereoset_metrics(items: Sequence[StereoSetItem], scores: dict[str, Sentence
 STEREOSET_ROLES = ("stereotype", "anti-stereotype", "unrelated")
 
 
+def piece_size_for(batch_size: int, piece_size: int | None = None) -> int:
+    """Sentences per stored piece: ``piece_size`` (default :data:`PIECE_SENTENCES`, read at call time)
+    rounded up to a multiple of ``batch_size``, so that pieces are made of whole batches."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    wanted = PIECE_SENTENCES if piece_size is None else piece_size
+    if wanted < 1:
+        raise ValueError(f"piece_size must be positive, got {wanted}")
+    return batch_size * math.ceil(wanted / batch_size)
+
+
+def length_order(tokenizer, sentences: Sequence[str]) -> torch.Tensor:
+    """``order`` [N] long: sentence positions by token length, longest first, ties in input order (the order
+    in which :func:`~biasedit_peft.scoring.score_sentences` batches them)."""
+    lengths = encode_sentences(tokenizer, sentences).attention_mask.sum(-1)
+    return torch.argsort(lengths, descending=True, stable=True)
+
+
+def score_in_pieces(
+    model, tokenizer, sentences: Sequence[str], section: str, store: ScoreStore | None = None,
+    batch_size: int = 32, progress: bool = True, piece_size: int | None = None,
+) -> SentenceLogProbs:
+    """``score_sentences(model, tokenizer, sentences, batch_size)`` [N], through ``store`` when given.
+
+    The sentences, in :func:`length_order`, are cut into pieces of :func:`piece_size_for` sentences; each
+    piece is loaded from ``store`` (section ``section``) when finished there, else scored with one
+    ``score_sentences`` call and saved at once. A piece is already sorted, so ``score_sentences`` keeps its
+    order and forms the very batches (same sentences, same padded width) of the unchunked call: the result
+    is bitwise the unchunked one. ``store`` None: one ``score_sentences`` call, nothing written.
+    """
+    sentences = list(sentences)
+    if store is None or not sentences:
+        return score_sentences(model, tokenizer, sentences, batch_size=batch_size, progress=progress)
+    store.require({f"{section} sentences": sentences_digest(sentences)})
+    order = length_order(tokenizer, sentences)
+    pieces = []
+    with _sentence_bar(progress, len(sentences), section) as bar:
+        for number, index in enumerate(torch.split(order, piece_size_for(batch_size, piece_size))):
+            piece = store.load_scores(section, number, index)
+            if piece is None:
+                piece = score_sentences(model, tokenizer, [sentences[i] for i in index.tolist()],
+                                        batch_size=batch_size)
+                store.save_scores(section, number, index, piece)
+            pieces.append(piece)
+            bar.update(len(index))
+    return concat_scores(pieces)[inverse_permutation(order)]
+
+
+def _sentence_bar(enabled: bool, total: int, section: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"Scoring {section} ({total} sentences)", unit="sentence", disable=not enabled)
+
+
+def scoring_fingerprint(model, model_name: str, adapter: str | None, batch_size: int,
+                        piece_size: int | None = None) -> dict:
+    """What decides a store's scores besides the sentences (``progress_store`` module docstring)."""
+    floating = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    return {"model": model_name, "adapter": adapter, "weights": adapter_digest(model), "dtype": str(floating),
+            "device": model_device(model).type, "batch_size": batch_size,
+            "piece_size": piece_size_for(batch_size, piece_size)}
+
+
+def adapter_digest(model) -> str | None:
+    """sha256 of the active PEFT adapter's tensors (``get_peft_model_state_dict``); None for a plain model."""
+    if not hasattr(model, "peft_config"):
+        return None
+    from peft import get_peft_model_state_dict
+
+    return tensors_digest(get_peft_model_state_dict(model))
+
+
 def score_stereoset_items(
     model, tokenizer, items: Sequence[StereoSetItem], batch_size: int = 32, progress: bool = True,
+    store: ScoreStore | None = None, piece_size: int | None = None,
 ) -> dict[str, SentenceLogProbs]:
-    """Scores of every item's three sentences: role -> :class:`SentenceLogProbs` of ``[N]``, in item order."""
+    """Scores of every item's three sentences: role -> :class:`SentenceLogProbs` of ``[N]``, in item order.
+
+    ``store``: score piece by piece through it (section ``stereoset``, :func:`score_in_pieces`).
+    """
     sentences = [item.sentence(role) for role in STEREOSET_ROLES for item in items]
-    scored = score_sentences(model, tokenizer, sentences, batch_size=batch_size, progress=progress)
+    scored = score_in_pieces(model, tokenizer, sentences, "stereoset", store, batch_size, progress, piece_size)
     n = len(items)
     return {role: scored[slice(i * n, (i + 1) * n)] for i, role in enumerate(STEREOSET_ROLES)}
 
@@ -98,19 +192,24 @@ def stereoset_results(
 def evaluate_stereoset(
     model, tokenizer, items: Sequence[StereoSetItem], mode: str = "reference", batch_size: int = 32,
     progress: bool = True, n_resamples: int = metrics.N_RESAMPLES, seed: int = 0,
+    store: ScoreStore | None = None, piece_size: int | None = None,
 ) -> dict:
     """Per bias type and ``overall`` StereoSet metrics of ``items`` under ``model``."""
-    by_role = score_stereoset_items(model, tokenizer, items, batch_size, progress)
+    by_role = score_stereoset_items(model, tokenizer, items, batch_size, progress, store, piece_size)
     return stereoset_results(items, by_role, mode, n_resamples, seed)
 
 
 def evaluate_crows(
     model, tokenizer, pairs: Sequence[CrowsPair], batch_size: int = 32, progress: bool = True,
-    n_resamples: int = metrics.N_RESAMPLES, seed: int = 0,
+    n_resamples: int = metrics.N_RESAMPLES, seed: int = 0, store: ScoreStore | None = None,
+    piece_size: int | None = None,
 ) -> dict:
-    """Per bias type and ``overall`` CrowS-Pairs metric; sentence score = mean token log-prob."""
+    """Per bias type and ``overall`` CrowS-Pairs metric; sentence score = mean token log-prob.
+
+    ``store``: score piece by piece through it (section ``crows``, :func:`score_in_pieces`).
+    """
     sentences = [p.sent_more for p in pairs] + [p.sent_less for p in pairs]
-    scored = score_sentences(model, tokenizer, sentences, batch_size=batch_size, progress=progress)
+    scored = score_in_pieces(model, tokenizer, sentences, "crows", store, batch_size, progress, piece_size)
     n = len(pairs)
     more, less = scored.mean[:n], scored.mean[n:]
     types = [t for t in CROWS_BIAS_TYPES if any(p.bias_type == t for p in pairs)]
@@ -123,10 +222,14 @@ def evaluate_crows(
 
 
 def evaluate_perplexity(model, tokenizer, text: str | Path | Sequence[str] | None = None,
-                        batch_size: int = 32, progress: bool = False) -> float:
-    """Perplexity on the bundled neutral text, a text file, or a list of paragraphs."""
+                        batch_size: int = 32, progress: bool = False, store: ScoreStore | None = None,
+                        piece_size: int | None = None) -> float:
+    """Perplexity on the bundled neutral text, a text file, or a list of paragraphs.
+
+    ``store``: score piece by piece through it (section ``perplexity``, :func:`score_in_pieces`).
+    """
     paragraphs = load_neutral_text(text) if text is None or isinstance(text, (str, Path)) else list(text)
-    scored = score_sentences(model, tokenizer, paragraphs, batch_size=batch_size, progress=progress)
+    scored = score_in_pieces(model, tokenizer, paragraphs, "perplexity", store, batch_size, progress, piece_size)
     return metrics.perplexity(scored.sum, scored.n_tokens)
 
 
@@ -136,20 +239,32 @@ def evaluate_model(
     perplexity_text: str | Path | Sequence[str] | None = None, *, limit: int | None = None,
     model_name: str | None = None, adapter: str | None = None,
     n_resamples: int = metrics.N_RESAMPLES, seed: int = 0,
+    store: ScoreStore | str | Path | None = None, piece_size: int | None = None,
 ) -> dict:
     """Bias benchmarks and perplexity of ``model`` (see module docstring for the dict).
 
     ``bias_types``: StereoSet names (``gender``, ``race``, ``religion``, ``profession``); ``None`` =
     every type of the split and all 9 CrowS-Pairs types. CrowS-Pairs uses ``race-color`` for
     ``race`` and has no ``profession``. ``limit`` keeps the first N items of each bias type.
+
+    ``store``: a :class:`~biasedit_peft.progress_store.ScoreStore` (or its folder) that receives every
+    finished piece of scores and resumes from the pieces it already holds; it must have been made for the
+    same model, adapter, dtype, device, batch size, piece size and sentences, else ``ResumeMismatch``.
+    ``piece_size``: sentences per piece (default :data:`PIECE_SENTENCES`).
     """
     unknown = [b for b in benchmarks if b not in BENCHMARKS]
     if unknown:
         raise ValueError(f"Unknown benchmark(s) {unknown}; choose from {BENCHMARKS}")
     if mode not in metrics.MODES:
         raise ValueError(f"Unknown mode {mode!r}; choose one of {metrics.MODES}")
+    model_name = model_name or model_name_of(model)
+    if store is not None and not isinstance(store, ScoreStore):
+        store = ScoreStore(store)
+    if store is not None:
+        store.require(scoring_fingerprint(model, model_name, adapter, batch_size, piece_size))
     result: dict = {}
-    common = dict(batch_size=batch_size, progress=progress, n_resamples=n_resamples, seed=seed)
+    pieces = dict(store=store, piece_size=piece_size)
+    common = dict(batch_size=batch_size, progress=progress, n_resamples=n_resamples, seed=seed, **pieces)
     if "stereoset" in benchmarks:
         items = take_per_type(load_stereoset(split, bias_types), limit)
         result["stereoset"] = evaluate_stereoset(model, tokenizer, items, mode=mode, **common)
@@ -162,8 +277,8 @@ def evaluate_model(
             result["crows"] = evaluate_crows(model, tokenizer, pairs, **common)
         else:
             result["crows"] = {}
-    result["perplexity"] = evaluate_perplexity(model, tokenizer, perplexity_text, batch_size=batch_size)
-    result.update(model=model_name or model_name_of(model), adapter=adapter, mode=mode, split=split)
+    result["perplexity"] = evaluate_perplexity(model, tokenizer, perplexity_text, batch_size=batch_size, **pieces)
+    result.update(model=model_name, adapter=adapter, mode=mode, split=split)
     return result
 
 

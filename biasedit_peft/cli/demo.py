@@ -1,10 +1,15 @@
 """``biasedit demo``: the whole BiasEdit workflow on the bundled testbed (or any model), offline.
 
     biasedit demo [--model testbed] [--bias-types gender,race,religion] [--out demo] [--json FILE]
+                  [--resume | --overwrite]
 
 Trains an editor (train split, dev for early stopping), measures it under the paper's per-batch protocol
 and a held-out protocol, debiases the test split into an adapter, evaluates before and after, merges the
 adapter into a plain checkpoint and re-scores it. See :mod:`biasedit_peft.demo`.
+
+Each finished stage is recorded in ``OUT/stages/`` at once. ``--resume`` continues a killed demo (same
+settings, else refused naming the differing ones); without it an ``OUT`` that holds a demo is refused
+(exit 2), and ``--overwrite`` deletes the demo's entries of ``OUT`` and starts again.
 """
 
 from __future__ import annotations
@@ -40,8 +45,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples for CIs (0: none)")
     parser.add_argument("--no-merge", action="store_true", help="skip the merged checkpoint")
     parser.add_argument("--seed", type=int, default=0)
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue a killed demo in --out: finished stages are loaded, the rest run")
+    again.add_argument("--overwrite", action="store_true", help="delete a previous demo in --out and start again")
     add_runtime_arguments(parser)
     return parser
+
+
+RUN_CONTROL_FLAGS = ("--resume", "--overwrite")
+"""Flags left out of the recorded command: they say how a run is carried out, not what it computes."""
+
+
+def recorded_command(argv: list[str]) -> str | None:
+    """``biasedit demo ...`` as typed, without :data:`RUN_CONTROL_FLAGS`; None when not run as ``biasedit demo``."""
+    if argv[1:2] != ["demo"]:
+        return None
+    return "biasedit " + shlex.join(a for a in argv[1:] if a not in RUN_CONTROL_FLAGS)
 
 
 def config_from_args(args: argparse.Namespace):
@@ -56,7 +76,7 @@ def config_from_args(args: argparse.Namespace):
         max_steps=args.max_steps, eval_every=args.eval_every, n_edits=args.n_edits, loss=args.loss,
         loc_coef=args.loc_coef, limit=args.limit, n_resamples=args.n_resamples, seed=args.seed, dtype=args.dtype,
         device=args.device, merge=not args.no_merge, progress=not args.quiet,
-        command="biasedit " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["demo"] else None,
+        command=recorded_command(sys.argv),
     )
 
 
@@ -66,10 +86,14 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = config_from_args(args)
-        results = run_demo(config)
+        results = run_demo(config, resume=args.resume, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished stages are in {Path(args.out) / 'stages'}; rerun the same command with "
+              "--resume to continue", file=sys.stderr)
+        return 130
     print(format_results(results))
     out = Path(args.out)
     plot = plot_before_after(results, out / PLOT_NAME)

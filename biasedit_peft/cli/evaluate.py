@@ -2,16 +2,22 @@
 
     biasedit evaluate --model gpt2 [--adapter PATH] [--benchmark stereoset|crows|all]
                       [--bias-types gender,race,religion] [--split test] [--mode reference|paper]
-                      [--json out.json]
+                      [--json out.json [--resume | --overwrite]]
+
+With ``--json FILE`` the scores are written as they are measured, piece by piece, to ``FILE.partial/``
+(:mod:`biasedit_peft.progress_store`). A killed run is continued with ``--resume`` (only the missing pieces
+are scored; the result is bitwise that of an uninterrupted run); without it an existing ``FILE.partial``
+is refused (exit 2), and ``--overwrite`` deletes it and starts again. A partial store made for other
+inputs (model, adapter, dtype, device, batch size, sentences) is refused, naming the fields. On success
+``FILE`` is written atomically as strict JSON (non-finite numbers as null) and ``FILE.partial`` removed.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-from pathlib import Path
+
 from biasedit_peft.cli._common import add_model_argument, add_runtime_arguments
 from biasedit_peft.models import default_device
 
@@ -41,7 +47,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0: none)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     add_runtime_arguments(parser)
-    parser.add_argument("--json", dest="json_path", default=None, help="also write the results here as JSON")
+    parser.add_argument("--json", dest="json_path", default=None,
+                        help="also write the results here as JSON (scores are kept in FILE.partial as they are measured)")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue a killed run from FILE.partial (needs --json FILE)")
+    again.add_argument("--overwrite", action="store_true",
+                       help="delete an existing FILE.partial and start again (needs --json FILE)")
     return parser
 
 
@@ -54,14 +66,33 @@ def _bias_types(text: str | None) -> list[str] | None:
     return types
 
 
+def open_store(json_path: str | None, resume: bool, overwrite: bool):
+    """The partial store beside ``json_path`` (None without one), after the --resume / --overwrite rules."""
+    from biasedit_peft.progress_store import ScoreStore, refuse_previous
+
+    if json_path is None:
+        if resume or overwrite:
+            raise ValueError(f"--{'resume' if resume else 'overwrite'} needs --json FILE (partial results live in "
+                             "FILE.partial)")
+        return None
+    store = ScoreStore.beside(json_path)
+    if store.exists():
+        refuse_previous(f"{store.root} holds the scores of an unfinished evaluation", resume, overwrite)
+        if overwrite:
+            store.remove()
+    return store
+
+
 def run(args: argparse.Namespace) -> int:
     import biasedit_peft  # noqa: F401  (registers BIASEDIT with peft before loading an adapter)
     from biasedit_peft.evaluation import evaluate_model, format_table
     from biasedit_peft.models import load_model_and_tokenizer
+    from biasedit_peft.progress_store import write_json
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         bias_types = _bias_types(args.bias_types)
+        store = open_store(args.json_path, args.resume, args.overwrite)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -76,15 +107,19 @@ def run(args: argparse.Namespace) -> int:
             model, tokenizer, benchmarks=BENCHMARK_CHOICES[args.benchmark], bias_types=bias_types,
             split=args.split, mode=args.mode, batch_size=args.batch_size, progress=not args.quiet,
             perplexity_text=args.perplexity_text, limit=args.limit, model_name=args.model,
-            adapter=args.adapter, n_resamples=args.n_resamples, seed=args.seed,
+            adapter=args.adapter, n_resamples=args.n_resamples, seed=args.seed, store=store,
         )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if store is None:
+            raise
+        print(f"\ninterrupted: finished scores are in {store.root}; rerun with --resume to continue", file=sys.stderr)
+        return 130
     print(format_table(result))
     if args.json_path:
-        path = Path(args.json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        path = write_json(args.json_path, result)
+        store.remove()
         print(f"\nwrote {path}")
     return 0
