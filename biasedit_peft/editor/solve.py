@@ -7,11 +7,19 @@ token) MALMEN's delta is
       = (U^T U + lambda I)^-1 U^T D          (primal, a d_in x d_in system)
       = U^T (U U^T + lambda I)^-1 D          (dual, an N x N system; push-through identity)
 
-``S [d_in, d_out]`` maps keys to value changes (``v' = v + u S``). Both forms are an exact low-rank
-product ``S = left @ right`` of rank ``min(N, d_in)``; we solve the smaller system (float32,
-Cholesky) and keep the factors, never forming ``S`` unless asked. For the meta-gradient,
-:meth:`RidgeSolution.backward` maps ``dL/dS`` to ``dL/dD`` and ``dL/dlambda`` in closed form
-(MALMEN, Tan et al. 2024, Sec. 4.2), so the hyper-network can be recomputed in chunks.
+``S [d_in, d_out]`` maps keys to value changes (``v' = v + u S``). Real keys (SwiGLU products entering
+a Llama ``down_proj``) have Gram diagonals up to ~1e7 and exact duplicate rows (every BOS, shared
+prefixes), so in float32 ``lambda ~ 1`` vanishes next to the Gram and the Cholesky fails or loses
+~1e-3. We therefore solve the smaller system in float64: the Gram is formed from float64 keys,
+Cholesky-factorised and solved in float64, and the factor and the solved system stay float64 for the
+backward. The delta is returned as a float32 product ``S = left @ right`` (rank ``N`` for the dual,
+``d_in`` for the primal) of well-conditioned factors, so rounding them costs ~2e-7 relative: with
+``L L^T = U U^T + lambda I`` the dual keeps ``left = U^T L^-T`` (whitened keys, spectral norm < 1)
+and ``right = L^-1 D``; the primal keeps ``left = I`` and ``right = S``. (The plain dual factors
+``U^T`` and ``(U U^T + lambda I)^-1 D`` lose ~1e-3 at ``lambda = 1`` to float32 rounding alone:
+duplicate keys give ``right`` large rows that cancel in the product.) ``S`` is never formed unless
+asked. For the meta-gradient, :meth:`RidgeSolution.backward` maps ``dL/dS`` to ``dL/dD`` and ``dL/dlambda``
+in closed form (MALMEN, Tan et al. 2024, Sec. 4.2), so the hyper-network can be recomputed in chunks.
 """
 
 from __future__ import annotations
@@ -26,12 +34,12 @@ Form = Literal["auto", "primal", "dual"]
 
 @dataclass(frozen=True)
 class RidgeDelta:
-    """A delta ``S = left @ right`` in key -> value layout ``[d_in, d_out]``, stored factored."""
+    """A delta ``S = left @ right`` in key -> value layout ``[d_in, d_out]``, stored factored (float32)."""
 
     left: torch.Tensor
-    """``[d_in, r]``: ``U^T`` (dual) or ``(U^T U + lambda I)^-1`` (primal)."""
+    """``[d_in, r]``: ``U^T L^-T`` with ``L L^T = U U^T + lambda I`` (dual, ``r = N``) or ``I`` (primal)."""
     right: torch.Tensor
-    """``[r, d_out]``: ``(U U^T + lambda I)^-1 D`` (dual) or ``U^T D`` (primal)."""
+    """``[r, d_out]``: ``L^-1 D`` (dual) or ``S`` (primal)."""
 
     @property
     def rank(self) -> int:
@@ -70,23 +78,29 @@ class RidgeSolution:
 
     delta: RidgeDelta
     keys: torch.Tensor
-    """``U [N, d_in]``."""
+    """``U [N, d_in]`` (float32)."""
     cholesky: torch.Tensor
-    """Lower Cholesky factor of ``U^T U + lambda I`` (primal) or ``U U^T + lambda I`` (dual)."""
+    """float64 lower Cholesky factor of ``U^T U + lambda I`` (primal) or ``U U^T + lambda I`` (dual)."""
     form: Literal["primal", "dual"]
+    solved: torch.Tensor
+    """float64 ``S [d_in, d_out]`` (primal) or ``(U U^T + lambda I)^-1 D [N, d_out]`` (dual)."""
 
     def backward(self, delta_grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``dL/dS [d_in, d_out]`` -> ``(dL/dD [N, d_out], dL/dlambda [])``.
+        """``dL/dS [d_in, d_out]`` -> float32 ``(dL/dD [N, d_out], dL/dlambda [])``, computed in float64.
 
         Primal: ``dD = U M^-1 G``, ``dlambda = -<M^-1 G, S>`` with ``M = U^T U + lambda I``.
         Dual:   ``dD = K^-1 U G``, ``dlambda = -<dD, K^-1 D>`` with ``K = U U^T + lambda I``.
         """
-        delta_grad = delta_grad.to(torch.float32)
+        keys = self.keys.to(torch.float64)
+        delta_grad = delta_grad.to(device=keys.device, dtype=torch.float64)
         if self.form == "primal":
             solved_grad = torch.cholesky_solve(delta_grad, self.cholesky)  # M^-1 G  [d_in, d_out]
-            return self.keys @ solved_grad, -(solved_grad * self.delta.dense()).sum()
-        value_change_grad = torch.cholesky_solve(self.keys @ delta_grad, self.cholesky)  # [N, d_out]
-        return value_change_grad, -(value_change_grad * self.delta.right).sum()
+            change_grad = keys @ solved_grad
+            ridge_grad = -(solved_grad * self.solved).sum()
+        else:
+            change_grad = torch.cholesky_solve(keys @ delta_grad, self.cholesky)  # [N, d_out]
+            ridge_grad = -(change_grad * self.solved).sum()
+        return change_grad.to(torch.float32), ridge_grad.to(torch.float32)
 
 
 def choose_form(n_rows: int, key_size: int) -> Literal["primal", "dual"]:
@@ -94,12 +108,25 @@ def choose_form(n_rows: int, key_size: int) -> Literal["primal", "dual"]:
     return "dual" if n_rows < key_size else "primal"
 
 
+def _not_positive_definite(keys: torch.Tensor, gram: torch.Tensor, ridge: torch.Tensor, minor: int) -> str:
+    """Why the Cholesky of ``gram`` (``lambda`` already on its diagonal) failed at leading minor ``minor``."""
+    size = f"{gram.shape[0]} x {gram.shape[0]}"
+    bad = int((~torch.isfinite(keys)).sum())
+    if bad:
+        return f"The ridge system ({size}) is not positive definite: the cached keys hold {bad} non-finite values"
+    largest = float(gram.diagonal().max()) - float(ridge)
+    return (f"The ridge system ({size}) is not positive definite: the Cholesky failed at leading minor {minor}; "
+            f"lambda={float(ridge):.3g} is {float(ridge) / max(largest, 1e-300):.2g} of the Gram's largest "
+            f"diagonal {largest:.3g} (float64 resolves ~1e-16 of it)")
+
+
 def solve_ridge(
     keys: torch.Tensor, value_changes: torch.Tensor, ridge: float | torch.Tensor, form: Form = "auto"
 ) -> RidgeSolution:
-    """Solve ``argmin_S ||U S - D||^2 + lambda ||S||^2`` in float32 (no autograd through it).
+    """Solve ``argmin_S ||U S - D||^2 + lambda ||S||^2`` in float64 (no autograd through it).
 
-    ``keys [N, d_in]``, ``value_changes [N, d_out]``, ``ridge`` the positive scalar ``lambda``.
+    ``keys [N, d_in]``, ``value_changes [N, d_out]``, ``ridge`` the positive scalar ``lambda``. The
+    delta's factors are float32, on the keys' device.
     """
     if keys.ndim != 2 or value_changes.ndim != 2 or keys.shape[0] != value_changes.shape[0]:
         raise ValueError(f"Need keys [N, d_in] and value changes [N, d_out]; got {tuple(keys.shape)} "
@@ -108,20 +135,22 @@ def solve_ridge(
         raise ValueError("Cannot solve for a delta from zero cached tokens")
     with torch.no_grad():
         keys = keys.detach().to(torch.float32)
-        value_changes = value_changes.detach().to(torch.float32)
-        ridge = torch.as_tensor(ridge, dtype=torch.float32, device=keys.device).detach()
+        keys64 = keys.to(torch.float64)
+        changes64 = value_changes.detach().to(device=keys.device, dtype=torch.float64)
+        ridge = torch.as_tensor(ridge, dtype=torch.float64, device=keys.device).detach()
         form = choose_form(*keys.shape) if form == "auto" else form
-        gram = keys @ keys.T if form == "dual" else keys.T @ keys
+        gram = keys64 @ keys64.T if form == "dual" else keys64.T @ keys64
         gram.diagonal().add_(ridge)
         cholesky, info = torch.linalg.cholesky_ex(gram)
         if int(info) != 0:
-            raise FloatingPointError(
-                f"The ridge system is not positive definite (lambda={float(ridge):.3g}); "
-                "the cached keys are probably not finite"
-            )
+            raise FloatingPointError(_not_positive_definite(keys, gram, ridge, int(info)))
         if form == "dual":
-            delta = RidgeDelta(keys.T, torch.cholesky_solve(value_changes, cholesky))
+            whitened = torch.linalg.solve_triangular(cholesky, torch.cat((keys64, changes64), 1), upper=False)
+            white_keys, white_changes = whitened.split([keys.shape[1], changes64.shape[1]], 1)  # L^-1 U, L^-1 D
+            solved = torch.linalg.solve_triangular(cholesky.T, white_changes, upper=True)  # K^-1 D  [N, d_out]
+            delta = RidgeDelta(white_keys.T.to(torch.float32), white_changes.to(torch.float32))
         else:
-            eye = torch.eye(keys.shape[1], dtype=keys.dtype, device=keys.device)
-            delta = RidgeDelta(torch.cholesky_solve(eye, cholesky), keys.T @ value_changes)
-    return RidgeSolution(delta, keys, cholesky, form)
+            solved = torch.cholesky_solve(keys64.T @ changes64, cholesky)  # S  [d_in, d_out]
+            eye = torch.eye(keys.shape[1], dtype=torch.float32, device=keys.device)
+            delta = RidgeDelta(eye, solved.to(torch.float32))
+    return RidgeSolution(delta, keys, cholesky, form, solved)
