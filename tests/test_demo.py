@@ -101,7 +101,7 @@ def test_demo_rejects_empty_bias_types(tmp_path, capsys):
     assert "--bias-types is empty" in capsys.readouterr().err
 
 
-def test_preset_is_the_named_one_else_testbeds_for_the_testbed_else_by_model_type():
+def test_preset_is_the_named_one_else_testbeds_for_the_testbed_else_cpu_on_cpu_else_by_model_type():
     import argparse
 
     from peft import get_peft_model
@@ -112,8 +112,13 @@ def test_preset_is_the_named_one_else_testbeds_for_the_testbed_else_by_model_typ
     from biasedit_peft.editor.presets import PRESETS, preset_name_for
     from tiny_models import tiny_model
 
+    from biasedit_peft.editor.presets import preset_for_model
+
     peft_model = get_peft_model(tiny_model("gpt2"), BiasEditConfig(num_edit_layers=1))
-    assert editor_preset("some/folder", peft_model) is PRESETS["gpt2"]
+    assert editor_preset("some/folder", peft_model) is PRESETS["cpu"]  # weights on the CPU
+    on_meta = tiny_model("gpt2").to("meta")  # weights off the CPU: the family's paper preset
+    assert preset_for_model(on_meta) is PRESETS["gpt2"]
+    assert preset_for_model(tiny_model("llama").to("meta")) is PRESETS["llama"]
     assert editor_preset("testbed", peft_model) is PRESETS["testbed"]
     assert editor_preset("some/folder", peft_model, "testbed") is PRESETS["testbed"]
     assert (preset_name_for("testbed"), preset_name_for("some/folder"), preset_name_for("testbed", "gpt2")) == (
@@ -122,3 +127,14 @@ def test_preset_is_the_named_one_else_testbeds_for_the_testbed_else_by_model_typ
         editor_preset("some/folder", peft_model, "nope")
     parser = add_parser(argparse.ArgumentParser().add_subparsers())
     assert config_from_args(parser.parse_args(["--model", "dir", "--preset", "testbed"])).preset == "testbed"
+
+
+def test_demo_runs_real_models_in_bf16_on_the_cpu_and_keeps_the_testbed_and_explicit_dtypes():
+    from biasedit_peft.demo import DemoConfig, default_demo_dtype
+
+    assert default_demo_dtype("smollm2-135m", "cpu") == "bf16"
+    assert default_demo_dtype("some/folder", "cuda:0") is None
+    assert default_demo_dtype("testbed", "cpu") is None  # the testbed's figures stay float32
+    assert DemoConfig(model="some/folder", device="cpu").dtype == "bf16"
+    assert DemoConfig(model="some/folder", device="cpu", dtype="fp32").dtype == "fp32"
+    assert DemoConfig(device="cpu").dtype is None
