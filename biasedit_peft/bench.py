@@ -5,7 +5,17 @@ Sections (each a function returning a JSON-ready dict):
 - ``quality``: the demo's metrics (``demo.run_demo``) for the default editor (``token`` loss) and its
   ablations — the ``paper`` loss variant, no retention loss (``loc_coef = 0``, the paper's ablation), and
   editing the first vs the last blocks (the paper's block sweep);
-- ``speed``: seconds per meta-training step and samples per second at a given edit-batch shape;
+- ``speed``: the speed goals, each in every LM dtype of ``dtypes`` (fp32 and bf16 by default; the editor stays
+  float32), measured interleaved so that drift in the machine's speed hits every dtype alike, and each set
+  against the machine's compute bound (its measured 2048 x 2048 matmul rate over the model's forward FLOPs per
+  token, :func:`forward_flops_per_token`):
+
+  * scoring throughput (tokens/s, real and padded) on a sample of the ``biasedit evaluate --benchmark all``
+    workload (:func:`evaluate_workload`), and the time of the whole workload *extrapolated* from its exact
+    token count (goal: at most 4 min);
+  * seconds per meta-training step at ``n_edits`` (goal: at most 6 s at 32 edits) and its LM tokens/s;
+  * bf16 over fp32: throughput ratio of scoring and of the meta-step (goal: at least 2.5x), and how often the
+    two dtypes take the same stereotype-vs-anti-stereotype decision per StereoSet item (goal: 98 %);
 - ``solve``: time to compute one joint delta for 128 / 1024 samples, primal vs dual ridge solve;
 - ``forward``: forward-pass time of the base model, the model with an unmerged adapter, and merged;
 - ``memory``: peak resident memory of meta-training and of debiasing (each in a fresh process; on Linux
@@ -17,17 +27,21 @@ Timings are medians over ``repeats`` runs after one warm-up, with min and max.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -36,6 +50,8 @@ from .editor.editor import atomic_write_text
 from .models import default_device
 
 SECTIONS = ("speed", "solve", "forward", "memory", "size", "quality")
+SPEED_DTYPES = ("fp32", "bf16", "fp16")
+"""LM dtypes the speed section can measure (``--dtypes``)."""
 
 
 @dataclass
@@ -52,6 +68,17 @@ class BenchConfig:
     """Edit-batch shape of the speed section (samples per meta-step)."""
     batch_size: int | None = None
     """Sentence pairs per LM forward pass (default: the model family's preset)."""
+    dtypes: tuple[str, ...] = ("fp32", "bf16")
+    """LM dtypes of the speed section (of :data:`SPEED_DTYPES`), measured interleaved; the editor stays float32."""
+    throughput_limit: int = 10
+    """Scoring sample of the speed section: the first N StereoSet test items (all three roles) and CrowS-Pairs
+    pairs per bias type, and the first N neutral-text paragraphs (10: ~300 sentences)."""
+    throughput_repeats: int = 2
+    """Timed rounds over the scoring sample (after a short warm-up); each round scores it once per dtype."""
+    score_batch_size: int = 32
+    """Sentences per forward pass when scoring (``biasedit evaluate``'s default)."""
+    matmul_size: int = 2048
+    """Side of the square matmul that measures the machine's FLOP rate (the compute bound)."""
     forward_repeats: int = 20
     """Round-robin rounds of the forward section."""
     solve_sizes: tuple[int, ...] = (128, 1024)
@@ -66,17 +93,57 @@ class BenchConfig:
     device: str | None = None
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        self.dtypes = tuple(self.dtypes)
+        unknown = [d for d in self.dtypes if d not in SPEED_DTYPES]
+        if unknown or not self.dtypes or len(set(self.dtypes)) != len(self.dtypes):
+            raise ValueError(f"dtypes must be distinct names of {list(SPEED_DTYPES)}, got {list(self.dtypes)}")
+        for name in ("throughput_limit", "throughput_repeats", "score_batch_size", "matmul_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+def timing_stats(seconds: Sequence[float]) -> dict[str, float]:
+    """Median, min and max of ``seconds``, and how many there are."""
+    return {"median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds),
+            "repeats": len(seconds)}
+
 
 def timed(function: Callable[[], Any], repeats: int) -> dict[str, float]:
     """Median, min and max wall-clock seconds of ``repeats`` calls after one warm-up call."""
-    function()
-    seconds = []
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        function()
-        seconds.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds),
-            "repeats": len(seconds)}
+    timing = round_robin({"only": lambda _round: function()}, max(1, repeats))["only"]
+    return timing.stats()
+
+
+@dataclass
+class Timing:
+    """Wall-clock seconds of the timed calls of one :func:`round_robin` entry, and what each call returned."""
+
+    seconds: list[float] = field(default_factory=list)
+    results: list[Any] = field(default_factory=list)
+
+    def stats(self) -> dict[str, float]:
+        return timing_stats(self.seconds)
+
+
+def round_robin(calls: Mapping[Hashable, Callable[[int], Any]], rounds: int,
+                warmup: bool = True) -> dict[Hashable, Timing]:
+    """Time ``calls`` interleaved: every round calls each ``call(round_number)`` once, in ``calls`` order, so
+    that drift in the machine's speed hits all of them alike.
+
+    Round 0 is a warm-up (neither timed nor kept) when ``warmup``; the ``rounds`` timed rounds are numbered
+    from 1.
+    """
+    timings = {key: Timing() for key in calls}
+    for round_number in range(0 if warmup else 1, rounds + 1):
+        for key, call in calls.items():
+            start = time.perf_counter()
+            result = call(round_number)
+            elapsed = time.perf_counter() - start
+            if round_number:
+                timings[key].seconds.append(elapsed)
+                timings[key].results.append(result)
+    return timings
 
 
 def _demo_config(config: BenchConfig, **overrides) -> DemoConfig:
@@ -91,24 +158,434 @@ def _fresh_editor(peft_model, config: BenchConfig, output_dir: str = "unused", *
         progress=False, **training)
 
 
-def _trainer(config: BenchConfig, out_dir: str):
+def _trainer(config: BenchConfig, out_dir: str, dtype: str | None = None):
+    """A meta-trainer of a fresh editor (float32) on the train split, the LM in ``dtype`` (None: as loaded)."""
     from .editor import BiasEditTrainer
 
-    peft_model, tokenizer, _ = build_model(_demo_config(config))
+    peft_model, tokenizer, _ = build_model(_demo_config(config, dtype=dtype))
     editor, args = _fresh_editor(peft_model, config, out_dir)
     train = load_demo_items("train", ("gender", "race", "religion"), None)
     return BiasEditTrainer(peft_model, editor, args, train, None, tokenizer=tokenizer)
 
 
-def bench_speed(config: BenchConfig) -> dict:
-    """Seconds per meta-training step (cache, predict, post-edit losses, meta-backward, Adam) at ``n_edits``."""
+# ----- speed: goals, token counts, the compute bound -------------------------------------------------------
+GOAL_EVALUATE_MINUTES = 4.0
+"""``biasedit evaluate --model M --benchmark all`` within this many minutes."""
+GOAL_META_STEP_SECONDS = 6.0
+GOAL_META_STEP_N_EDITS = 32
+"""A meta-step of :data:`GOAL_META_STEP_N_EDITS` edits within :data:`GOAL_META_STEP_SECONDS`."""
+GOAL_BF16_SPEEDUP = 2.5
+"""bf16 at least this many times faster than fp32 (scoring and meta-step)."""
+GOAL_DECISION_AGREEMENT_PCT = 98.0
+"""bf16 and fp32 prefer the same sentence (stereotype vs anti-stereotype) on this % of StereoSet items."""
+GRAD_FORWARD_FACTOR = 3
+"""FLOPs of a forward pass with gradients enabled, in forward passes (forward + backward ~ 3 x forward)."""
+FLOPS_COUNTED = ("2 x the weights of every nn.Linear / Conv1D (the LM head once, tied or not) per token; "
+                 "embedding lookups, norms, biases, activations and attention score products not counted")
+META_STEP_FLOPS_COUNTED = (f"{GRAD_FORWARD_FACTOR} x forward FLOPs per padded token of each LM forward with "
+                           "gradients enabled (forward + backward), 1 x for forwards without; an upper estimate "
+                           "of the LM work (the backward stops at the first edited block and computes no weight "
+                           "gradients); the editor's own work (hyper-network, ridge solve, meta-backward, Adam) "
+                           "is not counted")
+
+
+def forward_flops_per_token(model: torch.nn.Module) -> dict[str, Any]:
+    """Forward FLOPs per token of ``model`` (a ``PeftModel`` is looked through): 2 x its matmul weights.
+
+    Counted: the weight of every ``nn.Linear`` and transformers ``Conv1D``, once per token; the LM head is an
+    ``nn.Linear`` and counts once whether or not it is tied to the input embedding. Not counted: embedding
+    lookups (token and position tables: no multiply), norms, biases, activations, and the attention score /
+    weighted-sum products (~4 x layers x context x hidden per token: under 1 % for sentence-length inputs).
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    matmul = sum(m.weight.numel() for m in base.modules() if isinstance(m, (torch.nn.Linear, Conv1D)))
+    embeddings = sum(m.weight.numel() for m in base.modules() if isinstance(m, torch.nn.Embedding))
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    tied = head is not None and head.weight is base.get_input_embeddings().weight
+    return {"flops_per_token": 2 * matmul, "matmul_parameters": matmul,
+            "lm_head_parameters": None if head is None else head.weight.numel(), "lm_head_tied": tied,
+            "embedding_parameters_not_counted": embeddings,
+            "all_parameters": sum(p.numel() for p in base.parameters()), "counted": FLOPS_COUNTED}
+
+
+def compute_bound(tokens: float, seconds: float, flops_per_token: float, gflops: float) -> dict[str, float]:
+    """``tokens`` in ``seconds`` against the bound ``gflops`` (the matmul rate) / ``flops_per_token``."""
+    tokens_per_s = tokens / seconds
+    bound = gflops * 1e9 / flops_per_token
+    return {"tokens_per_s": tokens_per_s, "bound_tokens_per_s": bound, "fraction_of_bound": tokens_per_s / bound}
+
+
+def _synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_call(size: int, dtype: str, device: torch.device | str, seed: int = 0) -> Callable[[int], None]:
+    """A call that multiplies two fixed random ``size x size`` matrices of ``dtype`` (for :func:`round_robin`)."""
+    from .models import parse_dtype
+
+    generator = torch.Generator().manual_seed(seed)
+    a, b = (torch.randn(size, size, generator=generator).to(device=device, dtype=parse_dtype(dtype)) for _ in "ab")
+
+    def call(_round: int) -> None:
+        torch.matmul(a, b)
+        _synchronize(device)
+
+    return call
+
+
+def matmul_rate(timing: Timing, size: int) -> dict[str, Any]:
+    """GFLOP/s of a ``size``-square matmul (``2 size^3`` FLOPs) at the median of ``timing``."""
+    stats = timing.stats()
+    return {"size": size, "seconds": stats, "gflops": 2 * size ** 3 / stats["median_s"] / 1e9}
+
+
+@dataclass
+class TokenCount:
+    """Tokens through an LM's forward passes: ``real`` (attention mask 1: BOS and sentence tokens) and
+    ``padded`` (the whole ``[B, T]`` input), in all and in the passes with gradients enabled."""
+
+    forwards: int = 0
+    real: int = 0
+    padded: int = 0
+    real_with_grad: int = 0
+    padded_with_grad: int = 0
+
+    def add(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, with_grad: bool) -> None:
+        real = input_ids.numel() if attention_mask is None else int(attention_mask.sum())
+        self.forwards += 1
+        self.real += real
+        self.padded += input_ids.numel()
+        if with_grad:
+            self.real_with_grad += real
+            self.padded_with_grad += input_ids.numel()
+
+    @property
+    def forward_equivalent(self) -> int:
+        """Padded tokens weighted by their FLOPs in forward passes (:data:`GRAD_FORWARD_FACTOR` with grad)."""
+        return self.padded + (GRAD_FORWARD_FACTOR - 1) * self.padded_with_grad
+
+    @classmethod
+    def total(cls, counts: Iterable[TokenCount]) -> TokenCount:
+        names = [f.name for f in fields(cls)]
+        counts = list(counts)
+        return cls(**{name: sum(getattr(c, name) for c in counts) for name in names})
+
+
+@contextmanager
+def counting_tokens(model: torch.nn.Module) -> Iterator[TokenCount]:
+    """Counts the tokens of every forward call of ``model`` (of the LM inside a ``PeftModel``) in the block."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    count = TokenCount()
+
+    def hook(_module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is not None:
+            count.add(input_ids, kwargs.get("attention_mask"), torch.is_grad_enabled())
+
+    handle = target.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield count
+    finally:
+        handle.remove()
+
+
+@dataclass
+class ScoringWorkload:
+    """What ``biasedit evaluate --benchmark all`` scores, section by section, in the order it scores it."""
+
+    stereoset_items: list
+    crows_pairs: list
+    sections: dict[str, list[str]]
+
+    @property
+    def n_sentences(self) -> int:
+        return sum(len(sentences) for sentences in self.sections.values())
+
+
+def evaluate_workload(limit: int | None = None) -> ScoringWorkload:
+    """The sentences of ``evaluate_model(benchmarks=("stereoset", "crows"), split="test")``, every bias type:
+    section ``stereoset`` (each item's three roles, role-major, as ``score_stereoset_items``), ``crows``
+    (``sent_more`` then ``sent_less``, as ``evaluate_crows``) and ``perplexity`` (the neutral-text paragraphs).
+
+    ``limit``: the first N StereoSet items and CrowS-Pairs pairs per bias type and the first N paragraphs (the
+    sample the speed section times); None: the whole workload.
+    """
+    from .data import load_crows, load_neutral_text, load_stereoset
+    from .evaluation import STEREOSET_ROLES, take_per_type
+
+    items = take_per_type(load_stereoset("test", None), limit)
+    pairs = take_per_type(load_crows(None), limit)
+    paragraphs = load_neutral_text()
+    sections = {"stereoset": [item.sentence(role) for role in STEREOSET_ROLES for item in items],
+                "crows": [pair.sent_more for pair in pairs] + [pair.sent_less for pair in pairs],
+                "perplexity": paragraphs if limit is None else paragraphs[:limit]}
+    return ScoringWorkload(items, pairs, sections)
+
+
+def batched_token_counts(tokenizer, sentences: Sequence[str], batch_size: int) -> dict[str, int]:
+    """Exact ``real`` and ``padded`` tokens that ``score_sentences(..., batch_size)`` feeds the LM for
+    ``sentences``: it sorts them by length (longest first) and pads each batch to its longest sentence."""
+    from .scoring import encode_sentences
+
+    if not sentences:
+        return {"sentences": 0, "real_tokens": 0, "padded_tokens": 0}
+    lengths = encode_sentences(tokenizer, sentences).attention_mask.sum(-1)
+    ordered = torch.sort(lengths, descending=True, stable=True).values
+    padded = sum(int(chunk[0]) * len(chunk) for chunk in torch.split(ordered, batch_size))
+    return {"sentences": len(sentences), "real_tokens": int(lengths.sum()), "padded_tokens": padded}
+
+
+def workload_token_counts(tokenizer, workload: ScoringWorkload, batch_size: int) -> dict[str, dict[str, int]]:
+    """:func:`batched_token_counts` of each section of ``workload`` (each is one ``score_sentences`` call), and
+    their ``total``."""
+    counts = {name: batched_token_counts(tokenizer, sentences, batch_size)
+              for name, sentences in workload.sections.items()}
+    keys = ("sentences", "real_tokens", "padded_tokens")
+    counts["total"] = {key: sum(c[key] for c in counts.values()) for key in keys}
+    return counts
+
+
+def role_scores(stereoset_scores, n_items: int, role: str):
+    """The ``[n_items]`` scores of ``role`` out of a StereoSet section scored role-major (:func:`evaluate_workload`)."""
+    from .evaluation import STEREOSET_ROLES
+
+    index = STEREOSET_ROLES.index(role)
+    return stereoset_scores[index * n_items:(index + 1) * n_items]
+
+
+def first_half_preferred(scores) -> torch.Tensor:
+    """``[N]`` bool: sentence ``i`` of the first half has a higher mean token log-prob than sentence ``i`` of the
+    second (CrowS-Pairs: ``sent_more`` over ``sent_less``)."""
+    half = len(scores.mean) // 2
+    return scores.mean[:half] > scores.mean[half:]
+
+
+def stereotype_preferred(stereoset_scores, n_items: int) -> torch.Tensor:
+    """``[n_items]`` bool: mean token log-prob of the stereotype > that of the anti-stereotype, per item."""
+    stereo = role_scores(stereoset_scores, n_items, "stereotype").mean
+    anti = role_scores(stereoset_scores, n_items, "anti-stereotype").mean
+    return stereo > anti
+
+
+def agreement_pct(first: torch.Tensor, second: torch.Tensor) -> float | None:
+    """% of positions where two ``[N]`` bool decisions agree (None for N = 0)."""
+    if first.shape != second.shape:
+        raise ValueError(f"decisions of different shapes {tuple(first.shape)} and {tuple(second.shape)}")
+    return None if first.numel() == 0 else 100.0 * float((first == second).float().mean())
+
+
+def decision_agreement(reference: dict[str, Any], other: dict[str, Any], workload: ScoringWorkload) -> dict[str, Any]:
+    """How often two dtypes' scores (section -> scores) of ``workload`` take the same decision: StereoSet
+    stereotype vs anti-stereotype per item, and CrowS-Pairs ``sent_more`` vs ``sent_less`` per pair."""
+    n_items = len(workload.stereoset_items)
+    stereo = [stereotype_preferred(scores["stereoset"], n_items) for scores in (reference, other)]
+    crows = [first_half_preferred(scores["crows"]) for scores in (reference, other)]
+    return {"stereoset_pct": agreement_pct(*stereo), "stereoset_items": n_items,
+            "stereoset_disagreements": int((stereo[0] != stereo[1]).sum()),
+            "crows_pct": agreement_pct(*crows), "crows_pairs": len(workload.crows_pairs)}
+
+
+def goal(key: str, name: str, measured: float | None, target: float, unit: str, at_most: bool) -> dict[str, Any]:
+    """One goal: ``measured`` against ``target`` (``<=`` when ``at_most``, else ``>=``); ``met`` None when
+    unmeasured."""
+    met = None if measured is None else (measured <= target if at_most else measured >= target)
+    return {"key": key, "name": name, "measured": measured, "goal": target, "unit": unit,
+            "comparison": "<=" if at_most else ">=", "met": met}
+
+
+def _progress(config: BenchConfig, message: str) -> None:
+    if config.progress:
+        print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def _score_call(model, tokenizer, sentences: Sequence[str], batch_size: int) -> Callable[[int], tuple]:
+    """A :func:`round_robin` call: ``score_sentences`` of ``sentences``; returns ``(scores, TokenCount)``."""
+    from .scoring import score_sentences
+
+    def call(_round: int) -> tuple:
+        with counting_tokens(model) as count:
+            scores = score_sentences(model, tokenizer, sentences, batch_size=batch_size)
+        return scores, count
+
+    return call
+
+
+def bench_scoring(config: BenchConfig, workload: ScoringWorkload) -> dict[str, Any]:
+    """Scoring throughput of ``workload`` in each of ``config.dtypes``, against the compute bound.
+
+    One copy of the model per dtype; every round scores each section once per dtype (section by section,
+    dtype after dtype) and runs the matmul of the bound once per dtype, so drift hits all alike.
+    """
+    from .models import load_model_and_tokenizer
+    from .scoring import score_sentences
+
+    device = default_device(config.device)
+    loaded = {dtype: load_model_and_tokenizer(config.model, dtype=dtype, device=device) for dtype in config.dtypes}
+    tokenizer = loaded[config.dtypes[0]][1]
+    models = {dtype: model for dtype, (model, _) in loaded.items()}
+    flops = forward_flops_per_token(models[config.dtypes[0]])
+    sections = {name: sentences for name, sentences in workload.sections.items() if sentences}
+    batch_size = config.score_batch_size
+    for model in models.values():  # warm-up: one batch of each section
+        for sentences in sections.values():
+            score_sentences(model, tokenizer, sentences[:batch_size], batch_size=batch_size)
+    calls: dict[Hashable, Callable[[int], Any]] = {}
+    for name, sentences in sections.items():
+        calls.update({(name, dtype): _score_call(models[dtype], tokenizer, sentences, batch_size)
+                      for dtype in config.dtypes})
+    calls.update({("matmul", dtype): matmul_call(config.matmul_size, dtype, device, config.seed)
+                  for dtype in config.dtypes})
+    for dtype in config.dtypes:
+        calls[("matmul", dtype)](0)  # warm-up
+    timings = round_robin(calls, config.throughput_repeats, warmup=False)
+    rates = {dtype: matmul_rate(timings[("matmul", dtype)], config.matmul_size) for dtype in config.dtypes}
+    by_dtype = {dtype: _scoring_entry({name: timings[(name, dtype)] for name in sections}, flops["flops_per_token"],
+                                      rates[dtype]["gflops"]) for dtype in config.dtypes}
+    scores = {dtype: {name: timings[(name, dtype)].results[-1][0] for name in sections} for dtype in config.dtypes}
+    agreement = {f"{dtype}_vs_fp32": decision_agreement(scores["fp32"], scores[dtype], workload)
+                 for dtype in config.dtypes if dtype != "fp32" and "fp32" in config.dtypes}
+    full = workload_token_counts(tokenizer, evaluate_workload(None), batch_size)
+    return {"flops": flops, "matmul": rates, "batch_size": batch_size, "rounds": config.throughput_repeats,
+            "sample": {"limit_per_bias_type": config.throughput_limit,
+                       "sentences": {name: len(s) for name, s in workload.sections.items()},
+                       "stereoset_items": len(workload.stereoset_items), "crows_pairs": len(workload.crows_pairs)},
+            "by_dtype": by_dtype, "decision_agreement": agreement,
+            "evaluate_extrapolation": extrapolate_evaluate(full, by_dtype)}
+
+
+def _scoring_entry(by_section: dict[str, Timing], flops_per_token: float, gflops: float) -> dict[str, Any]:
+    """Throughput of one dtype from its per-section :func:`_score_call` timings: seconds per round (all sections),
+    tokens (of the last round; every round scores the same), real and padded tokens/s against the bound."""
+    rounds = [sum(values) for values in zip(*(timing.seconds for timing in by_section.values()))]
+    count = TokenCount.total(timing.results[-1][1] for timing in by_section.values())
+    seconds = timing_stats(rounds)
+    return {"seconds": seconds, "sentences": sum(len(t.results[-1][0].mean) for t in by_section.values()),
+            "forwards": count.forwards, "real_tokens": count.real, "padded_tokens": count.padded,
+            "real": compute_bound(count.real, seconds["median_s"], flops_per_token, gflops),
+            "padded": compute_bound(count.padded, seconds["median_s"], flops_per_token, gflops),
+            "section_median_s": {name: timing.stats()["median_s"] for name, timing in by_section.items()}}
+
+
+def extrapolate_evaluate(full: dict[str, dict[str, int]], by_dtype: dict[str, dict]) -> dict[str, Any]:
+    """Seconds of scoring the whole ``evaluate --benchmark all`` workload (``full``: its exact token counts) at
+    each dtype's measured padded-token rate (and, as a check, at its real-token rate). An extrapolation: it
+    leaves out loading the model and the bootstrap confidence intervals."""
+    estimates = {}
+    for dtype, measured in by_dtype.items():
+        seconds = full["total"]["padded_tokens"] / measured["padded"]["tokens_per_s"]
+        estimates[dtype] = {"seconds": seconds, "minutes": seconds / 60,
+                            "seconds_from_real_tokens": full["total"]["real_tokens"] / measured["real"]["tokens_per_s"]}
+    return {"extrapolated": True, "what": "scoring of StereoSet test (all bias types, 3 roles), CrowS-Pairs (all) "
+            "and the perplexity text at the sample's padded tokens/s; model loading and bootstrap CIs left out",
+            "full_workload": full, "by_dtype": estimates}
+
+
+def _meta_step_call(trainer, batches: list) -> Callable[[int], TokenCount]:
+    """A :func:`round_robin` call: one training meta-step on batch ``round % len(batches)``; returns its tokens."""
+
+    def call(round_number: int) -> TokenCount:
+        with counting_tokens(trainer.model) as count:
+            trainer.edit_step(batches[round_number % len(batches)], train=True)
+        return count
+
+    return call
+
+
+def bench_meta_step(config: BenchConfig, flops_per_token: float | None) -> dict[str, Any]:
+    """Seconds per meta-training step at ``n_edits`` in each of ``config.dtypes`` (one trainer each, steps
+    interleaved, the same batch in every dtype per round; one warm-up round), with the LM tokens it processed.
+
+    ``flops_per_token``: forward FLOPs per token for the compute bound (None: tokens/s only).
+    """
+    device = default_device(config.device)
     with tempfile.TemporaryDirectory() as folder:
-        trainer = _trainer(config, folder)
-        batches = trainer._batches(trainer.train_data, 0)
-        cursor = iter(range(len(batches)))
-        step = timed(lambda: trainer.edit_step(batches[next(cursor) % len(batches)], train=True), config.repeats)
-    return {"n_edits": config.n_edits, "batch_size": trainer.args.batch_size, "seconds_per_step": step,
-            "samples_per_second": config.n_edits / step["median_s"]}
+        trainers = {dtype: _trainer(config, str(Path(folder) / dtype), dtype) for dtype in config.dtypes}
+        calls: dict[Hashable, Callable[[int], Any]] = {
+            ("step", dtype): _meta_step_call(trainer, trainer._batches(trainer.train_data, 0))
+            for dtype, trainer in trainers.items()}
+        calls.update({("matmul", dtype): matmul_call(config.matmul_size, dtype, device, config.seed)
+                      for dtype in config.dtypes})
+        timings = round_robin(calls, config.repeats)
+        batch_size = trainers[config.dtypes[0]].args.batch_size
+        del trainers, calls
+        gc.collect()
+    rates = {dtype: matmul_rate(timings[("matmul", dtype)], config.matmul_size) for dtype in config.dtypes}
+    by_dtype = {}
+    for dtype in config.dtypes:
+        timing = timings[("step", dtype)]
+        count, seconds = TokenCount.total(timing.results), sum(timing.seconds)
+        entry = {"seconds_per_step": timing.stats(), "samples_per_second": config.n_edits / timing.stats()["median_s"],
+                 "tokens": asdict(count), "real_tokens_per_s": count.real / seconds,
+                 "padded_tokens_per_s": count.padded / seconds}
+        if flops_per_token is not None:
+            entry["forward_equivalent"] = compute_bound(count.forward_equivalent, seconds, flops_per_token,
+                                                        rates[dtype]["gflops"])
+        by_dtype[dtype] = entry
+    return {"n_edits": config.n_edits, "batch_size": batch_size, "rounds": config.repeats, "matmul": rates,
+            "flops_counted": META_STEP_FLOPS_COUNTED, "by_dtype": by_dtype}
+
+
+def matmul_rate_ratio(rates: dict[str, dict]) -> float | None:
+    """bf16 / fp32 matmul GFLOP/s: the speed-up the compute bound allows (None unless both were measured)."""
+    if "fp32" not in rates or "bf16" not in rates:
+        return None
+    return rates["bf16"]["gflops"] / rates["fp32"]["gflops"]
+
+
+def _speedup(by_dtype: dict[str, dict], seconds: Callable[[dict], float]) -> float | None:
+    """fp32 seconds / bf16 seconds (None unless both were measured)."""
+    if "fp32" not in by_dtype or "bf16" not in by_dtype:
+        return None
+    return seconds(by_dtype["fp32"]) / seconds(by_dtype["bf16"])
+
+
+def speed_goals(scoring: dict[str, Any], meta_step: dict[str, Any]) -> list[dict[str, Any]]:
+    """The speed goals (module docstring), measured: one row per dtype where they are per dtype."""
+    rows = [goal(f"evaluate_minutes.{dtype}", f"evaluate --benchmark all, {dtype} (extrapolated)",
+                 estimate["minutes"], GOAL_EVALUATE_MINUTES, "min", at_most=True)
+            for dtype, estimate in scoring["evaluate_extrapolation"]["by_dtype"].items()]
+    n_edits = meta_step["n_edits"]
+    note = "" if n_edits == GOAL_META_STEP_N_EDITS else f" (the goal is set at {GOAL_META_STEP_N_EDITS})"
+    rows += [goal(f"meta_step_seconds.{dtype}", f"meta-step at n_edits {n_edits}, {dtype}{note}",
+                  entry["seconds_per_step"]["median_s"], GOAL_META_STEP_SECONDS, "s", at_most=True)
+             for dtype, entry in meta_step["by_dtype"].items()]
+    rows.append(goal("bf16_scoring_speedup", "bf16/fp32 scoring speed",
+                     _speedup(scoring["by_dtype"], lambda e: e["seconds"]["median_s"]), GOAL_BF16_SPEEDUP, "x",
+                     at_most=False))
+    rows.append(goal("bf16_meta_step_speedup", "bf16/fp32 meta-step speed",
+                     _speedup(meta_step["by_dtype"], lambda e: e["seconds_per_step"]["median_s"]),
+                     GOAL_BF16_SPEEDUP, "x", at_most=False))
+    agreement = scoring["decision_agreement"].get("bf16_vs_fp32", {}).get("stereoset_pct")
+    rows.append(goal("bf16_decision_agreement", "StereoSet decisions bf16 = fp32", agreement,
+                     GOAL_DECISION_AGREEMENT_PCT, "%", at_most=False))
+    return rows
+
+
+def bench_speed(config: BenchConfig) -> dict:
+    """The speed goals in every dtype of ``config.dtypes`` (module docstring): scoring throughput on a sample of
+    the evaluate workload and its extrapolation, seconds per meta-step, bf16 vs fp32, the compute bound.
+
+    The top-level ``seconds_per_step`` / ``samples_per_second`` / ``dtype`` are those of the first dtype.
+    """
+    start_load = os.getloadavg()
+    workload = evaluate_workload(config.throughput_limit)
+    _progress(config, f"speed: scoring {workload.n_sentences} sentences x {len(config.dtypes)} dtypes "
+                      f"x {config.throughput_repeats} rounds ...")
+    scoring = bench_scoring(config, workload)
+    gc.collect()  # the scoring models
+    _progress(config, f"speed: meta-steps ({config.n_edits} edits) x {len(config.dtypes)} dtypes "
+                      f"x {config.repeats + 1} rounds ...")
+    meta_step = bench_meta_step(config, scoring["flops"]["flops_per_token"])
+    first = meta_step["by_dtype"][config.dtypes[0]]
+    return {"n_edits": config.n_edits, "batch_size": meta_step["batch_size"], "dtype": config.dtypes[0],
+            "seconds_per_step": first["seconds_per_step"], "samples_per_second": first["samples_per_second"],
+            "dtypes": list(config.dtypes), "device": str(default_device(config.device)),
+            "torch_threads": torch.get_num_threads(),
+            "load_average": {"start": list(start_load), "end": list(os.getloadavg())},
+            "scoring": scoring, "meta_step": meta_step, "goals": speed_goals(scoring, meta_step)}
 
 
 def _cached(peft_model, tokenizer, editor, n_samples: int):
@@ -185,17 +662,10 @@ def bench_forward(config: BenchConfig) -> dict:
     def forward(model):
         return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
 
-    seconds: dict[str, list[float]] = {name: [] for name in models}
-    for round_ in range(config.forward_repeats + 1):
-        for name, model in models.items():
-            start = time.perf_counter()
-            forward(model)
-            if round_:  # round 0 warms up
-                seconds[name].append(time.perf_counter() - start)
+    timings = round_robin({name: lambda _round, model=model: forward(model) for name, model in models.items()},
+                          config.forward_repeats)
     results: dict[str, Any] = {"batch": list(batch.input_ids.shape)}
-    for name, values in seconds.items():
-        results[name] = {"median_s": statistics.median(values), "min_s": min(values), "max_s": max(values),
-                         "repeats": len(values)}
+    results.update({name: timing.stats() for name, timing in timings.items()})
     results["max_abs_logit_difference_merged_vs_unmerged"] = float((forward(merged) - forward(peft_model)).abs().max())
     base_median = results["base"]["median_s"]
     results["overhead_unmerged_pct"] = 100 * (results["unmerged_adapter"]["median_s"] / base_median - 1)
@@ -400,14 +870,85 @@ def run_bench(config: BenchConfig) -> dict:
     return results
 
 
+_DIGITS = {"x": 2, "%": 1, "min": 1, "s": 2}
+
+
+def _amount(value: float, unit: str, goal_: bool = False) -> str:
+    """``2.13x``, ``98.4 %``, ``3.6 min``; a goal without trailing zeros (``2.5x``, ``98 %``, ``4 min``)."""
+    number = f"{value:g}" if goal_ else f"{value:.{_DIGITS.get(unit, 2)}f}"
+    return f"{number}{unit}" if unit == "x" else f"{number} {unit}"
+
+
+def goal_verdict(row: dict[str, Any]) -> str:
+    """``goal 2.5x: not met`` of a :func:`goal` row."""
+    verdict = {True: "met", False: "not met", None: "not measured"}[row["met"]]
+    return f"goal {_amount(row['goal'], row['unit'], goal_=True)}: {verdict}"
+
+
+def _measured(row: dict[str, Any]) -> str:
+    """``2.13x (goal 2.5x: not met)`` of a measured :func:`goal` row."""
+    return f"{_amount(row['measured'], row['unit'])} ({goal_verdict(row)})"
+
+
+def _per_second(value: float) -> str:
+    return f"{value:,.0f}" if value >= 10 else f"{value:.2f}"
+
+
+def speed_lines(speed: dict[str, Any]) -> list[str]:
+    """The readable summary of a :func:`bench_speed` result: compute bound, scoring, meta-steps, goals."""
+    scoring, meta, goals = speed["scoring"], speed["meta_step"], {row["key"]: row for row in speed["goals"]}
+    flops, load = scoring["flops"], speed["load_average"]
+    rates = ", ".join(f"{dtype} {rate['gflops']:.0f} GFLOP/s" for dtype, rate in scoring["matmul"].items())
+    lines = [(f"compute bound: {scoring['matmul'][speed['dtype']]['size']}^2 matmul {rates}; forward "
+              f"{flops['flops_per_token'] / 1e6:.2f} MFLOP/token = 2 x {flops['matmul_parameters'] / 1e6:.2f}M "
+              f"matmul weights (LM head once{', tied' if flops['lm_head_tied'] else ''}; embedding lookups not "
+              f"counted); {speed['torch_threads']} threads, load average {load['start'][0]:.1f} -> "
+              f"{load['end'][0]:.1f}")]
+    cells = []
+    for index, (dtype, entry) in enumerate(scoring["by_dtype"].items()):
+        real, padded = entry["real"], entry["padded"]
+        bound = f"of the {_per_second(real['bound_tokens_per_s'])} tok/s bound" if index == 0 else \
+            f"of {_per_second(real['bound_tokens_per_s'])}"
+        cells.append(f"{dtype} {_per_second(real['tokens_per_s'])} tok/s ({real['fraction_of_bound']:.2f} {bound}; "
+                     f"padded {_per_second(padded['tokens_per_s'])})")
+    parts = [", ".join(cells)]
+    if goals["bf16_scoring_speedup"]["measured"] is not None:
+        parts.append(f"bf16/fp32 {_measured(goals['bf16_scoring_speedup'])}, "
+                     f"bound {matmul_rate_ratio(scoring['matmul']):.2f}x")
+    agreement = goals["bf16_decision_agreement"]
+    if agreement["measured"] is not None:
+        items = scoring["decision_agreement"]["bf16_vs_fp32"]["stereoset_items"]
+        parts.append(f"decisions agree on {_amount(agreement['measured'], '%')} of {items} items "
+                     f"({goal_verdict(agreement)})")
+    parts.append("evaluate --benchmark all extrapolated " + ", ".join(
+        f"{dtype} {_measured(goals[f'evaluate_minutes.{dtype}'])}" for dtype in scoring["by_dtype"]))
+    sample = scoring["sample"]
+    lines.append(f"scoring ({sum(sample['sentences'].values())} sentences, {scoring['rounds']} rounds): "
+                 + "; ".join(parts))
+    for dtype, entry in meta["by_dtype"].items():
+        step, row = entry["seconds_per_step"], goals[f"meta_step_seconds.{dtype}"]
+        text = (f"meta-training step ({meta['n_edits']} edits, LM batch {meta['batch_size']}, {dtype}): median "
+                f"{step['median_s']:.3f} s [{step['min_s']:.3f}, {step['max_s']:.3f}] ({goal_verdict(row)}), "
+                f"{entry['samples_per_second']:.1f} samples/s, {_per_second(entry['padded_tokens_per_s'])} LM tok/s")
+        if "forward_equivalent" in entry:
+            text += (f" ({entry['forward_equivalent']['fraction_of_bound']:.2f} of the bound, forward+backward "
+                     "counted as 3x forward)")
+        lines.append(text)
+    if goals["bf16_meta_step_speedup"]["measured"] is not None:
+        lines.append(f"meta-step bf16/fp32 {_measured(goals['bf16_meta_step_speedup'])}, "
+                     f"bound {matmul_rate_ratio(meta['matmul']):.2f}x")
+    measured = [row for row in speed["goals"] if row["met"] is not None]
+    missed = [row["name"] for row in measured if not row["met"]]
+    lines.append(f"speed goals met: {len(measured) - len(missed)} of {len(measured)}"
+                 + (f" (not met: {'; '.join(missed)})" if missed else ""))
+    return lines
+
+
 def format_bench(results: dict) -> str:
     """A short plain-text table of a :func:`run_bench` result."""
     sections, lines = results["sections"], []
     if "speed" in sections:
-        s = sections["speed"]
-        step = s["seconds_per_step"]
-        lines.append(f"meta-training step ({s['n_edits']} edits): median {step['median_s']:.3f} s "
-                     f"[{step['min_s']:.3f}, {step['max_s']:.3f}], {s['samples_per_second']:.1f} samples/s")
+        lines += speed_lines(sections["speed"])
     for row in sections.get("solve", {}).get("sizes", []):
         solved = {form: (f"{1e3 * r['median_s']:.1f} ms" if "median_s" in r else "skipped")
                   for form, r in row["solve_one_layer"].items()}

@@ -1,6 +1,7 @@
 """``biasedit bench``: quality, speed, memory and size figures, as JSON and a short table.
 
     biasedit bench [--model testbed] [--sections speed,solve,forward,memory,size,quality] [--out bench]
+                   [--dtypes fp32,bf16] [--throughput-limit 10] [--throughput-repeats 2]
 """
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ from biasedit_peft.cli._common import add_model_argument, add_preset_argument, a
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from biasedit_peft.bench import SECTIONS
+    from biasedit_peft.bench import SECTIONS, SPEED_DTYPES
 
     parser = subparsers.add_parser(
         "bench",
         help="measure quality (with ablations), speed, memory and adapter size",
         description="Benchmarks anyone can rerun. Sections: quality (the demo and its ablations: paper loss, "
-        "no retention loss, first vs last blocks), speed (seconds per meta-step), solve (joint delta for "
+        "no retention loss, first vs last blocks), speed (the speed goals in each of --dtypes, measured "
+        "interleaved: scoring tokens/s on a sample of the evaluate --benchmark all workload and the whole "
+        "workload's time extrapolated from its exact token count, seconds per meta-step, bf16 vs fp32 speed-up "
+        "and decision agreement, each against the compute bound of the measured matmul rate), solve (joint delta for "
         "128 / 1024 samples, primal vs dual), forward (adapter overhead), memory (peak RSS), size (dense vs "
         "factored vs LoRA). Writes OUT/bench.json after every section.",
     )
@@ -29,8 +33,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--json", dest="json_path", default=None, help="also write bench.json here")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats after one warm-up (default 5)")
     parser.add_argument("--n-edits", type=int, default=32, help="samples per meta-step in the speed section")
+    parser.add_argument("--dtypes", default="fp32,bf16",
+                        help=f"LM dtypes of the speed section, of {','.join(SPEED_DTYPES)} (default fp32,bf16; "
+                        "the editor stays float32)")
+    parser.add_argument("--throughput-limit", type=int, default=10,
+                        help="speed section's scoring sample: first N StereoSet test items and CrowS-Pairs pairs per "
+                        "bias type and N perplexity paragraphs (default 10, ~300 sentences)")
+    parser.add_argument("--throughput-repeats", type=int, default=2,
+                        help="timed rounds over the scoring sample, each dtype once per round (default 2)")
+    parser.add_argument("--score-batch-size", type=int, default=32,
+                        help="sentences per forward pass when scoring (default 32, as biasedit evaluate)")
+    parser.add_argument("--matmul-size", type=int, default=2048,
+                        help="side of the square matmul that measures the FLOP rate of the compute bound "
+                        "(default 2048)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="sentence pairs per LM forward pass (default: the preset's)")
+    parser.add_argument("--forward-repeats", type=int, default=20,
+                        help="round-robin rounds of the forward section (default 20)")
     parser.add_argument("--solve-sizes", default="128,1024", help="samples per joint delta (solve section)")
     parser.add_argument("--max-system", type=int, default=8192,
                         help="skip timing ridge systems larger than N x N (default 8192)")
@@ -61,7 +80,10 @@ def run(args: argparse.Namespace) -> int:
         config = BenchConfig(
             model=args.model, out=args.out, preset=args.preset, sections=tuple(split_list(args.sections) or ()),
             repeats=args.repeats,
-            n_edits=args.n_edits, batch_size=args.batch_size, solve_sizes=_ints(args.solve_sizes, "--solve-sizes"),
+            n_edits=args.n_edits, batch_size=args.batch_size, dtypes=tuple(split_list(args.dtypes) or ()),
+            throughput_limit=args.throughput_limit, throughput_repeats=args.throughput_repeats,
+            score_batch_size=args.score_batch_size, matmul_size=args.matmul_size,
+            forward_repeats=args.forward_repeats, solve_sizes=_ints(args.solve_sizes, "--solve-sizes"),
             max_system=args.max_system, lora_ranks=_ints(args.lora_ranks, "--lora-ranks"), quality_steps=args.quality_steps,
             limit=args.limit, seed=args.seed, device=args.device, progress=not args.quiet,
         )
