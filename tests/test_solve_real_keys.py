@@ -81,8 +81,10 @@ def test_solve_succeeds_and_matches_float64_normal_equations(n_rows, ridge):
 
 @pytest.mark.parametrize("n_rows", [32, 512])  # dual and primal at d_in = 256
 def test_closed_form_backward_matches_float64_autograd(n_rows):
-    """``dL/dD`` within 1e-6 and ``dL/dlambda`` within 1e-5 relative of float64 autograd through the same
-    form (measured here: ~3e-8 and <= 7e-8)."""
+    """``dL/dD`` within 1e-6 and ``dL/dlambda`` within 2e-4 relative of float64 autograd through the same
+    form. ``dL/dlambda = -<M^-1 G, S>`` of the primal on duplicated keys keeps only the range-space part of
+    ``M^-1 G``, which float64 resolves to ~1e-5 of it: measured 7e-8 with 2 threads and 3.7e-5 with 1
+    (the reference moves with the reduction order as much as the closed form); ``dL/dD`` stays at ~3e-8."""
     key_size, value_size, ridge = 256, 96, 1.0
     keys, changes = down_proj_like_keys(n_rows, key_size), value_changes(n_rows, value_size)
     delta_grad = torch.randn(key_size, value_size, generator=torch.Generator().manual_seed(2))
@@ -97,7 +99,7 @@ def test_closed_form_backward_matches_float64_autograd(n_rows):
     assert change_grad.shape == changes.shape and ridge_grad.shape == ()
     assert change_grad.device == ridge_grad.device == keys.device
     assert relative(change_grad, changes64.grad) < 1e-6
-    assert relative(ridge_grad, ridge64.grad) < 1e-5
+    assert relative(ridge_grad, ridge64.grad) < 2e-4
 
 
 def _with_threads(threads: int, compute):
