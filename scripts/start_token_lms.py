@@ -21,7 +21,7 @@ from biasedit_peft.models import load_model_and_tokenizer
 
 def scores_with_start_token(model, tokenizer, token: str, items: list, n_resamples: int) -> dict:
     """StereoSet results (``evaluate_stereoset``) with ``token`` as the start token of every sentence."""
-    if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id):
+    if token not in tokenizer.get_vocab():
         raise ValueError(f"{token!r} is not a token of this tokenizer")
     tokenizer.bos_token = token
     return evaluate_stereoset(model, tokenizer, items, progress=False, n_resamples=n_resamples)
