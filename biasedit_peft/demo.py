@@ -87,6 +87,9 @@ class DemoConfig(PresetOverrides):
     max_steps: int | None = 150
     eval_every: int | None = 25
     loss: str | None = None
+    select_by: str = "target"
+    """Which validated editor is kept: ``"target"`` (dev SS closest to 50 within LMS / perplexity bounds) or
+    ``"loss"`` (the lowest dev meta-loss); ``BiasEditTrainingArguments.select_by``."""
     patience: int | None = None
     limit: int | None = None
     """Keep only the first N items per bias type of every split (quick runs and tests)."""
@@ -154,6 +157,7 @@ def train_editor(config: DemoConfig, peft_model, tokenizer, device: str, out_dir
     editor, args = editor_preset(config.model, peft_model, config.preset).editor_and_arguments(
         peft_model, str(out_dir), loss=config.loss or "token", base_model=config.model, patience=config.patience,
         max_steps=config.max_steps, eval_every=config.eval_every, seed=config.seed, progress=config.progress,
+        select_by=config.select_by,
         resume=resume, **config.overrides(),
     )
     train = load_demo_items("train", config.bias_types, config.limit)
@@ -167,7 +171,7 @@ def train_editor(config: DemoConfig, peft_model, tokenizer, device: str, out_dir
 def training_summary(state, args) -> dict:
     """``results["training"]``: where meta-training ended (a ``TrainerState``) and its arguments."""
     return {"steps": state.global_step, "epochs": state.epoch, "stopped_early": state.stopped_early,
-            "best_loss": state.best_loss, "history": state.history, "arguments": asdict(args)}
+            "best_loss": state.best_loss, "best_step": state.best_step, "history": state.history, "arguments": asdict(args)}
 
 
 def evaluate(model, tokenizer, config: DemoConfig, name: str, adapter: str | None = None,

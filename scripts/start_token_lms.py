@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from unittest import mock
 
 from biasedit_peft.data import BIAS_TYPES, load_stereoset
 from biasedit_peft.evaluation import evaluate_stereoset
@@ -20,11 +21,14 @@ from biasedit_peft.models import load_model_and_tokenizer
 
 
 def scores_with_start_token(model, tokenizer, token: str, items: list, n_resamples: int) -> dict:
-    """StereoSet results (``evaluate_stereoset``) with ``token`` as the start token of every sentence."""
+    """StereoSet results (``evaluate_stereoset``) with ``token`` as the start token of every sentence (the
+    package's chat-turn rule, ``scoring.CHAT_TURN_STARTS``, is switched off so that every candidate is scored
+    as given)."""
     if token not in tokenizer.get_vocab():
         raise ValueError(f"{token!r} is not a token of this tokenizer")
     tokenizer.bos_token = token
-    return evaluate_stereoset(model, tokenizer, items, progress=False, n_resamples=n_resamples)
+    with mock.patch("biasedit_peft.scoring.CHAT_TURN_STARTS", ()):
+        return evaluate_stereoset(model, tokenizer, items, progress=False, n_resamples=n_resamples)
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from biasedit_peft.editor import BiasEditor, BiasEditTrainer, BiasEditTrainingAr
 from biasedit_peft.editor.cache import logit_positions
 from biasedit_peft.editor.editor import encode_pairs, forward_logits
 from biasedit_peft.editor.losses import debias_loss
+from biasedit_peft.editor.trainer import selection_score
 from biasedit_peft.tuner.deltas import edit_targets, get_deltas, set_deltas
 
 from editor_fixtures import peft_gpt2, peft_llama, samples, tokenizer
@@ -231,10 +232,28 @@ def test_same_seed_gives_the_same_editor_and_deltas(tmp_path):
 
 
 def test_early_stopping_and_best_checkpoint(tmp_path):
-    _, state = _train(tmp_path, epochs=30, early_stopping_patience=1, meta_lr=0.5)
+    _, state = _train(tmp_path, epochs=30, early_stopping_patience=1, meta_lr=0.5, select_by="loss")
     assert state.stopped_early and state.epoch < 30
     best = min(record["eval_loss"] for record in state.history)
     assert state.best_loss == best
+    assert state.best_step == next(r["step"] for r in state.history if r["eval_loss"] == best)
+
+
+def test_target_selection_keeps_the_validation_closest_to_ss_50_and_saves_that_editor(tmp_path):
+    from safetensors.torch import load_file
+
+    _, state = _train(tmp_path, max_steps=6, eval_every=1, meta_lr=0.05, early_stopping_patience=10)
+    scores = [record["selection"] for record in state.history]
+    assert len(scores) == 6 and state.best_loss == min(scores)
+    best = state.history[scores.index(min(scores))]
+    assert state.best_step == best["step"]
+    args = _args(tmp_path)
+    assert best["selection"] == selection_score({k[5:]: v for k, v in best.items() if k.startswith("eval_")}, args)
+    kept = load_file(str(tmp_path / "editor.safetensors"))  # the best editor folder holds step best_step's nets
+    replay, _ = _train(tmp_path / "replay", max_steps=state.best_step, eval_every=state.best_step, meta_lr=0.05,
+                       early_stopping_patience=10)
+    for name, value in replay.state_dict().items():
+        torch.testing.assert_close(kept[name], value.cpu(), rtol=0, atol=0, msg=name)
 
 
 def test_ctrl_c_mid_run_checkpoints_the_last_completed_step_and_resume_matches(tmp_path, monkeypatch):
@@ -373,3 +392,19 @@ def test_lm_and_editor_on_two_devices_match_one_device(tmp_path, lm_device, edit
     assert reference_deltas and all(delta.abs().sum() > 0 for delta in reference_deltas.values())
     for name, delta in reference_deltas.items():
         torch.testing.assert_close(deltas[name], delta, rtol=1e-3, atol=1e-6)
+
+
+def test_selection_score_on_hand_built_validations(tmp_path):
+    args = _args(tmp_path)  # select_by="target", max_lms_drop 3, max_nll_increase 0.0488
+    inside = dict(loss=0.3, ss_post=53.5, lms_pre=90.0, lms_post=88.0, nll_increase=0.01)
+    assert selection_score(inside, args) == pytest.approx(3.5)  # |53.5 - 50|
+    below = dict(inside, ss_post=47.0)
+    assert selection_score(below, args) == pytest.approx(3.0)
+    lms_out = dict(inside, ss_post=50.0, lms_post=85.0)  # drop 5: 2 points over the bound
+    assert selection_score(lms_out, args) == pytest.approx(102.0)
+    nll_out = dict(inside, ss_post=50.0, nll_increase=0.0588)  # 0.01 over: 100 + 100 * 0.01
+    assert selection_score(nll_out, args) == pytest.approx(101.0)
+    assert selection_score(lms_out, args) > selection_score(nll_out, args) > selection_score(inside, args)
+    assert selection_score(inside, _args(tmp_path, select_by="loss")) == 0.3
+    with pytest.raises(ValueError, match="select_by"):
+        _args(tmp_path, select_by="ss")

@@ -370,3 +370,7 @@ def test_smollm2_135m_resolves_loads_and_scores_sensibly():
     with torch.no_grad():
         next_token = model(prompt_ids).logits[0, -1]
     assert next_token[paris] > next_token[london]
+    from biasedit_peft.scoring import start_token_id
+
+    assert tokenizer.bos_token == "<|im_start|>"  # a ChatML turn opener: sentences start after <|endoftext|>
+    assert start_token_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|endoftext|>") == 0

@@ -174,3 +174,22 @@ def test_scoring_keeps_each_module_mode_under_a_peft_wrapper_in_train_mode():
     tokenizer = word_tokenizer()
     score_sentences(model, tokenizer, ["the nurse was kind"])
     assert {name: module.training for name, module in model.named_modules()} == modes
+
+
+def _chatml_tokenizer(with_separator: bool) -> PreTrainedTokenizerFast:
+    specials = ["[UNK]", "[PAD]", "<|im_start|>", "<|im_end|>"] + (["<|endoftext|>"] if with_separator else [])
+    backend = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=specials))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                   bos_token="<|im_start|>", eos_token="<|im_end|>")
+
+
+def test_a_chatml_turn_bos_gives_way_to_the_document_separator():
+    tokenizer = _chatml_tokenizer(with_separator=True)  # SmolLM2-Instruct: BOS <|im_start|>, EOS <|im_end|>
+    separator = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert separator == 4 and tokenizer.bos_token_id == 2
+    batch = encode_sentences(tokenizer, ["a cat"])
+    assert batch.input_ids[0].tolist() == [separator, *tokenizer.convert_tokens_to_ids(["a", "cat"])]
+    without = _chatml_tokenizer(with_separator=False)  # nothing better to start with: the BOS as it is
+    assert encode_sentences(without, ["a cat"]).input_ids[0, 0].item() == without.bos_token_id == 2

@@ -64,3 +64,10 @@ def plots_or_hint(draw: Callable[[], list[Path]]) -> list[Path]:
             raise
         print(f"no plots: {PLOT_HINT}")
         return []
+
+
+def add_select_by_argument(parser: argparse.ArgumentParser) -> None:
+    """``--select-by``: how validation picks the editor that is kept (``BiasEditTrainingArguments.select_by``)."""
+    parser.add_argument("--select-by", choices=("target", "loss"), default="target",
+                        help="keep the editor with the dev SS closest to 50 within LMS / perplexity bounds "
+                        "(target, default) or the lowest dev meta-loss (loss, the paper's)")

@@ -18,7 +18,13 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
-from biasedit_peft.cli._common import add_model_argument, add_preset_argument, add_runtime_arguments, split_list
+from biasedit_peft.cli._common import (
+    add_model_argument,
+    add_preset_argument,
+    add_runtime_arguments,
+    add_select_by_argument,
+    split_list,
+)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -40,6 +46,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--n-edits", type=int, default=None, help="samples per edit (default: preset)")
     parser.add_argument("--loss", choices=("token", "paper"), default=None, help="loss variant (default token)")
     parser.add_argument("--loc-coef", type=float, default=None, help="retention weight (default: preset)")
+    add_select_by_argument(parser)
     parser.add_argument("--num-edit-layers", type=int, default=3, help="edit the last N blocks (default 3)")
     parser.add_argument("--limit", type=int, default=None, help="first N items per bias type of each split (quick runs)")
     parser.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples for CIs (0: none)")
@@ -74,6 +81,7 @@ def config_from_args(args: argparse.Namespace):
         model=args.model, out=args.out, preset=args.preset, bias_types=tuple(bias_types),
         num_edit_layers=args.num_edit_layers,
         max_steps=args.max_steps, eval_every=args.eval_every, n_edits=args.n_edits, loss=args.loss,
+        select_by=args.select_by,
         loc_coef=args.loc_coef, limit=args.limit, n_resamples=args.n_resamples, seed=args.seed, dtype=args.dtype,
         device=args.device, merge=not args.no_merge, progress=not args.quiet,
         command=recorded_command(sys.argv),

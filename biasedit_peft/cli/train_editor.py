@@ -10,7 +10,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from biasedit_peft.cli._common import add_model_argument, add_preset_argument, add_runtime_arguments, split_list
+from biasedit_peft.cli._common import (
+    add_model_argument,
+    add_preset_argument,
+    add_runtime_arguments,
+    add_select_by_argument,
+    split_list,
+)
 from biasedit_peft.models import default_device
 
 
@@ -19,7 +25,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "train-editor",
         help="meta-train a BiasEdit editor for a causal LM",
         description="Meta-train a BiasEdit editor (MALMEN hyper-network) on StereoSet. The best editor "
-        "(lowest dev loss) is written to --out; --out/checkpoint holds the resumable latest state. "
+        "on dev (--select-by) is written to --out; --out/checkpoint holds the resumable latest state. "
         "Method: docs/method.md.",
     )
     add_model_argument(parser)
@@ -38,6 +44,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=int, default=None, help="stop after N meta-steps in total")
     parser.add_argument("--eval-every", type=int, default=None, help="validate every N steps (default: per epoch)")
     parser.add_argument("--patience", type=int, default=None, help="early stopping patience (validations)")
+    add_select_by_argument(parser)
     parser.add_argument("--n-edits", type=int, default=None, help="samples per meta-step")
     parser.add_argument("--batch-size", type=int, default=None, help="sentence pairs per LM forward pass")
     parser.add_argument("--lr", type=float, default=None, help="initial editor step size")
@@ -104,10 +111,7 @@ def command_line(args: argparse.Namespace) -> list[str]:
 
 def best_record(state) -> dict | None:
     """The validation record of the best (saved) editor in ``state.history``."""
-    for record in state.history:
-        if record.get("eval_loss", record.get("train_loss")) == state.best_loss:
-            return record
-    return None
+    return next((record for record in state.history if record["step"] == state.best_step), None)
 
 
 def build_peft_model(model, targets: list[str] | None, num_edit_layers: int):
@@ -137,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
             lr=args.lr, n_edits=args.n_edits, batch_size=args.batch_size, meta_lr=args.meta_lr,
             loc_coef=args.loc_coef, epochs=args.epochs, patience=args.patience, max_steps=args.max_steps,
             eval_every=args.eval_every, seed=args.seed, resume=args.resume, progress=not args.quiet,
-            editor_device=args.editor_device,  # the trainer moves the editor there; None: with the LM
+            select_by=args.select_by, editor_device=args.editor_device,  # the trainer moves the editor there; None: with the LM
         )
         editor.provenance.update(training_data=data_description(args.train_data, bias_types, args.limit),
                                  eval_data=None if eval_data is None else args.eval_data, command=command_line(args))
@@ -153,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
     last = state.history[-1] if state.history else {}
     summary = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float))
     print(f"trained {state.global_step} meta-steps ({state.epoch} epochs"
-          f"{', stopped early' if state.stopped_early else ''}); best loss {state.best_loss:.4g}")
+          f"{', stopped early' if state.stopped_early else ''}); best at step {state.best_step}, "
+          f"selection score {state.best_loss:.4g} ({training.select_by})")
     if summary:
         print(f"last validation: {summary}")
     print(f"editor written to {args.out}")

@@ -64,6 +64,17 @@ class BiasEditTrainingArguments:
     eval_every: int | None = None
     """Validate (and checkpoint) every this many steps; None: at the end of each epoch."""
     early_stopping_patience: int = 3
+    """Stop after this many validations in a row that do not improve the selection score."""
+    select_by: str = "target"
+    """How validation picks the editor that is kept (``output_dir``) and counts early stopping:
+    ``"target"``: the smallest dev ``|SS_post - 50|`` among validations whose LMS drop is at most
+    ``max_lms_drop`` and whose mean token NLL on the unrelated sentences rose by at most ``max_nll_increase``
+    (a validation outside them ranks after every one inside, by how far outside); ``"loss"``: the smallest
+    dev meta-loss (the paper's early stopping). See :func:`selection_score`."""
+    max_lms_drop: float = 3.0
+    """LMS points an editor may cost on dev and still be selected (``select_by="target"``)."""
+    max_nll_increase: float = 0.0488
+    """Rise of the mean token NLL of unrelated dev sentences allowed (``log 1.05``: ~5 % perplexity)."""
     max_grad_norm: float = 1.0
     seed: int = 0
     editor_device: str | None = None
@@ -71,6 +82,13 @@ class BiasEditTrainingArguments:
     adapter_name: str = "default"
     resume: bool = False
     progress: bool = True
+
+    def __post_init__(self):
+        if self.select_by not in SELECT_BY:
+            raise ValueError(f"Unknown select_by {self.select_by!r}; choose one of {SELECT_BY}")
+
+
+SELECT_BY = ("target", "loss")
 
 
 @dataclass
@@ -81,6 +99,9 @@ class TrainerState:
     step_in_epoch: int = 0
     global_step: int = 0
     best_loss: float = math.inf
+    """The best validation's selection score (:func:`selection_score`; the dev meta-loss for ``"loss"``)."""
+    best_step: int | None = None
+    """The meta-step of the kept (best) editor."""
     bad_evals: int = 0
     stopped_early: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
@@ -122,6 +143,23 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
         index, key = name.split(".", 1)
         state.setdefault(int(index), {})[key] = value
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def selection_score(metrics: dict[str, float], args: BiasEditTrainingArguments) -> float:
+    """How good the editor behind one validation's ``metrics`` (an :meth:`BiasEditTrainer.evaluate` dict) is;
+    lower is better.
+
+    ``"loss"``: the meta-loss. ``"target"``: ``|ss_post - 50|`` when the LMS drop is at most ``max_lms_drop``
+    and ``nll_increase`` at most ``max_nll_increase``; else ``100 +`` the excess LMS drop ``+ 100 x`` the
+    excess NLL rise (so every editor within both bounds ranks first, and the rest by how far they are out).
+    """
+    if args.select_by == "loss":
+        return float(metrics["loss"])
+    lms_excess = max(0.0, metrics["lms_pre"] - metrics["lms_post"] - args.max_lms_drop)
+    nll_excess = max(0.0, metrics["nll_increase"] - args.max_nll_increase)
+    if lms_excess == 0.0 and nll_excess == 0.0:
+        return abs(metrics["ss_post"] - 50.0)
+    return 100.0 + lms_excess + 100.0 * nll_excess
 
 
 class BiasEditTrainer:
@@ -233,13 +271,15 @@ class BiasEditTrainer:
                 self.state.step_in_epoch += 1
                 self.state.global_step += 1
 
-        pre = ss_lms(pre_stereo, pre_anti, torch.cat(pre_unrelated))
-        post = ss_lms(torch.cat(post_stereo), torch.cat(post_anti), torch.cat(post_unrelated))
+        pre_unrelated, post_unrelated = torch.cat(pre_unrelated), torch.cat(post_unrelated)
+        pre = ss_lms(pre_stereo, pre_anti, pre_unrelated)
+        post = ss_lms(torch.cat(post_stereo), torch.cat(post_anti), post_unrelated)
         return {
             "debias": debias_total,
             "retention": retention_total,
             "loss": debias_total + args.loc_coef * retention_total,
             "ss_pre": pre["ss"], "ss_post": post["ss"], "lms_pre": pre["lms"], "lms_post": post["lms"],
+            "nll_increase": (pre_unrelated - post_unrelated).mean().item(),
         }
 
     # ----- loops ------------------------------------------------------------------------------------
@@ -303,13 +343,14 @@ class BiasEditTrainer:
 
     def _validate(self, train_metrics: dict[str, float]) -> None:
         """Validate, save the best editor, checkpoint, and update early stopping."""
-        metrics = {f"eval_{k}": v for k, v in self.evaluate().items()} if self.eval_data else {}
-        loss = metrics.get("eval_loss", train_metrics["loss"])
+        measured = self.evaluate() if self.eval_data else train_metrics
+        score = selection_score(measured, self.args)
         record = {"step": self.state.global_step, "epoch": self.state.epoch,
-                  **{f"train_{k}": v for k, v in train_metrics.items()}, **metrics}
+                  **{f"train_{k}": v for k, v in train_metrics.items()},
+                  **({f"eval_{k}": v for k, v in measured.items()} if self.eval_data else {}), "selection": score}
         self.state.history.append(record)
-        if loss < self.state.best_loss:
-            self.state.best_loss, self.state.bad_evals = loss, 0
+        if score < self.state.best_loss:
+            self.state.best_loss, self.state.best_step, self.state.bad_evals = score, self.state.global_step, 0
             self.editor.save_pretrained(self.args.output_dir, validation=record)
         else:
             self.state.bad_evals += 1
