@@ -43,6 +43,7 @@ from .editor import (
 )
 from ..scoring import encode_sentences, sentence_scores, token_log_probs
 from .losses import debias_loss, pair_scores, retention_loss
+from .replay import PrefixReplay
 
 CHECKPOINT_DIR = "checkpoint"
 OPTIMIZER_NAME = "optimizer.safetensors"
@@ -80,6 +81,9 @@ class BiasEditTrainingArguments:
     editor_device: str | None = None
     """Device of the editor nets (default: where they are); the LM stays where it is."""
     adapter_name: str = "default"
+    prefix_replay: bool = True
+    """Run the edited forward passes from the first edited block on, replaying the unedited hidden states that
+    enter it (``replay.py``; checked once against a full forward). Same results, fewer FLOPs."""
     resume: bool = False
     progress: bool = True
 
@@ -121,6 +125,14 @@ def deferred_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
     if received:
         raise KeyboardInterrupt
+
+
+def _prefix_for(recorded: list[torch.Tensor], number: int, batch) -> torch.Tensor | None:
+    """The recorded hidden states ``[B, T, hidden]`` of LM batch ``number`` if they fit ``batch``; else None
+    (a full forward)."""
+    if number < len(recorded) and recorded[number].shape[:2] == batch.input_ids.shape:
+        return recorded[number]
+    return None
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -183,6 +195,9 @@ class BiasEditTrainer:
             tokenizer = _load_tokenizer_for(peft_model)
         self.tokenizer = tokenizer
         self.layers = editor.check_compatible(peft_model)
+        self.replay = PrefixReplay(peft_model, list(self.layers.values()))
+        self.replay.enabled = self.replay.enabled and args.prefix_replay
+        self._replay_checked = False
         if args.editor_device is not None:
             editor.to(args.editor_device)
         self.optimizer = torch.optim.Adam(editor.parameters(), lr=args.meta_lr)
@@ -217,9 +232,14 @@ class BiasEditTrainer:
         args, kind = self.args, self.editor.config.loss
         self.model.eval()
         samples = [samples[i] for i in length_order(self.tokenizer, samples).tolist()]  # LM batches pad little
-        cache, pre_stereo, pre_anti = self.editor.cache_samples(
-            self.model, self.tokenizer, samples, args.batch_size, update_normalizers=train
-        )
+        if not self._replay_checked:
+            probe = encode_sentences(self.tokenizer, [s.unrelated for s in samples[:args.batch_size]])
+            self.replay.check(lambda: forward_logits(self.model, probe))
+            self._replay_checked = True
+        with self.replay.record() as pair_prefixes:  # one per LM batch, in the order of the loop below
+            cache, pre_stereo, pre_anti = self.editor.cache_samples(
+                self.model, self.tokenizer, samples, args.batch_size, update_normalizers=train
+            )
         solutions = self.editor.predict(cache)
         leaves = {name: s.delta.dense().requires_grad_(train) for name, s in solutions.items()}
         delta_grads = {name: torch.zeros_like(leaf) for name, leaf in leaves.items()}
@@ -234,10 +254,11 @@ class BiasEditTrainer:
         debias_total = retention_total = 0.0
         n = len(samples)
         with torch.set_grad_enabled(train):
-            for start in range(0, n, args.batch_size):
+            for number, start in enumerate(range(0, n, args.batch_size)):
                 chunk = samples[start:start + args.batch_size]
                 batch = encode_pairs(self.tokenizer, chunk)
-                with override_deltas(self.model, self._natives(leaves), args.adapter_name):
+                prefix = _prefix_for(pair_prefixes, number, batch)
+                with override_deltas(self.model, self._natives(leaves), args.adapter_name), self.replay.replay(prefix):
                     logits = forward_logits(self.model, batch)
                 batch = batch.to(logits.device)
                 loss = debias_loss(kind, logits, batch).sum() / n
@@ -248,9 +269,10 @@ class BiasEditTrainer:
                 post_anti.append(anti.mean.cpu())
 
                 unrelated = encode_sentences(self.tokenizer, [s.unrelated for s in chunk])
-                with torch.no_grad():
+                with torch.no_grad(), self.replay.record() as unrelated_prefix:
                     pre_logits = forward_logits(self.model, unrelated)
-                with override_deltas(self.model, self._natives(leaves), args.adapter_name):
+                prefix = _prefix_for(unrelated_prefix, 0, unrelated)
+                with override_deltas(self.model, self._natives(leaves), args.adapter_name), self.replay.replay(prefix):
                     post_logits = forward_logits(self.model, unrelated)
                 unrelated = unrelated.to(post_logits.device)
                 loss = retention_loss(kind, pre_logits, post_logits, unrelated).sum() / n
