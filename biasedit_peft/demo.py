@@ -389,6 +389,8 @@ def run_demo(config: DemoConfig, resume: bool = False, overwrite: bool = False) 
     results["targets"] = {
         "joint_on_test": target_check(before["stereoset"], after["stereoset"], config.bias_types),
         "per_batch": target_check(per_batch["before"], per_batch["after"], config.bias_types),
+        "per_batch_paper_units": target_check(per_batch["other_units"]["before"], per_batch["other_units"]["after"],
+                                              config.bias_types),
         "held_out": target_check(held_out["before"], held_out["after"], config.bias_types),
     }
     results["edit"] = edit
@@ -442,8 +444,12 @@ def format_results(results: dict) -> str:
         lines.append(_row(f"CrowS-Pairs {bias_type}", before["crows"][bias_type]["metric"], entry["metric"]))
     lines.append(_row("perplexity", before["perplexity"], after["perplexity"]))
     lines.append("  (after = one joint delta computed from the test items; SS ideal 50, LMS / ICAT ideal 100)")
-    for name, label in (("per_batch", "per-batch protocol (paper)"), ("held_out", "held-out target terms")):
-        protocol = results["protocols"][name]
+    per_batch = results["protocols"]["per_batch"]
+    shown = [(per_batch, "per-batch protocol (paper), reference SS")]
+    if "other_units" in per_batch:
+        shown.append((per_batch["other_units"], "per-batch protocol (paper), the paper code's SS"))
+    shown.append((results["protocols"]["held_out"], "held-out target terms"))
+    for protocol, label in shown:
         lines += ["", f"{label}: SS / LMS before -> after"]
         for bias_type, entry in protocol["after"].items():
             b = protocol["before"][bias_type]

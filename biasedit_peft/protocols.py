@@ -59,7 +59,9 @@ def per_batch_protocol(
     n_resamples: int = N_RESAMPLES, seed: int = 0, progress: bool = True,
     unedited: dict[str, SentenceLogProbs] | None = None,
 ) -> dict:
-    """The paper's protocol: edit each batch, score it, undo. Returns ``{"before", "after", ...}``.
+    """The paper's protocol: edit each batch, score it, undo. Returns ``{"before", "after", ...}`` in ``mode``'s
+    units, and the same in the other unit under ``"other_units": {"mode", "before", "after"}`` (reference
+    SS and the paper code's SS disagree; docs/metrics.md).
 
     ``unedited``: the role scores of ``items`` under the model as it is (``score_stereoset_items``), when
     the caller already has them; they are computed otherwise.
@@ -78,10 +80,13 @@ def per_batch_protocol(
         with editor.edited(peft_model, solutions, adapter_name):
             pieces.append(score_stereoset_items(peft_model, tokenizer, group, batch_size, progress=False))
     after = _reorder(pieces, torch.tensor([i for indices in batches for i in indices]))
+    other = "paper" if mode == "reference" else "reference"
     return {
         "protocol": "per_batch", "edit_batch_size": edit_batch_size, "n_batches": len(batches), "n_items": len(items),
         "before": stereoset_results(items, before, mode, n_resamples, seed),
         "after": stereoset_results(items, after, mode, n_resamples, seed),
+        "other_units": {"mode": other, "before": stereoset_results(items, before, other, n_resamples, seed),
+                        "after": stereoset_results(items, after, other, n_resamples, seed)},
     }
 
 

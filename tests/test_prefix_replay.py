@@ -131,3 +131,19 @@ def test_meta_steps_with_and_without_replay_are_the_same(tmp_path, build):
     assert full_metrics == replay_metrics
     for name, value in full_state.items():
         assert torch.equal(value, replay_state[name]), name
+
+
+def test_a_sequence_of_prefixes_is_consumed_one_per_forward_and_a_misfit_is_an_error():
+    model = peft_gpt2()
+    replay = PrefixReplay(model, list(edit_targets(model).values()))
+    batches = [encode_sentences(TOKENIZER, s) for s in (["he is a nurse ."], ["she is a cook .", "men is a ."])]
+    with torch.no_grad():
+        with replay.record() as recorded:
+            full = [forward_logits(model, b) for b in batches]
+        with replay.replay(recorded):
+            replayed = [forward_logits(model, b) for b in batches]
+            with pytest.raises(RuntimeError, match="no recorded prefix"):
+                forward_logits(model, batches[0])  # one forward too many
+        assert all(torch.equal(a, b) for a, b in zip(full, replayed))
+        with replay.replay(recorded), pytest.raises(RuntimeError, match=r"shape \(2, "):
+            forward_logits(model, batches[1])  # out of order: batch 1 where batch 0's prefix is next

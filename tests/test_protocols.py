@@ -9,7 +9,7 @@ from peft import get_peft_model
 from biasedit_peft import BiasEditConfig, get_deltas
 from biasedit_peft.data import load_stereoset
 from biasedit_peft.editor import BiasEditor
-from biasedit_peft.evaluation import score_stereoset_items, stereoset_results
+from biasedit_peft.evaluation import evaluate_stereoset, score_stereoset_items, stereoset_results
 from biasedit_peft.models import load_model_and_tokenizer
 from biasedit_peft.protocols import edit_batches, held_out_protocol, per_batch_protocol, split_targets
 
@@ -67,6 +67,10 @@ def test_zero_step_editor_changes_nothing_in_either_protocol(testbed, items):
     per_batch = per_batch_protocol(editor, peft_model, tokenizer, items, edit_batch_size=4, n_resamples=0,
                                    progress=False)
     assert per_batch["before"] == per_batch["after"]
+    other = per_batch["other_units"]
+    assert other["mode"] == "paper" and other["before"] == other["after"]
+    assert other["before"]["overall"]["ss"] == evaluate_stereoset(peft_model, tokenizer, items, mode="paper",
+                                                                   progress=False, n_resamples=0)["overall"]["ss"]
     assert per_batch["n_batches"] == 6  # 10 gender + 10 religion items in batches of 4
     held_out = held_out_protocol(editor, peft_model, tokenizer, items, n_resamples=0, progress=False)
     assert held_out["before"] == held_out["after"]

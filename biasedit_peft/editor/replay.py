@@ -74,17 +74,27 @@ class PrefixReplay:
             handle.remove()
 
     @contextmanager
-    def replay(self, hidden: torch.Tensor | None) -> Iterator[None]:
-        """Within the block, one forward skips the blocks before the first edited one and feeds ``hidden``
-        ``[B, T, hidden]`` (from :meth:`record`, same batch) into it. ``hidden`` None: a full forward."""
+    def replay(self, hidden: torch.Tensor | Sequence[torch.Tensor] | None) -> Iterator[None]:
+        """Within the block, forwards skip the blocks before the first edited one and feed it recorded hidden
+        states instead: ``hidden`` ``[B, T, hidden]`` for one forward, or a sequence of them (from
+        :meth:`record`) consumed one per forward, in order. ``hidden`` None: full forwards.
+
+        A forward whose batch is not the shape of the next recorded one, or one too many, raises RuntimeError.
+        """
         if not self.enabled or hidden is None:
             yield
             return
+        queue = iter([hidden] if isinstance(hidden, torch.Tensor) else list(hidden))
 
         def substitute(module, args, kwargs):
+            arriving = _hidden_states(args, kwargs)
+            recorded = next(queue, None)
+            if recorded is None or recorded.shape != arriving.shape:
+                raise RuntimeError(f"Prefix replay: a forward of shape {tuple(arriving.shape)} has no recorded "
+                                   f"prefix of that shape ({None if recorded is None else tuple(recorded.shape)})")
             if args:
-                return (hidden, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": hidden}
+                return (recorded, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": recorded}
 
         skipped = list(self.blocks)[: self.first]
         saved = [block.__dict__.get("forward") for block in skipped]  # e.g. accelerate's hooked forward

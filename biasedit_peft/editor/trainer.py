@@ -43,6 +43,7 @@ from .editor import (
 )
 from ..scoring import encode_sentences, sentence_scores, token_log_probs
 from .losses import debias_loss, pair_scores, retention_loss
+from .calibration import EDIT_SCALES, calibrate_edit_scale, scale_edits
 from .replay import PrefixReplay
 
 CHECKPOINT_DIR = "checkpoint"
@@ -81,6 +82,11 @@ class BiasEditTrainingArguments:
     editor_device: str | None = None
     """Device of the editor nets (default: where they are); the LM stays where it is."""
     adapter_name: str = "default"
+    calibrate: bool = True
+    """After training, choose one multiplier of the kept editor's edits among ``edit_scales`` by the same
+    selection on dev, and bake it into the editor (``calibration.py``; only with ``select_by="target"`` and
+    dev data)."""
+    edit_scales: tuple[float, ...] = EDIT_SCALES
     prefix_replay: bool = True
     """Run the edited forward passes from the first edited block on, replaying the unedited hidden states that
     enter it (``replay.py``; checked once against a full forward). Same results, fewer FLOPs."""
@@ -109,6 +115,8 @@ class TrainerState:
     bad_evals: int = 0
     stopped_early: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
+    calibration: dict | None = None
+    """The edit-scale calibration of the kept editor (``calibrate_edit_scale``), once it ran."""
 
 
 @contextmanager
@@ -125,14 +133,6 @@ def deferred_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
     if received:
         raise KeyboardInterrupt
-
-
-def _prefix_for(recorded: list[torch.Tensor], number: int, batch) -> torch.Tensor | None:
-    """The recorded hidden states ``[B, T, hidden]`` of LM batch ``number`` if they fit ``batch``; else None
-    (a full forward)."""
-    if number < len(recorded) and recorded[number].shape[:2] == batch.input_ids.shape:
-        return recorded[number]
-    return None
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -257,7 +257,7 @@ class BiasEditTrainer:
             for number, start in enumerate(range(0, n, args.batch_size)):
                 chunk = samples[start:start + args.batch_size]
                 batch = encode_pairs(self.tokenizer, chunk)
-                prefix = _prefix_for(pair_prefixes, number, batch)
+                prefix = pair_prefixes[number] if pair_prefixes else None
                 with override_deltas(self.model, self._natives(leaves), args.adapter_name), self.replay.replay(prefix):
                     logits = forward_logits(self.model, batch)
                 batch = batch.to(logits.device)
@@ -271,7 +271,7 @@ class BiasEditTrainer:
                 unrelated = encode_sentences(self.tokenizer, [s.unrelated for s in chunk])
                 with torch.no_grad(), self.replay.record() as unrelated_prefix:
                     pre_logits = forward_logits(self.model, unrelated)
-                prefix = _prefix_for(unrelated_prefix, 0, unrelated)
+                prefix = unrelated_prefix[0] if unrelated_prefix else None
                 with override_deltas(self.model, self._natives(leaves), args.adapter_name), self.replay.replay(prefix):
                     post_logits = forward_logits(self.model, unrelated)
                 unrelated = unrelated.to(post_logits.device)
@@ -348,6 +348,9 @@ class BiasEditTrainer:
                         self._validate(metrics)
             if not self.state.history or self.state.history[-1].get("step") != self.state.global_step:
                 self.save_checkpoint()
+            bar.close()
+            if self._calibrates() and self.state.calibration is None:
+                self.calibrate()
         except KeyboardInterrupt:
             bar.close()
             directory = self.save_checkpoint()
@@ -357,6 +360,29 @@ class BiasEditTrainer:
         finally:
             bar.close()
         return self.state
+
+    def _calibrates(self) -> bool:
+        return self.args.calibrate and bool(self.eval_data) and self.args.select_by == "target"
+
+    def calibrate(self) -> dict:
+        """Calibrate the kept editor's edit scale on dev (``calibration.py``), bake it in and save it to
+        ``output_dir``; recorded in the state (and the checkpoint) as ``calibration``."""
+        args = self.args
+        kept = BiasEditor.from_pretrained(args.output_dir, device=self.editor.device)
+        kept.provenance = dict(self.editor.provenance)
+        calibration = calibrate_edit_scale(
+            kept, self.model, self.tokenizer, self._batches(self.eval_data, None),
+            lambda row: selection_score(row, args), args.batch_size, args.edit_scales, args.adapter_name,
+            progress=args.progress)
+        scale_edits(kept, calibration["scale"])
+        record = next((r for r in self.state.history if r["step"] == self.state.best_step), {})
+        chosen = next(row for row in calibration["rows"] if row["scale"] == calibration["scale"])
+        record = {**record, "edit_scale": calibration["scale"], "selection": chosen["selection"],
+                  **{f"eval_{k}": chosen[k] for k in ("ss_post", "lms_post", "nll_increase")}}
+        kept.save_pretrained(args.output_dir, validation=record)
+        self.state.calibration = calibration
+        self.save_checkpoint()
+        return calibration
 
     def _done(self) -> bool:
         return self.state.stopped_early or (

@@ -290,6 +290,9 @@ def _validation_section(record: Mapping[str, Any] | None) -> str:
         "pairs whose stereotype has the higher mean token log-prob (LMS: both beat the unrelated sentence), "
         "*before* the editor's edit of that group (the base model) and *after* it. For StereoSet's reference SS, "
         "debias with this editor and run `biasedit evaluate` on the adapter.\n"
+        + (f"\nThe edit strength was then calibrated on the same data: the step sizes were multiplied by "
+           f"{record['edit_scale']:g}, and the *after* figures are those of the calibrated editor.\n"
+           if "edit_scale" in record else "")
     ) if loss is not None else ""
 
 

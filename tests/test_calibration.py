@@ -1,0 +1,98 @@
+"""Edit-scale calibration (editor/calibration.py): exact scaling, the pick, and the trainer's use of it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from biasedit_peft.editor import BiasEditor, BiasEditTrainer, BiasEditTrainingArguments
+from biasedit_peft.editor.calibration import calibrate_edit_scale, scale_edits, scaled_solutions
+from biasedit_peft.editor.editor import ss_lms
+from biasedit_peft.editor.trainer import selection_score
+from biasedit_peft.scoring import score_sentences
+
+from editor_fixtures import peft_gpt2, samples, tokenizer
+
+TOKENIZER = tokenizer()
+
+
+def _trained_editor(tmp_path, steps: int = 3):
+    model = peft_gpt2()
+    editor = BiasEditor.for_model(model, rank=8, lr=1e-2)
+    args = BiasEditTrainingArguments(output_dir=str(tmp_path), n_edits=4, batch_size=2, meta_lr=1e-2,
+                                     loc_coef=1.0, max_steps=steps, progress=False, calibrate=False)
+    BiasEditTrainer(model, editor, args, samples(12), None, tokenizer=TOKENIZER).train()
+    return model, editor
+
+
+def test_scaling_the_step_sizes_scales_every_delta_exactly(tmp_path):
+    model, editor = _trained_editor(tmp_path)
+    cache, _, _ = editor.cache_samples(model, TOKENIZER, samples(6), 2)
+    plain = editor.predict(cache)
+    scale_edits(editor, 0.5)
+    halved = editor.predict(cache)
+    for name in plain:
+        torch.testing.assert_close(halved[name].delta.dense(), 0.5 * plain[name].delta.dense(), rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(scaled_solutions(plain, 0.5)[name].delta.dense(), halved[name].delta.dense(),
+                                   rtol=1e-5, atol=1e-9)
+
+
+def test_calibration_rows_are_the_metrics_of_each_scaled_edit_and_the_pick_is_the_best(tmp_path):
+    model, editor = _trained_editor(tmp_path)
+    groups = [samples(8)[:4], samples(8)[4:]]
+    args = BiasEditTrainingArguments(output_dir=str(tmp_path))
+    scales = (0.0, 1.0, 8.0)
+    result = calibrate_edit_scale(editor, model, TOKENIZER, groups, lambda row: selection_score(row, args),
+                                  batch_size=2, scales=scales)
+    rows = {row["scale"]: row for row in result["rows"]}
+    assert list(rows) == list(scales)
+    # scale 0 edits nothing: post == pre
+    assert rows[0.0]["ss_post"] == rows[0.0]["ss_pre"] and rows[0.0]["lms_post"] == rows[0.0]["lms_pre"]
+    assert rows[0.0]["nll_increase"] == pytest.approx(0.0, abs=1e-6)
+    # scale 8 recomputed by hand: edit each group with 8 x its solutions, score with full forwards
+    stereo, anti, unrelated = [], [], []
+    for group in groups:
+        cache, _, _ = editor.cache_samples(model, TOKENIZER, group, 2)
+        with editor.edited(model, scaled_solutions(editor.predict(cache), 8.0)):
+            scores = score_sentences(model, TOKENIZER, [s.stereotype for s in group] + [s.anti_stereotype for s in group]
+                                     + [s.unrelated for s in group], batch_size=2).mean.view(3, -1)
+        stereo.append(scores[0]), anti.append(scores[1]), unrelated.append(scores[2])
+    expected = ss_lms(torch.cat(stereo), torch.cat(anti), torch.cat(unrelated))
+    assert rows[8.0]["ss_post"] == pytest.approx(expected["ss"]) and rows[8.0]["lms_post"] == pytest.approx(expected["lms"])
+    assert result["scale"] == min(result["rows"], key=lambda r: (r["selection"], abs(r["scale"] - 1)))["scale"]
+    assert all(row["selection"] == selection_score(row, args) for row in result["rows"])
+
+
+def test_the_trainer_calibrates_the_kept_editor_once_and_saves_it(tmp_path):
+    model = peft_gpt2()
+    editor = BiasEditor.for_model(model, rank=8, lr=1e-2)
+    args = BiasEditTrainingArguments(output_dir=str(tmp_path), n_edits=4, batch_size=2, meta_lr=1e-2, loc_coef=1.0,
+                                     max_steps=3, eval_every=3, progress=False, edit_scales=(0.5, 2.0))
+    trainer = BiasEditTrainer(model, editor, args, samples(12), samples(8), tokenizer=TOKENIZER)
+    state = trainer.train()
+    assert state.calibration is not None and state.calibration["scale"] in (0.5, 2.0)
+    scale = state.calibration["scale"]
+    kept = BiasEditor.from_pretrained(tmp_path)
+    for net, trained in zip(kept.nets.values(), editor.nets.values()):  # best editor = the step-3 editor, scaled
+        torch.testing.assert_close(net.lr, trained.lr.detach() * scale)
+    saved = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
+    assert saved["trainer"]["calibration"]["scale"] == scale
+    assert "calibrated on the same data" in (tmp_path / "README.md").read_text()
+    # a resumed, finished run does not calibrate (or scale) again
+    again = BiasEditTrainer(peft_gpt2(), BiasEditor.for_model(peft_gpt2(), rank=8, lr=1e-2),
+                            BiasEditTrainingArguments(**{**args.__dict__, "resume": True}), samples(12), samples(8),
+                            tokenizer=TOKENIZER)
+    again.train()
+    for net, first in zip(BiasEditor.from_pretrained(tmp_path).nets.values(), kept.nets.values()):
+        assert torch.equal(net.lr, first.lr)
+
+
+def test_no_calibration_under_loss_selection(tmp_path):
+    model = peft_gpt2()
+    args = BiasEditTrainingArguments(output_dir=str(tmp_path), n_edits=4, batch_size=2, max_steps=2, eval_every=2,
+                                     progress=False, select_by="loss")
+    state = BiasEditTrainer(model, BiasEditor.for_model(model, rank=8), args, samples(8), samples(4),
+                            tokenizer=TOKENIZER).train()
+    assert state.calibration is None
