@@ -171,7 +171,8 @@ def train_editor(config: DemoConfig, peft_model, tokenizer, device: str, out_dir
 def training_summary(state, args) -> dict:
     """``results["training"]``: where meta-training ended (a ``TrainerState``) and its arguments."""
     return {"steps": state.global_step, "epochs": state.epoch, "stopped_early": state.stopped_early,
-            "best_loss": state.best_loss, "best_step": state.best_step, "history": state.history, "arguments": asdict(args)}
+            "best_loss": state.best_loss, "best_step": state.best_step, "calibration": state.calibration,
+            "history": state.history, "arguments": asdict(args)}
 
 
 def evaluate(model, tokenizer, config: DemoConfig, name: str, adapter: str | None = None,

@@ -63,3 +63,23 @@ def test_retention_losses():
     pre_soft, post_soft = pre[0, :2].softmax(-1), post[0, :2].softmax(-1)
     kl = (pre_soft * (pre_soft.clamp_min(1e-30).log() - post_soft.clamp_min(1e-30).log())).sum(-1).mean()
     assert math.isclose(retention_loss("token", pre, post, batch).item(), kl.item(), rel_tol=1e-4)
+
+
+def test_level_loss_hand_computed_and_its_gradient():
+    from biasedit_peft.editor.losses import level_loss
+    from biasedit_peft.scoring import SentenceLogProbs
+
+    post_s = torch.tensor([-2.0, -1.0], dtype=torch.float64, requires_grad=True)
+    post_a = torch.tensor([-3.0, -1.5], dtype=torch.float64, requires_grad=True)
+    pre_s, pre_a = torch.tensor([-2.0, -2.0]), torch.tensor([-2.0, -1.0])
+    ones = torch.ones(2)
+    loss = level_loss(SentenceLogProbs(post_s, post_s, ones), SentenceLogProbs(post_a, post_a, ones), pre_s, pre_a)
+    # pair 0: post level -2.5, pre level -2.0 -> 0.25; pair 1: post -1.25, pre -1.5 -> 0.0625
+    torch.testing.assert_close(loss, torch.tensor([0.25, 0.0625], dtype=torch.float64))
+    loss.sum().backward()
+    # d/d post_s = d/d post_a = (post level - pre level) = [-0.5, 0.25]
+    torch.testing.assert_close(post_s.grad, torch.tensor([-0.5, 0.25], dtype=torch.float64))
+    torch.testing.assert_close(post_a.grad, post_s.grad)
+    assert torch.autograd.gradcheck(
+        lambda s, a: level_loss(SentenceLogProbs(s, s, ones), SentenceLogProbs(a, a, ones), pre_s, pre_a),
+        (post_s.detach().requires_grad_(), post_a.detach().requires_grad_()))

@@ -408,3 +408,37 @@ def test_selection_score_on_hand_built_validations(tmp_path):
     assert selection_score(inside, _args(tmp_path, select_by="loss")) == 0.3
     with pytest.raises(ValueError, match="select_by"):
         _args(tmp_path, select_by="ss")
+
+
+def test_meta_gradient_with_the_level_loss_matches_autograd_of_the_whole_meta_loss(tmp_path, monkeypatch):
+    from biasedit_peft.editor.editor import length_order
+    from biasedit_peft.editor.losses import level_loss, pair_scores, retention_loss
+    from biasedit_peft.scoring import encode_sentences
+    from biasedit_peft.tuner.deltas import override_deltas
+
+    model = peft_gpt2()
+    editor = BiasEditor.for_model(model, rank=8, lr=1e-1)
+    args = _args(tmp_path, level_coef=2.0, loc_coef=0.5)
+    trainer = BiasEditTrainer(model, editor, args, samples(8), None, tokenizer=TOKENIZER)
+    captured = {}
+    monkeypatch.setattr(editor, "meta_backward", lambda cache, solutions, grads: captured.update(s=solutions, g=grads))
+    group = trainer._batches(trainer.train_data, 0)[0]
+    metrics = trainer.edit_step(group, train=True)
+    assert metrics["level"] > 0
+    ordered = [group[i] for i in length_order(TOKENIZER, group).tolist()]
+    pairs, unrelated = encode_pairs(TOKENIZER, ordered), encode_sentences(TOKENIZER, [s.unrelated for s in ordered])
+    with torch.no_grad():
+        pre_s, pre_a = pair_scores(forward_logits(model, pairs), pairs)
+        pre_u = forward_logits(model, unrelated)
+    leaves = {name: s.delta.dense().clone().requires_grad_(True) for name, s in captured["s"].items()}
+    natives = {name: leaf.T if not trainer.layers[name].fan_in_fan_out else leaf for name, leaf in leaves.items()}
+    with override_deltas(model, natives):
+        logits, post_u = forward_logits(model, pairs), forward_logits(model, unrelated)
+    n = len(ordered)
+    total = (debias_loss("token", logits, pairs).sum() / n
+             + 2.0 * level_loss(*pair_scores(logits, pairs), pre_s.mean, pre_a.mean).sum() / n
+             + 0.5 * retention_loss("token", pre_u, post_u, unrelated).sum() / n)
+    assert metrics["loss"] == pytest.approx(total.item(), rel=1e-5)
+    grads = torch.autograd.grad(total, list(leaves.values()))
+    for name, grad in zip(leaves, grads):
+        torch.testing.assert_close(captured["g"][name], grad, rtol=1e-4, atol=1e-7)

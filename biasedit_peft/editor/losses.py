@@ -16,6 +16,12 @@ per-sentence scores; ``KLDivLoss(input, target) = target * (log target - input)`
                 = delta * tanh(delta / 2) with delta = mean_logp(s) - mean_logp(a); zero iff no preference
     retention = (1/n) sum_t KL(p_pre(. | x_<t) || p_post(. | x_<t)) over the whole vocabulary
 
+``level`` (both variants, weighted by ``level_coef``; 0 in the paper's presets) keeps each pair's average
+mean log-prob where it was, so that the edit moves the *gap* between stereotype and anti-stereotype
+rather than the likelihood of both (which is what LMS, against the unrelated sentence, measures):
+
+    level     = ((mean_logp_post(s) + mean_logp_post(a)) / 2 - (mean_logp_pre(s) + mean_logp_pre(a)) / 2)^2
+
 Every function returns one loss per pair / sentence; callers sum and scale (see docs/method.md).
 Sentence scores come from :mod:`biasedit_peft.scoring` (logit ``t - 1`` scores token ``t``).
 """
@@ -58,6 +64,15 @@ def token_retention_loss(pre_logits: torch.Tensor, post_logits: torch.Tensor, ba
     post_log = torch.log_softmax(post_logits.float(), -1)
     per_position = (pre_log.exp() * (pre_log - post_log)).sum(-1)
     return (per_position * positions).sum(-1) / positions.sum(-1).clamp(min=1)
+
+
+def level_loss(stereo: SentenceLogProbs, anti: SentenceLogProbs, pre_stereo: torch.Tensor,
+               pre_anti: torch.Tensor) -> torch.Tensor:
+    """Per-pair squared change of the pair's average mean token log-prob: post-edit scores of ``P`` pairs and
+    the pre-edit means ``pre_stereo`` / ``pre_anti`` ``[P]`` (constants) -> ``[P]``."""
+    post_level = (stereo.mean + anti.mean) / 2
+    pre_level = (pre_stereo.detach() + pre_anti.detach()).to(post_level) / 2
+    return (post_level - pre_level).square()
 
 
 def pair_scores(logits: torch.Tensor, batch: TokenBatch) -> tuple[SentenceLogProbs, SentenceLogProbs]:

@@ -42,7 +42,7 @@ from .editor import (
     ss_lms,
 )
 from ..scoring import encode_sentences, sentence_scores, token_log_probs
-from .losses import debias_loss, pair_scores, retention_loss
+from .losses import debias_loss, level_loss, pair_scores, retention_loss
 from .calibration import EDIT_SCALES, calibrate_edit_scale, scale_edits
 from .replay import PrefixReplay
 
@@ -60,6 +60,8 @@ class BiasEditTrainingArguments:
     batch_size: int = 16
     meta_lr: float = 1e-5
     loc_coef: float = 4.0
+    level_coef: float = 0.0
+    """Weight of the level loss (``losses.level_loss``: each pair's average log-prob kept; protects LMS)."""
     epochs: int = 100
     max_steps: int | None = None
     """Stop after this many meta-steps in total (counting those before a resume)."""
@@ -251,7 +253,7 @@ class BiasEditTrainer:
                     delta_grads[name] += grad
 
         post_stereo, post_anti, pre_unrelated, post_unrelated = [], [], [], []
-        debias_total = retention_total = 0.0
+        debias_total = retention_total = level_total = 0.0
         n = len(samples)
         with torch.set_grad_enabled(train):
             for number, start in enumerate(range(0, n, args.batch_size)):
@@ -262,8 +264,13 @@ class BiasEditTrainer:
                     logits = forward_logits(self.model, batch)
                 batch = batch.to(logits.device)
                 loss = debias_loss(kind, logits, batch).sum() / n
-                accumulate(loss)
                 debias_total += loss.item()
+                if args.level_coef:
+                    level = level_loss(*pair_scores(logits, batch), pre_stereo[start:start + len(chunk)],
+                                       pre_anti[start:start + len(chunk)]).sum() / n
+                    level_total += level.item()
+                    loss = loss + args.level_coef * level
+                accumulate(loss)
                 stereo, anti = pair_scores(logits.detach(), batch)
                 post_stereo.append(stereo.mean.cpu())
                 post_anti.append(anti.mean.cpu())
@@ -299,7 +306,8 @@ class BiasEditTrainer:
         return {
             "debias": debias_total,
             "retention": retention_total,
-            "loss": debias_total + args.loc_coef * retention_total,
+            "level": level_total,
+            "loss": debias_total + args.loc_coef * retention_total + args.level_coef * level_total,
             "ss_pre": pre["ss"], "ss_post": post["ss"], "lms_pre": pre["lms"], "lms_post": post["lms"],
             "nll_increase": (pre_unrelated - post_unrelated).mean().item(),
         }

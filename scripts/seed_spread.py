@@ -1,0 +1,112 @@
+"""The demo over several seeds, reported as mean and range (seeds repeat on one machine, not across CPUs).
+
+    python scripts/seed_spread.py --out runs/testbed --seeds 0,1,2                       # the bundled testbed
+    python scripts/seed_spread.py --out runs/smollm2 --seeds 0,1,2 -- --model smollm2-135m
+    python scripts/seed_spread.py --out runs/smollm2 --seeds 0,1,2 --no-run --json spread.json
+
+Each seed runs ``biasedit demo --seed N --out OUT/seed-N`` (arguments after ``--`` are passed on; a seed whose
+``results.json`` exists is not run again, a killed one is resumed), then one markdown table gives, per metric,
+the mean, the range and every seed's value. Nothing here computes a metric: every number is read from the
+seeds' ``results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from statistics import mean
+
+RESULTS = "results.json"
+
+
+def run_seed(out: Path, seed: int, demo_args: list[str]) -> Path:
+    """``biasedit demo`` for ``seed`` into ``out/seed-N`` unless its results exist; returns that folder."""
+    folder = out / f"seed-{seed}"
+    if not (folder / RESULTS).is_file():
+        resume = ["--resume"] if (folder / "stages").is_dir() else []
+        command = [sys.executable, "-m", "biasedit_peft", "demo", "--seed", str(seed), "--out", str(folder),
+                   "--quiet", *resume, *demo_args]
+        print("$ " + " ".join(command), flush=True)
+        subprocess.run(command, check=True)
+    return folder
+
+
+def metric_rows(results: dict) -> dict[str, float]:
+    """``label -> value`` of the figures the README quotes, from one demo's ``results.json``."""
+    rows: dict[str, float] = {}
+    protocols = results["protocols"]
+    units = [("per-batch", protocols["per_batch"])]
+    if "other_units" in protocols["per_batch"]:
+        units.append(("per-batch, paper-code SS", protocols["per_batch"]["other_units"]))
+    units += [("held-out targets", protocols["held_out"]),
+              ("joint adapter", {"before": results["before"]["stereoset"], "after": results["after"]["stereoset"]})]
+    for label, protocol in units:
+        for bias_type, entry in protocol["after"].items():
+            before = protocol["before"][bias_type]
+            rows[f"{label} {bias_type} SS before"] = before["ss"]
+            rows[f"{label} {bias_type} SS after"] = entry["ss"]
+            rows[f"{label} {bias_type} LMS drop"] = before["lms"] - entry["lms"]
+    for bias_type, entry in results["after"].get("crows", {}).items():
+        rows[f"CrowS-Pairs {bias_type} before"] = results["before"]["crows"][bias_type]["metric"]
+        rows[f"CrowS-Pairs {bias_type} after"] = entry["metric"]
+    rows["perplexity before"] = results["before"]["perplexity"]
+    rows["perplexity after"] = results["after"]["perplexity"]
+    rows["perplexity change %"] = 100 * (results["after"]["perplexity"] / results["before"]["perplexity"] - 1)
+    training = results["training"]
+    if training.get("best_step") is not None:
+        rows["kept editor: meta-step"] = training["best_step"]
+    calibration = training.get("calibration")
+    if calibration:
+        rows["kept editor: edit scale"] = calibration["scale"]
+    rows["seconds, total"] = results["seconds"]["total"]
+    return rows
+
+
+def spread(per_seed: dict[int, dict[str, float]]) -> dict[str, dict]:
+    """``label -> {"mean", "min", "max", "seeds": {seed: value}}`` over the labels every seed has."""
+    labels = [label for label in next(iter(per_seed.values())) if all(label in rows for rows in per_seed.values())]
+    table = {}
+    for label in labels:
+        values = {seed: rows[label] for seed, rows in per_seed.items()}
+        table[label] = {"mean": mean(values.values()), "min": min(values.values()), "max": max(values.values()),
+                        "seeds": values}
+    return table
+
+
+def markdown(table: dict[str, dict]) -> str:
+    seeds = list(next(iter(table.values()))["seeds"])
+    lines = ["| metric | mean | range | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in seeds) + " |"]
+    for label, row in table.items():
+        cells = " | ".join(f"{row['seeds'][s]:.2f}" for s in seeds)
+        lines.append(f"| {label} | {row['mean']:.2f} | {row['min']:.2f} - {row['max']:.2f} | {cells} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    demo_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder of the seeds' demo folders (seed-N)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--no-run", action="store_true", help="only read the seeds' results.json")
+    parser.add_argument("--json", dest="json_path", default=None, help="also write the table here")
+    args = parser.parse_args(own)
+    out = Path(args.out)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    per_seed = {}
+    for seed in seeds:
+        folder = out / f"seed-{seed}" if args.no_run else run_seed(out, seed, demo_args)
+        per_seed[seed] = metric_rows(json.loads((folder / RESULTS).read_text(encoding="utf-8")))
+    table = spread(per_seed)
+    print(markdown(table))
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(table, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
