@@ -1,0 +1,48 @@
+"""``scripts/seed_spread.py``: mean and range over the seeds' ``results.json``, read, never computed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+
+def _script():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "seed_spread.py"
+    spec = importlib.util.spec_from_file_location("seed_spread", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _results(ss_after: float, lms_after: float, ppl_after: float, seconds: float) -> dict:
+    def stereoset(ss, lms):
+        return {"gender": {"ss": ss, "lms": lms, "n": 10}}
+
+    protocol = {"before": stereoset(60.0, 90.0), "after": stereoset(ss_after, lms_after)}
+    return {"before": {"stereoset": stereoset(60.0, 90.0), "crows": {"gender": {"metric": 55.0}}, "perplexity": 40.0},
+            "after": {"stereoset": stereoset(ss_after + 5, lms_after), "crows": {"gender": {"metric": 54.0}},
+                      "perplexity": ppl_after},
+            "protocols": {"per_batch": {**protocol, "other_units": protocol}, "held_out": protocol},
+            "training": {"best_step": 50, "calibration": {"scale": 0.5}}, "seconds": {"total": seconds}}
+
+
+def test_mean_and_range_over_seeds_from_their_results(tmp_path, capsys):
+    script = _script()
+    for seed, (ss, lms, ppl, seconds) in enumerate([(50.0, 88.0, 41.0, 100.0), (54.0, 86.0, 42.0, 130.0),
+                                                   (52.0, 87.0, 40.0, 160.0)]):
+        folder = tmp_path / f"seed-{seed}"
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps(_results(ss, lms, ppl, seconds)))
+    script.main(["--out", str(tmp_path), "--seeds", "0,1,2", "--no-run", "--json", str(tmp_path / "spread.json")])
+    table = json.loads((tmp_path / "spread.json").read_text())
+    row = table["per-batch gender SS after"]
+    assert (row["mean"], row["min"], row["max"]) == (52.0, 50.0, 54.0)
+    assert table["per-batch gender LMS drop"]["mean"] == pytest.approx(3.0)  # 90 - (88 + 86 + 87) / 3
+    assert table["joint adapter gender SS after"]["seeds"] == {"0": 55.0, "1": 59.0, "2": 57.0}
+    assert table["perplexity change %"]["max"] == pytest.approx(5.0)  # 42 / 40
+    assert table["seconds, total"]["mean"] == 130.0 and table["kept editor: edit scale"]["mean"] == 0.5
+    printed = capsys.readouterr().out
+    assert "| per-batch gender SS after | 52.00 | 50.00 - 54.00 | 50.00 | 54.00 | 52.00 |" in printed
