@@ -11,7 +11,6 @@ import tempfile
 import torch
 from peft import PeftModel, get_peft_model
 
-import biasedit_peft  # registers the BIASEDIT method with peft
 from biasedit_peft import BiasEditConfig, BiasEditor, BiasEditTrainer, BiasEditTrainingArguments
 from biasedit_peft.data import load_stereoset
 from biasedit_peft.evaluation import evaluate_model

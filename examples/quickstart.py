@@ -11,7 +11,6 @@ import torch
 from peft import PeftModel, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import biasedit_peft  # registers the BIASEDIT method with peft
 from biasedit_peft import BiasEditConfig, edit_targets, get_deltas, set_deltas
 
 

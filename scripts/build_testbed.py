@@ -77,7 +77,9 @@ def load_corpus(args: argparse.Namespace) -> Corpus:
     return build_corpus(train, association_plan(args, train + dev, test), test, read_fortunes(), args.seed)
 
 
-def association_plan(args: argparse.Namespace, editor_items: list, test_items: list) -> list[tuple[list, AssociationRecipe]]:
+def association_plan(
+    args: argparse.Namespace, editor_items: list, test_items: list
+) -> list[tuple[list, AssociationRecipe]]:
     """Test-split items get the full frame counts; train / dev items (the editor's) the same ratio with
     ``--train-frames-divisor`` times fewer sentences, which saves training tokens."""
     divisor = args.train_frames_divisor

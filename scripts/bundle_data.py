@@ -25,7 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from biasedit_peft.data.resources import (  # noqa: E402
-    ATTRIBUTE_WORDS_FILE, CROWS_FILE, RESOURCES, STEREOSET_FILES, STEREOSET_SPLITS_FILE,
+    ATTRIBUTE_WORDS_FILE,
+    CROWS_FILE,
+    RESOURCES,
+    STEREOSET_FILES,
+    STEREOSET_SPLITS_FILE,
 )
 from biasedit_peft.data.splits import SPLIT_RATIO, SPLIT_SEED, split_train_dev  # noqa: E402
 from biasedit_peft.data.stereoset import parse_item  # noqa: E402

@@ -26,20 +26,24 @@ def demo_tables(results: dict) -> list[str]:
                      f"{_f(b['icat'])} | {_f(entry['icat'])} | {entry['n']} |")
     lines += ["", "| CrowS-Pairs | before | after | n |", "| --- | --- | --- | --- |"]
     for bias_type, entry in after.get("crows", {}).items():
-        lines.append(f"| {bias_type} | {_f(before['crows'][bias_type]['metric'])} | {_f(entry['metric'])} | {entry['n']} |")
-    lines += ["", f"Perplexity (bundled neutral text): {_f(before['perplexity'])} before, {_f(after['perplexity'])} after.",
-              ""]
+        lines.append(f"| {bias_type} | {_f(before['crows'][bias_type]['metric'])} | {_f(entry['metric'])} | "
+                     f"{entry['n']} |")
+    lines += ["", f"Perplexity (bundled neutral text): {_f(before['perplexity'])} before, "
+                  f"{_f(after['perplexity'])} after.", ""]
     for name, label in (("per_batch", "Per-batch protocol (the paper's)"), ("held_out", "Held-out target terms")):
         protocol = results["protocols"][name]
         lines += [f"**{label}**" + (f" (edit batches of {protocol['edit_batch_size']})" if name == "per_batch" else
                                     f" ({protocol['n_edit_items']} edit items, {protocol['n_items']} scored items)"),
-                  "", "| bias type | SS before | SS after | LMS before | LMS after | n |", "| --- | --- | --- | --- | --- | --- |"]
+                  "", "| bias type | SS before | SS after | LMS before | LMS after | n |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for bias_type, entry in protocol["after"].items():
             b = protocol["before"][bias_type]
-            lines.append(f"| {bias_type} | {_f(b['ss'])} | {_f(entry['ss'])} | {_f(b['lms'])} | {_f(entry['lms'])} | {entry['n']} |")
+            lines.append(f"| {bias_type} | {_f(b['ss'])} | {_f(entry['ss'])} | {_f(b['lms'])} | {_f(entry['lms'])} | "
+                         f"{entry['n']} |")
         lines.append("")
-    lines += ["| target: \\|SS-50\\| <= 3 and LMS drop <= 3 | " + " | ".join(
-        t for t in results["config"]["bias_types"]) + " |", "| --- |" + " --- |" * len(results["config"]["bias_types"])]
+    bias_types = results["config"]["bias_types"]
+    lines += ["| target: \\|SS-50\\| <= 3 and LMS drop <= 3 | " + " | ".join(bias_types) + " |",
+              "| --- |" + " --- |" * len(bias_types)]
     for name, check in results["targets"].items():
         cells = []
         for bias_type in results["config"]["bias_types"]:
@@ -71,7 +75,8 @@ def bench_tables(results: dict) -> list[str]:
                   f"| {s['n_edits']} edits, LM batch {s['batch_size']} | {t['median_s']:.3f} | {t['min_s']:.3f} | "
                   f"{t['max_s']:.3f} | {s['samples_per_second']:.1f} |", ""]
     if "solve" in sections:
-        lines += ["| joint delta | tokens | caching s | primal solve ms | dual solve ms | auto | hyper-network + solve, all layers ms |",
+        lines += ["| joint delta | tokens | caching s | primal solve ms | dual solve ms | auto "
+                  "| hyper-network + solve, all layers ms |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for row in sections["solve"]["sizes"]:
             forms = {form: (f"{1e3 * r['median_s']:.1f}" if "median_s" in r else r["skipped"])
@@ -84,11 +89,13 @@ def bench_tables(results: dict) -> list[str]:
         f = sections["forward"]
         lines += [f"| forward pass, batch {f['batch']} | median ms | vs base |", "| --- | --- | --- |",
                   f"| base | {1e3 * f['base']['median_s']:.1f} | |",
-                  f"| unmerged adapter | {1e3 * f['unmerged_adapter']['median_s']:.1f} | {f['overhead_unmerged_pct']:+.1f} % |",
+                  f"| unmerged adapter | {1e3 * f['unmerged_adapter']['median_s']:.1f} | "
+                  f"{f['overhead_unmerged_pct']:+.1f} % |",
                   f"| merged | {1e3 * f['merged']['median_s']:.1f} | {f['overhead_merged_pct']:+.1f} % |", ""]
     if "memory" in sections:
         m = sections["memory"]
-        lines += ["| phase (fresh process) | RSS after loading MiB | peak RSS during the phase MiB |", "| --- | --- | --- |"]
+        lines += ["| phase (fresh process) | RSS after loading MiB | peak RSS during the phase MiB |",
+                  "| --- | --- | --- |"]
         for phase in ("meta_training", "debiasing"):
             lines.append(f"| {phase} | {m[phase]['rss_after_load_mib']:.0f} | {m[phase]['peak_rss_mib']:.0f} |")
         lines.append("")
@@ -114,7 +121,8 @@ def bench_tables(results: dict) -> list[str]:
         first = next(iter(quality.values()))
         lines += ["", "Before any edit: per-batch SS " + triple(first["per_batch"]["before"], "ss") + ", LMS "
                   + triple(first["per_batch"]["before"], "lms") + "; held-out SS "
-                  + triple(first["held_out"]["before"], "ss") + ", LMS " + triple(first["held_out"]["before"], "lms") + "."]
+                  + triple(first["held_out"]["before"], "ss") + ", LMS "
+                  + triple(first["held_out"]["before"], "lms") + "."]
     return lines
 
 

@@ -149,7 +149,9 @@ def write_json(document: dict, out: Path, overwrite: bool = False) -> None:
 
 def table(document: dict) -> str:
     """Layer stats, then one line per case with each solve's ``error 1-vs-2-threads``, or FAIL."""
-    cell = lambda r: "FAIL" if r["cholesky_failed"] else f"{r['rel_error']:.1e} {r['rel_diff_threads']:.1e}"
+    def cell(r: dict) -> str:
+        return "FAIL" if r["cholesky_failed"] else f"{r['rel_error']:.1e} {r['rel_diff_threads']:.1e}"
+
     width = max(len(name) for name in document["layers"])
     lines, cases = [], [f"{'layer':<{width}} {'form':<6} {'N':>5} {'lambda':>6} | float32 pre-fix | float64"]
     for name, layer in document["layers"].items():

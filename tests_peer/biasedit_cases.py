@@ -91,9 +91,10 @@ DECODER_CONFIGS = [
     (BiasEditConfig, {"task_type": "CAUSAL_LM", "target_modules": None, **_FACTORED}),
 ]
 
-# ----- peer tests that do not apply to BiasEdit, or that fail on a known tuner bug ------------------------------------
+# ----- peer tests that do not apply to BiasEdit, or that fail on a known tuner bug -----------------------------------
 # (test function name, predicate on the test's parameters, reason). "skip" rows test a feature BiasEdit does not
-# have by design; "xfail" rows are strict: once the tuner is fixed they XPASS, which fails the run, and the row must go.
+# have by design; "xfail" rows are strict: once the tuner is fixed they XPASS, which fails the run, and the row must
+# go.
 _NO_MODULES_TO_SAVE = (
     "BiasEditConfig has no `modules_to_save`: a BiasEdit adapter only holds weight deltas of the edited projections, "
     "never trainable copies of whole modules"
@@ -108,8 +109,8 @@ _LOW_CPU_MEM_BUG = (
 )
 _NAN_MESSAGE = (
     "tuner deviation: safe_merge raises \"NaNs or infs detected in the merged weights; adapter(s) [...] are broken.\" "
-    "where every peft tuner raises \"NaNs detected in the merged weights. The adapter <name> seems to be broken\"; see "
-    "docs/peft_peer_tests.md"
+    "where every peft tuner raises \"NaNs detected in the merged weights. The adapter <name> seems to be broken\"; "
+    "see docs/peft_peer_tests.md"
 )
 _INT_LAYERS_BUG = (
     "tuner deviation: BiasEditConfig turns layers_to_transform=0 into [0], peft configs keep the int as given; see "

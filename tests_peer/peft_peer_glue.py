@@ -37,6 +37,8 @@ import pytest
 from peft import LoraConfig
 
 import biasedit_peft  # noqa: F401  (registers BIASEDIT with peft)
+from biasedit_peft import BiasEditConfig
+
 from biasedit_cases import (
     CONFIG_CLASSES,
     CUSTOM_MODEL_CASES,
@@ -45,7 +47,6 @@ from biasedit_cases import (
     MULTIPLE_ACTIVE_ADAPTERS_CASES,
     SKIPPED,
 )
-from biasedit_peft import BiasEditConfig
 from tiny_decoders import build_tiny_decoders
 
 PEER_MODULES = ("test_custom_models.py", "test_config.py", "test_decoder_models.py")

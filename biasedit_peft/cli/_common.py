@@ -23,8 +23,9 @@ def add_model_argument(parser: argparse.ArgumentParser, default: str | None = No
 def add_preset_argument(parser: argparse.ArgumentParser) -> None:
     """``--preset``: the editor hyper-parameters (``editor/presets.py``), by default chosen from the model."""
     parser.add_argument("--preset", default=None,
-                        help="hyper-parameter preset: gpt2, llama, mistral, gemma (the paper's, for GPUs), cpu, testbed "
-                        "(default: 'testbed' for --model testbed, 'cpu' for a model on the CPU, else from the model type)")
+                        help="hyper-parameter preset: gpt2, llama, mistral, gemma (the paper's, for GPUs), cpu, "
+                        "testbed (default: 'testbed' for --model testbed, 'cpu' for a model on the CPU, else from the "
+                        "model type)")
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser, dtype: bool = True) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
 from biasedit_peft.cli._common import add_model_argument, add_preset_argument, add_runtime_arguments, split_list
 
 
@@ -84,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
             throughput_limit=args.throughput_limit, throughput_repeats=args.throughput_repeats,
             score_batch_size=args.score_batch_size, matmul_size=args.matmul_size,
             forward_repeats=args.forward_repeats, solve_sizes=_ints(args.solve_sizes, "--solve-sizes"),
-            max_system=args.max_system, lora_ranks=_ints(args.lora_ranks, "--lora-ranks"), quality_steps=args.quality_steps,
+            max_system=args.max_system, lora_ranks=_ints(args.lora_ranks, "--lora-ranks"),
+            quality_steps=args.quality_steps,
             limit=args.limit, seed=args.seed, device=args.device, progress=not args.quiet,
         )
         results = run_bench(config)

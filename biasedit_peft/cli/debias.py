@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+
 from biasedit_peft.cli._common import add_model_argument, add_runtime_arguments, split_list
 from biasedit_peft.models import default_device
 

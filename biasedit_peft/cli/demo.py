@@ -18,6 +18,7 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+
 from biasedit_peft.cli._common import (
     add_model_argument,
     add_preset_argument,
@@ -50,7 +51,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="weight of the level loss that keeps each pair's likelihood (default: preset)")
     add_select_by_argument(parser)
     parser.add_argument("--num-edit-layers", type=int, default=3, help="edit the last N blocks (default 3)")
-    parser.add_argument("--limit", type=int, default=None, help="first N items per bias type of each split (quick runs)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="first N items per bias type of each split (quick runs)")
     parser.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples for CIs (0: none)")
     parser.add_argument("--no-merge", action="store_true", help="skip the merged checkpoint")
     parser.add_argument("--seed", type=int, default=0)

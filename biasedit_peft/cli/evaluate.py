@@ -48,7 +48,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     add_runtime_arguments(parser)
     parser.add_argument("--json", dest="json_path", default=None,
-                        help="also write the results here as JSON (scores are kept in FILE.partial as they are measured)")
+                        help="also write the results here as JSON (scores are kept in FILE.partial as they are "
+                        "measured)")
     again = parser.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="continue a killed run from FILE.partial (needs --json FILE)")

@@ -14,7 +14,6 @@ import json
 import sys
 from pathlib import Path
 
-from .trace import add_tracing_arguments
 from biasedit_peft.cli._common import (
     add_model_argument,
     add_preset_argument,
@@ -24,6 +23,8 @@ from biasedit_peft.cli._common import (
     write_json_document,
 )
 from biasedit_peft.models import default_device
+
+from .trace import add_tracing_arguments
 
 SWEEP_JSON = "sweep.json"
 

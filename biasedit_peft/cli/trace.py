@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
 from biasedit_peft.cli._common import (
     add_model_argument,
     add_runtime_arguments,
@@ -105,8 +106,8 @@ def format_trace(document: dict) -> str:
     gap = abs(document["clean_effect"] - document["corrupted_effect"])
     if gap < WEAK_GAP * document["clean_effect"]:
         lines.append(f"note: corrupting the target terms changes the bias effect by only {gap:.4f} "
-                     f"({100 * gap / document['clean_effect']:.1f}%): this bias is hardly carried by the target terms, "
-                     "and fractions restored are ratios of small differences (docs/tracing.md)")
+                     f"({100 * gap / document['clean_effect']:.1f}%): this bias is hardly carried by the target "
+                     "terms, and fractions restored are ratios of small differences (docs/tracing.md)")
     for kind, summary in document["kinds"].items():
         lines += ["", f"{kind}: restored effect (fraction restored)", "layer " + "".join(f"{p:>22}" for p in positions)
                   + f"{'all positions':>22}"]

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
 from biasedit_peft.cli._common import (
     add_model_argument,
     add_preset_argument,
@@ -141,9 +142,10 @@ def run(args: argparse.Namespace) -> int:
         editor, training = preset.editor_and_arguments(
             peft_model, args.out, loss=args.loss, base_model=args.model, rank=args.rank, n_blocks=args.n_blocks,
             lr=args.lr, n_edits=args.n_edits, batch_size=args.batch_size, meta_lr=args.meta_lr,
-            loc_coef=args.loc_coef, level_coef=args.level_coef, epochs=args.epochs, patience=args.patience, max_steps=args.max_steps,
-            eval_every=args.eval_every, seed=args.seed, resume=args.resume, progress=not args.quiet,
-            select_by=args.select_by, editor_device=args.editor_device,  # the trainer moves the editor there; None: with the LM
+            loc_coef=args.loc_coef, level_coef=args.level_coef, epochs=args.epochs, patience=args.patience,
+            max_steps=args.max_steps, eval_every=args.eval_every, seed=args.seed, resume=args.resume,
+            progress=not args.quiet, select_by=args.select_by,
+            editor_device=args.editor_device,  # the trainer moves the editor there; None: with the LM
         )
         editor.provenance.update(training_data=data_description(args.train_data, bias_types, args.limit),
                                  eval_data=None if eval_data is None else args.eval_data, command=command_line(args))

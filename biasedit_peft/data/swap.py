@@ -3,8 +3,9 @@
 Word pairs come from the bundled ``bias_attribute_words.json`` (bias-bench). Where a word has
 several counterparts (``lady`` -> ``gentleman`` / ``lord``), the first pair in the file wins,
 except ``her``: ``his`` when a word follows it (possessive, the common case), else ``him``. Words
-outside the lists (e.g. ``schoolgirl``) stay as they are. Labels keep their original role: the swapped ``stereotype`` sentence
-is the original stereotypical sentence with the genders reversed (e.g. "The mother was caring" ->
+outside the lists (e.g. ``schoolgirl``) stay as they are. Labels keep their original role: the swapped
+``stereotype`` sentence is the original stereotypical sentence with the genders reversed (e.g. "The mother
+was caring" ->
 "The father was caring"). A debiased model should stay near SS 50 on it too (BiasEdit, Sec. 5).
 """
 

@@ -344,8 +344,8 @@ def export_lora_from_peft_model(peft_model, out_dir: str | Path, rank: int | Non
         raise ValueError(f"rank must be a positive integer, got {rank}.")
     unknown = sorted(set(ss_options) - set(SS_OPTIONS))
     if unknown or (ss_options and not measure_ss):
-        raise TypeError(f"SS options {unknown or sorted(ss_options)} are not "
-                        f"{'options of measure_ss_survival ' + str(SS_OPTIONS) if unknown else 'used without measure_ss=True'}.")
+        misuse = f"options of measure_ss_survival {SS_OPTIONS}" if unknown else "used without measure_ss=True"
+        raise TypeError(f"SS options {unknown or sorted(ss_options)} are not {misuse}.")
     layers = edit_targets(peft_model, adapter_name)
     if not layers:
         raise ValueError(f"Adapter {adapter_name!r} has no BiasEdit layers to export.")

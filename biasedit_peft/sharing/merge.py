@@ -82,8 +82,9 @@ def load_adapters(model: torch.nn.Module, adapters: Sequence[str | Path]):
     Raises ValueError naming the adapter when it is not a BiasEdit adapter, was made for another model class,
     or its deltas do not fit the base model's modules (missing modules or wrong shapes).
     """
-    import biasedit_peft  # noqa: F401 - registers BIASEDIT with peft
     from peft import PeftConfig, PeftModel
+
+    import biasedit_peft  # noqa: F401 - registers BIASEDIT with peft
 
     from ..tuner import edit_targets
 
@@ -150,7 +151,8 @@ def merge_deltas_into(
         delta32 = delta.to(weight.device, torch.float32)
         merged = (weight.detach().to(torch.float32) + delta32).to(target_dtype)
         if safe_merge and not torch.isfinite(merged).all():
-            raise ValueError(f"Merging into {name!r} gives NaN or infinite values in {target_dtype}; nothing was written.")
+            raise ValueError(f"Merging into {name!r} gives NaN or infinite values in {target_dtype}; "
+                             "nothing was written.")
         base_cast = weight.detach().to(target_dtype)
         change = TensorChange(
             module=name, shape=tuple(weight.shape), max_abs_delta=float(delta32.abs().max()),

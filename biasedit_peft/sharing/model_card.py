@@ -33,7 +33,8 @@ PAPER = "https://arxiv.org/abs/2503.08588"
 
 @dataclass(frozen=True)
 class MetricRow:
-    """One number of an evaluation: ``path`` is its key path in the metrics dict, e.g. ``("stereoset", "gender", "ss")``."""
+    """One number of an evaluation: ``path`` is its key path in the metrics dict, e.g.
+    ``("stereoset", "gender", "ss")``."""
 
     path: tuple[str, ...]
     before: float | None
@@ -203,6 +204,8 @@ def adapter_model_card(
             provenance.append(f"- Edit samples: `{config.edit_data}`")
         for key, value in sorted((config.edit_info or {}).items()):
             provenance.append(f"- {key}: `{value}`")
+    storage_table = ("\n".join(["| module | weight | delta storage |", "| --- | --- | --- |", *storage_lines])
+                     if storage_lines else "")
     repo = repo_id or "path/to/this/adapter"
     base_for_code = base_model or "BASE_MODEL"
     body = f"""
@@ -216,7 +219,7 @@ output projections listed below, computed in one shot by a BiasEdit editor netwo
 
 {chr(10).join(f'- `{m}`' for m in (target_modules or [])) or '- (unknown)'}
 
-{('| module | weight | delta storage |' + chr(10) + '| --- | --- | --- |' + chr(10) + chr(10).join(storage_lines)) if storage_lines else ''}
+{storage_table}
 
 ## Provenance
 
@@ -284,7 +287,8 @@ def _validation_section(record: Mapping[str, Any] | None) -> str:
                        if prefix + name in record)
     loss = record.get(f"{prefix}loss")
     return (
-        f"## Validation\n\nBest validation at meta-step {record.get('step', '?')} (epoch {record.get('epoch', '?')}), on "
+        f"## Validation\n\nBest validation at meta-step {record.get('step', '?')} "
+        f"(epoch {record.get('epoch', '?')}), on "
         f"{where}: meta-loss {loss:.4g}" + (f" ({losses})" if losses else "") + ".\n\n"
         "Its SS / LMS below are the trainer's quick measure: for each group of `n_edits` samples, the share of "
         "pairs whose stereotype has the higher mean token log-prob (LMS: both beat the unrelated sentence), "

@@ -73,7 +73,8 @@ def find_layout(model: nn.Module, blocks: str | None = None, mlp: str | None = N
     paths = (blocks,) if blocks else BLOCK_PATHS
     found = next((p for p in paths if isinstance(_get(base, p), nn.ModuleList) and len(_get(base, p))), None)
     if found is None:
-        what = f"{blocks!r} is not a non-empty ModuleList" if blocks else f"none of {list(BLOCK_PATHS)} is a ModuleList"
+        what = (f"{blocks!r} is not a non-empty ModuleList" if blocks
+                else f"none of {list(BLOCK_PATHS)} is a ModuleList")
         raise ValueError(f"Cannot find the transformer blocks of {type(base).__name__}: {what}; {hint}")
     first = _get(base, found)[0]
     names = {}

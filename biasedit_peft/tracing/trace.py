@@ -118,7 +118,8 @@ class PromptTracer:
         """[rows, S, 2] log-probs of ``rows`` copies of the ``S x 2`` corrupted batch, under active hooks."""
         repeat = rows * self.samples
         return continuation_log_probs(
-            self.model, self.input_ids.repeat(repeat, 1), self.attention_mask.repeat(repeat, 1), self.prompt.prefix_len,
+            self.model, self.input_ids.repeat(repeat, 1), self.attention_mask.repeat(repeat, 1),
+            self.prompt.prefix_len,
         ).view(rows, self.samples, 2)
 
     def clean_states(self, kind: str) -> Tensor:

@@ -72,7 +72,8 @@ class BiasEditConfig(PeftConfig):
         default=None, metadata={"help": "Provenance: the editor (folder or Hub id) that produced the deltas."}
     )
     edit_data: Optional[str] = field(
-        default=None, metadata={"help": "Provenance: the samples the deltas were computed from (e.g. 'stereoset:test')."}
+        default=None,
+        metadata={"help": "Provenance: the samples the deltas were computed from (e.g. 'stereoset:test')."},
     )
     edit_info: dict = field(
         default_factory=dict,

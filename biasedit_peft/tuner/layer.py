@@ -100,10 +100,9 @@ class BiasEditLayer(BaseTunerLayer):
         if device.type == "meta":
             return
         for store in (self.biasedit_delta, self.biasedit_A, self.biasedit_B):
-            if adapter_name in store and store[adapter_name].device.type != "meta" and store[adapter_name].device != device:
-                store[adapter_name] = nn.Parameter(
-                    store[adapter_name].data.to(device), requires_grad=store[adapter_name].requires_grad
-                )
+            tensor = store.get(adapter_name)
+            if tensor is not None and tensor.device.type != "meta" and tensor.device != device:
+                store[adapter_name] = nn.Parameter(tensor.data.to(device), requires_grad=tensor.requires_grad)
 
     def write_delta(self, adapter_name: str, delta: DeltaLike) -> None:
         """Store ``delta`` (dense, or factors ``(A, B)``) for ``adapter_name`` as float32 on the base device.

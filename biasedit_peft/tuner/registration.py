@@ -81,6 +81,7 @@ def register() -> None:
         )
     if PEFT_TYPE_NAME not in PeftType.__members__:
         member = _add_enum_member(PeftType, PEFT_TYPE_NAME)
-        if PeftType(PEFT_TYPE_NAME) is not member or PeftType[PEFT_TYPE_NAME] is not member or member != PEFT_TYPE_NAME:
+        took = PeftType(PEFT_TYPE_NAME) is member and PeftType[PEFT_TYPE_NAME] is member and member == PEFT_TYPE_NAME
+        if not took:
             raise RegistrationError("Adding BIASEDIT to peft's PeftType enum did not take effect on this Python.")
     register_peft_method(name=PEFT_METHOD_NAME, config_cls=BiasEditConfig, model_cls=BiasEditModel)
