@@ -1,21 +1,9 @@
-"""Plain-JSON values for the documents the commands write (``trace.json``, ``sweep.json``)."""
+"""Where :func:`json_ready` used to live; it is in :mod:`biasedit_peft._io` now, beside the one JSON writer.
 
-from __future__ import annotations
+Kept only for ``layer_sweep.py``'s import (``json_ready(document, digits=4)``, unchanged in meaning); remove this
+module when that import names ``._io``.
+"""
 
-import math
+from ._io import json_ready
 
-from torch import Tensor
-
-
-def json_ready(value, digits: int = 6):
-    """``value`` with tensors as lists, floats rounded to ``digits`` and NaN as None (strict JSON has no NaN);
-    dicts, lists and tuples converted recursively, anything else unchanged."""
-    if isinstance(value, Tensor):
-        value = value.tolist()
-    if isinstance(value, float):
-        return None if math.isnan(value) else round(value, digits)
-    if isinstance(value, dict):
-        return {k: json_ready(v, digits) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(v, digits) for v in value]
-    return value
+__all__ = ["json_ready"]

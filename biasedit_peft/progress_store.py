@@ -33,14 +33,13 @@ so ``mode``, ``n_resamples`` and ``seed`` may change between a run and its resum
 
 A stage is finished when its ``NAME.json`` exists and every file it lists is still there. Stage files keep
 non-finite floats as Python's ``NaN`` / ``Infinity`` tokens so that results round-trip exactly; the
-documents meant for others (``biasedit evaluate --json``) are strict JSON (:func:`write_json`).
+documents meant for others (``biasedit evaluate --json``) are strict JSON (:func:`biasedit_peft._io.write_json`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -49,7 +48,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .editor.editor import atomic_write, atomic_write_text
+from ._io import write_json
+from .editor.editor import atomic_write
 from .scoring import SCORE_FIELDS, SentenceLogProbs
 
 FORMAT = 1
@@ -68,31 +68,6 @@ class PreviousRunError(ValueError):
 
 
 # ----- JSON ----------------------------------------------------------------------------------------------
-def finite_or_none(value: Any) -> Any:
-    """``value`` with every NaN / inf float (at any depth of dicts, lists, tuples) replaced by None."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_none(v) for v in value]
-    return value
-
-
-def write_json(path: str | Path, document: Any, strict: bool = True, indent: int | None = 2) -> Path:
-    """Write ``document`` to ``path`` atomically (folder created).
-
-    ``strict``: non-finite floats become null and the text is standard JSON (``allow_nan=False``);
-    otherwise they stay ``NaN`` / ``Infinity`` (Python reads them back exactly).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if strict:
-        document = finite_or_none(document)
-    atomic_write_text(path, json.dumps(document, indent=indent, allow_nan=not strict) + "\n")
-    return path
-
-
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 

@@ -22,13 +22,7 @@ from biasedit_peft.data import load_crows, load_stereoset
 from biasedit_peft.demo import DemoConfig, prepare_out, run_demo
 from biasedit_peft.evaluation import evaluate_model, score_in_pieces, take_per_type
 from biasedit_peft.models import load_model_and_tokenizer
-from biasedit_peft.progress_store import (
-    PreviousRunError,
-    ResumeMismatch,
-    ScoreStore,
-    finite_or_none,
-    write_json,
-)
+from biasedit_peft.progress_store import PreviousRunError, ResumeMismatch, ScoreStore
 from biasedit_peft.scoring import SCORE_FIELDS, score_sentences
 
 PARAGRAPHS = ["The river runs past the old mill and into the valley.", "A recipe needs flour, water and salt.",
@@ -181,14 +175,6 @@ def test_store_refuses_another_model_or_adapter(testbed, tmp_path):
     with pytest.raises(ResumeMismatch, match=r"different model, adapter \(model: stored '.*testbed.*', now 'other'; adapter: stored None, now 'x'\)"):
         evaluate_model(model, tokenizer, benchmarks=("stereoset",), bias_types=["gender"], limit=2, progress=False,
                        n_resamples=0, store=store, model_name="other", adapter="x")
-
-
-def test_json_documents_hold_no_nan(tmp_path):
-    document = {"a": math.nan, "b": [math.inf, 1.5, {"c": -math.inf}], "d": (2, "x")}
-    assert finite_or_none(document) == {"a": None, "b": [None, 1.5, {"c": None}], "d": [2, "x"]}
-    text = write_json(tmp_path / "x.json", document).read_text()
-    assert "NaN" not in text and "Infinity" not in text and json.loads(text)["b"][0] is None
-    assert not list(tmp_path.glob(".*tmp"))  # the temporary file was renamed into place
 
 
 # ----- biasedit demo [--resume | --overwrite] --------------------------------------------------------------

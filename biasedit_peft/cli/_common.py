@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -43,15 +42,6 @@ def split_list(text: str | None) -> list[str] | None:
         return None
     parts = [part.strip() for part in text.split(",") if part.strip()]
     return parts or None
-
-
-def write_json_document(out_dir: str | Path, name: str, document: dict) -> Path:
-    """Write ``document`` as strict JSON (no NaN) to ``out_dir/name`` (folder created); returns the path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / name
-    path.write_text(json.dumps(document, indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    return path
 
 
 def plots_or_hint(draw: Callable[[], list[Path]]) -> list[Path]:

@@ -86,9 +86,9 @@ def open_store(json_path: str | None, resume: bool, overwrite: bool):
 
 def run(args: argparse.Namespace) -> int:
     import biasedit_peft  # noqa: F401  (registers BIASEDIT with peft before loading an adapter)
+    from biasedit_peft._io import write_json
     from biasedit_peft.evaluation import evaluate_model, format_table
     from biasedit_peft.models import load_model_and_tokenizer
-    from biasedit_peft.progress_store import write_json
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

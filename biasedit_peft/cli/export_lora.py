@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -42,7 +40,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..sharing.lora_export import export_lora
+    from biasedit_peft._io import write_json
+    from biasedit_peft.sharing.lora_export import export_lora
 
     bias_types = [part.strip() for part in (args.bias_types or "").split(",") if part.strip()] or None
     options = {}
@@ -57,7 +56,5 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(report.to_text())
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        write_json(args.json, report.to_dict())
     return 0

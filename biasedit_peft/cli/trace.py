@@ -13,12 +13,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from biasedit_peft._io import write_json
 from biasedit_peft.cli._common import (
     add_model_argument,
     add_runtime_arguments,
     plots_or_hint,
     split_list,
-    write_json_document,
 )
 from biasedit_peft.models import default_device
 
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     document = result.to_json()
     out = Path(args.out)
-    write_json_document(out, TRACE_JSON, document)
+    write_json(out / TRACE_JSON, document, indent=1)
     print(format_trace(document))
     paths = plots_or_hint(lambda: plot_trace(document, out))
     print(f"\nwrote {out / TRACE_JSON}" + "".join(f", {p}" for p in paths))

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from .._io import write_json
+
 SAFETENSORS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 KEY_PREFIX = "base_model.model."
@@ -381,7 +383,7 @@ def export_lora_from_peft_model(peft_model, out_dir: str | Path, rank: int | Non
                                                      **ss_options)
     else:
         report.ss_skipped = "not requested (measure_ss=True, or --measure-ss on the command line)"
-    (out_dir / "lora_export_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    write_json(out_dir / "lora_export_report.json", report.to_dict())
     return report
 
 

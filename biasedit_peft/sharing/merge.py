@@ -9,13 +9,13 @@ written (peft's ``safe_merge``). The result has no adapter layers and loads with
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from .._io import write_json
 from ..models import load_model, load_tokenizer, parse_dtype
 
 PEFT_PREFIX = "base_model.model."
@@ -213,7 +213,7 @@ def save_merged(
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     if report is not None:
-        (out_dir / "merge_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+        write_json(out_dir / "merge_report.json", report.to_dict())
     return out_dir
 
 

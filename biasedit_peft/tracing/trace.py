@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .._json import json_ready
+from .._io import json_ready
 from ..scoring import eval_mode
 from .layout import KINDS, ModelLayout, base_model_of, find_layout
 from .patching import add_embedding_noise, continuation_log_probs, record_states, restore_states
@@ -275,7 +275,7 @@ class TraceResult:
         return sorted(range(self.n_layers), key=lambda layer: (-float(values[layer]), layer))
 
     def to_json(self) -> dict:
-        """The JSON document (schema in docs/tracing.md); NaN becomes null."""
+        """The JSON document (schema in docs/tracing.md): floats rounded to 6 decimals, NaN and infinities as null."""
         return json_ready({
             "format": TRACE_FORMAT,
             **self.meta,
@@ -301,7 +301,7 @@ class TraceResult:
                        "corrupted": float(t.corrupted.mean()),
                        "restored": {kind: grid.mean(-1) for kind, grid in t.restored.items()}}
                       for t in self.traces],
-        })
+        }, digits=6)
 
 
 def trace_items(model: nn.Module, tokenizer, items: Sequence, settings: TraceSettings = TraceSettings(),
