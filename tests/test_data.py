@@ -14,8 +14,10 @@ from biasedit_peft.data import (
     CROWS_BIAS_TYPES,
     CrowsFormatError,
     StereoSetFormatError,
+    describe_edit_samples,
     gender_swapped,
     load_crows,
+    load_edit_samples,
     load_neutral_text,
     load_split_ids,
     load_stereoset,
@@ -153,6 +155,42 @@ def test_not_json_and_wrong_top_level(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps({"data": {"intersentence": []}}))
     with pytest.raises(StereoSetFormatError, match="data.intrasentence"):
         load_stereoset_file(tmp_path / "b.json")
+
+
+def test_edit_samples_from_a_bundled_split_a_stereoset_file_or_jsonl(tmp_path):
+    train = load_edit_samples("stereoset:train", ["religion"], limit=5)
+    assert train == load_stereoset("train", bias_types=["religion"])[:5]
+    assert len(load_edit_samples("stereoset:dev")) == 76 + 325 + 22  # every bias type of the split, no limit
+    path = write_rows(tmp_path / "rows.json", [ROW, copy.deepcopy(ROW) | {"id": "x2", "bias_type": "race"}])
+    assert [item.id for item in load_edit_samples(str(path), ["race"])] == ["x2"]
+    lines = tmp_path / "samples.jsonl"
+    lines.write_text('{"stereotype": "a", "anti_stereotype": "b", "unrelated": "c"}\n\n{"stereotype": "d"}\n')
+    assert load_edit_samples(str(lines), ["race"]) == [  # bias types do not apply to .jsonl lines
+        {"stereotype": "a", "anti_stereotype": "b", "unrelated": "c"}, {"stereotype": "d"}]
+    assert load_edit_samples(str(lines), limit=1) == [{"stereotype": "a", "anti_stereotype": "b", "unrelated": "c"}]
+
+
+def test_edit_sample_errors_name_the_spec_or_the_line(tmp_path):
+    with pytest.raises(ValueError, match=r"--data 'nowhere.jsonl': neither 'stereoset:SPLIT' nor an existing file"):
+        load_edit_samples("nowhere.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"stereotype": "a"}\n\n{oops\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl: line 3 is not JSON"):
+        load_edit_samples(str(bad))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match=r"empty.jsonl: no samples"):
+        load_edit_samples(str(empty))
+    with pytest.raises(ValueError, match="stereoset:train: no samples"):
+        load_edit_samples("stereoset:train", limit=0)
+
+
+def test_edit_samples_description_names_bias_types_only_for_stereoset_data():
+    assert describe_edit_samples("stereoset:train", ["gender", "race"], 8) == (
+        "stereoset:train (bias types gender, race; first 8 samples)")
+    assert describe_edit_samples("stereoset:dev", None, None) == "stereoset:dev"
+    assert describe_edit_samples("my.jsonl", ["gender"], None) == "my.jsonl"
+    assert describe_edit_samples("my.jsonl", ["gender"], 3) == "my.jsonl (first 3 samples)"
 
 
 def test_unknown_split_and_bias_type():

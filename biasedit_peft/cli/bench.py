@@ -10,7 +10,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from biasedit_peft.cli._common import add_model_argument, add_preset_argument, add_runtime_arguments, split_list
+from biasedit_peft.cli._common import (
+    add_model_argument,
+    add_preset_argument,
+    add_runtime_arguments,
+    copy_file,
+    split_list,
+)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -97,7 +103,6 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) / "bench.json"
     print(f"\nwrote {out}")
     if args.json_path:
-        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_path).write_text(out.read_text(encoding="utf-8"), encoding="utf-8")
+        copy_file(out, args.json_path)
         print(f"wrote {args.json_path}")
     return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from biasedit_peft.cli._common import add_model_argument, add_runtime_arguments, split_list
+from biasedit_peft.cli._common import add_model_argument, add_runtime_arguments, recorded_command, split_list
 from biasedit_peft.models import default_device
 
 
@@ -39,7 +39,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from biasedit_peft.cli.train_editor import build_peft_model, load_edit_samples
+    from peft import get_peft_model
+
+    from biasedit_peft import BiasEditConfig
+    from biasedit_peft.data import load_edit_samples
     from biasedit_peft.editor import BiasEditor
     from biasedit_peft.models import load_model_and_tokenizer
 
@@ -48,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
         device = default_device(args.device)
         editor = BiasEditor.from_pretrained(args.editor, device=args.editor_device or device)
         model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
-        peft_model = build_peft_model(model, list(editor.config.targets), num_edit_layers=len(editor.config.targets))
+        targets = list(editor.config.targets)
+        peft_model = get_peft_model(model, BiasEditConfig(target_modules=targets, num_edit_layers=len(targets)))
         report = editor.debias(peft_model, samples, tokenizer=tokenizer, adapter_name=args.adapter_name,
                                batch_size=args.batch_size, progress=not args.quiet)
     except (ValueError, FileNotFoundError, FloatingPointError, KeyError) as error:
@@ -66,6 +70,6 @@ def run(args: argparse.Namespace) -> int:
         from biasedit_peft.sharing import push_adapter_to_hub
 
         url = push_adapter_to_hub(peft_model, args.push_to_hub, adapter_name=args.adapter_name,
-                                  command="biasedit " + " ".join(sys.argv[1:]))
+                                  command=recorded_command("debias", args))
         print(f"adapter pushed to {args.push_to_hub}: {url}")
     return 0

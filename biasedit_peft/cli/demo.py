@@ -15,7 +15,6 @@ settings, else refused naming the differing ones); without it an ``OUT`` that ho
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
@@ -24,6 +23,8 @@ from biasedit_peft.cli._common import (
     add_preset_argument,
     add_runtime_arguments,
     add_select_by_argument,
+    copy_file,
+    recorded_command,
     split_list,
 )
 
@@ -68,13 +69,6 @@ RUN_CONTROL_FLAGS = ("--resume", "--overwrite")
 """Flags left out of the recorded command: they say how a run is carried out, not what it computes."""
 
 
-def recorded_command(argv: list[str]) -> str | None:
-    """``biasedit demo ...`` as typed, without :data:`RUN_CONTROL_FLAGS`; None when not run as ``biasedit demo``."""
-    if argv[1:2] != ["demo"]:
-        return None
-    return "biasedit " + shlex.join(a for a in argv[1:] if a not in RUN_CONTROL_FLAGS)
-
-
 def config_from_args(args: argparse.Namespace):
     from biasedit_peft.demo import DemoConfig
 
@@ -88,7 +82,7 @@ def config_from_args(args: argparse.Namespace):
         select_by=args.select_by, level_coef=args.level_coef,
         loc_coef=args.loc_coef, limit=args.limit, n_resamples=args.n_resamples, seed=args.seed, dtype=args.dtype,
         device=args.device, merge=not args.no_merge, progress=not args.quiet,
-        command=recorded_command(sys.argv),
+        command=recorded_command("demo", leave_out=RUN_CONTROL_FLAGS),  # None when called as a function
     )
 
 
@@ -113,8 +107,6 @@ def run(args: argparse.Namespace) -> int:
           + (f", {out / 'merged'}" if "merged" in results else ""))
     print(f"plot: {plot}" if plot else "plot skipped: matplotlib is not installed (pip install 'biasedit-peft[plot]')")
     if args.json_path:
-        path = Path(args.json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text((out / RESULTS_NAME).read_text(encoding="utf-8"), encoding="utf-8")
-        print(f"wrote {path}")
+        copy_file(out / RESULTS_NAME, args.json_path)
+        print(f"wrote {Path(args.json_path)}")
     return 0

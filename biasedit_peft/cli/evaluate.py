@@ -18,8 +18,7 @@ import argparse
 import logging
 import sys
 
-from biasedit_peft.cli._common import add_model_argument, add_runtime_arguments
-from biasedit_peft.models import default_device
+from biasedit_peft.cli._common import add_model_argument, add_runtime_arguments, load_model_from_args
 
 BENCHMARK_CHOICES = {"stereoset": ("stereoset",), "crows": ("crows",), "all": ("stereoset", "crows")}
 
@@ -85,10 +84,8 @@ def open_store(json_path: str | None, resume: bool, overwrite: bool):
 
 
 def run(args: argparse.Namespace) -> int:
-    import biasedit_peft  # noqa: F401  (registers BIASEDIT with peft before loading an adapter)
     from biasedit_peft._io import write_json
     from biasedit_peft.evaluation import evaluate_model, format_table
-    from biasedit_peft.models import load_model_and_tokenizer
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -97,12 +94,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    device = default_device(args.device)
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
-    if args.adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, args.adapter).eval()
+    model, tokenizer = load_model_from_args(args)
     try:
         result = evaluate_model(
             model, tokenizer, benchmarks=BENCHMARK_CHOICES[args.benchmark], bias_types=bias_types,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from biasedit_peft.cli._common import split_list
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from biasedit_peft._io import write_json
     from biasedit_peft.sharing.lora_export import export_lora
 
-    bias_types = [part.strip() for part in (args.bias_types or "").split(",") if part.strip()] or None
+    bias_types = split_list(args.bias_types)
     options = {}
     if args.measure_ss:
         options = dict(bias_types=bias_types, split=args.split, limit=args.limit, mode=args.mode,

@@ -26,7 +26,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..sharing.merge import merge_to_folder
+    from biasedit_peft.sharing.merge import merge_to_folder
 
     report = merge_to_folder(args.model, args.adapters, args.out, dtype=args.dtype,
                              max_shard_size=args.max_shard_size)

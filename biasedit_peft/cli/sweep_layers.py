@@ -19,12 +19,13 @@ from biasedit_peft.cli._common import (
     add_model_argument,
     add_preset_argument,
     add_runtime_arguments,
+    add_tracing_arguments,
+    load_model_from_args,
     plots_or_hint,
     split_list,
+    tracing_settings,
 )
 from biasedit_peft.models import default_device
-
-from .trace import add_tracing_arguments
 
 SWEEP_JSON = "sweep.json"
 
@@ -70,10 +71,9 @@ def _trace_document(args, items) -> dict | None:
         return json.loads(Path(args.trace).read_text(encoding="utf-8"))
     if not args.trace_limit:
         return None
-    from biasedit_peft.cli.trace import load_traced_model, tracing_settings
     from biasedit_peft.tracing import find_layout, trace_items
 
-    model, tokenizer = load_traced_model(args)
+    model, tokenizer = load_model_from_args(args)
     layout = find_layout(model, args.blocks, args.mlp_module, args.attn_module)
     result = trace_items(model, tokenizer, items[:args.trace_limit], tracing_settings(args, ("mlp",)), layout,
                          progress=not args.quiet)

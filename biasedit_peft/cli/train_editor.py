@@ -7,15 +7,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 from biasedit_peft.cli._common import (
     add_model_argument,
     add_preset_argument,
     add_runtime_arguments,
     add_select_by_argument,
+    recorded_command,
     split_list,
 )
 from biasedit_peft.models import default_device
@@ -66,67 +65,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def load_edit_samples(spec: str, bias_types: list[str] | None = None, limit: int | None = None) -> list:
-    """``stereoset:SPLIT`` (bundled), a StereoSet-schema ``.json`` file, or ``.jsonl`` lines with
-    ``stereotype``, ``anti_stereotype`` and ``unrelated`` fields."""
-    from biasedit_peft.data import load_stereoset, load_stereoset_file
-
-    if spec.startswith("stereoset:"):
-        items = load_stereoset(spec.split(":", 1)[1], bias_types=bias_types)
-    else:
-        path = Path(spec)
-        if not path.is_file():
-            raise ValueError(f"--data {spec!r}: neither 'stereoset:SPLIT' nor an existing file")
-        if path.suffix == ".jsonl":
-            items = []
-            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if line.strip():
-                    try:
-                        items.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        raise ValueError(f"{path}: line {number} is not JSON ({error})") from None
-        else:
-            items = load_stereoset_file(path, bias_types=bias_types)
-    items = items[:limit] if limit is not None else items
-    if not items:
-        raise ValueError(f"{spec}: no samples")
-    return items
-
-
-def data_description(spec: str, bias_types: list[str] | None, limit: int | None) -> str:
-    """``spec`` with the bias types (StereoSet data) and ``--limit`` it was read with, for the model card."""
-    details = [f"bias types {', '.join(bias_types)}"] if bias_types and spec.startswith("stereoset:") else []
-    details += [f"first {limit} samples"] if limit is not None else []
-    return f"{spec} ({'; '.join(details)})" if details else spec
-
-
-def command_line(args: argparse.Namespace) -> list[str]:
-    """The command as typed (``sys.argv``) when it is this one, else rebuilt from ``args`` (called as a function)."""
-    if sys.argv[1:2] == ["train-editor"]:
-        return ["biasedit", *sys.argv[1:]]
-    command = ["biasedit", "train-editor"]
-    for key, value in vars(args).items():
-        if key == "command" or value is None or value is False:
-            continue
-        command += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
-    return command
-
-
 def best_record(state) -> dict | None:
     """The validation record of the best (saved) editor in ``state.history``."""
     return next((record for record in state.history if record["step"] == state.best_step), None)
 
 
-def build_peft_model(model, targets: list[str] | None, num_edit_layers: int):
+def run(args: argparse.Namespace) -> int:
     from peft import get_peft_model
 
     from biasedit_peft import BiasEditConfig
-
-    config = BiasEditConfig(target_modules=targets, num_edit_layers=num_edit_layers)
-    return get_peft_model(model, config)
-
-
-def run(args: argparse.Namespace) -> int:
+    from biasedit_peft.data import describe_edit_samples, load_edit_samples
     from biasedit_peft.editor import BiasEditor, BiasEditTrainer, preset_for_model, preset_name_for
     from biasedit_peft.models import load_model_and_tokenizer
 
@@ -137,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         device = default_device(args.device)
         model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
         preset = preset_for_model(model, preset_name_for(args.model, args.preset))
-        peft_model = build_peft_model(model, split_list(args.targets), args.num_edit_layers)
+        peft_model = get_peft_model(model, BiasEditConfig(target_modules=split_list(args.targets),
+                                                          num_edit_layers=args.num_edit_layers))
 
         editor, training = preset.editor_and_arguments(
             peft_model, args.out, loss=args.loss, base_model=args.model, rank=args.rank, n_blocks=args.n_blocks,
@@ -147,8 +96,9 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.quiet, select_by=args.select_by,
             editor_device=args.editor_device,  # the trainer moves the editor there; None: with the LM
         )
-        editor.provenance.update(training_data=data_description(args.train_data, bias_types, args.limit),
-                                 eval_data=None if eval_data is None else args.eval_data, command=command_line(args))
+        editor.provenance.update(training_data=describe_edit_samples(args.train_data, bias_types, args.limit),
+                                 eval_data=None if eval_data is None else args.eval_data,
+                                 command=recorded_command("train-editor", args))
         trainer = BiasEditTrainer(peft_model, editor, training, train_data, eval_data, tokenizer=tokenizer)
         state = trainer.train()
     except (ValueError, FileNotFoundError, FloatingPointError) as error:

@@ -34,6 +34,9 @@ from .patching import add_embedding_noise, continuation_log_probs, record_states
 from .prompts import POSITIONS, TracePrompt, prepare_prompts
 
 TRACE_FORMAT = "biasedit-trace/1"
+WEAK_GAP = 0.05
+"""|clean - corrupted| below this share of the clean effect: :func:`format_trace` says that fractions are
+unreliable."""
 
 
 @dataclass(frozen=True)
@@ -319,3 +322,37 @@ def trace_items(model: nn.Module, tokenizer, items: Sequence, settings: TraceSet
     overall, kinds = summarise(traces, settings.kinds)
     return TraceResult(settings, layout, layout.n_layers(model), noise_std, overall, kinds, traces, skipped,
                        dict(meta or {}))
+
+
+def format_trace(document: dict) -> str:
+    """A text summary of a trace document: effects, the grid of each kind and the per-layer averages.
+
+    Args:
+        document: A :meth:`TraceResult.to_json` document (or ``trace.json`` read back).
+    """
+    positions = document["positions"]
+
+    def number(value) -> str:
+        return "   -  " if value is None else f"{value:6.3f}"
+
+    lines = [f"traced {document['n_items']} items (skipped: {document['skipped'] or 'none'}), "
+             f"noise std {document['noise_std']:.4g} x {document['settings']['noise_scale']}, "
+             f"{document['settings']['samples']} draws",
+             f"bias effect |log p(anti) - log p(stereo)|: clean {document['clean_effect']:.4f}, "
+             f"corrupted {document['corrupted_effect']:.4f}",
+             "items per position group: "
+             + ", ".join(f"{p} {n}" for p, n in zip(positions, document["position_items"]))]
+    gap = abs(document["clean_effect"] - document["corrupted_effect"])
+    if gap < WEAK_GAP * document["clean_effect"]:
+        lines.append(f"note: corrupting the target terms changes the bias effect by only {gap:.4f} "
+                     f"({100 * gap / document['clean_effect']:.1f}%): this bias is hardly carried by the target "
+                     "terms, and fractions restored are ratios of small differences (docs/tracing.md)")
+    for kind, summary in document["kinds"].items():
+        lines += ["", f"{kind}: restored effect (fraction restored)", "layer " + "".join(f"{p:>22}" for p in positions)
+                  + f"{'all positions':>22}"]
+        for layer, (row, fractions) in enumerate(zip(summary["restored"], summary["fraction"])):
+            cells = [f"{number(v)} ({number(f)})" for v, f in zip(row, fractions)]
+            cells.append(f"{number(summary['per_layer'][layer])} ({number(summary['per_layer_fraction'][layer])})")
+            lines.append(f"{layer:>5} " + "".join(f"{c:>22}" for c in cells))
+    lines += ["", "blocks by MLP restoration: " + ", ".join(map(str, document["ranked_layers"].get("mlp", [])))]
+    return "\n".join(lines)
