@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,8 @@ def json_text(document: Any, indent: int | None = 2, strict: bool = True) -> str
 
 
 def write_json(path: str | Path, document: Any, indent: int | None = 2, strict: bool = True) -> Path:
-    """Write ``document`` as :func:`json_text` to ``path``, atomically (folder created). Returns the path.
+    """Write ``document`` as :func:`json_text` to ``path``, atomically (folder created), with the permissions of any
+    new file. Returns the path.
 
     Args:
         path: The file to write; replaced whole, or left as it was if the write fails.
@@ -65,9 +67,23 @@ def write_json(path: str | Path, document: Any, indent: int | None = 2, strict: 
         indent: ``json.dumps``'s indent; ``None`` writes one line.
         strict: See :func:`json_text`.
     """
-    from .editor.editor import atomic_write_text  # imported here until atomic_write moves into this module
+    from .editor.editor import atomic_write  # imported here until atomic_write moves into this module
+
+    text = json_text(document, indent, strict)
+    mode = _new_file_mode()
+
+    def write(temporary: str) -> None:
+        Path(temporary).write_text(text, encoding="utf-8")
+        os.chmod(temporary, mode)  # the temporary file is private (0o600); the document gets a new file's mode
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json_text(document, indent, strict))
+    atomic_write(path, write)
     return path
+
+
+def _new_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: ``0o666`` less the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask

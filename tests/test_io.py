@@ -41,6 +41,9 @@ def test_written_documents_hold_no_nan_and_are_replaced_whole(tmp_path):
     assert json.loads(text) == {"a": None, "b": [None, 1.5, {"c": None}], "d": [2, "x"]}
     assert text.endswith("}\n")
     assert not list(path.parent.glob(".*tmp"))  # the temporary file was renamed into place
+    plain = tmp_path / "plain.txt"
+    plain.write_text("")
+    assert path.stat().st_mode == plain.stat().st_mode  # not the temporary file's private 0o600
     with pytest.raises(TypeError):
         write_json(path, {"a": object()})
     assert json.loads(path.read_text())["b"][1] == 1.5  # a failed write leaves the previous document
