@@ -21,6 +21,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GLUE_DIR = REPO_ROOT / "tests_peer"
+TESTS_DIR = REPO_ROOT / "tests"
 PEER_TEST_FILES = ("tests/test_custom_models.py", "tests/test_config.py", "tests/test_decoder_models.py")
 DEFAULT_CACHE_DIR = Path(os.environ.get("PEFT_PEER_CACHE", Path.home() / ".cache" / "peft-peer-tests"))
 
@@ -75,7 +76,8 @@ def extract_tests(sdist: Path, version: str, cache_dir: Path) -> Path:
 
 def run_peer_tests(source_root: Path, pytest_args: list[str]) -> int:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(GLUE_DIR), env.get("PYTHONPATH")]))
+    # the glue, and tests/ for the model factory the glue's tiny decoders come from
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(GLUE_DIR), str(TESTS_DIR), env.get("PYTHONPATH")]))
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.setdefault("OMP_NUM_THREADS", "1")  # tiny models: threads only add overhead
     command = [sys.executable, "-m", "pytest", "-c", str(GLUE_DIR / "pytest.ini"), "--rootdir", str(source_root),

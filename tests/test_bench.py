@@ -77,7 +77,8 @@ def test_an_interrupted_quality_section_keeps_the_variants_already_run(tmp_path,
 
     stereoset = {"gender": {"ss": 60.0, "lms": 80.0, "icat": 64.0, "n": 2}}
     fake = {"edit": {"layers": ["transformer.h.3.mlp.c_proj"]},
-            "before": {"stereoset": stereoset, "perplexity": 10.0}, "after": {"stereoset": stereoset, "perplexity": 10.0},
+            "before": {"stereoset": stereoset, "perplexity": 10.0},
+            "after": {"stereoset": stereoset, "perplexity": 10.0},
             "protocols": {p: {"before": stereoset, "after": stereoset} for p in ("per_batch", "held_out")},
             "training": {"steps": 1}, "seconds": {"total": 0.1}}
     calls = []

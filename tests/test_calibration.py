@@ -13,13 +13,13 @@ from biasedit_peft.editor.editor import ss_lms
 from biasedit_peft.editor.trainer import selection_score
 from biasedit_peft.scoring import score_sentences
 
-from editor_fixtures import peft_gpt2, samples, tokenizer
+from factories import editor_tokenizer, peft_model, samples
 
-TOKENIZER = tokenizer()
+TOKENIZER = editor_tokenizer()
 
 
 def _trained_editor(tmp_path, steps: int = 3):
-    model = peft_gpt2()
+    model = peft_model()
     editor = BiasEditor.for_model(model, rank=8, lr=1e-2)
     args = BiasEditTrainingArguments(output_dir=str(tmp_path), n_edits=4, batch_size=2, meta_lr=1e-2,
                                      loc_coef=1.0, max_steps=steps, progress=False, calibrate=False)
@@ -56,17 +56,19 @@ def test_calibration_rows_are_the_metrics_of_each_scaled_edit_and_the_pick_is_th
     for group in groups:
         cache, _, _ = editor.cache_samples(model, TOKENIZER, group, 2)
         with editor.edited(model, scaled_solutions(editor.predict(cache), 8.0)):
-            scores = score_sentences(model, TOKENIZER, [s.stereotype for s in group] + [s.anti_stereotype for s in group]
-                                     + [s.unrelated for s in group], batch_size=2).mean.view(3, -1)
+            sentences = [s.stereotype for s in group] + [s.anti_stereotype for s in group]
+            sentences += [s.unrelated for s in group]
+            scores = score_sentences(model, TOKENIZER, sentences, batch_size=2).mean.view(3, -1)
         stereo.append(scores[0]), anti.append(scores[1]), unrelated.append(scores[2])
     expected = ss_lms(torch.cat(stereo), torch.cat(anti), torch.cat(unrelated))
-    assert rows[8.0]["ss_post"] == pytest.approx(expected["ss"]) and rows[8.0]["lms_post"] == pytest.approx(expected["lms"])
+    assert rows[8.0]["ss_post"] == pytest.approx(expected["ss"])
+    assert rows[8.0]["lms_post"] == pytest.approx(expected["lms"])
     assert result["scale"] == min(result["rows"], key=lambda r: (r["selection"], abs(r["scale"] - 1)))["scale"]
     assert all(row["selection"] == selection_score(row, args) for row in result["rows"])
 
 
 def test_the_trainer_calibrates_the_kept_editor_once_and_saves_it(tmp_path):
-    model = peft_gpt2()
+    model = peft_model()
     editor = BiasEditor.for_model(model, rank=8, lr=1e-2)
     args = BiasEditTrainingArguments(output_dir=str(tmp_path), n_edits=4, batch_size=2, meta_lr=1e-2, loc_coef=1.0,
                                      max_steps=3, eval_every=3, progress=False, edit_scales=(0.5, 2.0))
@@ -81,7 +83,7 @@ def test_the_trainer_calibrates_the_kept_editor_once_and_saves_it(tmp_path):
     assert saved["trainer"]["calibration"]["scale"] == scale
     assert "calibrated on the same data" in (tmp_path / "README.md").read_text()
     # a resumed, finished run does not calibrate (or scale) again
-    again = BiasEditTrainer(peft_gpt2(), BiasEditor.for_model(peft_gpt2(), rank=8, lr=1e-2),
+    again = BiasEditTrainer(peft_model(), BiasEditor.for_model(peft_model(), rank=8, lr=1e-2),
                             BiasEditTrainingArguments(**{**args.__dict__, "resume": True}), samples(12), samples(8),
                             tokenizer=TOKENIZER)
     again.train()
@@ -90,7 +92,7 @@ def test_the_trainer_calibrates_the_kept_editor_once_and_saves_it(tmp_path):
 
 
 def test_no_calibration_under_loss_selection(tmp_path):
-    model = peft_gpt2()
+    model = peft_model()
     args = BiasEditTrainingArguments(output_dir=str(tmp_path), n_edits=4, batch_size=2, max_steps=2, eval_every=2,
                                      progress=False, select_by="loss")
     state = BiasEditTrainer(model, BiasEditor.for_model(model, rank=8), args, samples(8), samples(4),

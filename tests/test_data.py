@@ -217,7 +217,8 @@ def test_crows_counts_and_user_file_errors(tmp_path):
 
 
 def test_gender_swap_words_case_and_roles():
-    assert swap_gender("He told his Mother; the man's wife saw her.") == "She told her Father; the woman's husband saw him."
+    assert swap_gender("He told his Mother; the man's wife saw her.") == (
+        "She told her Father; the woman's husband saw him.")
     assert swap_gender("Her brother met MR. Lee") == "His sister met MRS. Lee"
     assert swap_gender("manhole heroes") == "manhole heroes"  # whole words only
     items = load_stereoset("test", ["gender", "race"])

@@ -63,8 +63,9 @@ def test_demo_writes_every_artifact_with_the_evaluate_schema(demo_run):
         if path.rsplit("/", 1)[-1] in ("ss", "lms", "icat", "metric"):
             assert 0.0 <= value <= 100.0, path
     assert results["training"]["steps"] == 2
-    for folder, name in (("editor", "config.json"), ("editor", "editor.safetensors"), ("adapter", "adapter_config.json"),
-                         ("adapter", "README.md"), ("merged", "config.json"), ("merged", "tokenizer.json")):
+    for folder, name in (("editor", "config.json"), ("editor", "editor.safetensors"),
+                         ("adapter", "adapter_config.json"), ("adapter", "README.md"), ("merged", "config.json"),
+                         ("merged", "tokenizer.json")):
         assert (run / folder / name).is_file(), f"{folder}/{name}"
     pytest.importorskip("matplotlib")
     assert (run / "before_after.png").stat().st_size > 1000
@@ -81,9 +82,9 @@ def test_demo_merged_checkpoint_scores_like_base_plus_adapter(demo_run):
 
 
 def test_demo_adapter_reloads_with_peft_and_reproduces_after(demo_run):
-    import biasedit_peft  # noqa: F401
     from peft import PeftModel
 
+    import biasedit_peft  # noqa: F401
     from biasedit_peft.evaluation import evaluate_model
     from biasedit_peft.models import load_model_and_tokenizer
 
@@ -109,10 +110,9 @@ def test_preset_is_the_named_one_else_testbeds_for_the_testbed_else_cpu_on_cpu_e
     from biasedit_peft import BiasEditConfig
     from biasedit_peft.cli.demo import add_parser, config_from_args
     from biasedit_peft.demo import editor_preset
-    from biasedit_peft.editor.presets import PRESETS, preset_name_for
-    from tiny_models import tiny_model
+    from biasedit_peft.editor.presets import PRESETS, preset_for_model, preset_name_for
 
-    from biasedit_peft.editor.presets import preset_for_model
+    from factories import tiny_model
 
     peft_model = get_peft_model(tiny_model("gpt2"), BiasEditConfig(num_edit_layers=1))
     assert editor_preset("some/folder", peft_model) is PRESETS["cpu"]  # weights on the CPU

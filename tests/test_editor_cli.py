@@ -11,13 +11,13 @@ from biasedit_peft.cli import main
 from biasedit_peft.editor import BiasEditor
 from biasedit_peft.tuner.deltas import get_deltas
 
-from editor_fixtures import gpt2_base, peft_gpt2, tokenizer
+from factories import editor_tokenizer, peft_model, tiny_model
 
 
 def _saved_model(tmp_path):
     folder = tmp_path / "model"
-    gpt2_base().save_pretrained(folder)
-    tokenizer().save_pretrained(folder)
+    tiny_model(size="editor").save_pretrained(folder)
+    editor_tokenizer().save_pretrained(folder)
     return folder
 
 
@@ -49,7 +49,7 @@ def test_train_editor_then_debias_then_load_adapter(tmp_path, capsys):
 
 def test_debias_reports_a_mismatched_editor(tmp_path, capsys):
     model_dir = _saved_model(tmp_path)
-    editor = BiasEditor.for_model(peft_gpt2(num_edit_layers=1), rank=4)
+    editor = BiasEditor.for_model(peft_model(num_edit_layers=1), rank=4)
     editor.config.targets = {"transformer.h.9.mlp.c_proj": [24, 16]}
     editor.save_pretrained(tmp_path / "editor")
     code = main(["debias", "--model", str(model_dir), "--editor", str(tmp_path / "editor"), "--limit", "2",

@@ -14,9 +14,9 @@ from biasedit_peft.editor.losses import debias_loss
 from biasedit_peft.editor.trainer import selection_score
 from biasedit_peft.tuner.deltas import edit_targets, get_deltas, set_deltas
 
-from editor_fixtures import peft_gpt2, peft_llama, samples, tokenizer
+from factories import editor_tokenizer, peft_model, samples
 
-TOKENIZER = tokenizer()
+TOKENIZER = editor_tokenizer()
 
 
 def _editor(model, loss="paper", data=None, **config):
@@ -39,7 +39,7 @@ def _base_weights(model) -> dict[str, torch.Tensor]:
 def test_cache_holds_layer_inputs_and_output_gradients_at_logit_positions():
     from biasedit_peft.editor.editor import length_order
 
-    model = peft_gpt2()
+    model = peft_model()
     editor = BiasEditor.for_model(model, rank=8, loss="paper")
     data = samples(4)
     cache, _, _ = editor.cache_samples(model, TOKENIZER, data, batch_size=3)  # two LM batches: 3 + 1 pairs
@@ -76,7 +76,7 @@ def test_logit_positions_shift_left_by_one():
 
 @pytest.mark.parametrize("loss", ["paper", "token"])
 def test_meta_steps_lower_the_meta_loss_on_a_fixed_batch(tmp_path, loss):
-    model = peft_gpt2()
+    model = peft_model()
     editor = _editor(model, loss)
     data = samples(8)
     trainer = BiasEditTrainer(model, editor, _args(tmp_path, batch_size=4), data, tokenizer=TOKENIZER)
@@ -88,7 +88,7 @@ def test_meta_steps_lower_the_meta_loss_on_a_fixed_batch(tmp_path, loss):
     assert not any(get_deltas(model)[n].any() for n in edit_targets(model))  # training wrote nothing
 
 
-@pytest.mark.parametrize("make_model", [peft_gpt2, peft_llama])
+@pytest.mark.parametrize("make_model", [peft_model, lambda: peft_model("llama")])
 def test_debias_writes_the_predicted_deltas_only_into_targeted_layers(make_model):
     model = make_model()
     editor = _editor(model)
@@ -115,7 +115,7 @@ def test_debias_writes_the_predicted_deltas_only_into_targeted_layers(make_model
 
 
 def test_debias_adds_to_an_existing_delta():
-    model = peft_gpt2()
+    model = peft_model()
     editor = _editor(model)
     data = samples(4)
     names = list(edit_targets(model))
@@ -129,7 +129,7 @@ def test_debias_adds_to_an_existing_delta():
 
 
 def test_per_batch_mode_measures_each_edit_and_leaves_the_adapter_unchanged():
-    model = peft_gpt2()
+    model = peft_model()
     editor = _editor(model)
     report = editor.debias(model, samples(8), tokenizer=TOKENIZER, mode="per_batch", edit_batch_size=4,
                            progress=False)
@@ -139,7 +139,7 @@ def test_per_batch_mode_measures_each_edit_and_leaves_the_adapter_unchanged():
 
 
 def test_bad_input_is_a_clear_error_and_changes_nothing():
-    model = peft_gpt2()
+    model = peft_model()
     editor = _editor(model)
     before = get_deltas(model)
     with pytest.raises(ValueError, match="empty"):
@@ -157,7 +157,7 @@ def test_bad_input_is_a_clear_error_and_changes_nothing():
 
 
 def test_bf16_model_with_float32_editor():
-    model = peft_gpt2(dtype=torch.bfloat16)
+    model = peft_model(dtype=torch.bfloat16)
     editor = _editor(model)
     assert all(p.dtype == torch.float32 for p in editor.parameters())
     editor.debias(model, samples(4), tokenizer=TOKENIZER, progress=False)
@@ -166,7 +166,7 @@ def test_bf16_model_with_float32_editor():
 
 
 def test_editor_folder_round_trip_and_mismatch_errors(tmp_path):
-    model = peft_gpt2()
+    model = peft_model()
     editor = _editor(model)
     with torch.no_grad():
         editor.nets["24x16"].blocks[0].B.normal_()
@@ -180,23 +180,17 @@ def test_editor_folder_round_trip_and_mismatch_errors(tmp_path):
     torch.testing.assert_close(editor.predict(cache)["transformer.h.2.mlp.c_proj"].delta.dense(),
                                loaded.predict(cache)["transformer.h.2.mlp.c_proj"].delta.dense())
     with pytest.raises(ValueError, match="not BiasEdit layers"):
-        loaded.debias(peft_llama(), samples(2), tokenizer=TOKENIZER)
+        loaded.debias(peft_model("llama"), samples(2), tokenizer=TOKENIZER)
     with pytest.raises(ValueError, match="shapes differ"):
         loaded.debias(peft_gpt2_wide(), samples(2), tokenizer=TOKENIZER)
 
 
 def peft_gpt2_wide():
-    from peft import get_peft_model
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from biasedit_peft import BiasEditConfig
-
-    base = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=16, n_head=2, n_inner=32, vocab_size=40, n_positions=16))
-    return get_peft_model(base.eval(), BiasEditConfig(num_edit_layers=2))
+    return peft_model(model_config={"n_inner": 32, "n_positions": 16})
 
 
 def _train(tmp_path, **kwargs):
-    model = peft_gpt2()
+    model = peft_model()
     editor = BiasEditor.for_model(model, rank=8, lr=1e-2)
     data = samples(12)
     trainer = BiasEditTrainer(model, editor, _args(tmp_path, **kwargs), data, samples(4), tokenizer=TOKENIZER)
@@ -225,7 +219,7 @@ def test_same_seed_gives_the_same_editor_and_deltas(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(first.state_dict().values(), other.state_dict().values()))
     deltas = []
     for editor in (first, second):
-        model = peft_gpt2()
+        model = peft_model()
         editor.debias(model, samples(4), tokenizer=TOKENIZER, progress=False)
         deltas.append(get_deltas(model))
     assert all(torch.equal(deltas[0][k], deltas[1][k]) for k in deltas[0])
@@ -299,7 +293,7 @@ def test_caching_is_invariant_to_sample_order_and_lm_batch_size():
     """Samples are length-sorted into LM batches; scores come back in input order, the delta is the same."""
     from biasedit_peft.editor.editor import length_order
 
-    model = peft_gpt2()
+    model = peft_model()
     data = samples(8)
     editor = _editor(model, data=data)
     order = length_order(TOKENIZER, data)
@@ -341,7 +335,7 @@ def test_accelerate_device_map_model_trains_and_debiases(tmp_path):
 def test_value_gradients_do_not_shrink_with_the_number_of_samples_edited_together():
     """Each token's cached gradient is that of its own pair's loss: editing a sample alone or among copies of
     itself gives the same rows (a mean over samples would halve them for two copies)."""
-    model = peft_gpt2()
+    model = peft_model()
     editor = BiasEditor.for_model(model, rank=8)
     one = samples(1)
     single, _, _ = editor.cache_samples(model, TOKENIZER, one)
@@ -361,7 +355,7 @@ def _step_and_debias(tmp_path, lm_device: str, editor_device: str, editor_state:
     The debias uses the starting editor, not the trained one: Adam's first update is about
     ``meta_lr * sign(grad)``, so float rounding that flips the sign of a near-zero gradient would make
     the trained editors differ by ``meta_lr`` for reasons that have nothing to do with devices."""
-    model = peft_gpt2().to(lm_device)
+    model = peft_model().to(lm_device)
     editor = BiasEditor.for_model(model, rank=8, lr=1e-2)
     editor.load_state_dict(editor_state)
     args = _args(tmp_path / f"{lm_device}-{editor_device}", max_steps=1, eval_every=1, editor_device=editor_device)
@@ -381,7 +375,7 @@ def test_lm_and_editor_on_two_devices_match_one_device(tmp_path, lm_device, edit
     """The paper runs the LM and the editor on two GPUs; here one of them is the CPU. A meta-step logs
     the losses and scores of the all-CPU run, and debias writes its deltas (float32 kernels differ
     between devices: a tolerance)."""
-    editor_state = _editor(peft_gpt2(), "token").state_dict()  # normalisers fitted, as after training
+    editor_state = _editor(peft_model(), "token").state_dict()  # normalisers fitted, as after training
     reference_history, reference_deltas = _step_and_debias(tmp_path, "cpu", "cpu", editor_state)
     history, deltas = _step_and_debias(tmp_path, lm_device, editor_device, editor_state)
     (ours,), (theirs,) = history, reference_history
@@ -416,7 +410,7 @@ def test_meta_gradient_with_the_level_loss_matches_autograd_of_the_whole_meta_lo
     from biasedit_peft.scoring import encode_sentences
     from biasedit_peft.tuner.deltas import override_deltas
 
-    model = peft_gpt2()
+    model = peft_model()
     editor = BiasEditor.for_model(model, rank=8, lr=1e-1)
     args = _args(tmp_path, level_coef=2.0, loc_coef=0.5)
     trainer = BiasEditTrainer(model, editor, args, samples(8), None, tokenizer=TOKENIZER)

@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from biasedit_peft.cli import main
 from biasedit_peft.data import load_stereoset
 from biasedit_peft.evaluation import evaluate_model, format_table
 from biasedit_peft.metrics import stereoset_reference
 from biasedit_peft.scoring import score_sentences
+
+from factories import save_sentence_model
 
 LIMIT = 6
 
@@ -25,21 +24,7 @@ def corpus() -> list[str]:
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    backend = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.train_from_iterator(corpus(), trainers.WordLevelTrainer(special_tokens=["[UNK]", "<|endoftext|>"]))
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="[UNK]"
-    )
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer), n_positions=256,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    ))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_sentence_model(tmp_path_factory.mktemp("tiny-gpt2"), corpus(), n_layer=2, n_positions=256)
 
 
 def test_cli_writes_valid_json(tiny_model_dir, tmp_path, capsys):

@@ -21,6 +21,7 @@ def test_debias_testbed_example_runs_and_the_reloaded_adapter_scores_the_same():
     result = subprocess.run([sys.executable, "examples/debias_testbed.py", "--steps", "2", "--limit", "6"],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    lines = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in result.stdout.splitlines() if ":" in line}
+    pairs = (line.split(":", 1) for line in result.stdout.splitlines() if ":" in line)
+    lines = {key: value.strip() for key, value in pairs}
     assert lines["SS after"] == lines["SS reloaded"]
     assert "meta-trained 2 steps" in result.stdout

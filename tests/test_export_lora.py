@@ -21,17 +21,17 @@ from biasedit_peft.scoring import score_sentences
 from biasedit_peft.sharing import export_lora
 from biasedit_peft.sharing.lora_export import lora_factors_from_dense
 
-from _tiny_models import SENTENCES, make_gpt2, make_llama, random_low_rank
+from factories import SENTENCES, random_low_rank, save_sentence_model, save_word_model
 
 
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory):
-    return make_gpt2(tmp_path_factory.mktemp("gpt2") / "model")
+    return save_word_model(tmp_path_factory.mktemp("gpt2") / "model")
 
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    return make_llama(tmp_path_factory.mktemp("llama") / "model")
+    return save_word_model(tmp_path_factory.mktemp("llama") / "model", "llama")
 
 
 def biasedit_model(base_dir, rank: int, storage: str, seed: int):
@@ -62,7 +62,8 @@ def plain_peft_scores(base_dir, lora_dir, cwd) -> dict:
             totals.append(float(logp[0, :-1].gather(-1, x[0, 1:, None]).sum()))
         config = model.peft_config["default"]
         print(json.dumps({{"scores": totals, "peft_type": str(config.peft_type.value),
-                          "scaling": sorted({{float(m.scaling["default"]) for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)}}),
+                          "scaling": sorted({{float(m.scaling["default"]) for m in model.modules()
+                                              if isinstance(getattr(m, "scaling", None), dict)}}),
                           "biasedit": any(m.startswith("biasedit_peft") for m in sys.modules)}}))
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=cwd,
@@ -113,7 +114,8 @@ def test_linear_layout_and_truncation_report_the_frobenius_error(llama_dir, tmp_
         approx = weights[f"base_model.model.{module.module}.lora_B.weight"] @ \
             weights[f"base_model.model.{module.module}.lora_A.weight"]
         # the residual of the best rank-2 approximation has exactly the dropped singular values
-        torch.testing.assert_close(torch.linalg.svdvals((delta - approx).double())[:4], singular[2:6], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.linalg.svdvals((delta - approx).double())[:4], singular[2:6], atol=1e-4,
+                                   rtol=1e-4)
     assert report.relative_error == pytest.approx(math.sqrt(total_dropped / total), rel=1e-6)
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert config["fan_in_fan_out"] is False and config["r"] == config["lora_alpha"] == 2
@@ -157,25 +159,12 @@ SS_TYPES, SS_LIMIT = ["gender", "race"], 20
 @pytest.fixture(scope="module")
 def stereoset_gpt2_dir(tmp_path_factory):
     """A random GPT-2 whose word-level vocabulary covers the StereoSet items scored below (so SS is not all ties)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
     from biasedit_peft.data import load_stereoset
 
-    folder = tmp_path_factory.mktemp("stereoset-gpt2") / "model"
     items = [item for bias_type in SS_TYPES for item in load_stereoset("test", [bias_type])[:SS_LIMIT]]
-    backend = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.train_from_iterator([s for i in items for s in (i.stereotype, i.anti_stereotype, i.unrelated)],
-                                trainers.WordLevelTrainer(special_tokens=["[UNK]", "<|endoftext|>"]))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>",
-                                        eos_token="<|endoftext|>", unk_token="[UNK]")
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=len(tokenizer), n_positions=128,
-                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                               )).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    sentences = [s for i in items for s in (i.stereotype, i.anti_stereotype, i.unrelated)]
+    folder = tmp_path_factory.mktemp("stereoset-gpt2") / "model"
+    return save_sentence_model(folder, sentences, n_layer=2, n_embd=16, n_positions=128)
 
 
 def independent_ss(model, tokenizer) -> dict[str, float]:
@@ -258,7 +247,8 @@ def test_cli_measure_ss_with_json_and_the_skipped_cases(stereoset_gpt2_dir, gpt2
     lora = plain_lora_ss(stereoset_gpt2_dir, tmp_path / "lora", tokenizer)
     for kind, row in rows.items():
         assert row["ss_base"] == pytest.approx(base[kind]) and row["ss_lora"] == pytest.approx(lora[kind])
-        assert row["survival"] == pytest.approx((row["ss_lora"] - row["ss_base"]) / (row["ss_adapter"] - row["ss_base"]))
+        change = row["ss_adapter"] - row["ss_base"]
+        assert row["survival"] == pytest.approx((row["ss_lora"] - row["ss_base"]) / change)
         assert f"{row['survival']:.3f}" in printed
 
     # no --measure-ss: said so; a base folder without a tokenizer: said why, and the export still happens

@@ -11,7 +11,7 @@ from biasedit_peft.models import load_model
 from biasedit_peft.sharing import adapter_model_card, editor_model_card, flatten_metrics, metrics_table
 from biasedit_peft.sharing.model_card import metric_rows
 
-from _tiny_models import make_gpt2
+from factories import save_word_model
 
 BEFORE = {"stereoset": {"gender": {"ss": 62.5, "lms": 90.0, "icat": 67.5, "n": 40}},
           "crows": {"gender": {"score": 58.0, "n": 30}}, "perplexity": 31.25}
@@ -34,7 +34,7 @@ def test_metrics_table_has_before_after_and_change():
 
 
 def test_adapter_card_metadata_and_body(tmp_path):
-    model = load_model(str(make_gpt2(tmp_path / "base")))
+    model = load_model(str(save_word_model(tmp_path / "base")))
     peft_model = get_peft_model(model, BiasEditConfig(num_edit_layers=2, delta_storage="factored",
                                                       editor_id="org/editor", edit_data="stereoset:gender:test"))
     set_deltas(peft_model, {"transformer.h.2.mlp.c_proj": (torch.ones(64, 2), torch.ones(2, 16))})

@@ -1,7 +1,7 @@
 """Push adapters and editors to a real (in-memory) Hub over HTTP and load them back by repo id.
 
 Every client runs in a fresh process with ``HF_ENDPOINT`` pointing at the Hub double and its own empty
-``HF_HOME`` (see ``_hub.py``), so loading really goes through downloads.
+``HF_HOME`` (see ``hub_client.py``), so loading really goes through downloads.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import biasedit_peft
 from biasedit_peft import BiasEditConfig, set_deltas
 from biasedit_peft.models import load_model
 
-from _hub import hub, run_client  # noqa: F401 - fixture
-from _tiny_models import SENTENCES, make_gpt2, random_low_rank
+from factories import SENTENCES, random_low_rank, save_word_model
+from hub_client import run_client
 
 METRICS_BEFORE = {"stereoset": {"gender": {"ss": 63.0, "lms": 91.0, "icat": 67.34, "n": 12}}, "perplexity": 30.5}
 METRICS_AFTER = {"stereoset": {"gender": {"ss": 50.5, "lms": 90.0, "icat": 89.1, "n": 12}}, "perplexity": 30.9}
@@ -83,7 +83,7 @@ def make_adapter_folder(base_dir, folder, seed: int) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_adapter_push_pull_card_and_repush(hub, tmp_path):
-    base = make_gpt2(tmp_path / "base")
+    base = save_word_model(tmp_path / "base")
     first_scores = make_adapter_folder(base, tmp_path / "first", seed=1)
     second_scores = make_adapter_folder(base, tmp_path / "second", seed=2)
     assert (first_scores - second_scores).abs().max() > 0.1
@@ -139,7 +139,8 @@ EDITOR_PUSH_PULL = """
         editor.save_pretrained(folder)
         card = editor_model_card(base_model=None, target_modules=list(editor.config.targets),
                                  repo_id="org/editor-with-card", training_data="stereoset:gender",
-                                 splits={{"train": 10, "dev": 2}}, metrics_after={{"stereoset": {{"gender": {{"ss": 51.0}}}}}})
+                                 splits={{"train": 10, "dev": 2}},
+                                 metrics_after={{"stereoset": {{"gender": {{"ss": 51.0}}}}}})
         url2 = push_folder_to_hub(folder, "org/editor-with-card", card=card)
         emit({{"url": url, "url2": url2, "digest": digest(editor)}})
     else:
@@ -155,7 +156,7 @@ EDITOR_PUSH_PULL = """
 
 @pytest.mark.slow
 def test_editor_push_pull_identical(hub, tmp_path):
-    base = str(make_gpt2(tmp_path / "base"))
+    base = str(save_word_model(tmp_path / "base"))
     pushed = run_client(hub, tmp_path / "home-push",
                         EDITOR_PUSH_PULL.format(base=base, phase="push", folder=str(tmp_path / "editor")))
     pulled = run_client(hub, tmp_path / "home-pull",
@@ -196,7 +197,7 @@ emit({{"same_editor": same_editor, "same_adapter": same_adapter, "n": len(get_de
 
 @pytest.mark.slow
 def test_cli_push_to_hub_for_editor_and_adapter(hub, tmp_path):
-    base = str(make_gpt2(tmp_path / "base"))
+    base = str(save_word_model(tmp_path / "base"))
     result = run_client(hub, tmp_path / "home", CLI_PUSH_PULL.format(
         base=base, editor=str(tmp_path / "editor"), adapter=str(tmp_path / "adapter")))
     assert result == {"same_editor": True, "same_adapter": True, "n": 2, "card": [True, True, True, True]}

@@ -20,7 +20,7 @@ from biasedit_peft.layer_sweep import (
 )
 from biasedit_peft.tuner.deltas import edit_targets
 
-from editor_fixtures import gpt2_base, samples, stereoset_items, tokenizer
+from factories import editor_tokenizer, samples, stereoset_items, tiny_model
 
 
 def _result(name, ss, lms, lms_pre=80.0, layers=(0,)) -> CandidateResult:
@@ -61,12 +61,12 @@ def test_sweep_trains_each_candidate_on_its_own_blocks(tmp_path):
     built = []
 
     def load_model():
-        built.append(gpt2_base())
+        built.append(tiny_model(size="editor"))
         return built[-1]
 
     preset = Preset(n_edits=4, batch_size=4, lr=1e-2, meta_lr=1e-3, loc_coef=1.0, rank=8, epochs=1)
     settings = SweepSettings(budget=1, every_window=True, max_steps=1)
-    result = sweep_layers(load_model, tokenizer(), samples(8), stereoset_items(8)[::-1], settings, preset)
+    result = sweep_layers(load_model, editor_tokenizer(), samples(8), stereoset_items(8)[::-1], settings, preset)
     assert [c.layers for c in result.candidates] == [[0], [1], [2]]
     assert len(built) == 3  # one fresh model per candidate; the first also gave the block count
     for candidate, model in zip(result.candidates, built):
@@ -90,8 +90,8 @@ def test_sweep_command_on_the_testbed(tmp_path, capsys):
     from biasedit_peft.cli import main
 
     code = main(["sweep-layers", "--model", "testbed", "--budget", "2", "--max-steps", "1", "--train-limit", "16",
-                 "--eval-limit", "16", "--n-edits", "8", "--trace-limit", "3", "--samples", "1", "--out", str(tmp_path),
-                 "--quiet", "--threads", "1"])
+                 "--eval-limit", "16", "--n-edits", "8", "--trace-limit", "3", "--samples", "1",
+                 "--out", str(tmp_path), "--quiet", "--threads", "1"])
     assert code == 0
     document = json.loads((tmp_path / "sweep.json").read_text())
     assert [c["layers"] for c in document["candidates"]] == [[0, 1], [2, 3]]

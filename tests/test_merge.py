@@ -18,12 +18,12 @@ from biasedit_peft.models import load_model, load_model_and_tokenizer
 from biasedit_peft.scoring import score_sentences
 from biasedit_peft.sharing import merge_adapters_with_report, merge_deltas_into, merge_to_folder
 
-from _tiny_models import SENTENCES, make_gpt2, make_llama, random_low_rank
+from factories import SENTENCES, random_low_rank, save_word_model
 
 
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory):
-    return make_gpt2(tmp_path_factory.mktemp("gpt2") / "model")
+    return save_word_model(tmp_path_factory.mktemp("gpt2") / "model")
 
 
 def make_adapter(base_dir, out_dir, seed: int, scale: float = 0.5, storage: str = "dense"):
@@ -106,21 +106,23 @@ def test_non_finite_merges_are_refused_and_write_nothing(gpt2_dir):
     weight = model.get_submodule(name).weight
     before = weight.detach().clone()
     other = "transformer.h.1.mlp.c_proj"
-    with pytest.raises(ValueError, match="NaN or infinite.*transformer.h.2.mlp.c_proj|transformer.h.2.mlp.c_proj.*NaN"):
+    refused = "NaN or infinite.*transformer.h.2.mlp.c_proj|transformer.h.2.mlp.c_proj.*NaN"
+    with pytest.raises(ValueError, match=refused):
         merge_deltas_into(model, {other: torch.ones_like(before), name: torch.full_like(before, float("nan"))})
     # finite in float32 but beyond float16's range (65504): refused for fp16, and the model stays float32
     with pytest.raises(ValueError, match="float16"):
         merge_deltas_into(model, {name: torch.full_like(before, 1e5)}, dtype="fp16")
     assert torch.equal(weight, before) and model.dtype == torch.float32
-    assert torch.equal(model.get_submodule(other).weight, dict(load_model(str(gpt2_dir)).named_parameters())[f"{other}.weight"])
+    unchanged = dict(load_model(str(gpt2_dir)).named_parameters())[f"{other}.weight"]
+    assert torch.equal(model.get_submodule(other).weight, unchanged)
 
 
 def test_wrong_base_fails_with_a_clear_message(gpt2_dir, tmp_path):
     make_adapter(gpt2_dir, tmp_path / "adapter", seed=5)
-    wider = make_gpt2(tmp_path / "wider", n_embd=32)
+    wider = save_word_model(tmp_path / "wider", n_embd=32)
     with pytest.raises(ValueError, match=r"adapter.*does not fit the base model GPT2LMHeadModel"):
         merge_adapters_with_report(str(wider), [tmp_path / "adapter"])
-    llama = make_llama(tmp_path / "llama")
+    llama = save_word_model(tmp_path / "llama", "llama")
     with pytest.raises(ValueError, match="made for a GPT2LMHeadModel.*LlamaForCausalLM"):
         merge_adapters_with_report(str(llama), [tmp_path / "adapter"])
     from peft import LoraConfig

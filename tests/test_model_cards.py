@@ -11,7 +11,7 @@ import biasedit_peft.editor.editor as editor_module
 from biasedit_peft.cli import main
 from biasedit_peft.editor import BiasEditor, BiasEditTrainer, BiasEditTrainingArguments
 
-from editor_fixtures import gpt2_base, peft_gpt2, samples, tokenizer
+from factories import editor_tokenizer, peft_model, samples, tiny_model
 
 RECORD = {"step": 7, "epoch": 1, "train_loss": 0.9, "eval_debias": 0.125, "eval_retention": 0.0625,
           "eval_loss": 0.375, "eval_ss_pre": 62.5, "eval_ss_post": 53.125, "eval_lms_pre": 90.0, "eval_lms_post": 88.5}
@@ -23,7 +23,7 @@ def card_of(folder) -> ModelCard:
 
 
 def test_save_pretrained_writes_the_rich_card_with_parseable_metadata(tmp_path):
-    editor = BiasEditor.for_model(peft_gpt2(), rank=4, n_blocks=1, loss="token", base_model="openai-community/gpt2")
+    editor = BiasEditor.for_model(peft_model(), rank=4, n_blocks=1, loss="token", base_model="openai-community/gpt2")
     command = ["biasedit", "train-editor", "--model", "openai-community/gpt2", "--out", "my editor"]
     editor.save_pretrained(tmp_path / "ed", training_data="stereoset:train (bias types gender)",
                            eval_data="stereoset:dev", splits={"train": 12, "eval": 4}, command=command,
@@ -38,12 +38,15 @@ def test_save_pretrained_writes_the_rich_card_with_parseable_metadata(tmp_path):
     assert results == {("stereoset", "dev", "ss"): 53.125, ("stereoset", "dev", "ss_base"): 62.5,
                        ("stereoset", "dev", "lms"): 88.5, ("stereoset", "dev", "lms_base"): 90.0}
     text = card.text
-    assert "| `transformer.h.1.mlp.c_proj` | 24 | 16 |" in text and "| `transformer.h.2.mlp.c_proj` | 24 | 16 |" in text
+    assert "| `transformer.h.1.mlp.c_proj` | 24 | 16 |" in text
+    assert "| `transformer.h.2.mlp.c_proj` | 24 | 16 |" in text
     assert "| `rank` | `4` |" in text and "| `n_blocks` | `1` |" in text and "| `loss` | `token` |" in text
     assert "| `n_edits` | `4` |" in text and "| `meta_lr` | `0.01` |" in text and "/x/y" not in text
-    assert "- Training data: `stereoset:train (bias types gender)`" in text and "- Validation data: `stereoset:dev`" in text
+    assert "- Training data: `stereoset:train (bias types gender)`" in text
+    assert "- Validation data: `stereoset:dev`" in text
     assert "- train: `12`\n- eval: `4`" in text
-    assert "Best validation at meta-step 7 (epoch 1)" in text and "meta-loss 0.375 (debias 0.125, retention 0.0625)" in text
+    assert "Best validation at meta-step 7 (epoch 1)" in text
+    assert "meta-loss 0.375 (debias 0.125, retention 0.0625)" in text
     assert "| SS (dev) | 62.50 | 53.12 | -9.38 |" in text
     assert "biasedit train-editor --model openai-community/gpt2 --out 'my editor'" in text
     assert "import biasedit_peft" in text and 'BiasEditor.from_pretrained("path/to/this/editor")' in text
@@ -52,7 +55,7 @@ def test_save_pretrained_writes_the_rich_card_with_parseable_metadata(tmp_path):
 
 def test_one_card_generator_and_a_bare_editor_card(tmp_path):
     assert not hasattr(editor_module, "editor_card")  # the thin duplicate is gone
-    editor = BiasEditor.for_model(peft_gpt2(), rank=4)  # an in-memory model: no base model name
+    editor = BiasEditor.for_model(peft_model(), rank=4)  # an in-memory model: no base model name
     editor.save_pretrained(tmp_path / "ed", repo_id="org/ed")
     card = card_of(tmp_path / "ed")
     assert card.data.base_model is None and card.data.eval_results is None
@@ -65,11 +68,11 @@ def test_one_card_generator_and_a_bare_editor_card(tmp_path):
 
 
 def test_trainer_records_splits_settings_and_the_best_validation(tmp_path):
-    model = peft_gpt2()
+    model = peft_model()
     editor = BiasEditor.for_model(model, rank=8, lr=1e-2)
     args = BiasEditTrainingArguments(output_dir=str(tmp_path / "ed"), n_edits=4, batch_size=2, meta_lr=1e-2,
                                      loc_coef=1.0, epochs=3, progress=False, seed=0, early_stopping_patience=5)
-    state = BiasEditTrainer(model, editor, args, samples(8), samples(4), tokenizer=tokenizer()).train()
+    state = BiasEditTrainer(model, editor, args, samples(8), samples(4), tokenizer=editor_tokenizer()).train()
     best = min(state.history, key=lambda record: record["eval_loss"])  # what the saved editor scored
     card = card_of(tmp_path / "ed")
     assert "- train: `8`\n- eval: `4`" in card.text and "| `loc_coef` | `1.0` |" in card.text
@@ -81,8 +84,8 @@ def test_trainer_records_splits_settings_and_the_best_validation(tmp_path):
 
 def test_cli_train_editor_card_has_the_data_and_the_command(tmp_path, capsys):
     folder = tmp_path / "model"
-    gpt2_base().save_pretrained(folder)
-    tokenizer().save_pretrained(folder)
+    tiny_model(size="editor").save_pretrained(folder)
+    editor_tokenizer().save_pretrained(folder)
     code = main(["train-editor", "--model", str(folder), "--limit", "8", "--quiet", "--out", str(tmp_path / "ed"),
                  "--preset", "testbed", "--rank", "8", "--n-edits", "4", "--batch-size", "4", "--max-steps", "2",
                  "--eval-every", "2", "--num-edit-layers", "2"])

@@ -35,6 +35,8 @@ from biasedit_peft.models import (
     resolve_model_path,
 )
 
+from factories import tiny_model
+
 gguf = pytest.importorskip("gguf")
 
 TINY = {"layers": 2, "hidden": 32, "heads": 4, "kv_heads": 2, "ffn": 48, "context": 64}
@@ -71,15 +73,11 @@ def byte_level_vocabulary() -> tuple[list[str], list[int]]:
 
 def tiny_llama(vocab_size: int, seed: int):
     """A tiny llama with every weight random (norms too), as the reference the GGUF must reproduce."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(num_hidden_layers=TINY["layers"], hidden_size=TINY["hidden"],
-                         intermediate_size=TINY["ffn"], num_attention_heads=TINY["heads"],
-                         num_key_value_heads=TINY["kv_heads"], max_position_embeddings=TINY["context"],
-                         vocab_size=vocab_size, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                         bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_model("llama", seed, num_hidden_layers=TINY["layers"], hidden_size=TINY["hidden"],
+                       intermediate_size=TINY["ffn"], num_attention_heads=TINY["heads"],
+                       num_key_value_heads=TINY["kv_heads"], max_position_embeddings=TINY["context"],
+                       vocab_size=vocab_size, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                       bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1, pad_token_id=None)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.normal_(0.0, 0.3)

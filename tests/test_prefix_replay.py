@@ -7,29 +7,21 @@ import warnings
 
 import pytest
 import torch
-from peft import get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from biasedit_peft import BiasEditConfig
 from biasedit_peft.editor import BiasEditor, BiasEditTrainer, BiasEditTrainingArguments
 from biasedit_peft.editor.editor import forward_logits
 from biasedit_peft.editor.replay import PrefixReplay, decoder_blocks
 from biasedit_peft.scoring import encode_sentences
 from biasedit_peft.tuner.deltas import edit_targets, override_deltas
 
-from editor_fixtures import peft_gpt2, samples, tokenizer
+from factories import editor_tokenizer, peft_model, samples
 
-TOKENIZER = tokenizer()
+TOKENIZER = editor_tokenizer()
 
 
 def peft_llama_last_block(seed: int = 0):
     """A 3-block Llama with a BiasEdit adapter on the last block's down_proj."""
-    torch.manual_seed(seed)
-    base = LlamaForCausalLM(LlamaConfig(num_hidden_layers=3, hidden_size=16, intermediate_size=24,
-                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=40,
-                                        max_position_embeddings=64, bos_token_id=2, eos_token_id=2,
-                                        pad_token_id=1)).eval()
-    return get_peft_model(base, BiasEditConfig(num_edit_layers=1))
+    return peft_model("llama", seed, model_config={"num_hidden_layers": 3}, num_edit_layers=1)
 
 
 def random_deltas(model, scale: float = 0.5) -> dict[str, torch.Tensor]:
@@ -38,7 +30,7 @@ def random_deltas(model, scale: float = 0.5) -> dict[str, torch.Tensor]:
             for name, layer in edit_targets(model).items()}
 
 
-@pytest.mark.parametrize("build, first", [(peft_gpt2, 1), (peft_llama_last_block, 2)])
+@pytest.mark.parametrize("build, first", [(peft_model, 1), (peft_llama_last_block, 2)])
 def test_the_first_edited_block_is_found(build, first):
     model = build()
     blocks, index = decoder_blocks(model, list(edit_targets(model).values()))
@@ -46,7 +38,7 @@ def test_the_first_edited_block_is_found(build, first):
     assert PrefixReplay(model, list(edit_targets(model).values())).enabled
 
 
-@pytest.mark.parametrize("build", [peft_gpt2, peft_llama_last_block])
+@pytest.mark.parametrize("build", [peft_model, peft_llama_last_block])
 def test_replayed_edited_logits_equal_full_edited_logits_and_their_gradients(build):
     model = build()
     replay = PrefixReplay(model, list(edit_targets(model).values()))
@@ -73,7 +65,7 @@ def test_replayed_edited_logits_equal_full_edited_logits_and_their_gradients(bui
 
 
 def test_replay_skips_the_blocks_before_the_first_edited_one():
-    model = peft_gpt2()  # blocks 1 and 2 edited: block 0 is skipped
+    model = peft_model()  # blocks 1 and 2 edited: block 0 is skipped
     replay = PrefixReplay(model, list(edit_targets(model).values()))
     calls = []
     handles = [block.attn.register_forward_pre_hook(lambda m, a, i=i: calls.append(i)) for i, block in
@@ -95,13 +87,13 @@ def test_replay_skips_the_blocks_before_the_first_edited_one():
 
 
 def test_nothing_to_skip_when_the_first_block_is_edited():
-    model = peft_gpt2(num_edit_layers=3)
+    model = peft_model(num_edit_layers=3)
     replay = PrefixReplay(model, list(edit_targets(model).values()))
     assert not replay.enabled and not replay.check(lambda: torch.zeros(1))
 
 
 def test_check_switches_replay_off_with_a_warning_when_it_does_not_reproduce_the_forward():
-    model = peft_gpt2()
+    model = peft_model()
     replay = PrefixReplay(model, list(edit_targets(model).values()))
     batch = encode_sentences(TOKENIZER, ["he is a nurse ."])
     assert replay.check(lambda: forward_logits(model, batch))
@@ -111,7 +103,7 @@ def test_check_switches_replay_off_with_a_warning_when_it_does_not_reproduce_the
     assert not replay.enabled
 
 
-def _meta_step(tmp_path, prefix_replay: bool, build=peft_gpt2):
+def _meta_step(tmp_path, prefix_replay: bool, build=peft_model):
     model = build()
     editor = BiasEditor.for_model(model, rank=8, lr=1e-2)
     args = BiasEditTrainingArguments(output_dir=str(tmp_path), n_edits=6, batch_size=2, meta_lr=1e-2, loc_coef=1.0,
@@ -124,7 +116,7 @@ def _meta_step(tmp_path, prefix_replay: bool, build=peft_gpt2):
     return metrics, editor.state_dict()
 
 
-@pytest.mark.parametrize("build", [peft_gpt2, peft_llama_last_block])
+@pytest.mark.parametrize("build", [peft_model, peft_llama_last_block])
 def test_meta_steps_with_and_without_replay_are_the_same(tmp_path, build):
     full_metrics, full_state = _meta_step(tmp_path / "full", False, build)
     replay_metrics, replay_state = _meta_step(tmp_path / "replay", True, build)
@@ -134,7 +126,7 @@ def test_meta_steps_with_and_without_replay_are_the_same(tmp_path, build):
 
 
 def test_a_sequence_of_prefixes_is_consumed_one_per_forward_and_a_misfit_is_an_error():
-    model = peft_gpt2()
+    model = peft_model()
     replay = PrefixReplay(model, list(edit_targets(model).values()))
     batches = [encode_sentences(TOKENIZER, s) for s in (["he is a nurse ."], ["she is a cook .", "men is a ."])]
     with torch.no_grad():

@@ -29,7 +29,7 @@ PARAGRAPHS = ["The river runs past the old mill and into the valley.", "A recipe
               "The train left the station at noon.", "Rain fell on the roof all night long."]
 EVALUATE_ARGS = ["evaluate", "--model", "testbed", "--bias-types", "gender,race", "--limit", "4", "--batch-size", "4",
                  "--n-resamples", "20", "--quiet"]
-PIECE = 8  # sentences per piece in these tests: 3 StereoSet pieces (24 sentences), 2 CrowS-Pairs (16), 1 perplexity (4)
+PIECE = 8  # sentences per piece here: 3 StereoSet pieces (24 sentences), 2 CrowS-Pairs (16), 1 perplexity (4)
 N_PIECES = 6
 
 
@@ -70,7 +70,8 @@ def scorer(monkeypatch, **kwargs) -> CountingScorer:
 
 # ----- pieces of scores ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("batch_size, piece_size", [(8, 20), (16, 7)])
-def test_scores_in_stored_pieces_are_bitwise_the_unchunked_ones(testbed, tmp_path, monkeypatch, batch_size, piece_size):
+def test_scores_in_stored_pieces_are_bitwise_the_unchunked_ones(testbed, tmp_path, monkeypatch, batch_size,
+                                                                 piece_size):
     model, tokenizer = testbed
     items = load_stereoset("test", ["gender", "race"])[:20]
     sentences = [item.sentence(role) for role in evaluation.STEREOSET_ROLES for item in items]
@@ -172,7 +173,9 @@ def test_store_refuses_another_model_or_adapter(testbed, tmp_path):
     store = ScoreStore(tmp_path / "s")
     evaluate_model(model, tokenizer, benchmarks=("stereoset",), bias_types=["gender"], limit=2, progress=False,
                    n_resamples=0, store=store)
-    with pytest.raises(ResumeMismatch, match=r"different model, adapter \(model: stored '.*testbed.*', now 'other'; adapter: stored None, now 'x'\)"):
+    refused = (r"different model, adapter \(model: stored '.*testbed.*', now 'other'; "
+               r"adapter: stored None, now 'x'\)")
+    with pytest.raises(ResumeMismatch, match=refused):
         evaluate_model(model, tokenizer, benchmarks=("stereoset",), bias_types=["gender"], limit=2, progress=False,
                        n_resamples=0, store=store, model_name="other", adapter="x")
 
@@ -269,7 +272,8 @@ def test_demo_resume_passes_resume_to_training_and_skips_finished_stages(tmp_pat
 
 def test_demo_resume_with_another_config_is_refused_naming_the_fields(uninterrupted_demo):
     before = sorted(p.name for p in (uninterrupted_demo / "stages").iterdir())
-    with pytest.raises(ResumeMismatch, match=r"different limit, seed \(limit: stored 4, now 5; seed: stored 0, now 1\)"):
+    refused = r"different limit, seed \(limit: stored 4, now 5; seed: stored 0, now 1\)"
+    with pytest.raises(ResumeMismatch, match=refused):
         run_demo(replace(DEMO, out=str(uninterrupted_demo), limit=5, seed=1), resume=True)
     assert sorted(p.name for p in (uninterrupted_demo / "stages").iterdir()) == before
 

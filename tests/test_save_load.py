@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 import biasedit_peft  # noqa: F401  (registers BIASEDIT)
 from biasedit_peft import BiasEditConfig, edit_targets, get_deltas, set_deltas
-from tests.tiny_models import tiny_model, token_ids
+
+from factories import tiny_model, token_ids
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,14 +107,15 @@ def test_fresh_process_loads_identical_outputs(tmp_path, saved_base):
     model = make_adapter(saved_base)
     model.save_pretrained(tmp_path / "adapter")
     torch.save(model(token_ids()).logits, tmp_path / "expected.pt")
+    torch.save(token_ids(), tmp_path / "ids.pt")
     result = run_python(f"""
         import torch, biasedit_peft
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
-        from tests.tiny_models import token_ids
         base = AutoModelForCausalLM.from_pretrained({str(saved_base)!r}).eval()
         model = PeftModel.from_pretrained(base, {str(tmp_path / 'adapter')!r})
-        assert torch.equal(model(token_ids()).logits, torch.load({str(tmp_path / 'expected.pt')!r}))
+        ids = torch.load({str(tmp_path / 'ids.pt')!r})
+        assert torch.equal(model(ids).logits, torch.load({str(tmp_path / 'expected.pt')!r}))
         print("IDENTICAL")
     """)
     assert "IDENTICAL" in result.stdout, result.stderr
@@ -149,10 +151,8 @@ def test_from_config_models_have_no_base_path_and_autopeft_says_so(tmp_path):
 
 
 def test_loading_onto_a_different_shape_fails(tmp_path, saved_base):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     make_adapter(saved_base).save_pretrained(tmp_path / "adapter")
-    wider = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=48, n_head=2, n_positions=64, vocab_size=128))
+    wider = tiny_model("gpt2", n_embd=48)
     with pytest.raises(Exception, match="size|shape"):
         PeftModel.from_pretrained(wider, tmp_path / "adapter")
 

@@ -6,8 +6,6 @@ import math
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from biasedit_peft.scoring import (
     SentenceLogProbs,
@@ -18,6 +16,8 @@ from biasedit_peft.scoring import (
     token_log_probs,
 )
 
+from factories import EOT, ranked_words, tiny_model, word_tokenizer
+
 SENTENCES = [
     "the nurse was kind",
     "the engineer was very careful with the long bridge plans",
@@ -27,34 +27,16 @@ SENTENCES = [
 ]
 
 
-def word_tokenizer(bos: str | None = "<|endoftext|>", add_bos_template: bool = False, padding_side="right"):
-    """A word-level tokenizer trained offline on SENTENCES (GPT-2 style: BOS == EOS)."""
-    specials = ["[UNK]", "[PAD]", "<s>", "</s>", "<|endoftext|>"]
-    backend = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=specials))
-    if add_bos_template:  # Llama style: the tokenizer itself adds <s>
-        backend.post_processor = processors.TemplateProcessing(
-            single="<s> $A", special_tokens=[("<s>", backend.token_to_id("<s>"))]
-        )
-    kwargs = {"unk_token": "[UNK]", "pad_token": "[PAD]", "padding_side": padding_side}
-    if bos == "<s>":
-        kwargs.update(bos_token="<s>", eos_token="</s>")
-    elif bos is None:
-        kwargs.update(eos_token="</s>")
-    else:
-        kwargs.update(bos_token=bos, eos_token=bos)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
+WORDS = ranked_words(SENTENCES)  # the ids a word-level tokenizer trained on SENTENCES gives
+SPECIALS = ("[UNK]", "[PAD]", "<s>", "</s>", EOT)
 
 
-def tiny_gpt2(vocab_size: int) -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab_size, n_positions=64)
-    return GPT2LMHeadModel(config).eval()
+def tiny_gpt2(vocab_size: int):
+    return tiny_model("gpt2", n_layer=2, vocab_size=vocab_size)
 
 
 def test_encode_prepends_bos_and_right_pads():
-    tokenizer = word_tokenizer(padding_side="left")  # ignored: we always pad right
+    tokenizer = word_tokenizer(WORDS, SPECIALS, padding_side="left")  # ignored: we always pad right
     batch = encode_sentences(tokenizer, ["a cat", "the nurse was kind"])
     bos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     pad = tokenizer.pad_token_id
@@ -67,21 +49,21 @@ def test_encode_prepends_bos_and_right_pads():
 
 
 def test_bos_never_doubled_for_llama_style_tokenizer():
-    tokenizer = word_tokenizer(bos="<s>", add_bos_template=True)
+    tokenizer = word_tokenizer(WORDS, SPECIALS, bos="<s>", eos="</s>", prepend_bos=True)
     assert tokenizer("a cat")["input_ids"][0] == tokenizer.bos_token_id  # it does add BOS itself
     batch = encode_sentences(tokenizer, ["a cat"])
     assert batch.input_ids[0].tolist() == [tokenizer.bos_token_id, *tokenizer.convert_tokens_to_ids(["a", "cat"])]
 
 
 def test_eos_used_when_no_bos():
-    tokenizer = word_tokenizer(bos=None)
+    tokenizer = word_tokenizer(WORDS, SPECIALS, bos=None, eos="</s>")
     assert tokenizer.bos_token_id is None
     batch = encode_sentences(tokenizer, ["a cat"])
     assert batch.input_ids[0, 0].item() == tokenizer.eos_token_id
 
 
 def test_truncation_keeps_bos_and_beginning():
-    tokenizer = word_tokenizer()
+    tokenizer = word_tokenizer(WORDS, SPECIALS)
     batch = encode_sentences(tokenizer, [SENTENCES[3]], max_length=4)
     assert batch.input_ids.shape == (1, 4)
     assert batch.input_ids[0, 1:].tolist() == tokenizer.convert_tokens_to_ids(["the", "river", "carries"])
@@ -90,7 +72,7 @@ def test_truncation_keeps_bos_and_beginning():
 
 def test_empty_sentence_is_an_error():
     with pytest.raises(ValueError, match="sentence 1"):
-        encode_sentences(word_tokenizer(), ["a cat", ""])
+        encode_sentences(word_tokenizer(WORDS, SPECIALS), ["a cat", ""])
 
 
 def test_token_log_probs_hand_computed():
@@ -111,7 +93,8 @@ def test_token_log_probs_hand_computed():
 
 def test_token_log_probs_bf16_logits_are_float32():
     logits = torch.randn(2, 5, 7).to(torch.bfloat16)
-    batch = TokenBatch(torch.randint(0, 7, (2, 5)), torch.ones(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.bool))
+    batch = TokenBatch(torch.randint(0, 7, (2, 5)), torch.ones(2, 5, dtype=torch.long),
+                       torch.ones(2, 5, dtype=torch.bool))
     scores = token_log_probs(logits, batch)
     assert scores.dtype == torch.float32
     assert (scores[:, 0] == 0).all()  # position 0 is BOS-like: nothing predicts it
@@ -120,7 +103,7 @@ def test_token_log_probs_bf16_logits_are_float32():
 
 
 def test_sentence_log_probs_matches_manual_loop_and_is_differentiable():
-    tokenizer = word_tokenizer()
+    tokenizer = word_tokenizer(WORDS, SPECIALS)
     model = tiny_gpt2(len(tokenizer))
     batch = encode_sentences(tokenizer, SENTENCES[:2])
     result = sentence_log_probs(model, batch)
@@ -136,7 +119,7 @@ def test_sentence_log_probs_matches_manual_loop_and_is_differentiable():
 
 
 def test_batched_equals_one_at_a_time_and_keeps_order():
-    tokenizer = word_tokenizer()
+    tokenizer = word_tokenizer(WORDS, SPECIALS)
     model = tiny_gpt2(len(tokenizer))
     batched = score_sentences(model, tokenizer, SENTENCES, batch_size=3)
     single = [score_sentences(model, tokenizer, [s], batch_size=1) for s in SENTENCES]
@@ -150,7 +133,7 @@ def test_batched_equals_one_at_a_time_and_keeps_order():
 
 
 def test_score_sentences_restores_training_mode():
-    tokenizer = word_tokenizer()
+    tokenizer = word_tokenizer(WORDS, SPECIALS)
     model = tiny_gpt2(len(tokenizer)).train()
     scores = score_sentences(model, tokenizer, SENTENCES[:2])
     assert model.training
@@ -171,18 +154,14 @@ def test_scoring_keeps_each_module_mode_under_a_peft_wrapper_in_train_mode():
     with eval_mode(model):
         assert not any(module.training for module in model.modules())
     assert {name: module.training for name, module in model.named_modules()} == modes
-    tokenizer = word_tokenizer()
+    tokenizer = word_tokenizer(WORDS, SPECIALS)
     score_sentences(model, tokenizer, ["the nurse was kind"])
     assert {name: module.training for name, module in model.named_modules()} == modes
 
 
-def _chatml_tokenizer(with_separator: bool) -> PreTrainedTokenizerFast:
-    specials = ["[UNK]", "[PAD]", "<|im_start|>", "<|im_end|>"] + (["<|endoftext|>"] if with_separator else [])
-    backend = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=specials))
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
-                                   bos_token="<|im_start|>", eos_token="<|im_end|>")
+def _chatml_tokenizer(with_separator: bool):
+    specials = ["[UNK]", "[PAD]", "<|im_start|>", "<|im_end|>"] + ([EOT] if with_separator else [])
+    return word_tokenizer(WORDS, specials, bos="<|im_start|>", eos="<|im_end|>")
 
 
 def test_a_chatml_turn_bos_gives_way_to_the_document_separator():

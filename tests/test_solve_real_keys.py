@@ -140,5 +140,6 @@ def test_failure_names_non_finite_keys():
 
 def test_failure_puts_lambda_against_the_gram():
     keys = down_proj_like_keys(64)  # duplicate rows: U U^T is singular, so lambda <= 0 fails
-    with pytest.raises(FloatingPointError, match=r"leading minor \d+; lambda=-1 is -.* of the Gram's largest diagonal"):
+    refused = r"leading minor \d+; lambda=-1 is -.* of the Gram's largest diagonal"
+    with pytest.raises(FloatingPointError, match=refused):
         solve_ridge(keys, value_changes(64), -1.0)

@@ -272,15 +272,14 @@ def _script(name: str = "build_testbed"):
 @pytest.mark.parametrize("storage_dtype", ["float16", "float32"])
 def test_recipe_saves_rounded_weights_that_load_back_in_float32_bit_for_bit(tmp_path, storage_dtype):
     from safetensors import safe_open
-    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
-    from _tiny_models import make_tokenizer
+    from factories import tiny_model, words_tokenizer
 
     build = _script()
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=300, n_positions=16))
+    model = tiny_model("gpt2", n_layer=1, n_embd=16, vocab_size=300, n_positions=16)
     stored = build.as_stored(model, storage_dtype)
-    build.save_model(stored, make_tokenizer(tmp_path / "tok"), tmp_path / "out", storage_dtype)
+    build.save_model(stored, words_tokenizer(), tmp_path / "out", storage_dtype)
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as weights:
         assert {weights.get_tensor(k).dtype for k in weights.keys()} == {build.STORAGE_DTYPES[storage_dtype]}
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")

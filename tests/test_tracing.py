@@ -7,9 +7,7 @@ import math
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from biasedit_peft.data import StereoSetItem
 from biasedit_peft.scoring import encode_sentences, sentence_scores, token_log_probs
 from biasedit_peft.tracing import (
     KINDS,
@@ -28,44 +26,29 @@ from biasedit_peft.tracing import (
 )
 from biasedit_peft.tracing.trace import draw_noise, summarise
 
-from _tiny_models import WORDS, make_gpt2, make_tokenizer
-from tiny_models import tiny_model
-
-
-def _item(item_id: str, target: str, stereotype: str, anti: str) -> StereoSetItem:
-    return StereoSetItem(id=item_id, target=target, bias_type="gender", context="", stereotype=stereotype,
-                         anti_stereotype=anti, unrelated=stereotype.replace(target, "the"), stereotype_word="",
-                         anti_stereotype_word="", unrelated_word="")
-
+from factories import save_word_model, stereoset_item, tiny_model, words_tokenizer
 
 ITEMS = [
-    _item("a", "man", "the man is a good engineer .", "the man is a good nurse ."),
-    _item("b", "his boss", "his boss is a strong man .", "his boss is a weak man , and a cook ."),
-    _item("c", "doctor", "the doctor cook .", "the doctor pilot ."),  # last target token = last token
-    _item("d", "woman", "the kind woman .", "the bad woman ."),  # target after BLANK: skipped
-    _item("e", "lawyer", "the man is a cook .", "the man is a chef ."),  # target absent: skipped
+    stereoset_item("a", "man", "the man is a good engineer .", "the man is a good nurse ."),
+    stereoset_item("b", "his boss", "his boss is a strong man .", "his boss is a weak man , and a cook ."),
+    stereoset_item("c", "doctor", "the doctor cook .", "the doctor pilot ."),  # last target token = last token
+    stereoset_item("d", "woman", "the kind woman .", "the bad woman ."),  # target after BLANK: skipped
+    stereoset_item("e", "lawyer", "the man is a cook .", "the man is a chef ."),  # target absent: skipped
 ]
 TRACEABLE = ITEMS[:3]
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+def tokenizer():
+    return words_tokenizer()
 
 
-def _gpt2():
-    torch.manual_seed(0)  # a large init, so that effects are far from zero and restoring visibly matters
-    config = GPT2Config(n_layer=3, n_embd=16, n_head=2, n_positions=32, vocab_size=len(WORDS) + 2,
-                        initializer_range=0.3, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    return GPT2LMHeadModel(config).eval()
+def _gpt2():  # a large init, so that effects are far from zero and restoring visibly matters
+    return tiny_model("gpt2", size="words", initializer_range=0.3)
 
 
 def _llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(num_hidden_layers=3, hidden_size=16, intermediate_size=32, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=len(WORDS) + 2, max_position_embeddings=32,
-                         initializer_range=0.3, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    return LlamaForCausalLM(config).eval()
+    return tiny_model("llama", size="words", num_hidden_layers=3, num_key_value_heads=1, initializer_range=0.3)
 
 
 MODELS = {"gpt2": _gpt2, "llama": _llama}
@@ -250,7 +233,8 @@ def test_json_schema(tokenizer):
 
 def test_text_summary_of_a_document_with_a_weak_corruption():
     document = {"n_items": 2, "skipped": {}, "noise_std": 0.5, "settings": {"noise_scale": 3.0, "samples": 2},
-                "clean_effect": 1.0, "corrupted_effect": 0.98, "positions": ["first", "last"], "position_items": [2, 1],
+                "clean_effect": 1.0, "corrupted_effect": 0.98, "positions": ["first", "last"],
+                "position_items": [2, 1],
                 "kinds": {"mlp": {"restored": [[0.5, None]], "fraction": [[0.25, None]], "per_layer": [0.5],
                                   "per_layer_fraction": [0.25]}},
                 "ranked_layers": {"mlp": [0]}}
@@ -262,7 +246,8 @@ def test_text_summary_of_a_document_with_a_weak_corruption():
     assert lines[3].startswith("note: corrupting the target terms changes the bias effect by only 0.0200 (2.0%)")
     assert lines[5] == "mlp: restored effect (fraction restored)"
     assert lines[6] == "layer " + "first".rjust(22) + "last".rjust(22) + "all positions".rjust(22)
-    assert lines[7] == "    0 " + " 0.500 ( 0.250)".rjust(22) + "   -   (   -  )".rjust(22) + " 0.500 ( 0.250)".rjust(22)
+    cells = [" 0.500 ( 0.250)", "   -   (   -  )", " 0.500 ( 0.250)"]  # first, last, all positions
+    assert lines[7] == "    0 " + "".join(cell.rjust(22) for cell in cells)
     assert lines[-1] == "blocks by MLP restoration: 0"
     document["corrupted_effect"] = 0.5  # a gap of 50%: no note
     assert not any(line.startswith("note:") for line in format_trace(document).split("\n"))
@@ -299,7 +284,7 @@ def test_trace_command_without_matplotlib_still_writes_json(tmp_path, monkeypatc
     import biasedit_peft.data
     from biasedit_peft.cli import main
 
-    folder = make_gpt2(tmp_path / "model")
+    folder = save_word_model(tmp_path / "model")
     monkeypatch.setattr(biasedit_peft.data, "load_stereoset", lambda split, bias_types=None: list(ITEMS))
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ModuleNotFoundError
     code = main(["trace", "--model", str(folder), "--samples", "2", "--out", str(tmp_path / "out"), "--quiet"])

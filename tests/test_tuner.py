@@ -13,7 +13,8 @@ import biasedit_peft
 from biasedit_peft import BiasEditConfig, edit_targets, get_deltas, override_deltas, set_deltas
 from biasedit_peft.tuner import RegistrationError, register
 from biasedit_peft.tuner.layer import BiasEditLayer
-from tests.tiny_models import EXPECTED_TARGETS, MODEL_TYPES, tiny_model, token_ids
+
+from factories import EXPECTED_TARGETS, TUNER_ARCHITECTURES, tiny_model, token_ids
 
 
 def with_weights_shifted(model, deltas):
@@ -87,7 +88,7 @@ def test_config_round_trips_through_json(tmp_path):
 
 
 # ----- default targets and forward --------------------------------------------------------------------
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("model_type", TUNER_ARCHITECTURES)
 def test_default_targets_are_the_last_mlp_output_projections(model_type):
     model = get_peft_model(tiny_model(model_type), BiasEditConfig())
     assert list(edit_targets(model)) == EXPECTED_TARGETS[model_type]
@@ -118,7 +119,7 @@ def test_unsupported_layer_type_is_a_type_error():
         get_peft_model(tiny_model("llama"), BiasEditConfig(target_modules=["embed_tokens"]))
 
 
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("model_type", TUNER_ARCHITECTURES)
 def test_zero_init_adapter_is_exactly_the_base(model_type):
     base = tiny_model(model_type)
     ids = token_ids()
@@ -127,7 +128,7 @@ def test_zero_init_adapter_is_exactly_the_base(model_type):
     assert torch.equal(model(ids).logits, expected)
 
 
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("model_type", TUNER_ARCHITECTURES)
 def test_random_delta_equals_shifted_weights_fp32(model_type):
     base = tiny_model(model_type)
     reference = copy.deepcopy(base)
@@ -155,11 +156,11 @@ def test_low_precision_base_keeps_float32_deltas(model_type, dtype):
 
 
 # ----- merge / unload ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("model_type", TUNER_ARCHITECTURES)
 def test_merge_unmerge_restores_weights_bitwise(model_type):
     model = get_peft_model(tiny_model(model_type), BiasEditConfig(init_weights=False))
     ids = token_ids()
-    before = {n: l.get_base_layer().weight.detach().clone() for n, l in edit_targets(model).items()}
+    before = {n: layer.get_base_layer().weight.detach().clone() for n, layer in edit_targets(model).items()}
     unmerged = model(ids).logits
     model.merge_adapter()
     torch.testing.assert_close(model(ids).logits, unmerged, atol=1e-5, rtol=1e-5)
@@ -169,7 +170,7 @@ def test_merge_unmerge_restores_weights_bitwise(model_type):
     assert torch.equal(model(ids).logits, unmerged)
 
 
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("model_type", TUNER_ARCHITECTURES)
 def test_merge_and_unload_returns_plain_model_with_equal_outputs(model_type):
     base = tiny_model(model_type)
     plain_class = type(base)
@@ -249,7 +250,7 @@ def test_set_deltas_writes_native_layout_for_conv1d_and_linear():
         base = tiny_model(model_type)
         reference = copy.deepcopy(base)
         model = get_peft_model(base, BiasEditConfig())
-        shapes = {n: l.get_base_layer().weight.shape for n, l in edit_targets(model).items()}
+        shapes = {n: layer.get_base_layer().weight.shape for n, layer in edit_targets(model).items()}
         generator = torch.Generator().manual_seed(3)
         deltas = {n: torch.randn(s, generator=generator) * 0.05 for n, s in shapes.items()}
         set_deltas(model, deltas)

@@ -8,49 +8,18 @@ every substring the tests look for.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
-import torch
-from transformers import (
-    AutoModelForCausalLM,
-    Gemma3TextConfig,
-    GPT2Config,
-    GPTJConfig,
-    LlamaConfig,
-    OPTConfig,
-    PretrainedConfig,
-    Qwen2Config,
-)
+from factories import tiny_model  # tests/factories.py: run_peft_peer_tests.py puts tests/ on PYTHONPATH
 
-VOCAB_SIZE = 96
-_SMALL = {"vocab_size": VOCAB_SIZE, "max_position_embeddings": 64, "bos_token_id": 1, "eos_token_id": 2}
-_LLAMA_LIKE = {
-    "num_hidden_layers": 2,
-    "hidden_size": 16,
-    "intermediate_size": 24,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    **_SMALL,
-}
-
-# Hub id used by peft 0.21's PEFT_DECODER_MODELS_TO_TEST -> config of a tiny model of the same architecture
-TINY_DECODER_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
-    "peft-internal-testing/tiny-random-OPTForCausalLM": lambda: OPTConfig(
-        num_hidden_layers=2, hidden_size=16, ffn_dim=24, num_attention_heads=2, word_embed_proj_dim=16,
-        pad_token_id=0, **_SMALL,
-    ),
-    "peft-internal-testing/tiny-random-GPT2LMHeadModel": lambda: GPT2Config(
-        n_layer=2, n_embd=16, n_head=2, n_positions=64, vocab_size=VOCAB_SIZE, bos_token_id=1, eos_token_id=2,
-    ),
-    "peft-internal-testing/tiny-random-GPTJForCausalLM": lambda: GPTJConfig(
-        n_layer=2, n_embd=16, n_head=2, rotary_dim=4, n_positions=64, vocab_size=VOCAB_SIZE, bos_token_id=1,
-        eos_token_id=2,
-    ),
-    "trl-internal-testing/tiny-random-LlamaForCausalLM": lambda: LlamaConfig(pad_token_id=0, **_LLAMA_LIKE),
-    "peft-internal-testing/tiny-dummy-qwen2": lambda: Qwen2Config(**_LLAMA_LIKE),
-    "hf-internal-testing/tiny-random-Gemma3ForCausalLM": lambda: Gemma3TextConfig(
-        head_dim=8, query_pre_attn_scalar=8, sliding_window=16, pad_token_id=0, **_LLAMA_LIKE,
-    ),
+# Hub id used by peft 0.21's PEFT_DECODER_MODELS_TO_TEST -> the architecture of its tiny stand-in (factories' "peer"
+# size: 2 blocks of width 16 over 96 ids)
+TINY_DECODERS: dict[str, str] = {
+    "peft-internal-testing/tiny-random-OPTForCausalLM": "opt",
+    "peft-internal-testing/tiny-random-GPT2LMHeadModel": "gpt2",
+    "peft-internal-testing/tiny-random-GPTJForCausalLM": "gptj",
+    "trl-internal-testing/tiny-random-LlamaForCausalLM": "llama",
+    "peft-internal-testing/tiny-dummy-qwen2": "qwen2",
+    "hf-internal-testing/tiny-random-Gemma3ForCausalLM": "gemma3_text",
 }
 
 
@@ -61,14 +30,13 @@ def build_tiny_decoders(root: Path, hub_ids: list[str]) -> list[str]:
     """
     local_paths = []
     for hub_id in hub_ids:
-        if hub_id not in TINY_DECODER_CONFIGS:
+        if hub_id not in TINY_DECODERS:
             raise KeyError(
                 f"peft's PEFT_DECODER_MODELS_TO_TEST lists {hub_id!r}, which tests_peer/tiny_decoders.py has no tiny "
-                "local stand-in for: add its config to TINY_DECODER_CONFIGS."
+                "local stand-in for: add its architecture to TINY_DECODERS (and a \"peer\" size to "
+                "tests/factories.py)."
             )
         path = root / hub_id
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(TINY_DECODER_CONFIGS[hub_id]())
-        model.save_pretrained(path)
+        tiny_model(TINY_DECODERS[hub_id], size="peer").save_pretrained(path)
         local_paths.append(str(path))
     return local_paths

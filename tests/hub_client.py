@@ -1,7 +1,8 @@
-"""Helpers for tests that talk to the in-memory Hub (:mod:`hub_double`) through the real client.
+"""The Hub client side of the tests: the real ``huggingface_hub`` client, run against the fake Hub server
+(:mod:`fake_hub_server`).
 
 ``HF_ENDPOINT`` is read by ``huggingface_hub`` when it is imported, so every client runs in a fresh
-Python process with an environment pointing at the double and a temporary ``HF_HOME``; the pytest
+Python process with an environment pointing at the fake Hub and a temporary ``HF_HOME``; the pytest
 process itself never imports ``huggingface_hub`` with a changed endpoint.
 """
 
@@ -14,9 +15,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
-from hub_double import HubDouble
+from fake_hub_server import FakeHub
 
 RESULT_MARKER = "@@RESULT@@"
 TEST_TOKEN = "hf_double_token"
@@ -29,15 +28,8 @@ def emit(result):
 """
 
 
-@pytest.fixture
-def hub():
-    """A running :class:`HubDouble` on 127.0.0.1, stopped after the test."""
-    with HubDouble() as server:
-        yield server
-
-
-def client_env(hub: HubDouble, hf_home: Path) -> dict[str, str]:
-    """The environment of a client process: the double as endpoint, an empty cache, no Xet."""
+def client_env(hub: FakeHub, hf_home: Path) -> dict[str, str]:
+    """The environment of a client process: the fake Hub as endpoint, an empty cache, no Xet."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("HF_", "HUGGINGFACE_")) and k not in ("TRANSFORMERS_CACHE", "TRANSFORMERS_OFFLINE")}
     env.update({
@@ -59,7 +51,7 @@ def client_env(hub: HubDouble, hf_home: Path) -> dict[str, str]:
     return env
 
 
-def run_client(hub: HubDouble, hf_home: Path, script: str, timeout: float = 300) -> dict:
+def run_client(hub: FakeHub, hf_home: Path, script: str, timeout: float = 300) -> dict:
     """Run ``script`` in a fresh Python process pointed at ``hub``; return what it passed to ``emit``.
 
     Raises AssertionError with the process output when it fails or emits nothing.

@@ -1,4 +1,4 @@
-"""The Hub test double answers the real ``huggingface_hub`` client the way the Hub does."""
+"""The fake Hub server answers the real ``huggingface_hub`` client the way the Hub does."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import urllib.error
 import urllib.request
 
-from _hub import hub, run_client  # noqa: F401 - fixture
-from hub_double import git_blob_oid, hub_url_path
+from fake_hub_server import git_blob_oid, hub_url_path
+from hub_client import run_client
 
 
 def test_upload_download_round_trip_through_the_real_client(hub, tmp_path):
@@ -57,7 +57,8 @@ def test_upload_download_round_trip_through_the_real_client(hub, tmp_path):
             "library_name": model.library_name, "card_tags": model.card_data.tags,
             "tree": tree, "top": top, "paths": paths,
             "weights": open(weights_path, "rb").read().hex(),
-            "snapshot": sorted(os.path.relpath(os.path.join(d, f), snapshot) for d, _, fs in os.walk(snapshot) for f in fs),
+            "snapshot": sorted(os.path.relpath(os.path.join(d, f), snapshot)
+                               for d, _, fs in os.walk(snapshot) for f in fs),
             "errors": errors, "second": second.oid, "unchanged": unchanged.oid,
             "config_now": config_now, "config_first": config_first,
         }})

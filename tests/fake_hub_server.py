@@ -1,9 +1,9 @@
-"""An in-memory Hugging Face Hub for tests: a real HTTP server on 127.0.0.1, no mocks.
+"""The fake Hub server: an in-memory Hugging Face Hub for tests, a real HTTP server on 127.0.0.1, no mocks.
 
 It implements the subset of the Hub HTTP API that ``huggingface_hub`` (2.x, with ``HF_HUB_DISABLE_XET=1``)
 uses to create repos, upload folders (regular files inline in the commit, large/binary files through the
 git-LFS "basic" batch API), read repo info, list trees, resolve and download files, and validate model
-card metadata. Point a client at it by setting ``HF_ENDPOINT`` to :attr:`HubDouble.endpoint` *before*
+card metadata. Point a client at it by setting ``HF_ENDPOINT`` to :attr:`FakeHub.endpoint` *before*
 ``huggingface_hub`` is imported (the tests do this in a fresh subprocess).
 
 Routes (``{type}`` is ``model`` / ``dataset`` / ``space``, a repo id is ``namespace/name``)::
@@ -117,7 +117,7 @@ class HubError(Exception):
 
 @dataclass
 class HubState:
-    """Everything the double stores, behind one lock."""
+    """Everything the fake Hub stores, behind one lock."""
 
     repos: dict[tuple[str, str], Repo] = field(default_factory=dict)
     lfs_objects: dict[str, bytes] = field(default_factory=dict)
@@ -184,10 +184,10 @@ def _validate_metadata(metadata: dict) -> list[str]:
     return errors
 
 
-class HubDouble:
+class FakeHub:
     """The server. Use as a context manager, or ``start()`` / ``stop()``.
 
-    >>> with HubDouble() as hub:  # doctest: +SKIP
+    >>> with FakeHub() as hub:  # doctest: +SKIP
     ...     env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", ...}
     """
 
@@ -197,11 +197,11 @@ class HubDouble:
         self._thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------
-    def start(self) -> "HubDouble":
+    def start(self) -> "FakeHub":
         handler = type("BoundHubHandler", (_HubHandler,), {"hub": self})
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="hub-double", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-hub", daemon=True)
         self._thread.start()
         return self
 
@@ -212,7 +212,7 @@ class HubDouble:
             self._thread.join(timeout=10)
             self._server = None
 
-    def __enter__(self) -> "HubDouble":
+    def __enter__(self) -> "FakeHub":
         return self.start()
 
     def __exit__(self, *exc_info) -> None:
@@ -221,7 +221,7 @@ class HubDouble:
     @property
     def endpoint(self) -> str:
         if self._server is None:
-            raise RuntimeError("The Hub double is not running")
+            raise RuntimeError("The fake Hub is not running")
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
@@ -256,7 +256,8 @@ class HubDouble:
             if (repo_type, repo_id) in self.state.repos:
                 raise HubError(409, "You already created this repo", headers={"_json": {"url": url}})
             repo = Repo(repo_type, repo_id, private=payload.get("visibility") == "private")
-            attributes = "*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
+            attributes = ("*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+                          "*.bin filter=lfs diff=lfs merge=lfs -text\n")
             gitattributes = attributes.encode()
             files = {".gitattributes": StoredFile(len(gitattributes), git_blob_oid(gitattributes), gitattributes)}
             repo.commits.append(Commit(self.state.new_commit_oid(repo, "initial commit"), "initial commit", files))
@@ -382,7 +383,7 @@ class HubDouble:
 
     def commit(self, repo_type: str, repo_id: str, revision: str, lines: list[dict]) -> dict:
         if unquote(revision) != "main":
-            raise HubError(400, "The Hub double only commits to main")
+            raise HubError(400, "The fake Hub only commits to main")
         with self.state.lock:
             repo = self.state.repo(repo_type, repo_id)
             files = dict(repo.head.files)
@@ -442,7 +443,8 @@ _TYPES = "|".join(f"{t}s" for t in REPO_TYPES)
 _REPO = r"(?P<repo_id>[^/]+/[^/]+)"
 _API_REPO = re.compile(rf"^/api/(?P<type>{_TYPES})/{_REPO}(?:/revision/(?P<revision>[^/]+))?$")
 _API_TREE = re.compile(rf"^/api/(?P<type>{_TYPES})/{_REPO}/tree/(?P<revision>[^/]+)(?P<path>/.*)?$")
-_API_ACTION = re.compile(rf"^/api/(?P<type>{_TYPES})/{_REPO}/(?P<action>paths-info|preupload|commit)/(?P<revision>[^/]+)$")
+_API_ACTION = re.compile(
+    rf"^/api/(?P<type>{_TYPES})/{_REPO}/(?P<action>paths-info|preupload|commit)/(?P<revision>[^/]+)$")
 _RESOLVE = re.compile(rf"^/(?:(?P<type>datasets|spaces)/)?{_REPO}/resolve/(?P<revision>[^/]+)/(?P<path>.+)$")
 _LFS_BATCH = re.compile(rf"^/(?:(?P<type>datasets|spaces)/)?{_REPO}\.git/info/lfs/objects/batch$")
 _LFS_OBJECT = re.compile(r"^/__lfs__/(?P<oid>[0-9a-f]{64})(?P<verify>/verify)?$")
@@ -454,7 +456,7 @@ def _repo_type(plural: str | None) -> str:
 
 class _HubHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    hub: HubDouble  # bound by HubDouble.start
+    hub: FakeHub  # bound by FakeHub.start
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - silence the default stderr log
         pass
@@ -473,8 +475,9 @@ class _HubHandler(BaseHTTPRequestHandler):
                 self.rfile.readline()
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
-    def _send(self, status: int, body: bytes = b"", headers: dict | None = None, content_type: str = "application/json",
-              head_only: bool = False, content_length: int | None = None) -> None:
+    def _send(self, status: int, body: bytes = b"", headers: dict | None = None,
+              content_type: str = "application/json", head_only: bool = False,
+              content_length: int | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body) if content_length is None else content_length))
@@ -564,7 +567,7 @@ class _HubHandler(BaseHTTPRequestHandler):
         if (match := _RESOLVE.match(path)) and method in ("GET", "HEAD"):
             return self._resolve(method, _repo_type(match["type"]), match["repo_id"], match["revision"],
                                  unquote(match["path"]))
-        raise HubError(404, f"The Hub double does not implement {method} {path}")
+        raise HubError(404, f"The fake Hub does not implement {method} {path}")
 
     def _resolve(self, method: str, repo_type: str, repo_id: str, revision: str, path: str) -> None:
         stored, content, commit_oid = self.hub.resolve(repo_type, repo_id, revision, path)
