@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from peft import get_peft_model
 
+import biasedit_peft.protocols as protocols
 from biasedit_peft import BiasEditConfig, get_deltas
 from biasedit_peft.data import load_stereoset
 from biasedit_peft.editor import BiasEditor
-from biasedit_peft.evaluation import evaluate_stereoset, score_stereoset_items, stereoset_results
+from biasedit_peft.evaluation import STEREOSET_ROLES, evaluate_stereoset, score_stereoset_items
 from biasedit_peft.models import load_model_and_tokenizer
 from biasedit_peft.protocols import edit_batches, held_out_protocol, per_batch_protocol, split_targets
+from biasedit_peft.scoring import SentenceLogProbs
+
+from factories import stereoset_item
 
 
 @pytest.fixture(scope="module")
@@ -76,27 +82,94 @@ def test_zero_step_editor_changes_nothing_in_either_protocol(testbed, items):
     assert held_out["before"] == held_out["after"]
 
 
-def test_per_batch_scores_each_batch_under_its_own_edit_and_restores_the_model(testbed, items):
+class FakeEditor:
+    """Edits by name: the edit of a batch is the ids of its items, active inside ``edited``."""
+
+    def __init__(self):
+        self.active = None
+
+    def cache_samples(self, model, tokenizer, group, batch_size):
+        return tuple(item.id for item in group), None, None
+
+    def predict(self, cache):
+        return cache
+
+    @contextmanager
+    def edited(self, model, solutions, adapter_name="default"):
+        self.active = solutions
+        try:
+            yield
+        finally:
+            self.active = None
+
+
+# mean log-probs (stereotype, anti-stereotype, unrelated) of four items, one target term each
+UNEDITED = {"he": (-1.0, -2.0, -3.0), "monk": (-1.0, -1.5, -1.2), "she": (-2.0, -1.0, -4.0), "nun": (-1.0, -3.0, -0.6)}
+EDIT_BOOST = 2.5  # an item's own edit raises its anti-stereotype by this much
+WRONG_EDIT = 5.0  # scored under another batch's edit, the stereotype would rise by this much (it never is)
+
+
+def test_per_batch_scores_each_batch_under_its_own_edit_and_restores_the_model(monkeypatch):
+    items = [stereoset_item(target, target, f"{target} a", f"{target} b", bias_type=bias_type)
+             for target, bias_type in (("he", "gender"), ("monk", "religion"), ("she", "gender"), ("nun", "religion"))]
+    editor, calls = FakeEditor(), []
+
+    def fake_scores(model, tokenizer, group, batch_size=32, progress=True):
+        calls.append((editor.active, [item.id for item in group]))
+        rows = []
+        for item in group:
+            stereo, anti, unrelated = UNEDITED[item.id]
+            if editor.active is not None:
+                if item.id in editor.active:
+                    anti += EDIT_BOOST
+                else:
+                    stereo += WRONG_EDIT
+            rows.append((stereo, anti, unrelated))
+        scores = torch.tensor(rows)
+        return {role: SentenceLogProbs(scores[:, k], scores[:, k], torch.ones(len(group)), scores[:, k].exp())
+                for k, role in enumerate(STEREOSET_ROLES)}
+
+    monkeypatch.setattr(protocols, "score_stereoset_items", fake_scores)
+    result = protocols.per_batch_protocol(editor, None, None, items, edit_batch_size=2, n_resamples=0,
+                                          progress=False)
+    # all four unedited, then the gender batch (he, she) under its edit, then the religion batch (monk, nun)
+    assert calls == [(None, ["he", "monk", "she", "nun"]), (("he", "she"), ["he", "she"]),
+                     (("monk", "nun"), ["monk", "nun"])]
+    assert editor.active is None and result["n_batches"] == 2 and result["n_items"] == 4
+
+    def ss_lms(entry):
+        return entry["ss"], entry["lms"], entry["icat"]
+
+    # before. pro (stereotype > anti): he 1, monk 1, she 0, nun 1.
+    #   related ((s > u) + (a > u)) / 2: he (1 + 1) / 2 = 1, monk (1 + 0) / 2 = 0.5, she 1, nun (0 + 0) / 2 = 0.
+    #   gender: SS (1 + 0) / 2 = 50, LMS 100, ICAT 100 * min(50, 50) / 50 = 100
+    #   religion: SS 100, LMS (0.5 + 0) / 2 = 25, ICAT 25 * 0 / 50 = 0
+    #   overall: SS 3 / 4 = 75, LMS 2.5 / 4 = 62.5, ICAT 62.5 * 25 / 50 = 31.25
+    before = result["before"]
+    assert ss_lms(before["gender"]) == pytest.approx((50.0, 100.0, 100.0))
+    assert ss_lms(before["religion"]) == pytest.approx((100.0, 25.0, 0.0))
+    assert ss_lms(before["overall"]) == pytest.approx((75.0, 62.5, 31.25))
+    # after: anti + 2.5 -> he 0.5, monk 1.0, she 1.5, nun -0.5: no stereotype is preferred any more.
+    #   related: he 1, monk (1 + 1) / 2 = 1, she 1, nun (0 + 1) / 2 = 0.5 (-0.5 > -0.6).
+    #   gender: SS 0, LMS 100, ICAT 0; religion: SS 0, LMS 75; overall: SS 0, LMS 3.5 / 4 = 87.5
+    after = result["after"]
+    assert ss_lms(after["gender"]) == pytest.approx((0.0, 100.0, 0.0))
+    assert ss_lms(after["religion"]) == pytest.approx((0.0, 75.0, 0.0))
+    assert ss_lms(after["overall"]) == pytest.approx((0.0, 87.5, 0.0))
+    # the paper's units: 4 items fit one chunk of its batch (64), so its SS is the plain share, 75 then 0
+    other = result["other_units"]
+    assert other["mode"] == "paper" and (other["before"]["overall"]["ss"], other["after"]["overall"]["ss"]) == (
+        pytest.approx(75.0), pytest.approx(0.0))
+
+
+def test_per_batch_on_the_testbed_writes_nothing_and_changes_the_scores(testbed, items):
     peft_model, tokenizer = testbed
     editor = _editor(peft_model, tokenizer, items, lr=1e-2)
     result = per_batch_protocol(editor, peft_model, tokenizer, items, edit_batch_size=4, n_resamples=0,
                                 progress=False)
     assert all(not delta.any() for delta in get_deltas(peft_model).values())  # nothing written
-    # recompute by hand: every batch edited on its own, scores put back in item order
-    roles = ("stereotype", "anti-stereotype", "unrelated")
-    expected = {role: torch.zeros(len(items)) for role in roles}
-    for indices in edit_batches(items, 4):
-        group = [items[i] for i in indices]
-        cache, _, _ = editor.cache_samples(peft_model, tokenizer, group, 32)
-        with editor.edited(peft_model, editor.predict(cache)):
-            scores = score_stereoset_items(peft_model, tokenizer, group, progress=False)
-        for role in roles:
-            expected[role][indices] = scores[role].mean
-    by_role = score_stereoset_items(peft_model, tokenizer, items, progress=False)
-    for role in roles:
-        by_role[role].mean = expected[role]
-    assert result["after"] == stereoset_results(items, by_role, n_resamples=0)
     assert result["after"] != result["before"]
+    assert result["n_batches"] == 6 and result["after"]["overall"]["n"] == len(items)
 
 
 def test_per_batch_uses_given_unedited_scores_instead_of_scoring_again(testbed, items):
