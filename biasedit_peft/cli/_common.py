@@ -14,7 +14,12 @@ DTYPE_CHOICES = ("fp32", "bf16", "fp16")
 
 
 def add_model_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
-    """``--model``: required, or with ``default``."""
+    """``--model``: required, or with ``default``.
+
+    Args:
+        parser: The sub-command's parser.
+        default: The model when ``--model`` is not given; None makes it required.
+    """
     if default is None:
         parser.add_argument("--model", required=True, help=MODEL_HELP)
     else:
@@ -22,7 +27,11 @@ def add_model_argument(parser: argparse.ArgumentParser, default: str | None = No
 
 
 def add_preset_argument(parser: argparse.ArgumentParser) -> None:
-    """``--preset``: the editor hyper-parameters (``editor/presets.py``), by default chosen from the model."""
+    """``--preset``: the editor hyper-parameters (``editor/presets.py``), by default chosen from the model.
+
+    Args:
+        parser: The sub-command's parser.
+    """
     parser.add_argument("--preset", default=None,
                         help="hyper-parameter preset: gpt2, llama, mistral, gemma (the paper's, for GPUs), cpu, "
                         "testbed (default: 'testbed' for --model testbed, 'cpu' for a model on the CPU, else from the "
@@ -30,7 +39,12 @@ def add_preset_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
-    """``--dtype`` (optional), ``--device`` and ``--quiet``."""
+    """``--dtype``, ``--device`` and ``--quiet``.
+
+    Args:
+        parser: The sub-command's parser.
+        dtype: Whether the command takes ``--dtype``.
+    """
     if dtype:
         parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                             help="model dtype (the editor and the deltas stay float32)")
@@ -39,7 +53,11 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, dtype: bool = True) -
 
 
 def split_list(text: str | None) -> list[str] | None:
-    """``"a, b,,c"`` -> ``["a", "b", "c"]``; None or nothing but commas -> None."""
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``; None or nothing but commas -> None.
+
+    Args:
+        text: A comma-separated option value.
+    """
     if text is None:
         return None
     parts = [part.strip() for part in text.split(",") if part.strip()]
@@ -47,7 +65,11 @@ def split_list(text: str | None) -> list[str] | None:
 
 
 def add_tracing_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by ``trace`` and ``sweep-layers`` (which can run a trace itself)."""
+    """Options shared by ``trace`` and ``sweep-layers`` (which can run a trace itself).
+
+    Args:
+        parser: The sub-command's parser.
+    """
     parser.add_argument("--noise-scale", type=float, default=3.0,
                         help="noise std as a multiple of the target-token embedding std (default 3)")
     parser.add_argument("--samples", type=int, default=10, help="noise draws per item (default 10)")
@@ -59,7 +81,12 @@ def add_tracing_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def tracing_settings(args: argparse.Namespace, kinds: Sequence[str] | None = None):
-    """The :class:`~biasedit_peft.tracing.TraceSettings` of :func:`add_tracing_arguments`' options."""
+    """The :class:`~biasedit_peft.tracing.TraceSettings` of :func:`add_tracing_arguments`' options.
+
+    Args:
+        args: The parsed arguments (with ``--seed`` and, where the command has it, ``--layers-per-forward``).
+        kinds: The states to restore; None: every kind.
+    """
     from biasedit_peft.tracing import KINDS, TraceSettings
 
     return TraceSettings(noise_scale=args.noise_scale, samples=args.samples, window=args.window, seed=args.seed,
@@ -67,8 +94,12 @@ def tracing_settings(args: argparse.Namespace, kinds: Sequence[str] | None = Non
 
 
 def load_model_from_args(args: argparse.Namespace):
-    """``(model, tokenizer)`` from ``--model``, ``--dtype``, ``--device`` and, where the command has them,
-    ``--threads`` and ``--adapter`` (a PEFT adapter put on top, in eval mode)."""
+    """``(model, tokenizer)`` of the command's model.
+
+    Args:
+        args: The parsed arguments: ``--model``, ``--dtype``, ``--device`` and, where the command has them,
+            ``--threads`` and ``--adapter`` (a PEFT adapter put on top, in eval mode).
+    """
     import biasedit_peft  # noqa: F401  (registers BIASEDIT with peft before loading an adapter)
     from biasedit_peft.models import default_device, load_model_and_tokenizer
 
@@ -112,15 +143,23 @@ def recorded_command(name: str, args: argparse.Namespace | None = None, leave_ou
 
 
 def copy_file(source: Path, path: str | Path) -> None:
-    """Write a copy of the text file ``source`` to ``path`` (folder created): a ``--json FILE`` copy of the document
-    a command writes into its output folder."""
+    """Write a copy of the text file ``source`` to ``path`` (folder created).
+
+    Args:
+        source: The document a command wrote into its output folder.
+        path: Where ``--json FILE`` asks for a copy.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
 
 
 def plots_or_hint(draw: Callable[[], list[Path]]) -> list[Path]:
-    """``draw()``'s PNG paths, or none (after printing how to install matplotlib) when matplotlib is missing."""
+    """``draw()``'s PNG paths, or none (after printing how to install matplotlib) when matplotlib is missing.
+
+    Args:
+        draw: Writes the plots and returns their paths.
+    """
     from biasedit_peft.tracing import PLOT_HINT
 
     try:
@@ -133,7 +172,11 @@ def plots_or_hint(draw: Callable[[], list[Path]]) -> list[Path]:
 
 
 def add_select_by_argument(parser: argparse.ArgumentParser) -> None:
-    """``--select-by``: how validation picks the editor that is kept (``BiasEditTrainingArguments.select_by``)."""
+    """``--select-by``: how validation picks the editor that is kept (``BiasEditTrainingArguments.select_by``).
+
+    Args:
+        parser: The sub-command's parser.
+    """
     parser.add_argument("--select-by", choices=("target", "loss"), default="target",
                         help="keep the editor with the dev SS closest to 50 within LMS / perplexity bounds "
                         "(target, default) or the lowest dev meta-loss (loss, the paper's)")

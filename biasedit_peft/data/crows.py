@@ -34,14 +34,23 @@ class CrowsPair:
 
 
 def crows_bias_type(name: str) -> str:
-    """``race`` -> ``race-color``; CrowS-Pairs names pass through."""
+    """``race`` -> ``race-color``; CrowS-Pairs names pass through.
+
+    Args:
+        name: A bias type, ours or CrowS-Pairs'.
+    """
     return CROWS_NAMES.get(name, name)
 
 
 def load_crows(bias_types: Sequence[str] | None = None, path: str | Path | None = None) -> list[CrowsPair]:
-    """CrowS-Pairs pairs (bundled, or a user CSV with the same columns), file order.
+    """CrowS-Pairs pairs, in file order.
 
-    ``bias_types`` may use CrowS names (``race-color``) or ours (``race``).
+    Args:
+        bias_types: Keep only these, in CrowS names (``race-color``) or ours (``race``); None: all.
+        path: A user CSV with the bundled file's columns; None: the bundled file.
+
+    Raises:
+        CrowsFormatError: The file lacks a column or has a malformed row.
     """
     source = Path(path) if path is not None else resource_path(CROWS_FILE)
     with open_text(source) as handle:

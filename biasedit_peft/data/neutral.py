@@ -13,7 +13,14 @@ def split_paragraphs(text: str) -> list[str]:
 
 
 def load_neutral_text(path: str | Path | None = None) -> list[str]:
-    """Paragraphs of the bundled neutral text, or of a user's UTF-8 text file."""
+    """Paragraphs (separated by blank lines) of the bundled neutral text, or of a user's text file.
+
+    Args:
+        path: A UTF-8 text file; None: the bundled neutral text.
+
+    Raises:
+        ValueError: The file holds no text.
+    """
     source = Path(path) if path is not None else resource_path(NEUTRAL_TEXT_FILE)
     paragraphs = split_paragraphs(source.read_text(encoding="utf-8"))
     if not paragraphs:

@@ -28,6 +28,12 @@ def split_train_dev(
     Per bias type: target groups sorted by name, shuffled with ``random.Random(f"{seed}:{type}")``,
     then each group goes to dev if that brings dev's size closer to ``n * dev / (train + dev)``,
     else to train.
+
+    Args:
+        items: StereoSet items (the bundled split is made from StereoSet's test file).
+        bias_types: The bias types split; others are left out.
+        seed: The shuffle seed.
+        ratio: ``(train, dev)`` proportions.
     """
     by_type_target: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for item in items:

@@ -88,6 +88,11 @@ class NoiseReport:
 
 
 def noise_report(items: Iterable[StereoSetItem]) -> NoiseReport:
+    """How many of ``items`` are flagged noisy, per rule, and their ids.
+
+    Args:
+        items: StereoSet items (``item.noise`` names the broken rule, ``""`` when none).
+    """
     noisy = [item for item in items if item.noise]
     return NoiseReport(len(noisy), dict(Counter(item.noise for item in noisy)), tuple(i.id for i in noisy))
 
@@ -226,8 +231,15 @@ def load_stereoset_file(
     """Items of a user StereoSet file in the original schema.
 
     Noisy rows are kept and flagged (``item.noise``) unless ``noisy="drop"``; either way their
-    count is logged and :func:`noise_report` summarises them. A malformed file raises
-    :class:`StereoSetFormatError` naming the file, the row and the field.
+    count is logged and :func:`noise_report` summarises them.
+
+    Args:
+        path: A StereoSet JSON file (``data.intrasentence`` rows), plain or gzipped.
+        bias_types: Keep only these; None: all.
+        noisy: ``"keep"`` or ``"drop"`` the rows that break a rule of :data:`NOISE_RULES`.
+
+    Raises:
+        StereoSetFormatError: A malformed file, naming the file, the row and the field.
     """
     rows = read_stereoset_rows(path)
     items = [parse_item(row, f"{path}: row {index}") for index, row in enumerate(rows)]
@@ -257,7 +269,13 @@ def load_stereoset(
     - ``"train"`` / ``"dev"``: the bundled, seeded 8:1 split of StereoSet's test file
       (gender / race / religion only), grouped by target term and stratified by bias type.
 
-    ``noisy="drop"`` removes flagged rows (see :data:`NOISE_RULES`); the default keeps them.
+    Args:
+        split: ``"test"``, ``"train"`` or ``"dev"``.
+        bias_types: Keep only these; None: all of the split.
+        noisy: ``"keep"`` (default) or ``"drop"`` the rows flagged by :data:`NOISE_RULES`.
+
+    Raises:
+        ValueError: An unknown split or bias type.
     """
     if split == "test":
         items = _bundled("dev")

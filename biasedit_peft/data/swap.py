@@ -63,7 +63,11 @@ def _counterpart(match: re.Match) -> str:
 
 
 def swap_gender(text: str) -> str:
-    """``text`` with each gendered word replaced by its counterpart, case kept."""
+    """``text`` with each gendered word replaced by its counterpart, case kept.
+
+    Args:
+        text: Any English text.
+    """
     return _swap_pattern().sub(_counterpart, text)
 
 
@@ -71,6 +75,9 @@ def gender_swapped(items: Iterable[StereoSetItem]) -> list[StereoSetItem]:
     """Gender-reversed copies of the gender items (others are skipped); ids get ``:gender-swapped``.
 
     Every text field is swapped (target, context, sentences, filler words); roles are kept.
+
+    Args:
+        items: StereoSet items of any bias types.
     """
     text_fields = ("target", "context", "stereotype", "anti_stereotype", "unrelated",
                    "stereotype_word", "anti_stereotype_word", "unrelated_word")

@@ -156,7 +156,12 @@ class LoraFactors:
 
 
 def numerical_rank(singular_values: torch.Tensor, shape: Sequence[int]) -> int:
-    """Singular values above ``s_max * max(shape) * eps(float32)`` (numpy's ``matrix_rank`` rule)."""
+    """Singular values above ``s_max * max(shape) * eps(float32)`` (numpy's ``matrix_rank`` rule).
+
+    Args:
+        singular_values: Of the matrix, in any order.
+        shape: The matrix's shape.
+    """
     if singular_values.numel() == 0 or float(singular_values.max()) == 0.0:
         return 0
     tolerance = singular_values.max() * max(shape) * torch.finfo(torch.float32).eps
@@ -164,7 +169,12 @@ def numerical_rank(singular_values: torch.Tensor, shape: Sequence[int]) -> int:
 
 
 def lora_factors_from_dense(delta_out_in: torch.Tensor, rank: int | None) -> LoraFactors:
-    """Best rank-``rank`` factors of a ``[out, in]`` delta by SVD (``rank=None``: its numerical rank)."""
+    """Best rank-``rank`` factors of a ``[out, in]`` delta by SVD.
+
+    Args:
+        delta_out_in: The delta in ``nn.Linear`` layout.
+        rank: The LoRA rank; None: the delta's numerical rank (exact).
+    """
     delta = delta_out_in.to(torch.float64)
     left, singular, right_t = torch.linalg.svd(delta, full_matrices=False)
     delta_rank = numerical_rank(singular, delta.shape)
@@ -184,7 +194,14 @@ def lora_factors_from_dense(delta_out_in: torch.Tensor, rank: int | None) -> Lor
 
 def lora_factors_from_factored(first: torch.Tensor, second: torch.Tensor, fan_in_fan_out: bool,
                                rank: int | None) -> LoraFactors:
-    """LoRA factors of a delta stored as ``first @ second`` (native layout), exact when ``rank`` fits."""
+    """LoRA factors of a delta stored as ``first @ second`` (native layout), exact when ``rank`` fits.
+
+    Args:
+        first: ``A`` of the stored factors.
+        second: ``B`` of the stored factors.
+        fan_in_fan_out: Whether the layer is a ``Conv1D`` (native layout ``[in, out]``).
+        rank: The LoRA rank; None: the stored rank.
+    """
     first, second = first.detach().to(torch.float32), second.detach().to(torch.float32)
     # native [out, in] (Linear): delta = first [out, k] @ second [k, in]  ->  B = first, A = second
     # native [in, out] (Conv1D): delta^T = second^T [out, k] @ first^T [k, in]
@@ -239,6 +256,11 @@ def lora_override_factors(peft_model, lora_dir: str | Path, adapter_name: str = 
 
     ``scaling * B @ A`` for every edited module (``[out, in]``; transposed for Conv1D); modules the LoRA does
     not cover get a rank-0 (zero) delta. Used with ``override_deltas`` this is base + exported LoRA.
+
+    Args:
+        peft_model: The BiasEdit ``PeftModel`` the LoRA was exported from.
+        lora_dir: The LoRA adapter folder.
+        adapter_name: The BiasEdit adapter whose modules are read back.
     """
     from safetensors.torch import load_file
 
@@ -281,8 +303,19 @@ def measure_ss_survival(
 
     One copy of the model: the base is the adapter disabled, the LoRA is its ``scaling * B @ A`` read back
     from ``lora_dir`` and applied in place of the adapter's deltas (``override_deltas``), which is what peft's
-    LoRA forward adds. Bundled StereoSet ``split``, ``bias_types`` (None: all of the split), the first
-    ``limit`` items per bias type; SS from :func:`~biasedit_peft.evaluation.evaluate_stereoset` in ``mode``.
+    LoRA forward adds. SS comes from :func:`~biasedit_peft.evaluation.evaluate_stereoset`.
+
+    Args:
+        peft_model: The BiasEdit ``PeftModel``; ``adapter_name`` must be active.
+        lora_dir: The exported LoRA adapter folder.
+        tokenizer: The base model's tokenizer.
+        adapter_name: The BiasEdit adapter.
+        bias_types: StereoSet bias types; None: all of the split.
+        split: The bundled StereoSet split.
+        limit: The first ``limit`` items per bias type; None: all.
+        mode: ``"reference"`` or ``"paper"`` SS.
+        batch_size: Sentences per forward pass.
+        progress: Show progress bars.
     """
     from ..data import load_stereoset
     from ..evaluation import evaluate_stereoset, take_per_type
@@ -334,9 +367,15 @@ def export_lora_from_peft_model(peft_model, out_dir: str | Path, rank: int | Non
                                 **ss_options) -> LoraExportReport:
     """Write adapter ``adapter_name`` of a BiasEdit ``PeftModel`` to ``out_dir`` as a peft LoRA adapter.
 
-    With ``measure_ss``, also :func:`measure_ss_survival` (``ss_options`` are its keyword arguments) with
-    ``tokenizer`` (a tokenizer, or a model name / folder to load one from; default: the adapter's base model);
-    when none can be loaded, the report says why.
+    Args:
+        peft_model: A ``PeftModel`` with a BiasEdit adapter.
+        out_dir: The LoRA adapter folder to write (created).
+        rank: The LoRA rank; None: each delta's full (numerical) rank, which is exact.
+        adapter_name: The BiasEdit adapter to export.
+        measure_ss: Also run :func:`measure_ss_survival`; when no tokenizer can be loaded, the report says why.
+        tokenizer: For ``measure_ss``: a tokenizer, or a model name / folder to load one from; default: the
+            adapter's base model.
+        **ss_options: Keyword arguments of :func:`measure_ss_survival` (:data:`SS_OPTIONS`).
     """
     from safetensors.torch import save_file
 
@@ -399,11 +438,16 @@ def export_lora(
 ) -> LoraExportReport:
     """Export a BiasEdit adapter as a standard peft LoRA adapter in ``out_dir``.
 
-    ``peft_model_or_paths`` is a BiasEdit ``PeftModel``, or a pair ``(base model name, adapter folder or Hub
-    id)``. ``rank=None`` keeps each delta's full (numerical) rank, which is exact; a smaller ``rank``
-    truncates by SVD and the report gives the relative Frobenius error. ``measure_ss=True`` adds how much of
-    the SS change survives (:func:`measure_ss_survival`; ``ss_options``: ``bias_types``, ``split``,
-    ``limit``, ``mode``, ``batch_size``, ``progress``).
+    Args:
+        peft_model_or_paths: A BiasEdit ``PeftModel``, or a pair ``(base model name, adapter folder or Hub id)``.
+        out_dir: The LoRA adapter folder to write (created).
+        rank: The LoRA rank; None keeps each delta's full (numerical) rank, which is exact; a smaller rank
+            truncates by SVD and the report gives the relative Frobenius error.
+        adapter_name: The BiasEdit adapter to export.
+        measure_ss: Also report how much of the SS change survives (:func:`measure_ss_survival`).
+        tokenizer: As for :func:`export_lora_from_peft_model`.
+        **ss_options: ``bias_types``, ``split``, ``limit``, ``mode``, ``batch_size``, ``progress`` of
+            :func:`measure_ss_survival`.
     """
     if isinstance(peft_model_or_paths, (tuple, list)):
         from ..models import load_model

@@ -79,8 +79,13 @@ def _check_adapter_config(config, model: torch.nn.Module, adapter: str | Path) -
 def load_adapters(model: torch.nn.Module, adapters: Sequence[str | Path]):
     """A ``PeftModel`` over ``model`` holding ``adapters`` (folders or Hub ids) as ``adapter_0``, ``adapter_1``, ...
 
-    Raises ValueError naming the adapter when it is not a BiasEdit adapter, was made for another model class,
-    or its deltas do not fit the base model's modules (missing modules or wrong shapes).
+    Args:
+        model: The plain transformers base model.
+        adapters: BiasEdit adapter folders or Hub ids.
+
+    Raises:
+        ValueError: Naming the adapter, when it is not a BiasEdit adapter, was made for another model class, or
+            its deltas do not fit the base model's modules (missing modules or wrong shapes).
     """
     from peft import PeftConfig, PeftModel
 
@@ -115,7 +120,12 @@ def load_adapters(model: torch.nn.Module, adapters: Sequence[str | Path]):
 
 
 def summed_deltas(peft_model, adapter_names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """``{module name: sum of the adapters' float32 deltas}`` (native layout, on CPU)."""
+    """``{module name: sum of the adapters' float32 deltas}`` (native layout, on CPU).
+
+    Args:
+        peft_model: A ``PeftModel`` holding the adapters (e.g. from :func:`load_adapters`).
+        adapter_names: The adapters to add up.
+    """
     from ..tuner import get_deltas
 
     total: dict[str, torch.Tensor] = {}
@@ -134,9 +144,16 @@ def merge_deltas_into(
 ) -> list[TensorChange]:
     """Write ``W + delta`` into the weights of a plain model, in float32, cast once to ``dtype``.
 
-    ``deltas`` maps module names to float32 tensors of the module's weight shape. ``dtype=None`` keeps the
-    model's dtype; otherwise the whole model is cast to it. Every merge is computed and checked (shape,
-    finiteness with ``safe_merge``) before any weight is written.
+    Every merge is computed and checked (shape, finiteness with ``safe_merge``) before any weight is written.
+
+    Args:
+        model: A plain transformers model, changed in place.
+        deltas: Module name -> float32 delta of the module's weight shape.
+        dtype: The model's dtype afterwards (``"bf16"``, ``torch.float16``, ...); None keeps it.
+        safe_merge: Refuse (``ValueError``, nothing written) a merged weight with NaN or infinite values.
+
+    Returns:
+        One :class:`TensorChange` per merged module.
     """
     target_dtype = parse_dtype(dtype) or next(model.parameters()).dtype
     modules = dict(model.named_modules())
@@ -174,8 +191,12 @@ def merge_adapters_with_report(
 ):
     """``(plain transformers model with all adapters merged, MergeReport)``.
 
-    ``base_model`` is a name for :func:`biasedit_peft.models.load_model` (folder, Hub id, ``testbed``) or a
-    loaded model (which is modified in place). Deltas of several adapters add.
+    Args:
+        base_model: A name for :func:`biasedit_peft.models.load_model` (folder, Hub id, ``testbed``) or a loaded
+            model (which is modified in place).
+        adapter_paths: BiasEdit adapter folders or Hub ids; the deltas of several adapters add.
+        dtype: The merged model's dtype; None keeps the base model's.
+        safe_merge: See :func:`merge_deltas_into`.
     """
     model = load_model(base_model) if isinstance(base_model, str) else base_model
     peft_model = load_adapters(model, adapter_paths)
@@ -194,7 +215,14 @@ def merge_adapters(
     dtype: str | torch.dtype | None = None,
     safe_merge: bool = True,
 ) -> torch.nn.Module:
-    """A plain transformers model with ``adapter_paths`` merged (see :func:`merge_adapters_with_report`)."""
+    """A plain transformers model with ``adapter_paths`` merged.
+
+    Args:
+        base_model: As for :func:`merge_adapters_with_report`.
+        adapter_paths: As for :func:`merge_adapters_with_report`.
+        dtype: As for :func:`merge_adapters_with_report`.
+        safe_merge: As for :func:`merge_adapters_with_report`.
+    """
     return merge_adapters_with_report(base_model, adapter_paths, dtype, safe_merge)[0]
 
 
@@ -205,8 +233,18 @@ def save_merged(
     report: MergeReport | None = None,
     max_shard_size: str | int = "5GB",
 ) -> Path:
-    """Write a standard transformers checkpoint (safetensors, sharded above ``max_shard_size``), the tokenizer
-    and ``merge_report.json``."""
+    """Write a standard transformers checkpoint (safetensors), the tokenizer and ``merge_report.json``.
+
+    Args:
+        model: The merged model.
+        out_dir: The folder to write (created).
+        tokenizer: Saved beside the model when given.
+        report: Written as ``merge_report.json`` (:func:`biasedit_peft._io.write_json`) when given.
+        max_shard_size: Largest safetensors shard.
+
+    Returns:
+        ``out_dir``.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)
@@ -224,7 +262,15 @@ def merge_to_folder(
     dtype: str | torch.dtype | None = None,
     max_shard_size: str | int = "5GB",
 ) -> MergeReport:
-    """Load ``base_model`` by name, merge ``adapter_paths``, save model + tokenizer to ``out_dir``."""
+    """Load ``base_model`` by name, merge ``adapter_paths``, save model + tokenizer to ``out_dir``.
+
+    Args:
+        base_model: A name for :func:`biasedit_peft.models.load_model`; its tokenizer is saved too.
+        adapter_paths: BiasEdit adapter folders or Hub ids.
+        out_dir: The folder to write.
+        dtype: The merged model's dtype; None keeps the base model's.
+        max_shard_size: Largest safetensors shard.
+    """
     model, report = merge_adapters_with_report(base_model, adapter_paths, dtype)
     save_merged(model, out_dir, load_tokenizer(base_model), report, max_shard_size)
     return report

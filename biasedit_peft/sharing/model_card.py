@@ -59,7 +59,12 @@ def _is_count(key: str) -> bool:
 
 
 def flatten_metrics(metrics: Mapping[str, Any] | None, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], float]:
-    """``{key path: value}`` for every finite numeric leaf of an evaluate-style dict (counts skipped)."""
+    """``{key path: value}`` for every finite numeric leaf of an evaluate-style dict (counts skipped).
+
+    Args:
+        metrics: Nested dicts of numbers, e.g. ``biasedit evaluate``'s JSON.
+        prefix: Key path prepended to every path.
+    """
     flat: dict[tuple[str, ...], float] = {}
     for key, value in (metrics or {}).items():
         path = (*prefix, str(key))
@@ -72,7 +77,12 @@ def flatten_metrics(metrics: Mapping[str, Any] | None, prefix: tuple[str, ...] =
 
 
 def metric_rows(before: Mapping[str, Any] | None, after: Mapping[str, Any] | None) -> list[MetricRow]:
-    """The union of metrics in ``before`` and ``after``, in the order they first appear."""
+    """The union of metrics in ``before`` and ``after``, in the order they first appear.
+
+    Args:
+        before: Metrics of the base model (evaluate-style dict), or None.
+        after: Metrics with the artifact applied, or None.
+    """
     flat_before, flat_after = flatten_metrics(before), flatten_metrics(after)
     paths = list(dict.fromkeys([*flat_after, *flat_before]))
     return [MetricRow(path, flat_before.get(path), flat_after.get(path)) for path in paths]
@@ -85,7 +95,11 @@ def _format(value: float | None, signed: bool = False) -> str:
 
 
 def metrics_table(rows: Sequence[MetricRow]) -> str:
-    """A Markdown table: metric, before, after, change."""
+    """A Markdown table: metric, before, after, change.
+
+    Args:
+        rows: From :func:`metric_rows`.
+    """
     lines = ["| metric | before | after | change |", "| --- | ---: | ---: | ---: |"]
     lines += [f"| {r.label} | {_format(r.before)} | {_format(r.after)} | {_format(r.change, True)} |" for r in rows]
     return "\n".join(lines)
@@ -177,6 +191,18 @@ def adapter_model_card(
 
     Facts come from ``peft_model`` (its ``peft_config[adapter_name]`` and adapter layers) when given; the
     keyword arguments fill in or override them. ``str(card)`` is the README text.
+
+    Args:
+        peft_model: The ``PeftModel`` holding the adapter, or None for a card from the keywords alone.
+        adapter_name: The adapter described.
+        repo_id: Hub repo id, used as the card's model name and in the loading code.
+        base_model: The base model (Hub id or path); default: the adapter config's.
+        target_modules: The edited modules; default: the adapter's.
+        metrics_before: Evaluate-style metrics of the base model.
+        metrics_after: The same with the adapter applied.
+        command: The command line that made the adapter (a string or its argument list).
+        datasets: Hub dataset ids for the card metadata.
+        notes: Markdown appended to the card.
     """
     config = peft_model.peft_config[adapter_name] if peft_model is not None else None
     base_model = base_model or (config.base_model_name_or_path if config is not None else None)
@@ -261,6 +287,10 @@ def validation_metrics(record: Mapping[str, Any], eval_data: str | None = None) 
     The record's ``eval_ss_pre`` / ``eval_ss_post`` (``lms`` alike) become SS / LMS before and after the
     editor's edit, under ``stereoset`` / the split name when ``eval_data`` is ``stereoset:SPLIT``. Without
     eval data the trainer validates on the last training batch (``train_*``), which the config name says.
+
+    Args:
+        record: One entry of ``TrainerState.history``.
+        eval_data: The validation data spec the trainer was given, if any.
     """
     prefix = "eval_" if any(key.startswith("eval_") for key in record) else "train_"
     if prefix == "train_":
@@ -321,11 +351,26 @@ def editor_model_card(
 ):
     """The ``huggingface_hub.ModelCard`` of a trained BiasEdit editor (hyper-network) for ``base_model``.
 
-    ``target_shapes``: module -> ``[key_size, value_size]`` (the editor config's ``targets``);
-    ``hyperparameters``: the hyper-network's settings; ``training_args``: the meta-training settings (only
-    :data:`TRAINING_ARGS_ON_CARD` are shown); ``validation``: the best trainer validation record, turned
-    into before / after metrics by :func:`validation_metrics` unless ``metrics_before`` / ``metrics_after``
-    are given. :meth:`BiasEditor.save_pretrained <biasedit_peft.editor.BiasEditor.save_pretrained>` writes it.
+    :meth:`BiasEditor.save_pretrained <biasedit_peft.editor.BiasEditor.save_pretrained>` writes it.
+
+    Args:
+        base_model: The model the editor edits (Hub id or path).
+        target_modules: The modules it edits.
+        repo_id: Hub repo id, used as the card's model name and in the loading code.
+        training_data: The meta-training data spec (e.g. ``stereoset:train (bias types gender)``).
+        eval_data: The validation data spec.
+        splits: Sample counts per split.
+        hyperparameters: The hyper-network's settings.
+        training_args: The meta-training settings (only :data:`TRAINING_ARGS_ON_CARD` are shown).
+        target_shapes: Module -> ``[key_size, value_size]`` (the editor config's ``targets``).
+        loss: The loss variant.
+        validation: The best trainer validation record, turned into before / after metrics by
+            :func:`validation_metrics` unless ``metrics_before`` / ``metrics_after`` are given.
+        metrics_before: Evaluate-style metrics before an edit.
+        metrics_after: The same after it.
+        command: The command line that trained the editor (a string or its argument list).
+        datasets: Hub dataset ids for the card metadata.
+        notes: Markdown appended to the card.
     """
     if validation and metrics_before is None and metrics_after is None:
         metrics_before, metrics_after = validation_metrics(validation, eval_data)

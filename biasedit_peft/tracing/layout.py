@@ -65,7 +65,14 @@ def find_layout(model: nn.Module, blocks: str | None = None, mlp: str | None = N
                 attn: str | None = None) -> ModelLayout:
     """The layout of ``model`` (a ``PeftModel`` is looked through); given names override the search.
 
-    Raises ``ValueError`` naming what to pass when the block list or a sub-module is not found.
+    Args:
+        model: A transformers causal LM or a ``PeftModel`` over one.
+        blocks: Dotted path of the block list (e.g. ``"model.layers"``); None: searched.
+        mlp: Name of the MLP inside a block; None: searched.
+        attn: Name of the attention inside a block; None: searched.
+
+    Raises:
+        ValueError: Naming what to pass, when the block list or a sub-module is not found.
     """
     base = base_model_of(model)
     hint = ("pass blocks='path.to.ModuleList' (e.g. 'transformer.h', 'model.layers'), mlp='...' and attn='...' "

@@ -65,7 +65,15 @@ def _per_layer(document: dict, path: Path) -> Path:
 
 
 def plot_trace(document: dict, out_dir: str | Path) -> list[Path]:
-    """Write ``trace_<kind>.png`` (layers x positions heatmap) for each kind and ``trace_per_layer.png``."""
+    """Write ``trace_<kind>.png`` (layers x positions heatmap) for each kind and ``trace_per_layer.png``.
+
+    Args:
+        document: A :meth:`~biasedit_peft.tracing.TraceResult.to_json` document.
+        out_dir: The folder to write (created).
+
+    Returns:
+        The paths written.
+    """
     import matplotlib  # noqa: F401  (fails early, with the module name, when the extra is missing)
 
     out = Path(out_dir)

@@ -99,7 +99,15 @@ def _subject_span(tokenizer, sentence: str, target: str, item_id: str) -> tuple[
 
 
 def prepare_prompt(tokenizer, item: StereoSetItem) -> TracePrompt:
-    """The :class:`TracePrompt` of ``item``; raises :class:`UntraceableItem` when it cannot be traced."""
+    """The :class:`TracePrompt` of ``item``.
+
+    Args:
+        tokenizer: The traced model's tokenizer.
+        item: A StereoSet item whose target term comes before the blank.
+
+    Raises:
+        UntraceableItem: The item cannot be traced (its ``reason`` is one of :data:`SKIP_REASONS`).
+    """
     batch = encode_sentences(tokenizer, [item.stereotype, item.anti_stereotype])
     stereo, anti = batch.input_ids[0], batch.input_ids[1]
     length = int(batch.attention_mask.sum(-1).min())
@@ -115,7 +123,12 @@ def prepare_prompt(tokenizer, item: StereoSetItem) -> TracePrompt:
 
 
 def prepare_prompts(tokenizer, items: Sequence[StereoSetItem]) -> tuple[list[TracePrompt], dict[str, int]]:
-    """Prompts of the traceable ``items`` (in order) and the number skipped per reason."""
+    """Prompts of the traceable ``items`` (in order) and the number skipped per reason.
+
+    Args:
+        tokenizer: The traced model's tokenizer.
+        items: StereoSet items.
+    """
     prompts, skipped = [], Counter()
     for item in items:
         try:

@@ -75,7 +75,12 @@ class PromptTrace:
 
 
 def window_matrix(n_layers: int, window: int) -> Tensor:
-    """[L, L] bool: row ``l`` marks the layers restored for nominal layer ``l``."""
+    """[L, L] bool: row ``l`` marks the layers restored for nominal layer ``l``.
+
+    Args:
+        n_layers: Blocks of the model.
+        window: Layers restored together (:attr:`TraceSettings.window`).
+    """
     layers = torch.arange(n_layers)
     low = (layers - window // 2).clamp(min=0)
     high = (layers + math.ceil(window / 2)).clamp(max=n_layers)
@@ -87,13 +92,22 @@ def item_generator(seed: int, item_id: str) -> torch.Generator:
 
 
 def bias_effect(log_probs: Tensor) -> Tensor:
-    """``|log p(anti) - log p(stereo)|`` from [..., 2] (stereo, anti) log-probs -> [...]."""
+    """``|log p(anti) - log p(stereo)|`` from [..., 2] (stereo, anti) log-probs -> [...].
+
+    Args:
+        log_probs: Continuation log-probs, stereotype then anti-stereotype in the last dimension.
+    """
     return (log_probs[..., 1] - log_probs[..., 0]).abs()
 
 
 @torch.no_grad()
 def embedding_std(model: nn.Module, prompts: Sequence[TracePrompt]) -> float:
-    """Standard deviation of all entries of the input embeddings of the prompts' target-term tokens."""
+    """Standard deviation of all entries of the input embeddings of the prompts' target-term tokens.
+
+    Args:
+        model: The traced model (a ``PeftModel`` is looked through).
+        prompts: From :func:`~biasedit_peft.tracing.prepare_prompts`.
+    """
     embeddings = base_model_of(model).get_input_embeddings()
     ids = torch.cat([p.input_ids[0, p.subject_start:p.subject_end] for p in prompts])
     return float(embeddings(ids.to(embeddings.weight.device)).float().std())
@@ -187,7 +201,15 @@ def draw_noise(prompt: TracePrompt, samples: int, scale: float, dim: int, seed: 
 
 def trace_prompt(model: nn.Module, layout: ModelLayout, prompt: TracePrompt, noise_std: float,
                  settings: TraceSettings) -> PromptTrace:
-    """Clean, corrupted and restored effects of one prompt."""
+    """Clean, corrupted and restored effects of one prompt.
+
+    Args:
+        model: The traced model.
+        layout: Its :class:`ModelLayout`.
+        prompt: From :func:`~biasedit_peft.tracing.prepare_prompt`.
+        noise_std: Standard deviation of the embedding noise, before ``settings.noise_scale``.
+        settings: How to corrupt and restore.
+    """
     dim = base_model_of(model).get_input_embeddings().weight.shape[1]
     noise = draw_noise(prompt, settings.samples, settings.noise_scale * noise_std, dim, settings.seed)
     tracer = PromptTracer(model, layout, prompt, noise)
@@ -310,7 +332,22 @@ class TraceResult:
 def trace_items(model: nn.Module, tokenizer, items: Sequence, settings: TraceSettings = TraceSettings(),
                 layout: ModelLayout | None = None, noise_std: float | None = None, progress: bool = False,
                 meta: dict | None = None) -> TraceResult:
-    """Trace ``items`` (StereoSet items) on ``model`` (a ``PeftModel`` too); untraceable items are counted."""
+    """Trace ``items`` on ``model``; untraceable items are counted, not traced.
+
+    Args:
+        model: A transformers causal LM or a ``PeftModel`` over one (traced with its adapter).
+        tokenizer: Its tokenizer.
+        items: StereoSet items.
+        settings: How to corrupt and restore.
+        layout: The model's layout; None: :func:`~biasedit_peft.tracing.find_layout`.
+        noise_std: Standard deviation of the embedding noise before ``settings.noise_scale``; None:
+            :func:`embedding_std` of the traced prompts.
+        progress: Show a progress bar.
+        meta: Extra fields for the JSON document (e.g. the model's name).
+
+    Raises:
+        ValueError: None of the items can be traced.
+    """
     layout = layout or find_layout(model)
     prompts, skipped = prepare_prompts(tokenizer, items)
     if not prompts:

@@ -30,7 +30,12 @@ def _base_model(model) -> torch.nn.Module:
 
 
 def edit_targets(model, adapter_name: str | None = None) -> dict[str, BiasEditLayer]:
-    """``{base module name: BiasEdit layer}`` in model order; only layers holding ``adapter_name`` if given."""
+    """``{base module name: BiasEdit layer}`` in model order.
+
+    Args:
+        model: A ``PeftModel``, its tuner, or the transformers model under it.
+        adapter_name: Keep only the layers that hold this adapter; ``None``: every BiasEdit layer.
+    """
     targets = {}
     for name, module in _base_model(model).named_modules():
         if isinstance(module, BiasEditLayer) and (adapter_name is None or module.has_delta(adapter_name)):
@@ -108,11 +113,23 @@ def _in_storage(delta: DeltaLike, storage: str, shape: tuple[int, int]) -> Delta
 
 
 def set_deltas(model, deltas: DeltaMapping, adapter_name: str = "default") -> None:
-    """Write ``deltas`` (``{module name: delta or (A, B)}``) into adapter ``adapter_name``.
+    """Write ``deltas`` into adapter ``adapter_name``.
 
     Every entry is validated first (unknown module, wrong shape, non-finite values, merged adapter): on
     any error nothing is written. Storage follows ``config.delta_storage``; the config's ``delta_ranks``
     is updated so that a saved adapter reloads with the same parameter shapes.
+
+    Args:
+        model: A ``PeftModel`` with a BiasEdit adapter.
+        deltas: ``{module name: delta}``, each a dense tensor in the module's weight layout (``[in, out]`` for
+            ``Conv1D``, ``[out, in]`` for ``nn.Linear``) or factors ``(A, B)`` with ``delta = A @ B``.
+        adapter_name: The adapter to write.
+
+    Raises:
+        KeyError: A name is no BiasEdit layer of ``adapter_name``.
+        ValueError: A delta has the wrong shape or non-finite values.
+        TypeError: A delta is not a floating-point tensor or a pair of them.
+        RuntimeError: The adapter is merged into a named layer.
     """
     config = _peft_config(model, adapter_name)
     targets = _check_names(model, adapter_name, deltas)
@@ -133,7 +150,12 @@ def set_deltas(model, deltas: DeltaMapping, adapter_name: str = "default") -> No
 
 
 def get_deltas(model, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """``{module name: dense float32 delta}`` of ``adapter_name`` (detached copies, native layout)."""
+    """``{module name: dense float32 delta}`` of ``adapter_name`` (detached copies, native layout).
+
+    Args:
+        model: A ``PeftModel`` with a BiasEdit adapter.
+        adapter_name: The adapter to read.
+    """
     _peft_config(model, adapter_name)
     return {
         name: layer.get_delta_weight(adapter_name).detach().clone()
@@ -147,6 +169,15 @@ def override_deltas(model, deltas: DeltaMapping, adapter_name: str = "default") 
 
     The functional application of an edit: nothing is written to weights or adapter parameters, so leaving
     the block restores the previous behaviour exactly. Modules not named keep their stored delta.
+
+    Args:
+        model: A ``PeftModel`` with a BiasEdit adapter.
+        deltas: ``{module name: delta or (A, B)}``, as for :func:`set_deltas`.
+        adapter_name: The adapter whose deltas are overridden.
+
+    Raises:
+        KeyError: A name is no BiasEdit layer of ``adapter_name``.
+        ValueError: A delta does not have the module's weight shape.
     """
     targets = _check_names(model, adapter_name, deltas)
     for name, delta in deltas.items():
@@ -165,7 +196,12 @@ def override_deltas(model, deltas: DeltaMapping, adapter_name: str = "default") 
 
 
 def delta_nbytes(model, adapter_name: str = "default") -> int:
-    """Bytes the stored deltas of ``adapter_name`` take (what ``save_pretrained`` writes, before headers)."""
+    """Bytes the stored deltas of ``adapter_name`` take (what ``save_pretrained`` writes, before headers).
+
+    Args:
+        model: A ``PeftModel`` with a BiasEdit adapter.
+        adapter_name: The adapter to measure.
+    """
     total = 0
     for layer in edit_targets(model, adapter_name).values():
         for store in (layer.biasedit_delta, layer.biasedit_A, layer.biasedit_B):

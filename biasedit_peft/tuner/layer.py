@@ -105,9 +105,13 @@ class BiasEditLayer(BaseTunerLayer):
                 store[adapter_name] = nn.Parameter(tensor.data.to(device), requires_grad=tensor.requires_grad)
 
     def write_delta(self, adapter_name: str, delta: DeltaLike) -> None:
-        """Store ``delta`` (dense, or factors ``(A, B)``) for ``adapter_name`` as float32 on the base device.
+        """Store ``delta`` for ``adapter_name`` as float32 on the base device.
 
         Validation is the caller's job (see :func:`biasedit_peft.tuner.deltas.set_deltas`).
+
+        Args:
+            adapter_name: The adapter whose delta is replaced.
+            delta: A dense tensor of :attr:`weight_shape`, or factors ``(A, B)`` with ``delta = A @ B``.
         """
         requires_grad = self._requires_grad(adapter_name)
         self._remove_delta(adapter_name)
@@ -136,13 +140,21 @@ class BiasEditLayer(BaseTunerLayer):
         return adapter_name in self.biasedit_delta or adapter_name in self.biasedit_A
 
     def delta_rank(self, adapter_name: str) -> Optional[int]:
-        """The stored rank of a factored delta, or None for a dense one."""
+        """The stored rank of a factored delta, or None for a dense one.
+
+        Args:
+            adapter_name: The adapter to look at.
+        """
         if adapter_name in self.biasedit_A:
             return self.biasedit_A[adapter_name].shape[1]
         return None
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The dense float32 delta of ``adapter_name`` in the base weight's native layout."""
+        """The dense float32 delta of ``adapter_name`` in the base weight's native layout.
+
+        Args:
+            adapter_name: The adapter to read.
+        """
         if adapter_name in self.biasedit_delta:
             return self.biasedit_delta[adapter_name]
         return self.biasedit_A[adapter_name] @ self.biasedit_B[adapter_name]
@@ -161,8 +173,11 @@ class BiasEditLayer(BaseTunerLayer):
 def delta_output(x: torch.Tensor, delta: DeltaLike, fan_in_fan_out: bool) -> torch.Tensor:
     """``x @ delta`` in the layout that turns inputs ``[..., in]`` into outputs ``[..., out]`` (float32).
 
-    Dense ``delta`` is ``[in, out]`` when ``fan_in_fan_out`` (Conv1D) and ``[out, in]`` otherwise; factors
-    ``(A, B)`` multiply out to that, and are applied without forming the product.
+    Args:
+        x: Layer inputs ``[..., in]``.
+        delta: Dense, ``[in, out]`` when ``fan_in_fan_out`` (Conv1D) and ``[out, in]`` otherwise; or factors
+            ``(A, B)`` that multiply out to that, applied without forming the product.
+        fan_in_fan_out: Whether the base layer is a ``Conv1D``.
     """
     x = x.to(torch.float32)
     if isinstance(delta, tuple):
@@ -192,8 +207,12 @@ class Linear(nn.Module, BiasEditLayer):
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Add the deltas of ``adapter_names`` (default: the active ones) to the base weight.
 
-        Computed as ``(W.float() + sum(deltas)).to(W.dtype)``: one cast. With ``safe_merge`` a non-finite result
-        raises and leaves the weight untouched (it is always computed out of place here).
+        Computed as ``(W.float() + sum(deltas)).to(W.dtype)``: one cast.
+
+        Args:
+            safe_merge: Raise on a non-finite result and leave the weight untouched (it is always computed out
+                of place here).
+            adapter_names: The adapters to merge; ``None``: the active ones.
         """
         adapter_names = check_adapters_to_merge(self, adapter_names)
         adapter_names = [name for name in adapter_names if self.has_delta(name)]

@@ -41,7 +41,14 @@ _BLOCK_INDEX = re.compile(r"\.(\d+)\.")
 
 
 def default_target_suffix(model_type: str) -> str:
-    """The MLP output projection suffix for ``model_type``; a clear error for unknown architectures."""
+    """The MLP output projection suffix for ``model_type``.
+
+    Args:
+        model_type: A transformers ``config.model_type``.
+
+    Raises:
+        ValueError: Unknown architecture; the message says how to name the targets instead.
+    """
     try:
         return MLP_OUTPUT_PROJECTION[model_type]
     except KeyError:
@@ -55,7 +62,12 @@ def default_target_suffix(model_type: str) -> str:
 
 
 def block_indices(model: torch.nn.Module, suffix: str) -> list[int]:
-    """Sorted block indices of the modules whose name ends with ``suffix`` (e.g. ``[0, 1, ..., 23]``)."""
+    """Sorted block indices of the modules whose name ends with ``suffix`` (e.g. ``[0, 1, ..., 23]``).
+
+    Args:
+        model: The transformers model.
+        suffix: A module-name suffix such as ``"mlp.down_proj"``.
+    """
     indices = set()
     for name, _ in model.named_modules():
         if name == suffix or name.endswith("." + suffix):
