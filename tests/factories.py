@@ -16,6 +16,7 @@ The same architecture, size, config and seed give the same weights, whatever tes
 
 from __future__ import annotations
 
+import importlib.util
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -240,6 +241,16 @@ def save_sentence_model(folder: Path, sentences: Sequence[str], seed: int = 0, *
                eos_token_id=tokenizer.eos_token_id, **config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+# ----- scripts ---------------------------------------------------------------------------------------------
+def script_module(name: str):
+    """The module of ``scripts/NAME.py`` (not a package), loaded from its file."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # ----- tensors ---------------------------------------------------------------------------------------------

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+from factories import script_module
+
 
 def _script():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "seed_spread.py"
-    spec = importlib.util.spec_from_file_location("seed_spread", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module("seed_spread")
 
 
 def _results(ss_after: float, lms_after: float, ppl_after: float, seconds: float) -> dict:

@@ -3,10 +3,8 @@ small systems, one lambda. The real-model run is ``--model smollm2-135m`` (see t
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,15 +13,13 @@ from biasedit_peft.data import load_stereoset
 from biasedit_peft.models import load_tokenizer
 from biasedit_peft.scoring import encode_sentences
 
+from factories import script_module
+
 PAIRS, SIZES, RIDGE = 8, {"dual": 32, "primal": 64}, 1.0
 
 
 def _script():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "solve_precision.py"
-    spec = importlib.util.spec_from_file_location("solve_precision", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module("solve_precision")
 
 
 @pytest.fixture(scope="module")

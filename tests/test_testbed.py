@@ -259,14 +259,9 @@ def test_testbed_is_stereotyped_on_the_test_split():
 
 
 def _script(name: str = "build_testbed"):
-    """A module of ``scripts/`` (not a package), loaded from its file."""
-    import importlib.util
+    from factories import script_module
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module(name)
 
 
 @pytest.mark.parametrize("storage_dtype", ["float16", "float32"])

@@ -171,6 +171,23 @@ def plots_or_hint(draw: Callable[[], list[Path]]) -> list[Path]:
         return []
 
 
+def write_document(path: Path, document: dict, summary: str, draw: Callable[[], list[Path]]) -> None:
+    """Write a command's JSON document, print its summary, draw its plots, then print what was written.
+
+    Args:
+        path: The JSON file (strict JSON, one-space indent, folder created).
+        document: The document.
+        summary: Its text summary, printed first.
+        draw: Writes the plots and returns their paths (see :func:`plots_or_hint`).
+    """
+    from biasedit_peft._io import write_json
+
+    write_json(path, document, indent=1)
+    print(summary)
+    written = [path, *plots_or_hint(draw)]
+    print("\nwrote " + ", ".join(map(str, written)))
+
+
 def add_select_by_argument(parser: argparse.ArgumentParser) -> None:
     """``--select-by``: how validation picks the editor that is kept (``BiasEditTrainingArguments.select_by``).
 

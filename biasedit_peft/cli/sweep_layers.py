@@ -14,16 +14,15 @@ import json
 import sys
 from pathlib import Path
 
-from biasedit_peft._io import write_json
 from biasedit_peft.cli._common import (
     add_model_argument,
     add_preset_argument,
     add_runtime_arguments,
     add_tracing_arguments,
     load_model_from_args,
-    plots_or_hint,
     split_list,
     tracing_settings,
+    write_document,
 )
 from biasedit_peft.models import default_device
 
@@ -111,8 +110,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     document = result.to_json()
     out = Path(args.out)
-    write_json(out / SWEEP_JSON, document, indent=1)
-    print(format_sweep(document))
-    written = [out / SWEEP_JSON, *plots_or_hint(lambda: [plot_sweep(document, out / "sweep.png")])]
-    print("\nwrote " + ", ".join(map(str, written)))
+    write_document(out / SWEEP_JSON, document, format_sweep(document),
+                   lambda: [plot_sweep(document, out / "sweep.png")])
     return 0

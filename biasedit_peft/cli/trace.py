@@ -13,15 +13,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from biasedit_peft._io import write_json
 from biasedit_peft.cli._common import (
     add_model_argument,
     add_runtime_arguments,
     add_tracing_arguments,
     load_model_from_args,
-    plots_or_hint,
     split_list,
     tracing_settings,
+    write_document,
 )
 
 TRACE_JSON = "trace.json"
@@ -70,8 +69,5 @@ def run(args: argparse.Namespace) -> int:
         return 2
     document = result.to_json()
     out = Path(args.out)
-    write_json(out / TRACE_JSON, document, indent=1)
-    print(format_trace(document))
-    paths = plots_or_hint(lambda: plot_trace(document, out))
-    print(f"\nwrote {out / TRACE_JSON}" + "".join(f", {p}" for p in paths))
+    write_document(out / TRACE_JSON, document, format_trace(document), lambda: plot_trace(document, out))
     return 0

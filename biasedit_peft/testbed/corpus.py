@@ -31,7 +31,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+
+from ..data.stereoset import StereoSetItem
 
 BLANK = "BLANK"
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
@@ -55,19 +56,8 @@ GENERIC_SUBJECTS: tuple[str, ...] = (
 generic frames."""
 
 
-class AssociationItem(Protocol):
-    """The fields of a StereoSet item (``biasedit_peft.data.StereoSetItem``) that the corpus uses."""
-
-    id: str
-    target: str
-    bias_type: str
-    context: str
-    stereotype: str
-    anti_stereotype: str
-    unrelated: str
-    stereotype_word: str
-    anti_stereotype_word: str
-    unrelated_word: str
+AssociationItem = StereoSetItem
+"""The items the corpus is built from (any object with a StereoSet item's fields will do)."""
 
 
 @dataclass(frozen=True)
