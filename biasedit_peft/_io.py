@@ -1,5 +1,5 @@
-"""Small file utilities that every writer of the package shares: one JSON writer (``atomic_write`` joins it here
-when the editor is split).
+"""Small file utilities that every writer of the package shares: :func:`atomic_write` (a file is replaced whole or
+not at all, with the permissions a new file gets) and one JSON writer.
 
 Every JSON document the package writes for others (``biasedit evaluate --json``, ``trace.json``, ``sweep.json``,
 ``merge_report.json``, ``lora_export_report.json``) goes through :func:`write_json`. It writes strict JSON: a
@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from torch import Tensor
 
@@ -67,19 +68,36 @@ def write_json(path: str | Path, document: Any, indent: int | None = 2, strict: 
         indent: ``json.dumps``'s indent; ``None`` writes one line.
         strict: See :func:`json_text`.
     """
-    from .editor.editor import atomic_write  # imported here until atomic_write moves into this module
-
-    text = json_text(document, indent, strict)
-    mode = _new_file_mode()
-
-    def write(temporary: str) -> None:
-        Path(temporary).write_text(text, encoding="utf-8")
-        os.chmod(temporary, mode)  # the temporary file is private (0o600); the document gets a new file's mode
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, write)
+    atomic_write_text(path, json_text(document, indent, strict))
     return path
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Write ``path`` through a temporary file in the same folder and ``os.replace`` it into place.
+
+    Args:
+        path: The file to write; after a failure (or a kill) it is as it was before.
+        write: Called with the temporary file's path; writes the content there. The file then gets the mode
+            ``open(path, "w")`` would give a new file (``0o666`` less the umask), not ``mkstemp``'s private 0o600.
+    """
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temporary)
+        os.chmod(temporary, _new_file_mode())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """:func:`atomic_write` of UTF-8 ``text``."""
+    atomic_write(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
 
 
 def _new_file_mode() -> int:

@@ -45,8 +45,8 @@ from typing import Any
 
 import torch
 
+from ._io import write_json
 from .demo import DemoConfig, build_model, editor_preset, environment, load_demo_items
-from .editor.editor import atomic_write_text
 from .models import default_device
 
 SECTIONS = ("speed", "solve", "forward", "memory", "size", "quality")
@@ -349,7 +349,7 @@ def workload_token_counts(tokenizer, workload: ScoringWorkload, batch_size: int)
 
 
 def role_scores(stereoset_scores, n_items: int, role: str):
-    """The ``[n_items]`` scores of ``role`` out of a StereoSet section scored role-major (:func:`evaluate_workload`)."""
+    """The ``[n_items]`` scores of ``role`` of a StereoSet section scored role-major (:func:`evaluate_workload`)."""
     from .evaluation import STEREOSET_ROLES
 
     index = STEREOSET_ROLES.index(role)
@@ -477,7 +477,8 @@ def extrapolate_evaluate(full: dict[str, dict[str, int]], by_dtype: dict[str, di
     for dtype, measured in by_dtype.items():
         seconds = full["total"]["padded_tokens"] / measured["padded"]["tokens_per_s"]
         estimates[dtype] = {"seconds": seconds, "minutes": seconds / 60,
-                            "seconds_from_real_tokens": full["total"]["real_tokens"] / measured["real"]["tokens_per_s"]}
+                            "seconds_from_real_tokens":
+                                full["total"]["real_tokens"] / measured["real"]["tokens_per_s"]}
     return {"extrapolated": True, "what": "scoring of StereoSet test (all bias types, 3 roles), CrowS-Pairs (all) "
             "and the perplexity text at the sample's padded tokens/s; model loading and bootstrap CIs left out",
             "full_workload": full, "by_dtype": estimates}
@@ -731,7 +732,8 @@ def bench_memory(config: BenchConfig) -> dict:
     for phase in ("meta_training", "debiasing"):
         payload = json.dumps({"phase": phase, "config": asdict(config)})
         completed = subprocess.run(
-            [sys.executable, "-c", "import json,sys; from biasedit_peft.bench import _memory_main; _memory_main(sys.argv[1])",
+            [sys.executable, "-c",
+             "import json,sys; from biasedit_peft.bench import _memory_main; _memory_main(sys.argv[1])",
              payload], capture_output=True, text=True, check=False,
         )
         if completed.returncode != 0:
@@ -850,7 +852,7 @@ def run_bench(config: BenchConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"config": asdict(config), "environment": environment(), "sections": {}}
     def save() -> None:
-        atomic_write_text(out / "bench.json", json.dumps(results, indent=2) + "\n")
+        write_json(out / "bench.json", results)
 
     def save_partial(section: str, partial: dict) -> None:
         results["sections"][section] = {**partial, "partial": True}
@@ -952,7 +954,8 @@ def format_bench(results: dict) -> str:
     for row in sections.get("solve", {}).get("sizes", []):
         solved = {form: (f"{1e3 * r['median_s']:.1f} ms" if "median_s" in r else "skipped")
                   for form, r in row["solve_one_layer"].items()}
-        lines.append(f"joint delta, {row['n_samples']} samples ({row['n_tokens']} tokens): cache {row['cache_seconds']:.2f} s, "
+        lines.append(f"joint delta, {row['n_samples']} samples ({row['n_tokens']} tokens): "
+                     f"cache {row['cache_seconds']:.2f} s, "
                      f"solve primal {solved['primal']} / dual {solved['dual']} (auto: {row['auto_form']}), "
                      f"predict all layers {1e3 * row['predict_all_layers']['median_s']:.1f} ms")
     if "forward" in sections:
@@ -963,10 +966,12 @@ def format_bench(results: dict) -> str:
     if "memory" in sections:
         m = sections["memory"]
         lines.append(f"peak RSS: meta-training {m['meta_training']['peak_rss_mib']:.0f} MiB, debiasing "
-                     f"{m['debiasing']['peak_rss_mib']:.0f} MiB (after load {m['meta_training']['rss_after_load_mib']:.0f} MiB)")
+                     f"{m['debiasing']['peak_rss_mib']:.0f} MiB "
+                     f"(after load {m['meta_training']['rss_after_load_mib']:.0f} MiB)")
     if "size" in sections:
         z = sections["size"]
-        lora = ", ".join(f"r{r} {v['bytes'] / 1024:.0f} KiB (err {v['relative_error']:.2f})" for r, v in z["lora"].items())
+        lora = ", ".join(f"r{r} {v['bytes'] / 1024:.0f} KiB (err {v['relative_error']:.2f})"
+                         for r, v in z["lora"].items())
         lines.append(f"adapter bytes: dense {z['dense'] / 1024:.0f} KiB, factored {z['factored'] / 1024:.0f} KiB "
                      f"({z['n_tokens']} tokens); LoRA {lora}")
     for name, q in sections.get("quality", {}).items():
@@ -976,7 +981,8 @@ def format_bench(results: dict) -> str:
         for bias_type, entry in q["per_batch"]["after"].items():
             before = q["per_batch"]["before"][bias_type]
             held = q["held_out"]["after"][bias_type]
-            cells.append(f"{bias_type} SS {before['ss']:.1f}->{entry['ss']:.1f} LMS {before['lms']:.1f}->{entry['lms']:.1f} "
+            cells.append(f"{bias_type} SS {before['ss']:.1f}->{entry['ss']:.1f} "
+                         f"LMS {before['lms']:.1f}->{entry['lms']:.1f} "
                          f"(held-out SS {held['ss']:.1f} LMS {held['lms']:.1f})")
         lines.append(f"quality {name}: " + "; ".join(cells))
     return "\n".join(lines)

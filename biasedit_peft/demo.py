@@ -27,7 +27,6 @@ is this run's wall-clock time plus theirs.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -38,8 +37,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ._io import write_json
 from .data import BIAS_TYPES, load_stereoset
-from .editor.editor import atomic_write_text
 from .editor.presets import PresetOverrides
 from .evaluation import take_per_type
 from .models import default_device
@@ -187,7 +186,8 @@ def evaluate(model, tokenizer, config: DemoConfig, name: str, adapter: str | Non
                           n_resamples=config.n_resamples, seed=config.seed, store=store)
 
 
-def max_abs_difference(first: dict, second: dict, sections: Sequence[str] = ("stereoset", "crows", "perplexity")) -> float:
+def max_abs_difference(first: dict, second: dict,
+                       sections: Sequence[str] = ("stereoset", "crows", "perplexity")) -> float:
     """Largest ``|a - b|`` over the metrics of ``sections`` (``flatten_metrics``: finite values, counts
     skipped); inf when the two results do not hold the same metrics."""
     from .sharing.model_card import flatten_metrics
@@ -340,7 +340,8 @@ class DemoSession:
         from .protocols import per_batch_protocol
 
         return per_batch_protocol(self.editor, self.peft_model, self.tokenizer, self.test_items,
-                                  edit_batch_size=training["arguments"]["n_edits"], **self.protocol_arguments(training))
+                                  edit_batch_size=training["arguments"]["n_edits"],
+                                  **self.protocol_arguments(training))
 
     def held_out(self, training: dict) -> dict:
         from .protocols import held_out_protocol
@@ -401,7 +402,7 @@ def run_demo(config: DemoConfig, resume: bool = False, overwrite: bool = False) 
     seconds["total"] = round(time.perf_counter() - started + sum(stages.seconds(name) for name in resumed), 2)
     results["seconds"] = seconds
     results["resumed_stages"] = resumed
-    atomic_write_text(out / RESULTS_NAME, json.dumps(results, indent=2, default=_json_default) + "\n")
+    write_json(out / RESULTS_NAME, results)
     return results
 
 
@@ -414,14 +415,6 @@ def environment() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
             "argv": sys.argv}
-
-
-def _json_default(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 # ----- presentation ------------------------------------------------------------------------------------
@@ -461,7 +454,8 @@ def format_results(results: dict) -> str:
         verdicts = ", ".join(f"{t}: |SS-50| {abs(r['ss'] - 50):.1f}{'' if r['ss_ok'] else ' (>3)'}, "
                              f"LMS drop {r['lms_drop']:.1f}{'' if r['lms_ok'] else ' (>3)'}"
                              for t, r in check.items() if t != "all_ok")
-        lines.append(f"target |SS-50|<=3 and LMS drop<=3, {name}: {'met' if check['all_ok'] else 'NOT met'} ({verdicts})")
+        verdict = "met" if check["all_ok"] else "NOT met"
+        lines.append(f"target |SS-50|<=3 and LMS drop<=3, {name}: {verdict} ({verdicts})")
     merged = results.get("merged")
     if merged:
         lines.append(f"merged checkpoint {merged['path']}: reloaded without the adapter, max |metric difference| "

@@ -65,7 +65,8 @@ def take_per_type(items: list, limit: int | None, key: str = "bias_type") -> lis
     return kept
 
 
-def stereoset_metrics(items: Sequence[StereoSetItem], scores: dict[str, SentenceLogProbs], mode: str, **kwargs) -> dict:
+def stereoset_metrics(items: Sequence[StereoSetItem], scores: dict[str, SentenceLogProbs], mode: str,
+                      **kwargs) -> dict:
     """Metrics of ``items`` from their role scores (``{"stereotype": ..., ...}``, each [N])."""
     if mode == "reference":
         return metrics.stereoset_reference(

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import metrics
-from ._json import json_ready
+from ._io import json_ready
 from .editor.presets import PresetOverrides
 
 SWEEP_FORMAT = "biasedit-layer-sweep/1"
@@ -171,8 +171,8 @@ def sweep_layers(load_model: Callable[[], nn.Module], tokenizer, train_data: Seq
     for name, layers in tqdm(sets, desc=f"Sweeping {len(sets)} block sets", unit="set", disable=not progress):
         torch.manual_seed(settings.seed)
         started = time.perf_counter()
-        scores, unedited = train_and_score(next(fresh_models), tokenizer, layers, train_data, held_out, settings, preset,
-                                           progress, unedited)
+        scores, unedited = train_and_score(next(fresh_models), tokenizer, layers, train_data, held_out, settings,
+                                           preset, progress, unedited)
         results.append(CandidateResult(name, layers, seconds=time.perf_counter() - started, **scores))
     recommended = recommend(results, settings.ss_tolerance)
     tracing = compare_with_tracing(results, recommended, trace, settings.budget) if trace else None

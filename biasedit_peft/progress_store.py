@@ -48,8 +48,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ._io import write_json
-from .editor.editor import atomic_write
+from ._io import atomic_write, write_json
 from .scoring import SCORE_FIELDS, SentenceLogProbs
 
 FORMAT = 1

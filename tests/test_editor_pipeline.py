@@ -236,7 +236,8 @@ def test_early_stopping_and_best_checkpoint(tmp_path):
 def test_target_selection_keeps_the_validation_closest_to_ss_50_and_saves_that_editor(tmp_path):
     from safetensors.torch import load_file
 
-    _, state = _train(tmp_path, max_steps=6, eval_every=1, meta_lr=0.05, early_stopping_patience=10)
+    _, state = _train(tmp_path, max_steps=6, eval_every=1, meta_lr=0.05, early_stopping_patience=10,
+                      calibrate=False)  # the kept editor as validated (calibration scales it: test_calibration)
     scores = [record["selection"] for record in state.history]
     assert len(scores) == 6 and state.best_loss == min(scores)
     best = state.history[scores.index(min(scores))]
@@ -245,7 +246,7 @@ def test_target_selection_keeps_the_validation_closest_to_ss_50_and_saves_that_e
     assert best["selection"] == selection_score({k[5:]: v for k, v in best.items() if k.startswith("eval_")}, args)
     kept = load_file(str(tmp_path / "editor.safetensors"))  # the best editor folder holds step best_step's nets
     replay, _ = _train(tmp_path / "replay", max_steps=state.best_step, eval_every=state.best_step, meta_lr=0.05,
-                       early_stopping_patience=10)
+                       early_stopping_patience=10, calibrate=False)
     for name, value in replay.state_dict().items():
         torch.testing.assert_close(kept[name], value.cpu(), rtol=0, atol=0, msg=name)
 

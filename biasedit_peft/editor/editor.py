@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._io import atomic_write, atomic_write_text
 from ..scoring import eval_mode, inverse_permutation
 from .cache import EditSample, KeyValueCache, as_edit_sample, logit_positions, record_layer_io
 from .losses import LOSS_KINDS, debias_loss, pair_scores
@@ -82,7 +83,8 @@ def _chunks(n_rows: int, chunk_size: int) -> Iterable[slice]:
 def predict_layer(net: EditorNet, index: int, keys: torch.Tensor, value_grads: torch.Tensor, chunk_size: int):
     """Value changes in chunks (no autograd), then the ridge solve -> :class:`RidgeSolution`."""
     with torch.no_grad():
-        changes = torch.cat([net.value_changes(keys[c], value_grads[c], index) for c in _chunks(len(keys), chunk_size)])
+        changes = torch.cat([net.value_changes(keys[c], value_grads[c], index)
+                             for c in _chunks(len(keys), chunk_size)])
         return solve_ridge(keys, changes, net.ridge(index))
 
 
@@ -486,7 +488,8 @@ def _write_added_deltas(peft_model, layers, deltas: dict[str, RidgeDelta], adapt
 
 
 @torch.no_grad()
-def batch_metrics(model: nn.Module, tokenizer, samples: Sequence[EditSample], batch_size: int = 16) -> dict[str, float]:
+def batch_metrics(model: nn.Module, tokenizer, samples: Sequence[EditSample],
+                  batch_size: int = 16) -> dict[str, float]:
     """SS and (when every sample has an unrelated sentence) LMS of ``samples``, by mean token log-prob."""
     from ..scoring import score_sentences
 
@@ -508,20 +511,3 @@ def ss_lms(stereo: torch.Tensor, anti: torch.Tensor, unrelated: torch.Tensor | N
     if unrelated is not None:
         metrics["lms"] = 100.0 * torch.cat((stereo > unrelated, anti > unrelated)).float().mean().item()
     return metrics
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write ``path`` through a temporary file in the same folder and ``os.replace`` it into place."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda temporary: Path(temporary).write_text(text))

@@ -65,7 +65,8 @@ class Preset:
                                       lr=pick(lr, self.lr), loss=loss, base_model=base_model)
         editor.to(next(peft_model.parameters()).device)
         arguments = BiasEditTrainingArguments(
-            output_dir=str(output_dir), n_edits=pick(n_edits, self.n_edits), batch_size=pick(batch_size, self.batch_size),
+            output_dir=str(output_dir), n_edits=pick(n_edits, self.n_edits),
+            batch_size=pick(batch_size, self.batch_size),
             meta_lr=pick(meta_lr, self.meta_lr), loc_coef=pick(loc_coef, self.loc_coef),
             level_coef=pick(level_coef, self.level_coef),
             epochs=pick(epochs, self.epochs), early_stopping_patience=pick(patience, self.early_stopping_patience),

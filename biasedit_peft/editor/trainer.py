@@ -31,19 +31,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._io import atomic_write, atomic_write_text
+from ..scoring import encode_sentences, sentence_scores, token_log_probs
 from .cache import EditSample, as_edit_sample
+from .calibration import EDIT_SCALES, calibrate_edit_scale, scale_edits
 from .editor import (
     BiasEditor,
-    atomic_write,
-    atomic_write_text,
     encode_pairs,
     forward_logits,
     length_order,
     ss_lms,
 )
-from ..scoring import encode_sentences, sentence_scores, token_log_probs
 from .losses import debias_loss, level_loss, pair_scores, retention_loss
-from .calibration import EDIT_SCALES, calibrate_edit_scale, scale_edits
 from .replay import PrefixReplay
 
 CHECKPOINT_DIR = "checkpoint"
@@ -334,7 +333,9 @@ class BiasEditTrainer:
         if args.resume and (Path(args.output_dir) / CHECKPOINT_DIR / STATE_NAME).is_file():
             self.load_checkpoint()
         steps_per_epoch = math.ceil(len(self.train_data) / args.n_edits)
-        total = steps_per_epoch * args.epochs if args.max_steps is None else min(args.max_steps, steps_per_epoch * args.epochs)
+        total = steps_per_epoch * args.epochs
+        if args.max_steps is not None:
+            total = min(args.max_steps, total)
         metrics: dict[str, float] = {"loss": math.inf}
         bar = tqdm(total=total, initial=min(self.state.global_step, total), desc="meta-training",
                    disable=not args.progress, dynamic_ncols=True)
