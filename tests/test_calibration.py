@@ -9,8 +9,8 @@ import torch
 
 from biasedit_peft.editor import BiasEditor, BiasEditTrainer, BiasEditTrainingArguments
 from biasedit_peft.editor.calibration import calibrate_edit_scale, scale_edits, scaled_solutions
-from biasedit_peft.editor.editor import ss_lms
 from biasedit_peft.editor.trainer import selection_score
+from biasedit_peft.metrics import item_ss_lms
 from biasedit_peft.scoring import score_sentences
 
 from factories import editor_tokenizer, peft_model, samples
@@ -60,7 +60,7 @@ def test_calibration_rows_are_the_metrics_of_each_scaled_edit_and_the_pick_is_th
             sentences += [s.unrelated for s in group]
             scores = score_sentences(model, TOKENIZER, sentences, batch_size=2).mean.view(3, -1)
         stereo.append(scores[0]), anti.append(scores[1]), unrelated.append(scores[2])
-    expected = ss_lms(torch.cat(stereo), torch.cat(anti), torch.cat(unrelated))
+    expected = item_ss_lms(torch.cat(stereo), torch.cat(anti), torch.cat(unrelated))
     assert rows[8.0]["ss_post"] == pytest.approx(expected["ss"])
     assert rows[8.0]["lms_post"] == pytest.approx(expected["lms"])
     assert result["scale"] == min(result["rows"], key=lambda r: (r["selection"], abs(r["scale"] - 1)))["scale"]

@@ -128,16 +128,6 @@ def test_debias_adds_to_an_existing_delta():
         torch.testing.assert_close(delta, existing[name] + new[name], atol=1e-6, rtol=1e-5)
 
 
-def test_per_batch_mode_measures_each_edit_and_leaves_the_adapter_unchanged():
-    model = peft_model()
-    editor = _editor(model)
-    report = editor.debias(model, samples(8), tokenizer=TOKENIZER, mode="per_batch", edit_batch_size=4,
-                           progress=False)
-    assert len(report.batches) == 2 and report.batches[0]["n_samples"] == 4
-    assert {"pre/ss", "edit/ss", "pre/lms", "edit/lms"} <= set(report.batches[0])
-    assert not any(d.any() for d in get_deltas(model).values())
-
-
 def test_bad_input_is_a_clear_error_and_changes_nothing():
     model = peft_model()
     editor = _editor(model)

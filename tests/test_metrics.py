@@ -97,3 +97,14 @@ def test_bad_shapes_are_errors():
         crows_pairs(t(1, 2), t(1))
     with pytest.raises(ValueError, match="targets"):
         stereoset_reference(t(1), t(1), t(1), ["a", "b"])
+
+
+def test_item_ss_lms_hand_computed():
+    from biasedit_peft.metrics import item_ss_lms
+
+    stereo = torch.tensor([-1.0, -2.0, -3.0, -1.5])
+    anti = torch.tensor([-2.0, -1.0, -4.0, -1.5])  # stereotype above anti in items 0, 2; 3 a tie
+    unrelated = torch.tensor([-1.5, -1.5, -3.5, -1.0])
+    # above unrelated: stereo 0, 2 (2 of 4); anti 1 (1 of 4) -> 3 of 8
+    assert item_ss_lms(stereo, anti, unrelated) == {"ss": 50.0, "lms": 37.5}
+    assert item_ss_lms(stereo, anti) == {"ss": 50.0}

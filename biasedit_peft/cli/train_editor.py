@@ -65,11 +65,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def best_record(state) -> dict | None:
-    """The validation record of the best (saved) editor in ``state.history``."""
-    return next((record for record in state.history if record["step"] == state.best_step), None)
-
-
 def run(args: argparse.Namespace) -> int:
     from peft import get_peft_model
 
@@ -118,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"editor written to {args.out}")
     if args.push_to_hub:
         best_editor = BiasEditor.from_pretrained(args.out)
-        best_editor.provenance = dict(editor.provenance, validation=best_record(state))  # the card, as saved
+        best_editor.provenance = dict(editor.provenance, validation=state.best_record())  # the card, as saved
         url = best_editor.push_to_hub(args.push_to_hub)
         print(f"editor pushed to {args.push_to_hub}: {url}")
     return 0

@@ -20,9 +20,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..metrics import item_ss_lms
 from ..scoring import score_sentences
 from .cache import EditSample
-from .editor import BiasEditor, length_order, ss_lms
+from .editor import BiasEditor, length_order
 from .replay import PrefixReplay
 from .solve import RidgeDelta, RidgeSolution
 
@@ -74,11 +75,11 @@ def calibrate_edit_scale(
                     replay.replay(prefixes if prefixes else None):
                 after[scale].append(_group_scores(peft_model, tokenizer, group, batch_size))
     pre = torch.cat(before, 1)
-    pre_metrics = ss_lms(pre[0], pre[1], pre[2])
+    pre_metrics = item_ss_lms(pre[0], pre[1], pre[2])
     rows = []
     for scale in scales:
         post = torch.cat(after[scale], 1)
-        post_metrics = ss_lms(post[0], post[1], post[2])
+        post_metrics = item_ss_lms(post[0], post[1], post[2])
         row = {"scale": scale, "ss_pre": pre_metrics["ss"], "ss_post": post_metrics["ss"],
                "lms_pre": pre_metrics["lms"], "lms_post": post_metrics["lms"],
                "nll_increase": (pre[2] - post[2]).mean().item()}

@@ -13,9 +13,9 @@ import os
 import tempfile
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -68,8 +68,6 @@ class DebiasReport:
     n_samples: int
     n_tokens: int
     layers: list[str]
-    batches: list[dict[str, float]] = field(default_factory=list)
-    """``per_batch`` mode: metrics of each batch before and after its edit."""
 
 
 def shape_key(key_size: int, value_size: int) -> str:
@@ -295,53 +293,28 @@ class BiasEditor(nn.Module):
         samples: Sequence[Any],
         tokenizer=None,
         adapter_name: str = "default",
-        mode: Literal["joint", "per_batch"] = "joint",
         batch_size: int = 16,
-        edit_batch_size: int | None = None,
         chunk_size: int | None = None,
-        measure: Callable[[nn.Module, list[EditSample]], dict[str, float]] | None = None,
         progress: bool = True,
     ) -> DebiasReport:
-        """Compute debias deltas from ``samples`` and write them into adapter ``adapter_name``.
+        """Compute one joint debias delta from ``samples`` and add it to adapter ``adapter_name``.
 
-        ``samples``: StereoSet items, dicts or ``(stereotype, anti_stereotype[, unrelated])`` tuples.
-        ``joint``: one solve over all samples (cached ``batch_size`` pairs at a time); the new delta is
-        added to the adapter's current one (exactly, as a longer factorisation). ``per_batch``: the paper's
-        evaluation protocol — each ``edit_batch_size`` group is edited, measured with ``measure`` (default:
-        SS / LMS of the group) and undone; the adapter is left unchanged. ``chunk_size``: token rows per
-        hyper-network call (independent of ``batch_size``). On any error nothing is written.
+        ``samples``: StereoSet items, dicts or ``(stereotype, anti_stereotype[, unrelated])`` tuples. One solve
+        over all samples (cached ``batch_size`` pairs at a time); the new delta is added to the adapter's
+        current one (exactly, as a longer factorisation). ``chunk_size``: token rows per hyper-network call
+        (independent of ``batch_size``). On any error nothing is written. The paper's per-batch evaluation
+        (edit, score, undo) is :func:`biasedit_peft.protocols.per_batch_protocol`.
         """
-        if mode not in ("joint", "per_batch"):
-            raise ValueError(f"Unknown mode {mode!r}; choose 'joint' or 'per_batch'")
         if len(samples) == 0:
             raise ValueError("debias() needs at least one sample; got an empty list")
         edit_samples = [as_edit_sample(sample, index) for index, sample in enumerate(samples)]
         tokenizer = tokenizer if tokenizer is not None else _load_tokenizer_for(peft_model)
         layers = self.check_compatible(peft_model)
-        if mode == "per_batch":
-            return self._debias_per_batch(peft_model, tokenizer, edit_samples, adapter_name, batch_size,
-                                          edit_batch_size or batch_size, chunk_size, measure, progress, layers)
         cache, _, _ = self.cache_samples(peft_model, tokenizer, edit_samples, batch_size, progress=progress)
         solutions = self.predict(cache, chunk_size)
         deltas = {name: solutions[name].delta for name in self.config.targets}
         _write_added_deltas(peft_model, layers, deltas, adapter_name)
         return DebiasReport(len(edit_samples), cache.n_tokens, list(self.config.targets))
-
-    def _debias_per_batch(self, peft_model, tokenizer, samples, adapter_name, batch_size, edit_batch_size,
-                          chunk_size, measure, progress, layers) -> DebiasReport:
-        measure = measure or (lambda model, group: batch_metrics(model, tokenizer, group, batch_size))
-        report = DebiasReport(len(samples), 0, list(self.config.targets))
-        for start in tqdm(range(0, len(samples), edit_batch_size), desc="per-batch edits", disable=not progress):
-            group = samples[start:start + edit_batch_size]
-            cache, _, _ = self.cache_samples(peft_model, tokenizer, group, batch_size)
-            solutions = self.predict(cache, chunk_size)
-            report.n_tokens += cache.n_tokens
-            before = measure(peft_model, group)
-            with self.edited(peft_model, solutions, adapter_name), torch.no_grad():
-                after = measure(peft_model, group)
-            report.batches.append({**{f"pre/{k}": v for k, v in before.items()},
-                                   **{f"edit/{k}": v for k, v in after.items()}, "n_samples": len(group)})
-        return report
 
     @contextmanager
     def edited(self, peft_model: nn.Module, solutions: dict[str, RidgeSolution],
@@ -487,27 +460,3 @@ def _write_added_deltas(peft_model, layers, deltas: dict[str, RidgeDelta], adapt
                adapter_name)
 
 
-@torch.no_grad()
-def batch_metrics(model: nn.Module, tokenizer, samples: Sequence[EditSample],
-                  batch_size: int = 16) -> dict[str, float]:
-    """SS and (when every sample has an unrelated sentence) LMS of ``samples``, by mean token log-prob."""
-    from ..scoring import score_sentences
-
-    def mean_scores(sentences):
-        return score_sentences(model, tokenizer, sentences, batch_size=batch_size, progress=False).mean
-
-    stereo = mean_scores([s.stereotype for s in samples])
-    anti = mean_scores([s.anti_stereotype for s in samples])
-    unrelated = None
-    if all(s.unrelated for s in samples):
-        unrelated = mean_scores([s.unrelated for s in samples])
-    return ss_lms(stereo, anti, unrelated)
-
-
-def ss_lms(stereo: torch.Tensor, anti: torch.Tensor, unrelated: torch.Tensor | None = None) -> dict[str, float]:
-    """StereoSet-style scores of per-sentence mean log-probs ``[P]``: SS (% stereotype preferred) and LMS
-    (% of stereotype and anti-stereotype sentences preferred over the unrelated one), in percent."""
-    metrics = {"ss": 100.0 * (stereo > anti).float().mean().item()}
-    if unrelated is not None:
-        metrics["lms"] = 100.0 * torch.cat((stereo > unrelated, anti > unrelated)).float().mean().item()
-    return metrics

@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._io import atomic_write, atomic_write_text
+from ..metrics import item_ss_lms
 from ..scoring import encode_sentences, sentence_scores, token_log_probs
 from .cache import EditSample, as_edit_sample
 from .calibration import EDIT_SCALES, calibrate_edit_scale, scale_edits
@@ -40,7 +41,6 @@ from .editor import (
     encode_pairs,
     forward_logits,
     length_order,
-    ss_lms,
 )
 from .losses import debias_loss, level_loss, pair_scores, retention_loss
 from .replay import PrefixReplay
@@ -118,6 +118,10 @@ class TrainerState:
     history: list[dict[str, float]] = field(default_factory=list)
     calibration: dict | None = None
     """The edit-scale calibration of the kept editor (``calibrate_edit_scale``), once it ran."""
+
+    def best_record(self) -> dict | None:
+        """The validation record of the kept editor (meta-step :attr:`best_step`) in :attr:`history`."""
+        return next((record for record in self.history if record["step"] == self.best_step), None)
 
 
 @contextmanager
@@ -300,8 +304,8 @@ class BiasEditTrainer:
                 self.state.global_step += 1
 
         pre_unrelated, post_unrelated = torch.cat(pre_unrelated), torch.cat(post_unrelated)
-        pre = ss_lms(pre_stereo, pre_anti, pre_unrelated)
-        post = ss_lms(torch.cat(post_stereo), torch.cat(post_anti), post_unrelated)
+        pre = item_ss_lms(pre_stereo, pre_anti, pre_unrelated)
+        post = item_ss_lms(torch.cat(post_stereo), torch.cat(post_anti), post_unrelated)
         return {
             "debias": debias_total,
             "retention": retention_total,
@@ -384,7 +388,7 @@ class BiasEditTrainer:
             lambda row: selection_score(row, args), args.batch_size, args.edit_scales, args.adapter_name,
             progress=args.progress)
         scale_edits(kept, calibration["scale"])
-        record = next((r for r in self.state.history if r["step"] == self.state.best_step), {})
+        record = self.state.best_record() or {}
         chosen = next(row for row in calibration["rows"] if row["scale"] == calibration["scale"])
         record = {**record, "edit_scale": calibration["scale"], "selection": chosen["selection"],
                   **{f"eval_{k}": chosen[k] for k in ("ss_post", "lms_post", "nll_increase")}}
