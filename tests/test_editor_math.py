@@ -8,6 +8,7 @@ import torch
 from biasedit_peft.editor.editor import meta_backward_layer, predict_layer
 from biasedit_peft.editor.nets import EditorNet, RunningMeanStd
 from biasedit_peft.editor.solve import solve_ridge
+from biasedit_peft.tuner.layout import native_factors
 
 torch.set_default_dtype(torch.float32)
 
@@ -56,9 +57,9 @@ def test_primal_and_dual_agree_and_factored_equals_dense():
     torch.testing.assert_close(primal.delta.dense(), dual.delta.dense(), atol=1e-5, rtol=1e-4)
     assert dual.delta.rank == 9 and dual.delta.left.shape == (11, 9)
     torch.testing.assert_close(dual.delta(keys), keys @ dual.delta.dense(), atol=1e-5, rtol=1e-5)
-    a, b = dual.delta.native(fan_in_fan_out=False, factored=True)  # nn.Linear: [out, in]
+    a, b = native_factors(dual.delta.left, dual.delta.right, fan_in_fan_out=False)  # nn.Linear: [out, in]
     torch.testing.assert_close(a @ b, dual.delta.dense().T)
-    a, b = dual.delta.native(fan_in_fan_out=True, factored=True)  # Conv1D: [in, out]
+    a, b = native_factors(dual.delta.left, dual.delta.right, fan_in_fan_out=True)  # Conv1D: [in, out]
     torch.testing.assert_close(a @ b, dual.delta.dense())
     grad = torch.randn(11, 6)
     for a_grad, b_grad in zip(primal.backward(grad), dual.backward(grad)):

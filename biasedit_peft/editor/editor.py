@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .._io import atomic_write, atomic_write_text
 from ..scoring import eval_mode, inverse_permutation
+from ..tuner.layout import DeltaLike, add_deltas, native_factors, stored_delta
 from .cache import EditSample, KeyValueCache, as_edit_sample, logit_positions, record_layer_io
 from .losses import LOSS_KINDS, debias_loss, pair_scores
 from .nets import EditorNet
@@ -422,34 +423,24 @@ def _load_tokenizer_for(peft_model: nn.Module):
     return load_tokenizer(name)
 
 
-def _native(layer: nn.Module, delta: RidgeDelta, current: torch.Tensor | tuple | None = None):
-    """``delta`` in the layer's native layout and device, added to ``current`` (factors concatenated)."""
+def _native(layer: nn.Module, delta: RidgeDelta, current: DeltaLike | None = None) -> DeltaLike:
+    """``delta`` in the layer's native layout and device, added to ``current`` (``tuner.layout.add_deltas``)."""
     device = layer.get_base_layer().weight.device
-    new = tuple(t.to(device) for t in delta.native(layer.fan_in_fan_out, factored=True))
-    if current is None:
-        return new if delta.factored_is_smaller else new[0] @ new[1]
-    if isinstance(current, tuple):
-        combined = (torch.cat((current[0], new[0]), 1), torch.cat((current[1], new[1]), 0))
-        rows, cols = layer.weight_shape
-        if combined[0].shape[1] * (rows + cols) < rows * cols:
-            return combined
-        return combined[0] @ combined[1]
-    return current + new[0] @ new[1]
+    new = native_factors(delta.left.to(device), delta.right.to(device), layer.fan_in_fan_out)
+    return add_deltas(current, new, layer.weight_shape)
 
 
-def _current_deltas(layers: dict[str, nn.Module], adapter_name: str) -> dict[str, torch.Tensor | tuple]:
-    """Non-zero stored deltas of ``adapter_name`` (factors kept factored), detached float32."""
-    current = {}
+def _current_deltas(layers: dict[str, nn.Module], adapter_name: str) -> dict[str, DeltaLike]:
+    """Non-zero stored deltas of ``adapter_name`` (``tuner.layout.stored_delta``)."""
+    stored = {}
     for name, layer in layers.items():
-        if not layer.has_delta(adapter_name):
-            raise KeyError(f"Adapter {adapter_name!r} does not cover {name!r}")
-        if adapter_name in layer.biasedit_A:
-            pair = (layer.biasedit_A[adapter_name].detach(), layer.biasedit_B[adapter_name].detach())
-            if pair[0].any() and pair[1].any():
-                current[name] = pair
-        elif layer.biasedit_delta[adapter_name].any():
-            current[name] = layer.biasedit_delta[adapter_name].detach()
-    return current
+        try:
+            delta = stored_delta(layer, adapter_name)
+        except KeyError:
+            raise KeyError(f"Adapter {adapter_name!r} does not cover {name!r}") from None
+        if delta is not None:
+            stored[name] = delta
+    return stored
 
 
 def _write_added_deltas(peft_model, layers, deltas: dict[str, RidgeDelta], adapter_name: str) -> None:

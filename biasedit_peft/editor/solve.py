@@ -45,12 +45,6 @@ class RidgeDelta:
     def rank(self) -> int:
         return self.left.shape[1]
 
-    @property
-    def factored_is_smaller(self) -> bool:
-        """Whether the two factors hold fewer numbers than the dense ``[d_in, d_out]`` delta."""
-        d_in, d_out = self.left.shape[0], self.right.shape[1]
-        return self.rank * (d_in + d_out) < d_in * d_out
-
     def dense(self) -> torch.Tensor:
         """``S [d_in, d_out]``."""
         return self.left @ self.right
@@ -58,18 +52,6 @@ class RidgeDelta:
     def __call__(self, keys: torch.Tensor) -> torch.Tensor:
         """Value changes ``keys [..., d_in] @ S -> [..., d_out]`` without forming ``S``."""
         return (keys @ self.left) @ self.right
-
-    def native(self, fan_in_fan_out: bool, factored: bool | None = None):
-        """The delta in the weight's native layout, for ``set_deltas`` / ``override_deltas``.
-
-        ``[in, out]`` for ``Conv1D`` (``fan_in_fan_out``), ``[out, in]`` for ``nn.Linear``. Returns a
-        pair ``(A, B)`` with ``delta = A @ B`` when ``factored`` (default: when that is smaller).
-        """
-        factored = self.factored_is_smaller if factored is None else factored
-        if factored:
-            return (self.left, self.right) if fan_in_fan_out else (self.right.T, self.left.T)
-        dense = self.dense()
-        return dense if fan_in_fan_out else dense.T
 
 
 @dataclass(frozen=True)

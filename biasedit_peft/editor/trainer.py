@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from .._io import atomic_write, atomic_write_text
 from ..metrics import item_ss_lms
 from ..scoring import encode_sentences, sentence_scores, token_log_probs
+from ..tuner.layout import native_from_key_value
 from .cache import EditSample, as_edit_sample
 from .calibration import EDIT_SCALES, calibrate_edit_scale, scale_edits
 from .editor import (
@@ -226,8 +227,7 @@ class BiasEditTrainer:
         natives = {}
         for name, delta in deltas.items():
             layer = self.layers[name]
-            native = delta if layer.fan_in_fan_out else delta.T
-            natives[name] = native.to(layer.get_base_layer().weight.device)
+            natives[name] = native_from_key_value(delta, layer.fan_in_fan_out).to(layer.get_base_layer().weight.device)
         return natives
 
     def edit_step(self, samples: list[EditSample], train: bool) -> dict[str, float]:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .._io import write_json
+from ..tuner.layout import native_from_out_in_factors, out_in, out_in_factors, stored_delta
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -203,9 +204,7 @@ def lora_factors_from_factored(first: torch.Tensor, second: torch.Tensor, fan_in
         rank: The LoRA rank; None: the stored rank.
     """
     first, second = first.detach().to(torch.float32), second.detach().to(torch.float32)
-    # native [out, in] (Linear): delta = first [out, k] @ second [k, in]  ->  B = first, A = second
-    # native [in, out] (Conv1D): delta^T = second^T [out, k] @ first^T [k, in]
-    lora_B, lora_A = (second.T, first.T) if fan_in_fan_out else (first, second)
+    lora_B, lora_A = out_in_factors(first, second, fan_in_fan_out)  # lora_B [out, k] @ lora_A [k, in]
     stored_rank = lora_A.shape[0]
     if rank is not None and rank < stored_rank:
         return lora_factors_from_dense(lora_B @ lora_A, rank)
@@ -214,11 +213,10 @@ def lora_factors_from_factored(first: torch.Tensor, second: torch.Tensor, fan_in
 
 
 def _layer_factors(layer, adapter_name: str, rank: int | None) -> LoraFactors:
-    if adapter_name in layer.biasedit_A:
-        return lora_factors_from_factored(layer.biasedit_A[adapter_name], layer.biasedit_B[adapter_name],
-                                          layer.fan_in_fan_out, rank)
-    delta = layer.get_delta_weight(adapter_name).detach().to(torch.float32)
-    return lora_factors_from_dense(delta.T if layer.fan_in_fan_out else delta, rank)
+    stored = stored_delta(layer, adapter_name, drop_zero=False)
+    if isinstance(stored, tuple):
+        return lora_factors_from_factored(*stored, layer.fan_in_fan_out, rank)
+    return lora_factors_from_dense(out_in(stored.to(torch.float32), layer.fan_in_fan_out), rank)
 
 
 def _lora_config(base_model: str | None, ranks: dict[str, int], all_conv1d: bool) -> dict:
@@ -281,7 +279,7 @@ def lora_override_factors(peft_model, lora_dir: str | Path, adapter_name: str = 
         rank = config.get("rank_pattern", {}).get(name, config["r"])
         scaling = config.get("alpha_pattern", {}).get(name, config["lora_alpha"]) / rank
         lora_b = lora_b * scaling
-        pair = (lora_a.T, lora_b.T) if layer.fan_in_fan_out else (lora_b, lora_a)
+        pair = native_from_out_in_factors(lora_b, lora_a, layer.fan_in_fan_out)
         factors[name] = tuple(t.to(device=device, dtype=torch.float32).contiguous() for t in pair)
     return factors
 

@@ -17,9 +17,9 @@ import torch
 
 from .._io import write_json
 from ..models import load_model, load_tokenizer, parse_dtype
+from ..tuner.layout import DELTA_PARAMETER_NAMES
 
 PEFT_PREFIX = "base_model.model."
-DELTA_PARAMETERS = ("biasedit_delta", "biasedit_A", "biasedit_B")
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def _adapter_module_names(adapter: str | Path) -> set[str]:
     names = set()
     for key in load_peft_weights(str(adapter), device="cpu"):
         module, _, parameter = key.removeprefix(PEFT_PREFIX).rpartition(".")
-        if parameter in DELTA_PARAMETERS:
+        if parameter in DELTA_PARAMETER_NAMES:
             names.add(module)
     return names
 

@@ -11,7 +11,8 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-from .layer import BiasEditLayer, DeltaLike
+from .layer import BiasEditLayer
+from .layout import DeltaLike, factorise, in_smaller_form
 
 DeltaMapping = Mapping[str, DeltaLike]
 
@@ -91,25 +92,14 @@ def _check_names(model, adapter_name: str, deltas: DeltaMapping) -> dict[str, Bi
     return targets
 
 
-def _factorise(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """An exact (to float32 rounding) rank-revealing factorisation ``delta = A @ B`` by SVD."""
-    left, singular, right = torch.linalg.svd(delta.to(torch.float32), full_matrices=False)
-    tolerance = singular.max().clamp_min(torch.finfo(torch.float32).tiny) * max(delta.shape) * 1e-7
-    rank = max(1, int((singular > tolerance).sum()))
-    return left[:, :rank] * singular[:rank], right[:rank]
-
-
 def _in_storage(delta: DeltaLike, storage: str, shape: tuple[int, int]) -> DeltaLike:
     """Convert ``delta`` into the form ``storage`` asks for ('auto': fewer stored numbers)."""
     factors = _as_factors(delta)
     if storage == "dense":
         return factors[0] @ factors[1] if factors is not None else delta
     if storage == "factored":
-        return factors if factors is not None else _factorise(delta)
-    if factors is not None:
-        rank = factors[0].shape[1]
-        return factors if rank * (shape[0] + shape[1]) < shape[0] * shape[1] else factors[0] @ factors[1]
-    return delta
+        return factors if factors is not None else factorise(delta)
+    return in_smaller_form(factors, shape) if factors is not None else delta
 
 
 def set_deltas(model, deltas: DeltaMapping, adapter_name: str = "default") -> None:

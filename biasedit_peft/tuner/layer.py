@@ -9,7 +9,7 @@ contribution in float32 and casts once.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
@@ -17,8 +17,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import BiasEditConfig
-
-DeltaLike = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+from .layout import DELTA_PARAMETER_NAMES, DeltaLike
 
 # scale of the random delta used with init_weights=False, relative to 1/sqrt(fan_in)
 _RANDOM_INIT_SCALE = 0.1
@@ -27,7 +26,7 @@ _RANDOM_INIT_SCALE = 0.1
 class BiasEditLayer(BaseTunerLayer):
     """Mixin holding the per-adapter deltas of one edited layer."""
 
-    adapter_layer_names = ("biasedit_delta", "biasedit_A", "biasedit_B")
+    adapter_layer_names = DELTA_PARAMETER_NAMES
     other_param_names = ()
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
