@@ -8,20 +8,16 @@ ridge problem per layer (:meth:`BiasEditor.predict`), then write the factored de
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._io import atomic_write, atomic_write_text
 from ..scoring import eval_mode, inverse_permutation
 from ..tuner.layout import DeltaLike, add_deltas, native_factors, stored_delta
 from .cache import EditSample, KeyValueCache, as_edit_sample, logit_positions, record_layer_io
@@ -29,9 +25,6 @@ from .losses import LOSS_KINDS, debias_loss, pair_scores
 from .nets import EditorNet
 from .solve import RidgeDelta, RidgeSolution, solve_ridge
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "editor.safetensors"
-CARD_NAME = "README.md"
 EDITOR_FORMAT = "biasedit-editor/1"
 
 
@@ -332,71 +325,35 @@ class BiasEditor(nn.Module):
         with override_deltas(peft_model, added, adapter_name):
             yield
 
-    # ----- editor folders ---------------------------------------------------------------------------
+    # ----- editor folders (editor/folders.py) ------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, **card_info: Any) -> None:
-        """Write ``config.json``, ``editor.safetensors`` and the model card ``README.md`` (each file atomically).
+        """Write the editor folder: ``config.json``, ``editor.safetensors`` and the model card ``README.md``
+        (:func:`~biasedit_peft.editor.folders.save_editor`)."""
+        from .folders import save_editor
 
-        The card (:meth:`model_card`) holds what the editor knows (base model, targets and shapes, hyper-network
-        settings, loss) and its training provenance: :attr:`provenance`, which ``BiasEditTrainer`` and
-        ``biasedit train-editor`` fill, updated by ``card_info`` (keyword arguments of
-        :func:`~biasedit_peft.sharing.editor_model_card`, e.g. ``training_data``, ``eval_data``, ``splits``,
-        ``command``, ``validation`` (a trainer history record), ``training_args``, ``repo_id``).
-        """
-        from safetensors.torch import save_file
-
-        card = str(self.model_card(**card_info))  # before any file is written: a bad keyword writes nothing
-        directory = Path(save_directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {key: value.detach().to("cpu").contiguous() for key, value in self.state_dict().items()}
-        atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(state, path, metadata={"format": "pt"}))
-        atomic_write_text(directory / CONFIG_NAME, json.dumps(asdict(self.config), indent=2) + "\n")
-        atomic_write_text(directory / CARD_NAME, card)
+        save_editor(self, save_directory, **card_info)
 
     def model_card(self, **card_info: Any):
-        """The editor's ``huggingface_hub.ModelCard`` (see :meth:`save_pretrained` for ``card_info``)."""
-        from ..sharing.model_card import editor_model_card
+        """The editor's ``huggingface_hub.ModelCard`` (:func:`~biasedit_peft.editor.folders.editor_card`)."""
+        from .folders import editor_card
 
-        config = self.config
-        info = {**self.provenance, **{key: value for key, value in card_info.items() if value is not None}}
-        hyperparameters = {"rank": config.rank, "n_blocks": config.n_blocks, "lr": config.lr,
-                           "chunk_size": config.chunk_size}
-        return editor_model_card(base_model=config.base_model, target_modules=list(config.targets),
-                                 target_shapes=config.targets, hyperparameters=hyperparameters, loss=config.loss,
-                                 **info)
+        return editor_card(self, **card_info)
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, device: str | torch.device | None = None,
                         **hub_kwargs: Any) -> "BiasEditor":
-        """Load an editor folder, or download one from the Hub (``snapshot_download``)."""
-        from safetensors.torch import load_file
+        """Load an editor folder, or download one from the Hub (:func:`~biasedit_peft.editor.folders.load_editor`)."""
+        from .folders import load_editor
 
-        directory = Path(path_or_repo_id)
-        if not directory.is_dir():
-            from huggingface_hub import snapshot_download
-
-            directory = Path(snapshot_download(str(path_or_repo_id), **hub_kwargs))
-        config_path = directory / CONFIG_NAME
-        if not config_path.is_file() or not (directory / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(f"{directory} is not an editor folder (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-        config_dict = json.loads(config_path.read_text())
-        if config_dict.get("format") != EDITOR_FORMAT:
-            raise ValueError(f"{config_path}: format {config_dict.get('format')!r} is not {EDITOR_FORMAT!r}")
-        editor = cls(BiasEditorConfig(**config_dict))
-        state = load_file(str(directory / WEIGHTS_NAME))
-        missing, unexpected = editor.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{directory / WEIGHTS_NAME} does not match {CONFIG_NAME}: "
-                             f"missing {missing}, unexpected {unexpected}")
-        return editor.to(device) if device is not None else editor
+        return load_editor(path_or_repo_id, device, editor_class=cls, **hub_kwargs)
 
     def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
                     commit_message: str = "Upload BiasEdit editor") -> str:
-        """Save to a temporary folder and upload it in one commit; returns the commit URL."""
-        from ..sharing.hub import push_folder_to_hub
+        """Upload the editor folder in one commit; returns the commit URL
+        (:func:`~biasedit_peft.editor.folders.push_editor`)."""
+        from .folders import push_editor
 
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, repo_id=repo_id)
-            return push_folder_to_hub(folder, repo_id, private=private, token=token, commit_message=commit_message)
+        return push_editor(self, repo_id, private=private, token=token, commit_message=commit_message)
 
 
 # ----- helpers ---------------------------------------------------------------------------------------
