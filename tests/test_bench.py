@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from biasedit_peft.bench import BenchConfig, bench_forward, bench_size, bench_solve, run_bench, timed
 from biasedit_peft.cli import main
+from biasedit_peft.workflows.bench import BenchConfig, bench_forward, bench_size, bench_solve, run_bench, timed
 
 
 def test_timed_warms_up_once_then_times_each_repeat():
@@ -64,7 +64,7 @@ def test_solve_skips_systems_over_the_limit():
 
 
 def test_memory_phase_reports_a_peak_at_least_the_loaded_size():
-    from biasedit_peft.bench import _memory_phase
+    from biasedit_peft.workflows.bench import _memory_phase
 
     result = _memory_phase("debiasing", BenchConfig(limit=1))
     assert result["n_debias_samples"] == 3  # one item of each bias type
@@ -73,7 +73,7 @@ def test_memory_phase_reports_a_peak_at_least_the_loaded_size():
 
 
 def test_an_interrupted_quality_section_keeps_the_variants_already_run(tmp_path, monkeypatch):
-    import biasedit_peft.demo as demo
+    import biasedit_peft.workflows.demo as demo
 
     stereoset = {"gender": {"ss": 60.0, "lms": 80.0, "icat": 64.0, "n": 2}}
     fake = {"edit": {"layers": ["transformer.h.3.mlp.c_proj"]},
@@ -106,13 +106,13 @@ TINY_SPEED = {"repeats": 1, "n_edits": 2, "throughput_limit": 1, "throughput_rep
 @pytest.fixture(scope="module")
 def speed():
     """One tiny speed section on the testbed, fp32 and bf16 (shared by the tests below)."""
-    from biasedit_peft.bench import bench_speed
+    from biasedit_peft.workflows.bench import bench_speed
 
     return bench_speed(BenchConfig(**TINY_SPEED))
 
 
 def test_round_robin_interleaves_calls_and_skips_the_warm_up_round():
-    from biasedit_peft.bench import round_robin
+    from biasedit_peft.workflows.bench import round_robin
 
     order = []
     timings = round_robin({"a": lambda r: order.append(("a", r)) or r, "b": lambda r: order.append(("b", r))}, 2)
@@ -121,8 +121,8 @@ def test_round_robin_interleaves_calls_and_skips_the_warm_up_round():
 
 
 def test_forward_flops_are_twice_the_matmul_weights_by_hand():
-    from biasedit_peft.bench import forward_flops_per_token
     from biasedit_peft.models import load_model
+    from biasedit_peft.workflows.bench import forward_flops_per_token
 
     model = load_model("testbed")
     c = model.config
@@ -136,8 +136,8 @@ def test_forward_flops_are_twice_the_matmul_weights_by_hand():
 
 
 def test_agreement_of_identical_scores_is_100_and_a_hand_case_75():
-    from biasedit_peft.bench import ScoringWorkload, agreement_pct, decision_agreement
     from biasedit_peft.scoring import SentenceLogProbs
+    from biasedit_peft.workflows.bench import ScoringWorkload, agreement_pct, decision_agreement
 
     def scores(means):
         mean = torch.tensor(means)
@@ -157,9 +157,9 @@ def test_agreement_of_identical_scores_is_100_and_a_hand_case_75():
 
 
 def test_batched_token_counts_follow_score_sentences_batches():
-    from biasedit_peft.bench import batched_token_counts
     from biasedit_peft.models import load_tokenizer
     from biasedit_peft.scoring import encode_sentences
+    from biasedit_peft.workflows.bench import batched_token_counts
 
     tokenizer = load_tokenizer("testbed")
     sentences = ["a b", "a b c d e f", "a", "a b c"]
@@ -170,8 +170,8 @@ def test_batched_token_counts_follow_score_sentences_batches():
 
 
 def test_speed_counts_the_tokens_score_sentences_feeds_the_model(speed):
-    from biasedit_peft.bench import evaluate_workload, workload_token_counts
     from biasedit_peft.models import load_tokenizer
+    from biasedit_peft.workflows.bench import evaluate_workload, workload_token_counts
 
     scoring = speed["scoring"]
     sample = workload_token_counts(load_tokenizer("testbed"), evaluate_workload(1), scoring["batch_size"])["total"]
@@ -229,7 +229,7 @@ def test_speed_goals_are_judged_against_their_measurements(speed):
 
 
 def test_speed_summary_lines(speed):
-    from biasedit_peft.bench import format_bench
+    from biasedit_peft.workflows.bench import format_bench
 
     text = format_bench({"sections": {"speed": speed}})
     assert "compute bound: 32^2 matmul fp32" in text and "MFLOP/token" in text and "load average" in text

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from biasedit_peft.cli import main
-from biasedit_peft.demo import max_abs_difference, target_check
+from biasedit_peft.workflows.demo import max_abs_difference, target_check
 
 EVALUATE_KEYS = {"stereoset", "crows", "perplexity", "model", "adapter", "mode", "split"}
 
@@ -109,8 +109,8 @@ def test_preset_is_the_named_one_else_testbeds_for_the_testbed_else_cpu_on_cpu_e
 
     from biasedit_peft import BiasEditConfig
     from biasedit_peft.cli.demo import add_parser, config_from_args
-    from biasedit_peft.demo import editor_preset
     from biasedit_peft.editor.presets import PRESETS, preset_for_model, preset_name_for
+    from biasedit_peft.workflows.demo import editor_preset
 
     from factories import tiny_model
 
@@ -130,7 +130,7 @@ def test_preset_is_the_named_one_else_testbeds_for_the_testbed_else_cpu_on_cpu_e
 
 
 def test_demo_runs_real_models_in_bf16_on_the_cpu_and_keeps_the_testbed_and_explicit_dtypes():
-    from biasedit_peft.demo import DemoConfig, default_demo_dtype
+    from biasedit_peft.workflows.demo import DemoConfig, default_demo_dtype
 
     assert default_demo_dtype("smollm2-135m", "cpu") == "bf16"
     assert default_demo_dtype("some/folder", "cuda:0") is None

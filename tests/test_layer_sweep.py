@@ -7,7 +7,8 @@ import json
 import pytest
 
 from biasedit_peft.editor import Preset
-from biasedit_peft.layer_sweep import (
+from biasedit_peft.tuner.deltas import edit_targets
+from biasedit_peft.workflows.layer_sweep import (
     CandidateResult,
     SweepSettings,
     candidate_sets,
@@ -18,7 +19,6 @@ from biasedit_peft.layer_sweep import (
     sweep_layers,
     tracing_choice,
 )
-from biasedit_peft.tuner.deltas import edit_targets
 
 from factories import editor_tokenizer, samples, stereoset_items, tiny_model
 

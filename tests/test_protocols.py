@@ -1,4 +1,4 @@
-"""The per-batch and held-out evaluation protocols of a trained editor (biasedit_peft.protocols)."""
+"""The per-batch and held-out evaluation protocols of a trained editor (biasedit_peft.workflows.protocols)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import pytest
 import torch
 from peft import get_peft_model
 
-import biasedit_peft.protocols as protocols
+import biasedit_peft.workflows.protocols as protocols
 from biasedit_peft import BiasEditConfig, get_deltas
 from biasedit_peft.data import load_stereoset
 from biasedit_peft.editor import BiasEditor
 from biasedit_peft.evaluation import STEREOSET_ROLES, evaluate_stereoset, score_stereoset_items
 from biasedit_peft.models import load_model_and_tokenizer
-from biasedit_peft.protocols import edit_batches, held_out_protocol, per_batch_protocol, split_targets
 from biasedit_peft.scoring import SentenceLogProbs
+from biasedit_peft.workflows.protocols import edit_batches, held_out_protocol, per_batch_protocol, split_targets
 
 from factories import stereoset_item
 

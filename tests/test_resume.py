@@ -14,16 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import biasedit_peft.demo as demo_module
 import biasedit_peft.evaluation as evaluation
-import biasedit_peft.protocols as protocols
+import biasedit_peft.workflows.demo as demo_module
+import biasedit_peft.workflows.protocols as protocols
 from biasedit_peft.cli import main
 from biasedit_peft.data import load_crows, load_stereoset
-from biasedit_peft.demo import DemoConfig, prepare_out, run_demo
 from biasedit_peft.evaluation import evaluate_model, score_in_pieces, take_per_type
 from biasedit_peft.models import load_model_and_tokenizer
 from biasedit_peft.progress_store import PreviousRunError, ResumeMismatch, ScoreStore
 from biasedit_peft.scoring import SCORE_FIELDS, score_sentences
+from biasedit_peft.workflows.demo import DemoConfig, prepare_out, run_demo
 
 PARAGRAPHS = ["The river runs past the old mill and into the valley.", "A recipe needs flour, water and salt.",
               "The train left the station at noon.", "Rain fell on the roof all night long."]

@@ -20,7 +20,7 @@ from biasedit_peft.cli._common import (
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from biasedit_peft.bench import SECTIONS, SPEED_DTYPES
+    from biasedit_peft.workflows.bench import SECTIONS, SPEED_DTYPES
 
     parser = subparsers.add_parser(
         "bench",
@@ -81,7 +81,7 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 
 def run(args: argparse.Namespace) -> int:
     import biasedit_peft  # noqa: F401
-    from biasedit_peft.bench import BenchConfig, format_bench, run_bench
+    from biasedit_peft.workflows.bench import BenchConfig, format_bench, run_bench
 
     try:
         config = BenchConfig(

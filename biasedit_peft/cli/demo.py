@@ -5,7 +5,7 @@
 
 Trains an editor (train split, dev for early stopping), measures it under the paper's per-batch protocol
 and a held-out protocol, debiases the test split into an adapter, evaluates before and after, merges the
-adapter into a plain checkpoint and re-scores it. See :mod:`biasedit_peft.demo`.
+adapter into a plain checkpoint and re-scores it. See :mod:`biasedit_peft.workflows.demo`.
 
 Each finished stage is recorded in ``OUT/stages/`` at once. ``--resume`` continues a killed demo (same
 settings, else refused naming the differing ones); without it an ``OUT`` that holds a demo is refused
@@ -70,7 +70,7 @@ RUN_CONTROL_FLAGS = ("--resume", "--overwrite")
 
 
 def config_from_args(args: argparse.Namespace):
-    from biasedit_peft.demo import DemoConfig
+    from biasedit_peft.workflows.demo import DemoConfig
 
     bias_types = split_list(args.bias_types)
     if not bias_types:
@@ -88,7 +88,7 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     import biasedit_peft  # noqa: F401  (registers BIASEDIT with peft)
-    from biasedit_peft.demo import PLOT_NAME, RESULTS_NAME, format_results, plot_before_after, run_demo
+    from biasedit_peft.workflows.demo import PLOT_NAME, RESULTS_NAME, format_results, plot_before_after, run_demo
 
     try:
         config = config_from_args(args)

@@ -84,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
 
     from biasedit_peft.data import load_stereoset
     from biasedit_peft.editor import preset_for_model, preset_name_for
-    from biasedit_peft.layer_sweep import SweepSettings, format_sweep, plot_sweep, sweep_layers
     from biasedit_peft.models import load_model, load_tokenizer
+    from biasedit_peft.workflows.layer_sweep import SweepSettings, format_sweep, plot_sweep, sweep_layers
 
     try:
         bias_types = split_list(args.bias_type)

@@ -297,7 +297,7 @@ class BiasEditor(nn.Module):
         over all samples (cached ``batch_size`` pairs at a time); the new delta is added to the adapter's
         current one (exactly, as a longer factorisation). ``chunk_size``: token rows per hyper-network call
         (independent of ``batch_size``). On any error nothing is written. The paper's per-batch evaluation
-        (edit, score, undo) is :func:`biasedit_peft.protocols.per_batch_protocol`.
+        (edit, score, undo) is :func:`biasedit_peft.workflows.protocols.per_batch_protocol`.
         """
         if len(samples) == 0:
             raise ValueError("debias() needs at least one sample; got an empty list")

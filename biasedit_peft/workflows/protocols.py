@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data.stereoset import StereoSetItem
-from .evaluation import STEREOSET_ROLES, score_stereoset_items, stereoset_results
-from .metrics import N_RESAMPLES
-from .scoring import SentenceLogProbs, concat_scores, inverse_permutation
+from ..data.stereoset import StereoSetItem
+from ..evaluation import STEREOSET_ROLES, score_stereoset_items, stereoset_results
+from ..metrics import N_RESAMPLES
+from ..scoring import SentenceLogProbs, concat_scores, inverse_permutation
 
 
 @dataclass(frozen=True)

@@ -37,12 +37,12 @@ from typing import Any, Sequence
 
 import torch
 
-from ._io import write_json
-from .data import BIAS_TYPES, load_stereoset
-from .editor.presets import PresetOverrides
-from .evaluation import take_per_type
-from .models import default_device
-from .progress_store import (
+from .._io import write_json
+from ..data import BIAS_TYPES, load_stereoset
+from ..editor.presets import PresetOverrides
+from ..evaluation import take_per_type
+from ..models import default_device
+from ..progress_store import (
     STAGE_CONFIG_NAME,
     PreviousRunError,
     ScoreStore,
@@ -110,7 +110,7 @@ class DemoConfig(PresetOverrides):
 
 def default_demo_dtype(model: str, device: str | torch.device) -> str | None:
     """``"bf16"`` for a model other than the bundled testbed on the CPU; None (the checkpoint's dtype) else."""
-    from .models import TESTBED_NAME
+    from ..models import TESTBED_NAME
 
     return "bf16" if model != TESTBED_NAME and torch.device(device).type == "cpu" else None
 
@@ -125,8 +125,8 @@ def build_model(config: DemoConfig, adapter: str | Path | None = None):
     saved ``adapter`` folder loaded instead."""
     from peft import PeftModel, get_peft_model
 
-    from .models import load_model_and_tokenizer
-    from .tuner import BiasEditConfig
+    from ..models import load_model_and_tokenizer
+    from ..tuner import BiasEditConfig
 
     device = default_device(config.device)
     model, tokenizer = load_model_and_tokenizer(config.model, dtype=config.dtype, device=device)
@@ -141,7 +141,7 @@ def build_model(config: DemoConfig, adapter: str | Path | None = None):
 
 def editor_preset(model_name: str, peft_model, preset: str | None = None):
     """The preset named ``preset``, else that of ``peft_model``'s family (``testbed``'s own for the testbed)."""
-    from .editor import preset_for_model, preset_name_for
+    from ..editor import preset_for_model, preset_name_for
 
     return preset_for_model(peft_model.get_base_model(), preset_name_for(model_name, preset))
 
@@ -151,7 +151,7 @@ def train_editor(config: DemoConfig, peft_model, tokenizer, device: str, out_dir
 
     ``resume``: continue from the trainer checkpoint in ``out_dir/checkpoint`` when there is one.
     """
-    from .editor import BiasEditor, BiasEditTrainer
+    from ..editor import BiasEditor, BiasEditTrainer
 
     editor, args = editor_preset(config.model, peft_model, config.preset).editor_and_arguments(
         peft_model, str(out_dir), loss=config.loss or "token", base_model=config.model, patience=config.patience,
@@ -178,7 +178,7 @@ def evaluate(model, tokenizer, config: DemoConfig, name: str, adapter: str | Non
              store: ScoreStore | None = None) -> dict:
     """``evaluate_model`` on the ``test`` split with the demo's bias types (the ``biasedit evaluate`` schema);
     ``store`` keeps (and resumes from) its finished score pieces."""
-    from .evaluation import evaluate_model
+    from ..evaluation import evaluate_model
 
     benchmarks = ("stereoset", "crows") if config.crows else ("stereoset",)
     return evaluate_model(model, tokenizer, benchmarks=benchmarks, bias_types=list(config.bias_types), split="test",
@@ -190,7 +190,7 @@ def max_abs_difference(first: dict, second: dict,
                        sections: Sequence[str] = ("stereoset", "crows", "perplexity")) -> float:
     """Largest ``|a - b|`` over the metrics of ``sections`` (``flatten_metrics``: finite values, counts
     skipped); inf when the two results do not hold the same metrics."""
-    from .sharing.model_card import flatten_metrics
+    from ..sharing.model_card import flatten_metrics
 
     a = flatten_metrics({k: first.get(k) for k in sections})
     b = flatten_metrics({k: second.get(k) for k in sections})
@@ -226,7 +226,7 @@ def debias_and_save(editor, peft_model, tokenizer, config: DemoConfig, items: Se
 
 
 def write_card(peft_model, out_dir: Path, config: DemoConfig, before: dict, after: dict) -> None:
-    from .sharing import adapter_model_card
+    from ..sharing import adapter_model_card
 
     card = adapter_model_card(peft_model, base_model=config.model, metrics_before=before, metrics_after=after,
                               command=config.command, datasets=["stereoset", "crows_pairs"])
@@ -239,8 +239,8 @@ def merge_and_rescore(config: DemoConfig, adapter_dir: Path, merged_dir: Path, a
     (through ``store`` when given)."""
     from transformers import AutoModelForCausalLM
 
-    from .models import load_tokenizer
-    from .sharing import merge_to_folder
+    from ..models import load_tokenizer
+    from ..sharing import merge_to_folder
 
     report = merge_to_folder(config.model, [adapter_dir], merged_dir, dtype=config.dtype)
     device = default_device(config.device)
@@ -308,7 +308,7 @@ class DemoSession:
     @cached_property
     def editor(self):
         """The best editor, from ``OUT/editor`` (set directly by :meth:`train`)."""
-        from .editor import BiasEditor
+        from ..editor import BiasEditor
 
         return BiasEditor.from_pretrained(self.out / "editor", device=self.built[2])
 

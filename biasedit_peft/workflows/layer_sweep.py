@@ -5,7 +5,7 @@ BiasEdit (Xu et al. 2025) compares editing the first blocks with editing the las
 contiguous blocks). Each candidate gets a fresh model with a BiasEdit adapter on the MLP output projections
 of its blocks and an editor meta-trained for ``max_steps`` steps; the editor then edits the held-out items in
 groups of ``n_edits`` and SS / LMS are measured on each group after its edit (the paper's protocol, via
-:func:`~biasedit_peft.protocols.per_batch_protocol`, the demo's code; the model is left unchanged). SS and
+:func:`~biasedit_peft.workflows.protocols.per_batch_protocol`, the demo's code; the model is left unchanged). SS and
 LMS are the ``overall`` StereoSet figures of all held-out items (reference definitions, docs/metrics.md).
 
 Recommendation: the candidates whose ``|SS - 50|`` is within ``ss_tolerance`` of the best one are tied on
@@ -26,9 +26,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import metrics
-from ._io import json_ready
-from .editor.presets import PresetOverrides
+from .. import metrics
+from .._io import json_ready
+from ..editor.presets import PresetOverrides
 
 SWEEP_FORMAT = "biasedit-layer-sweep/1"
 
@@ -102,10 +102,10 @@ def train_and_score(model: nn.Module, tokenizer, layers: list[int], train_data: 
     during the protocol's "before"), so pass the first candidate's back in as ``unedited``."""
     from peft import get_peft_model
 
-    from .editor import BiasEditTrainer
-    from .evaluation import score_stereoset_items
+    from ..editor import BiasEditTrainer
+    from ..evaluation import score_stereoset_items
+    from ..tuner import BiasEditConfig
     from .protocols import per_batch_protocol
-    from .tuner import BiasEditConfig
 
     peft_model = get_peft_model(model, BiasEditConfig(layers_to_transform=list(layers), num_edit_layers=len(layers)))
     with tempfile.TemporaryDirectory(prefix="biasedit-sweep-") as workdir:
@@ -158,8 +158,8 @@ def sweep_layers(load_model: Callable[[], nn.Module], tokenizer, train_data: Seq
 
     ``trace``: a trace document (:meth:`~biasedit_peft.tracing.TraceResult.to_json`) to compare with.
     """
-    from .editor import preset_for_model
-    from .tracing import find_layout
+    from ..editor import preset_for_model
+    from ..tracing import find_layout
 
     probe = load_model()  # also the first candidate's model: nothing has touched it
     n_layers = find_layout(probe).n_layers(probe)

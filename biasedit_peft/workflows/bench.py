@@ -45,9 +45,9 @@ from typing import Any
 
 import torch
 
-from ._io import write_json
+from .._io import write_json
+from ..models import default_device
 from .demo import DemoConfig, build_model, editor_preset, environment, load_demo_items
-from .models import default_device
 
 SECTIONS = ("speed", "solve", "forward", "memory", "size", "quality")
 SPEED_DTYPES = ("fp32", "bf16", "fp16")
@@ -160,7 +160,7 @@ def _fresh_editor(peft_model, config: BenchConfig, output_dir: str = "unused", *
 
 def _trainer(config: BenchConfig, out_dir: str, dtype: str | None = None):
     """A meta-trainer of a fresh editor (float32) on the train split, the LM in ``dtype`` (None: as loaded)."""
-    from .editor import BiasEditTrainer
+    from ..editor import BiasEditTrainer
 
     peft_model, tokenizer, _ = build_model(_demo_config(config, dtype=dtype))
     editor, args = _fresh_editor(peft_model, config, out_dir)
@@ -224,7 +224,7 @@ def _synchronize(device: torch.device | str) -> None:
 
 def matmul_call(size: int, dtype: str, device: torch.device | str, seed: int = 0) -> Callable[[int], None]:
     """A call that multiplies two fixed random ``size x size`` matrices of ``dtype`` (for :func:`round_robin`)."""
-    from .models import parse_dtype
+    from ..models import parse_dtype
 
     generator = torch.Generator().manual_seed(seed)
     a, b = (torch.randn(size, size, generator=generator).to(device=device, dtype=parse_dtype(dtype)) for _ in "ab")
@@ -313,8 +313,8 @@ def evaluate_workload(limit: int | None = None) -> ScoringWorkload:
     ``limit``: the first N StereoSet items and CrowS-Pairs pairs per bias type and the first N paragraphs (the
     sample the speed section times); None: the whole workload.
     """
-    from .data import load_crows, load_neutral_text, load_stereoset
-    from .evaluation import STEREOSET_ROLES, take_per_type
+    from ..data import load_crows, load_neutral_text, load_stereoset
+    from ..evaluation import STEREOSET_ROLES, take_per_type
 
     items = take_per_type(load_stereoset("test", None), limit)
     pairs = take_per_type(load_crows(None), limit)
@@ -328,7 +328,7 @@ def evaluate_workload(limit: int | None = None) -> ScoringWorkload:
 def batched_token_counts(tokenizer, sentences: Sequence[str], batch_size: int) -> dict[str, int]:
     """Exact ``real`` and ``padded`` tokens that ``score_sentences(..., batch_size)`` feeds the LM for
     ``sentences``: it sorts them by length (longest first) and pads each batch to its longest sentence."""
-    from .scoring import encode_sentences
+    from ..scoring import encode_sentences
 
     if not sentences:
         return {"sentences": 0, "real_tokens": 0, "padded_tokens": 0}
@@ -350,7 +350,7 @@ def workload_token_counts(tokenizer, workload: ScoringWorkload, batch_size: int)
 
 def role_scores(stereoset_scores, n_items: int, role: str):
     """The ``[n_items]`` scores of ``role`` of a StereoSet section scored role-major (:func:`evaluate_workload`)."""
-    from .evaluation import STEREOSET_ROLES
+    from ..evaluation import STEREOSET_ROLES
 
     index = STEREOSET_ROLES.index(role)
     return stereoset_scores[index * n_items:(index + 1) * n_items]
@@ -403,7 +403,7 @@ def _progress(config: BenchConfig, message: str) -> None:
 
 def _score_call(model, tokenizer, sentences: Sequence[str], batch_size: int) -> Callable[[int], tuple]:
     """A :func:`round_robin` call: ``score_sentences`` of ``sentences``; returns ``(scores, TokenCount)``."""
-    from .scoring import score_sentences
+    from ..scoring import score_sentences
 
     def call(_round: int) -> tuple:
         with counting_tokens(model) as count:
@@ -419,8 +419,8 @@ def bench_scoring(config: BenchConfig, workload: ScoringWorkload) -> dict[str, A
     One copy of the model per dtype; every round scores each section once per dtype (section by section,
     dtype after dtype) and runs the matmul of the bound once per dtype, so drift hits all alike.
     """
-    from .models import load_model_and_tokenizer
-    from .scoring import score_sentences
+    from ..models import load_model_and_tokenizer
+    from ..scoring import score_sentences
 
     device = default_device(config.device)
     loaded = {dtype: load_model_and_tokenizer(config.model, dtype=dtype, device=device) for dtype in config.dtypes}
@@ -598,8 +598,8 @@ def _cached(peft_model, tokenizer, editor, n_samples: int):
 
 def bench_solve(config: BenchConfig) -> dict:
     """One joint delta for each of ``solve_sizes`` samples: caching time, and the solve in both forms."""
-    from .editor.editor import _chunks
-    from .editor.solve import solve_ridge
+    from ..editor.editor import _chunks
+    from ..editor.solve import solve_ridge
 
     peft_model, tokenizer, _ = build_model(_demo_config(config))
     editor, _ = _fresh_editor(peft_model, config)
@@ -643,9 +643,9 @@ def bench_forward(config: BenchConfig) -> dict:
 
     from peft import get_peft_model
 
-    from .models import load_model_and_tokenizer
-    from .scoring import encode_sentences
-    from .tuner import BiasEditConfig, edit_targets, set_deltas
+    from ..models import load_model_and_tokenizer
+    from ..scoring import encode_sentences
+    from ..tuner import BiasEditConfig, edit_targets, set_deltas
 
     device = default_device(config.device)
     base, tokenizer = load_model_and_tokenizer(config.model, device=device)
@@ -733,7 +733,7 @@ def bench_memory(config: BenchConfig) -> dict:
         payload = json.dumps({"phase": phase, "config": asdict(config)})
         completed = subprocess.run(
             [sys.executable, "-c",
-             "import json,sys; from biasedit_peft.bench import _memory_main; _memory_main(sys.argv[1])",
+             "import json,sys; from biasedit_peft.workflows.bench import _memory_main; _memory_main(sys.argv[1])",
              payload], capture_output=True, text=True, check=False,
         )
         if completed.returncode != 0:
@@ -756,8 +756,8 @@ def _file_bytes(folder: Path) -> int:
 
 def bench_size(config: BenchConfig) -> dict:
     """Bytes on disk of one real debias delta (test split) stored dense, factored, and as LoRA exports."""
-    from .sharing import export_lora_from_peft_model
-    from .tuner import get_deltas, set_deltas
+    from ..sharing import export_lora_from_peft_model
+    from ..tuner import get_deltas, set_deltas
 
     peft_model, tokenizer, _ = build_model(_demo_config(config))
     editor, _ = _fresh_editor(peft_model, config)
