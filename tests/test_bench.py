@@ -240,7 +240,7 @@ def test_speed_summary_lines(speed):
 
 
 def test_speed_with_one_dtype_reports_no_ratio(monkeypatch):
-    from biasedit_peft import bench
+    from biasedit_peft.workflows import bench
 
     monkeypatch.setattr(bench, "bench_meta_step", lambda config, flops: {
         "n_edits": 2, "batch_size": 8, "by_dtype": {"bf16": {"seconds_per_step": {"median_s": 1.0},
@@ -259,7 +259,7 @@ def test_bench_config_refuses_unknown_dtypes():
 
 
 def test_bench_cli_passes_the_speed_flags(tmp_path, monkeypatch):
-    from biasedit_peft import bench
+    from biasedit_peft.workflows import bench
 
     seen = []
     monkeypatch.setattr(bench, "run_bench", lambda config: seen.append(config) or {"sections": {}})

@@ -271,13 +271,18 @@ def test_deferred_interrupts_finish_the_block_then_raise():
 
     from biasedit_peft.editor.trainer import deferred_interrupts
 
+    # Python's own handler, also where the test runner was started in the background (which ignores SIGINT)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     done = []
-    with pytest.raises(KeyboardInterrupt):
-        with deferred_interrupts():
-            os.kill(os.getpid(), signal.SIGINT)
-            done.append("after the signal")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with deferred_interrupts():
+                os.kill(os.getpid(), signal.SIGINT)
+                done.append("after the signal")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert done == ["after the signal"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_caching_is_invariant_to_sample_order_and_lm_batch_size():
