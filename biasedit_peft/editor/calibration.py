@@ -54,12 +54,23 @@ def calibrate_edit_scale(
     score: Callable[[dict[str, float]], float], batch_size: int = 16, scales: Sequence[float] = EDIT_SCALES,
     adapter_name: str = "default", progress: bool = False,
 ) -> dict:
-    """Edit each of ``groups`` (dev edit sets) at every ``scales`` multiple of ``editor``'s edit and rank the
-    multiples with ``score`` (lower is better) of their pooled dev metrics.
+    """Edit each of ``groups`` at every ``scales`` multiple of ``editor``'s edit and rank the multiples.
 
-    Returns ``{"scale": best, "rows": [{"scale", "ss_pre", "ss_post", "lms_pre", "lms_post", "nll_increase",
-    "selection"}, ...]}`` (one row per scale, in ``scales`` order; ``nll_increase`` is the mean rise of the
-    unrelated sentences' mean token NLL). Neither ``editor`` nor the model is changed.
+    Args:
+        editor: A trained editor.
+        peft_model: Its model.
+        tokenizer: The model's tokenizer.
+        groups: Dev edit sets (each edited on its own, as in the per-batch protocol); samples need ``unrelated``.
+        score: Ranks a row of pooled dev metrics (lower is better), e.g. ``trainer.selection_score``.
+        batch_size: Sentence pairs per LM forward pass.
+        scales: The candidate multiples.
+        adapter_name: The adapter the edits are applied to (functionally).
+        progress: Show a progress bar.
+
+    Returns:
+        ``{"scale": best, "rows": [{"scale", "ss_pre", "ss_post", "lms_pre", "lms_post", "nll_increase",
+        "selection"}, ...]}`` (one row per scale, in ``scales`` order; ``nll_increase`` is the mean rise of the
+        unrelated sentences' mean token NLL). Neither ``editor`` nor the model is changed.
     """
     layers = editor.check_compatible(peft_model)
     replay = PrefixReplay(peft_model, list(layers.values()))

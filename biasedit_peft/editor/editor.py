@@ -166,7 +166,16 @@ class BiasEditor(nn.Module):
     # ----- construction -----------------------------------------------------------------------------
     @classmethod
     def for_model(cls, peft_model: nn.Module, targets: Sequence[str] | None = None, **config: Any) -> "BiasEditor":
-        """An untrained editor for the BiasEdit layers of ``peft_model`` (all of them unless ``targets``)."""
+        """An untrained editor for the BiasEdit layers of ``peft_model``.
+
+        Args:
+            peft_model: A ``PeftModel`` with a BiasEdit adapter.
+            targets: Base module names to edit (default: every BiasEdit layer).
+            config: Other :class:`BiasEditorConfig` fields (``rank``, ``n_blocks``, ``lr``, ``loss``, ...).
+
+        Raises:
+            ValueError: A target is not a BiasEdit layer of the model.
+        """
         layers = _edit_layers(peft_model)
         if targets is not None:
             unknown = sorted(set(targets) - set(layers))
@@ -220,7 +229,17 @@ class BiasEditor(nn.Module):
         loss: it depends neither on the LM batch size nor on how many samples are edited together (an editor
         trained on edits of 32 samples sees gradients of the same scale in a joint edit of 10,000).
 
-        Returns the cache and the pre-edit mean token log-probs of stereotypes and anti-stereotypes ``[P]``.
+        Args:
+            peft_model: The model with the BiasEdit adapter the editor was made for.
+            tokenizer: Its tokenizer.
+            samples: ``P`` edit samples (stereotype, anti-stereotype[, unrelated]).
+            batch_size: Sentence pairs per LM forward pass.
+            update_normalizers: Fold the cached rows into the nets' normalisers (meta-training).
+            progress: Show a progress bar.
+
+        Returns:
+            ``(cache, stereo [P], anti [P])``: the :class:`KeyValueCache` and the pre-edit mean token log-probs of
+            the stereotypes and anti-stereotypes, in input order.
         """
         layers = self.check_compatible(peft_model)
         cache = KeyValueCache()
@@ -253,9 +272,14 @@ class BiasEditor(nn.Module):
             net.normalizer.update(torch.cat((keys, value_grads), -1))
 
     def predict(self, cache: KeyValueCache, chunk_size: int | None = None) -> dict[str, RidgeSolution]:
-        """The ridge solution (delta in key -> value layout) for every target layer.
+        """The ridge solution (delta in key -> value layout ``[d_in, d_out]``) for every target layer.
 
-        ``chunk_size``: token rows per hyper-network call (default ``config.chunk_size``).
+        Args:
+            cache: What :meth:`cache_samples` returned.
+            chunk_size: Token rows per hyper-network call (default ``config.chunk_size``).
+
+        Raises:
+            RuntimeError: The editor has no normaliser statistics (untrained).
         """
         self._check_normalizers()
         solutions = {}
@@ -293,11 +317,21 @@ class BiasEditor(nn.Module):
     ) -> DebiasReport:
         """Compute one joint debias delta from ``samples`` and add it to adapter ``adapter_name``.
 
-        ``samples``: StereoSet items, dicts or ``(stereotype, anti_stereotype[, unrelated])`` tuples. One solve
-        over all samples (cached ``batch_size`` pairs at a time); the new delta is added to the adapter's
-        current one (exactly, as a longer factorisation). ``chunk_size``: token rows per hyper-network call
-        (independent of ``batch_size``). On any error nothing is written. The paper's per-batch evaluation
-        (edit, score, undo) is :func:`biasedit_peft.workflows.protocols.per_batch_protocol`.
+        One solve over all samples; the new delta is added to the adapter's current one (exactly, as a longer
+        factorisation). On any error nothing is written. The paper's per-batch evaluation (edit, score, undo)
+        is :func:`biasedit_peft.workflows.protocols.per_batch_protocol`.
+
+        Args:
+            peft_model: The model with the BiasEdit adapter the editor was made for.
+            samples: StereoSet items, dicts or ``(stereotype, anti_stereotype[, unrelated])`` tuples.
+            tokenizer: The model's tokenizer (default: loaded from the model's ``name_or_path``).
+            adapter_name: The adapter to write.
+            batch_size: Sentence pairs per LM forward pass while caching.
+            chunk_size: Token rows per hyper-network call (independent of ``batch_size``).
+            progress: Show a progress bar.
+
+        Raises:
+            ValueError: No samples, or a sample without text or that tokenizes to nothing.
         """
         if len(samples) == 0:
             raise ValueError("debias() needs at least one sample; got an empty list")

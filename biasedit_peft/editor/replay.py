@@ -46,8 +46,10 @@ def _hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:
 class PrefixReplay:
     """Record the input of the first edited block, and replay it while skipping the blocks before it.
 
-    ``model``: the (PEFT) model; ``edited``: its edited layers. ``enabled`` is False when the edited layers
-    are not in one block list or start at block 0 (nothing to skip); then both contexts do nothing.
+    Args:
+        model: The (PEFT) model.
+        edited: Its edited layers. ``enabled`` is False when they are not in one block list or start at block 0
+            (nothing to skip); then both contexts do nothing.
     """
 
     def __init__(self, model: nn.Module, edited: Sequence[nn.Module]):

@@ -107,8 +107,18 @@ def solve_ridge(
 ) -> RidgeSolution:
     """Solve ``argmin_S ||U S - D||^2 + lambda ||S||^2`` in float64 (no autograd through it).
 
-    ``keys [N, d_in]``, ``value_changes [N, d_out]``, ``ridge`` the positive scalar ``lambda``. The
-    delta's factors are float32, on the keys' device.
+    Args:
+        keys: ``U [N, d_in]``.
+        value_changes: ``D [N, d_out]``.
+        ridge: The positive scalar ``lambda``.
+        form: ``"dual"`` (an ``N x N`` system), ``"primal"`` (``d_in x d_in``) or ``"auto"`` (the smaller).
+
+    Returns:
+        A :class:`RidgeSolution`; its delta's factors are float32, on the keys' device.
+
+    Raises:
+        ValueError: Shapes that do not fit, or no rows.
+        FloatingPointError: The system is not positive definite (the message says why).
     """
     if keys.ndim != 2 or value_changes.ndim != 2 or keys.shape[0] != value_changes.shape[0]:
         raise ValueError(f"Need keys [N, d_in] and value changes [N, d_out]; got {tuple(keys.shape)} "

@@ -181,7 +181,20 @@ def selection_score(metrics: dict[str, float], args: BiasEditTrainingArguments) 
 
 
 class BiasEditTrainer:
-    """Meta-trains ``editor`` on ``train_data`` (StereoSet-like samples with an unrelated sentence)."""
+    """Meta-trains ``editor`` on ``train_data`` (StereoSet-like samples with an unrelated sentence).
+
+    Args:
+        peft_model: The model with the BiasEdit adapter the editor edits.
+        editor: The editor to train (``BiasEditor.for_model``).
+        args: The settings (``BiasEditTrainingArguments``; presets in ``presets.py``).
+        train_data: Edit samples for the meta-steps (StereoSet items, dicts or tuples, each with ``unrelated``).
+        eval_data: Validation samples (selection, early stopping, calibration); None: the last training batch
+            validates and nothing is calibrated.
+        tokenizer: The model's tokenizer (default: loaded from the model's ``name_or_path``).
+
+    Raises:
+        ValueError: Empty data, or a sample without an unrelated sentence.
+    """
 
     def __init__(
         self,
@@ -331,7 +344,12 @@ class BiasEditTrainer:
         return {key: sum(w * r[key] for w, r in zip(weights, results)) / sum(weights) for key in results[0]}
 
     def train(self) -> TrainerState:
-        """Meta-train until ``epochs`` / ``max_steps`` / early stopping; returns the final state."""
+        """Meta-train until ``epochs`` / ``max_steps`` / early stopping, then calibrate the kept editor.
+
+        Returns:
+            The final :class:`TrainerState` (also in ``output_dir/checkpoint/trainer_state.json``). The kept editor
+            is in ``output_dir``.
+        """
         args = self.args
         torch.manual_seed(args.seed)
         if args.resume and (Path(args.output_dir) / CHECKPOINT_DIR / STATE_NAME).is_file():

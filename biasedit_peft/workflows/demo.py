@@ -368,8 +368,14 @@ class DemoSession:
 def run_demo(config: DemoConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Run the whole workflow (module docstring); returns what ``OUT/results.json`` holds.
 
-    ``resume``: load the stages a killed run of the same config finished and run the rest; ``overwrite``:
-    delete a previous demo in ``OUT`` first. Without either, an ``OUT`` holding a demo is refused.
+    Args:
+        config: The run's settings.
+        resume: Load the stages a killed run of the same config finished and run the rest.
+        overwrite: Delete a previous demo in ``OUT`` first. Without either, an ``OUT`` holding a demo is refused.
+
+    Raises:
+        PreviousRunError: ``OUT`` holds a demo and neither ``resume`` nor ``overwrite`` was given.
+        ResumeMismatch: ``resume`` with a stored config that differs (the fields are named).
     """
     stages = prepare_out(config, resume, overwrite)
     resumed = [name for name in stages.stages if stages.finished(name)]

@@ -59,12 +59,27 @@ def per_batch_protocol(
     n_resamples: int = N_RESAMPLES, seed: int = 0, progress: bool = True,
     unedited: dict[str, SentenceLogProbs] | None = None,
 ) -> dict:
-    """The paper's protocol: edit each batch, score it, undo. Returns ``{"before", "after", ...}`` in ``mode``'s
-    units, and the same in the other unit under ``"other_units": {"mode", "before", "after"}`` (reference
-    SS and the paper code's SS disagree; docs/metrics.md).
+    """The paper's protocol: edit each batch, score it, undo.
 
-    ``unedited``: the role scores of ``items`` under the model as it is (``score_stereoset_items``), when
-    the caller already has them; they are computed otherwise.
+    Args:
+        editor: A trained editor.
+        peft_model: Its model (left unchanged).
+        tokenizer: The model's tokenizer.
+        items: StereoSet items; batches are formed per bias type.
+        edit_batch_size: Items per edit.
+        batch_size: Sentences per scoring forward pass.
+        mode: The SS unit of ``before`` / ``after`` (``"reference"`` or ``"paper"``).
+        adapter_name: The adapter the edits are applied to (functionally).
+        n_resamples: Bootstrap resamples for the CIs.
+        seed: Bootstrap seed.
+        progress: Show a progress bar.
+        unedited: The role scores of ``items`` under the model as it is (``score_stereoset_items``), when the
+            caller already has them; computed otherwise.
+
+    Returns:
+        ``{"protocol", "edit_batch_size", "n_batches", "n_items", "before", "after", "other_units"}``: results in
+        ``mode``'s units, and under ``other_units`` (``{"mode", "before", "after"}``) in the other unit
+        (reference SS and the paper code's SS disagree; docs/metrics.md).
     """
     items = list(items)
     if not items:
@@ -113,7 +128,20 @@ def held_out_protocol(
     mode: str = "reference", adapter_name: str = "default", n_resamples: int = N_RESAMPLES, seed: int = 0,
     progress: bool = True,
 ) -> dict:
-    """One joint delta from half of the target terms, scored on the items of the other half."""
+    """One joint delta from half of the target terms, scored on the items of the other half.
+
+    Args:
+        editor: A trained editor.
+        peft_model: Its model (left unchanged).
+        tokenizer: The model's tokenizer.
+        items: StereoSet items; the target terms of each bias type are halved (:func:`split_targets`).
+        batch_size: Sentences per scoring forward pass.
+        mode: The SS unit.
+        adapter_name: The adapter the edit is applied to (functionally).
+        n_resamples: Bootstrap resamples for the CIs.
+        seed: The split's and the bootstrap's seed.
+        progress: Show a progress bar.
+    """
     items = list(items)
     split = split_targets(items, seed)
     edit_items = [item for item in items if item.target in split.edit[item.bias_type]]
