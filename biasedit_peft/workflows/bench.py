@@ -844,7 +844,17 @@ SECTION_FUNCTIONS: dict[str, Callable[[BenchConfig], dict]] = {
 
 
 def run_bench(config: BenchConfig) -> dict:
-    """Every section of ``config.sections``; writes ``OUT/bench.json`` after each (nothing lost on interruption)."""
+    """Every section of ``config.sections``; writes ``OUT/bench.json`` after each (nothing lost on interruption).
+
+    Args:
+        config: What to measure and how often (:class:`BenchConfig`).
+
+    Returns:
+        The bench document (what ``OUT/bench.json`` holds), one key per section.
+
+    Raises:
+        ValueError: An unknown section.
+    """
     unknown = [s for s in config.sections if s not in SECTION_FUNCTIONS]
     if unknown:
         raise ValueError(f"Unknown bench section(s) {unknown}; choose from {list(SECTIONS)}")

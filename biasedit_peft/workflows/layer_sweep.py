@@ -154,9 +154,18 @@ def compare_with_tracing(candidates: Sequence[CandidateResult], recommended: int
 def sweep_layers(load_model: Callable[[], nn.Module], tokenizer, train_data: Sequence, held_out: Sequence,
                  settings: SweepSettings = SweepSettings(), preset=None, trace: dict | None = None,
                  progress: bool = False, meta: dict | None = None) -> SweepResult:
-    """Run every candidate of ``settings`` (``load_model()`` must return a fresh base model each call).
+    """Run every candidate block set of ``settings``: a short editor training each, scored per batch on ``held_out``.
 
-    ``trace``: a trace document (:meth:`~biasedit_peft.tracing.TraceResult.to_json`) to compare with.
+    Args:
+        load_model: Returns a fresh base model on each call.
+        tokenizer: Its tokenizer.
+        train_data: Edit samples for the short meta-training.
+        held_out: StereoSet items scored under the per-batch protocol.
+        settings: Budget, candidates, steps and tolerances (:class:`SweepSettings`).
+        preset: The editor preset (default: the model's).
+        trace: A trace document (:meth:`~biasedit_peft.tracing.TraceResult.to_json`) to compare with.
+        progress: Show progress bars.
+        meta: Extra fields recorded in the result.
     """
     from ..editor import preset_for_model
     from ..tracing import find_layout
