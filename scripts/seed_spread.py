@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from statistics import mean
 
+from biasedit_peft._io import write_json
+
 RESULTS = "results.json"
 
 
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     table = spread(per_seed)
     print(markdown(table))
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps(table, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+        write_json(args.json_path, table, indent=1)  # atomic: a kill leaves the old file or the new one
 
 
 if __name__ == "__main__":

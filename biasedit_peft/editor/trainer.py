@@ -268,6 +268,7 @@ class BiasEditTrainer:
                 for name, grad in zip(names, torch.autograd.grad(loss, [leaves[n] for n in names])):
                     delta_grads[name] += grad
 
+        natives = self._natives(leaves)  # the deltas in each layer's layout, once per step (autograd kept)
         post_stereo, post_anti, pre_unrelated, post_unrelated = [], [], [], []
         debias_total = retention_total = level_total = 0.0
         n = len(samples)
@@ -276,7 +277,7 @@ class BiasEditTrainer:
                 chunk = samples[start:start + args.batch_size]
                 batch = encode_pairs(self.tokenizer, chunk)
                 prefix = pair_prefixes[number] if pair_prefixes else None
-                with override_deltas(self.model, self._natives(leaves), args.adapter_name), self.replay.replay(prefix):
+                with override_deltas(self.model, natives, args.adapter_name), self.replay.replay(prefix):
                     logits = forward_logits(self.model, batch)
                 batch = batch.to(logits.device)
                 loss = debias_loss(kind, logits, batch).sum() / n
@@ -295,7 +296,7 @@ class BiasEditTrainer:
                 with torch.no_grad(), self.replay.record() as unrelated_prefix:
                     pre_logits = forward_logits(self.model, unrelated)
                 prefix = unrelated_prefix[0] if unrelated_prefix else None
-                with override_deltas(self.model, self._natives(leaves), args.adapter_name), self.replay.replay(prefix):
+                with override_deltas(self.model, natives, args.adapter_name), self.replay.replay(prefix):
                     post_logits = forward_logits(self.model, unrelated)
                 unrelated = unrelated.to(post_logits.device)
                 loss = retention_loss(kind, pre_logits, post_logits, unrelated).sum() / n
