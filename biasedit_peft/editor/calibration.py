@@ -21,9 +21,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..metrics import item_ss_lms
-from ..scoring import score_sentences
+from ..scoring import encode_sentences, score_sentences
 from .cache import EditSample
-from .editor import BiasEditor, length_order
+from .editor import BiasEditor, forward_logits, length_order
 from .replay import PrefixReplay
 from .solve import RidgeDelta, RidgeSolution
 
@@ -52,7 +52,7 @@ def _group_scores(model: nn.Module, tokenizer, group: Sequence[EditSample], batc
 def calibrate_edit_scale(
     editor: BiasEditor, peft_model: nn.Module, tokenizer, groups: Sequence[Sequence[EditSample]],
     score: Callable[[dict[str, float]], float], batch_size: int = 16, scales: Sequence[float] = EDIT_SCALES,
-    adapter_name: str = "default", progress: bool = False,
+    adapter_name: str = "default", progress: bool = False, replay: PrefixReplay | None = None,
 ) -> dict:
     """Edit each of ``groups`` at every ``scales`` multiple of ``editor``'s edit and rank the multiples.
 
@@ -66,6 +66,8 @@ def calibrate_edit_scale(
         scales: The candidate multiples.
         adapter_name: The adapter the edits are applied to (functionally).
         progress: Show a progress bar.
+        replay: A :class:`PrefixReplay` of this model already checked (the trainer's); None: one is made and
+            checked here against a full forward.
 
     Returns:
         ``{"scale": best, "rows": [{"scale", "ss_pre", "ss_post", "lms_pre", "lms_post", "nll_increase",
@@ -73,7 +75,10 @@ def calibrate_edit_scale(
         unrelated sentences' mean token NLL). Neither ``editor`` nor the model is changed.
     """
     layers = editor.check_compatible(peft_model)
-    replay = PrefixReplay(peft_model, list(layers.values()))
+    if replay is None:
+        replay = PrefixReplay(peft_model, list(layers.values()))
+        probe = encode_sentences(tokenizer, [s.unrelated for s in groups[0][:batch_size]])
+        replay.check(lambda: forward_logits(peft_model, probe))
     before, after = [], {scale: [] for scale in scales}
     for group in tqdm(groups, desc="calibrating the edit scale", disable=not progress):
         group = [group[i] for i in length_order(tokenizer, group).tolist()]

@@ -250,10 +250,7 @@ class BiasEditTrainer:
         args, kind = self.args, self.editor.config.loss
         self.model.eval()
         samples = [samples[i] for i in length_order(self.tokenizer, samples).tolist()]  # LM batches pad little
-        if not self._replay_checked:
-            probe = encode_sentences(self.tokenizer, [s.unrelated for s in samples[:args.batch_size]])
-            self.replay.check(lambda: forward_logits(self.model, probe))
-            self._replay_checked = True
+        self._checked_replay(samples)
         with self.replay.record() as pair_prefixes:  # one per LM batch, in the order of the loop below
             cache, pre_stereo, pre_anti = self.editor.cache_samples(
                 self.model, self.tokenizer, samples, args.batch_size, update_normalizers=train
@@ -393,6 +390,16 @@ class BiasEditTrainer:
             bar.close()
         return self.state
 
+    def _checked_replay(self, samples: Sequence[EditSample] | None = None) -> PrefixReplay:
+        """The trainer's :class:`PrefixReplay`, checked against a full forward on its first use (on the
+        unrelated sentences of ``samples``, else of the training data)."""
+        if not self._replay_checked:
+            probe_samples = (samples or self.train_data)[:self.args.batch_size]
+            probe = encode_sentences(self.tokenizer, [s.unrelated for s in probe_samples])
+            self.replay.check(lambda: forward_logits(self.model, probe))
+            self._replay_checked = True
+        return self.replay
+
     def _calibrates(self) -> bool:
         return self.args.calibrate and bool(self.eval_data) and self.args.select_by == "target"
 
@@ -405,7 +412,7 @@ class BiasEditTrainer:
         calibration = calibrate_edit_scale(
             kept, self.model, self.tokenizer, self._batches(self.eval_data, None),
             lambda row: selection_score(row, args), args.batch_size, args.edit_scales, args.adapter_name,
-            progress=args.progress)
+            progress=args.progress, replay=self._checked_replay())
         scale_edits(kept, calibration["scale"])
         record = self.state.best_record() or {}
         chosen = next(row for row in calibration["rows"] if row["scale"] == calibration["scale"])
