@@ -5,7 +5,12 @@ The dict is exactly what ``biasedit evaluate --json`` writes::
     {"stereoset": {"gender": {"ss", "lms", "icat", "n", "n_targets", "noisy", "ss_ci", ...}, ...,
                    "overall": {...}},
      "crows": {"gender": {"metric", "n", "ties", "ties_pct", "metric_ci"}, ..., "overall": {...}},
+     "gender_swapped": {"gender": {...}, "overall": {...}},
      "perplexity": float, "model": str, "adapter": str | None, "mode": str, "split": str}
+
+``gender_swapped`` is StereoSet's gender items with every gendered word reversed (``data/swap.py``), roles
+kept: a model that only learnt to prefer the other gender's stereotype drifts away from 50 on it. It is
+scored when gender is among the bias types.
 
 Works on any causal LM, a ``PeftModel`` included. Definitions: docs/metrics.md.
 
@@ -26,7 +31,7 @@ from typing import Sequence
 import torch
 
 from . import metrics
-from .data import STEREOSET_BIAS_TYPES, load_crows, load_neutral_text, load_stereoset
+from .data import STEREOSET_BIAS_TYPES, gender_swapped, load_crows, load_neutral_text, load_stereoset
 from .data.crows import CROWS_BIAS_TYPES, CrowsPair, crows_bias_type
 from .data.stereoset import StereoSetItem
 from .progress_store import ScoreStore, sentences_digest, tensors_digest
@@ -39,7 +44,7 @@ from .scoring import (
     score_sentences,
 )
 
-BENCHMARKS = ("stereoset", "crows")
+BENCHMARKS = ("stereoset", "crows", "gender_swapped")
 PIECE_SENTENCES = 512
 """Sentences per stored piece (rounded up to a multiple of the batch size)."""
 
@@ -158,14 +163,14 @@ def adapter_digest(model) -> str | None:
 
 def score_stereoset_items(
     model, tokenizer, items: Sequence[StereoSetItem], batch_size: int = 32, progress: bool = True,
-    store: ScoreStore | None = None, piece_size: int | None = None,
+    store: ScoreStore | None = None, piece_size: int | None = None, section: str = "stereoset",
 ) -> dict[str, SentenceLogProbs]:
     """Scores of every item's three sentences: role -> :class:`SentenceLogProbs` of ``[N]``, in item order.
 
-    ``store``: score piece by piece through it (section ``stereoset``, :func:`score_in_pieces`).
+    ``store``: score piece by piece through it (under ``section``, :func:`score_in_pieces`).
     """
     sentences = [item.sentence(role) for role in STEREOSET_ROLES for item in items]
-    scored = score_in_pieces(model, tokenizer, sentences, "stereoset", store, batch_size, progress, piece_size)
+    scored = score_in_pieces(model, tokenizer, sentences, section, store, batch_size, progress, piece_size)
     n = len(items)
     return {role: scored[slice(i * n, (i + 1) * n)] for i, role in enumerate(STEREOSET_ROLES)}
 
@@ -193,10 +198,11 @@ def stereoset_results(
 def evaluate_stereoset(
     model, tokenizer, items: Sequence[StereoSetItem], mode: str = "reference", batch_size: int = 32,
     progress: bool = True, n_resamples: int = metrics.N_RESAMPLES, seed: int = 0,
-    store: ScoreStore | None = None, piece_size: int | None = None,
+    store: ScoreStore | None = None, piece_size: int | None = None, section: str = "stereoset",
 ) -> dict:
-    """Per bias type and ``overall`` StereoSet metrics of ``items`` under ``model``."""
-    by_role = score_stereoset_items(model, tokenizer, items, batch_size, progress, store, piece_size)
+    """Per bias type and ``overall`` StereoSet metrics of ``items`` under ``model`` (``section``: the name of its
+    pieces in ``store``)."""
+    by_role = score_stereoset_items(model, tokenizer, items, batch_size, progress, store, piece_size, section)
     return stereoset_results(items, by_role, mode, n_resamples, seed)
 
 
@@ -269,6 +275,10 @@ def evaluate_model(
     if "stereoset" in benchmarks:
         items = take_per_type(load_stereoset(split, bias_types), limit)
         result["stereoset"] = evaluate_stereoset(model, tokenizer, items, mode=mode, **common)
+    if "gender_swapped" in benchmarks and (bias_types is None or "gender" in bias_types):
+        swapped = gender_swapped(take_per_type(load_stereoset(split, ["gender"]), limit))
+        result["gender_swapped"] = evaluate_stereoset(model, tokenizer, swapped, mode=mode, section="gender_swapped",
+                                                      **common)
     if "crows" in benchmarks:
         crows_types = None
         if bias_types is not None:
@@ -291,12 +301,13 @@ def _interval(entry: dict, name: str) -> str:
 def format_table(result: dict) -> str:
     """A plain-text table of an :func:`evaluate_model` result."""
     lines = [f"model: {result.get('model')}" + (f"   adapter: {result['adapter']}" if result.get("adapter") else "")]
-    stereoset = result.get("stereoset")
-    if stereoset:
-        lines += ["", f"StereoSet ({result.get('split', 'test')} split, {result.get('mode')} mode; SS ideal 50, "
+    for key, title in (("stereoset", "StereoSet"), ("gender_swapped", "StereoSet gender items, genders swapped")):
+        if not result.get(key):
+            continue
+        lines += ["", f"{title} ({result.get('split', 'test')} split, {result.get('mode')} mode; SS ideal 50, "
                       "LMS and ICAT ideal 100; 95% CI)",
                   f"{'bias type':<12} {'SS':>24} {'LMS':>24} {'ICAT':>24} {'n':>6} {'noisy':>6}"]
-        for bias_type, entry in stereoset.items():
+        for bias_type, entry in result[key].items():
             lines.append(f"{bias_type:<12} {_interval(entry, 'ss'):>24} {_interval(entry, 'lms'):>24} "
                          f"{_interval(entry, 'icat'):>24} {entry['n']:>6} {entry.get('noisy', 0):>6}")
     crows = result.get("crows")

@@ -79,7 +79,10 @@ def test_an_interrupted_quality_section_keeps_the_variants_already_run(tmp_path,
     fake = {"edit": {"layers": ["transformer.h.3.mlp.c_proj"]},
             "before": {"stereoset": stereoset, "perplexity": 10.0},
             "after": {"stereoset": stereoset, "perplexity": 10.0},
-            "protocols": {p: {"before": stereoset, "after": stereoset} for p in ("per_batch", "held_out")},
+            "protocols": {**{p: {"before": stereoset, "after": stereoset}
+                             for p in ("per_batch", "held_out", "joint_on_test")},
+                          "deployment": {"edit_data": "stereoset:train", "scale": 2.0}},
+            "targets": {"deployment": {"all_ok": False}},
             "training": {"steps": 1}, "seconds": {"total": 0.1}}
     calls = []
 

@@ -10,7 +10,7 @@ import pytest
 from biasedit_peft.cli import main
 from biasedit_peft.workflows.demo import max_abs_difference, target_check
 
-EVALUATE_KEYS = {"stereoset", "crows", "perplexity", "model", "adapter", "mode", "split"}
+EVALUATE_KEYS = {"stereoset", "crows", "gender_swapped", "perplexity", "model", "adapter", "mode", "split"}
 
 
 def numeric_leaves(tree, prefix: str = "") -> dict[str, float]:
@@ -56,8 +56,19 @@ def test_demo_writes_every_artifact_with_the_evaluate_schema(demo_run):
         assert set(results[key]) == EVALUATE_KEYS
         assert set(results[key]["stereoset"]) == {"gender", "race", "overall"}
     assert results["after"]["adapter"] == str(run / "adapter")
-    for protocol in ("per_batch", "held_out"):
+    for protocol in ("per_batch", "held_out", "joint_on_test"):
         assert set(results["protocols"][protocol]["after"]) == {"gender", "race", "overall"}
+    # the shipped adapter is the deployment one: from train, its scale chosen on dev, scored on test
+    deployment = results["protocols"]["deployment"]
+    assert deployment["edit_data"] == "stereoset:train" and deployment["calibrated_on"] == "stereoset:dev"
+    assert deployment["n_samples"] == 12  # --limit 6 per type, gender and race of train
+    calibration = results["edit"]["calibration"]
+    assert deployment["scale"] == calibration["scale"] == min(
+        calibration["rows"], key=lambda r: (r["selection"], abs(r["scale"] - 1)))["scale"]
+    adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["edit_data"] == "stereoset:train"
+    assert adapter_config["edit_info"]["scale"] == deployment["scale"]
+    assert set(results["targets"]["deployment"]) >= {"gender", "race", "perplexity_rise", "all_ok"}
     for path, value in numeric_leaves({k: results[k] for k in ("before", "after", "protocols")}).items():
         assert math.isfinite(value), path
         if path.rsplit("/", 1)[-1] in ("ss", "lms", "icat", "metric"):

@@ -246,12 +246,12 @@ def test_ctrl_c_mid_run_checkpoints_the_last_completed_step_and_resume_matches(t
     original = BiasEditTrainer.edit_step
     calls = {"train": 0}
 
-    def interrupted(self, batch, train):
+    def interrupted(self, batch, train, held_out=()):
         if train:
             calls["train"] += 1
             if calls["train"] == 4:  # Ctrl-C while the 4th meta-step computes
                 raise KeyboardInterrupt
-        return original(self, batch, train)
+        return original(self, batch, train, held_out)
 
     monkeypatch.setattr(BiasEditTrainer, "edit_step", interrupted)
     with pytest.raises(KeyboardInterrupt):

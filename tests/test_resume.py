@@ -18,7 +18,7 @@ import biasedit_peft.evaluation as evaluation
 import biasedit_peft.workflows.demo as demo_module
 import biasedit_peft.workflows.protocols as protocols
 from biasedit_peft.cli import main
-from biasedit_peft.data import load_crows, load_stereoset
+from biasedit_peft.data import gender_swapped, load_crows, load_stereoset
 from biasedit_peft.evaluation import evaluate_model, score_in_pieces, take_per_type
 from biasedit_peft.models import load_model_and_tokenizer
 from biasedit_peft.progress_store import PreviousRunError, ResumeMismatch, ScoreStore
@@ -29,8 +29,8 @@ PARAGRAPHS = ["The river runs past the old mill and into the valley.", "A recipe
               "The train left the station at noon.", "Rain fell on the roof all night long."]
 EVALUATE_ARGS = ["evaluate", "--model", "testbed", "--bias-types", "gender,race", "--limit", "4", "--batch-size", "4",
                  "--n-resamples", "20", "--quiet"]
-PIECE = 8  # sentences per piece here: 3 StereoSet pieces (24 sentences), 2 CrowS-Pairs (16), 1 perplexity (4)
-N_PIECES = 6
+PIECE = 8  # sentences per piece here: 3 StereoSet pieces (24 sentences), 2 gender-swapped (12), 2 CrowS-Pairs (16),
+N_PIECES = 8  # and 1 perplexity (4)
 
 
 class CountingScorer:
@@ -185,6 +185,7 @@ DEMO = DemoConfig(bias_types=("gender", "race"), limit=4, max_steps=1, eval_ever
 STAGE_FUNCTIONS = {  # module, attribute: what each demo stage calls to do its work
     "evaluate": (demo_module, "evaluate"), "train_editor": (demo_module, "train_editor"),
     "per_batch_protocol": (protocols, "per_batch_protocol"), "held_out_protocol": (protocols, "held_out_protocol"),
+    "joint_protocol": (protocols, "joint_protocol"),
     "debias_and_save": (demo_module, "debias_and_save"), "merge_and_rescore": (demo_module, "merge_and_rescore"),
 }
 
@@ -228,19 +229,23 @@ def test_demo_killed_mid_evaluation_resumes_to_the_same_results(uninterrupted_de
         run_demo(config)
     finished = sorted(p.stem for p in (out / "stages").glob("*.json"))
     assert finished == sorted(["config", "evaluate_before", "train_editor", "per_batch_protocol",
-                               "held_out_protocol", "debias"])
+                               "held_out_protocol", "joint_on_test", "debias"])
     assert [p.name for p in partial.glob("*.safetensors")] == ["stereoset-00000.safetensors"]
 
     counts = count_stage_calls(monkeypatch)
     counting = scorer(monkeypatch)
     results = run_demo(config, resume=True)
     assert counts == {"evaluate": 2, "train_editor": 0, "per_batch_protocol": 0, "held_out_protocol": 0,
-                      "debias_and_save": 0, "merge_and_rescore": 1}  # evaluate: the rest of "after", the merged
+                      "joint_protocol": 0, "debias_and_save": 0,
+                      "merge_and_rescore": 1}  # evaluate: the rest of "after", the merged
     crows = take_per_type(load_crows(["gender", "race-color"]), DEMO.limit)
-    assert sorted(counting.calls[0]) == sorted([p.sent_more for p in crows] + [p.sent_less for p in crows])
-    assert len(counting.calls) == 5  # crows + perplexity of "after", then the merged model's three
+    swapped = gender_swapped(take_per_type(load_stereoset("test", ["gender"]), DEMO.limit))
+    assert sorted(counting.calls[0]) == sorted(item.sentence(role) for item in swapped
+                                               for role in evaluation.STEREOSET_ROLES)
+    assert sorted(counting.calls[1]) == sorted([p.sent_more for p in crows] + [p.sent_less for p in crows])
+    assert len(counting.calls) == 7  # crows, gender-swapped, perplexity of "after", then the merged model's four
     assert results["resumed_stages"] == ["evaluate_before", "train_editor", "per_batch_protocol",
-                                         "held_out_protocol", "debias"]
+                                         "held_out_protocol", "joint_on_test", "debias"]
     assert comparable(out, uninterrupted_demo) == comparable(uninterrupted_demo, uninterrupted_demo)
     card = (out / "adapter" / "README.md").read_text().replace(str(out), str(uninterrupted_demo))
     assert card == (uninterrupted_demo / "adapter" / "README.md").read_text()

@@ -194,6 +194,9 @@ def add_select_by_argument(parser: argparse.ArgumentParser) -> None:
     Args:
         parser: The sub-command's parser.
     """
-    parser.add_argument("--select-by", choices=("target", "loss"), default="target",
+    from biasedit_peft.editor.trainer import SELECT_BY
+
+    parser.add_argument("--select-by", choices=SELECT_BY, default="target",
                         help="keep the editor with the dev SS closest to 50 within LMS / perplexity bounds "
-                        "(target, default) or the lowest dev meta-loss (loss, the paper's)")
+                        "(target, default), the same with the SS of held-out dev pairs under each edit (held_out), "
+                        "or the lowest dev meta-loss (loss, the paper's)")

@@ -1,8 +1,12 @@
 """``biasedit debias``: apply a trained editor to a model and save the result as a PEFT adapter.
 
-    biasedit debias --model M --editor EDITOR_DIR_OR_HUB_ID [--data stereoset:train | FILE] --out ADAPTER_DIR
+    biasedit debias --model M --editor EDITOR_DIR_OR_HUB_ID [--data stereoset:train | FILE]
+                    [--calibrate-on stereoset:dev | FILE | none] --out ADAPTER_DIR
 
-``ADAPTER_DIR`` is an ordinary PEFT adapter folder: ``PeftModel.from_pretrained(base, ADAPTER_DIR)``.
+The documented path to a deployable adapter (``workflows/deployment.py``): one joint delta from ``--data``, its
+strength calibrated on the held-out pairs of ``--calibrate-on`` (StereoSet ``dev`` by default: target terms that
+neither ``train`` nor ``test`` has). ``ADAPTER_DIR`` is an ordinary PEFT adapter folder:
+``PeftModel.from_pretrained(base, ADAPTER_DIR)``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--data", default="stereoset:train",
                         help="samples to edit with: stereoset:SPLIT, a StereoSet .json or a .jsonl file "
                         "(default stereoset:train)")
+    parser.add_argument("--calibrate-on", default="stereoset:dev",
+                        help="held-out pairs (with an unrelated sentence) that choose the delta's strength: "
+                        "stereoset:SPLIT, a StereoSet .json or a .jsonl file, or 'none' for the editor's own scale "
+                        "(default stereoset:dev)")
     parser.add_argument("--bias-types", default="gender,race,religion", help="comma-separated (StereoSet data)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N samples")
     parser.add_argument("--batch-size", type=int, default=16, help="sentence pairs per LM forward pass")
@@ -45,27 +53,34 @@ def run(args: argparse.Namespace) -> int:
     from biasedit_peft.data import load_edit_samples
     from biasedit_peft.editor import BiasEditor
     from biasedit_peft.models import load_model_and_tokenizer
+    from biasedit_peft.workflows.deployment import deployable_adapter
 
     try:
         samples = load_edit_samples(args.data, split_list(args.bias_types), args.limit)
+        calibration = None if args.calibrate_on == "none" else load_edit_samples(args.calibrate_on,
+                                                                                 split_list(args.bias_types))
         device = default_device(args.device)
         editor = BiasEditor.from_pretrained(args.editor, device=args.editor_device or device)
         model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
         targets = list(editor.config.targets)
         peft_model = get_peft_model(model, BiasEditConfig(target_modules=targets, num_edit_layers=len(targets)))
-        report = editor.debias(peft_model, samples, tokenizer=tokenizer, adapter_name=args.adapter_name,
-                               batch_size=args.batch_size, progress=not args.quiet)
+        report = deployable_adapter(editor, peft_model, tokenizer, samples, calibration, batch_size=args.batch_size,
+                                    adapter_name=args.adapter_name, progress=not args.quiet)
     except (ValueError, FileNotFoundError, FloatingPointError, KeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     config = peft_model.peft_config[args.adapter_name]
     config.editor_id = str(args.editor)
     config.edit_data = args.data
-    config.edit_info = {"n_samples": report.n_samples, "n_tokens": report.n_tokens,
-                        "bias_types": args.bias_types, "limit": args.limit}
+    config.edit_info = {"n_samples": report["n_samples"], "n_tokens": report["n_tokens"],
+                        "bias_types": args.bias_types, "limit": args.limit, "scale": report["scale"],
+                        "calibrated_on": None if calibration is None else args.calibrate_on}
     peft_model.save_pretrained(args.out)
-    print(f"edited {len(report.layers)} layers with {report.n_samples} samples ({report.n_tokens} tokens); "
-          f"adapter written to {args.out}")
+    scaled = "" if report["calibration"] is None else (
+        f", scaled x{report['scale']:.3g} as {args.calibrate_on} says (SS there "
+        f"{_chosen(report['calibration'])['ss_pre']:.1f} -> {_chosen(report['calibration'])['ss_post']:.1f})")
+    print(f"edited {len(report['layers'])} layers with {report['n_samples']} samples ({report['n_tokens']} tokens)"
+          f"{scaled}; adapter written to {args.out}")
     if args.push_to_hub:
         from biasedit_peft.sharing import push_adapter_to_hub
 
@@ -73,3 +88,7 @@ def run(args: argparse.Namespace) -> int:
                                   command=recorded_command("debias", args))
         print(f"adapter pushed to {args.push_to_hub}: {url}")
     return 0
+
+
+def _chosen(calibration: dict) -> dict:
+    return next(row for row in calibration["rows"] if row["scale"] == calibration["scale"])

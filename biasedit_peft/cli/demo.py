@@ -50,6 +50,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--loc-coef", type=float, default=None, help="retention weight (default: preset)")
     parser.add_argument("--level-coef", type=float, default=None,
                         help="weight of the level loss that keeps each pair's likelihood (default: preset)")
+    parser.add_argument("--held-out-coef", type=float, default=None,
+                        help="weight of the held-out debias loss: each edit also scored on pairs of other target "
+                        "terms (default: preset)")
     add_select_by_argument(parser)
     parser.add_argument("--num-edit-layers", type=int, default=3, help="edit the last N blocks (default 3)")
     parser.add_argument("--limit", type=int, default=None,
@@ -79,7 +82,7 @@ def config_from_args(args: argparse.Namespace):
         model=args.model, out=args.out, preset=args.preset, bias_types=tuple(bias_types),
         num_edit_layers=args.num_edit_layers,
         max_steps=args.max_steps, eval_every=args.eval_every, n_edits=args.n_edits, loss=args.loss,
-        select_by=args.select_by, level_coef=args.level_coef,
+        select_by=args.select_by, level_coef=args.level_coef, held_out_coef=args.held_out_coef,
         loc_coef=args.loc_coef, limit=args.limit, n_resamples=args.n_resamples, seed=args.seed, dtype=args.dtype,
         device=args.device, merge=not args.no_merge, progress=not args.quiet,
         command=recorded_command("demo", leave_out=RUN_CONTROL_FLAGS),  # None when called as a function

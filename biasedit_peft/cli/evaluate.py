@@ -20,7 +20,8 @@ import sys
 
 from biasedit_peft.cli._common import add_model_argument, add_runtime_arguments, load_model_from_args
 
-BENCHMARK_CHOICES = {"stereoset": ("stereoset",), "crows": ("crows",), "all": ("stereoset", "crows")}
+BENCHMARK_CHOICES = {"stereoset": ("stereoset",), "crows": ("crows",), "gender-swapped": ("gender_swapped",),
+                     "all": ("stereoset", "crows", "gender_swapped")}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

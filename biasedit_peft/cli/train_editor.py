@@ -46,6 +46,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--patience", type=int, default=None, help="early stopping patience (validations)")
     parser.add_argument("--level-coef", type=float, default=None,
                         help="weight of the level loss that keeps each pair's likelihood (default: preset)")
+    parser.add_argument("--held-out-coef", type=float, default=None,
+                        help="weight of the held-out debias loss: each edit also scored on pairs of other target "
+                        "terms (default: preset)")
     add_select_by_argument(parser)
     parser.add_argument("--n-edits", type=int, default=None, help="samples per meta-step")
     parser.add_argument("--batch-size", type=int, default=None, help="sentence pairs per LM forward pass")
@@ -86,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
         editor, training = preset.editor_and_arguments(
             peft_model, args.out, loss=args.loss, base_model=args.model, rank=args.rank, n_blocks=args.n_blocks,
             lr=args.lr, n_edits=args.n_edits, batch_size=args.batch_size, meta_lr=args.meta_lr,
-            loc_coef=args.loc_coef, level_coef=args.level_coef, epochs=args.epochs, patience=args.patience,
+            loc_coef=args.loc_coef, level_coef=args.level_coef, held_out_coef=args.held_out_coef,
+            epochs=args.epochs, patience=args.patience,
             max_steps=args.max_steps, eval_every=args.eval_every, seed=args.seed, resume=args.resume,
             progress=not args.quiet, select_by=args.select_by,
             editor_device=args.editor_device,  # the trainer moves the editor there; None: with the LM

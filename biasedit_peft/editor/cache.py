@@ -134,27 +134,38 @@ class KeyValueCache:
 
 @dataclass(frozen=True)
 class EditSample:
-    """One edit: a stereotyped sentence, its anti-stereotyped twin and (optionally) an unrelated one."""
+    """One edit: a stereotyped sentence, its anti-stereotyped twin and (optionally) an unrelated one.
+
+    ``target`` / ``bias_type`` (optional: StereoSet items have them) say which group the pair is about; the
+    held-out meta-loss (``trainer.held_out_group``) pairs an edit with pairs of the same bias type and other
+    target terms.
+    """
 
     stereotype: str
     anti_stereotype: str
     unrelated: str | None = None
+    target: str | None = None
+    bias_type: str | None = None
 
 
 def as_edit_sample(sample, index: int = 0) -> EditSample:
     """Accept a StereoSet item (attributes), a dict with the same keys, or a 2- / 3-tuple of strings."""
     if isinstance(sample, EditSample):
         return sample
+    keys = ("stereotype", "anti_stereotype", "unrelated", "target", "bias_type")
     if isinstance(sample, (tuple, list)) and len(sample) in (2, 3):
-        fields = list(sample) + [None] * (3 - len(sample))
+        fields = list(sample) + [None] * (5 - len(sample))
     elif isinstance(sample, dict):
-        fields = [sample.get("stereotype"), sample.get("anti_stereotype"), sample.get("unrelated")]
+        fields = [sample.get(key) for key in keys]
     else:
-        fields = [getattr(sample, key, None) for key in ("stereotype", "anti_stereotype", "unrelated")]
-    stereotype, anti_stereotype, unrelated = fields
+        fields = [getattr(sample, key, None) for key in keys]
+    stereotype, anti_stereotype, unrelated, target, bias_type = fields
     for key, value in (("stereotype", stereotype), ("anti_stereotype", anti_stereotype)):
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"Sample {index}: field {key!r} must be a non-empty sentence, got {value!r}")
     if unrelated is not None and not isinstance(unrelated, str):
         raise ValueError(f"Sample {index}: field 'unrelated' must be a sentence or None, got {unrelated!r}")
-    return EditSample(stereotype, anti_stereotype, unrelated)
+    for key, value in (("target", target), ("bias_type", bias_type)):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"Sample {index}: field {key!r} must be a string or absent, got {value!r}")
+    return EditSample(stereotype, anti_stereotype, unrelated, target, bias_type)

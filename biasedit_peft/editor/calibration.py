@@ -9,10 +9,17 @@ every dev group once per candidate ``c`` (each group's keys and value gradients 
 unedited prefix of the LM is replayed) and picks the ``c`` with the best
 :func:`~biasedit_peft.editor.trainer.selection_score`: dev SS closest to 50 within the LMS and perplexity
 bounds. :func:`scale_edits` then bakes ``c`` into the editor's ``lr``.
+
+A deployed adapter is one *joint* delta from many samples (``BiasEditor.debias``), and how strong it should be
+is not what a per-group edit needs: pooled over thousands of pairs, the ridge solve averages value changes
+that partly disagree, so the joint delta is weaker per pair than a 32-pair edit. :func:`calibrate_joint_scale`
+scales one joint solution and scores held-out pairs (StereoSet ``dev``: target terms the edit never saw) at
+each multiple of :data:`JOINT_SCALES`, then at the two half-steps (x / ÷ sqrt 2) around the best.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Callable, Sequence
 
@@ -22,13 +29,35 @@ from tqdm.auto import tqdm
 
 from ..metrics import item_ss_lms
 from ..scoring import encode_sentences, score_sentences
-from .cache import EditSample
+from .cache import EditSample, as_edit_sample
 from .editor import BiasEditor, forward_logits, length_order
 from .replay import PrefixReplay
 from .solve import RidgeDelta, RidgeSolution
 
 EDIT_SCALES = (0.25, 0.5, 0.71, 1.0, 1.41, 2.0, 4.0)
 """Candidate multipliers of the edit (powers of sqrt 2 around 1, and the ends of a 16x range)."""
+JOINT_SCALES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+"""Coarse multipliers of a joint delta (powers of 2); the two half-steps around the best are tried next."""
+MAX_LMS_DROP = 3.0
+"""LMS points an edit may cost and still count as within bounds (:func:`target_score`)."""
+MAX_NLL_INCREASE = 0.0488
+"""Rise of the mean token NLL of unrelated sentences an edit may cause (``log 1.05``: ~5 % perplexity)."""
+
+
+def target_score(metrics: dict[str, float], max_lms_drop: float = MAX_LMS_DROP,
+                 max_nll_increase: float = MAX_NLL_INCREASE) -> float:
+    """How good an edit with pooled ``metrics`` (``ss_post``, ``lms_pre``, ``lms_post``, ``nll_increase``) is;
+    lower is better.
+
+    ``|ss_post - 50|`` when the LMS drop is at most ``max_lms_drop`` and ``nll_increase`` at most
+    ``max_nll_increase``; else ``100 +`` the excess LMS drop ``+ 100 x`` the excess NLL rise (every edit within
+    both bounds ranks first, the rest by how far they are out).
+    """
+    lms_excess = max(0.0, metrics["lms_pre"] - metrics["lms_post"] - max_lms_drop)
+    nll_excess = max(0.0, metrics["nll_increase"] - max_nll_increase)
+    if lms_excess == 0.0 and nll_excess == 0.0:
+        return abs(metrics["ss_post"] - 50.0)
+    return 100.0 + lms_excess + 100.0 * nll_excess
 
 
 def scaled_solutions(solutions: dict[str, RidgeSolution], scale: float) -> dict[str, RidgeSolution]:
@@ -49,10 +78,53 @@ def _group_scores(model: nn.Module, tokenizer, group: Sequence[EditSample], batc
     return score_sentences(model, tokenizer, sentences, batch_size=batch_size).mean.view(3, len(group))
 
 
+def checked_replay(editor: BiasEditor, peft_model: nn.Module, tokenizer, probe: Sequence[EditSample],
+                   batch_size: int, replay: PrefixReplay | None = None) -> PrefixReplay:
+    """``replay`` when given (already checked), else a :class:`PrefixReplay` of ``editor``'s layers checked against
+    a full forward on the unrelated sentences of ``probe``."""
+    if replay is not None:
+        return replay
+    replay = PrefixReplay(peft_model, list(editor.check_compatible(peft_model).values()))
+    encoded = encode_sentences(tokenizer, [s.unrelated for s in probe[:batch_size]])
+    replay.check(lambda: forward_logits(peft_model, encoded))
+    return replay
+
+
+def _scaled_scores(
+    editor: BiasEditor, peft_model: nn.Module, tokenizer, solutions: dict[str, RidgeSolution],
+    scored: Sequence[EditSample], scales: Sequence[float], replay: PrefixReplay, batch_size: int, adapter_name: str,
+) -> tuple[torch.Tensor, dict[float, torch.Tensor]]:
+    """Scores ``[3, P]`` of ``scored`` unedited, and with ``scale x solutions`` for each of ``scales``."""
+    with replay.record() as prefixes:
+        before = _group_scores(peft_model, tokenizer, scored, batch_size)
+    after = {}
+    for scale in scales:
+        with editor.edited(peft_model, scaled_solutions(solutions, scale), adapter_name), \
+                replay.replay(prefixes if prefixes else None):
+            after[scale] = _group_scores(peft_model, tokenizer, scored, batch_size)
+    return before, after
+
+
+def _ranked(pre: torch.Tensor, after: dict[float, torch.Tensor], score: Callable[[dict[str, float]], float]) -> dict:
+    """``{"scale": best, "rows": [...]}`` from pooled scores ``[3, N]`` before and after each scale."""
+    pre_metrics = item_ss_lms(pre[0], pre[1], pre[2])
+    rows = []
+    for scale, post in after.items():
+        post_metrics = item_ss_lms(post[0], post[1], post[2])
+        row = {"scale": scale, "ss_pre": pre_metrics["ss"], "ss_post": post_metrics["ss"],
+               "lms_pre": pre_metrics["lms"], "lms_post": post_metrics["lms"],
+               "nll_increase": (pre[2] - post[2]).mean().item()}
+        row["selection"] = score(row)
+        rows.append(row)
+    best = min(rows, key=lambda row: (row["selection"], abs(row["scale"] - 1.0)))
+    return {"scale": best["scale"], "rows": rows}
+
+
 def calibrate_edit_scale(
     editor: BiasEditor, peft_model: nn.Module, tokenizer, groups: Sequence[Sequence[EditSample]],
-    score: Callable[[dict[str, float]], float], batch_size: int = 16, scales: Sequence[float] = EDIT_SCALES,
-    adapter_name: str = "default", progress: bool = False, replay: PrefixReplay | None = None,
+    score: Callable[[dict[str, float]], float] = target_score, batch_size: int = 16,
+    scales: Sequence[float] = EDIT_SCALES, adapter_name: str = "default", progress: bool = False,
+    replay: PrefixReplay | None = None,
 ) -> dict:
     """Edit each of ``groups`` at every ``scales`` multiple of ``editor``'s edit and rank the multiples.
 
@@ -61,7 +133,8 @@ def calibrate_edit_scale(
         peft_model: Its model.
         tokenizer: The model's tokenizer.
         groups: Dev edit sets (each edited on its own, as in the per-batch protocol); samples need ``unrelated``.
-        score: Ranks a row of pooled dev metrics (lower is better), e.g. ``trainer.selection_score``.
+        score: Ranks a row of pooled dev metrics (lower is better): :func:`target_score` or
+            ``trainer.selection_score``.
         batch_size: Sentence pairs per LM forward pass.
         scales: The candidate multiples.
         adapter_name: The adapter the edits are applied to (functionally).
@@ -72,34 +145,59 @@ def calibrate_edit_scale(
     Returns:
         ``{"scale": best, "rows": [{"scale", "ss_pre", "ss_post", "lms_pre", "lms_post", "nll_increase",
         "selection"}, ...]}`` (one row per scale, in ``scales`` order; ``nll_increase`` is the mean rise of the
-        unrelated sentences' mean token NLL). Neither ``editor`` nor the model is changed.
+        unrelated sentences' mean token NLL; ties go to the scale nearest 1). Neither ``editor`` nor the model
+        is changed.
     """
-    layers = editor.check_compatible(peft_model)
-    if replay is None:
-        replay = PrefixReplay(peft_model, list(layers.values()))
-        probe = encode_sentences(tokenizer, [s.unrelated for s in groups[0][:batch_size]])
-        replay.check(lambda: forward_logits(peft_model, probe))
+    replay = checked_replay(editor, peft_model, tokenizer, groups[0], batch_size, replay)
     before, after = [], {scale: [] for scale in scales}
     for group in tqdm(groups, desc="calibrating the edit scale", disable=not progress):
         group = [group[i] for i in length_order(tokenizer, group).tolist()]
         cache, _, _ = editor.cache_samples(peft_model, tokenizer, group, batch_size)
-        solutions = editor.predict(cache)
-        with replay.record() as prefixes:
-            before.append(_group_scores(peft_model, tokenizer, group, batch_size))
+        pre, post = _scaled_scores(editor, peft_model, tokenizer, editor.predict(cache), group, scales, replay,
+                                   batch_size, adapter_name)
+        before.append(pre)
         for scale in scales:
-            with editor.edited(peft_model, scaled_solutions(solutions, scale), adapter_name), \
-                    replay.replay(prefixes if prefixes else None):
-                after[scale].append(_group_scores(peft_model, tokenizer, group, batch_size))
-    pre = torch.cat(before, 1)
-    pre_metrics = item_ss_lms(pre[0], pre[1], pre[2])
-    rows = []
-    for scale in scales:
-        post = torch.cat(after[scale], 1)
-        post_metrics = item_ss_lms(post[0], post[1], post[2])
-        row = {"scale": scale, "ss_pre": pre_metrics["ss"], "ss_post": post_metrics["ss"],
-               "lms_pre": pre_metrics["lms"], "lms_post": post_metrics["lms"],
-               "nll_increase": (pre[2] - post[2]).mean().item()}
-        row["selection"] = score(row)
-        rows.append(row)
-    best = min(rows, key=lambda row: (row["selection"], abs(row["scale"] - 1.0)))
-    return {"scale": best["scale"], "rows": rows}
+            after[scale].append(post[scale])
+    return _ranked(torch.cat(before, 1), {scale: torch.cat(after[scale], 1) for scale in scales}, score)
+
+
+def calibrate_joint_scale(
+    editor: BiasEditor, peft_model: nn.Module, tokenizer, solutions: dict[str, RidgeSolution],
+    scored: Sequence[EditSample], score: Callable[[dict[str, float]], float] = target_score, batch_size: int = 16,
+    scales: Sequence[float] = JOINT_SCALES, adapter_name: str = "default", progress: bool = False,
+    replay: PrefixReplay | None = None,
+) -> dict:
+    """Rank multiples of one joint solution by the metrics of held-out pairs ``scored`` under it.
+
+    ``scales`` first, then the two half-steps (``best x sqrt 2`` and ``best / sqrt 2``) around the best of them.
+
+    Args:
+        editor: The editor that computed ``solutions``.
+        peft_model: Its model.
+        tokenizer: The model's tokenizer.
+        solutions: One joint solution per edited layer (``BiasEditor.joint_solutions``).
+        scored: Held-out pairs (with ``unrelated``), e.g. StereoSet ``dev``: other target terms than the edit's.
+        score: Ranks a row of pooled metrics (lower is better).
+        batch_size: Sentences per LM forward pass.
+        scales: The coarse multiples.
+        adapter_name: The adapter the edit is applied to (functionally).
+        progress: Show a progress bar.
+        replay: A checked :class:`PrefixReplay` of this model, else one is made and checked.
+
+    Returns:
+        As :func:`calibrate_edit_scale`, rows in the order they were scored.
+    """
+    scored = [as_edit_sample(sample, index) for index, sample in enumerate(scored)]
+    scored = [scored[i] for i in length_order(tokenizer, scored).tolist()]
+    replay = checked_replay(editor, peft_model, tokenizer, scored, batch_size, replay)
+    with tqdm(total=len(scales) + 2, desc="calibrating the joint scale", disable=not progress) as bar:
+        pre, after = _scaled_scores(editor, peft_model, tokenizer, solutions, scored, scales, replay, batch_size,
+                                    adapter_name)
+        bar.update(len(scales))
+        coarse = _ranked(pre, after, score)["scale"]
+        finer = [s for s in (coarse / math.sqrt(2), coarse * math.sqrt(2))
+                 if all(abs(s / tried - 1) > 1e-6 for tried in after)]
+        after.update(_scaled_scores(editor, peft_model, tokenizer, solutions, scored, finer, replay, batch_size,
+                                    adapter_name)[1])
+        bar.update(2)
+    return _ranked(pre, after, score)

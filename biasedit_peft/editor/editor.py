@@ -305,6 +305,42 @@ class BiasEditor(nn.Module):
                     f"Editor net {key} has no normaliser statistics: train it (BiasEditTrainer) before editing"
                 )
 
+    def joint_solutions(
+        self,
+        peft_model: nn.Module,
+        samples: Sequence[Any],
+        tokenizer=None,
+        batch_size: int = 16,
+        chunk_size: int | None = None,
+        progress: bool = True,
+    ) -> tuple[dict[str, RidgeSolution], DebiasReport]:
+        """One joint solve over all ``samples`` (nothing is written): ``(solutions, report)``.
+
+        Args:
+            peft_model: The model with the BiasEdit adapter the editor was made for.
+            samples: StereoSet items, dicts or ``(stereotype, anti_stereotype[, unrelated])`` tuples.
+            tokenizer: The model's tokenizer (default: loaded from the model's ``name_or_path``).
+            batch_size: Sentence pairs per LM forward pass while caching.
+            chunk_size: Token rows per hyper-network call (independent of ``batch_size``).
+            progress: Show a progress bar.
+
+        Raises:
+            ValueError: No samples, or a sample without text or that tokenizes to nothing.
+        """
+        if len(samples) == 0:
+            raise ValueError("debias() needs at least one sample; got an empty list")
+        edit_samples = [as_edit_sample(sample, index) for index, sample in enumerate(samples)]
+        tokenizer = tokenizer if tokenizer is not None else _load_tokenizer_for(peft_model)
+        cache, _, _ = self.cache_samples(peft_model, tokenizer, edit_samples, batch_size, progress=progress)
+        solutions = self.predict(cache, chunk_size)
+        return solutions, DebiasReport(len(edit_samples), cache.n_tokens, list(self.config.targets))
+
+    def write_solutions(self, peft_model: nn.Module, solutions: dict[str, RidgeSolution],
+                        adapter_name: str = "default") -> None:
+        """Add ``solutions`` to adapter ``adapter_name`` (exactly, as a longer factorisation)."""
+        layers = self.check_compatible(peft_model)
+        _write_added_deltas(peft_model, layers, {name: solutions[name].delta for name in solutions}, adapter_name)
+
     def debias(
         self,
         peft_model: nn.Module,
@@ -317,9 +353,10 @@ class BiasEditor(nn.Module):
     ) -> DebiasReport:
         """Compute one joint debias delta from ``samples`` and add it to adapter ``adapter_name``.
 
-        One solve over all samples; the new delta is added to the adapter's current one (exactly, as a longer
-        factorisation). On any error nothing is written. The paper's per-batch evaluation (edit, score, undo)
-        is :func:`biasedit_peft.workflows.protocols.per_batch_protocol`.
+        One solve over all samples (:meth:`joint_solutions`); the new delta is added to the adapter's current one
+        (:meth:`write_solutions`). On any error nothing is written. The paper's per-batch evaluation (edit, score,
+        undo) is :func:`biasedit_peft.workflows.protocols.per_batch_protocol`; a deployable adapter, its strength
+        calibrated on held-out pairs, is :func:`biasedit_peft.workflows.deployment.deployable_adapter`.
 
         Args:
             peft_model: The model with the BiasEdit adapter the editor was made for.
@@ -333,16 +370,10 @@ class BiasEditor(nn.Module):
         Raises:
             ValueError: No samples, or a sample without text or that tokenizes to nothing.
         """
-        if len(samples) == 0:
-            raise ValueError("debias() needs at least one sample; got an empty list")
-        edit_samples = [as_edit_sample(sample, index) for index, sample in enumerate(samples)]
-        tokenizer = tokenizer if tokenizer is not None else _load_tokenizer_for(peft_model)
-        layers = self.check_compatible(peft_model)
-        cache, _, _ = self.cache_samples(peft_model, tokenizer, edit_samples, batch_size, progress=progress)
-        solutions = self.predict(cache, chunk_size)
-        deltas = {name: solutions[name].delta for name in self.config.targets}
-        _write_added_deltas(peft_model, layers, deltas, adapter_name)
-        return DebiasReport(len(edit_samples), cache.n_tokens, list(self.config.targets))
+        _current_deltas(self.check_compatible(peft_model), adapter_name)  # fails early if the adapter misses a layer
+        solutions, report = self.joint_solutions(peft_model, samples, tokenizer, batch_size, chunk_size, progress)
+        self.write_solutions(peft_model, solutions, adapter_name)
+        return report
 
     @contextmanager
     def edited(self, peft_model: nn.Module, solutions: dict[str, RidgeSolution],

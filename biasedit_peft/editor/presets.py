@@ -40,6 +40,8 @@ class Preset:
     n_blocks: int = 2
     level_coef: float = 0.0
     """Weight of the level loss (``losses.level_loss``); not in the paper."""
+    held_out_coef: float = 0.0
+    """Weight of the held-out debias loss (``trainer.held_out_group``; MEND / MALMEN's generalisation loss)."""
     max_grad_norm: float = 1.0
     epochs: int = 100
     early_stopping_patience: int = 3
@@ -48,7 +50,8 @@ class Preset:
                              base_model: str | None = None, rank: int | None = None, n_blocks: int | None = None,
                              lr: float | None = None, n_edits: int | None = None, batch_size: int | None = None,
                              meta_lr: float | None = None, loc_coef: float | None = None,
-                             level_coef: float | None = None, epochs: int | None = None,
+                             level_coef: float | None = None, held_out_coef: float | None = None,
+                             epochs: int | None = None,
                              patience: int | None = None, **training: Any):
         """A fresh editor for ``peft_model`` (on its device) and its ``BiasEditTrainingArguments``.
 
@@ -68,7 +71,7 @@ class Preset:
             output_dir=str(output_dir), n_edits=pick(n_edits, self.n_edits),
             batch_size=pick(batch_size, self.batch_size),
             meta_lr=pick(meta_lr, self.meta_lr), loc_coef=pick(loc_coef, self.loc_coef),
-            level_coef=pick(level_coef, self.level_coef),
+            level_coef=pick(level_coef, self.level_coef), held_out_coef=pick(held_out_coef, self.held_out_coef),
             epochs=pick(epochs, self.epochs), early_stopping_patience=pick(patience, self.early_stopping_patience),
             max_grad_norm=self.max_grad_norm, **training,
         )
@@ -89,6 +92,7 @@ class PresetOverrides:
     loc_coef: float | None = None
     rank: int | None = None
     level_coef: float | None = None
+    held_out_coef: float | None = None
 
     def overrides(self) -> dict[str, Any]:
         """The keyword arguments of :meth:`Preset.editor_and_arguments` these fields stand for."""

@@ -5,8 +5,14 @@ One meta-step on ``n_edits`` samples:
 1. cache keys / value gradients of the debias loss (normaliser statistics updated),
 2. predict the deltas ``S`` (hyper-network + ridge solve, no autograd),
 3. apply ``S`` functionally (``override_deltas``) and back-propagate the meta-loss
-   ``debias(post-edit) + loc_coef * retention(pre -> post, unrelated sentences)`` to ``dL/dS`` only,
+   ``debias(post-edit) + loc_coef * retention(pre -> post, unrelated sentences)
+   [+ held_out_coef * debias(post-edit, held-out pairs)]`` to ``dL/dS`` only,
 4. ``BiasEditor.meta_backward`` carries ``dL/dS`` through the solve into the editor; clip; Adam step.
+
+The held-out term is MEND's and MALMEN's generalisation loss: the edit computed from one group is also scored
+on another group of pairs of the same bias types and other target terms (:func:`held_out_group`: the next
+group of the epoch, filtered), so the editor is trained for what a deployed adapter meets, pairs it was not
+computed from. Its weight ``held_out_coef`` is 0 in the paper's presets.
 
 Checkpoints: ``output_dir`` always holds the best editor so far (an editor folder); ``output_dir/checkpoint``
 holds the latest resumable state (editor, optimiser, trainer state). Every file is written atomically.
@@ -36,7 +42,7 @@ from ..metrics import item_ss_lms
 from ..scoring import encode_sentences, sentence_scores, token_log_probs
 from ..tuner.layout import native_from_key_value
 from .cache import EditSample, as_edit_sample
-from .calibration import EDIT_SCALES, calibrate_edit_scale, scale_edits
+from .calibration import EDIT_SCALES, MAX_LMS_DROP, MAX_NLL_INCREASE, calibrate_edit_scale, scale_edits, target_score
 from .editor import (
     BiasEditor,
     encode_pairs,
@@ -62,6 +68,9 @@ class BiasEditTrainingArguments:
     loc_coef: float = 4.0
     level_coef: float = 0.0
     """Weight of the level loss (``losses.level_loss``: each pair's average log-prob kept; protects LMS)."""
+    held_out_coef: float = 0.0
+    """Weight of the held-out debias loss: the edit scored on pairs of the same bias types and other target terms
+    (:func:`held_out_group`; needs samples with ``target`` and ``bias_type``, as StereoSet items have)."""
     epochs: int = 100
     max_steps: int | None = None
     """Stop after this many meta-steps in total (counting those before a resume)."""
@@ -74,10 +83,11 @@ class BiasEditTrainingArguments:
     ``"target"``: the smallest dev ``|SS_post - 50|`` among validations whose LMS drop is at most
     ``max_lms_drop`` and whose mean token NLL on the unrelated sentences rose by at most ``max_nll_increase``
     (a validation outside them ranks after every one inside, by how far outside); ``"loss"``: the smallest
-    dev meta-loss (the paper's early stopping). See :func:`selection_score`."""
-    max_lms_drop: float = 3.0
+    dev meta-loss (the paper's early stopping); ``"held_out"``: as ``"target"``, with the SS of each dev group's
+    held-out pairs (:func:`held_out_group`) under its edit. See :func:`selection_score`."""
+    max_lms_drop: float = MAX_LMS_DROP
     """LMS points an editor may cost on dev and still be selected (``select_by="target"``)."""
-    max_nll_increase: float = 0.0488
+    max_nll_increase: float = MAX_NLL_INCREASE
     """Rise of the mean token NLL of unrelated dev sentences allowed (``log 1.05``: ~5 % perplexity)."""
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -100,7 +110,7 @@ class BiasEditTrainingArguments:
             raise ValueError(f"Unknown select_by {self.select_by!r}; choose one of {SELECT_BY}")
 
 
-SELECT_BY = ("target", "loss")
+SELECT_BY = ("target", "loss", "held_out")
 
 
 @dataclass
@@ -169,15 +179,28 @@ def selection_score(metrics: dict[str, float], args: BiasEditTrainingArguments) 
 
     ``"loss"``: the meta-loss. ``"target"``: ``|ss_post - 50|`` when the LMS drop is at most ``max_lms_drop``
     and ``nll_increase`` at most ``max_nll_increase``; else ``100 +`` the excess LMS drop ``+ 100 x`` the
-    excess NLL rise (so every editor within both bounds ranks first, and the rest by how far they are out).
+    excess NLL rise (so every editor within both bounds ranks first, and the rest by how far they are out;
+    ``calibration.target_score``).
     """
     if args.select_by == "loss":
         return float(metrics["loss"])
-    lms_excess = max(0.0, metrics["lms_pre"] - metrics["lms_post"] - args.max_lms_drop)
-    nll_excess = max(0.0, metrics["nll_increase"] - args.max_nll_increase)
-    if lms_excess == 0.0 and nll_excess == 0.0:
-        return abs(metrics["ss_post"] - 50.0)
-    return 100.0 + lms_excess + 100.0 * nll_excess
+    if args.select_by == "held_out":
+        metrics = {**metrics, "ss_post": metrics["held_out_ss_post"]}
+    return target_score(metrics, args.max_lms_drop, args.max_nll_increase)
+
+
+def held_out_group(edit: Sequence[EditSample], pool: Sequence[EditSample]) -> list[EditSample]:
+    """The samples of ``pool`` whose bias type is one of ``edit``'s and whose target term is none of ``edit``'s.
+
+    Raises:
+        ValueError: A sample has no ``target`` or ``bias_type``.
+    """
+    unlabelled = [i for i, s in enumerate([*edit, *pool]) if s.target is None or s.bias_type is None]
+    if unlabelled:
+        raise ValueError("The held-out meta-loss needs samples with 'target' and 'bias_type' (StereoSet items or "
+                         f"dicts with both keys); samples {unlabelled[:5]} of the group have none")
+    types, targets = {s.bias_type for s in edit}, {s.target for s in edit}
+    return [s for s in pool if s.bias_type in types and s.target not in targets]
 
 
 class BiasEditTrainer:
@@ -208,6 +231,7 @@ class BiasEditTrainer:
         self.model, self.editor, self.args = peft_model, editor, args
         self.train_data = self._samples(train_data, "train_data")
         self.eval_data = self._samples(eval_data, "eval_data") if eval_data else []
+        self._check_held_out_labels()
         if tokenizer is None:
             from .editor import _load_tokenizer_for
 
@@ -234,6 +258,15 @@ class BiasEditTrainer:
             raise ValueError(f"{what}: samples {missing[:5]} have no 'unrelated' sentence (needed for retention)")
         return samples
 
+    def _check_held_out_labels(self) -> None:
+        needs = {"train_data": self.args.held_out_coef > 0,
+                 "eval_data": self.args.held_out_coef > 0 or self.args.select_by == "held_out"}
+        for what, samples in (("train_data", self.train_data), ("eval_data", self.eval_data)):
+            unlabelled = [i for i, s in enumerate(samples) if s.target is None or s.bias_type is None]
+            if needs[what] and unlabelled:
+                raise ValueError(f"{what}: samples {unlabelled[:5]} have no 'target' / 'bias_type', which the "
+                                 "held-out meta-loss and selection need (StereoSet items have both)")
+
     # ----- one meta-step ----------------------------------------------------------------------------
     def _natives(self, deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Key -> value deltas ``[d_in, d_out]`` in each layer's native layout and device (keeps autograd)."""
@@ -243,8 +276,13 @@ class BiasEditTrainer:
             natives[name] = native_from_key_value(delta, layer.fan_in_fan_out).to(layer.get_base_layer().weight.device)
         return natives
 
-    def edit_step(self, samples: list[EditSample], train: bool) -> dict[str, float]:
-        """One edit of ``samples``; with ``train`` also the meta-update. Returns the batch metrics."""
+    def edit_step(self, samples: list[EditSample], train: bool,
+                  held_out: Sequence[EditSample] = ()) -> dict[str, float]:
+        """One edit of ``samples``; with ``train`` also the meta-update. Returns the batch metrics.
+
+        ``held_out``: pairs the edit is also scored on (:func:`held_out_group`); their debias loss enters the
+        meta-loss with weight ``held_out_coef``, and their SS before / after is reported (``held_out_*``).
+        """
         from ..tuner.deltas import override_deltas
 
         args, kind = self.args, self.editor.config.loss
@@ -302,6 +340,7 @@ class BiasEditTrainer:
                 pre_unrelated.append(sentence_scores(token_log_probs(pre_logits, unrelated), unrelated).mean.cpu())
                 post_unrelated.append(
                     sentence_scores(token_log_probs(post_logits.detach(), unrelated), unrelated).mean.cpu())
+            held = self._held_out_terms(held_out, natives, accumulate) if held_out else {}
 
         if train:
             if not all(torch.isfinite(g).all() for g in delta_grads.values()):
@@ -317,14 +356,47 @@ class BiasEditTrainer:
         pre_unrelated, post_unrelated = torch.cat(pre_unrelated), torch.cat(post_unrelated)
         pre = item_ss_lms(pre_stereo, pre_anti, pre_unrelated)
         post = item_ss_lms(torch.cat(post_stereo), torch.cat(post_anti), post_unrelated)
+        held_out_debias = held.get("held_out_debias", 0.0)
         return {
             "debias": debias_total,
             "retention": retention_total,
             "level": level_total,
-            "loss": debias_total + args.loc_coef * retention_total + args.level_coef * level_total,
+            "held_out_debias": held_out_debias,
+            "loss": debias_total + args.loc_coef * retention_total + args.level_coef * level_total
+            + args.held_out_coef * held_out_debias,
             "ss_pre": pre["ss"], "ss_post": post["ss"], "lms_pre": pre["lms"], "lms_post": post["lms"],
             "nll_increase": (pre_unrelated - post_unrelated).mean().item(),
+            **held,
         }
+
+    def _held_out_terms(self, held_out: Sequence[EditSample], natives: dict[str, torch.Tensor],
+                        accumulate) -> dict[str, float]:
+        """The post-edit debias loss of ``held_out`` (summed over pairs ``/ len(held_out)``; into ``accumulate``
+        weighted by ``held_out_coef``) and their item-level SS before / after the edit."""
+        from ..tuner.deltas import override_deltas
+
+        args, kind = self.args, self.editor.config.loss
+        held_out = [held_out[i] for i in length_order(self.tokenizer, held_out).tolist()]
+        total, pre_s, pre_a, post_s, post_a = 0.0, [], [], [], []
+        for start in range(0, len(held_out), args.batch_size):
+            batch = encode_pairs(self.tokenizer, held_out[start:start + args.batch_size])
+            with torch.no_grad(), self.replay.record() as recorded:
+                pre_logits = forward_logits(self.model, batch)
+            with override_deltas(self.model, natives, args.adapter_name), \
+                    self.replay.replay(recorded[0] if recorded else None):
+                logits = forward_logits(self.model, batch)
+            batch = batch.to(logits.device)
+            loss = debias_loss(kind, logits, batch).sum() / len(held_out)
+            if args.held_out_coef:
+                accumulate(args.held_out_coef * loss)
+            total += loss.item()
+            for (stereo, anti), into_s, into_a in ((pair_scores(pre_logits, batch), pre_s, pre_a),
+                                                   (pair_scores(logits.detach(), batch), post_s, post_a)):
+                into_s.append(stereo.mean.cpu())
+                into_a.append(anti.mean.cpu())
+        return {"held_out_debias": total, "held_out_ss_pre": item_ss_lms(torch.cat(pre_s), torch.cat(pre_a))["ss"],
+                "held_out_ss_post": item_ss_lms(torch.cat(post_s), torch.cat(post_a))["ss"],
+                "held_out_n": float(len(held_out))}
 
     # ----- loops ------------------------------------------------------------------------------------
     def _batches(self, samples: list[EditSample], epoch: int | None) -> list[list[EditSample]]:
@@ -334,12 +406,29 @@ class BiasEditTrainer:
         n_edits = self.args.n_edits
         return [[samples[i] for i in order[s:s + n_edits]] for s in range(0, len(order), n_edits)]
 
+    def _held_out(self, batches: list[list[EditSample]], index: int, validating: bool = False) -> list[EditSample]:
+        """The held-out pairs of ``batches[index]``: :func:`held_out_group` of the next batch (none with one
+        batch, or when neither the meta-loss nor, when ``validating``, the selection uses them)."""
+        wanted = self.args.held_out_coef > 0 or (validating and self.args.select_by == "held_out")
+        if not wanted or len(batches) < 2:
+            return []
+        return held_out_group(batches[index], batches[(index + 1) % len(batches)])
+
     def evaluate(self) -> dict[str, float]:
-        """Mean metrics of editing each ``n_edits`` group of ``eval_data`` (no meta-update)."""
+        """Mean metrics of editing each ``n_edits`` group of ``eval_data`` (no meta-update), weighted by the group
+        size (the ``held_out_ss_*`` ones by the held-out group's size)."""
         batches = self._batches(self.eval_data, None)
-        results = [self.edit_step(batch, train=False) for batch in batches]
-        weights = [len(batch) for batch in batches]
-        return {key: sum(w * r[key] for w, r in zip(weights, results)) / sum(weights) for key in results[0]}
+        results = [self.edit_step(batch, train=False, held_out=self._held_out(batches, k, validating=True))
+                   for k, batch in enumerate(batches)]
+        pooled = {}
+        for key in dict.fromkeys(key for result in results for key in result):
+            weighted = [(r["held_out_n"] if key.startswith("held_out_ss") else len(batch), r[key])
+                        for batch, r in zip(batches, results) if key in r]
+            pooled[key] = sum(w * v for w, v in weighted) / sum(w for w, _ in weighted)
+        if self.args.select_by == "held_out" and "held_out_ss_post" not in pooled:
+            raise ValueError("select_by='held_out' needs dev groups with held-out pairs: at least two groups of "
+                             "n_edits dev samples with other target terms of the same bias types")
+        return pooled
 
     def train(self) -> TrainerState:
         """Meta-train until ``epochs`` / ``max_steps`` / early stopping, then calibrate the kept editor.
@@ -363,7 +452,9 @@ class BiasEditTrainer:
             while self.state.epoch < args.epochs and not self._done():
                 batches = self._batches(self.train_data, self.state.epoch)
                 while self.state.step_in_epoch < len(batches) and not self._done():
-                    metrics = self.edit_step(batches[self.state.step_in_epoch], train=True)  # counts the step
+                    step = self.state.step_in_epoch
+                    metrics = self.edit_step(batches[step], train=True,
+                                             held_out=self._held_out(batches, step))  # counts the step
                     bar.update(1)
                     bar.set_postfix(debias=f"{metrics['debias']:.4f}", retain=f"{metrics['retention']:.4f}",
                                     ss=f"{metrics['ss_pre']:.0f}->{metrics['ss_post']:.0f}",

@@ -4,7 +4,8 @@ Sections (each a function returning a JSON-ready dict):
 
 - ``quality``: the demo's metrics (``demo.run_demo``) for the default editor (``token`` loss) and its
   ablations — the ``paper`` loss variant, no retention loss (``loc_coef = 0``, the paper's ablation), and
-  editing the first vs the last blocks (the paper's block sweep);
+  editing the first vs the last blocks (the paper's block sweep); each under the paper's per-batch protocol and
+  the deployment protocol (``deployment.py``: the adapter from ``train``, scored on ``test``) side by side;
 - ``speed``: the speed goals, each in every LM dtype of ``dtypes`` (fp32 and bf16 by default; the editor stays
   float32), measured interleaved so that drift in the machine's speed hits every dtype alike, and each set
   against the machine's compute bound (its measured 2048 x 2048 matmul rate over the model's forward FLOPs per
@@ -814,11 +815,14 @@ def bench_quality(config: BenchConfig, variants: Sequence[str] = tuple(QUALITY_V
         results[name] = {
             "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in QUALITY_VARIANTS[name].items()},
             "edited_layers": run["edit"]["layers"],
-            "before": summary(run["before"]), "after_joint": summary(run["after"]),
+            "before": summary(run["before"]), "after_deployment": summary(run["after"]),
+            "deployment": {**run["protocols"]["deployment"], "targets": run["targets"]["deployment"]},
             "per_batch": {"before": _ss_lms(run["protocols"]["per_batch"]["before"]),
                           "after": _ss_lms(run["protocols"]["per_batch"]["after"])},
             "held_out": {"before": _ss_lms(run["protocols"]["held_out"]["before"]),
                          "after": _ss_lms(run["protocols"]["held_out"]["after"])},
+            "joint_on_test": {"before": _ss_lms(run["protocols"]["joint_on_test"]["before"]),
+                              "after": _ss_lms(run["protocols"]["joint_on_test"]["after"])},
             "training_steps": run["training"]["steps"], "seconds": run["seconds"]["total"],
         }
         if on_variant is not None:
@@ -831,9 +835,12 @@ def _ss_lms(stereoset: dict) -> dict:
 
 
 def summary(evaluation: dict) -> dict:
-    """SS / LMS / ICAT per bias type, CrowS-Pairs overall and perplexity of an evaluate result."""
+    """SS / LMS / ICAT per bias type, CrowS-Pairs per type, the gender-swapped SS and perplexity of an evaluate
+    result."""
     return {"stereoset": _ss_lms(evaluation["stereoset"]),
+            "crows": {t: e["metric"] for t, e in evaluation.get("crows", {}).items()},
             "crows_overall": evaluation.get("crows", {}).get("overall", {}).get("metric"),
+            "gender_swapped": _ss_lms(evaluation.get("gender_swapped", {})),
             "perplexity": evaluation["perplexity"]}
 
 
@@ -991,8 +998,11 @@ def format_bench(results: dict) -> str:
         for bias_type, entry in q["per_batch"]["after"].items():
             before = q["per_batch"]["before"][bias_type]
             held = q["held_out"]["after"][bias_type]
+            deployed = q["after_deployment"]["stereoset"][bias_type]
             cells.append(f"{bias_type} SS {before['ss']:.1f}->{entry['ss']:.1f} "
                          f"LMS {before['lms']:.1f}->{entry['lms']:.1f} "
-                         f"(held-out SS {held['ss']:.1f} LMS {held['lms']:.1f})")
+                         f"(held-out SS {held['ss']:.1f} LMS {held['lms']:.1f}; deployment SS "
+                         f"{q['before']['stereoset'][bias_type]['ss']:.1f}->{deployed['ss']:.1f} "
+                         f"LMS {q['before']['stereoset'][bias_type]['lms']:.1f}->{deployed['lms']:.1f})")
         lines.append(f"quality {name}: " + "; ".join(cells))
     return "\n".join(lines)

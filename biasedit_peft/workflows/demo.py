@@ -2,9 +2,12 @@
 
 1. evaluate the base model (StereoSet ``test`` split, CrowS-Pairs, perplexity),
 2. meta-train an editor on the ``train`` split (``dev`` for early stopping)  -> ``OUT/editor``,
-3. measure it under the paper's per-batch protocol and a held-out protocol (``protocols.py``),
-4. debias: one joint delta from the ``test`` items, written into a BiasEdit adapter -> ``OUT/adapter``,
-5. evaluate base + adapter,
+3. measure it under the paper's per-batch protocol, a held-out-targets protocol and one joint delta from the
+   ``test`` items scored on them (``protocols.py``; all functional, nothing written),
+4. the deployment protocol (``deployment.py``): one joint delta from the ``train`` items, its strength
+   calibrated on ``dev``, written into a BiasEdit adapter -> ``OUT/adapter``,
+5. evaluate base + adapter on ``test`` (items and target terms the adapter never saw), CrowS-Pairs, the
+   gender-swapped ``test`` items and perplexity,
 6. merge into a plain transformers checkpoint -> ``OUT/merged``, reload it without the adapter, re-score,
 7. write ``OUT/results.json`` and a before / after bar chart ``OUT/before_after.png``.
 
@@ -52,12 +55,13 @@ from ..progress_store import (
     remove_path,
     run_stage,
 )
+from .deployment import deployment_check
 
 RESULTS_NAME = "results.json"
 PLOT_NAME = "before_after.png"
 STAGES_DIR = "stages"
-STAGES = ("evaluate_before", "train_editor", "per_batch_protocol", "held_out_protocol", "debias", "evaluate_after",
-          "merge_and_rescore")
+STAGES = ("evaluate_before", "train_editor", "per_batch_protocol", "held_out_protocol", "joint_on_test", "debias",
+          "evaluate_after", "merge_and_rescore")
 """The demo's stages, in the order they run (``merge_and_rescore`` only with ``merge``)."""
 DEMO_ENTRIES = (STAGES_DIR, "editor", "adapter", "merged", RESULTS_NAME, PLOT_NAME)
 """What a demo writes into ``OUT``; ``overwrite`` deletes these and nothing else."""
@@ -180,14 +184,14 @@ def evaluate(model, tokenizer, config: DemoConfig, name: str, adapter: str | Non
     ``store`` keeps (and resumes from) its finished score pieces."""
     from ..evaluation import evaluate_model
 
-    benchmarks = ("stereoset", "crows") if config.crows else ("stereoset",)
+    benchmarks = ("stereoset", "crows", "gender_swapped") if config.crows else ("stereoset", "gender_swapped")
     return evaluate_model(model, tokenizer, benchmarks=benchmarks, bias_types=list(config.bias_types), split="test",
                           progress=config.progress, limit=config.limit, model_name=name, adapter=adapter,
                           n_resamples=config.n_resamples, seed=config.seed, store=store)
 
 
 def max_abs_difference(first: dict, second: dict,
-                       sections: Sequence[str] = ("stereoset", "crows", "perplexity")) -> float:
+                       sections: Sequence[str] = ("stereoset", "crows", "gender_swapped", "perplexity")) -> float:
     """Largest ``|a - b|`` over the metrics of ``sections`` (``flatten_metrics``: finite values, counts
     skipped); inf when the two results do not hold the same metrics."""
     from ..sharing.model_card import flatten_metrics
@@ -213,16 +217,23 @@ def target_check(before: dict, after: dict, bias_types: Sequence[str], ss_tolera
     return rows
 
 
-def debias_and_save(editor, peft_model, tokenizer, config: DemoConfig, items: Sequence, out_dir: Path) -> dict:
-    """One joint delta from ``items`` written into the adapter, which is saved to ``out_dir``."""
-    report = editor.debias(peft_model, items, tokenizer=tokenizer, progress=config.progress)
+def debias_and_save(editor, peft_model, tokenizer, config: DemoConfig, out_dir: Path, batch_size: int) -> dict:
+    """The deployment adapter (``deployment.deployable_adapter``): one joint delta from the ``train`` items,
+    scaled as ``dev`` says, written into the adapter, which is saved to ``out_dir``."""
+    from .deployment import CALIBRATION_DATA, EDIT_DATA, deployable_adapter
+
+    train = load_demo_items("train", config.bias_types, config.limit)
+    dev = load_demo_items("dev", config.bias_types, config.limit)
+    report = deployable_adapter(editor, peft_model, tokenizer, train, dev, batch_size=batch_size,
+                                progress=config.progress)
     peft_config = peft_model.peft_config["default"]
     peft_config.editor_id = str(out_dir.parent / "editor")
-    peft_config.edit_data = "stereoset:test"
-    peft_config.edit_info = {"n_samples": report.n_samples, "n_tokens": report.n_tokens,
-                             "bias_types": ",".join(config.bias_types), "limit": config.limit}
+    peft_config.edit_data = EDIT_DATA
+    peft_config.edit_info = {"n_samples": report["n_samples"], "n_tokens": report["n_tokens"],
+                             "bias_types": ",".join(config.bias_types), "limit": config.limit,
+                             "scale": report["scale"], "calibrated_on": CALIBRATION_DATA}
     peft_model.save_pretrained(out_dir)
-    return {"n_samples": report.n_samples, "n_tokens": report.n_tokens, "layers": report.layers}
+    return {**report, "edit_data": EDIT_DATA, "calibrated_on": CALIBRATION_DATA}
 
 
 def write_card(peft_model, out_dir: Path, config: DemoConfig, before: dict, after: dict) -> None:
@@ -349,9 +360,15 @@ class DemoSession:
         return held_out_protocol(self.editor, self.peft_model, self.tokenizer, self.test_items,
                                  **self.protocol_arguments(training))
 
-    def debias(self) -> dict:
-        return debias_and_save(self.editor, self.peft_model, self.tokenizer, self.config, self.test_items,
-                               self.adapter_dir)
+    def joint_on_test(self, training: dict) -> dict:
+        from .protocols import joint_protocol
+
+        return joint_protocol(self.editor, self.peft_model, self.tokenizer, self.test_items, self.test_items,
+                              **self.protocol_arguments(training))
+
+    def debias(self, training: dict) -> dict:
+        return debias_and_save(self.editor, self.peft_model, self.tokenizer, self.config, self.adapter_dir,
+                               training["arguments"]["batch_size"])
 
     def evaluate_after(self, before: dict) -> dict:
         """Evaluate base + adapter and write the adapter's model card."""
@@ -388,14 +405,18 @@ def run_demo(config: DemoConfig, resume: bool = False, overwrite: bool = False) 
     training = demo.run("train_editor", demo.train, seconds, files=["editor"])
     per_batch = demo.run("per_batch_protocol", lambda: demo.per_batch(training), seconds)
     held_out = demo.run("held_out_protocol", lambda: demo.held_out(training), seconds)
-    edit = demo.run("debias", demo.debias, seconds, files=["adapter"])
+    joint = demo.run("joint_on_test", lambda: demo.joint_on_test(training), seconds)
+    edit = demo.run("debias", lambda: demo.debias(training), seconds, files=["adapter"])
     after = demo.run("evaluate_after", lambda: demo.evaluate_after(before), seconds, files=["adapter/README.md"])
     results: dict[str, Any] = {"before": before, "after": after}
     if config.merge:
         results["merged"] = demo.run("merge_and_rescore", lambda: demo.merge(after), seconds, files=["merged"])
-    results["protocols"] = {"per_batch": per_batch, "held_out": held_out}
+    results["protocols"] = {"per_batch": per_batch, "held_out": held_out, "joint_on_test": joint,
+                            "deployment": {key: edit[key] for key in ("edit_data", "calibrated_on", "scale",
+                                                                      "n_samples", "n_tokens")}}
     results["targets"] = {
-        "joint_on_test": target_check(before["stereoset"], after["stereoset"], config.bias_types),
+        "deployment": deployment_check(before, after, config.bias_types),
+        "joint_on_test": target_check(joint["before"], joint["after"], config.bias_types),
         "per_batch": target_check(per_batch["before"], per_batch["after"], config.bias_types),
         "per_batch_paper_units": target_check(per_batch["other_units"]["before"], per_batch["other_units"]["after"],
                                               config.bias_types),
@@ -440,15 +461,25 @@ def format_results(results: dict) -> str:
         for metric in ("ss", "lms", "icat"):
             lines.append(_row(f"StereoSet {bias_type} {metric.upper()}", before["stereoset"][bias_type][metric],
                               entry[metric]))
+    for bias_type, entry in after.get("gender_swapped", {}).items():
+        if bias_type != "overall":
+            lines.append(_row(f"gender-swapped {bias_type} SS", before["gender_swapped"][bias_type]["ss"],
+                              entry["ss"]))
     for bias_type, entry in after.get("crows", {}).items():
         lines.append(_row(f"CrowS-Pairs {bias_type}", before["crows"][bias_type]["metric"], entry["metric"]))
     lines.append(_row("perplexity", before["perplexity"], after["perplexity"]))
-    lines.append("  (after = one joint delta computed from the test items; SS ideal 50, LMS / ICAT ideal 100)")
+    deployment = results["protocols"].get("deployment")
+    if deployment:
+        lines.append(f"  (after = the deployment adapter: one joint delta from {deployment['edit_data']} "
+                     f"({deployment['n_samples']} pairs), scaled x{deployment['scale']:.3g} as "
+                     f"{deployment['calibrated_on']} says; SS ideal 50, LMS / ICAT ideal 100)")
     per_batch = results["protocols"]["per_batch"]
     shown = [(per_batch, "per-batch protocol (paper), reference SS")]
     if "other_units" in per_batch:
         shown.append((per_batch["other_units"], "per-batch protocol (paper), the paper code's SS"))
     shown.append((results["protocols"]["held_out"], "held-out target terms"))
+    if "joint_on_test" in results["protocols"]:
+        shown.append((results["protocols"]["joint_on_test"], "one joint delta from the test items, scored on them"))
     for protocol, label in shown:
         lines += ["", f"{label}: SS / LMS before -> after"]
         for bias_type, entry in protocol["after"].items():
@@ -457,11 +488,7 @@ def format_results(results: dict) -> str:
                          f"LMS {b['lms']:6.2f} -> {entry['lms']:6.2f}   (n={entry['n']})")
     lines.append("")
     for name, check in results["targets"].items():
-        verdicts = ", ".join(f"{t}: |SS-50| {abs(r['ss'] - 50):.1f}{'' if r['ss_ok'] else ' (>3)'}, "
-                             f"LMS drop {r['lms_drop']:.1f}{'' if r['lms_ok'] else ' (>3)'}"
-                             for t, r in check.items() if t != "all_ok")
-        verdict = "met" if check["all_ok"] else "NOT met"
-        lines.append(f"target |SS-50|<=3 and LMS drop<=3, {name}: {verdict} ({verdicts})")
+        lines.append(format_deployment_check(check) if name == "deployment" else format_target_check(name, check))
     merged = results.get("merged")
     if merged:
         lines.append(f"merged checkpoint {merged['path']}: reloaded without the adapter, max |metric difference| "
@@ -471,9 +498,35 @@ def format_results(results: dict) -> str:
     return "\n".join(lines)
 
 
+def format_target_check(name: str, check: dict) -> str:
+    """One line of a :func:`target_check`."""
+    verdicts = ", ".join(f"{t}: |SS-50| {abs(r['ss'] - 50):.1f}{'' if r['ss_ok'] else ' (>3)'}, "
+                         f"LMS drop {r['lms_drop']:.1f}{'' if r['lms_ok'] else ' (>3)'}"
+                         for t, r in check.items() if t != "all_ok")
+    return f"target |SS-50|<=3 and LMS drop<=3, {name}: {'met' if check['all_ok'] else 'NOT met'} ({verdicts})"
+
+
+def format_deployment_check(check: dict) -> str:
+    """One line of a ``deployment.deployment_check``."""
+    def crows(row: dict) -> str:
+        if row["crows_toward_50"] is None:
+            return "CrowS -"
+        away = "" if row["crows_toward_50"] else " (not toward 50)"
+        return f"CrowS {row['crows_before']:.1f}->{row['crows_after']:.1f}{away}"
+
+    cells = [f"{t}: SS {r['ss_before']:.1f}->{r['ss_after']:.1f}{'' if r['ss_halfway'] else ' (<half-way)'}"
+             f"{' inside CI' if r['ss_outside_ci'] is False else ''}, {crows(r)}, LMS drop {r['lms_drop']:.1f}"
+             f"{'' if r['lms_ok'] else ' (>3)'}" for t, r in check.items() if isinstance(r, dict)]
+    rise = check["perplexity_rise"]
+    over = "" if check["perplexity_ok"] else " (>5 %)"
+    cells.append(f"perplexity {'-' if rise is None else f'{100 * rise:+.1f} %'}{over}")
+    return (f"target deployment (SS half-way to 50, CrowS toward 50, LMS drop<=3, perplexity<=+5 %): "
+            f"{'met' if check['all_ok'] else 'NOT met'} ({'; '.join(cells)})")
+
+
 def plot_before_after(results: dict, path: str | Path) -> Path | None:
-    """Grouped bars of SS, LMS and ICAT per bias type: before, after the joint adapter, and after each
-    batch's own edit (the paper's per-batch protocol); None without matplotlib."""
+    """Grouped bars of SS, LMS and ICAT per bias type: before, after the deployment adapter (from ``train``), and
+    after each batch's own edit (the paper's per-batch protocol); None without matplotlib."""
     try:
         import matplotlib
 
@@ -481,7 +534,7 @@ def plot_before_after(results: dict, path: str | Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    series = {"before": results["before"]["stereoset"], "joint adapter": results["after"]["stereoset"]}
+    series = {"before": results["before"]["stereoset"], "deployment adapter": results["after"]["stereoset"]}
     if "protocols" in results:
         series["per-batch edits (paper)"] = results["protocols"]["per_batch"]["after"]
     types = list(series["before"])

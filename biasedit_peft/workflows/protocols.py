@@ -8,6 +8,11 @@ edit is therefore computed from the very items it is scored on.
 joint delta is computed from the items of the *edit* half and the items of the other half are scored with
 it. No scored item, sentence or target term was seen by the edit, so it measures generalisation.
 
+``joint`` (:func:`joint_protocol`): one joint delta from some items, scored on others (or the same ones).
+``held_out`` is ``joint`` on a target split; the demo also runs it with the test items on both sides. The
+protocol a deployment gets (the delta from ``train``, calibrated on ``dev``, merged, scored on ``test``) is in
+``deployment.py``.
+
 Both return StereoSet results in the schema of ``biasedit evaluate`` (``evaluation.stereoset_results``)
 for the same items before and after, and never change the model or its adapter.
 """
@@ -146,14 +151,44 @@ def held_out_protocol(
     split = split_targets(items, seed)
     edit_items = [item for item in items if item.target in split.edit[item.bias_type]]
     scored_items = [item for item in items if item.target in split.scored[item.bias_type]]
+    result = joint_protocol(editor, peft_model, tokenizer, edit_items, scored_items, batch_size, mode, adapter_name,
+                            n_resamples, seed, progress)
+    return {**result, "protocol": "held_out", "seed": seed, "edit_targets": split.edit,
+            "scored_targets": split.scored}
+
+
+def joint_protocol(
+    editor, peft_model: nn.Module, tokenizer, edit_items: Sequence[StereoSetItem],
+    scored_items: Sequence[StereoSetItem], batch_size: int = 32, mode: str = "reference",
+    adapter_name: str = "default", n_resamples: int = N_RESAMPLES, seed: int = 0, progress: bool = True,
+) -> dict:
+    """One joint delta from ``edit_items`` (applied functionally), ``scored_items`` scored before and with it.
+
+    Args:
+        editor: A trained editor.
+        peft_model: Its model (left unchanged).
+        tokenizer: The model's tokenizer.
+        edit_items: The items the delta is computed from (one solve).
+        scored_items: The items scored (``edit_items`` again for the transductive case).
+        batch_size: Sentences per scoring forward pass.
+        mode: The SS unit.
+        adapter_name: The adapter the edit is applied to (functionally).
+        n_resamples: Bootstrap resamples for the CIs.
+        seed: The bootstrap's seed.
+        progress: Show a progress bar.
+
+    Returns:
+        ``{"protocol": "joint", "n_edit_items", "n_items", "n_edit_tokens", "before", "after"}``.
+    """
+    scored_items = list(scored_items)
     before = score_stereoset_items(peft_model, tokenizer, scored_items, batch_size, progress=False)
-    cache, _, _ = editor.cache_samples(peft_model, tokenizer, edit_items, batch_size, progress=progress)
+    cache, _, _ = editor.cache_samples(peft_model, tokenizer, list(edit_items), batch_size, progress=progress)
     solutions = editor.predict(cache)
     with editor.edited(peft_model, solutions, adapter_name):
         after = score_stereoset_items(peft_model, tokenizer, scored_items, batch_size, progress=False)
     return {
-        "protocol": "held_out", "seed": seed, "n_edit_items": len(edit_items), "n_items": len(scored_items),
-        "n_edit_tokens": cache.n_tokens, "edit_targets": split.edit, "scored_targets": split.scored,
+        "protocol": "joint", "n_edit_items": len(edit_items), "n_items": len(scored_items),
+        "n_edit_tokens": cache.n_tokens,
         "before": stereoset_results(scored_items, before, mode, n_resamples, seed),
         "after": stereoset_results(scored_items, after, mode, n_resamples, seed),
     }

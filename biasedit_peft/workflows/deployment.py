@@ -1,0 +1,102 @@
+"""The deployment protocol: what a user who merges the adapter gets on sentences nobody edited.
+
+The paper's per-batch protocol edits the very items it scores. A deployed adapter is computed once and then
+meets everything else, so here:
+
+1. one joint delta is computed from the edit data only (StereoSet ``train``, or a user's own pairs:
+   :meth:`~biasedit_peft.editor.BiasEditor.joint_solutions`);
+2. its strength is calibrated on held-out pairs (StereoSet ``dev``, whose target terms neither ``train`` nor
+   ``test`` has: :func:`~biasedit_peft.editor.calibration.calibrate_joint_scale`), because a delta pooled over
+   thousands of pairs is weaker per pair than the 32-pair edits the editor was trained on;
+3. it is written into the adapter (:func:`deployable_adapter`), merged, and the merged model is scored on
+   ``test`` (unseen items and target terms), CrowS-Pairs (another benchmark), the gender-swapped ``test``
+   items, and perplexity; :func:`deployment_check` reads the result against the targets.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from torch import nn
+
+from ..data.crows import crows_bias_type
+from ..editor.calibration import JOINT_SCALES, calibrate_joint_scale, scaled_solutions
+
+EDIT_DATA = "stereoset:train"
+CALIBRATION_DATA = "stereoset:dev"
+MAX_LMS_DROP = 3.0
+MAX_PERPLEXITY_RISE = 0.05
+"""Relative perplexity rise the deployment target allows (5 %)."""
+
+
+def deployable_adapter(
+    editor, peft_model: nn.Module, tokenizer, edit_samples: Sequence[Any],
+    calibration_samples: Sequence[Any] | None = None, batch_size: int = 16, adapter_name: str = "default",
+    scales: Sequence[float] = JOINT_SCALES, progress: bool = True,
+) -> dict:
+    """Write one joint delta from ``edit_samples`` into adapter ``adapter_name``, scaled as held-out pairs say.
+
+    Args:
+        editor: A trained editor.
+        peft_model: Its model with the BiasEdit adapter (the delta is added to what the adapter holds).
+        tokenizer: The model's tokenizer.
+        edit_samples: The pairs the delta is computed from (StereoSet items, dicts or tuples).
+        calibration_samples: Held-out pairs with an unrelated sentence (``calibrate_joint_scale``); None: the
+            editor's own scale (1).
+        batch_size: Sentence pairs per LM forward pass.
+        adapter_name: The adapter written.
+        scales: The coarse multiples tried.
+        progress: Show progress bars.
+
+    Returns:
+        ``{"n_samples", "n_tokens", "layers", "scale", "calibration"}`` (``calibration`` as
+        ``calibrate_joint_scale`` returns it, or None).
+    """
+    solutions, report = editor.joint_solutions(peft_model, edit_samples, tokenizer, batch_size, progress=progress)
+    calibration = None
+    if calibration_samples:
+        calibration = calibrate_joint_scale(editor, peft_model, tokenizer, solutions, calibration_samples,
+                                            batch_size=batch_size, scales=scales, adapter_name=adapter_name,
+                                            progress=progress)
+    scale = calibration["scale"] if calibration else 1.0
+    editor.write_solutions(peft_model, scaled_solutions(solutions, scale), adapter_name)
+    return {"n_samples": report.n_samples, "n_tokens": report.n_tokens, "layers": report.layers, "scale": scale,
+            "calibration": calibration}
+
+
+def _outside(value: float, interval: Sequence[float] | None) -> bool | None:
+    return None if not interval else not (interval[0] <= value <= interval[1])
+
+
+def deployment_check(before: dict, after: dict, bias_types: Sequence[str], max_lms_drop: float = MAX_LMS_DROP,
+                     max_perplexity_rise: float = MAX_PERPLEXITY_RISE) -> dict:
+    """The deployment targets, per bias type, from two ``evaluate_model`` results (before / merged after).
+
+    Per type: ``ss_halfway`` (``|SS_after - 50| <= |SS_before - 50| / 2``), ``ss_outside_ci`` (SS after lies outside
+    the 95 % CI of SS before: a move inside it is not told apart from resampling noise), ``crows_toward_50``
+    (``|CrowS_after - 50| < |CrowS_before - 50|``; None without CrowS-Pairs of the type) and ``lms_ok`` (LMS drop
+    at most ``max_lms_drop``); ``perplexity_ok``: ``ppl_after <= (1 + max_perplexity_rise) ppl_before``;
+    ``all_ok``: every one of them holds.
+    """
+    rows: dict[str, Any] = {}
+    for bias_type in bias_types:
+        if bias_type not in before.get("stereoset", {}) or bias_type not in after.get("stereoset", {}):
+            continue
+        b, a = before["stereoset"][bias_type], after["stereoset"][bias_type]
+        row = {"ss_before": b["ss"], "ss_after": a["ss"], "lms_drop": b["lms"] - a["lms"],
+               "ss_halfway": abs(a["ss"] - 50) <= abs(b["ss"] - 50) / 2,
+               "ss_outside_ci": _outside(a["ss"], b.get("ss_ci")), "lms_ok": b["lms"] - a["lms"] <= max_lms_drop}
+        crows_type = crows_bias_type(bias_type)
+        crows_b, crows_a = before.get("crows", {}).get(crows_type), after.get("crows", {}).get(crows_type)
+        row["crows_before"] = crows_b["metric"] if crows_b else None
+        row["crows_after"] = crows_a["metric"] if crows_a else None
+        row["crows_toward_50"] = abs(crows_a["metric"] - 50) < abs(crows_b["metric"] - 50) if crows_b and crows_a \
+            else None
+        rows[bias_type] = row
+    ppl_b, ppl_a = before.get("perplexity"), after.get("perplexity")
+    rows["perplexity_rise"] = ppl_a / ppl_b - 1 if ppl_b and ppl_a is not None else None
+    rows["perplexity_ok"] = rows["perplexity_rise"] is not None and rows["perplexity_rise"] <= max_perplexity_rise
+    types = [r for k, r in rows.items() if k in bias_types]
+    rows["all_ok"] = bool(types) and rows["perplexity_ok"] and all(
+        r["ss_halfway"] and r["lms_ok"] and r["crows_toward_50"] is not False for r in types)
+    return rows

@@ -1,0 +1,118 @@
+"""The deployment protocol (workflows/deployment.py): the joint-scale calibration, the adapter it writes, the
+targets it is read against, and the gender-swapped benchmark it scores."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from biasedit_peft.data import gender_swapped, load_stereoset
+from biasedit_peft.editor import BiasEditor, BiasEditTrainer, BiasEditTrainingArguments
+from biasedit_peft.editor.calibration import calibrate_joint_scale, scaled_solutions, target_score
+from biasedit_peft.evaluation import evaluate_model, evaluate_stereoset, take_per_type
+from biasedit_peft.metrics import item_ss_lms
+from biasedit_peft.scoring import score_sentences
+from biasedit_peft.tuner.deltas import get_deltas
+from biasedit_peft.workflows.deployment import deployable_adapter, deployment_check
+
+from factories import editor_tokenizer, peft_model, samples
+
+TOKENIZER = editor_tokenizer()
+
+
+def _trained_editor(tmp_path, steps: int = 3):
+    model = peft_model()
+    editor = BiasEditor.for_model(model, rank=8, lr=1e-2)
+    args = BiasEditTrainingArguments(output_dir=str(tmp_path), n_edits=4, batch_size=2, meta_lr=1e-2,
+                                     loc_coef=1.0, max_steps=steps, progress=False, calibrate=False)
+    BiasEditTrainer(model, editor, args, samples(12), None, tokenizer=TOKENIZER).train()
+    return model, editor
+
+
+def test_target_score_by_hand():
+    inside = {"ss_post": 46.5, "lms_pre": 90.0, "lms_post": 88.0, "nll_increase": 0.01}
+    assert target_score(inside) == pytest.approx(3.5)
+    assert target_score({**inside, "lms_post": 85.0}) == pytest.approx(102.0)  # 5-point drop: 2 over
+    assert target_score({**inside, "nll_increase": 0.0588}) == pytest.approx(101.0)  # 0.01 over the bound
+    assert target_score({**inside, "lms_post": 85.0}, max_lms_drop=6.0) == pytest.approx(3.5)
+
+
+def test_joint_calibration_scores_each_scale_of_one_solution_on_held_out_pairs(tmp_path):
+    model, editor = _trained_editor(tmp_path)
+    edit, held_out = samples(16)[:8], samples(16)[8:]
+    solutions, _ = editor.joint_solutions(model, edit, TOKENIZER, batch_size=2, progress=False)
+    result = calibrate_joint_scale(editor, model, TOKENIZER, solutions, held_out, batch_size=2, scales=(1.0, 4.0))
+    rows = {row["scale"]: row for row in result["rows"]}
+    coarse = min((rows[1.0], rows[4.0]), key=lambda r: (r["selection"], abs(r["scale"] - 1)))["scale"]
+    assert sorted(rows) == sorted({1.0, 4.0, coarse / math.sqrt(2), coarse * math.sqrt(2)})  # + the half-steps
+    # one row recomputed with full forwards: the held-out pairs under 4 x the joint solution
+    sentences = [s.stereotype for s in held_out] + [s.anti_stereotype for s in held_out]
+    sentences += [s.unrelated for s in held_out]
+    pre = score_sentences(model, TOKENIZER, sentences, batch_size=2).mean.view(3, -1)
+    with editor.edited(model, scaled_solutions(solutions, 4.0)):
+        post = score_sentences(model, TOKENIZER, sentences, batch_size=2).mean.view(3, -1)
+    expected = item_ss_lms(post[0], post[1], post[2])
+    assert rows[4.0]["ss_pre"] == pytest.approx(item_ss_lms(pre[0], pre[1], pre[2])["ss"])
+    assert rows[4.0]["ss_post"] == pytest.approx(expected["ss"])
+    assert rows[4.0]["lms_post"] == pytest.approx(expected["lms"])
+    assert rows[4.0]["nll_increase"] == pytest.approx((pre[2] - post[2]).mean().item(), abs=1e-5)
+    assert all(row["selection"] == target_score(row) for row in result["rows"])
+    assert result["scale"] == min(result["rows"], key=lambda r: (r["selection"], abs(r["scale"] - 1)))["scale"]
+
+
+def test_deployable_adapter_writes_the_chosen_multiple_of_the_joint_delta(tmp_path):
+    model, editor = _trained_editor(tmp_path)
+    edit, held_out = samples(16)[:8], samples(16)[8:]
+    solutions, _ = editor.joint_solutions(model, edit, TOKENIZER, batch_size=2, progress=False)
+    report = deployable_adapter(editor, model, TOKENIZER, edit, held_out, batch_size=2, scales=(0.5, 2.0),
+                                progress=False)
+    assert report["calibration"]["scale"] == report["scale"] and report["n_samples"] == 8
+    written = get_deltas(model)
+    editor_layers = editor.check_compatible(model)
+    for name, solution in solutions.items():
+        expected = report["scale"] * solution.delta.dense()  # key -> value [in, out]
+        layer = editor_layers[name]
+        got = written[name] if layer.fan_in_fan_out else written[name].T
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-8)
+    # without held-out pairs: the editor's own scale
+    fresh = peft_model()
+    assert deployable_adapter(editor, fresh, TOKENIZER, edit, None, batch_size=2, progress=False)["scale"] == 1.0
+
+
+def test_deployment_check_by_hand():
+    def result(ss_g, ss_r, lms, crows_g, crows_r, ppl, ci=None):
+        return {"stereoset": {"gender": {"ss": ss_g, "lms": lms, "ss_ci": ci}, "race": {"ss": ss_r, "lms": lms}},
+                "crows": {"gender": {"metric": crows_g}, "race-color": {"metric": crows_r}}, "perplexity": ppl}
+
+    before = result(70.0, 60.0, 90.0, 60.0, 55.0, 20.0, ci=[66.0, 74.0])
+    after = result(58.0, 56.0, 88.0, 57.0, 56.0, 20.5)
+    check = deployment_check(before, after, ["gender", "race"])
+    assert check["gender"]["ss_halfway"] is True  # |8| <= |20| / 2
+    assert check["gender"]["ss_outside_ci"] is True  # 58 outside [66, 74]
+    assert check["gender"]["crows_toward_50"] is True and check["gender"]["lms_drop"] == 2.0
+    assert check["race"]["ss_halfway"] is False  # |6| > |10| / 2
+    assert check["race"]["ss_outside_ci"] is None  # no CI given
+    assert check["race"]["crows_toward_50"] is False  # 55 -> 56 (race is race-color in CrowS-Pairs)
+    assert check["perplexity_rise"] == pytest.approx(0.025) and check["perplexity_ok"] is True
+    assert check["all_ok"] is False
+    fixed = result(58.0, 54.0, 88.0, 57.0, 52.0, 21.2)
+    assert deployment_check(before, fixed, ["gender", "race"])["all_ok"] is False  # perplexity +6 %
+    assert deployment_check(before, {**fixed, "perplexity": 20.9}, ["gender", "race"])["all_ok"] is True
+
+
+def test_gender_swapped_benchmark_scores_the_swapped_gender_items():
+    from biasedit_peft.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer("testbed")
+    result = evaluate_model(model, tokenizer, benchmarks=("gender_swapped",), bias_types=["gender", "race"],
+                            limit=4, progress=False, n_resamples=0)
+    items = gender_swapped(take_per_type(load_stereoset("test", ["gender"]), 4))
+    assert set(result) >= {"gender_swapped", "perplexity"} and "stereoset" not in result
+    assert result["gender_swapped"] == evaluate_stereoset(model, tokenizer, items, progress=False, n_resamples=0)
+    assert result["gender_swapped"]["gender"]["n"] == 4
+    assert all(item.id.endswith(":gender-swapped") for item in items)
+    no_gender = evaluate_model(model, tokenizer, benchmarks=("gender_swapped",), bias_types=["race"], limit=4,
+                               progress=False, n_resamples=0)
+    assert "gender_swapped" not in no_gender
