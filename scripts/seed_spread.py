@@ -43,8 +43,15 @@ def metric_rows(results: dict) -> dict[str, float]:
     units = [("per-batch", protocols["per_batch"])]
     if "other_units" in protocols["per_batch"]:
         units.append(("per-batch, paper-code SS", protocols["per_batch"]["other_units"]))
-    units += [("held-out targets", protocols["held_out"]),
-              ("joint adapter", {"before": results["before"]["stereoset"], "after": results["after"]["stereoset"]})]
+    units.append(("held-out targets", protocols["held_out"]))
+    if "joint_on_test" in protocols:
+        units.append(("joint delta from test", protocols["joint_on_test"]))
+    shipped = "deployment adapter" if "deployment" in protocols else "joint adapter"  # demos before the deployment
+    units.append((shipped, {"before": results["before"]["stereoset"], "after": results["after"]["stereoset"]}))
+    for key in ("gender_swapped",):
+        if key in results["after"] and key in results["before"]:
+            units.append((f"{shipped}, gender-swapped", {"before": results["before"][key],
+                                                          "after": results["after"][key]}))
     for label, protocol in units:
         for bias_type, entry in protocol["after"].items():
             before = protocol["before"][bias_type]
@@ -63,6 +70,8 @@ def metric_rows(results: dict) -> dict[str, float]:
     calibration = training.get("calibration")
     if calibration:
         rows["kept editor: edit scale"] = calibration["scale"]
+    if "deployment" in protocols:
+        rows["deployment adapter: joint scale"] = protocols["deployment"]["scale"]
     rows["seconds, total"] = results["seconds"]["total"]
     return rows
 

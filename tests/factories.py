@@ -226,6 +226,19 @@ def peft_model(architecture: str = "gpt2", seed: int = 0, dtype: torch.dtype = t
     return get_peft_model(base, BiasEditConfig(**biasedit))
 
 
+def trained_editor(output_dir: Path, steps: int = 3):
+    """``(peft_model(), editor)``: a rank-8 editor meta-trained for ``steps`` steps on :func:`samples` (12 of them,
+    4 per edit, no validation, no calibration); its folder is ``output_dir``."""
+    from biasedit_peft.editor import BiasEditor, BiasEditTrainer, BiasEditTrainingArguments
+
+    model = peft_model()
+    editor = BiasEditor.for_model(model, rank=8, lr=1e-2)
+    args = BiasEditTrainingArguments(output_dir=str(output_dir), n_edits=4, batch_size=2, meta_lr=1e-2,
+                                     loc_coef=1.0, max_steps=steps, progress=False, calibrate=False)
+    BiasEditTrainer(model, editor, args, samples(12), None, tokenizer=editor_tokenizer()).train()
+    return model, editor
+
+
 def save_word_model(folder: Path, architecture: str = "gpt2", seed: int = 0, **config) -> Path:
     """A ``"words"``-size :func:`tiny_model` saved with :func:`words_tokenizer` to ``folder``."""
     tiny_model(architecture, seed, size="words", **config).save_pretrained(folder)

@@ -13,22 +13,13 @@ from biasedit_peft.editor.trainer import selection_score
 from biasedit_peft.metrics import item_ss_lms
 from biasedit_peft.scoring import score_sentences
 
-from factories import editor_tokenizer, peft_model, samples
+from factories import editor_tokenizer, peft_model, samples, trained_editor
 
 TOKENIZER = editor_tokenizer()
 
 
-def _trained_editor(tmp_path, steps: int = 3):
-    model = peft_model()
-    editor = BiasEditor.for_model(model, rank=8, lr=1e-2)
-    args = BiasEditTrainingArguments(output_dir=str(tmp_path), n_edits=4, batch_size=2, meta_lr=1e-2,
-                                     loc_coef=1.0, max_steps=steps, progress=False, calibrate=False)
-    BiasEditTrainer(model, editor, args, samples(12), None, tokenizer=TOKENIZER).train()
-    return model, editor
-
-
 def test_scaling_the_step_sizes_scales_every_delta_exactly(tmp_path):
-    model, editor = _trained_editor(tmp_path)
+    model, editor = trained_editor(tmp_path)
     cache, _, _ = editor.cache_samples(model, TOKENIZER, samples(6), 2)
     plain = editor.predict(cache)
     scale_edits(editor, 0.5)
@@ -40,7 +31,7 @@ def test_scaling_the_step_sizes_scales_every_delta_exactly(tmp_path):
 
 
 def test_calibration_rows_are_the_metrics_of_each_scaled_edit_and_the_pick_is_the_best(tmp_path):
-    model, editor = _trained_editor(tmp_path)
+    model, editor = trained_editor(tmp_path)
     groups = [samples(8)[:4], samples(8)[4:]]
     args = BiasEditTrainingArguments(output_dir=str(tmp_path))
     scales = (0.0, 1.0, 8.0)

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from biasedit_peft.data import gender_swapped, load_stereoset
-from biasedit_peft.editor import BiasEditor, BiasEditTrainer, BiasEditTrainingArguments
 from biasedit_peft.editor.calibration import calibrate_joint_scale, scaled_solutions, target_score
 from biasedit_peft.evaluation import evaluate_model, evaluate_stereoset, take_per_type
 from biasedit_peft.metrics import item_ss_lms
@@ -17,18 +16,9 @@ from biasedit_peft.scoring import score_sentences
 from biasedit_peft.tuner.deltas import get_deltas
 from biasedit_peft.workflows.deployment import deployable_adapter, deployment_check
 
-from factories import editor_tokenizer, peft_model, samples
+from factories import editor_tokenizer, peft_model, samples, trained_editor
 
 TOKENIZER = editor_tokenizer()
-
-
-def _trained_editor(tmp_path, steps: int = 3):
-    model = peft_model()
-    editor = BiasEditor.for_model(model, rank=8, lr=1e-2)
-    args = BiasEditTrainingArguments(output_dir=str(tmp_path), n_edits=4, batch_size=2, meta_lr=1e-2,
-                                     loc_coef=1.0, max_steps=steps, progress=False, calibrate=False)
-    BiasEditTrainer(model, editor, args, samples(12), None, tokenizer=TOKENIZER).train()
-    return model, editor
 
 
 def test_target_score_by_hand():
@@ -40,7 +30,7 @@ def test_target_score_by_hand():
 
 
 def test_joint_calibration_scores_each_scale_of_one_solution_on_held_out_pairs(tmp_path):
-    model, editor = _trained_editor(tmp_path)
+    model, editor = trained_editor(tmp_path)
     edit, held_out = samples(16)[:8], samples(16)[8:]
     solutions, _ = editor.joint_solutions(model, edit, TOKENIZER, batch_size=2, progress=False)
     result = calibrate_joint_scale(editor, model, TOKENIZER, solutions, held_out, batch_size=2, scales=(1.0, 4.0))
@@ -63,7 +53,7 @@ def test_joint_calibration_scores_each_scale_of_one_solution_on_held_out_pairs(t
 
 
 def test_deployable_adapter_writes_the_chosen_multiple_of_the_joint_delta(tmp_path):
-    model, editor = _trained_editor(tmp_path)
+    model, editor = trained_editor(tmp_path)
     edit, held_out = samples(16)[:8], samples(16)[8:]
     solutions, _ = editor.joint_solutions(model, edit, TOKENIZER, batch_size=2, progress=False)
     report = deployable_adapter(editor, model, TOKENIZER, edit, held_out, batch_size=2, scales=(0.5, 2.0),

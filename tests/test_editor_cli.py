@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import torch
 from peft import PeftModel
 
 import biasedit_peft  # noqa: F401  (registers BIASEDIT)
@@ -45,6 +46,24 @@ def test_train_editor_then_debias_then_load_adapter(tmp_path, capsys):
     assert set(deltas) == set(editor.config.targets) and all(d.abs().sum() > 0 for d in deltas.values())
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert config["edit_data"] == "stereoset:train" and config["edit_info"]["n_samples"] == 8
+    assert config["edit_info"]["calibrated_on"] == "stereoset:dev" and config["edit_info"]["scale"] > 0
+    assert "as stereoset:dev says" in capsys.readouterr().out
+
+    # a user's own pairs (JSONL, no unrelated sentence), the editor's own scale: the plain joint delta
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"stereotype": f"{g} is a nurse .", "anti_stereotype": f"{g} is a pilot ."})
+                             + "\n" for g in ("he", "she", "men")))
+    own = tmp_path / "own"
+    assert main(["debias", "--model", str(model_dir), "--editor", str(editor_dir), "--data", str(pairs),
+                 "--calibrate-on", "none", "--out", str(own), "--quiet"]) == 0
+    config = json.loads((own / "adapter_config.json").read_text())
+    assert config["edit_info"]["scale"] == 1.0 and config["edit_info"]["calibrated_on"] is None
+    written = get_deltas(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), own))
+    reference = peft_model(num_edit_layers=2)
+    editor.debias(reference, [json.loads(line) for line in pairs.read_text().splitlines()],
+                  tokenizer=editor_tokenizer(), progress=False)
+    for name, delta in get_deltas(reference).items():
+        torch.testing.assert_close(written[name], delta, rtol=1e-5, atol=1e-8)
 
 
 def test_debias_reports_a_mismatched_editor(tmp_path, capsys):

@@ -37,8 +37,23 @@ def test_mean_and_range_over_seeds_from_their_results(tmp_path, capsys):
     row = table["per-batch gender SS after"]
     assert (row["mean"], row["min"], row["max"]) == (52.0, 50.0, 54.0)
     assert table["per-batch gender LMS drop"]["mean"] == pytest.approx(3.0)  # 90 - (88 + 86 + 87) / 3
-    assert table["joint adapter gender SS after"]["seeds"] == {"0": 55.0, "1": 59.0, "2": 57.0}
+    assert table["joint adapter gender SS after"]["seeds"] == {"0": 55.0, "1": 59.0, "2": 57.0}  # an older demo
     assert table["perplexity change %"]["max"] == pytest.approx(5.0)  # 42 / 40
     assert table["seconds, total"]["mean"] == 130.0 and table["kept editor: edit scale"]["mean"] == 0.5
     printed = capsys.readouterr().out
     assert "| per-batch gender SS after | 52.00 | 50.00 - 54.00 | 50.00 | 54.00 | 52.00 |" in printed
+
+
+def test_a_demo_with_the_deployment_protocol_names_its_adapter_so(tmp_path):
+    script = _script()
+    results = _results(50.0, 88.0, 41.0, 100.0)
+    results["protocols"]["joint_on_test"] = results["protocols"]["held_out"]
+    results["protocols"]["deployment"] = {"scale": 8.0}
+    results["before"]["gender_swapped"] = {"gender": {"ss": 58.0, "lms": 90.0}}
+    results["after"]["gender_swapped"] = {"gender": {"ss": 56.0, "lms": 89.0}}
+    rows = script.metric_rows(results)
+    assert rows["deployment adapter gender SS after"] == 55.0 and "joint adapter gender SS after" not in rows
+    assert rows["joint delta from test gender SS after"] == 50.0
+    assert rows["deployment adapter, gender-swapped gender SS after"] == 56.0
+    assert rows["deployment adapter, gender-swapped gender LMS drop"] == 1.0
+    assert rows["deployment adapter: joint scale"] == 8.0

@@ -4,7 +4,8 @@ Sections (each a function returning a JSON-ready dict):
 
 - ``quality``: the demo's metrics (``demo.run_demo``) for the default editor (``token`` loss) and its
   ablations — the ``paper`` loss variant, no retention loss (``loc_coef = 0``, the paper's ablation), and
-  editing the first vs the last blocks (the paper's block sweep); each under the paper's per-batch protocol and
+  editing the first vs the last blocks (the paper's block sweep), and the held-out meta-loss
+  (``held_out_coef = 1``, trainer.py); each under the paper's per-batch protocol and
   the deployment protocol (``deployment.py``: the adapter from ``train``, scored on ``test``) side by side;
 - ``speed``: the speed goals, each in every LM dtype of ``dtypes`` (fp32 and bf16 by default; the editor stays
   float32), measured interleaved so that drift in the machine's speed hits every dtype alike, and each set
@@ -792,6 +793,7 @@ QUALITY_VARIANTS: dict[str, dict] = {
     "no_retention": {"loc_coef": 0.0},
     "first_2_blocks": {"layers_to_transform": (0, 1)},
     "last_2_blocks": {"layers_to_transform": None, "num_edit_layers": 2},
+    "held_out_loss": {"held_out_coef": 1.0},
 }
 
 
