@@ -1,5 +1,7 @@
 """Small file utilities that every writer of the package shares: :func:`atomic_write` (a file is replaced whole or
-not at all, with the permissions a new file gets) and one JSON writer.
+not at all, with the permissions a new file gets), one JSON writer, and the rules for output folders
+(:func:`check_output_folder` before any compute, :func:`folder_in_place` to build one beside its final name and swap
+it in whole).
 
 Every JSON document the package writes for others (``biasedit evaluate --json``, ``trace.json``, ``sweep.json``,
 ``merge_report.json``, ``lora_export_report.json``) goes through :func:`write_json`. It writes strict JSON: a
@@ -13,9 +15,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 from torch import Tensor
 
@@ -74,6 +79,14 @@ def write_json(path: str | Path, document: Any, indent: int | None = 2, strict: 
     return path
 
 
+def read_utf8(path: str | Path) -> str:
+    """The text of ``path``; a file that is not UTF-8 is a ``ValueError`` naming it (not a bare UnicodeDecodeError)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Write ``path`` through a temporary file in the same folder and ``os.replace`` it into place.
 
@@ -102,6 +115,152 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def _new_file_mode() -> int:
     """The mode ``open(path, "w")`` gives a new file: ``0o666`` less the process umask."""
+    return 0o666 & ~_umask()
+
+
+# ----- output folders ----------------------------------------------------------------------------------------
+class OutputFolderError(ValueError):
+    """An ``--out`` folder that must not be written (it names the folder and why)."""
+
+
+def check_output_folder(out: str | Path, inputs: Sequence[str | Path | None] = (), overwrite: bool = False) -> Path:
+    """Check, before any compute, that folder ``out`` may be (re)written.
+
+    Refused: ``out`` is, or lies under, a file; its nearest existing parent is not writable; ``out`` is one of
+    ``inputs`` or holds or lies inside one (local paths; Hub ids that are no local path are skipped); ``out`` is a
+    folder that is not empty, unless ``overwrite``.
+
+    Returns:
+        ``out`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        OutputFolderError: Saying which rule and which path.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputFolderError(f"--out {out} is a file, not a folder")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputFolderError(f"--out {out} lies under {parent}, which is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputFolderError(f"--out {out}: {parent} is not writable")
+    resolved = out.resolve()
+    for given in inputs:
+        if given is None or not Path(given).exists():
+            continue
+        source = Path(given).resolve()
+        if resolved == source or source.is_relative_to(resolved) or resolved.is_relative_to(source):
+            raise OutputFolderError(f"--out {out} is (or holds, or lies in) the input {given}; choose another folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputFolderError(f"--out {out} is not empty; pass --overwrite to replace it")
+    return out
+
+
+@contextmanager
+def folder_in_place(out: str | Path) -> Iterator[Path]:
+    """Build a folder under a temporary name beside ``out``, and put it in place of ``out`` when the block ends.
+
+    A kill at any moment leaves ``out`` as it was (and a hidden ``.NAME.tmp-*`` beside it) or the complete new
+    folder: the swap is one ``renameat2(RENAME_EXCHANGE)`` where Linux has it, else two renames. An exception in
+    the block removes the temporary folder and leaves ``out`` untouched. Check ``out`` first
+    (:func:`check_output_folder`).
+
+    Yields:
+        The temporary folder to write into.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    os.chmod(temporary, 0o777 & ~_umask())
+    try:
+        yield temporary
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    if out.exists():
+        if not _exchange(temporary, out):
+            aside = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            os.rmdir(aside)
+            os.rename(out, aside)
+            os.rename(temporary, out)
+            temporary = aside
+        shutil.rmtree(temporary, ignore_errors=True)  # the old folder, now under the temporary name
+    else:
+        os.rename(temporary, out)
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2`` with ``RENAME_EXCHANGE``); False where it is not available."""
+    if sys.platform != "linux":
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange)
+    return result == 0
+
+
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+# ----- manifests: each file's sha256 --------------------------------------------------------------------------
+MANIFEST_NAME = "manifest.json"
+UNHASHED = ("README.md", MANIFEST_NAME)
+"""Files a manifest leaves out: the model card (edited on the Hub by hand) and the manifest itself."""
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file, hex."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: str | Path) -> Path:
+    """``folder/manifest.json``: ``{file name: sha256}`` of every file in ``folder`` but :data:`UNHASHED`; written
+    last, so a folder whose manifest exists is complete."""
+    folder = Path(folder)
+    hashes = {path.name: file_sha256(path) for path in sorted(folder.iterdir())
+              if path.is_file() and path.name not in UNHASHED}
+    (folder / MANIFEST_NAME).write_text(json.dumps(hashes, indent=2) + "\n", encoding="utf-8")
+    return folder / MANIFEST_NAME
+
+
+def verify_manifest(folder: str | Path, names: Sequence[str] | None = None) -> bool:
+    """Check the files of ``folder`` (all those its manifest lists, or only ``names``) against their sha256.
+
+    Returns:
+        False when the folder has no manifest (made before manifests, or by other tools); True when all match.
+
+    Raises:
+        ValueError: A listed file is missing, or its sha256 differs (changed, corrupt, tampered with), named.
+    """
+    folder = Path(folder)
+    manifest = folder / MANIFEST_NAME
+    if not manifest.is_file():
+        return False
+    hashes = json.loads(read_utf8(manifest))
+    for name in names if names is not None else list(hashes):
+        if name not in hashes:
+            raise ValueError(f"{folder}: {name} is not in its {MANIFEST_NAME}")
+        path = folder / name
+        if not path.is_file():
+            raise ValueError(f"{folder}: {name} is missing (its {MANIFEST_NAME} lists it)")
+        if file_sha256(path) != hashes[name]:
+            raise ValueError(f"{folder}: {name} does not match its sha256 in {MANIFEST_NAME} (changed, corrupt or "
+                             "tampered with since it was written)")
+    return True

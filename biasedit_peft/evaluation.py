@@ -33,6 +33,7 @@ import torch
 from . import metrics
 from .data import STEREOSET_BIAS_TYPES, gender_swapped, load_crows, load_neutral_text, load_stereoset
 from .data.crows import CROWS_BIAS_TYPES, CrowsPair, crows_bias_type
+from .data.splits import take_per_type  # noqa: F401 - re-exported: evaluation.take_per_type
 from .data.stereoset import StereoSetItem
 from .progress_store import ScoreStore, sentences_digest, tensors_digest
 from .scoring import (
@@ -54,20 +55,6 @@ def model_name_of(model) -> str:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     name = getattr(base, "name_or_path", None) or getattr(getattr(base, "config", None), "_name_or_path", None)
     return str(name) if name else type(base).__name__
-
-
-def take_per_type(items: list, limit: int | None, key: str = "bias_type") -> list:
-    """The first ``limit`` items of each ``key`` group (all of them when ``limit`` is None), in order."""
-    if limit is None:
-        return list(items)
-    seen: dict[str, int] = {}
-    kept = []
-    for item in items:
-        group = getattr(item, key)
-        if seen.get(group, 0) < limit:
-            seen[group] = seen.get(group, 0) + 1
-            kept.append(item)
-    return kept
 
 
 def stereoset_metrics(items: Sequence[StereoSetItem], scores: dict[str, SentenceLogProbs], mode: str,

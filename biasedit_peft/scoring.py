@@ -94,11 +94,42 @@ def _max_length(tokenizer, max_length: int | None) -> int | None:
     return int(limit) if limit is not None and limit < _HUGE_MAX_LENGTH else None
 
 
-def encode_sentences(tokenizer, sentences: Sequence[str], max_length: int | None = None) -> TokenBatch:
+def model_context_length(model) -> int | None:
+    """The longest input the model's position table takes (``n_positions`` / ``max_position_embeddings`` /
+    ``n_ctx`` of its config), or None when the config names none."""
+    config = getattr(model, "config", None)
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context(lengths: Sequence[int], sentences: Sequence[str], context: int | None) -> None:
+    """Refuse sentences whose ``lengths`` (tokens with BOS) exceed the model's ``context``, naming the first.
+
+    Longer sentences are refused, not truncated: a truncated sentence would be scored on other text than it has.
+
+    Raises:
+        ValueError: ``sentence i ('...') has n tokens with BOS, more than the model's context of c``.
+    """
+    if context is None:
+        return
+    too_long = [i for i, n in enumerate(lengths) if n > context]
+    if too_long:
+        first = too_long[0]
+        raise ValueError(f"sentence {first} ({sentences[first][:80]!r}) has {lengths[first]} tokens with BOS, more "
+                         f"than the model's context of {context}; {len(too_long)} sentence(s) are too long: shorten "
+                         "or drop them")
+
+
+def encode_sentences(tokenizer, sentences: Sequence[str], max_length: int | None = None,
+                     context: int | None = None) -> TokenBatch:
     """Tokenise ``sentences`` as ``BOS + tokens``, right-padded, truncated to ``max_length`` in all.
 
     ``max_length`` defaults to the tokenizer's ``model_max_length`` when it is a real limit.
-    Truncation keeps the beginning of a sentence.
+    Truncation keeps the beginning of a sentence. ``context``: the model's context length
+    (:func:`model_context_length`); a longer sentence is refused (:func:`check_context`).
     """
     if isinstance(sentences, str):
         raise TypeError("encode_sentences takes a list of sentences, not one string")
@@ -114,6 +145,7 @@ def encode_sentences(tokenizer, sentences: Sequence[str], max_length: int | None
         if not ids:
             raise ValueError(f"sentence {index} ({sentences[index]!r}) has no tokens to score")
         rows.append([bos] + ids)
+    check_context([len(row) for row in rows], sentences, context)
     if limit is not None:
         rows = [row[:limit] for row in rows]
     lengths = torch.tensor([len(row) for row in rows])
@@ -194,7 +226,7 @@ def score_sentences(
     if not sentences:
         empty = torch.zeros(0)
         return SentenceLogProbs(empty, empty, torch.zeros(0, dtype=torch.long), empty)
-    encoded = encode_sentences(tokenizer, sentences, max_length)
+    encoded = encode_sentences(tokenizer, sentences, max_length, context=model_context_length(model))
     order = torch.argsort(encoded.attention_mask.sum(-1), descending=True, stable=True)
     device = model_device(model)
     pieces: list[SentenceLogProbs] = []

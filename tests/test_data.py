@@ -164,17 +164,19 @@ def test_edit_samples_from_a_bundled_split_a_stereoset_file_or_jsonl(tmp_path):
     path = write_rows(tmp_path / "rows.json", [ROW, copy.deepcopy(ROW) | {"id": "x2", "bias_type": "race"}])
     assert [item.id for item in load_edit_samples(str(path), ["race"])] == ["x2"]
     lines = tmp_path / "samples.jsonl"
-    lines.write_text('{"stereotype": "a", "anti_stereotype": "b", "unrelated": "c"}\n\n{"stereotype": "d"}\n')
-    assert load_edit_samples(str(lines), ["race"]) == [  # bias types do not apply to .jsonl lines
-        {"stereotype": "a", "anti_stereotype": "b", "unrelated": "c"}, {"stereotype": "d"}]
-    assert load_edit_samples(str(lines), limit=1) == [{"stereotype": "a", "anti_stereotype": "b", "unrelated": "c"}]
+    first, second = ({"stereotype": "a", "anti_stereotype": "b", "unrelated": "c"},
+                     {"stereotype": "d", "anti_stereotype": "e", "bias_type": "gender"})
+    lines.write_text(json.dumps(first) + "\n\n" + json.dumps(second) + "\n")
+    assert load_edit_samples(str(lines), ["race"]) == [first]  # bias types apply to lines that name one
+    assert load_edit_samples(str(lines), limit=1) == [first, second]  # --limit: per bias type (none is one type)
+    assert load_edit_samples(str(lines)) == [first, second]
 
 
 def test_edit_sample_errors_name_the_spec_or_the_line(tmp_path):
     with pytest.raises(ValueError, match=r"--data 'nowhere.jsonl': neither 'stereoset:SPLIT' nor an existing file"):
         load_edit_samples("nowhere.jsonl")
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"stereotype": "a"}\n\n{oops\n')
+    bad.write_text('{"stereotype": "a", "anti_stereotype": "b"}\n\n{oops\n')
     with pytest.raises(ValueError, match=r"bad.jsonl: line 3 is not JSON"):
         load_edit_samples(str(bad))
     empty = tmp_path / "empty.jsonl"
@@ -187,10 +189,10 @@ def test_edit_sample_errors_name_the_spec_or_the_line(tmp_path):
 
 def test_edit_samples_description_names_bias_types_only_for_stereoset_data():
     assert describe_edit_samples("stereoset:train", ["gender", "race"], 8) == (
-        "stereoset:train (bias types gender, race; first 8 samples)")
-    assert describe_edit_samples("stereoset:dev", None, None) == "stereoset:dev"
+        "stereoset:train (bias types gender, race; first 8 samples of each bias type)")
+    assert describe_edit_samples("stereoset:dev", None, None) == "stereoset:dev (bias types gender, race, religion)"
     assert describe_edit_samples("my.jsonl", ["gender"], None) == "my.jsonl"
-    assert describe_edit_samples("my.jsonl", ["gender"], 3) == "my.jsonl (first 3 samples)"
+    assert describe_edit_samples("my.jsonl", ["gender"], 3) == "my.jsonl (first 3 samples of each bias type)"
 
 
 def test_unknown_split_and_bias_type():

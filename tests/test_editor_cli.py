@@ -45,7 +45,7 @@ def test_train_editor_then_debias_then_load_adapter(tmp_path, capsys):
     deltas = get_deltas(loaded)
     assert set(deltas) == set(editor.config.targets) and all(d.abs().sum() > 0 for d in deltas.values())
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    assert config["edit_data"] == "stereoset:train" and config["edit_info"]["n_samples"] == 8
+    assert config["edit_data"] == "stereoset:train" and config["edit_info"]["n_samples"] == 24  # 8 per type
     assert config["edit_info"]["calibrated_on"] == "stereoset:dev" and config["edit_info"]["scale"] > 0
     assert "as stereoset:dev says" in capsys.readouterr().out
 

@@ -161,7 +161,8 @@ def test_editor_folder_round_trip_and_mismatch_errors(tmp_path):
     with torch.no_grad():
         editor.nets["24x16"].blocks[0].B.normal_()
     editor.save_pretrained(tmp_path / "editor")
-    assert {p.name for p in (tmp_path / "editor").iterdir()} == {"config.json", "editor.safetensors", "README.md"}
+    assert {p.name for p in (tmp_path / "editor").iterdir()} == {"config.json", "editor.safetensors", "README.md",
+                                                                 "manifest.json"}
     loaded = BiasEditor.from_pretrained(tmp_path / "editor")
     assert json.loads((tmp_path / "editor" / "config.json").read_text())["targets"] == editor.config.targets
     for (name, a), (_, b) in zip(editor.state_dict().items(), loaded.state_dict().items()):

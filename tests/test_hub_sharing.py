@@ -191,7 +191,8 @@ from huggingface_hub import ModelCard
 card = ModelCard.load("me/cli-editor").text  # the provenance survives the reload before the push
 emit({{"same_editor": same_editor, "same_adapter": same_adapter, "n": len(get_deltas(remote)),
       "card": ["biasedit train-editor --model" in card, "- Training data: `stereoset:train (bias types gender, "
-               "race, religion; first 6 samples)`" in card, "- train: `6`" in card, "--max-steps 2" in card]}})
+               "race, religion; first 6 samples of each bias type)`" in card, "- train: `18`" in card,
+               "--max-steps 2" in card]}})
 """
 
 
@@ -201,3 +202,39 @@ def test_cli_push_to_hub_for_editor_and_adapter(hub, tmp_path):
     result = run_client(hub, tmp_path / "home", CLI_PUSH_PULL.format(
         base=base, editor=str(tmp_path / "editor"), adapter=str(tmp_path / "adapter")))
     assert result == {"same_editor": True, "same_adapter": True, "n": 2, "card": [True, True, True, True]}
+
+
+TAMPER_AND_PULL = """
+    import torch, biasedit_peft
+    from huggingface_hub import HfApi
+    from safetensors.torch import load_file, save
+    from biasedit_peft.models import load_model
+    from biasedit_peft.sharing.adapter_files import AdapterFileError, load_biasedit_adapter
+    tensors = load_file({weights!r})
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first] * float("nan")  # a weights file changed on the Hub, the manifest left alone
+    HfApi().upload_file(path_or_fileobj=save(tensors), path_in_repo="adapter_model.safetensors",
+                        repo_id="org/debiased", commit_message="tamper")
+    try:
+        load_biasedit_adapter(load_model({base!r}), "org/debiased")
+        emit({{"error": None}})
+    except AdapterFileError as error:
+        emit({{"error": str(error)}})
+"""
+
+
+@pytest.mark.slow
+def test_a_weights_file_tampered_with_on_the_hub_is_refused_on_pull(hub, tmp_path):
+    import hashlib
+
+    base = save_word_model(tmp_path / "base")
+    make_adapter_folder(base, tmp_path / "first", seed=1)
+    common = {"base": str(base), "before": json.dumps(METRICS_BEFORE), "after": json.dumps(METRICS_AFTER)}
+    run_client(hub, tmp_path / "home-push", PUSH_ADAPTER.format(adapter=str(tmp_path / "first"), **common))
+    stored = hub.files("org/debiased")
+    manifest = json.loads(stored["manifest.json"])
+    assert manifest["adapter_model.safetensors"] == hashlib.sha256(stored["adapter_model.safetensors"]).hexdigest()
+    assert "README.md" not in manifest  # the card may be edited on the Hub
+    pulled = run_client(hub, tmp_path / "home-pull", TAMPER_AND_PULL.format(
+        weights=str(tmp_path / "first" / "adapter_model.safetensors"), base=str(base)))
+    assert pulled["error"] and "adapter_model.safetensors does not match its sha256" in pulled["error"]

@@ -28,7 +28,8 @@ def test_save_pretrained_writes_the_rich_card_with_parseable_metadata(tmp_path):
     editor.save_pretrained(tmp_path / "ed", training_data="stereoset:train (bias types gender)",
                            eval_data="stereoset:dev", splits={"train": 12, "eval": 4}, command=command,
                            validation=RECORD, training_args={"n_edits": 4, "meta_lr": 0.01, "output_dir": "/x/y"})
-    assert {p.name for p in (tmp_path / "ed").iterdir()} == {"config.json", "editor.safetensors", "README.md"}
+    assert {p.name for p in (tmp_path / "ed").iterdir()} == {"config.json", "editor.safetensors", "README.md",
+                                                             "manifest.json"}
     card = card_of(tmp_path / "ed")
     data = card.data
     assert data.library_name == "peft" and data.base_model == "openai-community/gpt2"
@@ -93,8 +94,9 @@ def test_cli_train_editor_card_has_the_data_and_the_command(tmp_path, capsys):
     state = json.loads((tmp_path / "ed" / "checkpoint" / "trainer_state.json").read_text())["trainer"]
     card = card_of(tmp_path / "ed")
     text = card.text
-    assert "- Training data: `stereoset:train (bias types gender, race, religion; first 8 samples)`" in text
-    assert "- Validation data: `stereoset:dev`" in text and "- train: `8`\n- eval: `8`" in text
+    assert ("- Training data: `stereoset:train (bias types gender, race, religion; first 8 samples of each bias "
+            "type)`") in text
+    assert "- Validation data: `stereoset:dev`" in text and "- train: `24`\n- eval: `24`" in text  # 8 per type
     assert "biasedit train-editor --model" in text and "--max-steps 2" in text and "--eval-every 2" in text
     assert f"meta-step {state['history'][0]['step']}" in text
     assert card.data.base_model is None  # a local folder is not a Hub id

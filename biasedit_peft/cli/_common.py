@@ -93,12 +93,22 @@ def tracing_settings(args: argparse.Namespace, kinds: Sequence[str] | None = Non
                          kinds=tuple(kinds or KINDS), layers_per_forward=getattr(args, "layers_per_forward", None))
 
 
+def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
+    """``--overwrite``: replace a non-empty ``--out`` (refused without it; ``_io.check_output_folder``)."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if it is not empty (it is built beside it and swapped in at the end)")
+
+
 def load_model_from_args(args: argparse.Namespace):
     """``(model, tokenizer)`` of the command's model.
 
     Args:
         args: The parsed arguments: ``--model``, ``--dtype``, ``--device`` and, where the command has them,
-            ``--threads`` and ``--adapter`` (a PEFT adapter put on top, in eval mode).
+            ``--threads`` and ``--adapter`` (a BiasEdit adapter put on top, in eval mode, after
+            ``sharing.adapter_files.load_biasedit_adapter`` checked it).
+
+    Raises:
+        ValueError: An adapter whose file is unreadable, holds non-finite deltas or does not fit the model.
     """
     import biasedit_peft  # noqa: F401  (registers BIASEDIT with peft before loading an adapter)
     from biasedit_peft.models import default_device, load_model_and_tokenizer
@@ -110,9 +120,9 @@ def load_model_from_args(args: argparse.Namespace):
     device = default_device(args.device)
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
     if getattr(args, "adapter", None):
-        from peft import PeftModel
+        from biasedit_peft.sharing.adapter_files import load_biasedit_adapter
 
-        model = PeftModel.from_pretrained(model, args.adapter).eval()
+        model = load_biasedit_adapter(model, args.adapter).eval()
     return model, tokenizer
 
 

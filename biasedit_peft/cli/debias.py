@@ -13,8 +13,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from biasedit_peft.cli._common import add_model_argument, add_runtime_arguments, recorded_command, split_list
+from biasedit_peft.cli._common import (
+    add_model_argument,
+    add_overwrite_argument,
+    add_runtime_arguments,
+    recorded_command,
+    split_list,
+)
 from biasedit_peft.models import default_device
 
 
@@ -27,7 +34,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     add_model_argument(parser)
     parser.add_argument("--editor", required=True, help="editor folder or Hub id (from train-editor)")
-    parser.add_argument("--out", required=True, help="adapter folder to write")
+    parser.add_argument("--out", required=True, help="adapter folder to write (refused if not empty, see --overwrite)")
+    add_overwrite_argument(parser)
     parser.add_argument("--data", default="stereoset:train",
                         help="samples to edit with: stereoset:SPLIT, a StereoSet .json or a .jsonl file "
                         "(default stereoset:train)")
@@ -35,8 +43,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="held-out pairs (with an unrelated sentence) that choose the delta's strength: "
                         "stereoset:SPLIT, a StereoSet .json or a .jsonl file, or 'none' for the editor's own scale "
                         "(default stereoset:dev)")
-    parser.add_argument("--bias-types", default="gender,race,religion", help="comma-separated (StereoSet data)")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N samples")
+    parser.add_argument("--bias-types", default=None,
+                        help="comma-separated; default: gender,race,religion of a bundled split, else the types the "
+                        "file has")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N samples of each bias type")
     parser.add_argument("--batch-size", type=int, default=16, help="sentence pairs per LM forward pass")
     parser.add_argument("--adapter-name", default="default")
     add_runtime_arguments(parser)
@@ -50,20 +60,24 @@ def run(args: argparse.Namespace) -> int:
     from peft import get_peft_model
 
     from biasedit_peft import BiasEditConfig
+    from biasedit_peft._io import check_output_folder, folder_in_place, write_manifest
     from biasedit_peft.data import load_edit_samples
     from biasedit_peft.editor import BiasEditor
     from biasedit_peft.models import load_model_and_tokenizer
     from biasedit_peft.workflows.deployment import deployable_adapter
 
     try:
-        samples = load_edit_samples(args.data, split_list(args.bias_types), args.limit)
-        calibration = None if args.calibrate_on == "none" else load_edit_samples(args.calibrate_on,
-                                                                                 split_list(args.bias_types))
+        check_output_folder(args.out, [args.model, args.editor, args.data, args.calibrate_on], args.overwrite)
+        bias_types = split_list(args.bias_types) or None
+        samples = load_edit_samples(args.data, bias_types, args.limit)
+        calibration = None if args.calibrate_on == "none" else load_edit_samples(
+            args.calibrate_on, bias_types or _types_of(samples))
         device = default_device(args.device)
         editor = BiasEditor.from_pretrained(args.editor, device=args.editor_device or device)
         model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
         targets = list(editor.config.targets)
-        peft_model = get_peft_model(model, BiasEditConfig(target_modules=targets, num_edit_layers=len(targets)))
+        peft_model = get_peft_model(model, BiasEditConfig(target_modules=targets, num_edit_layers=len(targets)),
+                                    adapter_name=args.adapter_name)
         report = deployable_adapter(editor, peft_model, tokenizer, samples, calibration, batch_size=args.batch_size,
                                     adapter_name=args.adapter_name, progress=not args.quiet)
     except (ValueError, FileNotFoundError, FloatingPointError, KeyError) as error:
@@ -75,7 +89,9 @@ def run(args: argparse.Namespace) -> int:
     config.edit_info = {"n_samples": report["n_samples"], "n_tokens": report["n_tokens"],
                         "bias_types": args.bias_types, "limit": args.limit, "scale": report["scale"],
                         "calibrated_on": None if calibration is None else args.calibrate_on}
-    peft_model.save_pretrained(args.out)
+    with folder_in_place(args.out) as building:
+        peft_model.save_pretrained(building)
+        write_manifest(building if args.adapter_name == "default" else Path(building) / args.adapter_name)
     scaled = "" if report["calibration"] is None else (
         f", scaled x{report['scale']:.3g} as {args.calibrate_on} says (SS there "
         f"{_chosen(report['calibration'])['ss_pre']:.1f} -> {_chosen(report['calibration'])['ss_post']:.1f})")
@@ -92,3 +108,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _chosen(calibration: dict) -> dict:
     return next(row for row in calibration["rows"] if row["scale"] == calibration["scale"])
+
+
+def _types_of(samples) -> list[str] | None:
+    """The bias types the edit samples have (None when none says): the held-out pairs are drawn from those."""
+    types = {getattr(s, "bias_type", None) if not isinstance(s, dict) else s.get("bias_type") for s in samples}
+    types.discard(None)
+    return sorted(types) or None

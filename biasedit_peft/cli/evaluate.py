@@ -92,10 +92,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         bias_types = _bias_types(args.bias_types)
         store = open_store(args.json_path, args.resume, args.overwrite)
+        model, tokenizer = load_model_from_args(args)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    model, tokenizer = load_model_from_args(args)
     try:
         result = evaluate_model(
             model, tokenizer, benchmarks=BENCHMARK_CHOICES[args.benchmark], bias_types=bias_types,

@@ -22,7 +22,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True, help="Base model: folder, Hub id or 'testbed'.")
     parser.add_argument("--adapter", required=True, help="BiasEdit adapter folder or Hub id.")
-    parser.add_argument("--out", required=True, help="Output folder for the LoRA adapter.")
+    parser.add_argument("--out", required=True, help="Output folder for the LoRA adapter (refused if not empty or "
+                        "an input; built beside it and swapped in at the end).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace --out if it is not empty.")
     parser.add_argument("--rank", type=int, default=None,
                         help="LoRA rank (default: each delta's full rank, which is exact).")
     parser.add_argument("--measure-ss", action="store_true",
@@ -42,8 +44,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from biasedit_peft._io import write_json
-    from biasedit_peft.sharing.lora_export import export_lora
+    from pathlib import Path
+
+    from biasedit_peft._io import check_output_folder, folder_in_place, write_json
+    from biasedit_peft.sharing.lora_export import REPORT_NAME, export_lora
 
     bias_types = split_list(args.bias_types)
     options = {}
@@ -51,8 +55,12 @@ def run(args: argparse.Namespace) -> int:
         options = dict(bias_types=bias_types, split=args.split, limit=args.limit, mode=args.mode,
                        batch_size=args.batch_size, progress=not args.quiet)
     try:
-        report = export_lora((args.model, args.adapter), args.out, rank=args.rank, measure_ss=args.measure_ss,
-                             **options)
+        check_output_folder(args.out, [args.model, args.adapter], args.overwrite)
+        with folder_in_place(args.out) as building:
+            report = export_lora((args.model, args.adapter), building, rank=args.rank, measure_ss=args.measure_ss,
+                                 **options)
+            report.out_dir = str(args.out)  # the folder's name once in place, not the temporary one
+            write_json(Path(building) / REPORT_NAME, report.to_dict())
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

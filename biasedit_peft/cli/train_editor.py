@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 
 from biasedit_peft.cli._common import (
@@ -38,8 +39,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--train-data", default="stereoset:train", help="stereoset:SPLIT or a file (default "
                         "stereoset:train)")
     parser.add_argument("--eval-data", default="stereoset:dev", help="stereoset:SPLIT, a file, or 'none'")
-    parser.add_argument("--bias-types", default="gender,race,religion", help="comma-separated (StereoSet data)")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N training / dev samples")
+    parser.add_argument("--bias-types", default=None,
+                        help="comma-separated; default: gender,race,religion of a bundled split, else the types the "
+                        "file has")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N training / dev samples of each "
+                        "bias type")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--max-steps", type=int, default=None, help="stop after N meta-steps in total")
     parser.add_argument("--eval-every", type=int, default=None, help="validate every N steps (default: per epoch)")
@@ -59,7 +63,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--n-blocks", type=int, default=None)
     parser.add_argument("--loss", choices=("token", "paper"), default="token",
                         help="loss variant: token (default) or paper (the BiasEdit code's); docs/method.md")
-    parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
+    again.add_argument("--overwrite", action="store_true",
+                       help="delete what a non-empty --out holds (an earlier run) and train afresh")
     parser.add_argument("--seed", type=int, default=0)
     add_runtime_arguments(parser)
     parser.add_argument("--editor-device", default=None, help="editor device (default: the LM device)")
@@ -72,12 +79,19 @@ def run(args: argparse.Namespace) -> int:
     from peft import get_peft_model
 
     from biasedit_peft import BiasEditConfig
+    from biasedit_peft._io import check_output_folder
     from biasedit_peft.data import describe_edit_samples, load_edit_samples
     from biasedit_peft.editor import BiasEditor, BiasEditTrainer, preset_for_model, preset_name_for
     from biasedit_peft.models import load_model_and_tokenizer
 
     try:
-        bias_types = split_list(args.bias_types)
+        out = check_output_folder(args.out, [args.model, args.train_data, args.eval_data],
+                                  overwrite=args.overwrite or args.resume)
+        if args.resume and not (out / "checkpoint").is_dir():
+            raise ValueError(f"--resume: {out} holds no checkpoint/ to continue from")
+        if args.overwrite and out.is_dir():
+            shutil.rmtree(out)
+        bias_types = split_list(args.bias_types) or None
         train_data = load_edit_samples(args.train_data, bias_types, args.limit)
         eval_data = None if args.eval_data == "none" else load_edit_samples(args.eval_data, bias_types, args.limit)
         device = default_device(args.device)

@@ -11,6 +11,9 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from .._io import read_utf8
+from .splits import SPLIT_BIAS_TYPES as BIAS_TYPES
+from .splits import take_per_type
 from .stereoset import StereoSetItem, load_stereoset, load_stereoset_file
 
 STEREOSET_PREFIX = "stereoset:"
@@ -23,21 +26,28 @@ def load_edit_samples(
 
     Args:
         spec: ``stereoset:SPLIT`` (bundled), a StereoSet-schema ``.json`` file, or a ``.jsonl`` file.
-        bias_types: Keep only these StereoSet bias types (StereoSet data; ``.jsonl`` lines are all kept).
-        limit: Keep only the first ``limit`` samples.
+        bias_types: Keep only these bias types (StereoSet data, and ``.jsonl`` rows with a ``bias_type``).
+            ``None``: gender, race and religion of a bundled split; every type a user's file has.
+        limit: Keep only the first ``limit`` samples of each bias type (rows without one count as one type),
+            as ``--limit`` means in every command.
 
     Raises:
         ValueError: ``spec`` is neither a StereoSet split nor an existing file, a ``.jsonl`` line is not JSON,
             or no sample is left.
     """
     if spec.startswith(STEREOSET_PREFIX):
-        items = load_stereoset(spec[len(STEREOSET_PREFIX):], bias_types=bias_types)
+        items = load_stereoset(spec[len(STEREOSET_PREFIX):], bias_types=bias_types or list(BIAS_TYPES))
     else:
         path = Path(spec)
         if not path.is_file():
             raise ValueError(f"--data {spec!r}: neither 'stereoset:SPLIT' nor an existing file")
-        items = _read_jsonl(path) if path.suffix == ".jsonl" else load_stereoset_file(path, bias_types=bias_types)
-    items = items[:limit] if limit is not None else items
+        if path.suffix == ".jsonl":
+            items = _read_jsonl(path)
+            if bias_types is not None:
+                items = [row for row in items if row.get("bias_type", bias_types[0]) in bias_types]
+        else:
+            items = load_stereoset_file(path, bias_types=bias_types)
+    items = take_per_type(items, limit)
     if not items:
         raise ValueError(f"{spec}: no samples")
     return items
@@ -48,20 +58,39 @@ def describe_edit_samples(spec: str, bias_types: Sequence[str] | None = None, li
 
     Args:
         spec: As for :func:`load_edit_samples`.
-        bias_types: The bias types it was read with; named only for ``stereoset:`` specs.
+        bias_types: The bias types it was read with (None: the default ones); named only for ``stereoset:`` specs.
         limit: The limit it was read with.
     """
-    details = [f"bias types {', '.join(bias_types)}"] if bias_types and spec.startswith(STEREOSET_PREFIX) else []
-    details += [f"first {limit} samples"] if limit is not None else []
+    stereoset = spec.startswith(STEREOSET_PREFIX)
+    bias_types = bias_types or (list(BIAS_TYPES) if stereoset else None)
+    details = [f"bias types {', '.join(bias_types)}"] if bias_types and stereoset else []
+    details += [f"first {limit} samples of each bias type"] if limit is not None else []
     return f"{spec} ({'; '.join(details)})" if details else spec
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``.jsonl`` pairs file, each checked: a JSON object with non-empty ``stereotype`` and
+    ``anti_stereotype`` strings (and ``unrelated``, ``target``, ``bias_type`` strings when present).
+
+    Raises:
+        ValueError: Naming the file and the (1-based) line.
+    """
     items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                items.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: line {number} is not JSON ({error})") from None
+    for number, line in enumerate(read_utf8(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: line {number} is not JSON ({error})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: line {number} is not a JSON object")
+        for key in ("stereotype", "anti_stereotype"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise ValueError(f"{path}: line {number}: {key!r} must be a non-empty sentence, got {row.get(key)!r}")
+        for key in ("unrelated", "target", "bias_type"):
+            if row.get(key) is not None and not isinstance(row[key], str):
+                raise ValueError(f"{path}: line {number}: {key!r} must be a string, got {row[key]!r}")
+        items.append(row)
     return items
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .._io import read_utf8
 from .resources import NEUTRAL_TEXT_FILE, resource_path
 
 
@@ -22,7 +23,7 @@ def load_neutral_text(path: str | Path | None = None) -> list[str]:
         ValueError: The file holds no text.
     """
     source = Path(path) if path is not None else resource_path(NEUTRAL_TEXT_FILE)
-    paragraphs = split_paragraphs(source.read_text(encoding="utf-8"))
+    paragraphs = split_paragraphs(read_utf8(source))
     if not paragraphs:
         raise ValueError(f"{source}: no text to compute perplexity on")
     return paragraphs

@@ -53,3 +53,17 @@ def split_train_dev(
                 dev_size += size
     chosen = [item.id for item in items if item.bias_type in bias_types]
     return {"train": [i for i in chosen if i not in dev_ids], "dev": [i for i in chosen if i in dev_ids]}
+
+
+def take_per_type(items: list, limit: int | None, key: str = "bias_type") -> list:
+    """The first ``limit`` items of each ``key`` group (all of them when ``limit`` is None), in order."""
+    if limit is None:
+        return list(items)
+    seen: dict[str, int] = {}
+    kept = []
+    for item in items:
+        group = item.get(key) if isinstance(item, dict) else getattr(item, key)
+        if seen.get(group, 0) < limit:
+            seen[group] = seen.get(group, 0) + 1
+            kept.append(item)
+    return kept

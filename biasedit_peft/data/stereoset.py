@@ -215,6 +215,8 @@ def read_stereoset_rows(path: str | Path) -> list[dict]:
             document = json.load(handle)
     except json.JSONDecodeError as error:
         raise StereoSetFormatError(f"{path}: not valid JSON ({error})") from None
+    except UnicodeDecodeError as error:
+        raise StereoSetFormatError(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
     if isinstance(document, dict) and "data" in document:
         data = document["data"]
         if not isinstance(data, dict) or not isinstance(data.get("intrasentence"), list):

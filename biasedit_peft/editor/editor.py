@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..scoring import eval_mode, inverse_permutation
+from ..scoring import check_context, eval_mode, inverse_permutation, model_context_length
 from ..tuner.layout import DeltaLike, add_deltas, native_factors, stored_delta
 from .cache import EditSample, KeyValueCache, as_edit_sample, logit_positions, record_layer_io
 from .losses import LOSS_KINDS, debias_loss, pair_scores
@@ -52,6 +52,9 @@ class BiasEditorConfig:
             raise ValueError("An editor needs at least one target module")
         if self.loss not in LOSS_KINDS:
             raise ValueError(f"Unknown loss {self.loss!r}; choose one of {LOSS_KINDS}")
+        for name in ("rank", "n_blocks", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         self.targets = {name: [int(size) for size in shape] for name, shape in self.targets.items()}
 
 
@@ -69,6 +72,8 @@ def shape_key(key_size: int, value_size: int) -> str:
 
 
 def _chunks(n_rows: int, chunk_size: int) -> Iterable[slice]:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     return (slice(start, start + chunk_size) for start in range(0, n_rows, chunk_size))
 
 
@@ -115,10 +120,11 @@ def encode_pairs(tokenizer, samples: Sequence[EditSample]):
     return encode_sentences(tokenizer, [s.stereotype for s in samples] + [s.anti_stereotype for s in samples])
 
 
-def length_order(tokenizer, samples: Sequence[EditSample]) -> torch.Tensor:
+def length_order(tokenizer, samples: Sequence[EditSample], context: int | None = None) -> torch.Tensor:
     """Indices ``[P]`` of ``samples``, longest pair first (in tokens; stable), so LM batches pad little.
 
-    Also rejects a sentence that tokenizes to nothing, naming the sample and field.
+    Also rejects a sentence that tokenizes to nothing, naming the sample and field, and one longer than the
+    model's ``context`` with its BOS (``scoring.check_context``).
     """
     sentences = [s.stereotype for s in samples] + [s.anti_stereotype for s in samples]
     lengths = torch.tensor([len(ids) for ids in tokenizer(sentences, add_special_tokens=False)["input_ids"]])
@@ -128,6 +134,8 @@ def length_order(tokenizer, samples: Sequence[EditSample]) -> torch.Tensor:
         field_name = "stereotype" if row < len(samples) else "anti_stereotype"
         raise ValueError(f"Sample {row % len(samples)}: field {field_name!r} ({sentences[row]!r}) tokenizes to "
                          "no scored tokens")
+    check_context((lengths + 1).tolist(), [f"sample {i % len(samples)}: {text}" for i, text in enumerate(sentences)],
+                  context)
     pair_lengths = torch.maximum(lengths[:len(samples)], lengths[len(samples):])
     return torch.argsort(pair_lengths, descending=True, stable=True)
 
@@ -244,7 +252,7 @@ class BiasEditor(nn.Module):
         layers = self.check_compatible(peft_model)
         cache = KeyValueCache()
         stereo_scores, anti_scores = [], []
-        order = length_order(tokenizer, samples)  # LM batches of similar lengths: little padding
+        order = length_order(tokenizer, samples, model_context_length(peft_model))  # batches of similar lengths
         ordered = [samples[i] for i in order.tolist()]
         starts = range(0, len(samples), batch_size)
         with record_layer_io(layers) as recorder, eval_mode(peft_model):

@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .._io import atomic_write, atomic_write_text
+from .._io import atomic_write, atomic_write_text, verify_manifest, write_manifest
 from .editor import EDITOR_FORMAT, BiasEditor, BiasEditorConfig
 
 CONFIG_NAME = "config.json"
@@ -61,6 +61,7 @@ def save_editor(editor: BiasEditor, save_directory: str | os.PathLike, **card_in
     atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(state, path, metadata={"format": "pt"}))
     atomic_write_text(directory / CONFIG_NAME, json.dumps(asdict(editor.config), indent=2) + "\n")
     atomic_write_text(directory / CARD_NAME, card)
+    write_manifest(directory)  # last: a kill before it leaves a manifest that the new files do not match
 
 
 def load_editor(path_or_repo_id: str | os.PathLike, device: str | torch.device | None = None,
@@ -77,6 +78,7 @@ def load_editor(path_or_repo_id: str | os.PathLike, device: str | torch.device |
         FileNotFoundError: The folder lacks ``config.json`` or ``editor.safetensors``.
         ValueError: The folder's format is not this package's, or its weights do not match its config.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = Path(path_or_repo_id)
@@ -87,16 +89,64 @@ def load_editor(path_or_repo_id: str | os.PathLike, device: str | torch.device |
     config_path = directory / CONFIG_NAME
     if not config_path.is_file() or not (directory / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"{directory} is not an editor folder (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-    config_dict = json.loads(config_path.read_text())
-    if config_dict.get("format") != EDITOR_FORMAT:
-        raise ValueError(f"{config_path}: format {config_dict.get('format')!r} is not {EDITOR_FORMAT!r}")
-    editor = editor_class(BiasEditorConfig(**config_dict))
-    state = load_file(str(directory / WEIGHTS_NAME))
-    missing, unexpected = editor.load_state_dict(state, strict=False)
+    verify_manifest(directory, [CONFIG_NAME, WEIGHTS_NAME])  # when the folder has a manifest
+    editor = editor_class(read_editor_config(config_path))
+    try:
+        state = load_file(str(directory / WEIGHTS_NAME))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+        raise ValueError(f"{directory / WEIGHTS_NAME}: not a readable safetensors file (truncated or corrupt?): "
+                         f"{error}") from None
+    try:
+        missing, unexpected = editor.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # a tensor of another shape
+        raise ValueError(f"{directory / WEIGHTS_NAME} does not match {CONFIG_NAME}: {error}") from None
     if missing or unexpected:
         raise ValueError(f"{directory / WEIGHTS_NAME} does not match {CONFIG_NAME}: "
                          f"missing {missing}, unexpected {unexpected}")
     return editor.to(device) if device is not None else editor
+
+
+def read_editor_config(path: Path) -> BiasEditorConfig:
+    """The :class:`BiasEditorConfig` of an editor folder's ``config.json``, every field checked.
+
+    Raises:
+        ValueError: Naming the file: not UTF-8 JSON, another format, an unknown or missing key, or a value of the
+            wrong type (``targets`` must map module names to ``[key_size, value_size]``).
+    """
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not JSON ({error})") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(document).__name__}")
+    if document.get("format") != EDITOR_FORMAT:
+        raise ValueError(f"{path}: format {document.get('format')!r} is not {EDITOR_FORMAT!r}")
+    known = {f.name: f for f in fields(BiasEditorConfig)}
+    unknown = sorted(set(document) - set(known))
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown}; an editor config has {sorted(known)}")
+    required = [name for name, f in known.items() if f.default is MISSING and f.default_factory is MISSING]
+    missing = [name for name in required if name not in document]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {missing}")
+    targets = document["targets"]
+    if not isinstance(targets, dict) or not all(
+            isinstance(name, str) and isinstance(shape, list) and len(shape) == 2
+            and all(isinstance(size, int) and size > 0 for size in shape) for name, shape in targets.items()):
+        raise ValueError(f"{path}: 'targets' must map module names to [key_size, value_size] (positive ints), "
+                         f"got {targets!r}")
+    types = {"rank": int, "n_blocks": int, "chunk_size": int, "lr": (int, float), "loss": str,
+             "base_model": (str, type(None)), "format": str}
+    for name, kind in types.items():
+        if name in document and (not isinstance(document[name], kind) or isinstance(document[name], bool)):
+            raise ValueError(f"{path}: {name!r} must be {getattr(kind, '__name__', 'a number or string')}, got "
+                             f"{document[name]!r}")
+    try:
+        return BiasEditorConfig(**document)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
 
 
 def push_editor(editor: BiasEditor, repo_id: str, private: bool | None = None, token: str | None = None,

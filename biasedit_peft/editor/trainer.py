@@ -15,7 +15,8 @@ group of the epoch, filtered), so the editor is trained for what a deployed adap
 computed from. Its weight ``held_out_coef`` is 0 in the paper's presets.
 
 Checkpoints: ``output_dir`` always holds the best editor so far (an editor folder); ``output_dir/checkpoint``
-holds the latest resumable state (editor, optimiser, trainer state). Every file is written atomically.
+holds the latest resumable state (editor, optimiser, trainer state, and a manifest of their sha256), written as one
+unit (built beside it, swapped in whole). A resume checks the manifest, and refuses other settings or data.
 Ctrl-C writes a checkpoint of the last completed meta-step before it stops the run (the Adam update and the
 step count are applied together, with SIGINT held back), so ``resume=True`` continues exactly from there.
 """
@@ -37,7 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._io import atomic_write, atomic_write_text
+from .._io import folder_in_place, verify_manifest, write_manifest
 from ..metrics import item_ss_lms
 from ..scoring import encode_sentences, sentence_scores, token_log_probs
 from ..tuner.layout import native_from_key_value
@@ -201,6 +202,32 @@ def held_out_group(edit: Sequence[EditSample], pool: Sequence[EditSample]) -> li
                          f"dicts with both keys); samples {unlabelled[:5]} of the group have none")
     types, targets = {s.bias_type for s in edit}, {s.target for s in edit}
     return [s for s in pool if s.bias_type in types and s.target not in targets]
+
+
+RESUMABLE_CHANGES = ("output_dir", "max_steps", "epochs", "progress", "resume", "editor_device")
+"""Training arguments a resumed run may change (how long and where it runs, not what it computes)."""
+
+
+def resume_mismatches(saved: dict, args: BiasEditTrainingArguments, saved_config, config,
+                      data: dict[str, int]) -> dict[str, tuple]:
+    """``{field: (checkpoint's value, this run's)}`` for every training argument (but
+    :data:`RESUMABLE_CHANGES`), editor setting (``loss``, ``rank``, ``n_blocks``, ``lr``, ``chunk_size``) and data
+    size (``--limit``, other data) that differs between checkpoint ``saved`` (its ``trainer_state.json``) and now."""
+    differing = {}
+    for name, value in asdict(args).items():
+        if name in RESUMABLE_CHANGES or name not in saved.get("args", {}):
+            continue
+        before = saved["args"][name]
+        if (list(before) if isinstance(before, (list, tuple)) else before) != \
+                (list(value) if isinstance(value, (list, tuple)) else value):
+            differing[name] = (before, value)
+    for name in ("loss", "rank", "n_blocks", "chunk_size"):
+        if getattr(saved_config, name) != getattr(config, name):
+            differing[name] = (getattr(saved_config, name), getattr(config, name))
+    for split, count in data.items():
+        if saved.get("data", {}).get(split, count) != count:
+            differing[f"{split} samples"] = (saved["data"][split], count)
+    return differing
 
 
 class BiasEditTrainer:
@@ -538,29 +565,46 @@ class BiasEditTrainer:
 
     # ----- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """Editor + optimiser + trainer state under ``output_dir/checkpoint`` (atomic files, state last)."""
+        """Editor + optimiser + trainer state + ``manifest.json`` (each file's sha256) under
+        ``output_dir/checkpoint``, written as one unit: the folder is built beside it and swapped in whole
+        (``_io.folder_in_place``), so a kill at any moment leaves the previous checkpoint or the new one."""
         from safetensors.torch import save_file
 
         directory = Path(self.args.output_dir) / CHECKPOINT_DIR
-        self.editor.save_pretrained(directory)
-        tensors, meta = _flatten_optimizer(self.optimizer.state_dict())
-        atomic_write(directory / OPTIMIZER_NAME, lambda path: save_file(tensors, path))
-        state = {"trainer": asdict(self.state), "optimizer": meta, "args": asdict(self.args)}
-        atomic_write_text(directory / STATE_NAME, json.dumps(state, indent=2, default=float) + "\n")
+        with folder_in_place(directory) as building:
+            self.editor.save_pretrained(building)
+            tensors, meta = _flatten_optimizer(self.optimizer.state_dict())
+            save_file(tensors, str(building / OPTIMIZER_NAME))
+            state = {"trainer": asdict(self.state), "optimizer": meta, "args": asdict(self.args),
+                     "data": {"train": len(self.train_data), "eval": len(self.eval_data)}}
+            (building / STATE_NAME).write_text(json.dumps(state, indent=2, default=float) + "\n", encoding="utf-8")
+            write_manifest(building)
         if not (Path(self.args.output_dir) / "config.json").is_file():  # no validation yet: best = latest
             self.editor.save_pretrained(self.args.output_dir)
         return directory
 
     def load_checkpoint(self) -> None:
-        """Restore editor, optimiser and trainer state from ``output_dir/checkpoint``."""
+        """Restore editor, optimiser and trainer state from ``output_dir/checkpoint``, after checking its manifest
+        and that the run's settings and data are the checkpoint's (:func:`resume_mismatches`).
+
+        Raises:
+            ValueError: A file that does not match the manifest, or settings that differ (named).
+        """
         from safetensors.torch import load_file
 
         directory = Path(self.args.output_dir) / CHECKPOINT_DIR
-        saved = json.loads((directory / STATE_NAME).read_text())
+        verify_manifest(directory)
+        saved = json.loads((directory / STATE_NAME).read_text(encoding="utf-8"))
         restored = BiasEditor.from_pretrained(directory)
         if restored.config.targets != self.editor.config.targets:
             raise ValueError(f"Checkpoint {directory} edits {sorted(restored.config.targets)}, "
                              f"not {sorted(self.editor.config.targets)}")
+        differing = resume_mismatches(saved, self.args, restored.config, self.editor.config,
+                                      {"train": len(self.train_data), "eval": len(self.eval_data)})
+        if differing:
+            raise ValueError(f"--resume: {directory} was made with other settings: "
+                             + "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differing.items())
+                             + ". Resume with the checkpoint's settings, or start afresh (--overwrite).")
         self.editor.load_state_dict(restored.state_dict())
         optimizer_state = _unflatten_optimizer(load_file(str(directory / OPTIMIZER_NAME)), saved["optimizer"])
         self.optimizer.load_state_dict(optimizer_state)

@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .._io import write_manifest
+
 README = "README.md"
 
 
@@ -31,7 +33,8 @@ def push_folder_to_hub(
     commit_message: str | None = None,
     revision: str | None = None,
 ) -> str:
-    """Create ``repo_id`` if needed and upload every file of ``folder`` in one commit.
+    """Create ``repo_id`` if needed and upload every file of ``folder`` in one commit, with a ``manifest.json`` of
+    each file's sha256 (written into ``folder`` first; loading the adapter or editor back verifies it).
 
     Args:
         folder: The folder to upload.
@@ -53,6 +56,7 @@ def push_folder_to_hub(
         raise FileNotFoundError(f"Cannot push {folder}: not a folder.")
     if card is not None:
         (folder / README).write_text(_card_text(card), encoding="utf-8")
+    write_manifest(folder)  # each file's sha256: pulls and loads verify it (_io.verify_manifest)
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     commit = api.upload_folder(

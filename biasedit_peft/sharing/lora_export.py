@@ -32,6 +32,7 @@ from .._io import write_json
 from ..tuner.layout import native_from_out_in_factors, out_in, out_in_factors, stored_delta
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
+REPORT_NAME = "lora_export_report.json"
 CONFIG_NAME = "adapter_config.json"
 KEY_PREFIX = "base_model.model."
 SS_OPTIONS = ("bias_types", "split", "limit", "mode", "batch_size", "progress")
@@ -420,7 +421,7 @@ def export_lora_from_peft_model(peft_model, out_dir: str | Path, rank: int | Non
                                                      **ss_options)
     else:
         report.ss_skipped = "not requested (measure_ss=True, or --measure-ss on the command line)"
-    write_json(out_dir / "lora_export_report.json", report.to_dict())
+    write_json(out_dir / REPORT_NAME, report.to_dict())
     return report
 
 

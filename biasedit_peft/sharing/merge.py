@@ -85,13 +85,15 @@ def load_adapters(model: torch.nn.Module, adapters: Sequence[str | Path]):
 
     Raises:
         ValueError: Naming the adapter, when it is not a BiasEdit adapter, was made for another model class, or
-            its deltas do not fit the base model's modules (missing modules or wrong shapes).
+            its deltas do not fit the base model's modules (missing modules or wrong shapes); naming the file
+            and tensor when its weights are unreadable or non-finite (``adapter_files.AdapterFileError``).
     """
-    from peft import PeftConfig, PeftModel
+    from peft import PeftConfig
 
     import biasedit_peft  # noqa: F401 - registers BIASEDIT with peft
 
     from ..tuner import edit_targets
+    from .adapter_files import AdapterFileError, load_biasedit_adapter
 
     if not adapters:
         raise ValueError("Give at least one adapter to load.")
@@ -101,10 +103,9 @@ def load_adapters(model: torch.nn.Module, adapters: Sequence[str | Path]):
         config = PeftConfig.from_pretrained(str(adapter))
         _check_adapter_config(config, model, adapter)
         try:
-            if peft_model is None:
-                peft_model = PeftModel.from_pretrained(model, str(adapter), adapter_name=name)
-            else:
-                peft_model.load_adapter(str(adapter), adapter_name=name)
+            peft_model = load_biasedit_adapter(model if peft_model is None else peft_model, adapter, name)
+        except AdapterFileError:
+            raise
         except (RuntimeError, ValueError, KeyError) as error:
             raise ValueError(
                 f"Adapter {adapter} (made for {config.base_model_name_or_path!r}) does not fit the base model "
@@ -204,9 +205,33 @@ def merge_adapters_with_report(
     deltas = summed_deltas(peft_model, names)
     plain = peft_model.unload()  # drops the adapter layers, restores the base modules untouched
     changes = merge_deltas_into(plain, deltas, dtype, safe_merge)
+    if safe_merge:
+        check_finite_forward(plain, adapter_paths)
     target = parse_dtype(dtype) or next(plain.parameters()).dtype
     report = MergeReport([str(a) for a in adapter_paths], str(target).removeprefix("torch."), changes)
     return plain, report
+
+
+PROBE_TOKENS = 8
+"""Token ids ``0 .. 7`` make the probe batch of :func:`check_finite_forward`."""
+
+
+@torch.no_grad()
+def check_finite_forward(model: torch.nn.Module, adapters: Sequence[str | Path] = ()) -> None:
+    """Run the merged model on one probe batch (token ids ``0 .. PROBE_TOKENS - 1``) and refuse non-finite logits:
+    finite weights (1e30 deltas) can still overflow in the forward.
+
+    Raises:
+        ValueError: Naming the adapters; nothing has been written.
+    """
+    from ..editor.editor import input_device
+
+    vocab = int(getattr(model.config, "vocab_size", PROBE_TOKENS))
+    ids = torch.arange(min(PROBE_TOKENS, vocab)).unsqueeze(0).to(input_device(model))
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    if not torch.isfinite(logits).all():
+        raise ValueError(f"The model merged with {[str(a) for a in adapters]} gives non-finite logits on a probe "
+                         "batch (deltas too large for the dtype?); nothing was written.")
 
 
 def merge_adapters(

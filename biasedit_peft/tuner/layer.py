@@ -187,6 +187,15 @@ def delta_output(x: torch.Tensor, delta: DeltaLike, fan_in_fan_out: bool) -> tor
     return x @ delta if fan_in_fan_out else x @ delta.T
 
 
+def refuse_non_finite_deltas(state_dict: dict, prefix: str, *args: Any) -> None:
+    """``load_state_dict`` pre-hook of every BiasEdit layer: a delta tensor with NaN or Inf is refused, naming it
+    (``PeftModel.from_pretrained`` would otherwise load it as it is)."""
+    for key, tensor in state_dict.items():
+        if key.startswith(prefix) and any(key.startswith(f"{prefix}{name}.") for name in DELTA_PARAMETER_NAMES):
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ValueError(f"BiasEdit delta {key!r} holds non-finite values (NaN or Inf); refusing to load it")
+
+
 class Linear(nn.Module, BiasEditLayer):
     """A BiasEdit adapter around ``nn.Linear`` or ``Conv1D`` (``fan_in_fan_out`` tells them apart)."""
 
@@ -200,6 +209,7 @@ class Linear(nn.Module, BiasEditLayer):
     ) -> None:
         super().__init__()
         BiasEditLayer.__init__(self, base_layer)
+        self._register_load_state_dict_pre_hook(refuse_non_finite_deltas)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config=config, module_name=module_name)
 

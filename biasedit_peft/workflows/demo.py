@@ -127,7 +127,7 @@ def load_demo_items(split: str, bias_types: Sequence[str], limit: int | None) ->
 def build_model(config: DemoConfig, adapter: str | Path | None = None):
     """``(peft_model, tokenizer, device)`` with a zero BiasEdit adapter on the configured targets, or with the
     saved ``adapter`` folder loaded instead."""
-    from peft import PeftModel, get_peft_model
+    from peft import get_peft_model
 
     from ..models import load_model_and_tokenizer
     from ..tuner import BiasEditConfig
@@ -135,7 +135,9 @@ def build_model(config: DemoConfig, adapter: str | Path | None = None):
     device = default_device(config.device)
     model, tokenizer = load_model_and_tokenizer(config.model, dtype=config.dtype, device=device)
     if adapter is not None:
-        return PeftModel.from_pretrained(model, str(adapter)), tokenizer, device
+        from ..sharing.adapter_files import load_biasedit_adapter
+
+        return load_biasedit_adapter(model, adapter), tokenizer, device
     peft_config = BiasEditConfig(
         target_modules=list(config.targets) if config.targets else None, num_edit_layers=config.num_edit_layers,
         layers_to_transform=list(config.layers_to_transform) if config.layers_to_transform else None,

@@ -1,0 +1,378 @@
+"""Nothing silent, nothing lost (issue 16): bad adapters are refused naming the file and tensor, the merged forward
+is checked, and output folders are never overwritten without --overwrite and are swapped in whole."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+import biasedit_peft
+from biasedit_peft import BiasEditConfig, set_deltas
+from biasedit_peft._io import OutputFolderError, check_output_folder, folder_in_place
+from biasedit_peft.cli import main
+from biasedit_peft.models import load_model
+
+from factories import random_low_rank, save_word_model
+
+WEIGHTS = "adapter_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_word_model(tmp_path_factory.mktemp("words") / "model")
+
+
+def write_adapter(model_dir, out, storage: str = "factored", scale: float = 0.5):
+    peft_model = get_peft_model(load_model(str(model_dir)), BiasEditConfig(num_edit_layers=2, delta_storage=storage))
+    generator = torch.Generator().manual_seed(0)
+    deltas = {}
+    for name, layer in biasedit_peft.edit_targets(peft_model).items():
+        first, second = random_low_rank(layer.weight_shape, 2, scale, generator)
+        deltas[name] = (first, second) if storage == "factored" else first @ second
+    set_deltas(peft_model, deltas)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def tamper(adapter, change) -> str:
+    """Apply ``change(tensors)`` to the adapter's weights file; returns the first key."""
+    path = adapter / WEIGHTS
+    tensors = load_file(str(path))
+    key = sorted(tensors)[0]
+    change(tensors, key)
+    save_file(tensors, str(path))
+    return key
+
+
+def evaluate(model_dir, adapter, capsys) -> tuple[int, str]:
+    code = main(["evaluate", "--model", str(model_dir), "--adapter", str(adapter), "--benchmark", "stereoset",
+                 "--limit", "2", "--n-resamples", "0", "--quiet"])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_delta_is_refused_naming_the_file_and_tensor(model_dir, tmp_path, capsys, bad):
+    adapter = write_adapter(model_dir, tmp_path / "adapter")
+
+    def poison(tensors, key):
+        tensors[key][0, 0] = bad
+
+    key = tamper(adapter, poison)
+    assert "biasedit_A" in key
+    code, err = evaluate(model_dir, adapter, capsys)
+    assert code == 2 and str(adapter / WEIGHTS) in err and key in err and "non-finite" in err
+    assert "Traceback" not in err
+    assert main(["merge", "--model", str(model_dir), "--adapter", str(adapter), "--out", str(tmp_path / "m")]) == 2
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(ValueError, match="non-finite"):  # the Python API too (a load_state_dict hook)
+        PeftModel.from_pretrained(load_model(str(model_dir)), str(adapter))
+
+
+@pytest.mark.parametrize("case", ["renamed key", "layer missing", "delta_ranks removed"])
+def test_an_adapter_whose_tensors_do_not_fit_the_model_is_refused(model_dir, tmp_path, capsys, case):
+    adapter = write_adapter(model_dir, tmp_path / "adapter")
+    if case == "renamed key":
+        tamper(adapter, lambda tensors, key: tensors.__setitem__(key.replace("c_proj", "c_fc"), tensors.pop(key)))
+    elif case == "layer missing":
+        tamper(adapter, lambda tensors, key: [tensors.pop(k) for k in list(tensors) if ".h.1." in k])
+    else:
+        config_path = adapter / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config["delta_ranks"], config["delta_storage"] = {}, "dense"
+        config_path.write_text(json.dumps(config))
+    code, err = evaluate(model_dir, adapter, capsys)
+    assert code == 2 and "does not fit the model" in err and str(adapter / WEIGHTS) in err, err
+    assert main(["merge", "--model", str(model_dir), "--adapter", str(adapter), "--out", str(tmp_path / "m")]) == 2
+    assert "does not fit" in capsys.readouterr().err and not (tmp_path / "m").exists()
+
+
+def test_a_truncated_weights_file_is_a_one_line_error(model_dir, tmp_path, capsys):
+    adapter = write_adapter(model_dir, tmp_path / "adapter")
+    data = (adapter / WEIGHTS).read_bytes()
+    (adapter / WEIGHTS).write_bytes(data[: len(data) // 2])
+    code, err = evaluate(model_dir, adapter, capsys)
+    assert code == 2 and "not a readable safetensors file" in err and "Traceback" not in err
+
+
+def test_huge_deltas_that_overflow_the_merged_forward_are_refused(model_dir, tmp_path, capsys):
+    adapter = write_adapter(model_dir, tmp_path / "adapter", storage="dense", scale=1e30)  # finite, forward inf
+    assert main(["merge", "--model", str(model_dir), "--adapter", str(adapter), "--out", str(tmp_path / "m")]) == 2
+    assert "non-finite logits" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".m.")]
+
+
+def test_merge_never_overwrites_a_folder_or_its_input(model_dir, tmp_path, capsys):
+    adapter = write_adapter(model_dir, tmp_path / "adapter")
+    old = save_word_model(tmp_path / "old-model")  # a model folder the user keeps
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    assert main(["merge", "--model", str(model_dir), "--adapter", str(adapter), "--out", str(old)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before
+    assert main(["merge", "--model", str(model_dir), "--adapter", str(adapter), "--out", str(model_dir),
+                 "--overwrite"]) == 2
+    assert "input" in capsys.readouterr().err
+    # --overwrite replaces the folder whole: nothing of the old one is left (stale shards, index)
+    (old / "model-00001-of-00002.safetensors").write_bytes(b"stale")
+    assert main(["merge", "--model", str(model_dir), "--adapter", str(adapter), "--out", str(old),
+                 "--overwrite"]) == 0
+    assert not (old / "model-00001-of-00002.safetensors").exists() and (old / "merge_report.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".old-model.")]
+
+
+def test_debias_and_train_editor_refuse_a_non_empty_out(model_dir, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "README.md").write_text("my notes")
+    code = main(["debias", "--model", str(model_dir), "--editor", str(tmp_path / "no-editor"), "--out", str(out),
+                 "--quiet"])
+    assert code == 2 and "not empty" in capsys.readouterr().err and (out / "README.md").read_text() == "my notes"
+    code = main(["train-editor", "--model", str(model_dir), "--out", str(out), "--quiet", "--max-steps", "1"])
+    assert code == 2 and "--overwrite" in capsys.readouterr().err and (out / "README.md").read_text() == "my notes"
+    code = main(["train-editor", "--model", str(model_dir), "--out", str(out), "--quiet", "--resume"])
+    assert code == 2 and "no checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_an_out_that_is_a_file_or_under_one_is_refused_before_any_compute(tmp_path, where, monkeypatch, capsys):
+    (tmp_path / "f").write_text("x")
+    out = tmp_path / "f" if where == "a file" else tmp_path / "f" / "sub"
+    import biasedit_peft.sharing.merge as merge
+
+    monkeypatch.setattr(merge, "merge_to_folder", lambda *a, **k: pytest.fail("computed before checking --out"))
+    assert main(["merge", "--model", "testbed", "--adapter", "a", "--out", str(out)]) == 2
+    assert "file" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_an_unwritable_parent_is_refused(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(OutputFolderError, match="not writable"):
+        check_output_folder(locked / "out")
+
+
+def test_folder_in_place_swaps_in_whole_or_leaves_the_old_folder(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with folder_in_place(out) as building:
+            (building / "half.txt").write_text("half")
+            assert not (out / "half.txt").exists()  # nothing reaches out while the new folder is built
+            raise RuntimeError("killed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "old.txt").read_text() == "old"
+    with folder_in_place(out) as building:
+        (building / "new.txt").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # like mkdir, not mkdtemp's 0700
+
+
+# ----- checkpoints as one unit ------------------------------------------------------------------------------
+def _trainer(tmp_path, **kwargs):
+    from biasedit_peft.editor import BiasEditor, BiasEditTrainer, BiasEditTrainingArguments
+
+    from factories import editor_tokenizer, peft_model, samples
+
+    model = peft_model()
+    settings = dict(output_dir=str(tmp_path), n_edits=4, batch_size=2, meta_lr=1e-2, loc_coef=1.0, max_steps=2,
+                    eval_every=1, progress=False, calibrate=False)
+    args = BiasEditTrainingArguments(**{**settings, **kwargs})
+    return BiasEditTrainer(model, BiasEditor.for_model(model, rank=8, lr=1e-2), args, samples(12), samples(8),
+                           tokenizer=editor_tokenizer())
+
+
+def test_a_kill_while_a_checkpoint_is_written_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.train()
+    checkpoint = tmp_path / "checkpoint"
+    before = {p.name: p.read_bytes() for p in checkpoint.iterdir()}
+    assert "manifest.json" in before
+    state = json.loads(before["trainer_state.json"])
+    assert state["trainer"]["global_step"] == 1
+
+    real = safetensors.torch.save_file
+
+    def killed(tensors, path, *args, **kwargs):
+        if path.endswith("optimizer.safetensors"):
+            raise KeyboardInterrupt  # the kill lands after the editor files of step 2 were written
+        return real(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", killed)
+    resumed = _trainer(tmp_path, max_steps=2, resume=True)
+    with pytest.raises(KeyboardInterrupt):
+        resumed.train()
+    assert {p.name: p.read_bytes() for p in checkpoint.iterdir()} == before  # step 1's set, whole
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".checkpoint.")]
+
+
+def test_resume_refuses_other_settings_or_data_and_a_changed_file(tmp_path):
+    _trainer(tmp_path, max_steps=1).train()
+    with pytest.raises(ValueError, match="n_edits: checkpoint 4, now 6"):
+        _trainer(tmp_path, resume=True, n_edits=6).train()
+    with pytest.raises(ValueError, match="loc_coef: checkpoint 1.0, now 2.0"):
+        _trainer(tmp_path, resume=True, loc_coef=2.0).train()
+    _trainer(tmp_path, resume=True, max_steps=2).train()  # more steps: allowed
+    optimizer = tmp_path / "checkpoint" / "optimizer.safetensors"
+    optimizer.write_bytes(optimizer.read_bytes()[:-1] + b"\0")
+    with pytest.raises(ValueError, match="optimizer.safetensors does not match its sha256"):
+        _trainer(tmp_path, resume=True, max_steps=3).train()
+
+
+def test_resume_refuses_another_data_size(tmp_path):
+    from biasedit_peft.editor import BiasEditor, BiasEditTrainer, BiasEditTrainingArguments
+
+    from factories import editor_tokenizer, peft_model, samples
+
+    _trainer(tmp_path, max_steps=1).train()
+    model = peft_model()
+    args = BiasEditTrainingArguments(output_dir=str(tmp_path), n_edits=4, batch_size=2, meta_lr=1e-2, loc_coef=1.0,
+                                     max_steps=2, eval_every=1, progress=False, calibrate=False, resume=True)
+    trainer = BiasEditTrainer(model, BiasEditor.for_model(model, rank=8, lr=1e-2), args, samples(8), samples(8),
+                              tokenizer=editor_tokenizer())
+    with pytest.raises(ValueError, match="train samples: checkpoint 12, now 8"):
+        trainer.train()
+
+
+# ----- clear errors instead of tracebacks ---------------------------------------------------------------------
+@pytest.fixture()
+def editor_dir(tmp_path):
+    from biasedit_peft.editor import BiasEditor
+
+    from factories import peft_model
+
+    editor = BiasEditor.for_model(peft_model(), rank=4)
+    editor.save_pretrained(tmp_path / "editor")
+    return tmp_path / "editor"
+
+
+@pytest.mark.parametrize("case, message", [
+    ("unknown key", "unknown key(s) ['colour']"), ("missing key", "missing key(s) ['targets']"),
+    ("wrong type", "'rank' must be int"), ("targets as a list", "'targets' must map module names"),
+    ("chunk_size 0", "chunk_size must be at least 1"), ("not UTF-8", "not UTF-8"),
+    ("garbage weights", "not a readable safetensors file"), ("truncated weights", "not a readable safetensors"),
+])
+def test_a_broken_editor_folder_is_a_one_line_error_naming_the_file(editor_dir, case, message):
+    from biasedit_peft.editor import BiasEditor
+
+    config_path, weights = editor_dir / "config.json", editor_dir / "editor.safetensors"
+    (editor_dir / "manifest.json").unlink()  # a folder without one (older, or hand-made): each check on its own
+    config = json.loads(config_path.read_text())
+    if case == "unknown key":
+        config["colour"] = "blue"
+    elif case == "missing key":
+        del config["targets"]
+    elif case == "wrong type":
+        config["rank"] = "4"
+    elif case == "targets as a list":
+        config["targets"] = list(config["targets"])
+    elif case == "chunk_size 0":
+        config["chunk_size"] = 0
+    config_path.write_text(json.dumps(config))
+    if case == "not UTF-8":
+        config_path.write_bytes(b"\xff\xfe" + config_path.read_bytes())
+    elif case == "garbage weights":
+        weights.write_bytes(b"garbage" * 10)
+    elif case == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError) as error:
+        BiasEditor.from_pretrained(editor_dir)
+    assert message in str(error.value)
+    assert str(config_path if "weights" not in case else weights) in str(error.value)
+
+
+def test_an_editor_file_changed_after_it_was_written_fails_its_manifest(editor_dir):
+    from biasedit_peft.editor import BiasEditor
+
+    config = json.loads((editor_dir / "config.json").read_text())
+    config["lr"] = 1.0
+    (editor_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json does not match its sha256 in manifest.json"):
+        BiasEditor.from_pretrained(editor_dir)
+
+
+def test_chunk_size_zero_is_refused_where_it_is_given():
+    from biasedit_peft.editor.editor import _chunks
+
+    with pytest.raises(ValueError, match="chunk_size must be at least 1, got 0"):
+        list(_chunks(10, 0))
+
+
+def test_user_files_that_are_not_utf8_or_have_bad_rows_name_the_file_and_line(tmp_path, capsys):
+    from biasedit_peft.data import load_edit_samples
+
+    latin = tmp_path / "pairs.jsonl"
+    latin.write_bytes('{"stereotype": "caf\xe9", "anti_stereotype": "b"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=f"{latin}: not UTF-8 text"):
+        load_edit_samples(str(latin))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"stereotype": "a", "anti_stereotype": "b"}\n\n[1, 2]\n')
+    with pytest.raises(ValueError, match=f"{rows}: line 3 is not a JSON object"):
+        load_edit_samples(str(rows))
+    rows.write_text('{"stereotype": "a", "anti_stereotype": ""}\n')
+    with pytest.raises(ValueError, match=f"{rows}: line 1: 'anti_stereotype' must be a non-empty sentence"):
+        load_edit_samples(str(rows))
+    text = tmp_path / "text.txt"
+    text.write_bytes("na\xefve\n".encode("latin-1"))
+    code = main(["evaluate", "--model", "testbed", "--benchmark", "stereoset", "--limit", "1", "--n-resamples", "0",
+                 "--perplexity-text", str(text), "--quiet"])
+    assert code == 2 and f"{text}: not UTF-8 text" in capsys.readouterr().err
+
+
+def test_a_file_of_one_bias_type_is_read_with_its_own_types_by_default(tmp_path):
+    from biasedit_peft.cli.debias import _types_of
+    from biasedit_peft.data import load_edit_samples
+
+    rows = tmp_path / "gender.jsonl"
+    rows.write_text("".join(json.dumps({"stereotype": f"s{i}", "anti_stereotype": f"a{i}", "bias_type": "gender"})
+                            + "\n" for i in range(3)))
+    samples = load_edit_samples(str(rows))
+    assert len(samples) == 3 and _types_of(samples) == ["gender"]
+    dev = load_edit_samples("stereoset:dev", _types_of(samples))
+    assert {item.bias_type for item in dev} == {"gender"}
+    assert {item.bias_type for item in load_edit_samples("stereoset:dev")} == {"gender", "race", "religion"}
+    with pytest.raises(ValueError, match="no samples"):
+        load_edit_samples(str(rows), ["race"])
+
+
+def test_a_sentence_longer_than_the_models_context_is_refused_naming_it(tmp_path):
+    from biasedit_peft.editor import BiasEditor
+    from biasedit_peft.editor.cache import EditSample
+    from biasedit_peft.scoring import model_context_length, score_sentences
+
+    from factories import editor_tokenizer, peft_model
+
+    model, tokenizer = peft_model(model_config={"n_positions": 8}), editor_tokenizer()
+    assert model_context_length(model) == 8
+    long = "he is a nurse and she is a pilot and he is a cook"  # 14 tokens + BOS
+    with pytest.raises(ValueError, match=r"sentence 1 \('he is a nurse.*15 tokens with BOS, more than the model's "
+                                         r"context of 8; 1 sentence\(s\)"):
+        score_sentences(model, tokenizer, ["he is a nurse .", long])
+    editor = BiasEditor.for_model(model, rank=4)
+    with pytest.raises(ValueError, match="sample 0: he is a nurse and"):
+        editor.cache_samples(model, tokenizer, [EditSample(long, "she is a nurse .")])
+
+
+def test_debias_writes_a_named_adapter(model_dir, tmp_path, capsys):
+    from biasedit_peft.editor import BiasEditor
+
+    base = get_peft_model(load_model(str(model_dir)), BiasEditConfig(num_edit_layers=2))
+    editor = BiasEditor.for_model(base, rank=4)
+    for net in editor.nets.values():  # normaliser statistics, as a trained editor has
+        net.normalizer.update(torch.randn(4, net.normalizer.mean.shape[-1]))
+    editor.save_pretrained(tmp_path / "editor")
+    code = main(["debias", "--model", str(model_dir), "--editor", str(tmp_path / "editor"), "--limit", "2",
+                 "--calibrate-on", "none", "--adapter-name", "foo", "--out", str(tmp_path / "adapter"), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    loaded = PeftModel.from_pretrained(load_model(str(model_dir)), str(tmp_path / "adapter" / "foo"),
+                                       adapter_name="foo")
+    assert set(loaded.peft_config) == {"foo"}
