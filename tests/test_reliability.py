@@ -376,3 +376,18 @@ def test_debias_writes_a_named_adapter(model_dir, tmp_path, capsys):
     loaded = PeftModel.from_pretrained(load_model(str(model_dir)), str(tmp_path / "adapter" / "foo"),
                                        adapter_name="foo")
     assert set(loaded.peft_config) == {"foo"}
+
+
+def test_every_command_takes_bias_types_and_a_per_type_limit():
+    from biasedit_peft.cli import build_parser
+
+    parser, _ = build_parser()
+    for command in ("trace", "sweep-layers"):
+        new = parser.parse_args([command, "--model", "m", "--bias-types", "gender,race", "--out", "o"])
+        old = parser.parse_args([command, "--model", "m", "--bias-type", "gender,race", "--out", "o"])
+        assert new.bias_type == old.bias_type == "gender,race"
+    from biasedit_peft.data import load_stereoset
+    from biasedit_peft.data.splits import take_per_type
+
+    items = take_per_type(load_stereoset("test", ["gender", "race"]), 3)
+    assert [item.bias_type for item in items].count("gender") == 3 and len(items) == 6

@@ -1,6 +1,6 @@
 """``biasedit sweep-layers``: which blocks to edit on this model, by short editor trainings per block set.
 
-    biasedit sweep-layers --model M [--budget 3] [--all-windows] [--max-steps 30] [--bias-type gender]
+    biasedit sweep-layers --model M [--budget 3] [--all-windows] [--max-steps 30] [--bias-types gender]
                           [--trace DIR/trace.json | --trace-limit N] --out DIR
 
 Writes ``DIR/sweep.json`` and, with matplotlib, ``DIR/sweep.png``; prints the table. Rule and protocol:
@@ -40,10 +40,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_model_argument(parser)
     parser.add_argument("--budget", type=int, default=3, help="blocks per candidate set (default 3)")
     parser.add_argument("--all-windows", action="store_true", help="every contiguous window, not only first / last")
-    parser.add_argument("--bias-type", default="gender",
-                        help="StereoSet bias type(s), comma-separated (default gender)")
-    parser.add_argument("--train-limit", type=int, default=None, help="first N training items (StereoSet train split)")
-    parser.add_argument("--eval-limit", type=int, default=None, help="first N held-out items (StereoSet test split)")
+    parser.add_argument("--bias-types", "--bias-type", dest="bias_type", default="gender",
+                        help="StereoSet bias type(s), comma-separated (default gender; --bias-type is the old name)")
+    parser.add_argument("--train-limit", type=int, default=None, help="first N training items of each bias type "
+                        "(StereoSet train split)")
+    parser.add_argument("--eval-limit", type=int, default=None, help="first N held-out items of each bias type "
+                        "(StereoSet test split)")
     parser.add_argument("--max-steps", type=int, default=30, help="meta-training steps per candidate (default 30)")
     add_preset_argument(parser)
     parser.add_argument("--n-edits", type=int, default=None, help="samples per edit (default: preset)")
@@ -83,14 +85,15 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from biasedit_peft.data import load_stereoset
+    from biasedit_peft.data.splits import take_per_type
     from biasedit_peft.editor import preset_for_model, preset_name_for
     from biasedit_peft.models import load_model, load_tokenizer
     from biasedit_peft.workflows.layer_sweep import SweepSettings, format_sweep, plot_sweep, sweep_layers
 
     try:
         bias_types = split_list(args.bias_type)
-        train = load_stereoset("train", bias_types=bias_types)[:args.train_limit]
-        held_out = load_stereoset("test", bias_types=bias_types)[:args.eval_limit]
+        train = take_per_type(load_stereoset("train", bias_types=bias_types), args.train_limit)
+        held_out = take_per_type(load_stereoset("test", bias_types=bias_types), args.eval_limit)
         trace = _trace_document(args, held_out)
         if args.threads:
             torch.set_num_threads(args.threads)

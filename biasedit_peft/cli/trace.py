@@ -1,6 +1,6 @@
 """``biasedit trace``: causal tracing of bias on StereoSet; heatmaps (PNG) and numbers (JSON).
 
-    biasedit trace --model M [--adapter A] [--bias-type gender] [--split test] [--limit N]
+    biasedit trace --model M [--adapter A] [--bias-types gender] [--split test] [--limit N]
                    [--noise-scale 3] [--samples 10] [--window 1] [--seed 0] --out DIR
 
 Writes ``DIR/trace.json`` and, with matplotlib (``pip install 'biasedit-peft[plot]'``), ``DIR/trace_*.png``.
@@ -36,11 +36,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     add_model_argument(parser)
     parser.add_argument("--adapter", default=None, help="PEFT adapter folder or Hub id to apply on top")
-    parser.add_argument("--bias-type", default="gender",
-                        help="StereoSet bias type(s), comma-separated (default gender)")
+    parser.add_argument("--bias-types", "--bias-type", dest="bias_type", default="gender",
+                        help="StereoSet bias type(s), comma-separated (default gender; --bias-type is the old name)")
     parser.add_argument("--split", choices=("test", "dev", "train"), default="test",
                         help="StereoSet split (default test, i.e. StereoSet's dev file)")
-    parser.add_argument("--limit", type=int, default=None, help="trace only the first N items")
+    parser.add_argument("--limit", type=int, default=None, help="trace only the first N items of each bias type")
     add_tracing_arguments(parser)
     parser.add_argument("--kinds", default="hidden,mlp,attn", help="states to restore (default hidden,mlp,attn)")
     parser.add_argument("--layers-per-forward", type=int, default=None,
@@ -54,11 +54,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from biasedit_peft.data import load_stereoset
+    from biasedit_peft.data.splits import take_per_type
     from biasedit_peft.tracing import find_layout, format_trace, plot_trace, trace_items
 
     try:
         settings = tracing_settings(args, split_list(args.kinds))
-        items = load_stereoset(args.split, bias_types=split_list(args.bias_type))[:args.limit]
+        items = take_per_type(load_stereoset(args.split, bias_types=split_list(args.bias_type)), args.limit)
         model, tokenizer = load_model_from_args(args)
         layout = find_layout(model, args.blocks, args.mlp_module, args.attn_module)
         meta = {"model": args.model, "adapter": args.adapter, "bias_types": split_list(args.bias_type),
