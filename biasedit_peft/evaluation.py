@@ -34,7 +34,7 @@ from . import metrics
 from .data import STEREOSET_BIAS_TYPES, gender_swapped, load_crows, load_neutral_text, load_stereoset
 from .data.crows import CROWS_BIAS_TYPES, CrowsPair, crows_bias_type
 from .data.splits import take_per_type  # noqa: F401 - re-exported: evaluation.take_per_type
-from .data.stereoset import StereoSetItem
+from .data.stereoset import StereoSetItem, load_stereoset_file
 from .progress_store import ScoreStore, sentences_digest, tensors_digest
 from .scoring import (
     SentenceLogProbs,
@@ -234,8 +234,12 @@ def evaluate_model(
     model_name: str | None = None, adapter: str | None = None,
     n_resamples: int = metrics.N_RESAMPLES, seed: int = 0,
     store: ScoreStore | str | Path | None = None, piece_size: int | None = None,
+    stereoset_file: str | Path | None = None, crows_file: str | Path | None = None,
 ) -> dict:
     """Bias benchmarks and perplexity of ``model`` (see module docstring for the dict).
+
+    ``stereoset_file`` / ``crows_file``: a user's own StereoSet-schema JSON / CrowS-Pairs CSV scored instead of the
+    bundled one (``split`` then does not apply to it).
 
     ``bias_types``: StereoSet names (``gender``, ``race``, ``religion``, ``profession``); ``None`` =
     every type of the split and all 9 CrowS-Pairs types. CrowS-Pairs uses ``race-color`` for
@@ -260,8 +264,9 @@ def evaluate_model(
     pieces = dict(store=store, piece_size=piece_size)
     common = dict(batch_size=batch_size, progress=progress, n_resamples=n_resamples, seed=seed, **pieces)
     if "stereoset" in benchmarks:
-        items = take_per_type(load_stereoset(split, bias_types), limit)
-        result["stereoset"] = evaluate_stereoset(model, tokenizer, items, mode=mode, **common)
+        items = (load_stereoset_file(stereoset_file, bias_types) if stereoset_file
+                 else load_stereoset(split, bias_types))
+        result["stereoset"] = evaluate_stereoset(model, tokenizer, take_per_type(items, limit), mode=mode, **common)
     if "gender_swapped" in benchmarks and (bias_types is None or "gender" in bias_types):
         swapped = gender_swapped(take_per_type(load_stereoset(split, ["gender"]), limit))
         result["gender_swapped"] = evaluate_stereoset(model, tokenizer, swapped, mode=mode, section="gender_swapped",
@@ -271,12 +276,14 @@ def evaluate_model(
         if bias_types is not None:
             crows_types = [crows_bias_type(b) for b in bias_types if crows_bias_type(b) in CROWS_BIAS_TYPES]
         if crows_types is None or crows_types:
-            pairs = take_per_type(load_crows(crows_types), limit)
+            pairs = take_per_type(load_crows(crows_types, path=crows_file), limit)
             result["crows"] = evaluate_crows(model, tokenizer, pairs, **common)
         else:
             result["crows"] = {}
     result["perplexity"] = evaluate_perplexity(model, tokenizer, perplexity_text, batch_size=batch_size, **pieces)
     result.update(model=model_name, adapter=adapter, mode=mode, split=split)
+    if stereoset_file or crows_file:
+        result["data"] = str(stereoset_file or crows_file)
     return result
 
 

@@ -391,3 +391,40 @@ def test_every_command_takes_bias_types_and_a_per_type_limit():
 
     items = take_per_type(load_stereoset("test", ["gender", "race"]), 3)
     assert [item.bias_type for item in items].count("gender") == 3 and len(items) == 6
+
+
+def test_crows_pairs_csv_as_edit_data_and_a_users_own_files_under_evaluate(tmp_path, capsys):
+    import csv
+
+    from biasedit_peft.data import load_crows, load_edit_samples, load_stereoset
+
+    pairs = load_crows(["gender"])[:4] + load_crows(["race"])[:2]
+    path = tmp_path / "mine.csv"
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["sent_more", "sent_less", "stereo_antistereo", "bias_type"])
+        writer.writeheader()
+        for p in pairs:
+            writer.writerow({"sent_more": p.sent_more, "sent_less": p.sent_less, "stereo_antistereo": p.direction,
+                             "bias_type": p.bias_type})
+    samples = load_edit_samples(str(path))
+    assert [s["stereotype"] for s in samples] == [p.sent_more for p in pairs]
+    assert {s["bias_type"] for s in samples} <= {"gender", "race"}  # race-color read as ours
+    out = tmp_path / "scores.json"
+    assert main(["evaluate", "--model", "testbed", "--data", str(path), "--n-resamples", "0", "--quiet",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["data"] == str(path) and "stereoset" not in result
+    assert result["crows"]["overall"]["n"] == len(pairs)
+    stereoset = tmp_path / "mine.json"
+    items = load_stereoset("test", ["gender"])[:3]
+    from biasedit_peft.data.resources import STEREOSET_FILES, resource_path
+    from biasedit_peft.data.stereoset import read_stereoset_rows
+
+    rows = [row for name in STEREOSET_FILES.values() for row in read_stereoset_rows(resource_path(name))
+            if row["id"] in {item.id for item in items}]
+    stereoset.write_text(json.dumps({"version": "1", "data": {"intrasentence": rows}}))
+    assert main(["evaluate", "--model", "testbed", "--data", str(stereoset), "--n-resamples", "0", "--quiet",
+                 "--json", str(tmp_path / "s.json")]) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["stereoset"]["gender"]["n"] == 3
+    assert main(["evaluate", "--model", "testbed", "--data", str(tmp_path / "x.txt"), "--quiet"]) == 2
+    assert "no such file" in capsys.readouterr().err

@@ -41,6 +41,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="StereoSet split (test = StereoSet dev, the paper's test set)")
     parser.add_argument("--mode", choices=("reference", "paper"), default="reference",
                         help="StereoSet scoring: bias-bench reference or the BiasEdit paper's code")
+    parser.add_argument("--data", default=None, metavar="FILE",
+                        help="score your own file instead of the bundled benchmark: a StereoSet-schema .json "
+                        "(SS / LMS / ICAT) or a CrowS-Pairs .csv (the bundled file's columns), plus perplexity")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--limit", type=int, default=None, help="first N items per bias type (quick looks)")
     parser.add_argument("--perplexity-text", default=None, help="UTF-8 text file (default: bundled neutral text)")
@@ -65,6 +68,25 @@ def _bias_types(text: str | None) -> list[str] | None:
     if not types:
         raise ValueError("--bias-types is empty")
     return types
+
+
+def data_benchmark(data: str | None, benchmarks: tuple[str, ...]) -> tuple[tuple[str, ...], dict]:
+    """The benchmarks to run and the ``evaluate_model`` file arguments for ``--data FILE`` (by its suffix).
+
+    Raises:
+        ValueError: A file that does not exist or is neither ``.json`` nor ``.csv``.
+    """
+    if data is None:
+        return benchmarks, {}
+    from pathlib import Path
+
+    if not Path(data).is_file():
+        raise ValueError(f"--data {data}: no such file")
+    if data.endswith(".json"):
+        return ("stereoset",), {"stereoset_file": data}
+    if data.endswith(".csv"):
+        return ("crows",), {"crows_file": data}
+    raise ValueError(f"--data {data}: expected a StereoSet .json or a CrowS-Pairs .csv")
 
 
 def open_store(json_path: str | None, resume: bool, overwrite: bool):
@@ -92,13 +114,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         bias_types = _bias_types(args.bias_types)
         store = open_store(args.json_path, args.resume, args.overwrite)
+        benchmarks, files = data_benchmark(args.data, BENCHMARK_CHOICES[args.benchmark])
         model, tokenizer = load_model_from_args(args)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
         result = evaluate_model(
-            model, tokenizer, benchmarks=BENCHMARK_CHOICES[args.benchmark], bias_types=bias_types,
+            model, tokenizer, benchmarks=benchmarks, bias_types=bias_types, **files,
             split=args.split, mode=args.mode, batch_size=args.batch_size, progress=not args.quiet,
             perplexity_text=args.perplexity_text, limit=args.limit, model_name=args.model,
             adapter=args.adapter, n_resamples=args.n_resamples, seed=args.seed, store=store,

@@ -1,6 +1,7 @@
 """The samples an editor is trained on or edits with, named by one spec string (``--data``, ``--train-data``).
 
-``stereoset:SPLIT`` is a bundled StereoSet split; a path is a StereoSet-schema ``.json`` file or a ``.jsonl`` file
+``stereoset:SPLIT`` is a bundled StereoSet split; a path is a StereoSet-schema ``.json`` file, a CrowS-Pairs ``.csv``
+(:func:`crows_edit_samples`) or a ``.jsonl`` file
 of one JSON object per line with ``stereotype``, ``anti_stereotype`` and ``unrelated`` fields (read as they are:
 the editor turns each into an edit sample).
 """
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .._io import read_utf8
+from .crows import CROWS_NAMES, load_crows
 from .splits import SPLIT_BIAS_TYPES as BIAS_TYPES
 from .splits import take_per_type
 from .stereoset import StereoSetItem, load_stereoset, load_stereoset_file
@@ -41,7 +43,9 @@ def load_edit_samples(
         path = Path(spec)
         if not path.is_file():
             raise ValueError(f"--data {spec!r}: neither 'stereoset:SPLIT' nor an existing file")
-        if path.suffix == ".jsonl":
+        if path.suffix == ".csv":
+            items = crows_edit_samples(path, bias_types)
+        elif path.suffix == ".jsonl":
             items = _read_jsonl(path)
             if bias_types is not None:
                 items = [row for row in items if row.get("bias_type", bias_types[0]) in bias_types]
@@ -66,6 +70,15 @@ def describe_edit_samples(spec: str, bias_types: Sequence[str] | None = None, li
     details = [f"bias types {', '.join(bias_types)}"] if bias_types and stereoset else []
     details += [f"first {limit} samples of each bias type"] if limit is not None else []
     return f"{spec} ({'; '.join(details)})" if details else spec
+
+
+def crows_edit_samples(path: str | Path, bias_types: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """A CrowS-Pairs CSV (the bundled file's columns) as edit samples: ``sent_more`` (the more stereotypical
+    sentence, whichever way the pair was written) is the stereotype, ``sent_less`` the anti-stereotype, the bias
+    type in our names (``race-color`` -> ``race``); there is no unrelated sentence."""
+    ours = {crows: name for name, crows in CROWS_NAMES.items()}
+    return [{"stereotype": pair.sent_more, "anti_stereotype": pair.sent_less,
+             "bias_type": ours.get(pair.bias_type, pair.bias_type)} for pair in load_crows(bias_types, path)]
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
