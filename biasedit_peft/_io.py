@@ -164,7 +164,8 @@ def folder_in_place(out: str | Path) -> Iterator[Path]:
 
     A kill at any moment leaves ``out`` as it was (and a hidden ``.NAME.tmp-*`` beside it) or the complete new
     folder: the swap is one ``renameat2(RENAME_EXCHANGE)`` where Linux has it, else two renames. An exception in
-    the block removes the temporary folder and leaves ``out`` untouched. Check ``out`` first
+    the block removes the temporary folder and leaves ``out`` untouched; what a kill left beside ``out`` is removed
+    when the next build of ``out`` starts. Check ``out`` first
     (:func:`check_output_folder`).
 
     Yields:
@@ -172,6 +173,8 @@ def folder_in_place(out: str | Path) -> Iterator[Path]:
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)  # what a killed earlier run left beside ``out``
     temporary = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     os.chmod(temporary, 0o777 & ~_umask())
     try:

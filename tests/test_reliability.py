@@ -173,6 +173,21 @@ def test_folder_in_place_swaps_in_whole_or_leaves_the_old_folder(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # like mkdir, not mkdtemp's 0700
+    (tmp_path / ".out.tmp-killed").mkdir()  # a kill -9 left a half-built folder beside out
+    (tmp_path / ".out.tmp-killed" / "big.bin").write_bytes(b"0" * 1000)
+    with folder_in_place(out) as building:
+        (building / "newer.txt").write_text("newer")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_editor_and_checkpoint_files_follow_the_umask(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        _trainer(tmp_path, max_steps=1).train()
+    finally:
+        os.umask(previous)
+    for path in [*tmp_path.glob("*.json"), *tmp_path.glob("*.safetensors"), *(tmp_path / "checkpoint").iterdir()]:
+        assert path.stat().st_mode & 0o777 == 0o640, path
 
 
 # ----- checkpoints as one unit ------------------------------------------------------------------------------
@@ -203,7 +218,7 @@ def test_a_kill_while_a_checkpoint_is_written_leaves_the_previous_one_whole(tmp_
     real = safetensors.torch.save_file
 
     def killed(tensors, path, *args, **kwargs):
-        if path.endswith("optimizer.safetensors"):
+        if "optimizer.safetensors" in str(path):
             raise KeyboardInterrupt  # the kill lands after the editor files of step 2 were written
         return real(tensors, path, *args, **kwargs)
 

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._io import folder_in_place, verify_manifest, write_manifest
+from .._io import atomic_write, folder_in_place, verify_manifest, write_manifest
 from ..metrics import item_ss_lms
 from ..scoring import encode_sentences, sentence_scores, token_log_probs
 from ..tuner.layout import native_from_key_value
@@ -574,7 +574,7 @@ class BiasEditTrainer:
         with folder_in_place(directory) as building:
             self.editor.save_pretrained(building)
             tensors, meta = _flatten_optimizer(self.optimizer.state_dict())
-            save_file(tensors, str(building / OPTIMIZER_NAME))
+            atomic_write(building / OPTIMIZER_NAME, lambda path: save_file(tensors, path))  # mode: the umask's
             state = {"trainer": asdict(self.state), "optimizer": meta, "args": asdict(self.args),
                      "data": {"train": len(self.train_data), "eval": len(self.eval_data)}}
             (building / STATE_NAME).write_text(json.dumps(state, indent=2, default=float) + "\n", encoding="utf-8")
