@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,12 +149,23 @@ def test_an_out_that_is_a_file_or_under_one_is_refused_before_any_compute(tmp_pa
     assert "file" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
-def test_an_unwritable_parent_is_refused(tmp_path):
+def test_an_unwritable_parent_is_refused(tmp_path, monkeypatch):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
+    if os.geteuid() == 0:  # root may write anywhere: let the check see what another user would
+        monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked)
     with pytest.raises(OutputFolderError, match="not writable"):
         check_output_folder(locked / "out")
+
+
+def test_evaluate_never_replaces_an_existing_json(tmp_path, capsys):
+    out = tmp_path / "mine.json"
+    out.write_text('{"keep": true}')
+    args = ["evaluate", "--model", "testbed", "--benchmark", "stereoset", "--limit", "1", "--n-resamples", "0",
+            "--quiet", "--json", str(out)]
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    assert json.loads(out.read_text()) == {"keep": True}
+    assert main([*args, "--overwrite"]) == 0 and "stereoset" in json.loads(out.read_text())
 
 
 def test_folder_in_place_swaps_in_whole_or_leaves_the_old_folder(tmp_path):

@@ -98,6 +98,10 @@ def open_store(json_path: str | None, resume: bool, overwrite: bool):
             raise ValueError(f"--{'resume' if resume else 'overwrite'} needs --json FILE (partial results live in "
                              "FILE.partial)")
         return None
+    from pathlib import Path
+
+    if Path(json_path).exists() and not overwrite:
+        raise ValueError(f"--json {json_path} exists; pass --overwrite to replace it")
     store = ScoreStore.beside(json_path)
     if store.exists():
         refuse_previous(f"{store.root} holds the scores of an unfinished evaluation", resume, overwrite)
