@@ -14,11 +14,19 @@ from biasedit_peft.evaluation import evaluate_model, evaluate_stereoset, take_pe
 from biasedit_peft.metrics import item_ss_lms
 from biasedit_peft.scoring import score_sentences
 from biasedit_peft.tuner.deltas import get_deltas
-from biasedit_peft.workflows.deployment import deployable_adapter, deployment_check
+from biasedit_peft.workflows.deployment import calibration_score, deployable_adapter, deployment_check
 
 from factories import editor_tokenizer, peft_model, samples, trained_editor
 
 TOKENIZER = editor_tokenizer()
+
+
+def test_the_joint_scale_is_ranked_within_half_the_bounds():
+    row = {"ss_post": 52.0, "lms_pre": 90.0, "lms_post": 88.0, "nll_increase": 0.01}  # a 2-point LMS drop
+    assert target_score(row) == pytest.approx(2.0)  # inside the editor's bounds (3 points)
+    assert calibration_score(row) == pytest.approx(100.5)  # 0.5 over the joint calibration's 1.5
+    assert calibration_score({**row, "lms_post": 89.0}) == pytest.approx(2.0)
+    assert calibration_score({**row, "lms_post": 89.0, "nll_increase": 0.0344}) == pytest.approx(101.0)  # 0.0244
 
 
 def test_target_score_by_hand():
@@ -59,6 +67,7 @@ def test_deployable_adapter_writes_the_chosen_multiple_of_the_joint_delta(tmp_pa
     report = deployable_adapter(editor, model, TOKENIZER, edit, held_out, batch_size=2, scales=(0.5, 2.0),
                                 progress=False)
     assert report["calibration"]["scale"] == report["scale"] and report["n_samples"] == 8
+    assert all(row["selection"] == calibration_score(row) for row in report["calibration"]["rows"])
     written = get_deltas(model)
     editor_layers = editor.check_compatible(model)
     for name, solution in solutions.items():

@@ -20,13 +20,29 @@ from typing import Any, Sequence
 from torch import nn
 
 from ..data.crows import crows_bias_type
-from ..editor.calibration import JOINT_SCALES, calibrate_joint_scale, scaled_solutions
+from ..editor.calibration import (
+    JOINT_SCALES,
+    MAX_NLL_INCREASE,
+    calibrate_joint_scale,
+    scaled_solutions,
+    target_score,
+)
 
 EDIT_DATA = "stereoset:train"
 CALIBRATION_DATA = "stereoset:dev"
 MAX_LMS_DROP = 3.0
 MAX_PERPLEXITY_RISE = 0.05
 """Relative perplexity rise the deployment target allows (5 %)."""
+CALIBRATION_MARGIN = 0.5
+"""The joint scale is chosen within this fraction of the LMS and NLL bounds on the held-out pairs (an LMS drop of
+1.5, an NLL rise of log(1.05) / 2): chosen right at a bound on dev, the same edit overshot it on ``test`` (testbed,
+6 blocks: dev LMS drop 3.0, test 3.9-7.5; docs/results.md), since a bound on a sample is met by half the
+resamples at the boundary."""
+
+
+def calibration_score(row: dict[str, float], margin: float = CALIBRATION_MARGIN) -> float:
+    """``target_score`` with the LMS and NLL bounds scaled by ``margin``: the rank of one joint scale."""
+    return target_score(row, MAX_LMS_DROP * margin, MAX_NLL_INCREASE * margin)
 
 
 def deployable_adapter(
@@ -41,8 +57,8 @@ def deployable_adapter(
         peft_model: Its model with the BiasEdit adapter (the delta is added to what the adapter holds).
         tokenizer: The model's tokenizer.
         edit_samples: The pairs the delta is computed from (StereoSet items, dicts or tuples).
-        calibration_samples: Held-out pairs with an unrelated sentence (``calibrate_joint_scale``); None: the
-            editor's own scale (1).
+        calibration_samples: Held-out pairs with an unrelated sentence (``calibrate_joint_scale``, ranked by
+            :func:`calibration_score`); None: the editor's own scale (1).
         batch_size: Sentence pairs per LM forward pass.
         adapter_name: The adapter written.
         scales: The coarse multiples tried.
@@ -56,8 +72,8 @@ def deployable_adapter(
     calibration = None
     if calibration_samples:
         calibration = calibrate_joint_scale(editor, peft_model, tokenizer, solutions, calibration_samples,
-                                            batch_size=batch_size, scales=scales, adapter_name=adapter_name,
-                                            progress=progress)
+                                            calibration_score, batch_size=batch_size, scales=scales,
+                                            adapter_name=adapter_name, progress=progress)
     scale = calibration["scale"] if calibration else 1.0
     editor.write_solutions(peft_model, scaled_solutions(solutions, scale), adapter_name)
     return {"n_samples": report.n_samples, "n_tokens": report.n_tokens, "layers": report.layers, "scale": scale,
