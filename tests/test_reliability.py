@@ -455,3 +455,40 @@ def test_crows_pairs_csv_as_edit_data_and_a_users_own_files_under_evaluate(tmp_p
     assert json.loads((tmp_path / "s.json").read_text())["stereoset"]["gender"]["n"] == 3
     assert main(["evaluate", "--model", "testbed", "--data", str(tmp_path / "x.txt"), "--quiet"]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+KILLED_MERGE = """
+import os, signal, sys
+import transformers
+real = transformers.PreTrainedModel.save_pretrained
+
+def dies_midway(self, folder, *args, **kwargs):
+    real(self, folder, *args, **kwargs)   # the weights are written...
+    os.kill(os.getpid(), signal.SIGKILL)  # ...and the process is killed before the tokenizer and the report
+
+transformers.PreTrainedModel.save_pretrained = dies_midway
+from biasedit_peft.cli import main
+sys.exit(main(["merge", "--model", sys.argv[1], "--adapter", sys.argv[2], "--out", sys.argv[3], "--overwrite"]))
+"""
+
+
+def test_a_merge_killed_with_sigkill_leaves_the_old_folder_and_the_next_run_cleans_up(model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    adapter = write_adapter(model_dir, tmp_path / "adapter")
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "old.txt").write_text("the user's previous merge")
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_MERGE)
+    run = subprocess.run([sys.executable, str(script), str(model_dir), str(adapter), str(out)], capture_output=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == -9, run.stderr.decode()[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]  # the old state, whole
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".merged.tmp-")]
+    assert len(leftovers) == 1 and any(leftovers[0].glob("*.safetensors"))  # the half-built one, hidden
+    assert main(["merge", "--model", str(model_dir), "--adapter", str(adapter), "--out", str(out),
+                 "--overwrite"]) == 0
+    assert {"config.json", "merge_report.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged.")]
