@@ -492,3 +492,39 @@ def test_a_merge_killed_with_sigkill_leaves_the_old_folder_and_the_next_run_clea
                  "--overwrite"]) == 0
     assert {"config.json", "merge_report.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged.")]
+
+
+KILLED_CHECKPOINT = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[2])
+import safetensors.torch
+real = safetensors.torch.save_file
+
+def dies(tensors, path, *args, **kwargs):
+    if "optimizer.safetensors" in str(path):
+        os.kill(os.getpid(), signal.SIGKILL)  # the editor files of the new checkpoint are written by now
+    return real(tensors, path, *args, **kwargs)
+
+safetensors.torch.save_file = dies
+from test_reliability import _trainer
+from pathlib import Path
+_trainer(Path(sys.argv[1]), max_steps=2, resume=True).train()
+"""
+
+
+def test_a_checkpoint_write_killed_with_sigkill_leaves_the_previous_checkpoint_whole(tmp_path):
+    import subprocess
+    import sys
+
+    _trainer(tmp_path, max_steps=1).train()
+    checkpoint = tmp_path / "checkpoint"
+    before = {p.name: p.read_bytes() for p in checkpoint.iterdir()}
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_CHECKPOINT)
+    tests = str(Path(__file__).parent)
+    run = subprocess.run([sys.executable, str(script), str(tmp_path), tests], capture_output=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tests)
+    assert run.returncode == -9, run.stderr.decode()[-2000:]
+    assert {p.name: p.read_bytes() for p in checkpoint.iterdir()} == before
+    state = _trainer(tmp_path, max_steps=2, resume=True).train()  # the resume continues from step 1
+    assert state.global_step == 2 and [r["step"] for r in state.history] == [1, 2]
