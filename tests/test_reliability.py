@@ -528,3 +528,16 @@ def test_a_checkpoint_write_killed_with_sigkill_leaves_the_previous_checkpoint_w
     assert {p.name: p.read_bytes() for p in checkpoint.iterdir()} == before
     state = _trainer(tmp_path, max_steps=2, resume=True).train()  # the resume continues from step 1
     assert state.global_step == 2 and [r["step"] for r in state.history] == [1, 2]
+
+
+def test_trace_refuses_a_non_empty_out_and_writes_its_folder_whole(tmp_path, capsys):
+    out = tmp_path / "trace"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    args = ["trace", "--model", "testbed", "--limit", "3", "--samples", "1", "--kinds", "mlp", "--out", str(out),
+            "--quiet"]
+    assert main(args) == 2 and "not empty" in capsys.readouterr().err and (out / "notes.txt").is_file()
+    assert main([*args, "--overwrite"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert "trace.json" in names and "notes.txt" not in names
+    assert f"wrote {out / 'trace.json'}" in capsys.readouterr().out

@@ -181,20 +181,25 @@ def plots_or_hint(draw: Callable[[], list[Path]]) -> list[Path]:
         return []
 
 
-def write_document(path: Path, document: dict, summary: str, draw: Callable[[], list[Path]]) -> None:
-    """Write a command's JSON document, print its summary, draw its plots, then print what was written.
+def write_document(out: Path, name: str, document: dict, summary: str,
+                   draw: Callable[[Path], list[Path]]) -> None:
+    """Write a command's output folder ``out`` whole (``_io.folder_in_place``): its JSON document ``name``, then its
+    plots; print the summary and what was written.
 
     Args:
-        path: The JSON file (strict JSON, one-space indent, folder created).
+        out: The output folder (checked before the compute with ``_io.check_output_folder``).
+        name: The JSON file's name in it (strict JSON, one-space indent).
         document: The document.
         summary: Its text summary, printed first.
-        draw: Writes the plots and returns their paths (see :func:`plots_or_hint`).
+        draw: Writes the plots into the folder it is given and returns their paths (see :func:`plots_or_hint`).
     """
-    from biasedit_peft._io import write_json
+    from biasedit_peft._io import folder_in_place, write_json
 
-    write_json(path, document, indent=1)
     print(summary)
-    written = [path, *plots_or_hint(draw)]
+    with folder_in_place(out) as building:
+        write_json(building / name, document, indent=1)
+        plots = plots_or_hint(lambda: draw(building))
+    written = [out / name, *(out / Path(plot).name for plot in plots)]
     print("\nwrote " + ", ".join(map(str, written)))
 
 

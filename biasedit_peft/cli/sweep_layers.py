@@ -16,6 +16,7 @@ from pathlib import Path
 
 from biasedit_peft.cli._common import (
     add_model_argument,
+    add_overwrite_argument,
     add_preset_argument,
     add_runtime_arguments,
     add_tracing_arguments,
@@ -60,7 +61,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="without --trace: trace this many held-out items (default 40; 0: no tracing)")
     add_tracing_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help="folder for sweep.json and sweep.png")
+    parser.add_argument("--out", required=True, help="folder for sweep.json and sweep.png (refused if not empty)")
+    add_overwrite_argument(parser)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     add_runtime_arguments(parser)
     return parser
@@ -84,6 +86,7 @@ def _trace_document(args, items) -> dict | None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from biasedit_peft._io import check_output_folder
     from biasedit_peft.data import load_stereoset
     from biasedit_peft.data.splits import take_per_type
     from biasedit_peft.editor import preset_for_model, preset_name_for
@@ -91,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from biasedit_peft.workflows.layer_sweep import SweepSettings, format_sweep, plot_sweep, sweep_layers
 
     try:
+        check_output_folder(args.out, [args.model, args.trace], args.overwrite)
         bias_types = split_list(args.bias_type)
         train = take_per_type(load_stereoset("train", bias_types=bias_types), args.train_limit)
         held_out = take_per_type(load_stereoset("test", bias_types=bias_types), args.eval_limit)
@@ -112,7 +116,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     document = result.to_json()
-    out = Path(args.out)
-    write_document(out / SWEEP_JSON, document, format_sweep(document),
-                   lambda: [plot_sweep(document, out / "sweep.png")])
+    write_document(Path(args.out), SWEEP_JSON, document, format_sweep(document),
+                   lambda folder: [plot_sweep(document, folder / "sweep.png")])
     return 0

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from biasedit_peft.cli._common import (
     add_model_argument,
+    add_overwrite_argument,
     add_runtime_arguments,
     add_tracing_arguments,
     load_model_from_args,
@@ -46,18 +47,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--layers-per-forward", type=int, default=None,
                         help="layer rows per forward pass (default: all layers of a position at once)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed")
-    parser.add_argument("--out", required=True, help="folder for trace.json and the PNG plots")
+    parser.add_argument("--out", required=True, help="folder for trace.json and the PNG plots (refused if not empty)")
+    add_overwrite_argument(parser)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     add_runtime_arguments(parser)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
+    from biasedit_peft._io import check_output_folder
     from biasedit_peft.data import load_stereoset
     from biasedit_peft.data.splits import take_per_type
     from biasedit_peft.tracing import find_layout, format_trace, plot_trace, trace_items
 
     try:
+        check_output_folder(args.out, [args.model, args.adapter], args.overwrite)
         settings = tracing_settings(args, split_list(args.kinds))
         items = take_per_type(load_stereoset(args.split, bias_types=split_list(args.bias_type)), args.limit)
         model, tokenizer = load_model_from_args(args)
@@ -69,6 +73,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     document = result.to_json()
-    out = Path(args.out)
-    write_document(out / TRACE_JSON, document, format_trace(document), lambda: plot_trace(document, out))
+    write_document(Path(args.out), TRACE_JSON, document, format_trace(document),
+                   lambda folder: plot_trace(document, folder))
     return 0
