@@ -541,3 +541,18 @@ def test_trace_refuses_a_non_empty_out_and_writes_its_folder_whole(tmp_path, cap
     names = {p.name for p in out.iterdir()}
     assert "trace.json" in names and "notes.txt" not in names
     assert f"wrote {out / 'trace.json'}" in capsys.readouterr().out
+
+
+def test_bench_refuses_an_earlier_bench_unless_overwrite(tmp_path, capsys, monkeypatch):
+    from biasedit_peft.workflows import bench
+
+    out = tmp_path / "bench"
+    out.mkdir()
+    (out / "bench.json").write_text("{}")
+    monkeypatch.setattr(bench, "run_bench", lambda config: pytest.fail("ran before checking --out"))
+    assert main(["bench", "--sections", "forward", "--out", str(out), "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (out / "bench.json").read_text() == "{}"
+    monkeypatch.setattr(bench, "run_bench", lambda config: {"sections": {}})
+    monkeypatch.setattr(bench, "format_bench", lambda results: "")
+    assert main(["bench", "--sections", "forward", "--out", str(out), "--quiet", "--overwrite"]) == 0
+    assert not (out / "bench.json").exists()  # the earlier bench was removed; the stub wrote nothing

@@ -65,6 +65,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=None,
                         help="first N items per bias type in the quality, size and memory sections (quick runs)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete what a non-empty --out holds (an earlier bench) and start afresh")
     add_runtime_arguments(parser, dtype=False)
     return parser
 
@@ -80,10 +82,16 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import shutil
+
     import biasedit_peft  # noqa: F401
+    from biasedit_peft._io import check_output_folder
     from biasedit_peft.workflows.bench import BenchConfig, format_bench, run_bench
 
     try:
+        out_dir = check_output_folder(args.out, [args.model], args.overwrite)
+        if args.overwrite and out_dir.is_dir():
+            shutil.rmtree(out_dir)
         config = BenchConfig(
             model=args.model, out=args.out, preset=args.preset, sections=tuple(split_list(args.sections) or ()),
             repeats=args.repeats,
