@@ -166,6 +166,8 @@ def test_evaluate_never_replaces_an_existing_json(tmp_path, capsys):
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
     assert json.loads(out.read_text()) == {"keep": True}
     assert main([*args, "--overwrite"]) == 0 and "stereoset" in json.loads(out.read_text())
+    under_a_file = ["evaluate", "--model", "testbed", "--quiet", "--json", str(out / "x.json")]
+    assert main(under_a_file) == 2 and "is a file" in capsys.readouterr().err
 
 
 def test_folder_in_place_swaps_in_whole_or_leaves_the_old_folder(tmp_path):

@@ -100,8 +100,11 @@ def open_store(json_path: str | None, resume: bool, overwrite: bool):
         return None
     from pathlib import Path
 
+    from biasedit_peft._io import check_output_folder
+
     if Path(json_path).exists() and not overwrite:
         raise ValueError(f"--json {json_path} exists; pass --overwrite to replace it")
+    check_output_folder(Path(json_path).parent, overwrite=True)  # a folder we can write, checked before the compute
     store = ScoreStore.beside(json_path)
     if store.exists():
         refuse_previous(f"{store.root} holds the scores of an unfinished evaluation", resume, overwrite)
