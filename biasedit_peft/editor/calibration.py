@@ -90,19 +90,26 @@ def checked_replay(editor: BiasEditor, peft_model: nn.Module, tokenizer, probe: 
     return replay
 
 
-def _scaled_scores(
-    editor: BiasEditor, peft_model: nn.Module, tokenizer, solutions: dict[str, RidgeSolution],
-    scored: Sequence[EditSample], scales: Sequence[float], replay: PrefixReplay, batch_size: int, adapter_name: str,
-) -> tuple[torch.Tensor, dict[float, torch.Tensor]]:
-    """Scores ``[3, P]`` of ``scored`` unedited, and with ``scale x solutions`` for each of ``scales``."""
+def _unedited_scores(peft_model: nn.Module, tokenizer, scored: Sequence[EditSample], replay: PrefixReplay,
+                     batch_size: int) -> tuple[torch.Tensor, list | None]:
+    """Scores ``[3, P]`` of ``scored`` unedited, and the prefixes ``replay`` recorded on the way (None if off)."""
     with replay.record() as prefixes:
         before = _group_scores(peft_model, tokenizer, scored, batch_size)
+    return before, prefixes if prefixes else None
+
+
+def _edited_scores(
+    editor: BiasEditor, peft_model: nn.Module, tokenizer, solutions: dict[str, RidgeSolution],
+    scored: Sequence[EditSample], scales: Sequence[float], replay: PrefixReplay, prefixes: list | None,
+    batch_size: int, adapter_name: str,
+) -> dict[float, torch.Tensor]:
+    """Scores ``[3, P]`` of ``scored`` with ``scale x solutions`` for each of ``scales``, the unedited prefix
+    replayed from ``prefixes`` (:func:`_unedited_scores`)."""
     after = {}
     for scale in scales:
-        with editor.edited(peft_model, scaled_solutions(solutions, scale), adapter_name), \
-                replay.replay(prefixes if prefixes else None):
+        with editor.edited(peft_model, scaled_solutions(solutions, scale), adapter_name), replay.replay(prefixes):
             after[scale] = _group_scores(peft_model, tokenizer, scored, batch_size)
-    return before, after
+    return after
 
 
 def _ranked(pre: torch.Tensor, after: dict[float, torch.Tensor], score: Callable[[dict[str, float]], float]) -> dict:
@@ -153,8 +160,9 @@ def calibrate_edit_scale(
     for group in tqdm(groups, desc="calibrating the edit scale", disable=not progress):
         group = [group[i] for i in length_order(tokenizer, group).tolist()]
         cache, _, _ = editor.cache_samples(peft_model, tokenizer, group, batch_size)
-        pre, post = _scaled_scores(editor, peft_model, tokenizer, editor.predict(cache), group, scales, replay,
-                                   batch_size, adapter_name)
+        pre, prefixes = _unedited_scores(peft_model, tokenizer, group, replay, batch_size)
+        post = _edited_scores(editor, peft_model, tokenizer, editor.predict(cache), group, scales, replay, prefixes,
+                              batch_size, adapter_name)
         before.append(pre)
         for scale in scales:
             after[scale].append(post[scale])
@@ -191,13 +199,14 @@ def calibrate_joint_scale(
     scored = [scored[i] for i in length_order(tokenizer, scored).tolist()]
     replay = checked_replay(editor, peft_model, tokenizer, scored, batch_size, replay)
     with tqdm(total=len(scales) + 2, desc="calibrating the joint scale", disable=not progress) as bar:
-        pre, after = _scaled_scores(editor, peft_model, tokenizer, solutions, scored, scales, replay, batch_size,
-                                    adapter_name)
+        pre, prefixes = _unedited_scores(peft_model, tokenizer, scored, replay, batch_size)  # recorded once
+        after = _edited_scores(editor, peft_model, tokenizer, solutions, scored, scales, replay, prefixes,
+                               batch_size, adapter_name)
         bar.update(len(scales))
         coarse = _ranked(pre, after, score)["scale"]
         finer = [s for s in (coarse / math.sqrt(2), coarse * math.sqrt(2))
                  if all(abs(s / tried - 1) > 1e-6 for tried in after)]
-        after.update(_scaled_scores(editor, peft_model, tokenizer, solutions, scored, finer, replay, batch_size,
-                                    adapter_name)[1])
+        after.update(_edited_scores(editor, peft_model, tokenizer, solutions, scored, finer, replay, prefixes,
+                                    batch_size, adapter_name))
         bar.update(2)
     return _ranked(pre, after, score)

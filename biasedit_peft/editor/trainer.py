@@ -190,13 +190,18 @@ def selection_score(metrics: dict[str, float], args: BiasEditTrainingArguments) 
     return target_score(metrics, args.max_lms_drop, args.max_nll_increase)
 
 
+def unlabelled_samples(samples: Sequence[EditSample]) -> list[int]:
+    """Indices of the samples without a ``target`` or ``bias_type`` (the held-out meta-loss needs both)."""
+    return [i for i, s in enumerate(samples) if s.target is None or s.bias_type is None]
+
+
 def held_out_group(edit: Sequence[EditSample], pool: Sequence[EditSample]) -> list[EditSample]:
     """The samples of ``pool`` whose bias type is one of ``edit``'s and whose target term is none of ``edit``'s.
 
     Raises:
         ValueError: A sample has no ``target`` or ``bias_type``.
     """
-    unlabelled = [i for i, s in enumerate([*edit, *pool]) if s.target is None or s.bias_type is None]
+    unlabelled = unlabelled_samples([*edit, *pool])
     if unlabelled:
         raise ValueError("The held-out meta-loss needs samples with 'target' and 'bias_type' (StereoSet items or "
                          f"dicts with both keys); samples {unlabelled[:5]} of the group have none")
@@ -211,7 +216,7 @@ RESUMABLE_CHANGES = ("output_dir", "max_steps", "epochs", "progress", "resume", 
 def resume_mismatches(saved: dict, args: BiasEditTrainingArguments, saved_config, config,
                       data: dict[str, int]) -> dict[str, tuple]:
     """``{field: (checkpoint's value, this run's)}`` for every training argument (but
-    :data:`RESUMABLE_CHANGES`), editor setting (``loss``, ``rank``, ``n_blocks``, ``lr``, ``chunk_size``) and data
+    :data:`RESUMABLE_CHANGES`), editor setting (``loss``, ``rank``, ``n_blocks``, ``chunk_size``) and data
     size (``--limit``, other data) that differs between checkpoint ``saved`` (its ``trainer_state.json``) and now."""
     differing = {}
     for name, value in asdict(args).items():
@@ -289,8 +294,8 @@ class BiasEditTrainer:
         needs = {"train_data": self.args.held_out_coef > 0,
                  "eval_data": self.args.held_out_coef > 0 or self.args.select_by == "held_out"}
         for what, samples in (("train_data", self.train_data), ("eval_data", self.eval_data)):
-            unlabelled = [i for i, s in enumerate(samples) if s.target is None or s.bias_type is None]
-            if needs[what] and unlabelled:
+            unlabelled = unlabelled_samples(samples) if needs[what] else []
+            if unlabelled:
                 raise ValueError(f"{what}: samples {unlabelled[:5]} have no 'target' / 'bias_type', which the "
                                  "held-out meta-loss and selection need (StereoSet items have both)")
 
