@@ -1,7 +1,8 @@
 """Small file utilities that every writer of the package shares: :func:`atomic_write` (a file is replaced whole or
 not at all, with the permissions a new file gets), one JSON writer, and the rules for output folders
 (:func:`check_output_folder` before any compute, :func:`folder_in_place` to build one beside its final name and swap
-it in whole).
+it in whole, :func:`resumable_folder_in_place` for the commands that resume, whose unfinished run waits under a
+hidden name beside the folder).
 
 Every JSON document the package writes for others (``biasedit evaluate --json``, ``trace.json``, ``sweep.json``,
 ``merge_report.json``, ``lora_export_report.json``) goes through :func:`write_json`. It writes strict JSON: a
@@ -172,16 +173,99 @@ def folder_in_place(out: str | Path) -> Iterator[Path]:
         The temporary folder to write into.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
-        shutil.rmtree(leftover, ignore_errors=True)  # what a killed earlier run left beside ``out``
-    temporary = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    os.chmod(temporary, 0o777 & ~_umask())
+    temporary = _fresh_temporary_folder(out)
     try:
         yield temporary
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+    _swap_into_place(temporary, out)
+
+
+# ----- resumable output folders (train-editor, demo, bench) -------------------------------------------------
+RUN_FOLDER_SUFFIX = ".run"
+
+
+def run_folder(out: str | Path) -> Path:
+    """Where a resumable command builds ``out``: the hidden ``.NAME.run`` beside it, kept by a kill for
+    ``--resume``."""
+    out = Path(out)
+    return out.parent / f".{out.name}{RUN_FOLDER_SUFFIX}"
+
+
+def resume_source(out: str | Path) -> Path:
+    """The folder ``--resume`` continues: the interrupted run beside ``out`` if there is one, else ``out`` (a
+    finished run, extended)."""
+    work = run_folder(out)
+    return work if work.is_dir() else Path(out)
+
+
+def check_resumable_output_folder(out: str | Path, inputs: Sequence[str | Path | None] = (), resume: bool = False,
+                                  overwrite: bool = False) -> Path:
+    """:func:`check_output_folder` for a command that resumes, before any compute.
+
+    Also refused: ``resume`` with no run to continue (neither the run folder nor a non-empty ``out``); a fresh
+    start (neither flag) while an interrupted run waits beside ``out``. Both messages name the flags.
+
+    Raises:
+        OutputFolderError: Saying which rule and which path.
+    """
+    if resume and overwrite:
+        raise OutputFolderError("choose one of --resume and --overwrite")
+    out = check_output_folder(out, inputs, overwrite=True)  # every rule but "not empty", checked below
+    work = run_folder(out)
+    holds_a_run = out.is_dir() and any(out.iterdir())
+    if resume and not work.is_dir() and not holds_a_run:
+        raise OutputFolderError(f"--resume: there is no run of --out {out} to continue (neither {out} nor {work})")
+    if not (resume or overwrite):
+        if work.exists():
+            raise OutputFolderError(f"{work} holds an interrupted run of --out {out}; pass --resume to continue it "
+                                    "or --overwrite to discard it")
+        if holds_a_run:
+            raise OutputFolderError(f"--out {out} is not empty (an earlier run?); pass --resume to continue it or "
+                                    "--overwrite to replace it")
+    return out
+
+
+@contextmanager
+def resumable_folder_in_place(out: str | Path, resume: bool = False) -> Iterator[Path]:
+    """Build ``out`` in its run folder (:func:`run_folder`) and swap it in whole when the block ends.
+
+    Unlike :func:`folder_in_place`, an exception or a kill keeps the run folder, for ``--resume``: ``out`` holds
+    the old state or the complete new one, and the unfinished run lies under a hidden name that never looks like a
+    result. ``resume`` continues the run folder, or else a copy of ``out`` (made under a temporary name and renamed,
+    so a kill during the copy leaves no half run folder); without it the run folder starts empty. Check first with
+    :func:`check_resumable_output_folder`.
+
+    Yields:
+        The run folder to write into.
+    """
+    out = Path(out)
+    work = run_folder(out)
+    if not (resume and work.is_dir()):
+        staging = _fresh_temporary_folder(out)
+        if resume and out.is_dir():
+            shutil.copytree(out, staging, dirs_exist_ok=True)
+        if work.exists():
+            shutil.rmtree(work)
+        os.rename(staging, work)
+    yield work
+    _swap_into_place(work, out)
+
+
+def _fresh_temporary_folder(out: Path) -> Path:
+    """An empty hidden ``.NAME.tmp-*`` beside ``out`` with a new folder's permissions, after removing what a killed
+    earlier build left there (``.NAME.tmp-*``, ``.NAME.old-*``; never the run folder)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+    temporary = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    os.chmod(temporary, 0o777 & ~_umask())
+    return temporary
+
+
+def _swap_into_place(temporary: Path, out: Path) -> None:
+    """Put folder ``temporary`` in place of ``out`` in one step where the OS allows, and delete the old ``out``."""
     if out.exists():
         if not _exchange(temporary, out):
             aside = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))

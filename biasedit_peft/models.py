@@ -223,6 +223,42 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
         raise ValueError(f"Unknown dtype {name!r}; choose one of {sorted(set(DTYPES))}") from None
 
 
+BF16_SPEEDUP_NEEDED = 1.25
+"""How much faster than float32 a bf16 matmul must be on the CPU for bf16 to be the default there."""
+
+
+def bf16_matmul_speedup(size: int = 256, repeats: int = 3) -> float:
+    """float32 time / bf16 time of a ``size x size`` linear layer (``F.linear``, the path an LM's layers take) on
+    this CPU, best of ``repeats``, interleaved.
+
+    Above 1 where the cores have bf16 matrix units (Intel AMX, AVX512-BF16, Arm BF16); far below where bf16 is
+    emulated (an AVX2-only EPYC core measured 0.15 at LM shapes). Under 0.1 s even there.
+    """
+    import time
+
+    first = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
+    operands = {dtype: (first.to(dtype), first.t().contiguous().to(dtype)) for dtype in (torch.float32,
+                                                                                          torch.bfloat16)}
+    best = dict.fromkeys(operands, float("inf"))
+    for _ in range(repeats):
+        for dtype, (a, b) in operands.items():
+            start = time.perf_counter()
+            torch.nn.functional.linear(a, b)
+            best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return best[torch.float32] / best[torch.bfloat16]
+
+
+_CPU_BF16_FAST: list[bool] = []
+
+
+def cpu_bf16_is_fast() -> bool:
+    """Does bf16 beat float32 on this CPU by :data:`BF16_SPEEDUP_NEEDED`? Measured once per process
+    (:func:`bf16_matmul_speedup`), so a CPU without bf16 units never gets an emulated, slower default."""
+    if not _CPU_BF16_FAST:
+        _CPU_BF16_FAST.append(bf16_matmul_speedup() >= BF16_SPEEDUP_NEEDED)
+    return _CPU_BF16_FAST[0]
+
+
 def default_device(requested: str | torch.device | None = None) -> str | torch.device:
     """``requested``, else ``cuda`` when available, else ``cpu``."""
     if requested:

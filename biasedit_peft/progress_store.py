@@ -203,6 +203,11 @@ class ScoreStore:
 
 
 # ----- demo stages ---------------------------------------------------------------------------------------
+def _as_stored(config: Mapping[str, Any]) -> dict:
+    """``config`` as JSON gives it back (tuples as lists)."""
+    return json.loads(json.dumps(dict(config)))
+
+
 class StageStore:
     """Finished stages of a run of ordered stages under ``root`` (see the module docstring).
 
@@ -217,15 +222,18 @@ class StageStore:
         self._finished: dict[str, dict] = {}
         self._discarded = False
 
-    def open(self, config: Mapping[str, Any], resume: bool) -> list[str]:
-        """Check ``config`` against the stored one when resuming (:class:`ResumeMismatch`), record it, and
-        return the names of the finished stages that will be loaded (none unless ``resume``)."""
+    def check(self, config: Mapping[str, Any]) -> None:
+        """Raise :class:`ResumeMismatch` (naming the fields) if a stored config differs from ``config``."""
         path = self.root / STAGE_CONFIG_NAME
-        config = json.loads(json.dumps(dict(config)))  # tuples as lists, as they are stored
-        if resume and path.is_file():
-            stored = read_json(path)["config"]
-            check_fields(str(path), stored, config, every=True)
-        write_json(path, {"format": FORMAT, "config": config}, strict=False)
+        if path.is_file():
+            check_fields(str(path), read_json(path)["config"], _as_stored(config), every=True)
+
+    def open(self, config: Mapping[str, Any], resume: bool) -> list[str]:
+        """Check ``config`` against the stored one when resuming (:meth:`check`), record it, and return the
+        names of the finished stages that will be loaded (none unless ``resume``)."""
+        if resume:
+            self.check(config)
+        write_json(self.root / STAGE_CONFIG_NAME, {"format": FORMAT, "config": _as_stored(config)}, strict=False)
         self._finished = self._finished_prefix() if resume else {}
         return list(self._finished)
 

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from statistics import mean
 
-from biasedit_peft._io import write_json
+from biasedit_peft._io import run_folder, write_json
 
 RESULTS = "results.json"
 
@@ -28,7 +28,7 @@ def run_seed(out: Path, seed: int, demo_args: list[str]) -> Path:
     """``biasedit demo`` for ``seed`` into ``out/seed-N`` unless its results exist; returns that folder."""
     folder = out / f"seed-{seed}"
     if not (folder / RESULTS).is_file():
-        resume = ["--resume"] if (folder / "stages").is_dir() else []
+        resume = ["--resume"] if run_folder(folder).is_dir() else []  # a killed demo waits there
         command = [sys.executable, "-m", "biasedit_peft", "demo", "--seed", str(seed), "--out", str(folder),
                    "--quiet", *resume, *demo_args]
         print("$ " + " ".join(command), flush=True)

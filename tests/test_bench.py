@@ -265,7 +265,7 @@ def test_bench_cli_passes_the_speed_flags(tmp_path, monkeypatch):
     from biasedit_peft.workflows import bench
 
     seen = []
-    monkeypatch.setattr(bench, "run_bench", lambda config: seen.append(config) or {"sections": {}})
+    monkeypatch.setattr(bench, "run_bench", lambda config, **kwargs: seen.append(config) or {"sections": {}})
     code = main(["bench", "--sections", "speed", "--dtypes", "bf16", "--throughput-limit", "3",
                  "--throughput-repeats", "4", "--score-batch-size", "8", "--matmul-size", "256",
                  "--forward-repeats", "3", "--out", str(tmp_path), "--quiet"])

@@ -140,12 +140,17 @@ def test_preset_is_the_named_one_else_testbeds_for_the_testbed_else_cpu_on_cpu_e
     assert config_from_args(parser.parse_args(["--model", "dir", "--preset", "testbed"])).preset == "testbed"
 
 
-def test_demo_runs_real_models_in_bf16_on_the_cpu_and_keeps_the_testbed_and_explicit_dtypes():
+@pytest.mark.parametrize("speedup, fast", [(0.17, None), (1.0, None), (2.0, "bf16")])
+def test_demo_runs_real_models_in_bf16_where_the_cpu_has_it_and_keeps_the_testbed_and_explicit_dtypes(
+        monkeypatch, speedup, fast):
+    from biasedit_peft import models
     from biasedit_peft.workflows.demo import DemoConfig, default_demo_dtype
 
-    assert default_demo_dtype("smollm2-135m", "cpu") == "bf16"
-    assert default_demo_dtype("some/folder", "cuda:0") is None
+    monkeypatch.setattr(models, "_CPU_BF16_FAST", [])  # measured once per process: forget this one's
+    monkeypatch.setattr(models, "bf16_matmul_speedup", lambda: speedup)  # 0.17: an AVX2-only EPYC, emulated bf16
+    assert default_demo_dtype("smollm2-135m", "cpu") == fast
+    assert DemoConfig(model="some/folder", device="cpu").dtype == fast
+    assert default_demo_dtype("some/folder", "cuda:0") is None  # a GPU keeps the checkpoint's dtype
     assert default_demo_dtype("testbed", "cpu") is None  # the testbed's figures stay float32
-    assert DemoConfig(model="some/folder", device="cpu").dtype == "bf16"
     assert DemoConfig(model="some/folder", device="cpu", dtype="fp32").dtype == "fp32"
     assert DemoConfig(device="cpu").dtype is None

@@ -372,3 +372,11 @@ def test_smollm2_135m_resolves_loads_and_scores_sensibly():
 
     assert tokenizer.bos_token == "<|im_start|>"  # a ChatML turn opener: sentences start after <|endoftext|>
     assert start_token_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|endoftext|>") == 0
+
+
+# ----- the CPU's bf16 decides the demo's default dtype -------------------------------------------------------
+def test_the_bf16_probe_measures_this_cpu():
+    from biasedit_peft.models import bf16_matmul_speedup
+
+    speedup = bf16_matmul_speedup()
+    assert math.isfinite(speedup) and speedup > 0

@@ -551,10 +551,143 @@ def test_bench_refuses_an_earlier_bench_unless_overwrite(tmp_path, capsys, monke
     out = tmp_path / "bench"
     out.mkdir()
     (out / "bench.json").write_text("{}")
-    monkeypatch.setattr(bench, "run_bench", lambda config: pytest.fail("ran before checking --out"))
+    monkeypatch.setattr(bench, "run_bench", lambda config, **kwargs: pytest.fail("ran before checking --out"))
     assert main(["bench", "--sections", "forward", "--out", str(out), "--quiet"]) == 2
     assert "--overwrite" in capsys.readouterr().err and (out / "bench.json").read_text() == "{}"
-    monkeypatch.setattr(bench, "run_bench", lambda config: {"sections": {}})
+    monkeypatch.setattr(bench, "run_bench", lambda config, **kwargs: {"sections": {}})
     monkeypatch.setattr(bench, "format_bench", lambda results: "")
     assert main(["bench", "--sections", "forward", "--out", str(out), "--quiet", "--overwrite"]) == 0
     assert not (out / "bench.json").exists()  # the earlier bench was removed; the stub wrote nothing
+
+
+# ----- resumable commands: the run is built beside --out and swapped in whole ------------------------------
+def test_resumable_folder_keeps_an_interrupted_run_and_swaps_in_a_finished_one(tmp_path):
+    from biasedit_peft._io import check_resumable_output_folder, resumable_folder_in_place, run_folder
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with resumable_folder_in_place(out) as run:
+            (run / "step1.txt").write_text("1")
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]  # the old state, whole
+    assert sorted(p.name for p in run_folder(out).iterdir()) == ["step1.txt"]
+    with pytest.raises(OutputFolderError, match="interrupted run.*--resume.*--overwrite"):
+        check_resumable_output_folder(out, overwrite=False)
+    with resumable_folder_in_place(check_resumable_output_folder(out, resume=True), resume=True) as run:
+        assert sorted(p.name for p in run.iterdir()) == ["step1.txt"]  # continues the interrupted run
+        (run / "step2.txt").write_text("2")
+    assert sorted(p.name for p in out.iterdir()) == ["step1.txt", "step2.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with resumable_folder_in_place(out, resume=True) as run:  # no run folder: a copy of the finished one
+        assert sorted(p.name for p in run.iterdir()) == ["step1.txt", "step2.txt"]
+        (run / "step1.txt").write_text("changed")
+        assert (out / "step1.txt").read_text() == "1"  # a copy, not the same files
+    assert (out / "step1.txt").read_text() == "changed"
+    with pytest.raises(OutputFolderError, match="not empty.*pass --resume to continue it or --overwrite"):
+        check_resumable_output_folder(out)
+    with pytest.raises(OutputFolderError, match="no run of --out"):
+        check_resumable_output_folder(tmp_path / "empty", resume=True)
+
+
+def test_train_editor_interrupted_leaves_out_whole_and_resume_finishes_it(model_dir, tmp_path, capsys, monkeypatch):
+    from biasedit_peft._io import run_folder
+    from biasedit_peft.editor import BiasEditTrainer
+
+    out = tmp_path / "editor"
+    args = ["train-editor", "--model", str(model_dir), "--out", str(out), "--quiet", "--limit", "4",
+            "--eval-data", "none", "--n-edits", "2", "--batch-size", "2", "--rank", "4"]
+    assert main([*args, "--max-steps", "1"]) == 0
+    capsys.readouterr()
+    old = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real = BiasEditTrainer.edit_step
+
+    def interrupted_after_step_2(self, *args, **kwargs):
+        metrics = real(self, *args, **kwargs)
+        if self.state.global_step == 2:
+            raise KeyboardInterrupt  # Ctrl-C: the trainer checkpoints step 2, in the run folder
+        return metrics
+
+    monkeypatch.setattr(BiasEditTrainer, "edit_step", interrupted_after_step_2)
+    assert main([*args, "--max-steps", "3", "--overwrite"]) == 130
+    assert "--resume" in capsys.readouterr().err
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == old  # old run, whole
+    state = json.loads((run_folder(out) / "checkpoint" / "trainer_state.json").read_text())
+    assert state["trainer"]["global_step"] == 2
+    assert main([*args, "--max-steps", "3"]) == 2  # a fresh start would discard the interrupted run
+    assert "interrupted run" in capsys.readouterr().err
+    monkeypatch.setattr(BiasEditTrainer, "edit_step", real)
+    assert main([*args, "--max-steps", "3", "--resume"]) == 0
+    assert "trained 3 meta-steps" in capsys.readouterr().out and not run_folder(out).exists()
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert state["trainer"]["global_step"] == 3
+    assert str(run_folder(out)) not in "".join(p.read_text() for p in out.rglob("*.json")) + \
+        (out / "README.md").read_text()
+
+
+def test_bench_resume_keeps_complete_sections_and_refuses_other_settings(tmp_path, capsys, monkeypatch):
+    from biasedit_peft.workflows import bench
+
+    calls = []
+
+    def fake(section):
+        def measure(config):
+            calls.append(section)
+            if section == "size" and calls.count("size") == 1:
+                raise KeyboardInterrupt
+            return {"value": len(calls)}
+        return measure
+
+    monkeypatch.setattr(bench, "SECTION_FUNCTIONS", {name: fake(name) for name in ("forward", "size")})
+    monkeypatch.setattr(bench, "format_bench", lambda results: "")
+    out = tmp_path / "bench"
+    args = ["bench", "--sections", "forward,size", "--out", str(out), "--quiet"]
+    assert main(args) == 130 and not out.exists() and "--resume" in capsys.readouterr().err
+    assert main([*args, "--seed", "1", "--resume"]) == 2
+    assert "seed: stored 0, now 1" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0
+    assert calls == ["forward", "size", "size"]  # forward was complete and kept
+    sections = json.loads((out / "bench.json").read_text())["sections"]
+    assert sections["forward"]["value"] == 1 and sections["size"]["value"] == 3
+
+
+KILLED_TRAINING = """
+import os, signal, sys
+from biasedit_peft.editor import BiasEditTrainer
+real = BiasEditTrainer.edit_step
+
+def dies_in_step_3(self, samples, train, **kwargs):
+    if train and self.state.global_step == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # step 2 was validated and checkpointed in the run folder
+    return real(self, samples, train, **kwargs)
+
+BiasEditTrainer.edit_step = dies_in_step_3
+from biasedit_peft.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_train_editor_killed_with_sigkill_leaves_out_whole_and_resumes(model_dir, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from biasedit_peft._io import run_folder
+
+    out = tmp_path / "editor"
+    out.mkdir()
+    (out / "old.txt").write_text("the user's previous editor")
+    args = ["train-editor", "--model", str(model_dir), "--out", str(out), "--quiet", "--limit", "4",
+            "--eval-every", "1", "--n-edits", "2", "--batch-size", "2", "--rank", "4", "--max-steps", "3"]
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_TRAINING)
+    run = subprocess.run([sys.executable, str(script), *args, "--overwrite"], capture_output=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == -9, run.stderr.decode()[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]  # the old state, whole
+    state = json.loads((run_folder(out) / "checkpoint" / "trainer_state.json").read_text())
+    assert state["trainer"]["global_step"] == 2
+    assert main([*args, "--resume"]) == 0 and "trained 3 meta-steps" in capsys.readouterr().out
+    assert not run_folder(out).exists() and "old.txt" not in {p.name for p in out.iterdir()}
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert [r["step"] for r in state["trainer"]["history"]] == [1, 2, 3]

@@ -17,13 +17,14 @@ import torch
 import biasedit_peft.evaluation as evaluation
 import biasedit_peft.workflows.demo as demo_module
 import biasedit_peft.workflows.protocols as protocols
+from biasedit_peft._io import run_folder
 from biasedit_peft.cli import main
 from biasedit_peft.data import gender_swapped, load_crows, load_stereoset
 from biasedit_peft.evaluation import evaluate_model, score_in_pieces, take_per_type
 from biasedit_peft.models import load_model_and_tokenizer
 from biasedit_peft.progress_store import PreviousRunError, ResumeMismatch, ScoreStore
 from biasedit_peft.scoring import SCORE_FIELDS, score_sentences
-from biasedit_peft.workflows.demo import DemoConfig, prepare_out, run_demo
+from biasedit_peft.workflows.demo import DemoConfig, run_demo
 
 PARAGRAPHS = ["The river runs past the old mill and into the valley.", "A recipe needs flour, water and salt.",
               "The train left the station at noon.", "Rain fell on the roof all night long."]
@@ -223,11 +224,13 @@ def uninterrupted_demo(tmp_path_factory) -> Path:
 def test_demo_killed_mid_evaluation_resumes_to_the_same_results(uninterrupted_demo, tmp_path, monkeypatch):
     out = tmp_path / "b"
     config = replace(DEMO, out=str(out))
-    partial = out / "stages" / "evaluate_after.partial"
+    run = run_folder(out)
+    partial = run / "stages" / "evaluate_after.partial"
     scorer(monkeypatch, fail_when=lambda: any(partial.glob("*.safetensors")))  # after its first piece
     with pytest.raises(KeyboardInterrupt):
         run_demo(config)
-    finished = sorted(p.stem for p in (out / "stages").glob("*.json"))
+    assert not out.exists()  # the unfinished demo lies only under the hidden run folder
+    finished = sorted(p.stem for p in (run / "stages").glob("*.json"))
     assert finished == sorted(["config", "evaluate_before", "train_editor", "per_batch_protocol",
                                "held_out_protocol", "joint_on_test", "debias"])
     assert [p.name for p in partial.glob("*.safetensors")] == ["stereoset-00000.safetensors"]
@@ -246,6 +249,8 @@ def test_demo_killed_mid_evaluation_resumes_to_the_same_results(uninterrupted_de
     assert len(counting.calls) == 7  # crows, gender-swapped, perplexity of "after", then the merged model's four
     assert results["resumed_stages"] == ["evaluate_before", "train_editor", "per_batch_protocol",
                                          "held_out_protocol", "joint_on_test", "debias"]
+    assert not run.exists() and (out / "results.json").is_file() and (out / "before_after.png").is_file()
+    assert str(run) not in (out / "results.json").read_text() + (out / "adapter" / "adapter_config.json").read_text()
     assert comparable(out, uninterrupted_demo) == comparable(uninterrupted_demo, uninterrupted_demo)
     card = (out / "adapter" / "README.md").read_text().replace(str(out), str(uninterrupted_demo))
     assert card == (uninterrupted_demo / "adapter" / "README.md").read_text()
@@ -261,7 +266,8 @@ def test_demo_resume_passes_resume_to_training_and_skips_finished_stages(tmp_pat
     monkeypatch.setattr(demo_module, "train_editor", killed_training)
     with pytest.raises(KeyboardInterrupt):
         run_demo(config)
-    assert (tmp_path / "t" / "stages" / "evaluate_before.json").is_file()
+    assert (run_folder(tmp_path / "t") / "stages" / "evaluate_before.json").is_file()
+    assert main(["demo", "--out", str(tmp_path / "t"), "--quiet"]) == 2  # a fresh start would discard it
     counts = count_stage_calls(monkeypatch)
     seen = {}
 
@@ -281,6 +287,7 @@ def test_demo_resume_with_another_config_is_refused_naming_the_fields(uninterrup
     with pytest.raises(ResumeMismatch, match=refused):
         run_demo(replace(DEMO, out=str(uninterrupted_demo), limit=5, seed=1), resume=True)
     assert sorted(p.name for p in (uninterrupted_demo / "stages").iterdir()) == before
+    assert not run_folder(uninterrupted_demo).exists()  # refused before anything was copied
 
 
 def test_demo_refuses_an_out_holding_a_demo_without_resume_or_overwrite(tmp_path, capsys):
@@ -294,15 +301,25 @@ def test_demo_refuses_an_out_holding_a_demo_without_resume_or_overwrite(tmp_path
     assert "stages/config.json" in capsys.readouterr().err
 
 
-def test_overwrite_deletes_only_the_demo_entries(tmp_path):
+def test_overwrite_replaces_out_whole_and_only_when_the_demo_ends(tmp_path, monkeypatch):
     out = tmp_path / "o"
-    for name in ("stages", "editor", "adapter", "merged"):
-        (out / name).mkdir(parents=True)
-        (out / name / "x").write_text("old")
+    out.mkdir()
     (out / "results.json").write_text("{}")
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(PreviousRunError):
-        prepare_out(replace(DEMO, out=str(out)))
-    stages = prepare_out(replace(DEMO, out=str(out)), overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "stages"]
-    assert [p.name for p in stages.root.iterdir()] == ["config.json"]
+    config = replace(DEMO, out=str(out), merge=False, crows=False)
+    with pytest.raises(PreviousRunError, match="--overwrite"):
+        run_demo(config)
+
+    def killed_training(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(demo_module, "train_editor", killed_training)
+        with pytest.raises(KeyboardInterrupt):
+            run_demo(config, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "results.json"]  # the old state, whole
+    assert (out / "results.json").read_text() == "{}" and run_folder(out).is_dir()
+    results = run_demo(config, overwrite=True)  # discards the interrupted run, starts afresh
+    assert results["resumed_stages"] == [] and not run_folder(out).exists()
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "before_after.png", "editor", "results.json",
+                                                      "stages"]

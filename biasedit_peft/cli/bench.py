@@ -65,8 +65,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=None,
                         help="first N items per bias type in the quality, size and memory sections (quick runs)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--overwrite", action="store_true",
-                        help="delete what a non-empty --out holds (an earlier bench) and start afresh")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue an interrupted bench (or extend the one in --out): complete sections are kept, "
+                       "the quality variants' demos resumed")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace what a non-empty --out holds (an earlier bench) and start afresh")
     add_runtime_arguments(parser, dtype=False)
     return parser
 
@@ -82,17 +86,13 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import shutil
-
     import biasedit_peft  # noqa: F401
-    from biasedit_peft._io import check_output_folder
-    from biasedit_peft.workflows.bench import BenchConfig, format_bench, run_bench
+    from biasedit_peft._io import check_resumable_output_folder, resumable_folder_in_place, run_folder
+    from biasedit_peft.workflows import bench
 
     try:
-        out_dir = check_output_folder(args.out, [args.model], args.overwrite)
-        if args.overwrite and out_dir.is_dir():
-            shutil.rmtree(out_dir)
-        config = BenchConfig(
+        out_dir = check_resumable_output_folder(args.out, [args.model], resume=args.resume, overwrite=args.overwrite)
+        config = bench.BenchConfig(
             model=args.model, out=args.out, preset=args.preset, sections=tuple(split_list(args.sections) or ()),
             repeats=args.repeats,
             n_edits=args.n_edits, batch_size=args.batch_size, dtypes=tuple(split_list(args.dtypes) or ()),
@@ -103,11 +103,16 @@ def run(args: argparse.Namespace) -> int:
             quality_steps=args.quality_steps,
             limit=args.limit, seed=args.seed, device=args.device, progress=not args.quiet,
         )
-        results = run_bench(config)
+        with resumable_folder_in_place(out_dir, resume=args.resume) as work:  # the old bench or the whole new one
+            results = bench.run_bench(config, folder=work, resume=args.resume)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(format_bench(results))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the sections so far are in {run_folder(args.out)}; rerun the same command with "
+              "--resume to continue", file=sys.stderr)
+        return 130
+    print(bench.format_bench(results))
     out = Path(args.out) / "bench.json"
     print(f"\nwrote {out}")
     if args.json_path:

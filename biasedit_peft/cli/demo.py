@@ -3,13 +3,15 @@
     biasedit demo [--model testbed] [--bias-types gender,race,religion] [--out demo] [--json FILE]
                   [--resume | --overwrite]
 
-Trains an editor (train split, dev for early stopping), measures it under the paper's per-batch protocol
-and a held-out protocol, debiases the test split into an adapter, evaluates before and after, merges the
-adapter into a plain checkpoint and re-scores it. See :mod:`biasedit_peft.workflows.demo`.
+Trains an editor (train split, dev for early stopping), measures it under the paper's per-batch, held-out
+and joint protocols, writes the deployment adapter (one joint delta from train, its scale calibrated on dev),
+evaluates before and after, merges the adapter into a plain checkpoint and re-scores it. See
+:mod:`biasedit_peft.workflows.demo`.
 
-Each finished stage is recorded in ``OUT/stages/`` at once. ``--resume`` continues a killed demo (same
-settings, else refused naming the differing ones); without it an ``OUT`` that holds a demo is refused
-(exit 2), and ``--overwrite`` deletes the demo's entries of ``OUT`` and starts again.
+The demo is built in a hidden ``.OUT.run`` folder beside ``OUT`` and swapped in whole at the end; each finished
+stage is recorded there at once. ``--resume`` continues a killed demo (same settings, else refused naming the
+differing ones); without it a non-empty ``OUT`` or an interrupted run is refused (exit 2), and ``--overwrite``
+replaces ``OUT`` and starts again.
 """
 
 from __future__ import annotations
@@ -62,8 +64,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     again = parser.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
-                       help="continue a killed demo in --out: finished stages are loaded, the rest run")
-    again.add_argument("--overwrite", action="store_true", help="delete a previous demo in --out and start again")
+                       help="continue a killed demo (or the finished one in --out): finished stages are loaded, "
+                       "the rest run")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace a non-empty --out (and discard an interrupted run) and start again")
     add_runtime_arguments(parser)
     return parser
 
@@ -91,7 +95,8 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     import biasedit_peft  # noqa: F401  (registers BIASEDIT with peft)
-    from biasedit_peft.workflows.demo import PLOT_NAME, RESULTS_NAME, format_results, plot_before_after, run_demo
+    from biasedit_peft._io import run_folder
+    from biasedit_peft.workflows.demo import PLOT_NAME, RESULTS_NAME, format_results, run_demo
 
     try:
         config = config_from_args(args)
@@ -100,15 +105,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished stages are in {Path(args.out) / 'stages'}; rerun the same command with "
-              "--resume to continue", file=sys.stderr)
+        print(f"\ninterrupted: finished stages are in {run_folder(args.out) / 'stages'}; rerun the same command "
+              "with --resume to continue", file=sys.stderr)
         return 130
     print(format_results(results))
     out = Path(args.out)
-    plot = plot_before_after(results, out / PLOT_NAME)
     print(f"\nwrote {out / RESULTS_NAME}, {out / 'editor'}, {out / 'adapter'}"
           + (f", {out / 'merged'}" if "merged" in results else ""))
-    print(f"plot: {plot}" if plot else "plot skipped: matplotlib is not installed (pip install 'biasedit-peft[plot]')")
+    plot = out / PLOT_NAME
+    print(f"plot: {plot}" if plot.is_file() else
+          "plot skipped: matplotlib is not installed (pip install 'biasedit-peft[plot]')")
     if args.json_path:
         copy_file(out / RESULTS_NAME, args.json_path)
         print(f"wrote {Path(args.json_path)}")

@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from .._io import write_json
+from .._io import json_ready, write_json
 from ..models import default_device
 from .demo import DemoConfig, build_model, editor_preset, environment, load_demo_items
 
@@ -798,22 +798,29 @@ QUALITY_VARIANTS: dict[str, dict] = {
 
 
 def bench_quality(config: BenchConfig, variants: Sequence[str] = tuple(QUALITY_VARIANTS),
-                  on_variant: Callable[[dict], None] | None = None) -> dict:
-    """``run_demo`` per variant (no merge); keeps the headline numbers of each.
+                  on_variant: Callable[[dict], None] | None = None, folder: str | Path | None = None,
+                  resume: bool = False) -> dict:
+    """``run_demo`` per variant (no merge) into ``FOLDER/quality/NAME``; keeps the headline numbers of each.
 
-    ``on_variant(results_so_far)`` is called after every variant (``run_bench`` saves them then).
+    Args:
+        on_variant: Called with the results so far after every variant (``run_bench`` saves them then).
+        folder: Where the variants' demos go (default ``config.out``).
+        resume: Resume each variant's demo that an earlier run started or finished (``run_demo(resume=True)``).
     """
+    from .._io import run_folder
     from .demo import run_demo
 
     results = {}
     for name in variants:
-        demo = _demo_config(config, out=str(Path(config.out) / "quality" / name), max_steps=config.quality_steps,
+        demo_out = Path(config.out if folder is None else folder) / "quality" / name
+        started = resume and (run_folder(demo_out).is_dir() or demo_out.is_dir())
+        demo = _demo_config(config, out=str(demo_out), max_steps=config.quality_steps,
                             eval_every=config.quality_eval_every,
                             limit=config.limit, merge=False, crows=True, n_resamples=0,
                             **QUALITY_VARIANTS[name])
         if config.progress:
             print(f"[bench] quality variant {name} ...", file=sys.stderr, flush=True)
-        run = run_demo(demo)
+        run = run_demo(demo, resume=True) if started else run_demo(demo)
         results[name] = {
             "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in QUALITY_VARIANTS[name].items()},
             "edited_layers": run["edit"]["layers"],
@@ -852,14 +859,17 @@ SECTION_FUNCTIONS: dict[str, Callable[[BenchConfig], dict]] = {
 }
 
 
-def run_bench(config: BenchConfig) -> dict:
-    """Every section of ``config.sections``; writes ``OUT/bench.json`` after each (nothing lost on interruption).
+def run_bench(config: BenchConfig, folder: str | Path | None = None, resume: bool = False) -> dict:
+    """Every section of ``config.sections``; writes ``FOLDER/bench.json`` after each (nothing lost on interruption).
 
     Args:
         config: What to measure and how often (:class:`BenchConfig`).
+        folder: Where to write (default ``config.out``; ``biasedit bench`` passes its run folder).
+        resume: Keep the sections that ``FOLDER/bench.json`` holds complete (its settings must be these, else
+            ``ResumeMismatch`` naming the fields) and resume the quality variants' demos.
 
     Returns:
-        The bench document (what ``OUT/bench.json`` holds), one key per section.
+        The bench document (what ``bench.json`` holds), one key per section.
 
     Raises:
         ValueError: An unknown section.
@@ -867,9 +877,11 @@ def run_bench(config: BenchConfig) -> dict:
     unknown = [s for s in config.sections if s not in SECTION_FUNCTIONS]
     if unknown:
         raise ValueError(f"Unknown bench section(s) {unknown}; choose from {list(SECTIONS)}")
-    out = Path(config.out)
+    out = Path(config.out if folder is None else folder)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"config": asdict(config), "environment": environment(), "sections": {}}
+    finished = finished_sections(out / "bench.json", config) if resume else {}
+
     def save() -> None:
         write_json(out / "bench.json", results)
 
@@ -878,17 +890,43 @@ def run_bench(config: BenchConfig) -> dict:
         save()
 
     for section in config.sections:
+        if section in finished:
+            results["sections"][section] = finished[section]
+            continue
         if config.progress:
             print(f"[bench] {section} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
         if section == "quality":  # long: save after every variant
-            outcome = bench_quality(config, on_variant=lambda partial: save_partial("quality", partial))
+            outcome = bench_quality(config, on_variant=lambda partial: save_partial("quality", partial),
+                                    folder=out, resume=resume)
         else:
             outcome = SECTION_FUNCTIONS[section](config)
         results["sections"][section] = outcome
         outcome["section_seconds"] = round(time.perf_counter() - start, 2)
         save()
     return results
+
+
+RESUMABLE_BENCH_CHANGES = ("sections", "progress", "device")
+"""Settings a resumed bench may change: which sections run, progress bars, and the device (sections that ran on
+another device keep their figures, which record it)."""
+
+
+def finished_sections(path: Path, config: BenchConfig) -> dict[str, dict]:
+    """The complete sections of an earlier ``bench.json`` (none if there is none).
+
+    Raises:
+        ResumeMismatch: Its settings differ from ``config`` in a field outside :data:`RESUMABLE_BENCH_CHANGES`.
+    """
+    from ..progress_store import check_fields, read_json
+
+    if not path.is_file():
+        return {}
+    stored = read_json(path)
+    current = {k: v for k, v in json_ready(asdict(config)).items() if k not in RESUMABLE_BENCH_CHANGES}
+    check_fields(str(path), {k: v for k, v in stored.get("config", {}).items() if k not in RESUMABLE_BENCH_CHANGES},
+                 current, every=True)
+    return {name: section for name, section in stored.get("sections", {}).items() if not section.get("partial")}
 
 
 _DIGITS = {"x": 2, "%": 1, "min": 1, "s": 2}

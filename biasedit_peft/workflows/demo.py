@@ -13,15 +13,20 @@
 
 Everything is offline; with ``model="testbed"`` (the default) it runs in minutes on a laptop CPU.
 
+One unit: the run is built in the hidden run folder ``.OUT.run`` beside ``OUT``
+(:func:`biasedit_peft._io.resumable_folder_in_place`) and swapped in whole when it ends, so ``OUT`` holds the
+old state or the complete new demo, never half of one. Below, ``RUN`` is that folder.
+
 Resumable (:mod:`biasedit_peft.progress_store`): each finished stage (:data:`STAGES`) is recorded at once
-as ``OUT/stages/NAME.json`` (its JSON-able result, its seconds, the files it wrote), and ``OUT/stages/
+as ``RUN/stages/NAME.json`` (its JSON-able result, its seconds, the files it wrote), and ``RUN/stages/
 config.json`` holds the settings that decide the results (:func:`demo_fingerprint`). A killed demo loses
-at most the running stage, and less: editor training keeps its own checkpoint (``OUT/editor/checkpoint``)
-and the evaluations keep their finished score pieces in ``OUT/stages/NAME.partial/``.
-``run_demo(config, resume=True)`` (``biasedit demo --resume``) loads the finished stages and runs the rest;
-a stored config that differs is refused (``ResumeMismatch``, naming the fields). Without ``resume`` an
-``OUT`` holding a previous demo is refused (``PreviousRunError``); ``overwrite=True`` deletes the demo's
-own entries of ``OUT`` (:data:`DEMO_ENTRIES`, nothing else) and starts fresh.
+at most the running stage, and less: editor training keeps its own checkpoint (``RUN/editor/checkpoint``)
+and the evaluations keep their finished score pieces in ``RUN/stages/NAME.partial/``.
+``run_demo(config, resume=True)`` (``biasedit demo --resume``) loads the finished stages (of the interrupted
+run, or of the finished demo in ``OUT``) and runs the rest; a stored config that differs is refused
+(``ResumeMismatch``, naming the fields) before anything is copied or computed. Without ``resume`` a non-empty
+``OUT`` or an interrupted run is refused (``PreviousRunError``); ``overwrite=True`` replaces ``OUT`` whole.
+Paths recorded in the results and the adapter name ``OUT``, where the files end up.
 
 ``results.json`` of an uninterrupted run is what it always was, plus ``resumed_stages``: the stages loaded
 from an earlier run (``[]`` without a resume); their ``seconds`` are the stored ones, and ``seconds.total``
@@ -33,14 +38,20 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from .._io import write_json
+from .._io import (
+    OutputFolderError,
+    check_resumable_output_folder,
+    resumable_folder_in_place,
+    resume_source,
+    write_json,
+)
 from ..data import BIAS_TYPES, load_stereoset
 from ..editor.presets import PresetOverrides
 from ..evaluation import take_per_type
@@ -51,8 +62,6 @@ from ..progress_store import (
     ScoreStore,
     StageStore,
     files_under,
-    refuse_previous,
-    remove_path,
     run_stage,
 )
 from .deployment import deployment_check
@@ -63,7 +72,6 @@ STAGES_DIR = "stages"
 STAGES = ("evaluate_before", "train_editor", "per_batch_protocol", "held_out_protocol", "joint_on_test", "debias",
           "evaluate_after", "merge_and_rescore")
 """The demo's stages, in the order they run (``merge_and_rescore`` only with ``merge``)."""
-DEMO_ENTRIES = (STAGES_DIR, "editor", "adapter", "merged", RESULTS_NAME, PLOT_NAME)
 """What a demo writes into ``OUT``; ``overwrite`` deletes these and nothing else."""
 NOT_FINGERPRINTED = ("out", "progress", "command")
 """``DemoConfig`` fields that do not change the results (a resume may change them)."""
@@ -100,7 +108,8 @@ class DemoConfig(PresetOverrides):
     seed: int = 0
     dtype: str | None = None
     """The LM's dtype (the editor and deltas stay float32). ``None``: ``bf16`` for a model other than the
-    testbed on the CPU (the cores' bf16 matrix units make it ~2x faster), else the checkpoint's own."""
+    testbed on a CPU whose bf16 matmuls are faster than float32 (``models.cpu_bf16_is_fast``: bf16 matrix units
+    make it ~2x faster; without them bf16 is emulated and several times slower), else the checkpoint's own."""
     device: str | None = None
     merge: bool = True
     crows: bool = True
@@ -113,10 +122,12 @@ class DemoConfig(PresetOverrides):
 
 
 def default_demo_dtype(model: str, device: str | torch.device) -> str | None:
-    """``"bf16"`` for a model other than the bundled testbed on the CPU; None (the checkpoint's dtype) else."""
-    from ..models import TESTBED_NAME
+    """``"bf16"`` for a model other than the bundled testbed on a CPU with fast bf16 (measured once); None (the
+    checkpoint's dtype) else."""
+    from ..models import TESTBED_NAME, cpu_bf16_is_fast
 
-    return "bf16" if model != TESTBED_NAME and torch.device(device).type == "cpu" else None
+    on_cpu = torch.device(device).type == "cpu"
+    return "bf16" if model != TESTBED_NAME and on_cpu and cpu_bf16_is_fast() else None
 
 
 def load_demo_items(split: str, bias_types: Sequence[str], limit: int | None) -> list:
@@ -219,9 +230,11 @@ def target_check(before: dict, after: dict, bias_types: Sequence[str], ss_tolera
     return rows
 
 
-def debias_and_save(editor, peft_model, tokenizer, config: DemoConfig, out_dir: Path, batch_size: int) -> dict:
+def debias_and_save(editor, peft_model, tokenizer, config: DemoConfig, out_dir: Path, batch_size: int,
+                    editor_id: str) -> dict:
     """The deployment adapter (``deployment.deployable_adapter``): one joint delta from the ``train`` items,
-    scaled as ``dev`` says, written into the adapter, which is saved to ``out_dir``."""
+    scaled as ``dev`` says, written into the adapter, which is saved to ``out_dir``; ``editor_id`` is the editor
+    it records."""
     from .deployment import CALIBRATION_DATA, EDIT_DATA, deployable_adapter
 
     train = load_demo_items("train", config.bias_types, config.limit)
@@ -229,7 +242,7 @@ def debias_and_save(editor, peft_model, tokenizer, config: DemoConfig, out_dir: 
     report = deployable_adapter(editor, peft_model, tokenizer, train, dev, batch_size=batch_size,
                                 progress=config.progress)
     peft_config = peft_model.peft_config["default"]
-    peft_config.editor_id = str(out_dir.parent / "editor")
+    peft_config.editor_id = editor_id
     peft_config.edit_data = EDIT_DATA
     peft_config.edit_info = {"n_samples": report["n_samples"], "n_tokens": report["n_tokens"],
                              "bias_types": ",".join(config.bias_types), "limit": config.limit,
@@ -247,9 +260,9 @@ def write_card(peft_model, out_dir: Path, config: DemoConfig, before: dict, afte
 
 
 def merge_and_rescore(config: DemoConfig, adapter_dir: Path, merged_dir: Path, after: dict,
-                      store: ScoreStore | None = None) -> dict:
+                      store: ScoreStore | None = None, recorded_as: str | None = None) -> dict:
     """Merge the adapter into a plain checkpoint, reload it with transformers alone, score it again
-    (through ``store`` when given)."""
+    (through ``store`` when given); the results name it ``recorded_as`` (default: ``merged_dir``)."""
     from transformers import AutoModelForCausalLM
 
     from ..models import load_tokenizer
@@ -258,8 +271,9 @@ def merge_and_rescore(config: DemoConfig, adapter_dir: Path, merged_dir: Path, a
     report = merge_to_folder(config.model, [adapter_dir], merged_dir, dtype=config.dtype)
     device = default_device(config.device)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).to(device).eval()
-    scores = evaluate(merged, load_tokenizer(str(merged_dir)), config, name=str(merged_dir), store=store)
-    return {"path": str(merged_dir), "max_abs_weight_change": max(c.max_abs_change for c in report.changes),
+    name = recorded_as or str(merged_dir)
+    scores = evaluate(merged, load_tokenizer(str(merged_dir)), config, name=name, store=store)
+    return {"path": name, "max_abs_weight_change": max(c.max_abs_change for c in report.changes),
             "evaluation": scores, "max_abs_metric_difference": max_abs_difference(after, scores)}
 
 
@@ -271,27 +285,31 @@ def demo_fingerprint(config: DemoConfig) -> dict:
     return fields
 
 
-def previous_demo(out: Path) -> list[str]:
-    """The :data:`DEMO_ENTRIES` present in ``out``."""
-    return [name for name in DEMO_ENTRIES if (out / name).exists()]
+def check_out(config: DemoConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Apply the resume / overwrite rules (module docstring) to ``OUT`` before anything is computed or copied;
+    returns ``OUT``.
+
+    Raises:
+        PreviousRunError: A non-empty ``OUT`` or an interrupted run without ``resume`` / ``overwrite``; ``resume``
+            with nothing to resume, or a run without ``stages/config.json``.
+        ResumeMismatch: ``resume`` with a stored config that differs (the fields are named).
+    """
+    try:
+        out = check_resumable_output_folder(config.out, [config.model], resume, overwrite)
+    except OutputFolderError as error:
+        raise PreviousRunError(str(error)) from None
+    if resume:
+        stored = resume_source(out) / STAGES_DIR / STAGE_CONFIG_NAME
+        if not stored.is_file():
+            raise PreviousRunError(f"{resume_source(out)} holds a demo without {STAGES_DIR}/{STAGE_CONFIG_NAME} to "
+                                   "resume from; pass --overwrite to start again")
+        StageStore(stored.parent, ()).check(demo_fingerprint(config))
+    return out
 
 
-def prepare_out(config: DemoConfig, resume: bool = False, overwrite: bool = False) -> StageStore:
-    """``OUT``'s stage store after the resume / overwrite rules (module docstring); raises
-    ``PreviousRunError`` or ``ResumeMismatch`` (both ``ValueError``) before anything is computed."""
-    if resume and overwrite:
-        raise ValueError("choose one of resume and overwrite")
-    out = Path(config.out)
-    found = previous_demo(out)
-    if found:
-        refuse_previous(f"{out} holds a previous demo ({', '.join(found)})", resume, overwrite)
-        if overwrite:
-            for name in found:
-                remove_path(out / name)
-        elif not (out / STAGES_DIR / STAGE_CONFIG_NAME).is_file():
-            raise PreviousRunError(f"{out} holds a demo without {STAGES_DIR}/{STAGE_CONFIG_NAME} to resume from; "
-                                   "pass --overwrite to start again")
-    stages = StageStore(out / STAGES_DIR, STAGES if config.merge else STAGES[:-1])
+def open_stages(config: DemoConfig, run: Path, resume: bool) -> StageStore:
+    """The stage store in run folder ``run``, opened (``StageStore.open``) for ``config``."""
+    stages = StageStore(run / STAGES_DIR, STAGES if config.merge else STAGES[:-1])
     stages.open(demo_fingerprint(config), resume)
     return stages
 
@@ -300,10 +318,15 @@ class DemoSession:
     """One demo run: the stages' computations, and the live objects they share (model, editor, test items),
     built when a stage that runs (is not loaded) first needs them."""
 
-    def __init__(self, config: DemoConfig, stages: StageStore, resume: bool = False):
+    def __init__(self, config: DemoConfig, stages: StageStore, resume: bool = False, run: Path | None = None):
         self.config, self.stages, self.resume = config, stages, resume
-        self.out = Path(config.out)
+        self.final = Path(config.out)
+        self.out = self.final if run is None else Path(run)  # where files are written until the swap
         self.adapter_dir = self.out / "adapter"
+
+    def recorded(self, name: str) -> str:
+        """The path recorded for entry ``name`` of the demo: where it will be, under ``OUT``."""
+        return str(self.final / name)
 
     @cached_property
     def built(self) -> tuple:
@@ -342,7 +365,7 @@ class DemoSession:
         """Meta-train (resuming from the trainer checkpoint when resuming); returns :func:`training_summary`."""
         self.editor, state, args = train_editor(self.config, self.peft_model, self.tokenizer, self.built[2],
                                                 self.out / "editor", resume=self.resume)
-        return training_summary(state, args)
+        return training_summary(state, replace(args, output_dir=self.recorded("editor")))
 
     def protocol_arguments(self, training: dict) -> dict:
         config = self.config
@@ -370,18 +393,18 @@ class DemoSession:
 
     def debias(self, training: dict) -> dict:
         return debias_and_save(self.editor, self.peft_model, self.tokenizer, self.config, self.adapter_dir,
-                               training["arguments"]["batch_size"])
+                               training["arguments"]["batch_size"], editor_id=self.recorded("editor"))
 
     def evaluate_after(self, before: dict) -> dict:
         """Evaluate base + adapter and write the adapter's model card."""
-        after = evaluate(self.peft_model, self.tokenizer, self.config, self.config.model, str(self.adapter_dir),
+        after = evaluate(self.peft_model, self.tokenizer, self.config, self.config.model, self.recorded("adapter"),
                          store=self.stages.partial("evaluate_after"))
         write_card(self.peft_model, self.adapter_dir, self.config, before, after)
         return after
 
     def merge(self, after: dict) -> dict:
         return merge_and_rescore(self.config, self.adapter_dir, self.out / "merged", after,
-                                 store=self.stages.partial("merge_and_rescore"))
+                                 store=self.stages.partial("merge_and_rescore"), recorded_as=self.recorded("merged"))
 
 
 def run_demo(config: DemoConfig, resume: bool = False, overwrite: bool = False) -> dict:
@@ -389,20 +412,30 @@ def run_demo(config: DemoConfig, resume: bool = False, overwrite: bool = False) 
 
     Args:
         config: The run's settings.
-        resume: Load the stages a killed run of the same config finished and run the rest.
-        overwrite: Delete a previous demo in ``OUT`` first. Without either, an ``OUT`` holding a demo is refused.
+        resume: Load the stages a killed run of the same config (or the finished demo in ``OUT``) finished and
+            run the rest.
+        overwrite: Replace ``OUT`` (and discard an interrupted run). Without either, a non-empty ``OUT`` or an
+            interrupted run is refused.
 
     Raises:
-        PreviousRunError: ``OUT`` holds a demo and neither ``resume`` nor ``overwrite`` was given.
+        PreviousRunError: See :func:`check_out`.
         ResumeMismatch: ``resume`` with a stored config that differs (the fields are named).
     """
-    stages = prepare_out(config, resume, overwrite)
+    out = check_out(config, resume, overwrite)
+    with resumable_folder_in_place(out, resume) as run:
+        results = run_stages(config, open_stages(config, run, resume), run, resume)
+        write_json(run / RESULTS_NAME, results)
+        plot_before_after(results, run / PLOT_NAME)
+    return results
+
+
+def run_stages(config: DemoConfig, stages: StageStore, run: Path, resume: bool) -> dict:
+    """Every stage into run folder ``run`` (finished ones loaded from ``stages``); returns the results."""
     resumed = [name for name in stages.stages if stages.finished(name)]
-    out = Path(config.out)
     torch.manual_seed(config.seed)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    demo = DemoSession(config, stages, resume)
+    demo = DemoSession(config, stages, resume, run)
     before = demo.run("evaluate_before", demo.evaluate_before, seconds)
     training = demo.run("train_editor", demo.train, seconds, files=["editor"])
     per_batch = demo.run("per_batch_protocol", lambda: demo.per_batch(training), seconds)
@@ -431,7 +464,6 @@ def run_demo(config: DemoConfig, resume: bool = False, overwrite: bool = False) 
     seconds["total"] = round(time.perf_counter() - started + sum(stages.seconds(name) for name in resumed), 2)
     results["seconds"] = seconds
     results["resumed_stages"] = resumed
-    write_json(out / RESULTS_NAME, results)
     return results
 
 
