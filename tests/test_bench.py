@@ -274,3 +274,21 @@ def test_bench_cli_passes_the_speed_flags(tmp_path, monkeypatch):
     shape = (config.throughput_repeats, config.score_batch_size, config.matmul_size, config.forward_repeats)
     assert shape == (4, 8, 256, 3)
     assert main(["bench", "--dtypes", "fp64", "--out", str(tmp_path), "--quiet"]) == 2
+
+
+# ----- scaling section: 1 and 2 processes ------------------------------------------------------------------
+def test_scaling_reports_both_process_counts_their_ratio_and_agreeing_deltas(tmp_path):
+    from biasedit_peft.workflows.bench import format_bench
+    from biasedit_peft.workflows.scaling import bench_scaling
+
+    result = bench_scaling(BenchConfig(out=str(tmp_path), repeats=1, n_edits=4, progress=False), rounds=1)
+    one, two = result["runs"]["1"], result["runs"]["2"]
+    assert (one["processes"], two["processes"]) == (1, 2) and len(one["rounds_seconds_per_meta_step"]) == 1
+    assert one["debias_tokens"] == two["debias_tokens"] > 0  # the same 512 samples, split
+    assert result["meta_step_throughput_ratio"] == pytest.approx(two["meta_steps_per_second"] /
+                                                                 one["meta_steps_per_second"])
+    assert result["debias_throughput_ratio"] == pytest.approx(two["debias_samples_per_second"] /
+                                                              one["debias_samples_per_second"])
+    assert len(result["debias_delta_relative_difference"]) == 3
+    assert max(result["debias_delta_relative_difference"].values()) < 1e-5
+    assert "throughput ratio meta-step" in format_bench({"sections": {"scaling": result}})

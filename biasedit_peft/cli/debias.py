@@ -7,6 +7,12 @@ The documented path to a deployable adapter (``workflows/deployment.py``): one j
 strength calibrated on the held-out pairs of ``--calibrate-on`` (StereoSet ``dev`` by default: target terms that
 neither ``train`` nor ``test`` has). ``ADAPTER_DIR`` is an ordinary PEFT adapter folder:
 ``PeftModel.from_pretrained(base, ADAPTER_DIR)``.
+
+Several processes (``torchrun --nproc_per_node N -m biasedit_peft debias ...`` on CPUs, ``accelerate launch
+--num_processes N -m biasedit_peft debias ...`` on GPUs) split the caching of ``--data``: each process takes its
+own block of the samples, and the joint solve sums (primal) or gathers (dual) their rows, so every process holds
+the delta one process would compute (``biasedit_peft.distributed``). The calibration on ``--calibrate-on`` runs on
+every process (the same scores); only the main process writes the adapter.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from biasedit_peft import BiasEditConfig
     from biasedit_peft._io import check_output_folder, folder_in_place, write_manifest
     from biasedit_peft.data import load_edit_samples
+    from biasedit_peft.distributed import current_processes, process_device
     from biasedit_peft.editor import BiasEditor
     from biasedit_peft.models import load_model_and_tokenizer
     from biasedit_peft.workflows.deployment import deployable_adapter
@@ -72,17 +79,22 @@ def run(args: argparse.Namespace) -> int:
         samples = load_edit_samples(args.data, bias_types, args.limit)
         calibration = None if args.calibrate_on == "none" else load_edit_samples(
             args.calibrate_on, bias_types or _types_of(samples))
-        device = default_device(args.device)
+        processes = current_processes()
+        device = process_device(default_device(args.device), processes)
         editor = BiasEditor.from_pretrained(args.editor, device=args.editor_device or device)
         model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
         targets = list(editor.config.targets)
         peft_model = get_peft_model(model, BiasEditConfig(target_modules=targets, num_edit_layers=len(targets)),
                                     adapter_name=args.adapter_name)
         report = deployable_adapter(editor, peft_model, tokenizer, samples, calibration, batch_size=args.batch_size,
-                                    adapter_name=args.adapter_name, progress=not args.quiet)
+                                    adapter_name=args.adapter_name, progress=not args.quiet and processes.is_main,
+                                    processes=processes)
     except (ValueError, FileNotFoundError, FloatingPointError, KeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if not processes.is_main:  # every process holds the same adapter; the main one writes it
+        processes.barrier()
+        return 0
     config = peft_model.peft_config[args.adapter_name]
     config.editor_id = str(args.editor)
     config.edit_data = args.data
@@ -95,14 +107,16 @@ def run(args: argparse.Namespace) -> int:
     scaled = "" if report["calibration"] is None else (
         f", scaled x{report['scale']:.3g} as {args.calibrate_on} says (SS there "
         f"{_chosen(report['calibration'])['ss_pre']:.1f} -> {_chosen(report['calibration'])['ss_post']:.1f})")
+    across = f" across {processes.world_size} processes" if processes.distributed else ""
     print(f"edited {len(report['layers'])} layers with {report['n_samples']} samples ({report['n_tokens']} tokens)"
-          f"{scaled}; adapter written to {args.out}")
+          f"{across}{scaled}; adapter written to {args.out}")
     if args.push_to_hub:
         from biasedit_peft.sharing import push_adapter_to_hub
 
         url = push_adapter_to_hub(peft_model, args.push_to_hub, adapter_name=args.adapter_name,
                                   command=recorded_command("debias", args))
         print(f"adapter pushed to {args.push_to_hub}: {url}")
+    processes.barrier()  # the others wait for the adapter to be written
     return 0
 
 

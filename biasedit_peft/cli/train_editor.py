@@ -7,8 +7,8 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
+from contextlib import nullcontext
 
 from biasedit_peft.cli._common import (
     add_model_argument,
@@ -26,8 +26,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "train-editor",
         help="meta-train a BiasEdit editor for a causal LM",
         description="Meta-train a BiasEdit editor (MALMEN hyper-network) on StereoSet. The best editor "
-        "on dev (--select-by) is written to --out; --out/checkpoint holds the resumable latest state. "
-        "Method: docs/method.md.",
+        "on dev (--select-by) is written to --out; --out/checkpoint holds the resumable latest state. The run is "
+        "built in a hidden .NAME.run folder beside --out and swapped in whole when it ends; an interrupted run "
+        "stays there for --resume. Method: docs/method.md.",
     )
     add_model_argument(parser)
     parser.add_argument("--out", required=True, help="editor folder to write")
@@ -64,7 +65,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--loss", choices=("token", "paper"), default="token",
                         help="loss variant: token (default) or paper (the BiasEdit code's); docs/method.md")
     again = parser.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
+    again.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run (or a finished one in --out) from its checkpoint")
     again.add_argument("--overwrite", action="store_true",
                        help="delete what a non-empty --out holds (an earlier run) and train afresh")
     parser.add_argument("--seed", type=int, default=0)
@@ -79,47 +81,41 @@ def run(args: argparse.Namespace) -> int:
     from peft import get_peft_model
 
     from biasedit_peft import BiasEditConfig
-    from biasedit_peft._io import check_output_folder
-    from biasedit_peft.data import describe_edit_samples, load_edit_samples
-    from biasedit_peft.editor import BiasEditor, BiasEditTrainer, preset_for_model, preset_name_for
+    from biasedit_peft._io import check_resumable_output_folder, resumable_folder_in_place, resume_source, run_folder
+    from biasedit_peft.data import load_edit_samples
+    from biasedit_peft.distributed import current_processes, process_device
+    from biasedit_peft.editor import BiasEditor, preset_for_model, preset_name_for
     from biasedit_peft.models import load_model_and_tokenizer
 
     try:
-        out = check_output_folder(args.out, [args.model, args.train_data, args.eval_data],
-                                  overwrite=args.overwrite or args.resume)
-        if args.resume and not (out / "checkpoint").is_dir():
-            raise ValueError(f"--resume: {out} holds no checkpoint/ to continue from")
-        if args.overwrite and out.is_dir():
-            shutil.rmtree(out)
+        out = check_resumable_output_folder(args.out, [args.model, args.train_data, args.eval_data],
+                                            resume=args.resume, overwrite=args.overwrite)
+        if args.resume and not (resume_source(out) / "checkpoint").is_dir():
+            raise ValueError(f"--resume: {resume_source(out)} holds no checkpoint/ to continue from")
         bias_types = split_list(args.bias_types) or None
         train_data = load_edit_samples(args.train_data, bias_types, args.limit)
         eval_data = None if args.eval_data == "none" else load_edit_samples(args.eval_data, bias_types, args.limit)
-        device = default_device(args.device)
+        processes = current_processes()
+        device = process_device(default_device(args.device), processes)
         model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
         preset = preset_for_model(model, preset_name_for(args.model, args.preset))
         peft_model = get_peft_model(model, BiasEditConfig(target_modules=split_list(args.targets),
                                                           num_edit_layers=args.num_edit_layers))
-
-        editor, training = preset.editor_and_arguments(
-            peft_model, args.out, loss=args.loss, base_model=args.model, rank=args.rank, n_blocks=args.n_blocks,
-            lr=args.lr, n_edits=args.n_edits, batch_size=args.batch_size, meta_lr=args.meta_lr,
-            loc_coef=args.loc_coef, level_coef=args.level_coef, held_out_coef=args.held_out_coef,
-            epochs=args.epochs, patience=args.patience,
-            max_steps=args.max_steps, eval_every=args.eval_every, seed=args.seed, resume=args.resume,
-            progress=not args.quiet, select_by=args.select_by,
-            editor_device=args.editor_device,  # the trainer moves the editor there; None: with the LM
-        )
-        editor.provenance.update(training_data=describe_edit_samples(args.train_data, bias_types, args.limit),
-                                 eval_data=None if eval_data is None else args.eval_data,
-                                 command=recorded_command("train-editor", args))
-        trainer = BiasEditTrainer(peft_model, editor, training, train_data, eval_data, tokenizer=tokenizer)
-        state = trainer.train()
+        building = resumable_folder_in_place(out, resume=args.resume) if processes.is_main \
+            else nullcontext(run_folder(out))  # one process builds the folder, every one trains
+        with building as work:  # out: the old state, or the whole run
+            processes.barrier()  # the run folder is ready
+            editor, training, state = train_into(work, args, peft_model, preset, tokenizer, train_data, eval_data,
+                                                 bias_types)
+            processes.barrier()  # every process has finished before the folder is swapped in
+        if not processes.is_main:
+            return 0
     except (ValueError, FileNotFoundError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the trainer has written a checkpoint of the last completed step
-        print(f"stopped; rerun the same command with --resume to continue from {args.out}/checkpoint",
-              file=sys.stderr)
+        print(f"stopped; rerun the same command with --resume to continue (the run so far is in "
+              f"{run_folder(args.out)})", file=sys.stderr)
         return 130
     last = state.history[-1] if state.history else {}
     summary = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float))
@@ -135,3 +131,25 @@ def run(args: argparse.Namespace) -> int:
         url = best_editor.push_to_hub(args.push_to_hub)
         print(f"editor pushed to {args.push_to_hub}: {url}")
     return 0
+
+
+def train_into(work, args: argparse.Namespace, peft_model, preset, tokenizer, train_data, eval_data, bias_types):
+    """Meta-train with the command's settings, writing the kept editor and the checkpoint into folder ``work``;
+    returns ``(editor, training arguments, final trainer state)``."""
+    from biasedit_peft.data import describe_edit_samples
+    from biasedit_peft.editor import BiasEditTrainer
+
+    editor, training = preset.editor_and_arguments(
+        peft_model, str(work), loss=args.loss, base_model=args.model, rank=args.rank, n_blocks=args.n_blocks,
+        lr=args.lr, n_edits=args.n_edits, batch_size=args.batch_size, meta_lr=args.meta_lr,
+        loc_coef=args.loc_coef, level_coef=args.level_coef, held_out_coef=args.held_out_coef,
+        epochs=args.epochs, patience=args.patience,
+        max_steps=args.max_steps, eval_every=args.eval_every, seed=args.seed, resume=args.resume,
+        progress=not args.quiet, select_by=args.select_by,
+        editor_device=args.editor_device,  # the trainer moves the editor there; None: with the LM
+    )
+    editor.provenance.update(training_data=describe_edit_samples(args.train_data, bias_types, args.limit),
+                             eval_data=None if eval_data is None else args.eval_data,
+                             command=recorded_command("train-editor", args))
+    state = BiasEditTrainer(peft_model, editor, training, train_data, eval_data, tokenizer=tokenizer).train()
+    return editor, training, state

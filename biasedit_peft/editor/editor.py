@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..distributed import SINGLE, Processes, current_processes, split_for
 from ..scoring import check_context, eval_mode, inverse_permutation, model_context_length
 from ..tuner.layout import DeltaLike, add_deltas, native_factors, stored_delta
 from .cache import EditSample, KeyValueCache, as_edit_sample, logit_positions, record_layer_io
@@ -77,12 +78,14 @@ def _chunks(n_rows: int, chunk_size: int) -> Iterable[slice]:
     return (slice(start, start + chunk_size) for start in range(0, n_rows, chunk_size))
 
 
-def predict_layer(net: EditorNet, index: int, keys: torch.Tensor, value_grads: torch.Tensor, chunk_size: int):
-    """Value changes in chunks (no autograd), then the ridge solve -> :class:`RidgeSolution`."""
+def predict_layer(net: EditorNet, index: int, keys: torch.Tensor, value_grads: torch.Tensor, chunk_size: int,
+                  processes: Processes = SINGLE):
+    """Value changes in chunks (no autograd), then the ridge solve -> :class:`RidgeSolution`; with several
+    ``processes`` the rows are this process's and the solve is over all of theirs (``solve_ridge``)."""
     with torch.no_grad():
         changes = torch.cat([net.value_changes(keys[c], value_grads[c], index)
                              for c in _chunks(len(keys), chunk_size)])
-        return solve_ridge(keys, changes, net.ridge(index))
+        return solve_ridge(keys, changes, net.ridge(index), processes=processes)
 
 
 def meta_backward_layer(
@@ -93,14 +96,20 @@ def meta_backward_layer(
     solution: RidgeSolution,
     delta_grad: torch.Tensor,
     chunk_size: int,
+    count_ridge: bool = True,
 ) -> None:
     """Accumulate ``dL/dtheta`` into ``net`` given ``delta_grad = dL/dS [d_in, d_out]`` (MALMEN's decoupling).
 
     The solve's closed-form backward gives ``dL/dD`` and ``dL/dlambda``; the hyper-network is then
     re-run chunk by chunk and ``<dL/dD, D(theta)>`` back-propagated, so memory is one chunk's graph.
+    ``keys`` / ``value_grads`` are this process's rows; ``count_ridge``: add the ``lambda`` term (which every
+    process computes whole: only one of several processes adds it, so the summed gradient counts it once).
     """
     change_grads, ridge_grad = solution.backward(delta_grad.to(keys.device))
-    (ridge_grad * net.ridge(index)).backward()
+    if solution.rows is not None:  # a dual solved across processes: this process's rows of all of them
+        change_grads = change_grads[solution.rows]
+    if count_ridge:
+        (ridge_grad * net.ridge(index)).backward()
     for chunk in _chunks(len(keys), chunk_size):
         (change_grads[chunk] * net.value_changes(keys[chunk], value_grads[chunk], index)).sum().backward()
 
@@ -279,12 +288,14 @@ class BiasEditor(nn.Module):
             net, _ = self.net_for(name)
             net.normalizer.update(torch.cat((keys, value_grads), -1))
 
-    def predict(self, cache: KeyValueCache, chunk_size: int | None = None) -> dict[str, RidgeSolution]:
+    def predict(self, cache: KeyValueCache, chunk_size: int | None = None,
+                processes: Processes = SINGLE) -> dict[str, RidgeSolution]:
         """The ridge solution (delta in key -> value layout ``[d_in, d_out]``) for every target layer.
 
         Args:
             cache: What :meth:`cache_samples` returned.
             chunk_size: Token rows per hyper-network call (default ``config.chunk_size``).
+            processes: Several processes, each with the cache of its own samples: one solve over all of them.
 
         Raises:
             RuntimeError: The editor has no normaliser statistics (untrained).
@@ -294,17 +305,37 @@ class BiasEditor(nn.Module):
         for name in self.config.targets:
             net, index = self.net_for(name)
             keys, value_grads = cache.layer(name)
-            solutions[name] = predict_layer(net, index, keys, value_grads, chunk_size or self.config.chunk_size)
+            solutions[name] = predict_layer(net, index, keys, value_grads, chunk_size or self.config.chunk_size,
+                                            processes)
         return solutions
 
     def meta_backward(
-        self, cache: KeyValueCache, solutions: dict[str, RidgeSolution], delta_grads: dict[str, torch.Tensor]
+        self, cache: KeyValueCache, solutions: dict[str, RidgeSolution], delta_grads: dict[str, torch.Tensor],
+        count_ridge: bool = True,
     ) -> None:
-        """Accumulate editor gradients from ``dL/dS`` of every layer (``[d_in, d_out]`` each)."""
+        """Accumulate editor gradients from ``dL/dS`` of every layer (``[d_in, d_out]`` each); ``count_ridge``:
+        see :func:`meta_backward_layer`."""
         for name, delta_grad in delta_grads.items():
             net, index = self.net_for(name)
             keys, value_grads = cache.layer(name)
-            meta_backward_layer(net, index, keys, value_grads, solutions[name], delta_grad, self.config.chunk_size)
+            meta_backward_layer(net, index, keys, value_grads, solutions[name], delta_grad, self.config.chunk_size,
+                                count_ridge)
+
+    @torch.no_grad()
+    def merge_normalizers(self, cache: KeyValueCache, processes: Processes) -> None:
+        """Fold every process's cached rows into the nets' normalisers, layer by layer: each process's
+        ``(count, mean, sum of squared deviations)`` is gathered and merged in rank order, so every process ends
+        with the statistics of all rows (what one process's per-batch updates give, up to rounding)."""
+        for name in cache.names:
+            keys, value_grads = cache.layer(name)
+            rows = torch.cat((keys, value_grads), -1)
+            mean = rows.mean(0)
+            local = torch.cat((torch.tensor([float(len(rows))], device=rows.device), mean,
+                               ((rows - mean) ** 2).sum(0)))
+            normalizer = self.net_for(name)[0].normalizer
+            for count, part_mean, sum_sq in (part.split([1, len(mean), len(mean)])
+                                             for part in processes.gather_rows(local.unsqueeze(0))):
+                normalizer.merge(count[0], part_mean, sum_sq)
 
     def _check_normalizers(self) -> None:
         for key, net in self.nets.items():
@@ -321,27 +352,36 @@ class BiasEditor(nn.Module):
         batch_size: int = 16,
         chunk_size: int | None = None,
         progress: bool = True,
+        processes: Processes | None = None,
     ) -> tuple[dict[str, RidgeSolution], DebiasReport]:
         """One joint solve over all ``samples`` (nothing is written): ``(solutions, report)``.
 
         Args:
             peft_model: The model with the BiasEdit adapter the editor was made for.
-            samples: StereoSet items, dicts or ``(stereotype, anti_stereotype[, unrelated])`` tuples.
+            samples: StereoSet items, dicts or ``(stereotype, anti_stereotype[, unrelated])`` tuples; under several
+                processes the same full list on each.
             tokenizer: The model's tokenizer (default: loaded from the model's ``name_or_path``).
             batch_size: Sentence pairs per LM forward pass while caching.
             chunk_size: Token rows per hyper-network call (independent of ``batch_size``).
             progress: Show a progress bar.
+            processes: The processes to split the work across (``biasedit_peft.distributed``; default: those of
+                ``accelerate launch`` / ``torchrun`` when launched so, else this one). Each caches its own block
+                of the samples; the solve sums (primal) or gathers (dual) their rows, so every process gets the
+                solutions one process computes from all samples.
 
         Raises:
-            ValueError: No samples, or a sample without text or that tokenizes to nothing.
+            ValueError: No samples (or fewer than processes), or a sample without text or that tokenizes to nothing.
         """
         if len(samples) == 0:
             raise ValueError("debias() needs at least one sample; got an empty list")
+        processes = current_processes() if processes is None else processes
         edit_samples = [as_edit_sample(sample, index) for index, sample in enumerate(samples)]
         tokenizer = tokenizer if tokenizer is not None else _load_tokenizer_for(peft_model)
-        cache, _, _ = self.cache_samples(peft_model, tokenizer, edit_samples, batch_size, progress=progress)
-        solutions = self.predict(cache, chunk_size)
-        return solutions, DebiasReport(len(edit_samples), cache.n_tokens, list(self.config.targets))
+        cache, _, _ = self.cache_samples(peft_model, tokenizer, split_for(processes, edit_samples), batch_size,
+                                         progress=progress and processes.is_main)
+        solutions = self.predict(cache, chunk_size, processes)
+        n_tokens = processes.sum_int(cache.n_tokens) if processes.distributed else cache.n_tokens
+        return solutions, DebiasReport(len(edit_samples), n_tokens, list(self.config.targets))
 
     def write_solutions(self, peft_model: nn.Module, solutions: dict[str, RidgeSolution],
                         adapter_name: str = "default") -> None:

@@ -23,12 +23,17 @@ class RunningMeanStd(nn.Module):
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         """Fold rows ``x [N, size]`` into the statistics."""
-        n_new = x.shape[0]
-        total = self.count + n_new
         batch_mean = x.mean(0)
-        delta = batch_mean - self.mean
-        self.mean += delta * (n_new / total)
-        self.sum_sq += ((x - batch_mean) ** 2).sum(0) + delta**2 * (self.count * n_new / total)
+        self.merge(torch.tensor(float(x.shape[0])), batch_mean, ((x - batch_mean) ** 2).sum(0))
+
+    @torch.no_grad()
+    def merge(self, count: torch.Tensor, mean: torch.Tensor, sum_sq: torch.Tensor) -> None:
+        """Fold in the statistics of rows seen elsewhere (``count`` rows with ``mean [size]`` and ``sum_sq [size]``);
+        the same as :meth:`update` with those rows."""
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean += delta * (count / total)
+        self.sum_sq += sum_sq + delta**2 * (self.count * count / total)
         self.count.copy_(total)
 
     @property

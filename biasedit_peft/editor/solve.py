@@ -29,6 +29,8 @@ from typing import Literal
 
 import torch
 
+from ..distributed import SINGLE, Processes
+
 Form = Literal["auto", "primal", "dual"]
 
 
@@ -66,6 +68,8 @@ class RidgeSolution:
     form: Literal["primal", "dual"]
     solved: torch.Tensor
     """float64 ``S [d_in, d_out]`` (primal) or ``(U U^T + lambda I)^-1 D [N, d_out]`` (dual)."""
+    rows: slice | None = None
+    """A dual solved across processes: this process's rows among ``keys`` (all rows); None otherwise."""
 
     def backward(self, delta_grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``dL/dS [d_in, d_out]`` -> float32 ``(dL/dD [N, d_out], dL/dlambda [])``, computed in float64.
@@ -103,18 +107,24 @@ def _not_positive_definite(keys: torch.Tensor, gram: torch.Tensor, ridge: torch.
 
 
 def solve_ridge(
-    keys: torch.Tensor, value_changes: torch.Tensor, ridge: float | torch.Tensor, form: Form = "auto"
+    keys: torch.Tensor, value_changes: torch.Tensor, ridge: float | torch.Tensor, form: Form = "auto",
+    processes: Processes = SINGLE,
 ) -> RidgeSolution:
     """Solve ``argmin_S ||U S - D||^2 + lambda ||S||^2`` in float64 (no autograd through it).
 
     Args:
-        keys: ``U [N, d_in]``.
-        value_changes: ``D [N, d_out]``.
+        keys: ``U [N, d_in]``: all rows, or this process's rows when ``processes`` holds several.
+        value_changes: ``D [N, d_out]``, the same rows.
         ridge: The positive scalar ``lambda``.
-        form: ``"dual"`` (an ``N x N`` system), ``"primal"`` (``d_in x d_in``) or ``"auto"`` (the smaller).
+        form: ``"dual"`` (an ``N x N`` system), ``"primal"`` (``d_in x d_in``) or ``"auto"`` (the smaller, for the
+            total ``N`` over the processes).
+        processes: The processes whose rows together make the system (``biasedit_peft.distributed``): the primal's
+            ``U^T U`` and ``U^T D`` are summed across them, the dual's ``U`` and ``D`` gathered, so every process
+            gets the solution one process would compute from all rows (additions in another order).
 
     Returns:
-        A :class:`RidgeSolution`; its delta's factors are float32, on the keys' device.
+        A :class:`RidgeSolution` (the same on every process); its delta's factors are float32, on the keys'
+        device. Its ``keys`` are this process's rows (primal) or all rows (dual).
 
     Raises:
         ValueError: Shapes that do not fit, or no rows.
@@ -123,15 +133,24 @@ def solve_ridge(
     if keys.ndim != 2 or value_changes.ndim != 2 or keys.shape[0] != value_changes.shape[0]:
         raise ValueError(f"Need keys [N, d_in] and value changes [N, d_out]; got {tuple(keys.shape)} "
                          f"and {tuple(value_changes.shape)}")
-    if keys.shape[0] == 0:
+    n_rows = processes.sum_int(keys.shape[0]) if processes.distributed else keys.shape[0]
+    if n_rows == 0:
         raise ValueError("Cannot solve for a delta from zero cached tokens")
     with torch.no_grad():
         keys = keys.detach().to(torch.float32)
+        value_changes = value_changes.detach().to(device=keys.device, dtype=torch.float32)
+        form = choose_form(n_rows, keys.shape[1]) if form == "auto" else form
+        rows = None
+        if form == "dual" and processes.distributed:  # U U^T couples all rows: gather them
+            sizes = processes.gather_objects(keys.shape[0])
+            start = sum(sizes[: processes.rank])
+            rows = slice(start, start + keys.shape[0])
+            keys, value_changes = processes.gather_rows(keys), processes.gather_rows(value_changes)
         keys64 = keys.to(torch.float64)
-        changes64 = value_changes.detach().to(device=keys.device, dtype=torch.float64)
+        changes64 = value_changes.to(torch.float64)
         ridge = torch.as_tensor(ridge, dtype=torch.float64, device=keys.device).detach()
-        form = choose_form(*keys.shape) if form == "auto" else form
-        gram = keys64 @ keys64.T if form == "dual" else keys64.T @ keys64
+        summed = processes.sum if processes.distributed and form == "primal" else (lambda tensor: tensor)
+        gram = keys64 @ keys64.T if form == "dual" else summed(keys64.T @ keys64)
         gram.diagonal().add_(ridge)
         cholesky, info = torch.linalg.cholesky_ex(gram)
         if int(info) != 0:
@@ -142,7 +161,7 @@ def solve_ridge(
             solved = torch.linalg.solve_triangular(cholesky.T, white_changes, upper=True)  # K^-1 D  [N, d_out]
             delta = RidgeDelta(white_keys.T.to(torch.float32), white_changes.to(torch.float32))
         else:
-            solved = torch.cholesky_solve(keys64.T @ changes64, cholesky)  # S  [d_in, d_out]
+            solved = torch.cholesky_solve(summed(keys64.T @ changes64), cholesky)  # S  [d_in, d_out]
             eye = torch.eye(keys.shape[1], dtype=torch.float32, device=keys.device)
             delta = RidgeDelta(eye, solved.to(torch.float32))
-    return RidgeSolution(delta, keys, cholesky, form, solved)
+    return RidgeSolution(delta, keys, cholesky, form, solved, rows)

@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._io import atomic_write, folder_in_place, verify_manifest, write_manifest
+from ..distributed import Processes, current_processes, split_for, sum_gradients
 from ..metrics import item_ss_lms
 from ..scoring import encode_sentences, sentence_scores, token_log_probs
 from ..tuner.layout import native_from_key_value
@@ -259,8 +260,10 @@ class BiasEditTrainer:
         train_data: Sequence[Any],
         eval_data: Sequence[Any] | None = None,
         tokenizer=None,
+        processes: Processes | None = None,
     ):
         self.model, self.editor, self.args = peft_model, editor, args
+        self.processes = current_processes() if processes is None else processes
         self.train_data = self._samples(train_data, "train_data")
         self.eval_data = self._samples(eval_data, "eval_data") if eval_data else []
         self._check_held_out_labels()
@@ -275,6 +278,7 @@ class BiasEditTrainer:
         self._replay_checked = False
         if args.editor_device is not None:
             editor.to(args.editor_device)
+        self.processes.broadcast_module(editor)  # several processes start from rank 0's editor
         self.optimizer = torch.optim.Adam(editor.parameters(), lr=args.meta_lr)
         self.state = TrainerState()
         editor.provenance.update(splits={"train": len(self.train_data), "eval": len(self.eval_data)},
@@ -317,15 +321,20 @@ class BiasEditTrainer:
         """
         from ..tuner.deltas import override_deltas
 
-        args, kind = self.args, self.editor.config.loss
+        args, kind, processes = self.args, self.editor.config.loss, self.processes
         self.model.eval()
-        samples = [samples[i] for i in length_order(self.tokenizer, samples).tolist()]  # LM batches pad little
+        n = len(samples)  # every loss is a sum over all n pairs / n, whichever process holds them
+        ordered = [samples[i] for i in length_order(self.tokenizer, samples).tolist()]  # LM batches pad little
+        samples = split_for(processes, ordered)  # this process's block (all of them for one process)
         self._checked_replay(samples)
         with self.replay.record() as pair_prefixes:  # one per LM batch, in the order of the loop below
             cache, pre_stereo, pre_anti = self.editor.cache_samples(
-                self.model, self.tokenizer, samples, args.batch_size, update_normalizers=train
+                self.model, self.tokenizer, samples, args.batch_size,
+                update_normalizers=train and not processes.distributed,
             )
-        solutions = self.editor.predict(cache)
+        if train and processes.distributed:
+            self.editor.merge_normalizers(cache, processes)  # the statistics of every process's rows
+        solutions = self.editor.predict(cache, processes=processes)
         leaves = {name: s.delta.dense().requires_grad_(train) for name, s in solutions.items()}
         delta_grads = {name: torch.zeros_like(leaf) for name, leaf in leaves.items()}
         names = list(leaves)
@@ -338,9 +347,8 @@ class BiasEditTrainer:
         natives = self._natives(leaves)  # the deltas in each layer's layout, once per step (autograd kept)
         post_stereo, post_anti, pre_unrelated, post_unrelated = [], [], [], []
         debias_total = retention_total = level_total = 0.0
-        n = len(samples)
         with torch.set_grad_enabled(train):
-            for number, start in enumerate(range(0, n, args.batch_size)):
+            for number, start in enumerate(range(0, len(samples), args.batch_size)):
                 chunk = samples[start:start + args.batch_size]
                 batch = encode_pairs(self.tokenizer, chunk)
                 prefix = pair_prefixes[number] if pair_prefixes else None
@@ -375,19 +383,29 @@ class BiasEditTrainer:
             held = self._held_out_terms(held_out, natives, accumulate) if held_out else {}
 
         if train:
+            if processes.distributed:  # dL/dS of every process's pairs: the same on each
+                delta_grads = {name: processes.sum(grad) for name, grad in delta_grads.items()}
             if not all(torch.isfinite(g).all() for g in delta_grads.values()):
                 raise FloatingPointError("Non-finite meta-gradient dL/dS; lower the editor lr or meta_lr")
             self.optimizer.zero_grad(set_to_none=True)
-            self.editor.meta_backward(cache, solutions, delta_grads)
+            self.editor.meta_backward(cache, solutions, delta_grads, count_ridge=processes.is_main)
+            if processes.distributed:
+                sum_gradients(self.editor, processes)  # each process's rows: the one-process gradient
             with deferred_interrupts():  # the update and its count happen together or not at all
                 torch.nn.utils.clip_grad_norm_(self.editor.parameters(), args.max_grad_norm)
                 self.optimizer.step()
                 self.state.step_in_epoch += 1
                 self.state.global_step += 1
 
-        pre_unrelated, post_unrelated = torch.cat(pre_unrelated), torch.cat(post_unrelated)
+        if processes.distributed:  # losses summed, per-pair scores gathered in rank (= length) order
+            debias_total, retention_total, level_total = processes.sum(
+                torch.tensor([debias_total, retention_total, level_total], dtype=torch.float64)).tolist()
+        pre_stereo, pre_anti, post_stereo, post_anti, pre_unrelated, post_unrelated = (
+            processes.gather_rows(scores) for scores in (pre_stereo, pre_anti, torch.cat(post_stereo),
+                                                         torch.cat(post_anti), torch.cat(pre_unrelated),
+                                                         torch.cat(post_unrelated)))
         pre = item_ss_lms(pre_stereo, pre_anti, pre_unrelated)
-        post = item_ss_lms(torch.cat(post_stereo), torch.cat(post_anti), post_unrelated)
+        post = item_ss_lms(post_stereo, post_anti, post_unrelated)
         held_out_debias = held.get("held_out_debias", 0.0)
         return {
             "debias": debias_total,
@@ -407,8 +425,9 @@ class BiasEditTrainer:
         weighted by ``held_out_coef``) and their item-level SS before / after the edit."""
         from ..tuner.deltas import override_deltas
 
-        args, kind = self.args, self.editor.config.loss
-        held_out = [held_out[i] for i in length_order(self.tokenizer, held_out).tolist()]
+        args, kind, processes = self.args, self.editor.config.loss, self.processes
+        n_held = len(held_out)
+        held_out = split_for(processes, [held_out[i] for i in length_order(self.tokenizer, held_out).tolist()])
         total, pre_s, pre_a, post_s, post_a = 0.0, [], [], [], []
         for start in range(0, len(held_out), args.batch_size):
             batch = encode_pairs(self.tokenizer, held_out[start:start + args.batch_size])
@@ -418,7 +437,7 @@ class BiasEditTrainer:
                     self.replay.replay(recorded[0] if recorded else None):
                 logits = forward_logits(self.model, batch)
             batch = batch.to(logits.device)
-            loss = debias_loss(kind, logits, batch).sum() / len(held_out)
+            loss = debias_loss(kind, logits, batch).sum() / n_held
             if args.held_out_coef:
                 accumulate(args.held_out_coef * loss)
             total += loss.item()
@@ -426,9 +445,12 @@ class BiasEditTrainer:
                                                    (pair_scores(logits.detach(), batch), post_s, post_a)):
                 into_s.append(stereo.mean.cpu())
                 into_a.append(anti.mean.cpu())
-        return {"held_out_debias": total, "held_out_ss_pre": item_ss_lms(torch.cat(pre_s), torch.cat(pre_a))["ss"],
-                "held_out_ss_post": item_ss_lms(torch.cat(post_s), torch.cat(post_a))["ss"],
-                "held_out_n": float(len(held_out))}
+        if processes.distributed:
+            total = float(processes.sum(torch.tensor([total], dtype=torch.float64)))
+        pre_s, pre_a, post_s, post_a = (processes.gather_rows(torch.cat(scores))
+                                        for scores in (pre_s, pre_a, post_s, post_a))
+        return {"held_out_debias": total, "held_out_ss_pre": item_ss_lms(pre_s, pre_a)["ss"],
+                "held_out_ss_post": item_ss_lms(post_s, post_a)["ss"], "held_out_n": float(n_held)}
 
     # ----- loops ------------------------------------------------------------------------------------
     def _batches(self, samples: list[EditSample], epoch: int | None) -> list[list[EditSample]]:
@@ -479,7 +501,7 @@ class BiasEditTrainer:
             total = min(args.max_steps, total)
         metrics: dict[str, float] = {"loss": math.inf}
         bar = tqdm(total=total, initial=min(self.state.global_step, total), desc="meta-training",
-                   disable=not args.progress, dynamic_ncols=True)
+                   disable=not args.progress or not self.processes.is_main, dynamic_ncols=True)
         try:
             while self.state.epoch < args.epochs and not self._done():
                 batches = self._batches(self.train_data, self.state.epoch)
@@ -530,6 +552,7 @@ class BiasEditTrainer:
         """Calibrate the kept editor's edit scale on dev (``calibration.py``), bake it in and save it to
         ``output_dir``; recorded in the state (and the checkpoint) as ``calibration``."""
         args = self.args
+        self.processes.barrier()  # the main process has written the kept editor
         kept = BiasEditor.from_pretrained(args.output_dir, device=self.editor.device)
         kept.provenance = dict(self.editor.provenance)
         calibration = calibrate_edit_scale(
@@ -541,7 +564,8 @@ class BiasEditTrainer:
         chosen = next(row for row in calibration["rows"] if row["scale"] == calibration["scale"])
         record = {**record, "edit_scale": calibration["scale"], "selection": chosen["selection"],
                   **{f"eval_{k}": chosen[k] for k in ("ss_post", "lms_post", "nll_increase")}}
-        kept.save_pretrained(args.output_dir, validation=record)
+        if self.processes.is_main:
+            kept.save_pretrained(args.output_dir, validation=record)
         self.state.calibration = calibration
         self.save_checkpoint()
         return calibration
@@ -561,7 +585,8 @@ class BiasEditTrainer:
         self.state.history.append(record)
         if score < self.state.best_loss:
             self.state.best_loss, self.state.best_step, self.state.bad_evals = score, self.state.global_step, 0
-            self.editor.save_pretrained(self.args.output_dir, validation=record)
+            if self.processes.is_main:
+                self.editor.save_pretrained(self.args.output_dir, validation=record)
         else:
             self.state.bad_evals += 1
             if self.state.bad_evals >= self.args.early_stopping_patience:
@@ -576,11 +601,14 @@ class BiasEditTrainer:
         from safetensors.torch import save_file
 
         directory = Path(self.args.output_dir) / CHECKPOINT_DIR
+        if not self.processes.is_main:  # every process holds the same state; the main one writes it
+            return directory
         with folder_in_place(directory) as building:
             self.editor.save_pretrained(building)
             tensors, meta = _flatten_optimizer(self.optimizer.state_dict())
             atomic_write(building / OPTIMIZER_NAME, lambda path: save_file(tensors, path))  # mode: the umask's
-            state = {"trainer": asdict(self.state), "optimizer": meta, "args": asdict(self.args),
+            settings = {k: v for k, v in asdict(self.args).items() if k != "output_dir"}  # the folder may move
+            state = {"trainer": asdict(self.state), "optimizer": meta, "args": settings,
                      "data": {"train": len(self.train_data), "eval": len(self.eval_data)}}
             (building / STATE_NAME).write_text(json.dumps(state, indent=2, default=float) + "\n", encoding="utf-8")
             write_manifest(building)

@@ -51,7 +51,7 @@ from .._io import json_ready, write_json
 from ..models import default_device
 from .demo import DemoConfig, build_model, editor_preset, environment, load_demo_items
 
-SECTIONS = ("speed", "solve", "forward", "memory", "size", "quality")
+SECTIONS = ("speed", "solve", "forward", "memory", "size", "scaling", "quality")
 SPEED_DTYPES = ("fp32", "bf16", "fp16")
 """LM dtypes the speed section can measure (``--dtypes``)."""
 
@@ -745,11 +745,14 @@ def bench_memory(config: BenchConfig) -> dict:
     return results
 
 
+def config_from_json(fields: Mapping[str, Any]) -> BenchConfig:
+    """A :class:`BenchConfig` from its ``asdict`` sent as JSON to a worker process (lists back to tuples)."""
+    return BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
 def _memory_main(payload: str) -> None:
     data = json.loads(payload)
-    fields = data["config"]
-    config = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-    print(json.dumps(_memory_phase(data["phase"], config)))
+    print(json.dumps(_memory_phase(data["phase"], config_from_json(data["config"]))))
 
 
 def _file_bytes(folder: Path) -> int:
@@ -853,9 +856,16 @@ def summary(evaluation: dict) -> dict:
             "perplexity": evaluation["perplexity"]}
 
 
+def bench_scaling(config: BenchConfig) -> dict:
+    """Meta-training and a joint debias at 1 and 2 processes (:mod:`.scaling`)."""
+    from .scaling import bench_scaling as scaling
+
+    return scaling(config)
+
+
 SECTION_FUNCTIONS: dict[str, Callable[[BenchConfig], dict]] = {
     "speed": bench_speed, "solve": bench_solve, "forward": bench_forward, "memory": bench_memory,
-    "size": bench_size, "quality": bench_quality,
+    "size": bench_size, "scaling": bench_scaling, "quality": bench_quality,
 }
 
 
@@ -1031,6 +1041,13 @@ def format_bench(results: dict) -> str:
                          for r, v in z["lora"].items())
         lines.append(f"adapter bytes: dense {z['dense'] / 1024:.0f} KiB, factored {z['factored'] / 1024:.0f} KiB "
                      f"({z['n_tokens']} tokens); LoRA {lora}")
+    if "scaling" in sections:
+        c = sections["scaling"]
+        runs = ", ".join(f"{n} process(es) {r['seconds_per_meta_step']:.2f} s/meta-step, debias "
+                         f"{r['debias_samples_per_second']:.0f} samples/s" for n, r in c["runs"].items())
+        lines.append(f"scaling ({c['cores']} cores shared): {runs}; throughput ratio meta-step "
+                     f"{c['meta_step_throughput_ratio']:.2f}x, debias {c['debias_throughput_ratio']:.2f}x; deltas "
+                     f"within {max(c['debias_delta_relative_difference'].values()):.1e} of one process")
     for name, q in sections.get("quality", {}).items():
         if name in ("section_seconds", "partial"):
             continue

@@ -48,7 +48,7 @@ def calibration_score(row: dict[str, float], margin: float = CALIBRATION_MARGIN)
 def deployable_adapter(
     editor, peft_model: nn.Module, tokenizer, edit_samples: Sequence[Any],
     calibration_samples: Sequence[Any] | None = None, batch_size: int = 16, adapter_name: str = "default",
-    scales: Sequence[float] = JOINT_SCALES, progress: bool = True,
+    scales: Sequence[float] = JOINT_SCALES, progress: bool = True, processes=None,
 ) -> dict:
     """Write one joint delta from ``edit_samples`` into adapter ``adapter_name``, scaled as held-out pairs say.
 
@@ -63,12 +63,15 @@ def deployable_adapter(
         adapter_name: The adapter written.
         scales: The coarse multiples tried.
         progress: Show progress bars.
+        processes: Split the joint solve's caching across processes (``BiasEditor.joint_solutions``; default:
+            those of a launcher, else this one). The calibration runs whole on each.
 
     Returns:
         ``{"n_samples", "n_tokens", "layers", "scale", "calibration"}`` (``calibration`` as
         ``calibrate_joint_scale`` returns it, or None).
     """
-    solutions, report = editor.joint_solutions(peft_model, edit_samples, tokenizer, batch_size, progress=progress)
+    solutions, report = editor.joint_solutions(peft_model, edit_samples, tokenizer, batch_size, progress=progress,
+                                               processes=processes)
     calibration = None
     if calibration_samples:
         calibration = calibrate_joint_scale(editor, peft_model, tokenizer, solutions, calibration_samples,
