@@ -115,6 +115,12 @@ SINGLE = Processes()
 """One process: every collective is the identity."""
 
 
+def as_processes(given: Any | None) -> Processes:
+    """``given`` as :class:`Processes`: itself, those of an ``Accelerator`` / ``PartialState`` (anything with
+    ``process_index`` and ``num_processes``), or for None :func:`current_processes`."""
+    return given if isinstance(given, Processes) else current_processes(given)
+
+
 def current_processes(accelerator: Any | None = None) -> Processes:
     """The processes this one belongs to.
 

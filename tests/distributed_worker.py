@@ -3,8 +3,9 @@
     python -m torch.distributed.run --standalone --nproc_per_node 2 distributed_worker.py solve OUT.safetensors
 
 ``solve``: each process takes its block of the same real-like keys (tests/test_solve_real_keys.py) and solves
-across the processes, in the primal (2,048 rows > d_in) and the dual (512 rows); rank 0 writes the deltas and a
-process-summed count, every rank checks that it holds the same delta as rank 0.
+across the processes, in the primal (2,048 rows > d_in) and the dual (512 rows), then runs the closed-form
+backward of a fixed ``dL/dS``; rank 0 writes the deltas, ``dL/dD`` of every process's own rows (gathered),
+``dL/dlambda`` and a process-summed count; every rank checks that it holds the same delta as rank 0.
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ def solve(out: str) -> None:
         same = processes.gather_rows(dense.unsqueeze(0))
         assert all(torch.equal(same[0], other) for other in same), "processes disagree"
         tensors[form] = dense
+        delta_grad = torch.randn(dense.shape, generator=torch.Generator().manual_seed(3))
+        change_grads, ridge_grad = solution.backward(delta_grad)  # what meta_backward_layer uses
+        if solution.rows is not None:
+            change_grads = change_grads[solution.rows]
+        tensors[f"{form}.change_grads"] = processes.gather_rows(change_grads)  # this process's rows, in order
+        tensors[f"{form}.ridge_grad"] = ridge_grad.reshape(1)
     tensors["world_size"] = torch.tensor([processes.sum_int(1)])
     if processes.is_main:
         save_file(tensors, out)

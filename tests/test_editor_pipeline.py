@@ -412,7 +412,8 @@ def test_meta_gradient_with_the_level_loss_matches_autograd_of_the_whole_meta_lo
     args = _args(tmp_path, level_coef=2.0, loc_coef=0.5)
     trainer = BiasEditTrainer(model, editor, args, samples(8), None, tokenizer=TOKENIZER)
     captured = {}
-    monkeypatch.setattr(editor, "meta_backward", lambda cache, solutions, grads: captured.update(s=solutions, g=grads))
+    monkeypatch.setattr(editor, "meta_backward",
+                        lambda cache, solutions, grads, **_: captured.update(s=solutions, g=grads))
     group = trainer._batches(trainer.train_data, 0)[0]
     metrics = trainer.edit_step(group, train=True)
     assert metrics["level"] > 0

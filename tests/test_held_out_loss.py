@@ -53,7 +53,8 @@ def _step_and_autograd_reference(tmp_path, monkeypatch, coef: float):
     trainer = BiasEditTrainer(model, editor, _args(tmp_path, held_out_coef=coef), labelled(12), None,
                               tokenizer=TOKENIZER)
     captured = {}
-    monkeypatch.setattr(editor, "meta_backward", lambda cache, solutions, grads: captured.update(s=solutions, g=grads))
+    monkeypatch.setattr(editor, "meta_backward",
+                        lambda cache, solutions, grads, **_: captured.update(s=solutions, g=grads))
     batches = trainer._batches(trainer.train_data, 0)
     group, held = batches[0], held_out_group(batches[0], batches[1])
     assert held and not {s.target for s in held} & {s.target for s in group}

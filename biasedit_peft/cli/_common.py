@@ -99,6 +99,16 @@ def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
                         help="replace --out if it is not empty (it is built beside it and swapped in at the end)")
 
 
+def add_resume_arguments(parser: argparse.ArgumentParser, resume_help: str) -> None:
+    """``--resume`` (``resume_help``) or ``--overwrite`` for a command that builds its ``--out`` in a hidden run
+    folder beside it (``_io.resumable_folder_in_place``); without either a non-empty ``--out`` or an interrupted
+    run is refused."""
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help=resume_help)
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace a non-empty --out (and discard an interrupted run) and start afresh")
+
+
 def load_model_from_args(args: argparse.Namespace):
     """``(model, tokenizer)`` of the command's model.
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from biasedit_peft.cli._common import (
     add_model_argument,
     add_preset_argument,
+    add_resume_arguments,
     add_runtime_arguments,
     copy_file,
     split_list,
@@ -65,12 +66,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=None,
                         help="first N items per bias type in the quality, size and memory sections (quick runs)")
     parser.add_argument("--seed", type=int, default=0)
-    again = parser.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true",
-                       help="continue an interrupted bench (or extend the one in --out): complete sections are kept, "
-                       "the quality variants' demos resumed")
-    again.add_argument("--overwrite", action="store_true",
-                       help="replace what a non-empty --out holds (an earlier bench) and start afresh")
+    add_resume_arguments(parser, "continue an interrupted bench (or extend the one in --out): complete sections "
+                         "are kept, the quality variants' demos resumed")
     add_runtime_arguments(parser, dtype=False)
     return parser
 

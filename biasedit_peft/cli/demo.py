@@ -23,6 +23,7 @@ from pathlib import Path
 from biasedit_peft.cli._common import (
     add_model_argument,
     add_preset_argument,
+    add_resume_arguments,
     add_runtime_arguments,
     add_select_by_argument,
     copy_file,
@@ -62,12 +63,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples for CIs (0: none)")
     parser.add_argument("--no-merge", action="store_true", help="skip the merged checkpoint")
     parser.add_argument("--seed", type=int, default=0)
-    again = parser.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true",
-                       help="continue a killed demo (or the finished one in --out): finished stages are loaded, "
-                       "the rest run")
-    again.add_argument("--overwrite", action="store_true",
-                       help="replace a non-empty --out (and discard an interrupted run) and start again")
+    add_resume_arguments(parser, "continue a killed demo (or the finished one in --out): finished stages are "
+                         "loaded, the rest run")
     add_runtime_arguments(parser)
     return parser
 

@@ -13,6 +13,7 @@ from contextlib import nullcontext
 from biasedit_peft.cli._common import (
     add_model_argument,
     add_preset_argument,
+    add_resume_arguments,
     add_runtime_arguments,
     add_select_by_argument,
     recorded_command,
@@ -64,11 +65,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--n-blocks", type=int, default=None)
     parser.add_argument("--loss", choices=("token", "paper"), default="token",
                         help="loss variant: token (default) or paper (the BiasEdit code's); docs/method.md")
-    again = parser.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true",
-                       help="continue an interrupted run (or a finished one in --out) from its checkpoint")
-    again.add_argument("--overwrite", action="store_true",
-                       help="delete what a non-empty --out holds (an earlier run) and train afresh")
+    add_resume_arguments(parser, "continue an interrupted run (or a finished one in --out) from its checkpoint")
     parser.add_argument("--seed", type=int, default=0)
     add_runtime_arguments(parser)
     parser.add_argument("--editor-device", default=None, help="editor device (default: the LM device)")

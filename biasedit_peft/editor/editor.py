@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..distributed import SINGLE, Processes, current_processes, split_for
+from ..distributed import SINGLE, Processes, as_processes, split_for
 from ..scoring import check_context, eval_mode, inverse_permutation, model_context_length
 from ..tuner.layout import DeltaLike, add_deltas, native_factors, stored_delta
 from .cache import EditSample, KeyValueCache, as_edit_sample, logit_positions, record_layer_io
@@ -352,7 +352,7 @@ class BiasEditor(nn.Module):
         batch_size: int = 16,
         chunk_size: int | None = None,
         progress: bool = True,
-        processes: Processes | None = None,
+        processes: Any | None = None,
     ) -> tuple[dict[str, RidgeSolution], DebiasReport]:
         """One joint solve over all ``samples`` (nothing is written): ``(solutions, report)``.
 
@@ -364,17 +364,17 @@ class BiasEditor(nn.Module):
             batch_size: Sentence pairs per LM forward pass while caching.
             chunk_size: Token rows per hyper-network call (independent of ``batch_size``).
             progress: Show a progress bar.
-            processes: The processes to split the work across (``biasedit_peft.distributed``; default: those of
-                ``accelerate launch`` / ``torchrun`` when launched so, else this one). Each caches its own block
-                of the samples; the solve sums (primal) or gathers (dual) their rows, so every process gets the
-                solutions one process computes from all samples.
+            processes: The processes to split the work across (``biasedit_peft.distributed``): ``Processes`` or an
+                ``Accelerator``; default: those of ``accelerate launch`` / ``torchrun`` when launched so, else this
+                one. Each caches its own block of the samples; the solve sums (primal) or gathers (dual) their
+                rows, so every process gets the solutions one process computes from all samples.
 
         Raises:
             ValueError: No samples (or fewer than processes), or a sample without text or that tokenizes to nothing.
         """
         if len(samples) == 0:
             raise ValueError("debias() needs at least one sample; got an empty list")
-        processes = current_processes() if processes is None else processes
+        processes = as_processes(processes)
         edit_samples = [as_edit_sample(sample, index) for index, sample in enumerate(samples)]
         tokenizer = tokenizer if tokenizer is not None else _load_tokenizer_for(peft_model)
         cache, _, _ = self.cache_samples(peft_model, tokenizer, split_for(processes, edit_samples), batch_size,

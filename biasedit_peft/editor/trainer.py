@@ -39,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._io import atomic_write, folder_in_place, verify_manifest, write_manifest
-from ..distributed import Processes, current_processes, split_for, sum_gradients
+from ..distributed import Processes, as_processes, split_for, sum_gradients
 from ..metrics import item_ss_lms
 from ..scoring import encode_sentences, sentence_scores, token_log_probs
 from ..tuner.layout import native_from_key_value
@@ -260,10 +260,10 @@ class BiasEditTrainer:
         train_data: Sequence[Any],
         eval_data: Sequence[Any] | None = None,
         tokenizer=None,
-        processes: Processes | None = None,
+        processes: Any | None = None,
     ):
         self.model, self.editor, self.args = peft_model, editor, args
-        self.processes = current_processes() if processes is None else processes
+        self.processes: Processes = as_processes(processes)  # Processes, an Accelerator, or None: the launcher's
         self.train_data = self._samples(train_data, "train_data")
         self.eval_data = self._samples(eval_data, "eval_data") if eval_data else []
         self._check_held_out_labels()
