@@ -7,9 +7,10 @@ the value changes, each process holds the rows of its own shard of the samples, 
   gives every process the system one process would build from all ``N`` rows;
 - dual: ``U U^T`` couples every pair of rows, so ``U`` and ``D`` are gathered instead.
 
-:func:`solve_ridge_across` picks the form from the total ``N``, as one process would. The only difference from
-one process is the order of the float64 additions (relative ~1e-16 of the Gram), far below the float32 rounding
-of the delta (~6e-8).
+``editor.solve.solve_ridge(..., processes=)`` picks the form from the total ``N``, as one process would. The
+only difference from one process is the order of the float64 additions: on well-spread keys the deltas agree to
+float32 rounding; on harsh, rank-deficient keys (a Gram diagonal of 1e8 against lambda = 1) float64 rounding in
+the unspanned directions shows, measured 1.2e-6 relative (tests/test_distributed.py).
 
 :class:`Processes` is the small view of the process group the package needs (rank, size, sums, gathers). It
 comes from an ``Accelerator`` (or accelerate's ``PartialState``) when one is passed, else from an initialised

@@ -23,7 +23,7 @@ from ..scoring import check_context, eval_mode, inverse_permutation, model_conte
 from ..tuner.layout import DeltaLike, add_deltas, native_factors, stored_delta
 from .cache import EditSample, KeyValueCache, as_edit_sample, logit_positions, record_layer_io
 from .losses import LOSS_KINDS, debias_loss, pair_scores
-from .nets import EditorNet
+from .nets import EditorNet, batch_statistics
 from .solve import RidgeDelta, RidgeSolution, solve_ridge
 
 EDITOR_FORMAT = "biasedit-editor/1"
@@ -328,14 +328,12 @@ class BiasEditor(nn.Module):
         with the statistics of all rows (what one process's per-batch updates give, up to rounding)."""
         for name in cache.names:
             keys, value_grads = cache.layer(name)
-            rows = torch.cat((keys, value_grads), -1)
-            mean = rows.mean(0)
-            local = torch.cat((torch.tensor([float(len(rows))], device=rows.device), mean,
-                               ((rows - mean) ** 2).sum(0)))
+            count, mean, sum_sq = batch_statistics(torch.cat((keys, value_grads), -1))
+            local = torch.cat((count.reshape(1), mean, sum_sq))
             normalizer = self.net_for(name)[0].normalizer
-            for count, part_mean, sum_sq in (part.split([1, len(mean), len(mean)])
-                                             for part in processes.gather_rows(local.unsqueeze(0))):
-                normalizer.merge(count[0], part_mean, sum_sq)
+            for part in processes.gather_rows(local.unsqueeze(0)):
+                part_count, part_mean, part_sum_sq = part.split([1, len(mean), len(mean)])
+                normalizer.merge(part_count[0], part_mean, part_sum_sq)
 
     def _check_normalizers(self) -> None:
         for key, net in self.nets.items():
@@ -380,8 +378,8 @@ class BiasEditor(nn.Module):
         cache, _, _ = self.cache_samples(peft_model, tokenizer, split_for(processes, edit_samples), batch_size,
                                          progress=progress and processes.is_main)
         solutions = self.predict(cache, chunk_size, processes)
-        n_tokens = processes.sum_int(cache.n_tokens) if processes.distributed else cache.n_tokens
-        return solutions, DebiasReport(len(edit_samples), n_tokens, list(self.config.targets))
+        return solutions, DebiasReport(len(edit_samples), processes.sum_int(cache.n_tokens),
+                                       list(self.config.targets))
 
     def write_solutions(self, peft_model: nn.Module, solutions: dict[str, RidgeSolution],
                         adapter_name: str = "default") -> None:

@@ -11,6 +11,12 @@ import torch
 from torch import nn
 
 
+def batch_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(count [], mean [size], sum of squared deviations from the mean [size])`` of rows ``x [N, size]``."""
+    mean = x.mean(0)
+    return torch.tensor(float(x.shape[0]), device=x.device), mean, ((x - mean) ** 2).sum(0)
+
+
 class RunningMeanStd(nn.Module):
     """Running mean and standard deviation of feature vectors (Chan et al.'s parallel update)."""
 
@@ -23,8 +29,7 @@ class RunningMeanStd(nn.Module):
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         """Fold rows ``x [N, size]`` into the statistics."""
-        batch_mean = x.mean(0)
-        self.merge(torch.tensor(float(x.shape[0])), batch_mean, ((x - batch_mean) ** 2).sum(0))
+        self.merge(*batch_statistics(x))
 
     @torch.no_grad()
     def merge(self, count: torch.Tensor, mean: torch.Tensor, sum_sq: torch.Tensor) -> None:

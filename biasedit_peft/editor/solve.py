@@ -133,7 +133,7 @@ def solve_ridge(
     if keys.ndim != 2 or value_changes.ndim != 2 or keys.shape[0] != value_changes.shape[0]:
         raise ValueError(f"Need keys [N, d_in] and value changes [N, d_out]; got {tuple(keys.shape)} "
                          f"and {tuple(value_changes.shape)}")
-    n_rows = processes.sum_int(keys.shape[0]) if processes.distributed else keys.shape[0]
+    n_rows = processes.sum_int(keys.shape[0])
     if n_rows == 0:
         raise ValueError("Cannot solve for a delta from zero cached tokens")
     with torch.no_grad():

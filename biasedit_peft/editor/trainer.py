@@ -389,17 +389,16 @@ class BiasEditTrainer:
                 raise FloatingPointError("Non-finite meta-gradient dL/dS; lower the editor lr or meta_lr")
             self.optimizer.zero_grad(set_to_none=True)
             self.editor.meta_backward(cache, solutions, delta_grads, count_ridge=processes.is_main)
-            if processes.distributed:
-                sum_gradients(self.editor, processes)  # each process's rows: the one-process gradient
+            sum_gradients(self.editor, processes)  # each process's rows: the one-process gradient
             with deferred_interrupts():  # the update and its count happen together or not at all
                 torch.nn.utils.clip_grad_norm_(self.editor.parameters(), args.max_grad_norm)
                 self.optimizer.step()
                 self.state.step_in_epoch += 1
                 self.state.global_step += 1
 
-        if processes.distributed:  # losses summed, per-pair scores gathered in rank (= length) order
-            debias_total, retention_total, level_total = processes.sum(
-                torch.tensor([debias_total, retention_total, level_total], dtype=torch.float64)).tolist()
+        # losses summed over the processes, per-pair scores gathered in rank (= length) order
+        debias_total, retention_total, level_total = processes.sum(
+            torch.tensor([debias_total, retention_total, level_total], dtype=torch.float64)).tolist()
         pre_stereo, pre_anti, post_stereo, post_anti, pre_unrelated, post_unrelated = (
             processes.gather_rows(scores) for scores in (pre_stereo, pre_anti, torch.cat(post_stereo),
                                                          torch.cat(post_anti), torch.cat(pre_unrelated),
@@ -445,8 +444,7 @@ class BiasEditTrainer:
                                                    (pair_scores(logits.detach(), batch), post_s, post_a)):
                 into_s.append(stereo.mean.cpu())
                 into_a.append(anti.mean.cpu())
-        if processes.distributed:
-            total = float(processes.sum(torch.tensor([total], dtype=torch.float64)))
+        total = float(processes.sum(torch.tensor([total], dtype=torch.float64)))
         pre_s, pre_a, post_s, post_a = (processes.gather_rows(torch.cat(scores))
                                         for scores in (pre_s, pre_a, post_s, post_a))
         return {"held_out_debias": total, "held_out_ss_pre": item_ss_lms(pre_s, pre_a)["ss"],

@@ -318,10 +318,10 @@ class DemoSession:
     """One demo run: the stages' computations, and the live objects they share (model, editor, test items),
     built when a stage that runs (is not loaded) first needs them."""
 
-    def __init__(self, config: DemoConfig, stages: StageStore, resume: bool = False, run: Path | None = None):
+    def __init__(self, config: DemoConfig, stages: StageStore, resume: bool, run: Path):
         self.config, self.stages, self.resume = config, stages, resume
         self.final = Path(config.out)
-        self.out = self.final if run is None else Path(run)  # where files are written until the swap
+        self.out = Path(run)  # where files are written until the swap
         self.adapter_dir = self.out / "adapter"
 
     def recorded(self, name: str) -> str:
