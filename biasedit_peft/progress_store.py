@@ -5,7 +5,8 @@ each written atomically (a temporary file in the same folder, then ``os.replace`
 only whole pieces behind and a rerun with ``--resume`` does only what is missing.
 
 :class:`ScoreStore` holds the per-sentence scores of one evaluation (``evaluate_model(..., store=...)``).
-``biasedit evaluate --json FILE`` keeps it in ``FILE.partial/``, the demo in ``OUT/stages/NAME.partial/``::
+``biasedit evaluate --json FILE`` keeps it in ``FILE.partial/``, the demo in ``RUN/stages/NAME.partial/`` (``RUN``: its
+hidden run folder ``.OUT.run`` beside ``OUT``)::
 
     fingerprint.json               {"format": 1, "fields": {name: value}}: what was scored, see below
     SECTION-00000.safetensors      piece 0 of SECTION ("stereoset", "crows", "perplexity"):
@@ -25,7 +26,8 @@ The fingerprint names everything that decides the scores: ``model`` (name), ``ad
 away, and ``--overwrite`` starts again. Metrics are not stored: they are recomputed from the scores (cheap),
 so ``mode``, ``n_resamples`` and ``seed`` may change between a run and its resume.
 
-:class:`StageStore` holds the finished stages of ``biasedit demo`` in ``OUT/stages/``::
+:class:`StageStore` holds the finished stages of ``biasedit demo`` in ``RUN/stages/`` (``OUT/stages/`` once the
+demo has ended)::
 
     config.json     {"format": 1, "config": {...}}: the demo settings that decide its results
     NAME.json       {"result": <the stage's JSON-able result>, "seconds": float, "files": [paths under OUT]}
