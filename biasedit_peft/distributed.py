@@ -144,6 +144,21 @@ def current_processes(accelerator: Any | None = None) -> Processes:
     return SINGLE
 
 
+def leave_processes(succeeded: bool = True) -> None:
+    """End a launched run: wait for every process (when this one succeeded), then destroy the process group.
+
+    A process that exits with its gloo group alive can abort in the group's teardown while another still talks
+    to it ("terminate called without an active exception", SIGABRT, seen 1 run in 8 on 2 CPU processes). After a
+    failure the barrier is skipped: the others may never reach it. Nothing to do without a group.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if succeeded:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def sum_gradients(module: torch.nn.Module, processes: Processes) -> None:
     """Replace every parameter's ``.grad`` by its sum over the processes (one all-reduce of them all, flattened).
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from biasedit_peft.distributed import current_processes
+from biasedit_peft.distributed import current_processes, leave_processes
 from biasedit_peft.editor.solve import solve_ridge
 
 from test_solve_real_keys import down_proj_like_keys, value_changes
@@ -73,3 +73,4 @@ def train(out: str, steps: str) -> None:
 
 if __name__ == "__main__":
     {"solve": solve, "train": train}[sys.argv[1]](*sys.argv[2:])
+    leave_processes()

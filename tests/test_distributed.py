@@ -20,6 +20,7 @@ from biasedit_peft.distributed import (
     Processes,
     as_processes,
     current_processes,
+    leave_processes,
     process_device,
     split_for,
 )
@@ -78,6 +79,17 @@ def test_the_processes_of_an_accelerator_passed_in_are_used():
     assert as_processes(SimpleNamespace(process_index=1, num_processes=2)) == Processes(1, 2)
     assert as_processes(Processes(1, 3)) == Processes(1, 3) and as_processes(None) == SINGLE
     assert current_processes(PartialState(cpu=True)) == SINGLE  # one process, not launched
+
+
+def test_a_launched_run_leaves_its_process_group(tmp_path):
+    """The CLI and the workers end with ``leave_processes``: a live gloo group at exit can abort the process."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert current_processes() == Processes(0, 1)
+    leave_processes()
+    assert not dist.is_initialized() and current_processes() == SINGLE
+    leave_processes(succeeded=False)  # nothing to leave: no error
 
 
 def test_each_process_gets_its_own_gpu_and_one_process_keeps_its_device(monkeypatch):

@@ -61,7 +61,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     _quiet_third_party(quiet=getattr(args, "quiet", False))
-    return int(modules[args.command].run(args) or 0)
+    from biasedit_peft.distributed import leave_processes
+
+    code = 1
+    try:
+        code = int(modules[args.command].run(args) or 0)
+    finally:
+        leave_processes(succeeded=code == 0)  # under a launcher; nothing otherwise
+    return code
 
 
 def _quiet_third_party(quiet: bool) -> None:

@@ -112,13 +112,14 @@ def _launch(config, count: int, cores: int, delta_file: str) -> dict[str, Any]:
 
 
 def _main(payload: str) -> None:
-    from ..distributed import current_processes
+    from ..distributed import current_processes, leave_processes
     from .bench import config_from_json
 
     data = json.loads(payload)
     result = measure(config_from_json(data["config"]), data["delta_file"])
     if current_processes().is_main:
         print(json.dumps(result))
+    leave_processes()
 
 
 if __name__ == "__main__":
