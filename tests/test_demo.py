@@ -154,3 +154,33 @@ def test_demo_runs_real_models_in_bf16_where_the_cpu_has_it_and_keeps_the_testbe
     assert default_demo_dtype("testbed", "cpu") is None  # the testbed's figures stay float32
     assert DemoConfig(model="some/folder", device="cpu", dtype="fp32").dtype == "fp32"
     assert DemoConfig(device="cpu").dtype is None
+
+
+def test_the_initial_editor_depends_on_the_seed_alone(tmp_path):
+    """Random numbers drawn before the editor is made (a first load converting a GGUF initialises a whole model)
+    change neither the editor a seed gives nor the global random state after it."""
+    import torch
+
+    from biasedit_peft.editor import PRESETS
+
+    from factories import peft_model
+
+    model = peft_model()
+
+    def initial_editor(seed: int, draws_before: int):
+        torch.manual_seed(123)
+        torch.randn(draws_before)
+        editor, args = PRESETS["testbed"].editor_and_arguments(model, str(tmp_path), seed=seed)
+        return editor.state_dict(), torch.randn(4), args
+
+    first, after_first, args = initial_editor(0, 0)
+    second, after_second, _ = initial_editor(0, 1000)
+    other, _, _ = initial_editor(1, 0)
+    assert args.seed == 0
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+    torch.manual_seed(123)
+    assert torch.equal(after_first, torch.randn(4))  # the global generator is left as it was
+    torch.manual_seed(123)
+    torch.randn(1000)
+    assert torch.equal(after_second, torch.randn(4))

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..models import TESTBED_NAME
@@ -56,7 +57,9 @@ class Preset:
         """A fresh editor for ``peft_model`` (on its device) and its ``BiasEditTrainingArguments``.
 
         Every hyper-parameter left ``None`` takes this preset's value; ``training`` passes the other
-        arguments (``max_steps``, ``eval_every``, ``seed``, ``resume``, ``progress``, ...) through.
+        arguments (``max_steps``, ``eval_every``, ``seed``, ``resume``, ``progress``, ...) through. The editor's
+        initial weights are drawn from ``seed`` alone (the global RNG is left as it was), so a run's editor does not
+        depend on what consumed random numbers before it (a first load that converts a GGUF initialises a model).
         """
         from .editor import BiasEditor
         from .trainer import BiasEditTrainingArguments
@@ -64,8 +67,11 @@ class Preset:
         def pick(value, default):
             return default if value is None else value
 
-        editor = BiasEditor.for_model(peft_model, rank=pick(rank, self.rank), n_blocks=pick(n_blocks, self.n_blocks),
-                                      lr=pick(lr, self.lr), loss=loss, base_model=base_model)
+        with torch.random.fork_rng(devices=[]):  # the initial editor depends on the seed alone, not on what ran
+            torch.manual_seed(training.get("seed", BiasEditTrainingArguments.seed))  # before (a GGUF conversion did)
+            editor = BiasEditor.for_model(peft_model, rank=pick(rank, self.rank),
+                                          n_blocks=pick(n_blocks, self.n_blocks), lr=pick(lr, self.lr), loss=loss,
+                                          base_model=base_model)
         editor.to(next(peft_model.parameters()).device)
         arguments = BiasEditTrainingArguments(
             output_dir=str(output_dir), n_edits=pick(n_edits, self.n_edits),
