@@ -226,20 +226,26 @@ def score_sentences(
     if not sentences:
         empty = torch.zeros(0)
         return SentenceLogProbs(empty, empty, torch.zeros(0, dtype=torch.long), empty)
-    encoded = encode_sentences(tokenizer, sentences, max_length, context=model_context_length(model))
-    order = torch.argsort(encoded.attention_mask.sum(-1), descending=True, stable=True)
+    order, batches = length_sorted_batches(tokenizer, sentences, batch_size, max_length, model_context_length(model))
     device = model_device(model)
-    pieces: list[SentenceLogProbs] = []
-    chunks = torch.split(order, batch_size)
     with eval_mode(model):
-        for chunk in _progress(chunks, progress, len(sentences)):
-            width = int(encoded.attention_mask[chunk].sum(-1).max())
-            batch = TokenBatch(
-                encoded.input_ids[chunk, :width], encoded.attention_mask[chunk, :width],
-                encoded.target_mask[chunk, :width],
-            ).to(device)
-            pieces.append(sentence_log_probs(model, batch))
-    return concat_scores([piece.cpu() for piece in pieces])[inverse_permutation(order)]
+        pieces = [sentence_log_probs(model, batch.to(device)).cpu()
+                  for batch in _progress(batches, progress, len(sentences))]
+    return concat_scores(pieces)[inverse_permutation(order)]
+
+
+def length_sorted_batches(tokenizer, sentences: Sequence[str], batch_size: int, max_length: int | None = None,
+                          context: int | None = None) -> tuple[Tensor, list[TokenBatch]]:
+    """``(order [S], batches)``: ``sentences`` encoded longest first (stable) in batches of ``batch_size``, each
+    cut to its own longest sentence; row ``k`` of the concatenated batches is sentence ``order[k]``."""
+    encoded = encode_sentences(tokenizer, sentences, max_length, context=context)
+    order = torch.argsort(encoded.attention_mask.sum(-1), descending=True, stable=True)
+    batches = []
+    for chunk in torch.split(order, batch_size):
+        width = int(encoded.attention_mask[chunk].sum(-1).max())
+        batches.append(TokenBatch(encoded.input_ids[chunk, :width], encoded.attention_mask[chunk, :width],
+                                  encoded.target_mask[chunk, :width]))
+    return order, batches
 
 
 def inverse_permutation(order: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ from functools import cache
 import pytest
 import torch
 
-from biasedit_peft.editor.solve import RidgeSolution, solve_ridge
+from biasedit_peft.editor.solve import RidgeSolution, RidgeSystem, solve_ridge
 
 D_IN, D_OUT = 1536, 576  # SmolLM2-135M's down_proj: 1536 -> 576
 
@@ -143,3 +143,59 @@ def test_failure_puts_lambda_against_the_gram():
     refused = r"leading minor \d+; lambda=-1 is -.* of the Gram's largest diagonal"
     with pytest.raises(FloatingPointError, match=refused):
         solve_ridge(keys, value_changes(64), -1.0)
+
+
+@pytest.mark.parametrize("n_rows", [64, 2048])
+def test_ridge_system_solves_the_normal_equations_at_any_lambda(n_rows):
+    """One diagonalisation, every lambda: ``RidgeSystem.solve`` equals the float64 normal equations on large,
+    duplicated keys, for lambdas from the learned ~1 to many times the Gram's mean eigenvalue."""
+    keys, changes = down_proj_like_keys(n_rows), value_changes(n_rows)
+    system = RidgeSystem.from_rows(keys, changes)
+    assert system.n_rows == n_rows
+    assert system.mean_eigenvalue == pytest.approx(float((keys.double() ** 2).sum()) / D_IN, rel=1e-9)
+    for ridge in (1.0, system.ridge_for(1e-3), system.ridge_for(1.0), system.ridge_for(100.0)):
+        expected = normal_equations(keys, changes.double(), torch.tensor(ridge, dtype=torch.float64))
+        assert relative(system.solve(ridge).dense(), expected) < 1e-5
+        fitted = (keys.double() @ expected).norm()
+        assert system.fitted_norm(ridge) == pytest.approx(float(fitted), rel=1e-6)
+    reference = solve_ridge(keys, changes, 1.0).delta.dense()
+    assert relative(system.solve(1.0).dense(), reference) < 1e-5
+
+
+def test_ridge_system_approaches_the_summed_update_at_large_lambda():
+    """``lambda S(lambda) -> U^T D`` as lambda grows: the gradient-like limit the joint ridge moves toward."""
+    keys, changes = down_proj_like_keys(256), value_changes(256)
+    system = RidgeSystem.from_rows(keys, changes)
+    summed = keys.double().T @ changes.double()
+    errors = [relative(system.ridge_for(rho) * system.solve(system.ridge_for(rho)).dense(), summed)
+              for rho in (1.0, 1e3, 1e6)]
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] <= float(system.eigenvalues[-1]) / system.ridge_for(1e6)  # first order in e_max / lambda
+
+
+def test_ridge_system_refuses_bad_input():
+    keys, changes = down_proj_like_keys(64), value_changes(64)
+    with pytest.raises(ValueError, match="Need keys"):
+        RidgeSystem.from_rows(keys, changes[:10])
+    with pytest.raises(ValueError, match="zero cached tokens"):
+        RidgeSystem.from_rows(keys[:0], changes[:0])
+    with pytest.raises(ValueError, match="positive"):
+        RidgeSystem.from_rows(keys, changes).solve(0.0)
+
+
+def test_ridge_system_with_preserved_keys_solves_the_generalised_ridge():
+    """With ``C = w U_r^T U_r`` the delta is ``argmin ||U S - D||^2 + w ||U_r S||^2 + lambda ||S||^2``: checked against
+    the float64 normal equations, and ``fitted_norm`` is still ``||U S||_F`` of the edit keys alone."""
+    keys, changes = down_proj_like_keys(512), value_changes(512)
+    preserved = down_proj_like_keys(256, seed=3).double()
+    gram = 4.0 * preserved.T @ preserved
+    system = RidgeSystem.from_rows(keys, changes, preserved_gram=gram)
+    for ridge in (1.0, system.ridge_for(1e-2)):
+        u = keys.double()
+        expected = torch.linalg.solve(u.T @ u + gram + ridge * torch.eye(D_IN, dtype=torch.float64),
+                                      u.T @ changes.double())
+        assert relative(system.solve(ridge).dense(), expected) < 1e-5
+        assert system.fitted_norm(ridge) == pytest.approx(float((u @ expected).norm()), rel=1e-6)
+    # the preserved keys' values move less than without the term
+    plain = RidgeSystem.from_rows(keys, changes).solve(1.0).dense().double()
+    assert (preserved @ system.solve(1.0).dense().double()).norm() < 0.5 * (preserved @ plain).norm()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -169,3 +169,27 @@ def as_edit_sample(sample, index: int = 0) -> EditSample:
         if value is not None and not isinstance(value, str):
             raise ValueError(f"Sample {index}: field {key!r} must be a string or absent, got {value!r}")
     return EditSample(stereotype, anti_stereotype, unrelated, target, bias_type)
+
+
+@torch.no_grad()
+def key_grams(model: nn.Module, layers: Mapping[str, nn.Module],
+              batches: Iterable) -> tuple[dict[str, torch.Tensor], int]:
+    """``({name: U^T U [d_in, d_in] float64}, N)``: the Gram of each layer's inputs ``U [N, d_in]`` at every logit
+    position that scores a token (:func:`logit_positions`) of the :class:`~biasedit_peft.scoring.TokenBatch` es
+    ``batches``, summed over them (no gradients; the model is run as it is)."""
+    from ..scoring import model_device
+
+    grams: dict[str, torch.Tensor] = {}
+    n_rows = 0
+    device = model_device(model)
+    with record_layer_io(layers) as recorder:
+        for batch in batches:
+            batch = batch.to(device)
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            positions = logit_positions(batch.target_mask)
+            n_rows += int(positions.sum())
+            for name, record in recorder.records.items():
+                keys = record.inputs[positions.to(record.inputs.device)].to(torch.float64)
+                grams[name] = grams[name] + keys.T @ keys if name in grams else keys.T @ keys
+                recorder.records[name] = LayerRecord()
+    return grams, n_rows

@@ -165,3 +165,76 @@ def solve_ridge(
             eye = torch.eye(keys.shape[1], dtype=torch.float32, device=keys.device)
             delta = RidgeDelta(eye, solved.to(torch.float32))
     return RidgeSolution(delta, keys, cholesky, form, solved, rows)
+
+
+@dataclass(frozen=True)
+class RidgeSystem:
+    """The normal equations of one layer's ridge problem, diagonalised once, so that any ``lambda`` solves cheaply.
+
+    With ``U^T U = Q diag(e) Q^T`` (float64), ``S(lambda) = Q diag(1 / (e + lambda)) Q^T U^T D``. A joint delta pools
+    thousands of tokens (``N >> d_in``), where the ``lambda`` an editor learned on ~10^3-token edits is negligible
+    next to the Gram: :meth:`solve` takes ``lambda`` as a multiple of the Gram's mean eigenvalue
+    ``tr(U^T U) / d_in`` (:meth:`ridge_for`), so one number means the same for every layer and data size.
+    """
+
+    eigenvalues: torch.Tensor
+    """``e [d_in]`` float64, ascending, the eigenvalues of ``U^T U`` (clamped at 0)."""
+    eigenvectors: torch.Tensor
+    """``Q [d_in, d_in]`` float64, orthonormal columns."""
+    projected: torch.Tensor
+    """``Q^T U^T D [d_in, d_out]`` float64."""
+    n_rows: int
+    """``N``, the token rows over every process."""
+    edit_gram: torch.Tensor | None = None
+    """``Q^T U^T U Q [d_in, d_in]`` float64 when a preserved Gram was added (``e`` then diagonalises ``U^T U + C``),
+    else None (``U^T U = Q diag(e) Q^T``)."""
+
+    @classmethod
+    def from_rows(cls, keys: torch.Tensor, value_changes: torch.Tensor, processes: Processes = SINGLE,
+                  preserved_gram: torch.Tensor | None = None) -> "RidgeSystem":
+        """The system of rows ``keys [N, d_in]`` and ``value_changes [N, d_out]`` (this process's rows; the normal
+        equations are summed over ``processes``).
+
+        ``preserved_gram``: ``C [d_in, d_in]`` (e.g. ``w U_r^T U_r`` of keys whose values must not change) added to
+        ``U^T U``, so the delta solves ``argmin ||U S - D||^2 + ||U_r S||^2 w + lambda ||S||^2`` (MEMIT's
+        preservation term). The same on every process."""
+        if keys.ndim != 2 or value_changes.ndim != 2 or keys.shape[0] != value_changes.shape[0]:
+            raise ValueError(f"Need keys [N, d_in] and value changes [N, d_out]; got {tuple(keys.shape)} "
+                             f"and {tuple(value_changes.shape)}")
+        with torch.no_grad():
+            keys64 = keys.detach().to(torch.float64)
+            changes64 = value_changes.detach().to(device=keys.device, dtype=torch.float64)
+            summed = processes.sum if processes.distributed else (lambda tensor: tensor)
+            gram, moment = summed(keys64.T @ keys64), summed(keys64.T @ changes64)
+            system = gram if preserved_gram is None else gram + preserved_gram.to(gram.device, torch.float64)
+            eigenvalues, eigenvectors = torch.linalg.eigh(system)
+            edit_gram = None if preserved_gram is None else eigenvectors.T @ gram @ eigenvectors
+        n_rows = processes.sum_int(keys.shape[0])
+        if n_rows == 0:
+            raise ValueError("Cannot solve for a delta from zero cached tokens")
+        return cls(eigenvalues.clamp(min=0), eigenvectors, eigenvectors.T @ moment, n_rows, edit_gram)
+
+    @property
+    def mean_eigenvalue(self) -> float:
+        """``tr(U^T U + C) / d_in`` (``C`` the preserved Gram, if any): the mean squared key entry times ``N``."""
+        return float(self.eigenvalues.mean())
+
+    def ridge_for(self, relative: float) -> float:
+        """``lambda = relative x tr(U^T U) / d_in``."""
+        return relative * self.mean_eigenvalue
+
+    def solve(self, ridge: float) -> RidgeDelta:
+        """``S(lambda)`` as float32 factors ``Q`` and ``diag(1 / (e + lambda)) Q^T U^T D`` (well conditioned: ``Q`` is
+        orthonormal)."""
+        if not ridge > 0:
+            raise ValueError(f"lambda must be positive, got {ridge}")
+        right = self.projected / (self.eigenvalues + ridge).unsqueeze(1)
+        return RidgeDelta(self.eigenvectors.to(torch.float32), right.to(torch.float32))
+
+    def fitted_norm(self, ridge: float) -> float:
+        """``||U S(lambda)||_F``: how large the value changes the delta makes on the system's own keys are."""
+        if self.edit_gram is None:
+            weights = self.eigenvalues / (self.eigenvalues + ridge) ** 2
+            return float((weights.unsqueeze(1) * self.projected**2).sum().sqrt())
+        rotated = self.projected / (self.eigenvalues + ridge).unsqueeze(1)  # Q^T S
+        return float(((self.edit_gram @ rotated) * rotated).sum().clamp(min=0).sqrt())
