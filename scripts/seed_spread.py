@@ -3,6 +3,7 @@
     python scripts/seed_spread.py --out runs/testbed --seeds 0,1,2                       # the bundled testbed
     python scripts/seed_spread.py --out runs/smollm2 --seeds 0,1,2 -- --model smollm2-135m
     python scripts/seed_spread.py --out runs/smollm2 --seeds 0,1,2 --no-run --json spread.json
+    python scripts/seed_spread.py --out runs/smollm2 --seeds 1 --no-run --run other=runs/other-demo
 
 Each seed runs ``biasedit demo --seed N --out OUT/seed-N`` (arguments after ``--`` are passed on; a seed whose
 ``results.json`` exists is not run again, a killed one is resumed), then one markdown table gives, per metric,
@@ -76,8 +77,9 @@ def metric_rows(results: dict) -> dict[str, float]:
     return rows
 
 
-def spread(per_seed: dict[int, dict[str, float]]) -> dict[str, dict]:
-    """``label -> {"mean", "min", "max", "seeds": {seed: value}}`` over the labels every seed has."""
+def spread(per_seed: dict[int | str, dict[str, float]]) -> dict[str, dict]:
+    """``label -> {"mean", "min", "max", "seeds": {run: value}}`` over the labels every run has (a run is a seed, or
+    the label of a ``--run``)."""
     labels = [label for label in next(iter(per_seed.values())) if all(label in rows for rows in per_seed.values())]
     table = {}
     for label in labels:
@@ -89,7 +91,7 @@ def spread(per_seed: dict[int, dict[str, float]]) -> dict[str, dict]:
 
 def markdown(table: dict[str, dict]) -> str:
     seeds = list(next(iter(table.values()))["seeds"])
-    lines = ["| metric | mean | range | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+    lines = ["| metric | mean | range | " + " | ".join(f"seed {s}" if isinstance(s, int) else s for s in seeds) + " |",
              "| --- | --- | --- | " + " | ".join("---" for _ in seeds) + " |"]
     for label, row in table.items():
         cells = " | ".join(f"{row['seeds'][s]:.2f}" for s in seeds)
@@ -105,14 +107,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="folder of the seeds' demo folders (seed-N)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--no-run", action="store_true", help="only read the seeds' results.json")
+    parser.add_argument("--run", action="append", default=[], metavar="LABEL=FOLDER",
+                        help="also read the finished demo in FOLDER as a run named LABEL (repeatable; never run)")
     parser.add_argument("--json", dest="json_path", default=None, help="also write the table here")
     args = parser.parse_args(own)
     out = Path(args.out)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
     per_seed = {}
     for seed in seeds:
         folder = out / f"seed-{seed}" if args.no_run else run_seed(out, seed, demo_args)
         per_seed[seed] = metric_rows(json.loads((folder / RESULTS).read_text(encoding="utf-8")))
+    for text in args.run:
+        label, _, folder = text.partition("=")
+        if not label or not folder:
+            parser.error(f"--run takes LABEL=FOLDER, got {text!r}")
+        per_seed[label] = metric_rows(json.loads((Path(folder) / RESULTS).read_text(encoding="utf-8")))
     table = spread(per_seed)
     print(markdown(table))
     if args.json_path:

@@ -57,3 +57,17 @@ def test_a_demo_with_the_deployment_protocol_names_its_adapter_so(tmp_path):
     assert rows["deployment adapter, gender-swapped gender SS after"] == 56.0
     assert rows["deployment adapter, gender-swapped gender LMS drop"] == 1.0
     assert rows["deployment adapter: joint scale"] == 8.0
+
+
+def test_a_run_outside_the_seed_folders_joins_the_table_under_its_label(tmp_path, capsys):
+    script = _script()
+    for name, ss in (("seed-1", 50.0), ("elsewhere", 56.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(_results(ss, 88.0, 41.0, 100.0)))
+    script.main(["--out", str(tmp_path), "--seeds", "1", "--no-run", "--run", f"shifted={tmp_path / 'elsewhere'}",
+                 "--json", str(tmp_path / "spread.json")])
+    row = json.loads((tmp_path / "spread.json").read_text())["per-batch gender SS after"]
+    assert row["seeds"] == {"1": 50.0, "shifted": 56.0} and row["mean"] == 53.0
+    assert "| metric | mean | range | seed 1 | shifted |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        script.main(["--out", str(tmp_path), "--seeds", "1", "--no-run", "--run", "no-folder"])
