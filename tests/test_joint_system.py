@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from biasedit_peft.editor.cache import key_grams, logit_positions
@@ -53,3 +54,62 @@ def test_key_grams_are_the_gram_of_the_inputs_at_scoring_positions_whatever_the_
         keys = captured[name][positions].double()
         torch.testing.assert_close(by_three[name], keys.T @ keys, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(whole[name], keys.T @ keys, rtol=1e-5, atol=1e-6)
+
+
+def test_the_default_recipe_is_the_editors_own_joint_delta_and_every_recipe_has_its_size(tmp_path):
+    """``JointRecipe()`` (learned lambda, nothing preserved) gives ``joint_solutions``' delta; every other recipe is
+    rescaled to that delta's ``||U S||_F`` on the edit keys; preservation moves the preserved keys' values less."""
+    from biasedit_peft.editor.cache import as_edit_sample
+    from biasedit_peft.editor.joint import JointRecipe, pooled_statistics, recipe_solutions
+
+    from factories import trained_editor
+
+    model, editor = trained_editor(tmp_path / "editor")
+    tokenizer = editor_tokenizer()
+    edit = samples(12)
+    expected, report = editor.joint_solutions(model, edit, tokenizer, batch_size=4, progress=False)
+    preserved = [s.unrelated for s in samples(16)[12:]] + [s.unrelated for s in edit]
+    statistics, n_tokens = pooled_statistics(editor, model, tokenizer, edit, 4, preserved)
+    assert n_tokens == report.n_tokens and set(statistics) == set(expected)
+    default = recipe_solutions(statistics, JointRecipe())
+    for name in expected:
+        want = expected[name].delta.dense().double()
+        got = default[name].delta.dense().double()
+        assert float((got - want).norm() / want.norm()) < 1e-4
+    cache, _, _ = editor.cache_samples(model, tokenizer, [as_edit_sample(s, i) for i, s in enumerate(edit)], 4)
+    layers = _edit_layers(model)
+    _, batches = length_sorted_batches(tokenizer, preserved, 4)
+    captured = {name: [] for name in layers}
+    handles = [module.register_forward_hook(lambda m, i, o, name=name: captured[name].append(i[0]))
+               for name, module in layers.items()]
+    with torch.no_grad():
+        for batch in batches:
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            for name in layers:
+                captured[name][-1] = captured[name][-1][logit_positions(batch.target_mask)]
+    for handle in handles:
+        handle.remove()
+    for recipe in (JointRecipe(ridge=1.0), JointRecipe(preserve=10.0)):
+        solutions = recipe_solutions(statistics, recipe)
+        for name in expected:
+            keys = cache.layer(name)[0].double()
+            size = (keys @ solutions[name].delta.dense().double()).norm()
+            assert float(size) == pytest.approx(float((keys @ expected[name].delta.dense().double()).norm()), rel=1e-4)
+    # at the same size on the edit keys, a heavier preservation weight moves the preserved keys' values less
+    for name in expected:
+        preserved_keys = torch.cat(captured[name]).double()
+        moved = [float((preserved_keys @ recipe_solutions(statistics, JointRecipe(preserve=w))[name].delta.dense()
+                        .double()).norm()) for w in (0.0, 10.0, 1000.0)]
+        assert moved[0] > moved[1] > moved[2]
+
+
+def test_a_recipe_that_preserves_needs_the_preserved_gram(tmp_path):
+    from biasedit_peft.editor.joint import JointRecipe, pooled_statistics, recipe_solutions
+
+    from factories import trained_editor
+
+    model, editor = trained_editor(tmp_path / "editor")
+    statistics, _ = pooled_statistics(editor, model, editor_tokenizer(), samples(4), 4)
+    with pytest.raises(ValueError, match="preserved keys"):
+        recipe_solutions(statistics, JointRecipe(preserve=1.0))
+    assert JointRecipe(preserve=1.0, ridge=0.01).label == "preserve 1, ridge 0.01"

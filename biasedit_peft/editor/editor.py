@@ -78,14 +78,20 @@ def _chunks(n_rows: int, chunk_size: int) -> Iterable[slice]:
     return (slice(start, start + chunk_size) for start in range(0, n_rows, chunk_size))
 
 
+@torch.no_grad()
+def predicted_changes(net: EditorNet, index: int, keys: torch.Tensor, value_grads: torch.Tensor,
+                      chunk_size: int) -> torch.Tensor:
+    """The value changes ``D [N, d_out]`` the net predicts for ``keys [N, d_in]`` and ``value_grads [N, d_out]``, in
+    chunks of ``chunk_size`` rows (no autograd)."""
+    return torch.cat([net.value_changes(keys[c], value_grads[c], index) for c in _chunks(len(keys), chunk_size)])
+
+
 def predict_layer(net: EditorNet, index: int, keys: torch.Tensor, value_grads: torch.Tensor, chunk_size: int,
                   processes: Processes = SINGLE):
     """Value changes in chunks (no autograd), then the ridge solve -> :class:`RidgeSolution`; with several
     ``processes`` the rows are this process's and the solve is over all of theirs (``solve_ridge``)."""
-    with torch.no_grad():
-        changes = torch.cat([net.value_changes(keys[c], value_grads[c], index)
-                             for c in _chunks(len(keys), chunk_size)])
-        return solve_ridge(keys, changes, net.ridge(index), processes=processes)
+    changes = predicted_changes(net, index, keys, value_grads, chunk_size)
+    return solve_ridge(keys, changes, net.ridge(index), processes=processes)
 
 
 def meta_backward_layer(

@@ -193,25 +193,31 @@ class RidgeSystem:
     def from_rows(cls, keys: torch.Tensor, value_changes: torch.Tensor, processes: Processes = SINGLE,
                   preserved_gram: torch.Tensor | None = None) -> "RidgeSystem":
         """The system of rows ``keys [N, d_in]`` and ``value_changes [N, d_out]`` (this process's rows; the normal
-        equations are summed over ``processes``).
-
-        ``preserved_gram``: ``C [d_in, d_in]`` (e.g. ``w U_r^T U_r`` of keys whose values must not change) added to
-        ``U^T U``, so the delta solves ``argmin ||U S - D||^2 + ||U_r S||^2 w + lambda ||S||^2`` (MEMIT's
-        preservation term). The same on every process."""
+        equations are summed over ``processes``); ``preserved_gram`` as in :meth:`from_normal_equations`."""
         if keys.ndim != 2 or value_changes.ndim != 2 or keys.shape[0] != value_changes.shape[0]:
             raise ValueError(f"Need keys [N, d_in] and value changes [N, d_out]; got {tuple(keys.shape)} "
                              f"and {tuple(value_changes.shape)}")
         with torch.no_grad():
             keys64 = keys.detach().to(torch.float64)
             changes64 = value_changes.detach().to(device=keys.device, dtype=torch.float64)
-            summed = processes.sum if processes.distributed else (lambda tensor: tensor)
-            gram, moment = summed(keys64.T @ keys64), summed(keys64.T @ changes64)
+            gram, moment = processes.sum(keys64.T @ keys64), processes.sum(keys64.T @ changes64)
+        return cls.from_normal_equations(gram, moment, processes.sum_int(keys.shape[0]), preserved_gram)
+
+    @classmethod
+    def from_normal_equations(cls, gram: torch.Tensor, moment: torch.Tensor, n_rows: int,
+                              preserved_gram: torch.Tensor | None = None) -> "RidgeSystem":
+        """The system with ``U^T U = gram [d_in, d_in]`` and ``U^T D = moment [d_in, d_out]`` over ``n_rows`` rows.
+
+        ``preserved_gram``: ``C [d_in, d_in]`` (e.g. ``w U_r^T U_r`` of keys whose values must not change) added to
+        ``U^T U``, so the delta solves ``argmin ||U S - D||^2 + w ||U_r S||^2 + lambda ||S||^2`` (MEMIT's
+        preservation term)."""
+        if n_rows == 0:
+            raise ValueError("Cannot solve for a delta from zero cached tokens")
+        with torch.no_grad():
+            gram, moment = gram.to(torch.float64), moment.to(device=gram.device, dtype=torch.float64)
             system = gram if preserved_gram is None else gram + preserved_gram.to(gram.device, torch.float64)
             eigenvalues, eigenvectors = torch.linalg.eigh(system)
             edit_gram = None if preserved_gram is None else eigenvectors.T @ gram @ eigenvectors
-        n_rows = processes.sum_int(keys.shape[0])
-        if n_rows == 0:
-            raise ValueError("Cannot solve for a delta from zero cached tokens")
         return cls(eigenvalues.clamp(min=0), eigenvectors, eigenvectors.T @ moment, n_rows, edit_gram)
 
     @property
