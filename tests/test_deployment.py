@@ -80,6 +80,38 @@ def test_deployable_adapter_writes_the_chosen_multiple_of_the_joint_delta(tmp_pa
     assert deployable_adapter(editor, fresh, TOKENIZER, edit, None, batch_size=2, progress=False)["scale"] == 1.0
 
 
+def test_deployable_adapter_writes_the_best_recipe_on_the_held_out_pairs(tmp_path):
+    """Each recipe is solved and calibrated on the held-out pairs; the best (recipe, scale) is written; a recipe that
+    preserves keys is skipped for pairs without unrelated sentences; without held-out pairs the first recipe."""
+    from biasedit_peft.editor.joint import JointRecipe, pooled_statistics, recipe_solutions
+
+    model, editor = trained_editor(tmp_path)
+    edit, held_out = samples(16)[:8], samples(16)[8:]
+    recipes = (JointRecipe(), JointRecipe(ridge=1.0), JointRecipe(preserve=10.0))
+    report = deployable_adapter(editor, model, TOKENIZER, edit, held_out, batch_size=2, scales=(0.5, 2.0),
+                                progress=False, recipes=recipes)
+    assert [(r["preserve"], r["ridge"]) for r in report["recipes"]] == [(0.0, None), (0.0, 1.0), (10.0, None)]
+    best = min(report["recipes"], key=lambda r: r["selection"])
+    assert (report["recipe"]["preserve"], report["recipe"]["ridge"], report["scale"]) == \
+        (best["preserve"], best["ridge"], best["scale"])
+    statistics, _ = pooled_statistics(editor, peft_model(), TOKENIZER, edit, 2, [s.unrelated for s in edit])
+    chosen = recipe_solutions(statistics, JointRecipe(**report["recipe"]))
+    written, layers = get_deltas(model), editor.check_compatible(model)
+    for name, solution in chosen.items():
+        got = written[name] if layers[name].fan_in_fan_out else written[name].T
+        torch.testing.assert_close(got, report["scale"] * solution.delta.dense(), rtol=1e-4, atol=1e-7)
+    pairs = [(s.stereotype, s.anti_stereotype) for s in edit]  # no unrelated sentences: nothing to preserve
+    report = deployable_adapter(editor, peft_model(), TOKENIZER, pairs, held_out, batch_size=2, scales=(1.0,),
+                                progress=False, recipes=recipes)
+    assert [r["preserve"] for r in report["recipes"]] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="lack"):
+        deployable_adapter(editor, peft_model(), TOKENIZER, pairs, held_out, batch_size=2, progress=False,
+                           recipes=recipes[2:])
+    alone = deployable_adapter(editor, peft_model(), TOKENIZER, edit, None, batch_size=2, progress=False,
+                               recipes=recipes[1:])
+    assert alone["recipe"] == {"preserve": 0.0, "ridge": 1.0} and alone["scale"] == 1.0 and len(alone["recipes"]) == 1
+
+
 def test_deployment_check_by_hand():
     def result(ss_g, ss_r, lms, crows_g, crows_r, ppl, ci=None):
         return {"stereoset": {"gender": {"ss": ss_g, "lms": lms, "ss_ci": ci}, "race": {"ss": ss_r, "lms": lms}},

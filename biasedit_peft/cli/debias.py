@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from biasedit_peft.data import load_edit_samples
     from biasedit_peft.distributed import current_processes, process_device
     from biasedit_peft.editor import BiasEditor
+    from biasedit_peft.editor.joint import JointRecipe
     from biasedit_peft.models import load_model_and_tokenizer
     from biasedit_peft.workflows.deployment import deployable_adapter
 
@@ -100,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     config.edit_data = args.data
     config.edit_info = {"n_samples": report["n_samples"], "n_tokens": report["n_tokens"],
                         "bias_types": args.bias_types, "limit": args.limit, "scale": report["scale"],
+                        "recipe": JointRecipe(**report["recipe"]).label,
                         "calibrated_on": None if calibration is None else args.calibrate_on}
     with folder_in_place(args.out) as building:
         peft_model.save_pretrained(building)

@@ -235,6 +235,7 @@ def debias_and_save(editor, peft_model, tokenizer, config: DemoConfig, out_dir: 
     """The deployment adapter (``deployment.deployable_adapter``): one joint delta from the ``train`` items,
     scaled as ``dev`` says, written into the adapter, which is saved to ``out_dir``; ``editor_id`` is the editor
     it records."""
+    from ..editor.joint import JointRecipe
     from .deployment import CALIBRATION_DATA, EDIT_DATA, deployable_adapter
 
     train = load_demo_items("train", config.bias_types, config.limit)
@@ -246,7 +247,8 @@ def debias_and_save(editor, peft_model, tokenizer, config: DemoConfig, out_dir: 
     peft_config.edit_data = EDIT_DATA
     peft_config.edit_info = {"n_samples": report["n_samples"], "n_tokens": report["n_tokens"],
                              "bias_types": ",".join(config.bias_types), "limit": config.limit,
-                             "scale": report["scale"], "calibrated_on": CALIBRATION_DATA}
+                             "scale": report["scale"], "recipe": JointRecipe(**report["recipe"]).label,
+                             "calibrated_on": CALIBRATION_DATA}
     peft_model.save_pretrained(out_dir)
     return {**report, "edit_data": EDIT_DATA, "calibrated_on": CALIBRATION_DATA}
 
@@ -448,7 +450,8 @@ def run_stages(config: DemoConfig, stages: StageStore, run: Path, resume: bool) 
         results["merged"] = demo.run("merge_and_rescore", lambda: demo.merge(after), seconds, files=["merged"])
     results["protocols"] = {"per_batch": per_batch, "held_out": held_out, "joint_on_test": joint,
                             "deployment": {key: edit[key] for key in ("edit_data", "calibrated_on", "scale",
-                                                                      "n_samples", "n_tokens")}}
+                                                                      "n_samples", "n_tokens", "recipe", "recipes")
+                                           if key in edit}}
     results["targets"] = {
         "deployment": deployment_check(before, after, config.bias_types),
         "joint_on_test": target_check(joint["before"], joint["after"], config.bias_types),

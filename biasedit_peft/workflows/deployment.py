@@ -15,11 +15,13 @@ meets everything else, so here:
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any, Sequence
 
 from torch import nn
 
 from ..data.crows import crows_bias_type
+from ..editor.cache import as_edit_sample
 from ..editor.calibration import (
     JOINT_SCALES,
     MAX_NLL_INCREASE,
@@ -27,6 +29,10 @@ from ..editor.calibration import (
     scaled_solutions,
     target_score,
 )
+from ..editor.joint import JointRecipe, pooled_statistics, recipe_solutions
+
+JOINT_RECIPES: tuple[JointRecipe, ...] = (JointRecipe(),)
+"""The re-fits of the pooled solve a deployment tries (``editor/joint.py``), the editor's own first."""
 
 EDIT_DATA = "stereoset:train"
 CALIBRATION_DATA = "stereoset:dev"
@@ -49,38 +55,65 @@ def deployable_adapter(
     editor, peft_model: nn.Module, tokenizer, edit_samples: Sequence[Any],
     calibration_samples: Sequence[Any] | None = None, batch_size: int = 16, adapter_name: str = "default",
     scales: Sequence[float] = JOINT_SCALES, progress: bool = True, processes=None,
+    recipes: Sequence[JointRecipe] = JOINT_RECIPES,
 ) -> dict:
-    """Write one joint delta from ``edit_samples`` into adapter ``adapter_name``, scaled as held-out pairs say.
+    """Write one joint delta from ``edit_samples`` into adapter ``adapter_name``, solved and scaled as held-out pairs
+    say.
 
     Args:
         editor: A trained editor.
         peft_model: Its model with the BiasEdit adapter (the delta is added to what the adapter holds).
         tokenizer: The model's tokenizer.
         edit_samples: The pairs the delta is computed from (StereoSet items, dicts or tuples).
-        calibration_samples: Held-out pairs with an unrelated sentence (``calibrate_joint_scale``, ranked by
-            :func:`calibration_score`); None: the editor's own scale (1).
+        calibration_samples: Held-out pairs with an unrelated sentence: each of ``recipes`` is solved and its scale
+            calibrated on them (``calibrate_joint_scale``, ranked by :func:`calibration_score`), and the best
+            (recipe, scale) is written; None: the first recipe at the editor's own scale (1).
         batch_size: Sentence pairs per LM forward pass.
         adapter_name: The adapter written.
         scales: The coarse multiples tried.
         progress: Show progress bars.
-        processes: Split the joint solve's caching across processes (``BiasEditor.joint_solutions``; default:
-            those of a launcher, else this one). The calibration runs whole on each.
+        processes: Split the caching across processes (``joint.pooled_statistics``; default: those of a launcher,
+            else this one). The calibration runs whole on each.
+        recipes: How the pooled solve may be re-fitted (``editor/joint.py``); a recipe that preserves keys uses the
+            edit pairs' unrelated sentences and is skipped when they have none. Ties go to the earlier recipe.
 
     Returns:
-        ``{"n_samples", "n_tokens", "layers", "scale", "calibration"}`` (``calibration`` as
-        ``calibrate_joint_scale`` returns it, or None).
+        ``{"n_samples", "n_tokens", "layers", "scale", "recipe", "calibration", "recipes"}``: ``recipe`` the chosen
+        one (``{"preserve", "ridge"}``), ``calibration`` its ``calibrate_joint_scale`` result (None without
+        calibration pairs), ``recipes`` one row per recipe tried (``preserve``, ``ridge``, ``scale``, ``selection``).
     """
-    solutions, report = editor.joint_solutions(peft_model, edit_samples, tokenizer, batch_size, progress=progress,
-                                               processes=processes)
-    calibration = None
-    if calibration_samples:
-        calibration = calibrate_joint_scale(editor, peft_model, tokenizer, solutions, calibration_samples,
-                                            calibration_score, batch_size=batch_size, scales=scales,
-                                            adapter_name=adapter_name, progress=progress)
+    samples = [as_edit_sample(sample, index) for index, sample in enumerate(edit_samples)]
+    unrelated = [s.unrelated for s in samples if s.unrelated]
+    usable = [r for r in recipes if not r.preserve or len(unrelated) == len(samples)] if calibration_samples \
+        else list(recipes[:1])
+    if not usable:
+        raise ValueError("every joint recipe preserves the unrelated sentences of the edit pairs, which they lack")
+    preserved = unrelated if any(r.preserve for r in usable) else None
+    statistics, n_tokens = pooled_statistics(editor, peft_model, tokenizer, samples, batch_size, preserved,
+                                             processes, progress)
+    tried = []
+    for recipe in usable:
+        solutions = recipe_solutions(statistics, recipe)
+        calibration = None
+        if calibration_samples:
+            calibration = calibrate_joint_scale(editor, peft_model, tokenizer, solutions, calibration_samples,
+                                                calibration_score, batch_size=batch_size, scales=scales,
+                                                adapter_name=adapter_name, progress=progress)
+        tried.append((recipe, solutions, calibration))
+    recipe, solutions, calibration = min(tried, key=lambda t: _selection(t[2]))  # min is stable: ties go first
     scale = calibration["scale"] if calibration else 1.0
     editor.write_solutions(peft_model, scaled_solutions(solutions, scale), adapter_name)
-    return {"n_samples": report.n_samples, "n_tokens": report.n_tokens, "layers": report.layers, "scale": scale,
-            "calibration": calibration}
+    return {"n_samples": len(samples), "n_tokens": n_tokens, "layers": list(statistics), "scale": scale,
+            "recipe": asdict(recipe), "calibration": calibration,
+            "recipes": [{**asdict(r), "scale": c["scale"] if c else 1.0, "selection": _selection(c)}
+                        for r, _, c in tried]}
+
+
+def _selection(calibration: dict | None) -> float:
+    """The selection score of a calibration's chosen row (0 without calibration)."""
+    if calibration is None:
+        return 0.0
+    return next(row["selection"] for row in calibration["rows"] if row["scale"] == calibration["scale"])
 
 
 def _outside(value: float, interval: Sequence[float] | None) -> bool | None:
