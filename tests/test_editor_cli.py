@@ -62,8 +62,9 @@ def test_train_editor_then_debias_then_load_adapter(tmp_path, capsys):
     reference = peft_model(num_edit_layers=2)
     editor.debias(reference, [json.loads(line) for line in pairs.read_text().splitlines()],
                   tokenizer=editor_tokenizer(), progress=False)
-    for name, delta in get_deltas(reference).items():
-        torch.testing.assert_close(written[name], delta, rtol=1e-5, atol=1e-8)
+    for name, delta in get_deltas(reference).items():  # the CLI solves the pooled normal equations by an
+        # eigendecomposition (editor/joint.py), editor.debias by a Cholesky: the same delta to float32 rounding
+        torch.testing.assert_close(written[name], delta, rtol=1e-4, atol=1e-7)
 
 
 def test_debias_reports_a_mismatched_editor(tmp_path, capsys):
