@@ -10,6 +10,7 @@ import torch
 
 from biasedit_peft.data import gender_swapped, load_stereoset
 from biasedit_peft.editor.calibration import calibrate_joint_scale, scaled_solutions, target_score
+from biasedit_peft.editor.joint import JointRecipe, pooled_statistics, recipe_solutions
 from biasedit_peft.evaluation import evaluate_model, evaluate_stereoset, take_per_type
 from biasedit_peft.metrics import item_ss_lms
 from biasedit_peft.scoring import score_sentences
@@ -65,7 +66,7 @@ def test_deployable_adapter_writes_the_chosen_multiple_of_the_joint_delta(tmp_pa
     edit, held_out = samples(16)[:8], samples(16)[8:]
     solutions, _ = editor.joint_solutions(model, edit, TOKENIZER, batch_size=2, progress=False)
     report = deployable_adapter(editor, model, TOKENIZER, edit, held_out, batch_size=2, scales=(0.5, 2.0),
-                                progress=False)
+                                progress=False, recipes=(JointRecipe(),))  # the editor's own pooled solve
     assert report["calibration"]["scale"] == report["scale"] and report["n_samples"] == 8
     assert all(row["selection"] == calibration_score(row) for row in report["calibration"]["rows"])
     written = get_deltas(model)
@@ -75,16 +76,19 @@ def test_deployable_adapter_writes_the_chosen_multiple_of_the_joint_delta(tmp_pa
         layer = editor_layers[name]
         got = written[name] if layer.fan_in_fan_out else written[name].T
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-8)
-    # without held-out pairs: the editor's own scale
+    # without held-out pairs: the editor's own scale; the default recipe is the relative ridge, rescaled
     fresh = peft_model()
-    assert deployable_adapter(editor, fresh, TOKENIZER, edit, None, batch_size=2, progress=False)["scale"] == 1.0
+    report = deployable_adapter(editor, fresh, TOKENIZER, edit, None, batch_size=2, progress=False)
+    assert report["scale"] == 1.0 and report["recipe"] == {"preserve": 0.0, "ridge": 1.0}
+    statistics, _ = pooled_statistics(editor, peft_model(), TOKENIZER, edit, 2)
+    for name, solution in recipe_solutions(statistics, JointRecipe(ridge=1.0)).items():
+        got = get_deltas(fresh)[name] if editor_layers[name].fan_in_fan_out else get_deltas(fresh)[name].T
+        torch.testing.assert_close(got, solution.delta.dense(), rtol=1e-5, atol=1e-8)
 
 
 def test_deployable_adapter_writes_the_best_recipe_on_the_held_out_pairs(tmp_path):
     """Each recipe is solved and calibrated on the held-out pairs; the best (recipe, scale) is written; a recipe that
     preserves keys is skipped for pairs without unrelated sentences; without held-out pairs the first recipe."""
-    from biasedit_peft.editor.joint import JointRecipe, pooled_statistics, recipe_solutions
-
     model, editor = trained_editor(tmp_path)
     edit, held_out = samples(16)[:8], samples(16)[8:]
     recipes = (JointRecipe(), JointRecipe(ridge=1.0), JointRecipe(preserve=10.0))

@@ -10,7 +10,9 @@ from peft import PeftModel
 import biasedit_peft  # noqa: F401  (registers BIASEDIT)
 from biasedit_peft.cli import main
 from biasedit_peft.editor import BiasEditor
+from biasedit_peft.editor.joint import pooled_statistics, recipe_solutions
 from biasedit_peft.tuner.deltas import get_deltas
+from biasedit_peft.workflows.deployment import JOINT_RECIPES
 
 from factories import editor_tokenizer, peft_model, tiny_model
 
@@ -60,11 +62,12 @@ def test_train_editor_then_debias_then_load_adapter(tmp_path, capsys):
     assert config["edit_info"]["scale"] == 1.0 and config["edit_info"]["calibrated_on"] is None
     written = get_deltas(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), own))
     reference = peft_model(num_edit_layers=2)
-    editor.debias(reference, [json.loads(line) for line in pairs.read_text().splitlines()],
-                  tokenizer=editor_tokenizer(), progress=False)
-    for name, delta in get_deltas(reference).items():  # the CLI solves the pooled normal equations by an
-        # eigendecomposition (editor/joint.py), editor.debias by a Cholesky: the same delta to float32 rounding
-        torch.testing.assert_close(written[name], delta, rtol=1e-4, atol=1e-7)
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    statistics, _ = pooled_statistics(editor, reference, editor_tokenizer(), rows, 16)
+    layers = editor.check_compatible(reference)
+    for name, solution in recipe_solutions(statistics, JOINT_RECIPES[0]).items():  # the default recipe, unscaled
+        expected = solution.delta.dense() if layers[name].fan_in_fan_out else solution.delta.dense().T
+        torch.testing.assert_close(written[name], expected, rtol=1e-4, atol=1e-7)
 
 
 def test_debias_reports_a_mismatched_editor(tmp_path, capsys):

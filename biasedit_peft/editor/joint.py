@@ -116,8 +116,8 @@ def pooled_statistics(
         keys64 = keys.to(torch.float64)
         changes64 = predicted_changes(net, index, keys, grads, editor.config.chunk_size).to(torch.float64)
         statistics[name] = LayerStatistics(processes.sum(keys64.T @ keys64), processes.sum(keys64.T @ changes64),
-                                           processes.sum_int(len(keys)), float(net.ridge(index)), grams.get(name),
-                                           n_preserved)
+                                           processes.sum_int(len(keys)), float(net.ridge(index).detach()),
+                                           grams.get(name), n_preserved)
     return statistics, processes.sum_int(cache.n_tokens)
 
 
