@@ -89,3 +89,48 @@ def test_no_calibration_under_loss_selection(tmp_path):
     state = BiasEditTrainer(model, BiasEditor.for_model(model, rank=8), args, samples(8), samples(4),
                             tokenizer=TOKENIZER).train()
     assert state.calibration is None
+
+
+def test_debias_gain_by_hand():
+    from biasedit_peft.editor.calibration import debias_gain
+
+    assert debias_gain({"ss_pre": 58.4, "ss_post": 58.2}) == pytest.approx(0.2)
+    assert debias_gain({"ss_pre": 58.4, "ss_post": 49.9}) == pytest.approx(8.3)
+    assert debias_gain({"ss_pre": 58.0, "ss_post": 40.0}) == pytest.approx(-2.0)  # overshot past 50
+
+
+def test_a_kept_editor_that_does_not_debias_dev_is_reported_not_silent(tmp_path, monkeypatch):
+    """A calibration whose best multiple moves dev SS less than MIN_DEBIAS_GAIN toward 50 warns, and the gain is
+    recorded (the demo prints it); a working one does not warn."""
+    import warnings
+
+    from biasedit_peft.editor import trainer as trainer_module
+    from biasedit_peft.workflows.demo import format_results
+
+    def calibration(ss_post):
+        return lambda *a, **k: {"scale": 1.0, "rows": [{"scale": 1.0, "ss_pre": 58.4, "ss_post": ss_post,
+                                                         "lms_pre": 89.0, "lms_post": 88.0, "nll_increase": 0.0,
+                                                         "selection": abs(ss_post - 50)}]}
+
+    def train(ss_post, out):
+        monkeypatch.setattr(trainer_module, "calibrate_edit_scale", calibration(ss_post))
+        model = peft_model()
+        args = BiasEditTrainingArguments(output_dir=str(out), n_edits=4, batch_size=2, max_steps=1, eval_every=1,
+                                         progress=False)
+        return BiasEditTrainer(model, BiasEditor.for_model(model, rank=8), args, samples(8), samples(4),
+                               tokenizer=TOKENIZER).train()
+
+    with pytest.warns(UserWarning, match="hardly debiases the validation pairs: their SS goes 58.4 -> 58.2"):
+        state = train(58.2, tmp_path / "failed")
+    assert state.calibration["debias_gain"] == pytest.approx(0.2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert train(50.5, tmp_path / "working").calibration["debias_gain"] == pytest.approx(7.9)
+    assert not [w for w in caught if "hardly debiases" in str(w.message)]
+
+    shown = {"before": {"stereoset": {}, "perplexity": 1.0}, "after": {"stereoset": {}, "perplexity": 1.0},
+             "protocols": {"per_batch": {"before": {}, "after": {}}, "held_out": {"before": {}, "after": {}}},
+             "targets": {}, "seconds": {"total": 1.0}, "training": {"calibration": {"debias_gain": 0.2}}}
+    assert "WARNING: the kept editor moved dev SS only 0.20 points" in format_results(shown)
+    shown["training"]["calibration"]["debias_gain"] = 7.9
+    assert "WARNING" not in format_results(shown)

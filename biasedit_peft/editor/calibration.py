@@ -42,6 +42,15 @@ MAX_LMS_DROP = 3.0
 """LMS points an edit may cost and still count as within bounds (:func:`target_score`)."""
 MAX_NLL_INCREASE = 0.0488
 """Rise of the mean token NLL of unrelated sentences an edit may cause (``log 1.05``: ~5 % perplexity)."""
+MIN_DEBIAS_GAIN = 1.0
+"""SS points toward 50 below which a calibrated editor counts as not debiasing the validation pairs
+(:func:`debias_gain`): on SmolLM2 a failed meta-training moved dev SS by 0.2 at its best multiple, working ones by
+8-9."""
+
+
+def debias_gain(row: dict[str, float]) -> float:
+    """How many SS points an edit moved toward 50: ``|ss_pre - 50| - |ss_post - 50|`` of a calibration row."""
+    return abs(row["ss_pre"] - 50.0) - abs(row["ss_post"] - 50.0)
 
 
 def target_score(metrics: dict[str, float], max_lms_drop: float = MAX_LMS_DROP,

@@ -29,6 +29,7 @@ import random
 import signal
 import sys
 import threading
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,7 +45,16 @@ from ..metrics import item_ss_lms
 from ..scoring import encode_sentences, sentence_scores, token_log_probs
 from ..tuner.layout import native_from_key_value
 from .cache import EditSample, as_edit_sample
-from .calibration import EDIT_SCALES, MAX_LMS_DROP, MAX_NLL_INCREASE, calibrate_edit_scale, scale_edits, target_score
+from .calibration import (
+    EDIT_SCALES,
+    MAX_LMS_DROP,
+    MAX_NLL_INCREASE,
+    MIN_DEBIAS_GAIN,
+    calibrate_edit_scale,
+    debias_gain,
+    scale_edits,
+    target_score,
+)
 from .editor import (
     BiasEditor,
     encode_pairs,
@@ -560,6 +570,13 @@ class BiasEditTrainer:
         scale_edits(kept, calibration["scale"])
         record = self.state.best_record() or {}
         chosen = next(row for row in calibration["rows"] if row["scale"] == calibration["scale"])
+        calibration["debias_gain"] = debias_gain(chosen)
+        if calibration["debias_gain"] < MIN_DEBIAS_GAIN:
+            warnings.warn(
+                f"The kept editor hardly debiases the validation pairs: their SS goes {chosen['ss_pre']:.1f} -> "
+                f"{chosen['ss_post']:.1f} at its best edit scale x{calibration['scale']:.3g} "
+                f"({calibration['debias_gain']:.2f} points toward 50, under {MIN_DEBIAS_GAIN:g}). Meta-training did "
+                "not find a debiasing editor from this initialisation; train again with another seed.", stacklevel=2)
         record = {**record, "edit_scale": calibration["scale"], "selection": chosen["selection"],
                   **{f"eval_{k}": chosen[k] for k in ("ss_post", "lms_post", "nll_increase")}}
         if self.processes.is_main:

@@ -53,6 +53,7 @@ from .._io import (
     write_json,
 )
 from ..data import BIAS_TYPES, load_stereoset
+from ..editor.calibration import MIN_DEBIAS_GAIN
 from ..editor.presets import PresetOverrides
 from ..evaluation import take_per_type
 from ..models import default_device
@@ -532,6 +533,11 @@ def format_results(results: dict) -> str:
                      f"{merged['max_abs_metric_difference']:.2e} vs base + adapter")
     lines.append(f"total {results['seconds']['total']:.0f} s: " +
                  ", ".join(f"{k} {v:.0f} s" for k, v in results["seconds"].items() if k != "total"))
+    calibration = results.get("training", {}).get("calibration") or {}
+    if calibration.get("debias_gain", MIN_DEBIAS_GAIN) < MIN_DEBIAS_GAIN:
+        lines.append(f"WARNING: the kept editor moved dev SS only {calibration['debias_gain']:.2f} points toward 50 "
+                     "at its best edit scale: meta-training failed from this initialisation; rerun with another "
+                     "--seed (docs/results.md, 'Over editor initialisations').")
     return "\n".join(lines)
 
 
