@@ -151,3 +151,22 @@ def test_gender_swapped_benchmark_scores_the_swapped_gender_items():
     no_gender = evaluate_model(model, tokenizer, benchmarks=("gender_swapped",), bias_types=["race"], limit=4,
                                progress=False, n_resamples=0)
     assert "gender_swapped" not in no_gender
+
+
+def test_deployable_adapter_refuses_what_it_cannot_do_before_computing(tmp_path):
+    """No samples, no recipes, an untrained editor, and a preserving recipe for pairs without unrelated sentences
+    (also without calibration pairs) are refused with a clear error."""
+    from biasedit_peft.editor import BiasEditor
+    from biasedit_peft.editor.joint import JointRecipe
+
+    model, editor = trained_editor(tmp_path)
+    with pytest.raises(ValueError, match="at least one edit sample"):
+        deployable_adapter(editor, model, TOKENIZER, [], None, progress=False)
+    with pytest.raises(ValueError, match="at least one joint recipe"):
+        deployable_adapter(editor, model, TOKENIZER, samples(4), None, progress=False, recipes=())
+    pairs = [(s.stereotype, s.anti_stereotype) for s in samples(4)]
+    with pytest.raises(ValueError, match="lack"):
+        deployable_adapter(editor, model, TOKENIZER, pairs, None, progress=False, recipes=(JointRecipe(preserve=1.0),))
+    untrained = BiasEditor.for_model(peft_model(), rank=4)
+    with pytest.raises(RuntimeError, match="no normaliser statistics"):
+        deployable_adapter(untrained, peft_model(), TOKENIZER, samples(4), None, progress=False)

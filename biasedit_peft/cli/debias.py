@@ -3,14 +3,15 @@
     biasedit debias --model M --editor EDITOR_DIR_OR_HUB_ID [--data stereoset:train | FILE]
                     [--calibrate-on stereoset:dev | FILE | none] --out ADAPTER_DIR
 
-The documented path to a deployable adapter (``workflows/deployment.py``): one joint delta from ``--data``, its
-strength calibrated on the held-out pairs of ``--calibrate-on`` (StereoSet ``dev`` by default: target terms that
+The documented path to a deployable adapter (``workflows/deployment.py``): one joint delta from ``--data`` (the
+pooled solve with the ridge relative to the keys, ``editor/joint.py``), its strength calibrated on the held-out
+pairs of ``--calibrate-on`` (StereoSet ``dev`` by default: target terms that
 neither ``train`` nor ``test`` has). ``ADAPTER_DIR`` is an ordinary PEFT adapter folder:
 ``PeftModel.from_pretrained(base, ADAPTER_DIR)``.
 
 Several processes (``torchrun --nproc_per_node N -m biasedit_peft debias ...`` on CPUs, ``accelerate launch
 --num_processes N -m biasedit_peft debias ...`` on GPUs) split the caching of ``--data``: each process takes its
-own block of the samples, and the joint solve sums (primal) or gathers (dual) their rows, so every process holds
+own block of the samples, and the joint solve sums their normal equations, so every process holds
 the delta one process would compute (``biasedit_peft.distributed``). The calibration on ``--calibrate-on`` runs on
 every process (the same scores); only the main process writes the adapter.
 """
@@ -47,8 +48,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "(default stereoset:train)")
     parser.add_argument("--calibrate-on", default="stereoset:dev",
                         help="held-out pairs (with an unrelated sentence) that choose the delta's strength: "
-                        "stereoset:SPLIT, a StereoSet .json or a .jsonl file, or 'none' for the editor's own scale "
-                        "(default stereoset:dev)")
+                        "stereoset:SPLIT, a StereoSet .json or a .jsonl file, or 'none' for x1 (the pooled delta at "
+                        "the size of the editor's own) (default stereoset:dev)")
     parser.add_argument("--bias-types", default=None,
                         help="comma-separated; default: gender,race,religion of a bundled split, else the types the "
                         "file has")

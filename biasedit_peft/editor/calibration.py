@@ -192,7 +192,8 @@ def calibrate_joint_scale(
         editor: The editor that computed ``solutions``.
         peft_model: Its model.
         tokenizer: The model's tokenizer.
-        solutions: One joint solution per edited layer (``BiasEditor.joint_solutions``).
+        solutions: One joint solution per edited layer (anything with a ``.delta``: the ``RidgeSolution`` of
+            ``BiasEditor.joint_solutions`` or the ``PooledSolution`` of ``joint.recipe_solutions``).
         scored: Held-out pairs (with ``unrelated``), e.g. StereoSet ``dev``: other target terms than the edit's.
         score: Ranks a row of pooled metrics (lower is better).
         batch_size: Sentences per LM forward pass.

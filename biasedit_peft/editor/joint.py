@@ -96,19 +96,22 @@ def pooled_statistics(
         processes: As ``BiasEditor.joint_solutions``.
         progress: Show the caching progress bar.
     """
-    from ..scoring import eval_mode, length_sorted_batches
+    from ..scoring import eval_mode, length_sorted_batches, model_context_length
 
+    editor._check_normalizers()  # an untrained editor would predict noise
     processes: Processes = as_processes(processes)
     edit_samples = [as_edit_sample(sample, index) for index, sample in enumerate(samples)]
     cache, _, _ = editor.cache_samples(peft_model, tokenizer, split_for(processes, edit_samples), batch_size,
                                        progress=progress and processes.is_main)
     grams, n_preserved = {}, 0
     if preserved:
-        _, batches = length_sorted_batches(tokenizer, split_for(processes, list(preserved)), batch_size)
+        _, batches = length_sorted_batches(tokenizer, split_for(processes, list(preserved)), batch_size,
+                                           context=model_context_length(peft_model))
         with eval_mode(peft_model):
             grams, n_preserved = key_grams(peft_model, editor.check_compatible(peft_model), batches)
-        grams = {name: processes.sum(gram) for name, gram in grams.items()}
-        n_preserved = processes.sum_int(n_preserved)
+        if processes.distributed:
+            grams = {name: processes.sum(gram) for name, gram in grams.items()}
+            n_preserved = processes.sum_int(n_preserved)
     statistics = {}
     for name in editor.config.targets:
         net, index = editor.net_for(name)

@@ -173,8 +173,9 @@ class RidgeSystem:
 
     With ``U^T U = Q diag(e) Q^T`` (float64), ``S(lambda) = Q diag(1 / (e + lambda)) Q^T U^T D``. A joint delta pools
     thousands of tokens (``N >> d_in``), where the ``lambda`` an editor learned on ~10^3-token edits is negligible
-    next to the Gram: :meth:`solve` takes ``lambda`` as a multiple of the Gram's mean eigenvalue
-    ``tr(U^T U) / d_in`` (:meth:`ridge_for`), so one number means the same for every layer and data size.
+    next to the Gram: :meth:`ridge_for` turns a multiple of the Gram's mean eigenvalue ``tr(U^T U + C) / d_in``
+    into the absolute ``lambda`` that :meth:`solve` takes, so one number means the same for every layer and data
+    size.
     """
 
     eigenvalues: torch.Tensor
@@ -226,7 +227,7 @@ class RidgeSystem:
         return float(self.eigenvalues.mean())
 
     def ridge_for(self, relative: float) -> float:
-        """``lambda = relative x tr(U^T U) / d_in``."""
+        """``lambda = relative x tr(U^T U + C) / d_in`` (``C`` the preserved Gram, if any)."""
         return relative * self.mean_eigenvalue
 
     def solve(self, ridge: float) -> RidgeDelta:

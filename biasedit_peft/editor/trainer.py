@@ -571,7 +571,7 @@ class BiasEditTrainer:
         record = self.state.best_record() or {}
         chosen = next(row for row in calibration["rows"] if row["scale"] == calibration["scale"])
         calibration["debias_gain"] = debias_gain(chosen)
-        if calibration["debias_gain"] < MIN_DEBIAS_GAIN:
+        if calibration["debias_gain"] < MIN_DEBIAS_GAIN and self.processes.is_main:
             warnings.warn(
                 f"The kept editor hardly debiases the validation pairs: their SS goes {chosen['ss_pre']:.1f} -> "
                 f"{chosen['ss_post']:.1f} at its best edit scale x{calibration['scale']:.3g} "

@@ -3,8 +3,8 @@
 The paper's per-batch protocol edits the very items it scores. A deployed adapter is computed once and then
 meets everything else, so here:
 
-1. one joint delta is computed from the edit data only (StereoSet ``train``, or a user's own pairs:
-   :meth:`~biasedit_peft.editor.BiasEditor.joint_solutions`);
+1. one joint delta is computed from the edit data only (StereoSet ``train``, or a user's own pairs), by the
+   pooled solve of ``editor/joint.py`` with the ridge relative to the keys (:data:`JOINT_RECIPES`);
 2. its strength is calibrated on held-out pairs (StereoSet ``dev``, whose target terms neither ``train`` nor
    ``test`` has: :func:`~biasedit_peft.editor.calibration.calibrate_joint_scale`), because a delta pooled over
    thousands of pairs is weaker per pair than the 32-pair edits the editor was trained on;
@@ -86,12 +86,21 @@ def deployable_adapter(
         one (``{"preserve", "ridge"}``), ``calibration`` its ``calibrate_joint_scale`` result (None without
         calibration pairs), ``recipes`` one row per recipe tried (``preserve``, ``ridge``, ``scale``, ``selection``).
     """
+    if len(edit_samples) == 0:
+        raise ValueError("deployable_adapter needs at least one edit sample; got an empty list")
+    if not recipes:
+        raise ValueError("deployable_adapter needs at least one joint recipe")
+    if tokenizer is None:
+        from ..editor.editor import _load_tokenizer_for
+
+        tokenizer = _load_tokenizer_for(peft_model)
     samples = [as_edit_sample(sample, index) for index, sample in enumerate(edit_samples)]
     unrelated = [s.unrelated for s in samples if s.unrelated]
-    usable = [r for r in recipes if not r.preserve or len(unrelated) == len(samples)] if calibration_samples \
-        else list(recipes[:1])
+    usable = [r for r in recipes if not r.preserve or len(unrelated) == len(samples)]
     if not usable:
         raise ValueError("every joint recipe preserves the unrelated sentences of the edit pairs, which they lack")
+    if not calibration_samples:
+        usable = usable[:1]
     preserved = unrelated if any(r.preserve for r in usable) else None
     statistics, n_tokens = pooled_statistics(editor, peft_model, tokenizer, samples, batch_size, preserved,
                                              processes, progress)
