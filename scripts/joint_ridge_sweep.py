@@ -26,7 +26,7 @@ from pathlib import Path
 
 from biasedit_peft._io import write_json
 from biasedit_peft.editor import BiasEditor
-from biasedit_peft.editor.calibration import calibrate_joint_scale, scaled_solutions
+from biasedit_peft.editor.calibration import calibrate_joint_scale, chosen_row, scaled_solutions
 from biasedit_peft.editor.joint import JointRecipe, pooled_statistics, recipe_solutions
 from biasedit_peft.evaluation import evaluate_model
 from biasedit_peft.workflows.demo import DemoConfig, build_model, load_demo_items
@@ -48,8 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="first N items per bias type of every split")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--dtype", default=None)
-    parser.add_argument("--out", required=True, help="JSON written here")
+    parser.add_argument("--out", required=True, help="JSON written here (rewritten whole after every row)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
+    if Path(args.out).exists() and not args.overwrite:
+        parser.error(f"--out {args.out} exists; pass --overwrite to replace it")
 
     config = DemoConfig(model=args.model, dtype=args.dtype, progress=False)
     peft_model, tokenizer, device = build_model(config)
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                                             batch_size=args.batch_size)
         with editor.edited(peft_model, scaled_solutions(solutions, calibration["scale"])):
             after = evaluate_model(peft_model, tokenizer, **test_kwargs)
-        chosen = next(r for r in calibration["rows"] if r["scale"] == calibration["scale"])
+        chosen = chosen_row(calibration)
         row = {"rho": "learned" if recipe.ridge is None else recipe.ridge, "preserve": recipe.preserve,
                "scale": calibration["scale"], "dev": chosen,
                "dev_rows": calibration["rows"], "test": after}

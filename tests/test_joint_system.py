@@ -113,3 +113,14 @@ def test_a_recipe_that_preserves_needs_the_preserved_gram(tmp_path):
     with pytest.raises(ValueError, match="preserved keys"):
         recipe_solutions(statistics, JointRecipe(preserve=1.0))
     assert JointRecipe(preserve=1.0, ridge=0.01).label == "preserve 1, ridge 0.01"
+
+
+def test_the_sweep_script_refuses_an_existing_out_before_any_work(tmp_path, capsys):
+    from factories import script_module
+
+    out = tmp_path / "sweep.json"
+    out.write_text("{\"mine\": 1}")
+    with pytest.raises(SystemExit):
+        script_module("joint_ridge_sweep").main(["--editor", str(tmp_path / "none"), "--out", str(out)])
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_text() == "{\"mine\": 1}"

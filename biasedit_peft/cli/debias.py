@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from biasedit_peft.data import load_edit_samples
     from biasedit_peft.distributed import current_processes, process_device
     from biasedit_peft.editor import BiasEditor
+    from biasedit_peft.editor.calibration import chosen_row
     from biasedit_peft.editor.joint import JointRecipe
     from biasedit_peft.models import load_model_and_tokenizer
     from biasedit_peft.workflows.deployment import deployable_adapter
@@ -107,9 +108,9 @@ def run(args: argparse.Namespace) -> int:
     with folder_in_place(args.out) as building:
         peft_model.save_pretrained(building)
         write_manifest(building if args.adapter_name == "default" else Path(building) / args.adapter_name)
-    scaled = "" if report["calibration"] is None else (
-        f", scaled x{report['scale']:.3g} as {args.calibrate_on} says (SS there "
-        f"{_chosen(report['calibration'])['ss_pre']:.1f} -> {_chosen(report['calibration'])['ss_post']:.1f})")
+    chosen = report["calibration"] and chosen_row(report["calibration"])
+    scaled = "" if not chosen else (f", scaled x{report['scale']:.3g} as {args.calibrate_on} says (SS there "
+                                    f"{chosen['ss_pre']:.1f} -> {chosen['ss_post']:.1f})")
     across = f" across {processes.world_size} processes" if processes.distributed else ""
     print(f"edited {len(report['layers'])} layers with {report['n_samples']} samples ({report['n_tokens']} tokens)"
           f"{across}{scaled}; adapter written to {args.out}")
@@ -121,10 +122,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"adapter pushed to {args.push_to_hub}: {url}")
     processes.barrier()  # the others wait for the adapter to be written
     return 0
-
-
-def _chosen(calibration: dict) -> dict:
-    return next(row for row in calibration["rows"] if row["scale"] == calibration["scale"])
 
 
 def _types_of(samples) -> list[str] | None:

@@ -53,6 +53,12 @@ def debias_gain(row: dict[str, float]) -> float:
     return abs(row["ss_pre"] - 50.0) - abs(row["ss_post"] - 50.0)
 
 
+def chosen_row(calibration: dict) -> dict:
+    """The row of a calibration result (:func:`calibrate_edit_scale`, :func:`calibrate_joint_scale`) at its chosen
+    scale."""
+    return next(row for row in calibration["rows"] if row["scale"] == calibration["scale"])
+
+
 def target_score(metrics: dict[str, float], max_lms_drop: float = MAX_LMS_DROP,
                  max_nll_increase: float = MAX_NLL_INCREASE) -> float:
     """How good an edit with pooled ``metrics`` (``ss_post``, ``lms_pre``, ``lms_post``, ``nll_increase``) is;

@@ -21,6 +21,7 @@ delta, so the joint-scale calibration (``calibration.calibrate_joint_scale``) se
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Sequence
 
 import torch
@@ -64,11 +65,24 @@ class LayerStatistics:
     n_preserved: int = 0
     """``N_r``, preserved tokens."""
 
+    @cached_property
+    def plain_system(self) -> RidgeSystem:
+        """The :class:`RidgeSystem` without preserved keys (diagonalised once, whatever the recipes)."""
+        return RidgeSystem.from_normal_equations(self.gram, self.moment, self.n_rows)
+
+    @cached_property
+    def editor_fitted_norm(self) -> float:
+        """``||U S||_F`` of the editor's own pooled delta (learned ``lambda``, nothing preserved): the size every
+        recipe's delta is rescaled to."""
+        return self.plain_system.fitted_norm(self.learned_ridge)
+
     def system(self, preserve: float) -> RidgeSystem:
         """The :class:`RidgeSystem` with ``w = preserve``."""
-        if preserve and self.preserved_gram is None:
+        if not preserve:
+            return self.plain_system
+        if self.preserved_gram is None:
             raise ValueError("preserve > 0 needs the preserved keys' Gram (pooled_statistics with sentences)")
-        extra = preserve * self.n_rows / max(self.n_preserved, 1) * self.preserved_gram if preserve else None
+        extra = preserve * self.n_rows / max(self.n_preserved, 1) * self.preserved_gram
         return RidgeSystem.from_normal_equations(self.gram, self.moment, self.n_rows, extra)
 
 
@@ -129,11 +143,9 @@ def recipe_solutions(statistics: dict[str, LayerStatistics], recipe: JointRecipe
     pooled delta (learned ``lambda``, nothing preserved) on the edit keys."""
     solutions = {}
     for name, layer in statistics.items():
-        plain = layer.system(0.0)
-        reference = plain.fitted_norm(layer.learned_ridge)
-        system = layer.system(recipe.preserve) if recipe.preserve else plain
+        system = layer.system(recipe.preserve)
         ridge = layer.learned_ridge if recipe.ridge is None else system.ridge_for(recipe.ridge)
         delta = system.solve(ridge)
-        factor = reference / max(system.fitted_norm(ridge), 1e-300)
+        factor = layer.editor_fitted_norm / max(system.fitted_norm(ridge), 1e-300)
         solutions[name] = PooledSolution(RidgeDelta(delta.left, delta.right * factor))
     return solutions

@@ -51,6 +51,7 @@ from .calibration import (
     MAX_NLL_INCREASE,
     MIN_DEBIAS_GAIN,
     calibrate_edit_scale,
+    chosen_row,
     debias_gain,
     scale_edits,
     target_score,
@@ -569,7 +570,7 @@ class BiasEditTrainer:
             progress=args.progress, replay=self._checked_replay())
         scale_edits(kept, calibration["scale"])
         record = self.state.best_record() or {}
-        chosen = next(row for row in calibration["rows"] if row["scale"] == calibration["scale"])
+        chosen = chosen_row(calibration)
         calibration["debias_gain"] = debias_gain(chosen)
         if calibration["debias_gain"] < MIN_DEBIAS_GAIN and self.processes.is_main:
             warnings.warn(

@@ -26,6 +26,7 @@ from ..editor.calibration import (
     JOINT_SCALES,
     MAX_NLL_INCREASE,
     calibrate_joint_scale,
+    chosen_row,
     scaled_solutions,
     target_score,
 )
@@ -126,7 +127,7 @@ def _selection(calibration: dict | None) -> float:
     """The selection score of a calibration's chosen row (0 without calibration)."""
     if calibration is None:
         return 0.0
-    return next(row["selection"] for row in calibration["rows"] if row["scale"] == calibration["scale"])
+    return chosen_row(calibration)["selection"]
 
 
 def _outside(value: float, interval: Sequence[float] | None) -> bool | None:
