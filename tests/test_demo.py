@@ -184,3 +184,24 @@ def test_the_initial_editor_depends_on_the_seed_alone(tmp_path):
     torch.manual_seed(123)
     torch.randn(1000)
     assert torch.equal(after_second, torch.randn(4))
+
+
+def test_cpu_presets_draw_fan_in_blocks_the_papers_draw_malmens(tmp_path):
+    """The CPU presets' meta_lr of 1e-3 needs ``A ~ N(0, 1/size)``; the paper's presets keep MALMEN's N(0, 1)."""
+    from biasedit_peft.editor import PRESETS
+
+    from factories import peft_model
+
+    model = peft_model()
+
+    def block_init_and_a_std(preset: str, **override) -> tuple[str, float, int]:
+        editor, _ = PRESETS[preset].editor_and_arguments(model, str(tmp_path), seed=0, **override)
+        (net,) = editor.nets.values()
+        return editor.config.block_init, net.blocks[0].A.std().item(), net.key_size + net.value_size
+
+    assert [PRESETS[name].block_init for name in ("gpt2", "llama", "gemma", "cpu", "testbed")] == \
+        ["unit"] * 3 + ["fan_in"] * 2
+    kind, std, size = block_init_and_a_std("testbed")
+    assert kind == "fan_in" and abs(std * size**0.5 - 1) < 0.05
+    kind, std, _ = block_init_and_a_std("testbed", block_init="unit")
+    assert kind == "unit" and abs(std - 1) < 0.05

@@ -39,6 +39,33 @@ def test_net_at_init_gives_the_mend_step():
     assert net.ridge(0).item() == 1.0
 
 
+def test_blocks_learn_from_the_identity_init():
+    """With ``B = 0`` every pre-activation is 0; the rectifier must pass gradient there, or the blocks never train
+    (``relu`` did: the editor stayed the MEND step for a whole meta-training)."""
+    keys, grads = _data(10, 4, 3)
+    net = EditorNet(4, 3, rank=5, n_blocks=2, n_modules=2, lr=0.1)
+    net.normalizer.update(torch.cat((keys, grads), -1))
+    net.value_changes(keys, grads, 1).square().sum().backward()
+    for block in net.blocks:
+        assert block.B.grad.abs().max() > 1e-3 and block.bias.grad.abs().max() > 1e-3
+        assert block.A.grad.abs().max() == 0  # B = 0 still: A learns from the next step on
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    optimizer.step()
+    optimizer.zero_grad()
+    net.value_changes(keys, grads, 1).square().sum().backward()
+    assert all(block.A.grad.abs().max() > 1e-3 and block.scale.grad[1].abs().max() > 1e-3 for block in net.blocks)
+    assert all(block.scale.grad[0].abs().max() == 0 for block in net.blocks)  # module 0 was not edited
+
+
+@pytest.mark.parametrize(("block_init", "std"), [("unit", 1.0), ("fan_in", 0.1)])
+def test_block_init_sets_the_spread_of_a(block_init, std):
+    torch.manual_seed(0)
+    net = EditorNet(60, 40, rank=100, n_blocks=1, n_modules=1, lr=0.1, block_init=block_init)
+    assert abs(net.blocks[0].A.std().item() / std - 1) < 0.02  # 10,000 draws: std within 2 %
+    with pytest.raises(ValueError, match="block_init"):
+        EditorNet(60, 40, rank=100, n_blocks=1, n_modules=1, lr=0.1, block_init="xavier")
+
+
 @pytest.mark.parametrize("n", [5, 40])  # dual (N < d_in) and primal
 def test_solve_matches_normal_equations(n):
     keys, changes = _data(n, 12, 7)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from biasedit_peft import scoring
 from biasedit_peft.scoring import (
     SentenceLogProbs,
     TokenBatch,
@@ -100,6 +101,24 @@ def test_token_log_probs_bf16_logits_are_float32():
     assert (scores[:, 0] == 0).all()  # position 0 is BOS-like: nothing predicts it
     reference = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
     torch.testing.assert_close(scores[:, 1:], reference)
+
+
+def test_token_log_probs_in_cache_sized_chunks_equal_one_log_softmax_with_the_same_gradient(monkeypatch):
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 11, requires_grad=True)
+    lengths = torch.tensor([6, 2, 4])
+    attention = torch.arange(6)[None] < lengths[:, None]
+    batch = TokenBatch(torch.randint(0, 11, (3, 6)), attention.long(), attention & (torch.arange(6)[None] > 0))
+    reference = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    reference = torch.nn.functional.pad(reference, (1, 0)).masked_fill(~batch.target_mask, 0.0)
+    monkeypatch.setattr(scoring, "_LOGSUMEXP_CHUNK_BYTES", 2 * 4 * 11)  # two rows a chunk: 5 chunks of 9 targets
+    chunked = token_log_probs(logits, batch)
+    torch.testing.assert_close(chunked, reference, rtol=0, atol=1e-6)
+    weights = torch.randn(3, 6)
+    (grad_chunked,) = torch.autograd.grad((chunked * weights).sum(), logits)
+    (grad_reference,) = torch.autograd.grad((reference * weights).sum(), logits)
+    torch.testing.assert_close(grad_chunked, grad_reference, rtol=0, atol=1e-6)
+    assert (grad_chunked[~batch.target_mask.roll(-1, 1)] == 0).all()  # padding rows get no gradient
 
 
 def test_sentence_log_probs_matches_manual_loop_and_is_differentiable():

@@ -53,6 +53,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--loc-coef", type=float, default=None, help="retention weight (default: preset)")
     parser.add_argument("--level-coef", type=float, default=None,
                         help="weight of the level loss that keeps each pair's likelihood (default: preset)")
+    parser.add_argument("--block-init", choices=("unit", "fan_in"), default=None,
+                        help="how the editor blocks' A are drawn: unit (MALMEN's N(0, 1)) or fan_in (N(0, 1/size)); "
+                             "default: preset")
     parser.add_argument("--held-out-coef", type=float, default=None,
                         help="weight of the held-out debias loss: each edit also scored on pairs of other target "
                         "terms (default: preset)")
@@ -84,7 +87,8 @@ def config_from_args(args: argparse.Namespace):
         num_edit_layers=args.num_edit_layers,
         max_steps=args.max_steps, eval_every=args.eval_every, n_edits=args.n_edits, loss=args.loss,
         select_by=args.select_by, level_coef=args.level_coef, held_out_coef=args.held_out_coef,
-        loc_coef=args.loc_coef, limit=args.limit, n_resamples=args.n_resamples, seed=args.seed, dtype=args.dtype,
+        block_init=args.block_init, loc_coef=args.loc_coef, limit=args.limit, n_resamples=args.n_resamples,
+        seed=args.seed, dtype=args.dtype,
         device=args.device, merge=not args.no_merge, progress=not args.quiet,
         command=recorded_command("demo", leave_out=RUN_CONTROL_FLAGS),  # None when called as a function
     )

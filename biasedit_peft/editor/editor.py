@@ -23,7 +23,7 @@ from ..scoring import check_context, eval_mode, inverse_permutation, model_conte
 from ..tuner.layout import DeltaLike, add_deltas, native_factors, stored_delta
 from .cache import EditSample, KeyValueCache, as_edit_sample, logit_positions, record_layer_io
 from .losses import LOSS_KINDS, debias_loss, pair_scores
-from .nets import EditorNet, batch_statistics
+from .nets import EditorNet, batch_statistics, block_a_std
 from .solve import RidgeDelta, RidgeSolution, solve_ridge
 
 EDITOR_FORMAT = "biasedit-editor/1"
@@ -40,6 +40,8 @@ class BiasEditorConfig:
     n_blocks: int = 2
     lr: float = 1e-6
     """Initial per-module step size ``lr[m]``."""
+    block_init: str = "unit"
+    """How the blocks' ``A`` are drawn (``nets.BLOCK_INITS``): ``"unit"`` (MALMEN's N(0, 1)) or ``"fan_in"``."""
     loss: str = "token"
     """Debias / retention loss variant: ``"token"`` (default, better on the testbed) or ``"paper"``
     (the BiasEdit code's semantics); see ``losses.py`` and docs/method.md."""
@@ -53,6 +55,7 @@ class BiasEditorConfig:
             raise ValueError("An editor needs at least one target module")
         if self.loss not in LOSS_KINDS:
             raise ValueError(f"Unknown loss {self.loss!r}; choose one of {LOSS_KINDS}")
+        block_a_std(self.block_init, 1)  # refuses an unknown block_init
         for name in ("rank", "n_blocks", "chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -182,7 +185,8 @@ class BiasEditor(nn.Module):
             self.module_index[name] = (key, counts[key])
             counts[key] += 1
         self.nets = nn.ModuleDict({
-            key: EditorNet(*map(int, key.split("x")), config.rank, config.n_blocks, n_modules, config.lr)
+            key: EditorNet(*map(int, key.split("x")), config.rank, config.n_blocks, n_modules, config.lr,
+                           config.block_init)
             for key, n_modules in counts.items()
         })
 

@@ -50,12 +50,30 @@ class RunningMeanStd(nn.Module):
         return (x - self.mean) / (self.std + torch.finfo(x.dtype).eps)
 
 
-class EditorBlock(nn.Module):
-    """``h + scale[m] * relu(h @ A @ B + bias) + shift[m]``; ``B = 0`` makes it the identity at init."""
+BLOCK_INITS = ("unit", "fan_in")
+"""How a block's ``A`` is drawn: ``"unit"``, N(0, 1) entries (MALMEN's); ``"fan_in"``, N(0, 1 / size), so that
+``h @ A`` has unit-variance entries for normalised ``h`` and one Adam step of size ``meta_lr`` on ``B`` moves the
+block's output by about ``meta_lr * rank`` instead of ``meta_lr * rank * sqrt(size)`` (docs/method.md §3)."""
 
-    def __init__(self, size: int, rank: int, n_modules: int):
+
+def block_a_std(block_init: str, size: int) -> float:
+    """The standard deviation of a block's ``A`` entries for ``block_init`` (:data:`BLOCK_INITS`) and ``size``."""
+    if block_init not in BLOCK_INITS:
+        raise ValueError(f"Unknown block_init {block_init!r}; choose one of {BLOCK_INITS}")
+    return 1.0 if block_init == "unit" else size ** -0.5
+
+
+class EditorBlock(nn.Module):
+    """``h + scale[m] * max(h @ A @ B + bias, 0) + shift[m]``; ``B = 0`` makes it the identity at init.
+
+    The rectifier is ``clamp(min=0)``, as in MALMEN, not ``relu``: at init every pre-activation is exactly 0,
+    where ``relu``'s gradient is 0 and ``clamp``'s is 1. With ``relu`` no gradient ever reaches ``A``, ``B``,
+    ``bias`` or ``scale``, and the blocks stay the identity for the whole meta-training.
+    """
+
+    def __init__(self, size: int, rank: int, n_modules: int, a_std: float = 1.0):
         super().__init__()
-        self.A = nn.Parameter(torch.randn(size, rank))
+        self.A = nn.Parameter(torch.randn(size, rank) * a_std)
         self.B = nn.Parameter(torch.zeros(rank, size))
         self.bias = nn.Parameter(torch.zeros(size))
         self.scale = nn.Parameter(torch.ones(n_modules, size))
@@ -63,7 +81,7 @@ class EditorBlock(nn.Module):
 
     def forward(self, h: torch.Tensor, module_index: int) -> torch.Tensor:
         """``h [N, size]`` -> ``[N, size]``."""
-        update = torch.relu(h @ self.A @ self.B + self.bias)
+        update = (h @ self.A @ self.B + self.bias).clamp(min=0)  # gradient 1 at 0: see the class docstring
         return h + self.scale[module_index] * update + self.shift[module_index]
 
 
@@ -74,12 +92,14 @@ class EditorNet(nn.Module):
     blocks) this is MEND's rank-one gradient step with normalised factors.
     """
 
-    def __init__(self, key_size: int, value_size: int, rank: int, n_blocks: int, n_modules: int, lr: float):
+    def __init__(self, key_size: int, value_size: int, rank: int, n_blocks: int, n_modules: int, lr: float,
+                 block_init: str = "unit"):
         super().__init__()
         self.key_size, self.value_size = key_size, value_size
         size = key_size + value_size
         self.normalizer = RunningMeanStd(size)
-        self.blocks = nn.ModuleList(EditorBlock(size, min(rank, size), n_modules) for _ in range(n_blocks))
+        a_std = block_a_std(block_init, size)
+        self.blocks = nn.ModuleList(EditorBlock(size, min(rank, size), n_modules, a_std) for _ in range(n_blocks))
         self.lr = nn.Parameter(torch.full((n_modules,), float(lr)))
         self.log_lambda = nn.Parameter(torch.zeros(n_modules))
 

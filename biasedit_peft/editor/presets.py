@@ -39,6 +39,8 @@ class Preset:
     """Weight of the retention loss."""
     rank: int = 1920
     n_blocks: int = 2
+    block_init: str = "unit"
+    """How the editor blocks' ``A`` are drawn (``nets.BLOCK_INITS``); ``"unit"`` is MALMEN's."""
     level_coef: float = 0.0
     """Weight of the level loss (``losses.level_loss``); not in the paper."""
     held_out_coef: float = 0.0
@@ -49,7 +51,8 @@ class Preset:
 
     def editor_and_arguments(self, peft_model: nn.Module, output_dir: str, *, loss: str = "token",
                              base_model: str | None = None, rank: int | None = None, n_blocks: int | None = None,
-                             lr: float | None = None, n_edits: int | None = None, batch_size: int | None = None,
+                             lr: float | None = None, block_init: str | None = None, n_edits: int | None = None,
+                             batch_size: int | None = None,
                              meta_lr: float | None = None, loc_coef: float | None = None,
                              level_coef: float | None = None, held_out_coef: float | None = None,
                              epochs: int | None = None,
@@ -71,7 +74,7 @@ class Preset:
             torch.manual_seed(training.get("seed", BiasEditTrainingArguments.seed))  # before (a GGUF conversion did)
             editor = BiasEditor.for_model(peft_model, rank=pick(rank, self.rank),
                                           n_blocks=pick(n_blocks, self.n_blocks), lr=pick(lr, self.lr), loss=loss,
-                                          base_model=base_model)
+                                          block_init=pick(block_init, self.block_init), base_model=base_model)
         editor.to(next(peft_model.parameters()).device)
         arguments = BiasEditTrainingArguments(
             output_dir=str(output_dir), n_edits=pick(n_edits, self.n_edits),
@@ -99,6 +102,7 @@ class PresetOverrides:
     rank: int | None = None
     level_coef: float | None = None
     held_out_coef: float | None = None
+    block_init: str | None = None
 
     def overrides(self) -> dict[str, Any]:
         """The keyword arguments of :meth:`Preset.editor_and_arguments` these fields stand for."""
@@ -113,11 +117,12 @@ PRESETS: dict[str, Preset] = {
     "mistral": _LLAMA,
     "gemma": replace(_LLAMA, loc_coef=5.0),
     # any real model whose weights are on the CPU: ~100 meta-steps, so larger steps than the paper's
+    # (meta_lr 1e-3 moves MALMEN's N(0, 1) A-blocks by O(1) a step: "fan_in" keeps that step ~meta_lr * rank)
     "cpu": Preset(n_edits=32, batch_size=16, lr=1e-3, meta_lr=1e-3, loc_coef=4.0, rank=512, epochs=20,
-                  early_stopping_patience=3),
+                  early_stopping_patience=3, block_init="fan_in"),
     # the bundled tiny GPT-2 (biasedit_peft/testbed): small batches, larger steps, short patience
     "testbed": Preset(n_edits=32, batch_size=8, lr=1e-3, meta_lr=1e-3, loc_coef=1.0, rank=256, epochs=20,
-                      early_stopping_patience=3),
+                      early_stopping_patience=3, block_init="fan_in"),
 }
 
 # config.model_type -> preset name
