@@ -38,7 +38,7 @@ def main() -> None:
         return items if args.limit is None else items[: 3 * args.limit]
 
     with tempfile.TemporaryDirectory() as workdir:
-        editor = BiasEditor.for_model(model, rank=256, lr=1e-3, loss="token")
+        editor = BiasEditor.for_model(model, rank=256, lr=1e-3, loss="token", block_init="fan_in")
         training = BiasEditTrainingArguments(f"{workdir}/editor", n_edits=32, batch_size=32, meta_lr=1e-3,
                                              loc_coef=1.0, max_steps=args.steps, eval_every=max(1, args.steps // 3),
                                              progress=False)
