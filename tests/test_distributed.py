@@ -156,11 +156,12 @@ def test_debias_under_accelerate_launch_with_two_processes_writes_the_one_proces
         assert one[layer].abs().max() > 0
 
 
-WEIGHT_TOLERANCE = 1e-4
+WEIGHT_TOLERANCE = 1e-3
 """Per editor tensor: ``max |two - one|`` over how far meta-training moved it (``max |one - initial|``). The two
 runs edit the same pairs; they differ in float32 reduction order only (each process's LM batches, the
 normaliser statistics merged across processes, gradients summed across them), which Adam's normalised steps
-carry into the weights: measured 7e-6 after three steps."""
+carry into the weights: measured 7e-6 after three steps, 4.6e-4 of the move for the blocks' ``A``, whose gradients
+are near Adam's epsilon on the step after ``B`` leaves 0."""
 METRIC_TOLERANCE = 1e-5
 """Relative (``|two - one| <= 1e-5 max(1, |one|)``) for every logged metric; measured 2e-7 absolute."""
 
@@ -180,7 +181,8 @@ def test_three_meta_steps_on_two_processes_give_the_one_process_editor_and_metri
     names = [name for name in one if not name.startswith("initial.")]
     assert all(torch.equal(one[f"initial.{name}"], two[f"initial.{name}"]) for name in names)
     moved = {name: float((one[name] - one[f"initial.{name}"]).abs().max()) for name in names}
-    assert moved["nets.24x16.blocks.0.shift"] > 1e-2 and moved["nets.24x16.log_lambda"] > 1e-2  # it trained
+    assert moved["nets.24x16.blocks.0.shift"] > 1e-2 and moved["nets.24x16.log_lambda"] > 1e-4  # it trained,
+    assert moved["nets.24x16.blocks.0.B"] > 0 and moved["nets.24x16.blocks.0.A"] > 0  # blocks too (step 1: B, 2: A)
     for name in names:
         assert float((two[name] - one[name]).abs().max()) <= WEIGHT_TOLERANCE * max(moved[name], 1e-12), name
     assert [r["step"] for r in one_history] == [r["step"] for r in two_history] == [1, 2, 3]

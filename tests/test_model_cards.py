@@ -74,7 +74,7 @@ def test_trainer_records_splits_settings_and_the_best_validation(tmp_path):
     args = BiasEditTrainingArguments(output_dir=str(tmp_path / "ed"), n_edits=4, batch_size=2, meta_lr=1e-2,
                                      loc_coef=1.0, epochs=3, progress=False, seed=0, early_stopping_patience=5)
     state = BiasEditTrainer(model, editor, args, samples(8), samples(4), tokenizer=editor_tokenizer()).train()
-    best = min(state.history, key=lambda record: record["eval_loss"])  # what the saved editor scored
+    (best,) = [record for record in state.history if record["step"] == state.best_step]  # the saved editor's
     card = card_of(tmp_path / "ed")
     assert "- train: `8`\n- eval: `4`" in card.text and "| `loc_coef` | `1.0` |" in card.text
     assert f"Best validation at meta-step {best['step']} (epoch {best['epoch']})" in card.text
