@@ -161,8 +161,8 @@ def encode_sentences(tokenizer, sentences: Sequence[str], max_length: int | None
 
 _LOGSUMEXP_CHUNK_BYTES = 1 << 20
 """Float32 logit rows per log-sum-exp chunk on the CPU, in bytes: about one core's L2 cache. The bf16 -> float32
-copy, the max and the exp-sum of a chunk then read memory once instead of three times (measured 3x faster on
-SmolLM2's 49,152-word vocabulary, a quarter of a bf16 scoring forward before)."""
+copy, the max and the exp-sum of a chunk then stay in cache instead of streaming [B, T, V] float32 through memory
+three times (with padding left out: bf16 SmolLM2 scoring 1.15x faster, ``scripts/logsumexp_timing.py``)."""
 
 
 def token_log_probs(logits: Tensor, batch: TokenBatch) -> Tensor:
