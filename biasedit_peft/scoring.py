@@ -175,11 +175,10 @@ def token_log_probs(logits: Tensor, batch: TokenBatch) -> Tensor:
     scored = batch.target_mask[:, 1:]  # [B, T-1]: logit position t-1 scores token t
     rows = logits[:, :-1][scored]  # [N, V], N = number of target tokens
     targets = batch.input_ids[:, 1:][scored]  # [N]
-    vocab = max(1, rows.shape[-1])
-    chunk = max(1, _LOGSUMEXP_CHUNK_BYTES // (4 * vocab)) if rows.device.type == "cpu" else max(1, len(rows))
-    picked = torch.cat([_target_log_probs(part, part_targets)
-                        for part, part_targets in zip(rows.split(chunk), targets.split(chunk))]) if len(rows) \
-        else rows.new_zeros(0, dtype=torch.float32)
+    on_cpu = rows.device.type == "cpu"
+    chunk = max(1, _LOGSUMEXP_CHUNK_BYTES // (4 * max(1, rows.shape[-1])) if on_cpu else len(rows))
+    picked = torch.cat([_target_log_probs(part, part_targets)  # no targets: one empty chunk
+                        for part, part_targets in zip(rows.split(chunk), targets.split(chunk))])
     scores = torch.zeros(scored.shape, dtype=torch.float32, device=logits.device).masked_scatter(scored, picked)
     return torch.nn.functional.pad(scores, (1, 0))  # position 0 (BOS) scores nothing
 

@@ -225,3 +225,16 @@ def add_select_by_argument(parser: argparse.ArgumentParser) -> None:
                         help="keep the editor with the dev SS closest to 50 within LMS / perplexity bounds "
                         "(target, default), the same with the SS of held-out dev pairs under each edit (held_out), "
                         "or the lowest dev meta-loss (loss, the paper's)")
+
+
+def add_block_init_argument(parser: argparse.ArgumentParser) -> None:
+    """``--block-init``: how the editor blocks' ``A`` are drawn (``nets.BLOCK_INITS``; default: the preset's).
+
+    Args:
+        parser: The sub-command's parser.
+    """
+    from biasedit_peft.editor.nets import BLOCK_INITS
+
+    parser.add_argument("--block-init", choices=BLOCK_INITS, default=None,
+                        help="how the editor blocks' A are drawn: unit (MALMEN's N(0, 1)) or fan_in (N(0, 1/size)); "
+                             "default: preset")

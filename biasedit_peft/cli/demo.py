@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from biasedit_peft.cli._common import (
+    add_block_init_argument,
     add_model_argument,
     add_preset_argument,
     add_resume_arguments,
@@ -53,9 +54,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--loc-coef", type=float, default=None, help="retention weight (default: preset)")
     parser.add_argument("--level-coef", type=float, default=None,
                         help="weight of the level loss that keeps each pair's likelihood (default: preset)")
-    parser.add_argument("--block-init", choices=("unit", "fan_in"), default=None,
-                        help="how the editor blocks' A are drawn: unit (MALMEN's N(0, 1)) or fan_in (N(0, 1/size)); "
-                             "default: preset")
+    add_block_init_argument(parser)
     parser.add_argument("--held-out-coef", type=float, default=None,
                         help="weight of the held-out debias loss: each edit also scored on pairs of other target "
                         "terms (default: preset)")

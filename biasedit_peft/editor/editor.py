@@ -23,7 +23,7 @@ from ..scoring import check_context, eval_mode, inverse_permutation, model_conte
 from ..tuner.layout import DeltaLike, add_deltas, native_factors, stored_delta
 from .cache import EditSample, KeyValueCache, as_edit_sample, logit_positions, record_layer_io
 from .losses import LOSS_KINDS, debias_loss, pair_scores
-from .nets import EditorNet, batch_statistics, block_a_std
+from .nets import EditorNet, batch_statistics, check_block_init
 from .solve import RidgeDelta, RidgeSolution, solve_ridge
 
 EDITOR_FORMAT = "biasedit-editor/1"
@@ -55,7 +55,7 @@ class BiasEditorConfig:
             raise ValueError("An editor needs at least one target module")
         if self.loss not in LOSS_KINDS:
             raise ValueError(f"Unknown loss {self.loss!r}; choose one of {LOSS_KINDS}")
-        block_a_std(self.block_init, 1)  # refuses an unknown block_init
+        check_block_init(self.block_init)
         for name in ("rank", "n_blocks", "chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -56,10 +56,15 @@ BLOCK_INITS = ("unit", "fan_in")
 block's output by about ``meta_lr * rank`` instead of ``meta_lr * rank * sqrt(size)`` (docs/method.md §3)."""
 
 
-def block_a_std(block_init: str, size: int) -> float:
-    """The standard deviation of a block's ``A`` entries for ``block_init`` (:data:`BLOCK_INITS`) and ``size``."""
+def check_block_init(block_init: str) -> None:
+    """Refuses a ``block_init`` that is not one of :data:`BLOCK_INITS`."""
     if block_init not in BLOCK_INITS:
         raise ValueError(f"Unknown block_init {block_init!r}; choose one of {BLOCK_INITS}")
+
+
+def block_a_std(block_init: str, size: int) -> float:
+    """The standard deviation of a block's ``A`` entries for ``block_init`` (:data:`BLOCK_INITS`) and ``size``."""
+    check_block_init(block_init)
     return 1.0 if block_init == "unit" else size ** -0.5
 
 
