@@ -8,7 +8,7 @@ import math
 import pytest
 
 from biasedit_peft.cli import main
-from biasedit_peft.workflows.demo import max_abs_difference, target_check
+from biasedit_peft.workflows.demo import max_abs_difference, merge_rounding_note, target_check
 
 EVALUATE_KEYS = {"stereoset", "crows", "gender_swapped", "perplexity", "model", "adapter", "mode", "split"}
 
@@ -205,3 +205,10 @@ def test_cpu_presets_draw_fan_in_blocks_the_papers_draw_malmens(tmp_path):
     assert kind == "fan_in" and abs(std * size**0.5 - 1) < 0.05
     kind, std, _ = block_init_and_a_std("testbed", block_init="unit")
     assert kind == "unit" and abs(std - 1) < 0.05
+
+
+def test_the_merged_line_names_16_bit_rounding_only_for_16_bit_runs():
+    assert merge_rounding_note("fp32") == "" and merge_rounding_note(None) == ""
+    for dtype in ("bf16", "fp16"):
+        note = merge_rounding_note(dtype)
+        assert f"rounds W + delta to {dtype}" in note and "--dtype fp32" in note

@@ -72,9 +72,8 @@ def run(args: argparse.Namespace) -> int:
     from biasedit_peft.distributed import current_processes, process_device
     from biasedit_peft.editor import BiasEditor
     from biasedit_peft.editor.calibration import chosen_row
-    from biasedit_peft.editor.joint import JointRecipe
     from biasedit_peft.models import load_model_and_tokenizer
-    from biasedit_peft.workflows.deployment import deployable_adapter
+    from biasedit_peft.workflows.deployment import deployable_adapter, record_edit
 
     try:
         check_output_folder(args.out, [args.model, args.editor, args.data, args.calibrate_on], args.overwrite)
@@ -98,13 +97,8 @@ def run(args: argparse.Namespace) -> int:
     if not processes.is_main:  # every process holds the same adapter; the main one writes it
         processes.barrier()
         return 0
-    config = peft_model.peft_config[args.adapter_name]
-    config.editor_id = str(args.editor)
-    config.edit_data = args.data
-    config.edit_info = {"n_samples": report["n_samples"], "n_tokens": report["n_tokens"],
-                        "bias_types": args.bias_types, "limit": args.limit, "scale": report["scale"],
-                        "recipe": JointRecipe(**report["recipe"]).label,
-                        "calibrated_on": None if calibration is None else args.calibrate_on}
+    record_edit(peft_model.peft_config[args.adapter_name], report, str(args.editor), args.data, args.bias_types,
+                args.limit, None if calibration is None else args.calibrate_on)
     with folder_in_place(args.out) as building:
         peft_model.save_pretrained(building)
         write_manifest(building if args.adapter_name == "default" else Path(building) / args.adapter_name)

@@ -236,20 +236,14 @@ def debias_and_save(editor, peft_model, tokenizer, config: DemoConfig, out_dir: 
     """The deployment adapter (``deployment.deployable_adapter``): one joint delta from the ``train`` items,
     scaled as ``dev`` says, written into the adapter, which is saved to ``out_dir``; ``editor_id`` is the editor
     it records."""
-    from ..editor.joint import JointRecipe
-    from .deployment import CALIBRATION_DATA, EDIT_DATA, deployable_adapter
+    from .deployment import CALIBRATION_DATA, EDIT_DATA, deployable_adapter, record_edit
 
     train = load_demo_items("train", config.bias_types, config.limit)
     dev = load_demo_items("dev", config.bias_types, config.limit)
     report = deployable_adapter(editor, peft_model, tokenizer, train, dev, batch_size=batch_size,
                                 progress=config.progress)
-    peft_config = peft_model.peft_config["default"]
-    peft_config.editor_id = editor_id
-    peft_config.edit_data = EDIT_DATA
-    peft_config.edit_info = {"n_samples": report["n_samples"], "n_tokens": report["n_tokens"],
-                             "bias_types": ",".join(config.bias_types), "limit": config.limit,
-                             "scale": report["scale"], "recipe": JointRecipe(**report["recipe"]).label,
-                             "calibrated_on": CALIBRATION_DATA}
+    record_edit(peft_model.peft_config["default"], report, editor_id, EDIT_DATA, ",".join(config.bias_types),
+                config.limit, CALIBRATION_DATA)
     peft_model.save_pretrained(out_dir)
     return {**report, "edit_data": EDIT_DATA, "calibrated_on": CALIBRATION_DATA}
 
@@ -278,6 +272,15 @@ def merge_and_rescore(config: DemoConfig, adapter_dir: Path, merged_dir: Path, a
     scores = evaluate(merged, load_tokenizer(str(merged_dir)), config, name=name, store=store)
     return {"path": name, "max_abs_weight_change": max(c.max_abs_change for c in report.changes),
             "evaluation": scores, "max_abs_metric_difference": max_abs_difference(after, scores)}
+
+
+def merge_rounding_note(dtype: str | None) -> str:
+    """Why a merged 16-bit checkpoint scores differently from base + adapter ('' for float32): the merge rounds
+    ``W + delta`` to ``dtype`` while the adapter adds its float32 delta to the rounded ``W``."""
+    if dtype not in ("bf16", "fp16"):
+        return ""
+    return (f" ({dtype} weights: the merge rounds W + delta to {dtype}, which base + adapter does not; "
+            "`biasedit merge --dtype fp32` keeps the delta exact)")
 
 
 def demo_fingerprint(config: DemoConfig) -> dict:
@@ -530,7 +533,8 @@ def format_results(results: dict) -> str:
     merged = results.get("merged")
     if merged:
         lines.append(f"merged checkpoint {merged['path']}: reloaded without the adapter, max |metric difference| "
-                     f"{merged['max_abs_metric_difference']:.2e} vs base + adapter")
+                     f"{merged['max_abs_metric_difference']:.2e} vs base + adapter"
+                     + merge_rounding_note(results["config"].get("dtype")))
     lines.append(f"total {results['seconds']['total']:.0f} s: " +
                  ", ".join(f"{k} {v:.0f} s" for k, v in results["seconds"].items() if k != "total"))
     calibration = results.get("training", {}).get("calibration") or {}

@@ -51,6 +51,18 @@ CALIBRATION_MARGIN = 0.5
 resamples at the boundary."""
 
 
+def record_edit(peft_config, report: dict, editor_id: str, edit_data: str, bias_types: str, limit: int | None,
+                calibrated_on: str | None) -> None:
+    """Write where a deployed delta came from into its adapter config (``editor_id``, ``edit_data``,
+    ``edit_info``), as the model card and the Hub read them; ``report`` is :func:`deployable_adapter`'s and
+    ``bias_types`` the comma-separated types edited."""
+    peft_config.editor_id = editor_id
+    peft_config.edit_data = edit_data
+    peft_config.edit_info = {"n_samples": report["n_samples"], "n_tokens": report["n_tokens"],
+                             "bias_types": bias_types, "limit": limit, "scale": report["scale"],
+                             "recipe": JointRecipe(**report["recipe"]).label, "calibrated_on": calibrated_on}
+
+
 def calibration_score(row: dict[str, float], margin: float = CALIBRATION_MARGIN) -> float:
     """``target_score`` with the LMS and NLL bounds scaled by ``margin``: the rank of one joint scale."""
     return target_score(row, MAX_LMS_DROP * margin, MAX_NLL_INCREASE * margin)
