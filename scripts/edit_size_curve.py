@@ -1,0 +1,68 @@
+"""How much of an edit survives pooling: the paper's per-batch protocol at growing edit-set sizes, same items.
+
+The per-batch protocol edits 32 items at a time and scores them; a deployed adapter is one solve over thousands.
+Here one trained editor edits the ``test`` items in batches of each size in ``--sizes`` (per bias type, as the
+per-batch protocol forms them; a size at least a type's item count is one joint solve of that type) and scores
+the very items it edited. The items, the editor and the solve (its own ``lambda``, unscaled) are the same in
+every row; only how many items share one solve changes. If SS returns toward its unedited value as the size
+grows, the joint solve loses the edit by pooling, before any question of unseen items arises.
+
+    python scripts/edit_size_curve.py --model smollm2-135m --editor runs/smollm2/seed-0/editor \
+        --sizes 32,128,512,4096 --out runs/edit-size-curve.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from biasedit_peft._io import write_json
+from biasedit_peft.editor import BiasEditor
+from biasedit_peft.evaluation import score_stereoset_items
+from biasedit_peft.workflows.demo import DemoConfig, build_model, load_demo_items
+from biasedit_peft.workflows.protocols import per_batch_protocol
+
+BIAS_TYPES = ("gender", "race", "religion")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="testbed")
+    parser.add_argument("--editor", required=True, help="a trained editor folder (e.g. a demo's OUT/editor)")
+    parser.add_argument("--sizes", default="32,128,512,4096", help="comma-separated items per edit")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--limit", type=int, default=None, help="first N items per bias type")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--out", required=True, help="JSON written here (rewritten whole after every size)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    args = parser.parse_args(argv)
+    if Path(args.out).exists() and not args.overwrite:
+        parser.error(f"--out {args.out} exists; pass --overwrite to replace it")
+    sizes = [int(size) for size in args.sizes.split(",")]
+
+    config = DemoConfig(model=args.model, dtype=args.dtype, progress=False)
+    peft_model, tokenizer, device = build_model(config)
+    editor = BiasEditor.from_pretrained(args.editor, device=device)
+    items = load_demo_items(args.split, BIAS_TYPES, args.limit)
+    started = time.perf_counter()
+    unedited = score_stereoset_items(peft_model, tokenizer, items, args.batch_size, progress=False)
+    report = {"model": args.model, "editor": args.editor, "split": args.split, "n_items": len(items), "rows": []}
+    for size in sizes:
+        result = per_batch_protocol(editor, peft_model, tokenizer, items, edit_batch_size=size,
+                                    batch_size=args.batch_size, progress=False, unedited=unedited)
+        report["rows"].append({"edit_batch_size": size, "n_batches": result["n_batches"],
+                               "before": result["before"], "after": result["after"]})
+        write_json(Path(args.out), report)
+        cells = ", ".join(f"{t} {result['before'][t]['ss']:.2f} -> {result['after'][t]['ss']:.2f} "
+                          f"(LMS {result['before'][t]['lms']:.2f} -> {result['after'][t]['lms']:.2f})"
+                          for t in BIAS_TYPES)
+        print(f"{size} items per edit ({result['n_batches']} edits): SS {cells}  "
+              f"[{time.perf_counter() - started:.0f} s]", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
