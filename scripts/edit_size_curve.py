@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from _study_args import add_editor_study_arguments, parse_study_arguments
+
 from biasedit_peft._io import write_json
 from biasedit_peft.editor import BiasEditor
 from biasedit_peft.evaluation import score_stereoset_items
@@ -29,18 +31,10 @@ BIAS_TYPES = ("gender", "race", "religion")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="testbed")
-    parser.add_argument("--editor", required=True, help="a trained editor folder (e.g. a demo's OUT/editor)")
+    add_editor_study_arguments(parser)
     parser.add_argument("--sizes", default="32,128,512,4096", help="comma-separated items per edit")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--limit", type=int, default=None, help="first N items per bias type")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--out", required=True, help="JSON written here (rewritten whole after every size)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    args = parser.parse_args(argv)
-    if Path(args.out).exists() and not args.overwrite:
-        parser.error(f"--out {args.out} exists; pass --overwrite to replace it")
+    args = parse_study_arguments(parser, argv)
     sizes = [int(size) for size in args.sizes.split(",")]
 
     config = DemoConfig(model=args.model, dtype=args.dtype, progress=False)

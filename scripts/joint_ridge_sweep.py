@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from _study_args import add_editor_study_arguments, parse_study_arguments
+
 from biasedit_peft._io import write_json
 from biasedit_peft.editor import BiasEditor
 from biasedit_peft.editor.calibration import calibrate_joint_scale, chosen_row, scaled_solutions
@@ -37,22 +39,14 @@ BIAS_TYPES = ("gender", "race", "religion")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="testbed")
-    parser.add_argument("--editor", required=True, help="a trained editor folder (e.g. a demo's OUT/editor)")
+    add_editor_study_arguments(parser)
     parser.add_argument("--grid", default="0:learned,0:1e-2,0:1,1:learned,10:learned",
                         help="comma-separated PRESERVE:RHO rows. RHO: the relative ridge (lambda = RHO x the Gram's "
                              "mean eigenvalue) or 'learned' (the editor's own lambda); PRESERVE: the weight w of "
                              "the preserved keys (the train items' unrelated sentences), C = w (N / N_r) U_r^T U_r "
                              "added to U^T U")
     parser.add_argument("--crows", action="store_true", help="also score CrowS-Pairs for every row")
-    parser.add_argument("--limit", type=int, default=None, help="first N items per bias type of every split")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--out", required=True, help="JSON written here (rewritten whole after every row)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    args = parser.parse_args(argv)
-    if Path(args.out).exists() and not args.overwrite:
-        parser.error(f"--out {args.out} exists; pass --overwrite to replace it")
+    args = parse_study_arguments(parser, argv)
 
     config = DemoConfig(model=args.model, dtype=args.dtype, progress=False)
     peft_model, tokenizer, device = build_model(config)

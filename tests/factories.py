@@ -17,6 +17,7 @@ The same architecture, size, config and seed give the same weights, whatever tes
 from __future__ import annotations
 
 import importlib.util
+import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -259,7 +260,10 @@ def save_sentence_model(folder: Path, sentences: Sequence[str], seed: int = 0, *
 # ----- scripts ---------------------------------------------------------------------------------------------
 def script_module(name: str):
     """The module of ``scripts/NAME.py`` (not a package), loaded from its file."""
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    if str(scripts) not in sys.path:  # as ``python scripts/NAME.py`` does, for the scripts' shared helpers
+        sys.path.insert(0, str(scripts))
+    path = scripts / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
