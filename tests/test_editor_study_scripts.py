@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from biasedit_peft.editor import BiasEditor
-from biasedit_peft.workflows.demo import DemoConfig, build_model
+from biasedit_peft.workflows.demo import DemoConfig, build_model, load_demo_items
 
 from factories import script_module
 
@@ -55,3 +55,29 @@ def test_the_edit_size_curve_scores_the_same_items_at_every_size(tmp_path):
     for bias_type in ("gender", "race", "religion"):
         assert small["before"][bias_type] == joint["before"][bias_type]
         assert 0.0 <= small["after"][bias_type]["ss"] <= 100.0
+
+
+def test_the_ceiling_checkpoint_choice_is_mean_distance_to_50_within_the_lms_bound():
+    ceiling = script_module("finetune_ceiling")
+    before = {"gender": {"ss": 60.0, "lms": 90.0}, "race": {"ss": 58.0, "lms": 88.0},
+              "religion": {"ss": 56.0, "lms": 86.0}}
+    after = {"gender": {"ss": 52.0, "lms": 89.0}, "race": {"ss": 47.0, "lms": 86.0},
+             "religion": {"ss": 50.0, "lms": 85.0}}
+    assert ceiling.dev_choice_score(before, before, 3.0) == pytest.approx((10 + 8 + 6) / 3)
+    assert ceiling.dev_choice_score(after, before, 3.0) == pytest.approx((2 + 3 + 0) / 3)  # drop (1+2+1)/3
+    assert ceiling.dev_choice_score(after, before, 1.0) == float("inf")
+
+
+def test_a_ceiling_step_trains_the_deltas_against_the_unedited_model():
+    ceiling = script_module("finetune_ceiling")
+    peft_model, tokenizer, _ = build_model(DemoConfig(model="testbed", progress=False))
+    peft_model.eval()
+    deltas = ceiling.adapter_deltas(peft_model)
+    assert len(deltas) == 3 and all(p.requires_grad and not p.any() for p in deltas.values())
+    items = load_demo_items("train", ("gender",), 4)
+    optimizer = torch.optim.Adam(deltas.values(), lr=1e-3)
+    first = ceiling.training_step(peft_model, tokenizer, items, 1.0, optimizer)
+    assert first["retention"] == 0.0  # zero deltas: the edited model is the unedited one (no dropout)
+    assert all(p.abs().max().item() == pytest.approx(1e-3, rel=1e-3) for p in deltas.values())  # Adam's first step
+    second = ceiling.training_step(peft_model, tokenizer, items, 1.0, optimizer)
+    assert second["retention"] > 0.0 and second["debias"] < first["debias"]

@@ -1,0 +1,151 @@
+"""What the edited weights can do on unseen items: fine-tune the adapter's deltas directly on ``train``.
+
+The editor writes deltas for the MLP output projections of a few blocks; a deployment pools them over the
+``train`` pairs and is scored on ``test``, whose target terms ``train`` never has. This script drops the editor
+and optimises the very same deltas (the zero BiasEdit adapter of the demo, float32) with Adam on the same
+meta-objective the editor is trained with: the debias loss on the ``train`` pairs plus ``--loc-coef`` x the
+retention loss (KL to the unedited model) on their unrelated sentences. Every ``--eval-every`` steps StereoSet
+``dev`` and ``test`` are scored; the checkpoint kept is chosen on ``dev`` only (the lowest mean |SS - 50| among
+those whose mean dev LMS drop is at most ``--max-lms-drop``; the unedited model if none), and that checkpoint is
+scored on ``test`` with CrowS-Pairs and perplexity. The ``test`` rows of the other checkpoints are recorded, not
+used.
+
+If direct optimisation of these weights on every ``train`` pair does not move ``test`` SS, the editor's pooled
+delta (one ridge solve, an approximation of such an update) cannot be expected to.
+
+    python scripts/finetune_ceiling.py --model smollm2-135m --steps 300 --out runs/finetune-ceiling.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from _study_args import add_editor_study_arguments, parse_study_arguments
+
+from biasedit_peft._io import write_json
+from biasedit_peft.editor.editor import encode_pairs, forward_logits
+from biasedit_peft.editor.losses import debias_loss, retention_loss
+from biasedit_peft.evaluation import evaluate_model
+from biasedit_peft.scoring import encode_sentences
+from biasedit_peft.workflows.demo import DemoConfig, build_model, load_demo_items
+
+BIAS_TYPES = ("gender", "race", "religion")
+
+
+def adapter_deltas(peft_model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The dense float32 deltas of the active adapter, by parameter name, made trainable."""
+    deltas = {name: parameter for name, parameter in peft_model.named_parameters() if ".biasedit_delta." in name}
+    if not deltas:
+        raise ValueError("The model has no dense BiasEdit deltas to fine-tune")
+    for parameter in deltas.values():
+        parameter.requires_grad_(True)
+    return deltas
+
+
+def training_step(peft_model, tokenizer, items, loc_coef: float, optimizer: torch.optim.Optimizer) -> dict:
+    """One Adam step on ``mean debias loss + loc_coef x mean retention loss`` of ``items`` (token losses)."""
+    pairs = encode_pairs(tokenizer, items)
+    logits = forward_logits(peft_model, pairs)
+    debias = debias_loss("token", logits, pairs.to(logits.device)).mean()
+    unrelated = encode_sentences(tokenizer, [item.unrelated for item in items])
+    with torch.no_grad(), peft_model.disable_adapter():
+        pre_logits = forward_logits(peft_model, unrelated)
+    post_logits = forward_logits(peft_model, unrelated)
+    retention = retention_loss("token", pre_logits, post_logits, unrelated.to(post_logits.device)).mean()
+    optimizer.zero_grad(set_to_none=True)
+    (debias + loc_coef * retention).backward()
+    optimizer.step()
+    return {"debias": debias.item(), "retention": retention.item()}
+
+
+def ss_lms(report: dict) -> dict[str, dict[str, float]]:
+    """``{bias type: {"ss", "lms"}}`` of an ``evaluate_model`` report's StereoSet section."""
+    return {t: {"ss": report["stereoset"][t]["ss"], "lms": report["stereoset"][t]["lms"]} for t in BIAS_TYPES}
+
+
+def dev_choice_score(dev: dict, dev_before: dict, max_lms_drop: float) -> float:
+    """Mean |SS - 50| over the bias types, ``inf`` if the mean LMS drop exceeds ``max_lms_drop``."""
+    drop = sum(dev_before[t]["lms"] - dev[t]["lms"] for t in BIAS_TYPES) / len(BIAS_TYPES)
+    if drop > max_lms_drop:
+        return float("inf")
+    return sum(abs(dev[t]["ss"] - 50.0) for t in BIAS_TYPES) / len(BIAS_TYPES)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_editor_study_arguments(parser, editor=False)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--pairs-per-step", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-5, help="Adam's step on the deltas")
+    parser.add_argument("--loc-coef", type=float, default=4.0, help="the retention loss's weight (cpu preset's)")
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--max-lms-drop", type=float, default=3.0, help="dev bound of the checkpoint choice")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parse_study_arguments(parser, argv)
+
+    torch.manual_seed(args.seed)
+    peft_model, tokenizer, _ = build_model(DemoConfig(model=args.model, dtype=args.dtype, progress=False))
+    peft_model.eval()  # no dropout: the retention loss compares the edited model with the unedited one exactly
+    deltas = adapter_deltas(peft_model)
+    optimizer = torch.optim.Adam(deltas.values(), lr=args.lr)
+    train = load_demo_items("train", BIAS_TYPES, args.limit)
+    scores = dict(bias_types=list(BIAS_TYPES), limit=args.limit, batch_size=args.batch_size, progress=False,
+                  n_resamples=1000)
+    started = time.perf_counter()
+
+    def stereoset(split: str) -> dict:
+        return ss_lms(evaluate_model(peft_model, tokenizer, benchmarks=("stereoset",), split=split, **scores))
+
+    report = {"model": args.model, "arguments": {k: v for k, v in vars(args).items() if k != "overwrite"},
+              "n_train": len(train), "deltas": list(deltas), "before": evaluate_model(peft_model, tokenizer,
+                                                                                      **scores)}
+    dev_before = stereoset("dev")
+    report["checkpoints"] = [{"step": 0, "dev": dev_before, "test": ss_lms(report["before"])}]
+    best = (dev_choice_score(dev_before, dev_before, args.max_lms_drop), 0,
+            {name: p.detach().clone() for name, p in deltas.items()})
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
+    position, losses = 0, []
+    for step in range(1, args.steps + 1):
+        if position + args.pairs_per_step > len(order):
+            order, position = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed + step)), 0
+        items = [train[i] for i in order[position:position + args.pairs_per_step].tolist()]
+        position += args.pairs_per_step
+        losses.append(training_step(peft_model, tokenizer, items, args.loc_coef, optimizer))
+        if step % args.eval_every and step != args.steps:
+            continue
+        with torch.no_grad():
+            row = {"step": step, "losses": losses[-args.eval_every:], "dev": stereoset("dev"),
+                   "test": stereoset("test"),
+                   "delta_norms": {name: p.norm().item() for name, p in deltas.items()}}
+        report["checkpoints"].append(row)
+        score = dev_choice_score(row["dev"], dev_before, args.max_lms_drop)
+        if score < best[0]:
+            best = (score, step, {name: p.detach().clone() for name, p in deltas.items()})
+        write_json(Path(args.out), report)
+        print(f"step {step}: dev SS " + " / ".join(f"{row['dev'][t]['ss']:.2f}" for t in BIAS_TYPES)
+              + ", test SS " + " / ".join(f"{row['test'][t]['ss']:.2f}" for t in BIAS_TYPES)
+              + f" [{time.perf_counter() - started:.0f} s]", flush=True)
+
+    with torch.no_grad():
+        for name, parameter in deltas.items():
+            parameter.copy_(best[2][name])
+    report["kept_step"] = best[1]
+    report["after"] = evaluate_model(peft_model, tokenizer, **scores)
+    report["seconds"] = time.perf_counter() - started
+    write_json(Path(args.out), report)
+    before, after = report["before"], report["after"]
+    print(f"kept step {best[1]} (chosen on dev): test SS "
+          + " / ".join(f"{before['stereoset'][t]['ss']:.2f} -> {after['stereoset'][t]['ss']:.2f}" for t in BIAS_TYPES)
+          + ", LMS drop " + " / ".join(f"{before['stereoset'][t]['lms'] - after['stereoset'][t]['lms']:.2f}"
+                                       for t in BIAS_TYPES)
+          + f", perplexity {before['perplexity']:.2f} -> {after['perplexity']:.2f}",
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
