@@ -84,11 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loc-coef", type=float, default=4.0, help="the retention loss's weight (cpu preset's)")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--max-lms-drop", type=float, default=3.0, help="dev bound of the checkpoint choice")
+    parser.add_argument("--num-edit-layers", type=int, default=3, help="MLP output projections of the last N blocks")
     parser.add_argument("--seed", type=int, default=0)
     args = parse_study_arguments(parser, argv)
 
     torch.manual_seed(args.seed)
-    peft_model, tokenizer, _ = build_model(DemoConfig(model=args.model, dtype=args.dtype, progress=False))
+    peft_model, tokenizer, _ = build_model(DemoConfig(model=args.model, dtype=args.dtype, progress=False,
+                                                           num_edit_layers=args.num_edit_layers))
     peft_model.eval()  # no dropout: the retention loss compares the edited model with the unedited one exactly
     deltas = adapter_deltas(peft_model)
     optimizer = torch.optim.Adam(deltas.values(), lr=args.lr)
