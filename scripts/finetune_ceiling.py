@@ -5,10 +5,10 @@ The editor writes deltas for the MLP output projections of a few blocks; a deplo
 and optimises the very same deltas (the zero BiasEdit adapter of the demo, float32) with Adam on the same
 meta-objective the editor is trained with: the debias loss on the ``train`` pairs plus ``--loc-coef`` x the
 retention loss (KL to the unedited model) on their unrelated sentences. Every ``--eval-every`` steps StereoSet
-``dev`` and ``test`` are scored; the checkpoint kept is chosen on ``dev`` only (the lowest mean |SS - 50| among
-those whose mean dev LMS drop is at most ``--max-lms-drop``; the unedited model if none), and that checkpoint is
-scored on ``test`` with CrowS-Pairs and perplexity. The ``test`` rows of the other checkpoints are recorded, not
-used.
+``dev`` and ``test`` and the perplexity of the neutral text are scored. The checkpoint kept is chosen on ``dev``
+only (the lowest mean |SS - 50| among those whose mean dev LMS drop is at most ``--max-lms-drop``; the unedited
+model if none) and scored on ``test`` with CrowS-Pairs. The ``test`` rows of the other checkpoints are recorded
+to show the trade-off, not used to choose.
 
 If direct optimisation of these weights on every ``train`` pair does not move ``test`` SS, the editor's pooled
 delta (one ridge solve, an approximation of such an update) cannot be expected to.
@@ -29,7 +29,7 @@ from _study_args import add_editor_study_arguments, parse_study_arguments
 from biasedit_peft._io import write_json
 from biasedit_peft.editor.editor import encode_pairs, forward_logits
 from biasedit_peft.editor.losses import debias_loss, retention_loss
-from biasedit_peft.evaluation import evaluate_model
+from biasedit_peft.evaluation import evaluate_model, evaluate_perplexity
 from biasedit_peft.scoring import encode_sentences
 from biasedit_peft.workflows.demo import DemoConfig, build_model, load_demo_items
 
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
               "n_train": len(train), "deltas": list(deltas), "before": evaluate_model(peft_model, tokenizer,
                                                                                       **scores)}
     dev_before = stereoset("dev")
-    report["checkpoints"] = [{"step": 0, "dev": dev_before, "test": ss_lms(report["before"])}]
+    report["checkpoints"] = [{"step": 0, "dev": dev_before, "test": ss_lms(report["before"]),
+                              "perplexity": report["before"]["perplexity"]}]
     best = (dev_choice_score(dev_before, dev_before, args.max_lms_drop), 0,
             {name: p.detach().clone() for name, p in deltas.items()})
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             row = {"step": step, "losses": losses[-args.eval_every:], "dev": stereoset("dev"),
                    "test": stereoset("test"),
+                   "perplexity": evaluate_perplexity(peft_model, tokenizer, batch_size=args.batch_size,
+                                                     progress=False),
                    "delta_norms": {name: p.norm().item() for name, p in deltas.items()}}
         report["checkpoints"].append(row)
         score = dev_choice_score(row["dev"], dev_before, args.max_lms_drop)
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(Path(args.out), report)
         print(f"step {step}: dev SS " + " / ".join(f"{row['dev'][t]['ss']:.2f}" for t in BIAS_TYPES)
               + ", test SS " + " / ".join(f"{row['test'][t]['ss']:.2f}" for t in BIAS_TYPES)
-              + f" [{time.perf_counter() - started:.0f} s]", flush=True)
+              + f", perplexity {row['perplexity']:.2f} [{time.perf_counter() - started:.0f} s]", flush=True)
 
     with torch.no_grad():
         for name, parameter in deltas.items():
