@@ -1,5 +1,6 @@
-"""``scripts/_study_args.py`` and ``scripts/edit_size_curve.py`` on the bundled testbed with an untrained editor
-(3 items per bias type, edits of 2 items and one joint edit per type)."""
+"""The study scripts on the bundled testbed: ``_study_args`` (the refused ``--out``), ``edit_size_curve`` with an
+untrained editor (3 items per bias type, edits of 2 items and one joint edit per type) and ``finetune_ceiling``
+(its dev choice by hand, and its training step)."""
 
 from __future__ import annotations
 
