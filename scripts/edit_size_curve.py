@@ -21,12 +21,11 @@ from pathlib import Path
 from _study_args import add_editor_study_arguments, parse_study_arguments
 
 from biasedit_peft._io import write_json
+from biasedit_peft.data import BIAS_TYPES
 from biasedit_peft.editor import BiasEditor
 from biasedit_peft.evaluation import score_stereoset_items
 from biasedit_peft.workflows.demo import DemoConfig, build_model, load_demo_items
 from biasedit_peft.workflows.protocols import per_batch_protocol
-
-BIAS_TYPES = ("gender", "race", "religion")
 
 
 def main(argv: list[str] | None = None) -> int:

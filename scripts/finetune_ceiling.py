@@ -28,13 +28,12 @@ import torch
 from _study_args import add_editor_study_arguments, parse_study_arguments
 
 from biasedit_peft._io import write_json
+from biasedit_peft.data import BIAS_TYPES
 from biasedit_peft.editor.editor import encode_pairs, forward_logits
 from biasedit_peft.editor.losses import debias_loss, retention_loss
 from biasedit_peft.evaluation import evaluate_model, evaluate_perplexity
 from biasedit_peft.scoring import encode_sentences
 from biasedit_peft.workflows.demo import DemoConfig, build_model, load_demo_items
-
-BIAS_TYPES = ("gender", "race", "religion")
 
 
 def adapter_deltas(peft_model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -27,14 +27,13 @@ from pathlib import Path
 from _study_args import add_editor_study_arguments, parse_study_arguments
 
 from biasedit_peft._io import write_json
+from biasedit_peft.data import BIAS_TYPES
 from biasedit_peft.editor import BiasEditor
 from biasedit_peft.editor.calibration import calibrate_joint_scale, chosen_row, scaled_solutions
 from biasedit_peft.editor.joint import JointRecipe, pooled_statistics, recipe_solutions
 from biasedit_peft.evaluation import evaluate_model
 from biasedit_peft.workflows.demo import DemoConfig, build_model, load_demo_items
 from biasedit_peft.workflows.deployment import calibration_score
-
-BIAS_TYPES = ("gender", "race", "religion")
 
 
 def main(argv: list[str] | None = None) -> int:
