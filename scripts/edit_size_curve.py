@@ -5,7 +5,9 @@ Here one trained editor edits the ``test`` items in batches of each size in ``--
 per-batch protocol forms them; a size at least a type's item count is one joint solve of that type) and scores
 the very items it edited. The items, the editor and the solve (its own ``lambda``, unscaled) are the same in
 every row; only how many items share one solve changes. If SS returns toward its unedited value as the size
-grows, the joint solve loses the edit by pooling, before any question of unseen items arises.
+grows, the joint solve loses the edit by pooling, before any question of unseen items arises. ``--scales`` repeats
+every size at multiples of the editor's edit (its step sizes ``lr``; the dev calibration's knob), e.g. to see how far
+a scale chosen on ``dev`` is from the one ``test`` would need.
 
     python scripts/edit_size_curve.py --model smollm2-135m --editor runs/smollm2/seed-0/editor \
         --sizes 32,128,512,4096 --out runs/edit-size-curve.json
@@ -18,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from _study_args import add_editor_study_arguments, parse_study_arguments
 
 from biasedit_peft._io import write_json
@@ -33,26 +36,32 @@ def main(argv: list[str] | None = None) -> int:
     add_editor_study_arguments(parser)
     parser.add_argument("--sizes", default="32,128,512,4096", help="comma-separated items per edit")
     parser.add_argument("--split", default="test")
+    parser.add_argument("--scales", default="1", help="comma-separated multiples of the editor's edit (its lr)")
     args = parse_study_arguments(parser, argv)
     sizes = [int(size) for size in args.sizes.split(",")]
+    scales = [float(scale) for scale in args.scales.split(",")]
 
     config = DemoConfig(model=args.model, dtype=args.dtype, progress=False)
     peft_model, tokenizer, device = build_model(config)
     editor = BiasEditor.from_pretrained(args.editor, device=device)
+    trained_lr = {name: net.lr.detach().clone() for name, net in editor.nets.items()}
     items = load_demo_items(args.split, BIAS_TYPES, args.limit)
     started = time.perf_counter()
     unedited = score_stereoset_items(peft_model, tokenizer, items, args.batch_size, progress=False)
     report = {"model": args.model, "editor": args.editor, "split": args.split, "n_items": len(items), "rows": []}
-    for size in sizes:
+    for scale, size in [(scale, size) for scale in scales for size in sizes]:
+        with torch.no_grad():
+            for name, net in editor.nets.items():
+                net.lr.copy_(trained_lr[name] * scale)
         result = per_batch_protocol(editor, peft_model, tokenizer, items, edit_batch_size=size,
                                     batch_size=args.batch_size, progress=False, unedited=unedited)
-        report["rows"].append({"edit_batch_size": size, "n_batches": result["n_batches"],
+        report["rows"].append({"scale": scale, "edit_batch_size": size, "n_batches": result["n_batches"],
                                "before": result["before"], "after": result["after"]})
         write_json(Path(args.out), report)
         cells = ", ".join(f"{t} {result['before'][t]['ss']:.2f} -> {result['after'][t]['ss']:.2f} "
                           f"(LMS {result['before'][t]['lms']:.2f} -> {result['after'][t]['lms']:.2f})"
                           for t in BIAS_TYPES)
-        print(f"{size} items per edit ({result['n_batches']} edits): SS {cells}  "
+        print(f"x{scale:g}, {size} items per edit ({result['n_batches']} edits): SS {cells}  "
               f"[{time.perf_counter() - started:.0f} s]", flush=True)
     return 0
 

@@ -31,7 +31,7 @@ from biasedit_peft._io import write_json
 from biasedit_peft.data import BIAS_TYPES
 from biasedit_peft.editor.editor import encode_pairs, forward_logits
 from biasedit_peft.editor.losses import debias_loss, retention_loss
-from biasedit_peft.evaluation import evaluate_model, evaluate_perplexity
+from biasedit_peft.evaluation import BENCHMARKS, evaluate_model, evaluate_perplexity, evaluate_stereoset
 from biasedit_peft.scoring import encode_sentences
 from biasedit_peft.workflows.demo import DemoConfig, build_model, load_demo_items
 
@@ -62,9 +62,9 @@ def training_step(peft_model, tokenizer, items, loc_coef: float, optimizer: torc
     return {"debias": debias.item(), "retention": retention.item()}
 
 
-def ss_lms(report: dict) -> dict[str, dict[str, float]]:
-    """``{bias type: {"ss", "lms"}}`` of an ``evaluate_model`` report's StereoSet section."""
-    return {t: {"ss": report["stereoset"][t]["ss"], "lms": report["stereoset"][t]["lms"]} for t in BIAS_TYPES}
+def ss_lms(section: dict) -> dict[str, dict[str, float]]:
+    """``{bias type: {"ss", "lms"}}`` of a StereoSet section (``evaluate_stereoset``)."""
+    return {t: {"ss": section[t]["ss"], "lms": section[t]["lms"]} for t in BIAS_TYPES}
 
 
 def dev_choice_score(dev: dict, dev_before: dict, max_lms_drop: float) -> float:
@@ -100,17 +100,22 @@ def main(argv: list[str] | None = None) -> int:
                   n_resamples=1000)
     started = time.perf_counter()
 
+    splits = {split: load_demo_items(split, BIAS_TYPES, args.limit) for split in ("dev", "test")}
+
     def stereoset(split: str) -> dict:
-        return ss_lms(evaluate_model(peft_model, tokenizer, benchmarks=("stereoset",), split=split, **scores))
+        """The StereoSet section of ``split`` under the current deltas (scored once per checkpoint)."""
+        return evaluate_stereoset(peft_model, tokenizer, splits[split], batch_size=args.batch_size, progress=False,
+                                  n_resamples=scores["n_resamples"])
 
     report = {"model": args.model, "arguments": {k: v for k, v in vars(args).items() if k != "overwrite"},
               "n_train": len(train), "deltas": list(deltas), "before": evaluate_model(peft_model, tokenizer,
                                                                                       **scores)}
-    dev_before = stereoset("dev")
-    report["checkpoints"] = [{"step": 0, "dev": dev_before, "test": ss_lms(report["before"]),
+    dev_before = ss_lms(stereoset("dev"))
+    report["checkpoints"] = [{"step": 0, "dev": dev_before, "test": ss_lms(report["before"]["stereoset"]),
                               "perplexity": report["before"]["perplexity"]}]
     best = (dev_choice_score(dev_before, dev_before, args.max_lms_drop), 0,
-            {name: p.detach().clone() for name, p in deltas.items()})
+            {name: p.detach().clone() for name, p in deltas.items()},
+            report["before"]["stereoset"])
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
     position, losses = 0, []
     for step in range(1, args.steps + 1):
@@ -122,15 +127,17 @@ def main(argv: list[str] | None = None) -> int:
         if step % args.eval_every and step != args.steps:
             continue
         with torch.no_grad():
-            row = {"step": step, "losses": losses[-args.eval_every:], "dev": stereoset("dev"),
-                   "test": stereoset("test"),
+            test = stereoset("test")
+            row = {"step": step, "losses": losses[-args.eval_every:], "dev": ss_lms(stereoset("dev")),
+                   "test": ss_lms(test),
                    "perplexity": evaluate_perplexity(peft_model, tokenizer, batch_size=args.batch_size,
                                                      progress=False),
                    "delta_norms": {name: p.norm().item() for name, p in deltas.items()}}
         report["checkpoints"].append(row)
         score = dev_choice_score(row["dev"], dev_before, args.max_lms_drop)
         if score < best[0]:
-            best = (score, step, {name: p.detach().clone() for name, p in deltas.items()})
+            best = (score, step, {name: p.detach().clone() for name, p in deltas.items()},
+                    test)
         write_json(Path(args.out), report)
         print(f"step {step}: dev SS " + " / ".join(f"{row['dev'][t]['ss']:.2f}" for t in BIAS_TYPES)
               + ", test SS " + " / ".join(f"{row['test'][t]['ss']:.2f}" for t in BIAS_TYPES)
@@ -140,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, parameter in deltas.items():
             parameter.copy_(best[2][name])
     report["kept_step"] = best[1]
-    report["after"] = evaluate_model(peft_model, tokenizer, **scores)
+    others = [b for b in BENCHMARKS if b != "stereoset"]  # its test StereoSet section is the kept row's
+    report["after"] = {**evaluate_model(peft_model, tokenizer, benchmarks=others, **scores),
+                       "stereoset": best[3]}
     report["seconds"] = time.perf_counter() - started
     write_json(Path(args.out), report)
     before, after = report["before"], report["after"]

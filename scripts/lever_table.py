@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-TYPES = ("gender", "race", "religion")
+from biasedit_peft.data import BIAS_TYPES
 
 
 def row(label: str, results: dict) -> str:
@@ -27,11 +27,11 @@ def row(label: str, results: dict) -> str:
 
     crows = " / ".join(f"{after['crows'][t]['metric']:.1f}" for t in ("gender", "race-color", "religion")
                        if t in after.get("crows", {}))
-    drops = " / ".join(f"{before['stereoset'][t]['lms'] - after['stereoset'][t]['lms']:.1f}" for t in TYPES)
+    drops = " / ".join(f"{before['stereoset'][t]['lms'] - after['stereoset'][t]['lms']:.1f}" for t in BIAS_TYPES)
     ppl = 100 * (after["perplexity"] / before["perplexity"] - 1)
-    edited = " / ".join(f"{per_batch[t]['ss']:.1f}" for t in TYPES)
+    edited = " / ".join(f"{per_batch[t]['ss']:.1f}" for t in BIAS_TYPES)
     return (f"| {label} | {edited} | "
-            f"{' / '.join(deployed(t) for t in TYPES)} | {drops} | {crows} | {ppl:+.1f} % | "
+            f"{' / '.join(deployed(t) for t in BIAS_TYPES)} | {drops} | {crows} | {ppl:+.1f} % | "
             f"{results['protocols']['deployment']['scale']:.3g} | {results['training']['best_step']} |")
 
 

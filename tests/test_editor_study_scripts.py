@@ -1,6 +1,6 @@
 """The study scripts on the bundled testbed: ``_study_args`` (the refused ``--out``), ``edit_size_curve`` with an
-untrained editor (3 items per bias type, edits of 2 items and one joint edit per type) and ``finetune_ceiling``
-(its dev choice by hand, and its training step)."""
+untrained editor (3 items per bias type, edits of 2 items and one joint edit per type, at x1 and x0) and
+``finetune_ceiling`` (its dev choice by hand, its training step, and a two-step run)."""
 
 from __future__ import annotations
 
@@ -47,15 +47,21 @@ def test_the_edit_size_curve_scores_the_same_items_at_every_size(tmp_path):
     out = tmp_path / "curve.json"
     script = script_module("edit_size_curve")
     assert script.main(["--editor", str(tmp_path / "editor"), "--limit", "3", "--sizes", "2,4096",
-                        "--batch-size", "8", "--out", str(out)]) == 0
+                        "--scales", "1,0", "--batch-size", "8", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["n_items"] == 9
-    small, joint = report["rows"]
+    small, joint, small_zero, joint_zero = report["rows"]
+    assert [(row["scale"], row["edit_batch_size"]) for row in report["rows"]] == [(1, 2), (1, 4096), (0, 2), (0, 4096)]
     assert (small["edit_batch_size"], small["n_batches"]) == (2, 3 * math.ceil(3 / 2))
     assert (joint["edit_batch_size"], joint["n_batches"]) == (4096, 3)
     for bias_type in ("gender", "race", "religion"):
         assert small["before"][bias_type] == joint["before"][bias_type]
         assert 0.0 <= small["after"][bias_type]["ss"] <= 100.0
+        for zero in (small_zero, joint_zero):  # x0: every delta is zero, so the edited scores are the unedited ones
+            assert zero["after"][bias_type]["ss"] == zero["before"][bias_type]["ss"]
+            assert zero["after"][bias_type]["lms"] == zero["before"][bias_type]["lms"]
+    scaled = BiasEditor.from_pretrained(tmp_path / "editor")  # the script left the saved editor as it was
+    assert all(torch.equal(scaled.nets[name].lr, net.lr) for name, net in editor.nets.items())
 
 
 def test_the_ceiling_checkpoint_choice_is_mean_distance_to_50_within_the_lms_bound():
@@ -82,3 +88,20 @@ def test_a_ceiling_step_trains_the_deltas_against_the_unedited_model():
     assert all(p.abs().max().item() == pytest.approx(1e-3, rel=1e-3) for p in deltas.values())  # Adam's first step
     second = ceiling.training_step(peft_model, tokenizer, items, 1.0, optimizer)
     assert second["retention"] > 0.0 and second["debias"] < first["debias"]
+
+
+def test_a_ceiling_run_reports_the_kept_checkpoint(tmp_path):
+    out = tmp_path / "ceiling.json"
+    ceiling = script_module("finetune_ceiling")
+    assert ceiling.main(["--limit", "3", "--steps", "2", "--eval-every", "1", "--pairs-per-step", "4",
+                         "--lr", "1e-2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [row["step"] for row in report["checkpoints"]] == [0, 1, 2]
+    kept = next(row for row in report["checkpoints"] if row["step"] == report["kept_step"])
+    after = report["after"]
+    assert ceiling.ss_lms(after["stereoset"]) == kept["test"]
+    # perplexity is scored afresh after the kept deltas are restored: it must be the kept row's
+    assert after["perplexity"] == pytest.approx(kept["perplexity"], rel=1e-6)
+    assert set(after["crows"]) == {"gender", "race-color", "religion", "overall"}
+    steps = report["checkpoints"]
+    assert steps[2]["perplexity"] != steps[0]["perplexity"]  # the deltas moved, so restoring them is tested

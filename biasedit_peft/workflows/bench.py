@@ -48,6 +48,7 @@ from typing import Any
 import torch
 
 from .._io import json_ready, write_json
+from ..data import BIAS_TYPES
 from ..models import default_device
 from .demo import DemoConfig, build_model, editor_preset, environment, load_demo_items
 
@@ -166,7 +167,7 @@ def _trainer(config: BenchConfig, out_dir: str, dtype: str | None = None):
 
     peft_model, tokenizer, _ = build_model(_demo_config(config, dtype=dtype))
     editor, args = _fresh_editor(peft_model, config, out_dir)
-    train = load_demo_items("train", ("gender", "race", "religion"), None)
+    train = load_demo_items("train", BIAS_TYPES, None)
     return BiasEditTrainer(peft_model, editor, args, train, None, tokenizer=tokenizer)
 
 
@@ -592,7 +593,7 @@ def bench_speed(config: BenchConfig) -> dict:
 
 
 def _cached(peft_model, tokenizer, editor, n_samples: int):
-    items = load_demo_items("train", ("gender", "race", "religion"), None)
+    items = load_demo_items("train", BIAS_TYPES, None)
     items = (items * math.ceil(n_samples / len(items)))[:n_samples]
     cache, _, _ = editor.cache_samples(peft_model, tokenizer, items, 32, update_normalizers=True)
     return cache
@@ -651,7 +652,7 @@ def bench_forward(config: BenchConfig) -> dict:
 
     device = default_device(config.device)
     base, tokenizer = load_model_and_tokenizer(config.model, device=device)
-    items = load_demo_items("test", ("gender", "race", "religion"), None)[:64]
+    items = load_demo_items("test", BIAS_TYPES, None)[:64]
     batch = encode_sentences(tokenizer, [item.stereotype for item in items]).to(device)
     generator = torch.Generator().manual_seed(config.seed)
     peft_model = get_peft_model(copy.deepcopy(base), BiasEditConfig())
@@ -712,7 +713,7 @@ def _memory_phase(phase: str, config: BenchConfig) -> dict:
         batches = trainer._batches(trainer.train_data, 0)
         items = []
         if phase == "debiasing":
-            items = load_demo_items("test", ("gender", "race", "religion"), config.limit)
+            items = load_demo_items("test", BIAS_TYPES, config.limit)
             _cached(trainer.model, trainer.tokenizer, trainer.editor, 64)  # normaliser statistics
         loaded = current_rss_mib()
         reset = reset_peak_rss()
@@ -767,7 +768,7 @@ def bench_size(config: BenchConfig) -> dict:
     peft_model, tokenizer, _ = build_model(_demo_config(config))
     editor, _ = _fresh_editor(peft_model, config)
     _cached(peft_model, tokenizer, editor, 64)  # normaliser statistics of an untrained editor
-    items = load_demo_items("test", ("gender", "race", "religion"), config.limit)
+    items = load_demo_items("test", BIAS_TYPES, config.limit)
     report = editor.debias(peft_model, items, tokenizer=tokenizer, progress=False)
     results: dict[str, Any] = {"n_samples": report.n_samples, "n_tokens": report.n_tokens}
     with tempfile.TemporaryDirectory() as folder:

@@ -34,6 +34,7 @@ def measure(config, delta_file: str) -> dict[str, Any]:
     """
     from safetensors.torch import save_file
 
+    from ..data import BIAS_TYPES
     from ..distributed import current_processes
     from .bench import _cached, _trainer
     from .demo import load_demo_items
@@ -42,7 +43,7 @@ def measure(config, delta_file: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder:
         trainer = _trainer(config, folder)
         _cached(trainer.model, trainer.tokenizer, trainer.editor, 64)  # normalisers, the same in every process
-        items = load_demo_items("train", ("gender", "race", "religion"), None)[:DEBIAS_SAMPLES]
+        items = load_demo_items("train", BIAS_TYPES, None)[:DEBIAS_SAMPLES]
         processes.barrier()
         start = time.perf_counter()  # the debias first: the same editor in every run, so the deltas compare
         solutions, report = trainer.editor.joint_solutions(trainer.model, items, trainer.tokenizer,
