@@ -1,6 +1,7 @@
 """The study scripts on the bundled testbed: ``_study_args`` (the refused ``--out``), ``edit_size_curve`` with an
 untrained editor (3 items per bias type, edits of 2 items and one joint edit per type, at x1 and x0) and
-``finetune_ceiling`` (its dev choice by hand, its training step, and a two-step run)."""
+``finetune_ceiling`` (its dev choice by hand, its training step, and a two-step run) and ``calibration_order``'s dev
+groups."""
 
 from __future__ import annotations
 
@@ -105,3 +106,13 @@ def test_a_ceiling_run_reports_the_kept_checkpoint(tmp_path):
     assert set(after["crows"]) == {"gender", "race-color", "religion", "overall"}
     steps = report["checkpoints"]
     assert steps[2]["perplexity"] != steps[0]["perplexity"]  # the deltas moved, so restoring them is tested
+
+
+def test_calibration_order_groups_dev_in_file_order_or_a_seeded_shuffle():
+    groups_of = script_module("calibration_order").dev_groups
+    samples = list(range(10))
+    assert groups_of(samples, 4, None) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    shuffled = groups_of(samples, 4, 0)
+    assert [len(group) for group in shuffled] == [4, 4, 2]
+    assert sorted(sum(shuffled, [])) == samples and sum(shuffled, []) != samples
+    assert groups_of(samples, 4, 0) == shuffled and groups_of(samples, 4, 1) != shuffled
