@@ -62,7 +62,7 @@ def per_batch_protocol(
     editor, peft_model: nn.Module, tokenizer, items: Sequence[StereoSetItem], edit_batch_size: int = 32,
     batch_size: int = 32, mode: str = "reference", adapter_name: str = "default",
     n_resamples: int = N_RESAMPLES, seed: int = 0, progress: bool = True,
-    unedited: dict[str, SentenceLogProbs] | None = None,
+    unedited: dict[str, SentenceLogProbs] | None = None, keep_scores: bool = False,
 ) -> dict:
     """The paper's protocol: edit each batch, score it, undo.
 
@@ -80,11 +80,13 @@ def per_batch_protocol(
         progress: Show a progress bar.
         unedited: The role scores of ``items`` under the model as it is (``score_stereoset_items``), when the
             caller already has them; computed otherwise.
+        keep_scores: Also return the role scores of every item (``"scores"``: ``{"before", "after"}``, each
+            ``{role: SentenceLogProbs [n_items]}`` in item order), e.g. to score subsets of the items.
 
     Returns:
         ``{"protocol", "edit_batch_size", "n_batches", "n_items", "before", "after", "other_units"}``: results in
         ``mode``'s units, and under ``other_units`` (``{"mode", "before", "after"}``) in the other unit
-        (reference SS and the paper code's SS disagree; docs/metrics.md).
+        (reference SS and the paper code's SS disagree; docs/metrics.md); ``"scores"`` with ``keep_scores``.
     """
     items = list(items)
     if not items:
@@ -101,13 +103,16 @@ def per_batch_protocol(
             pieces.append(score_stereoset_items(peft_model, tokenizer, group, batch_size, progress=False))
     after = _reorder(pieces, torch.tensor([i for indices in batches for i in indices]))
     other = "paper" if mode == "reference" else "reference"
-    return {
+    result = {
         "protocol": "per_batch", "edit_batch_size": edit_batch_size, "n_batches": len(batches), "n_items": len(items),
         "before": stereoset_results(items, before, mode, n_resamples, seed),
         "after": stereoset_results(items, after, mode, n_resamples, seed),
         "other_units": {"mode": other, "before": stereoset_results(items, before, other, n_resamples, seed),
                         "after": stereoset_results(items, after, other, n_resamples, seed)},
     }
+    if keep_scores:
+        result["scores"] = {"before": before, "after": after}
+    return result
 
 
 def split_targets(items: Sequence[StereoSetItem], seed: int = 0) -> TargetSplit:

@@ -1,0 +1,138 @@
+"""Is the dev-chosen edit scale the one `test` needs? A scale chosen on half of `test`, scored on the other half.
+
+The trainer calibrates an editor's edit scale on ``dev`` (``calibration.calibrate_edit_scale``: the multiple whose
+pooled SS is closest to 50 within the LMS and NLL bounds). If ``test`` per-batch SS then stays far from 50, either
+the choice is optimistic because ``dev`` chose it (selection), or ``test``'s pairs need another scale than ``dev``'s
+(a shift between the two StereoSet files and their target terms). This script runs the paper's per-batch protocol
+on ``--split`` at each multiple in ``--scales`` (relative to the saved editor, whose calibrated scale is baked in)
+and keeps every item's scores. Then, for ``--halvings`` seeded splits of the target terms of each bias type
+(``protocols.split_targets``), it chooses the multiple on one half by the calibration's own rule and reports the
+other half's per-type SS and LMS at that multiple and at x1 (dev's choice). Target terms never cross halves, so
+the reported half is held out from the choice, as ``test`` is from ``dev``; if the held-out half lands near 50, the
+scale ``dev`` chose, not selection, is what kept ``test`` away.
+
+    python scripts/scale_transfer.py --model smollm2-135m --editor runs/smollm2/seed-0/editor \
+        --scales 0.71,1,1.41,2,2.83 --out runs/scale-transfer-s0.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from _study_args import add_editor_study_arguments, parse_study_arguments
+
+from biasedit_peft._io import write_json
+from biasedit_peft.data import BIAS_TYPES
+from biasedit_peft.editor import BiasEditor
+from biasedit_peft.editor.calibration import target_score
+from biasedit_peft.evaluation import score_stereoset_items, stereoset_results
+from biasedit_peft.metrics import item_ss_lms
+from biasedit_peft.scoring import SentenceLogProbs
+from biasedit_peft.workflows.demo import DemoConfig, build_model, load_demo_items
+from biasedit_peft.workflows.protocols import per_batch_protocol, split_targets
+
+Scores = dict[str, SentenceLogProbs]
+
+
+def pooled_row(before: Scores, after: Scores, rows: torch.Tensor) -> dict[str, float]:
+    """The calibration's pooled metrics (``item_ss_lms`` before / after, mean NLL rise of the unrelated sentences)
+    of the items at ``rows`` ``[K]``."""
+    pre = item_ss_lms(*(before[r].mean[rows] for r in ("stereotype", "anti-stereotype", "unrelated")))
+    post = item_ss_lms(*(after[r].mean[rows] for r in ("stereotype", "anti-stereotype", "unrelated")))
+    nll_increase = (before["unrelated"].mean[rows] - after["unrelated"].mean[rows]).mean().item()
+    return {"ss_pre": pre["ss"], "ss_post": post["ss"], "lms_pre": pre["lms"], "lms_post": post["lms"],
+            "nll_increase": nll_increase}
+
+
+def subset(scores: Scores, rows: torch.Tensor) -> Scores:
+    """The role scores of the items at ``rows``."""
+    return {role: s[rows] for role, s in scores.items()}
+
+
+def halves(items: list, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices ``([K1], [K2])`` of the items whose target is in the edit / scored half of ``split_targets``."""
+    split = split_targets(items, seed)
+    choose = [i for i, item in enumerate(items) if item.target in split.edit[item.bias_type]]
+    report = [i for i, item in enumerate(items) if item.target in split.scored[item.bias_type]]
+    return torch.tensor(choose), torch.tensor(report)
+
+
+def transfer(items: list, before: Scores, after: dict[float, Scores], seed: int) -> dict:
+    """Choose the multiple on one half (lowest ``target_score``; ties to the one nearest 1) and score the other
+    half per bias type at it and at x1."""
+    choose, report = halves(items, seed)
+    ranked = sorted(after, key=lambda scale: (target_score(pooled_row(before, after[scale], choose)),
+                                              abs(scale - 1.0)))
+    reported = [items[i] for i in report.tolist()]
+
+    def per_type(scores: Scores) -> dict[str, dict[str, float]]:
+        result = stereoset_results(reported, subset(scores, report), "reference", n_resamples=0)
+        return {t: {"ss": result[t]["ss"], "lms": result[t]["lms"]} for t in BIAS_TYPES}
+
+    return {"seed": seed, "chosen": ranked[0], "before": per_type(before), "chosen_after": per_type(after[ranked[0]]),
+            "x1_after": per_type(after[1.0]) if 1.0 in after else None}
+
+
+def summary(halvings: list[dict], key: str) -> dict[str, dict[str, float]]:
+    """Mean, min and max over halvings of the reported half's SS and LMS drop per bias type under ``key``."""
+    result = {}
+    for t in BIAS_TYPES:
+        ss = [h[key][t]["ss"] for h in halvings]
+        drop = [h["before"][t]["lms"] - h[key][t]["lms"] for h in halvings]
+        result[t] = {"ss_mean": statistics.fmean(ss), "ss_min": min(ss), "ss_max": max(ss),
+                     "lms_drop_mean": statistics.fmean(drop), "lms_drop_max": max(drop)}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_editor_study_arguments(parser)
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--scales", default="0.71,1,1.41,2,2.83", help="multiples of the saved editor's edit")
+    parser.add_argument("--edit-batch-size", type=int, default=32)
+    parser.add_argument("--halvings", type=int, default=50)
+    args = parse_study_arguments(parser, argv)
+    scales = [float(scale) for scale in args.scales.split(",")]
+
+    peft_model, tokenizer, device = build_model(DemoConfig(model=args.model, dtype=args.dtype, progress=False))
+    editor = BiasEditor.from_pretrained(args.editor, device=device)
+    trained_lr = {name: net.lr.detach().clone() for name, net in editor.nets.items()}
+    items = load_demo_items(args.split, BIAS_TYPES, args.limit)
+    started = time.perf_counter()
+    before = score_stereoset_items(peft_model, tokenizer, items, args.batch_size, progress=False)
+    report = {"model": args.model, "editor": args.editor, "split": args.split, "n_items": len(items), "rows": []}
+    after: dict[float, Scores] = {}
+    for scale in scales:
+        with torch.no_grad():
+            for name, net in editor.nets.items():
+                net.lr.copy_(trained_lr[name] * scale)
+        result = per_batch_protocol(editor, peft_model, tokenizer, items, edit_batch_size=args.edit_batch_size,
+                                    batch_size=args.batch_size, progress=False, unedited=before, keep_scores=True)
+        after[scale] = result["scores"]["after"]
+        report["rows"].append({"scale": scale, "before": result["before"], "after": result["after"]})
+        write_json(Path(args.out), report)
+        cells = ", ".join(f"{t} {result['before'][t]['ss']:.2f} -> {result['after'][t]['ss']:.2f} (LMS drop "
+                          f"{result['before'][t]['lms'] - result['after'][t]['lms']:.2f})" for t in BIAS_TYPES)
+        print(f"x{scale:g}: SS {cells} [{time.perf_counter() - started:.0f} s]", flush=True)
+    halvings = [transfer(items, before, after, seed) for seed in range(args.halvings)]
+    report["halvings"] = halvings
+    report["chosen_counts"] = {f"{s:g}": sum(h["chosen"] == s for h in halvings) for s in scales}
+    report["held_out_half"] = {"chosen": summary(halvings, "chosen_after")}
+    if 1.0 in after:
+        report["held_out_half"]["x1"] = summary(halvings, "x1_after")
+    write_json(Path(args.out), report)
+    print(f"{args.halvings} halvings: chosen multiples {report['chosen_counts']}")
+    for key, table in report["held_out_half"].items():
+        print(f"held-out half at {key}: " + ", ".join(
+            f"{t} SS {v['ss_mean']:.2f} ({v['ss_min']:.2f}-{v['ss_max']:.2f}), LMS drop {v['lms_drop_mean']:.2f} "
+            f"(max {v['lms_drop_max']:.2f})" for t, v in table.items()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
