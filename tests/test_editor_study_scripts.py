@@ -1,7 +1,7 @@
 """The study scripts on the bundled testbed: ``_study_args`` (the refused ``--out``), ``edit_size_curve`` with an
 untrained editor (3 items per bias type, edits of 2 items and one joint edit per type, at x1 and x0) and
-``finetune_ceiling`` (its dev choice by hand, its training step, and a two-step run) and ``calibration_order``'s dev
-groups."""
+``finetune_ceiling`` (its dev choice by hand, its training step, and a two-step run), ``calibration_order``'s dev
+groups and ``scale_transfer``'s choice on hand-built scores."""
 
 from __future__ import annotations
 
@@ -116,3 +116,36 @@ def test_calibration_order_groups_dev_in_file_order_or_a_seeded_shuffle():
     assert [len(group) for group in shuffled] == [4, 4, 2]
     assert sorted(sum(shuffled, [])) == samples and sum(shuffled, []) != samples
     assert groups_of(samples, 4, 0) == shuffled and groups_of(samples, 4, 1) != shuffled
+
+
+def test_scale_transfer_chooses_on_one_half_of_the_targets_and_scores_the_other():
+    from biasedit_peft.evaluation import STEREOSET_ROLES
+    from biasedit_peft.scoring import SentenceLogProbs
+
+    from factories import stereoset_item
+
+    script = script_module("scale_transfer")
+    # 4 target terms per bias type, 2 items each: items 2k and 2k + 1 share a target term
+    items = [stereoset_item(f"{t}{k}-{j}", f"{t}{k}", "s", "a", "u", bias_type=t)
+             for t in ("gender", "race", "religion") for k in range(4) for j in range(2)]
+    n = len(items)
+
+    def scores(stereotype: torch.Tensor, anti: torch.Tensor) -> dict:
+        columns = {"stereotype": stereotype, "anti-stereotype": anti, "unrelated": torch.full((n,), -5.0)}
+        return {role: SentenceLogProbs(columns[role], columns[role], torch.ones(n)) for role in STEREOSET_ROLES}
+
+    zero, flipped = torch.zeros(n), torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0)
+    before = scores(zero, -torch.ones(n))  # every stereotype preferred: SS 100, LMS 100
+    # x1 leaves it; x1.5 flips one item of every target term (SS 50 in any half); x2 flips them all (SS 0)
+    after = {1.0: before, 1.5: scores(zero, flipped), 2.0: scores(zero, torch.ones(n))}
+    for seed in range(5):
+        choose, report = script.halves(items, seed)
+        chosen_targets = {items[i].target for i in choose.tolist()}
+        assert chosen_targets.isdisjoint(items[i].target for i in report.tolist())
+        assert sorted(choose.tolist() + report.tolist()) == list(range(n))
+        assert len(chosen_targets) == 6  # 2 of the 4 target terms of each type
+        result = script.transfer(items, before, after, seed)
+        assert result["chosen"] == 1.5
+        for t in ("gender", "race", "religion"):
+            assert result["chosen_after"][t] == {"ss": 50.0, "lms": 100.0}
+            assert result["x1_after"][t] == result["before"][t] == {"ss": 100.0, "lms": 100.0}

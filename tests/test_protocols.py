@@ -160,6 +160,14 @@ def test_per_batch_scores_each_batch_under_its_own_edit_and_restores_the_model(m
     other = result["other_units"]
     assert other["mode"] == "paper" and (other["before"]["overall"]["ss"], other["after"]["overall"]["ss"]) == (
         pytest.approx(75.0), pytest.approx(0.0))
+    assert "scores" not in result
+    # keep_scores: every item's role scores, in item order (he, monk, she, nun), before and under its own edit
+    kept = protocols.per_batch_protocol(editor, None, None, items, edit_batch_size=2, n_resamples=0,
+                                        progress=False, keep_scores=True)["scores"]
+    for k, role in enumerate(STEREOSET_ROLES):
+        unedited = torch.tensor([UNEDITED[item.id][k] for item in items])
+        edited = unedited + (EDIT_BOOST if role == "anti-stereotype" else 0.0)
+        assert torch.equal(kept["before"][role].mean, unedited) and torch.equal(kept["after"][role].mean, edited)
 
 
 def test_per_batch_on_the_testbed_writes_nothing_and_changes_the_scores(testbed, items):
