@@ -1,12 +1,19 @@
 """Arguments shared by the scripts that study an edit of a model (``edit_size_curve``, ``joint_ridge_sweep``,
-``finetune_ceiling``): what to load, how to score, and where the JSON report goes without overwriting it."""
+``finetune_ceiling``, ``calibration_order``, ``scale_transfer``): what to load, how to score, and where the JSON report
+goes without overwriting it; and the loaded model and editor with a settable multiple of the editor's edit."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+import torch
+
 from biasedit_peft.cli._common import add_model_argument
+from biasedit_peft.data import BIAS_TYPES
+from biasedit_peft.editor import BiasEditor
+from biasedit_peft.evaluation import score_stereoset_items
+from biasedit_peft.workflows.demo import DemoConfig, build_model, load_demo_items
 
 
 def add_editor_study_arguments(parser: argparse.ArgumentParser, editor: bool = True) -> None:
@@ -28,3 +35,29 @@ def parse_study_arguments(parser: argparse.ArgumentParser, argv: list[str] | Non
     if Path(args.out).exists() and not args.overwrite:
         parser.error(f"--out {args.out} exists; pass --overwrite to replace it")
     return args
+
+
+def load_study_editor(args: argparse.Namespace) -> tuple[torch.nn.Module, object, BiasEditor, dict[str, torch.Tensor]]:
+    """``(peft_model, tokenizer, editor, trained_lr)``: ``--model`` (``--dtype``) with a zero BiasEdit adapter, the
+    ``--editor`` folder on its device, and a copy of the editor's step sizes ``lr`` per net (``set_edit_multiple``)."""
+    peft_model, tokenizer, device = build_model(DemoConfig(model=args.model, dtype=args.dtype, progress=False))
+    editor = BiasEditor.from_pretrained(args.editor, device=device)
+    return peft_model, tokenizer, editor, {name: net.lr.detach().clone() for name, net in editor.nets.items()}
+
+
+@torch.no_grad()
+def set_edit_multiple(editor: BiasEditor, trained_lr: dict[str, torch.Tensor], multiple: float) -> None:
+    """Set every step size of ``editor`` to ``multiple`` x its trained value: every delta scales by ``multiple``
+    (the knob the dev calibration turns, ``calibration.scale_edits``)."""
+    for name, net in editor.nets.items():
+        net.lr.copy_(trained_lr[name] * multiple)
+
+
+def score_study_split(args: argparse.Namespace, peft_model: torch.nn.Module, tokenizer) -> tuple[list, dict, dict]:
+    """``(items, unedited, report)``: the StereoSet items of ``--split`` (``--limit`` per bias type), their role
+    scores under the unedited model, and the report's header (``model``, ``editor``, ``split``, ``n_items``,
+    empty ``rows``)."""
+    items = load_demo_items(args.split, BIAS_TYPES, args.limit)
+    unedited = score_stereoset_items(peft_model, tokenizer, items, args.batch_size, progress=False)
+    report = {"model": args.model, "editor": args.editor, "split": args.split, "n_items": len(items), "rows": []}
+    return items, unedited, report

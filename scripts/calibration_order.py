@@ -22,14 +22,13 @@ import sys
 import time
 from pathlib import Path
 
-from _study_args import add_editor_study_arguments, parse_study_arguments
+from _study_args import add_editor_study_arguments, load_study_editor, parse_study_arguments
 
 from biasedit_peft._io import write_json
 from biasedit_peft.data import BIAS_TYPES
-from biasedit_peft.editor import BiasEditor
 from biasedit_peft.editor.cache import as_edit_sample
 from biasedit_peft.editor.calibration import EDIT_SCALES, calibrate_edit_scale
-from biasedit_peft.workflows.demo import DemoConfig, build_model, load_demo_items
+from biasedit_peft.workflows.demo import load_demo_items
 
 
 def dev_groups(samples: list, size: int, shuffle_seed: int | None) -> list[list]:
@@ -49,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scales", default=",".join(f"{s:g}" for s in EDIT_SCALES))
     args = parse_study_arguments(parser, argv)
 
-    peft_model, tokenizer, device = build_model(DemoConfig(model=args.model, dtype=args.dtype, progress=False))
-    editor = BiasEditor.from_pretrained(args.editor, device=device)
+    peft_model, tokenizer, editor, _ = load_study_editor(args)
     dev = [as_edit_sample(item, i) for i, item in enumerate(load_demo_items("dev", BIAS_TYPES, args.limit))]
     scales = [float(s) for s in args.scales.split(",")]
     report = {"model": args.model, "editor": args.editor, "n_dev": len(dev), "n_edits": args.n_edits, "orders": {}}

@@ -20,14 +20,16 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from _study_args import add_editor_study_arguments, parse_study_arguments
+from _study_args import (
+    add_editor_study_arguments,
+    load_study_editor,
+    parse_study_arguments,
+    score_study_split,
+    set_edit_multiple,
+)
 
 from biasedit_peft._io import write_json
 from biasedit_peft.data import BIAS_TYPES
-from biasedit_peft.editor import BiasEditor
-from biasedit_peft.evaluation import score_stereoset_items
-from biasedit_peft.workflows.demo import DemoConfig, build_model, load_demo_items
 from biasedit_peft.workflows.protocols import per_batch_protocol
 
 
@@ -41,18 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(size) for size in args.sizes.split(",")]
     scales = [float(scale) for scale in args.scales.split(",")]
 
-    config = DemoConfig(model=args.model, dtype=args.dtype, progress=False)
-    peft_model, tokenizer, device = build_model(config)
-    editor = BiasEditor.from_pretrained(args.editor, device=device)
-    trained_lr = {name: net.lr.detach().clone() for name, net in editor.nets.items()}
-    items = load_demo_items(args.split, BIAS_TYPES, args.limit)
+    peft_model, tokenizer, editor, trained_lr = load_study_editor(args)
     started = time.perf_counter()
-    unedited = score_stereoset_items(peft_model, tokenizer, items, args.batch_size, progress=False)
-    report = {"model": args.model, "editor": args.editor, "split": args.split, "n_items": len(items), "rows": []}
+    items, unedited, report = score_study_split(args, peft_model, tokenizer)
     for scale, size in [(scale, size) for scale in scales for size in sizes]:
-        with torch.no_grad():
-            for name, net in editor.nets.items():
-                net.lr.copy_(trained_lr[name] * scale)
+        set_edit_multiple(editor, trained_lr, scale)
         result = per_batch_protocol(editor, peft_model, tokenizer, items, edit_batch_size=size,
                                     batch_size=args.batch_size, progress=False, unedited=unedited)
         report["rows"].append({"scale": scale, "edit_batch_size": size, "n_batches": result["n_batches"],

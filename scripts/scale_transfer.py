@@ -24,16 +24,20 @@ import time
 from pathlib import Path
 
 import torch
-from _study_args import add_editor_study_arguments, parse_study_arguments
+from _study_args import (
+    add_editor_study_arguments,
+    load_study_editor,
+    parse_study_arguments,
+    score_study_split,
+    set_edit_multiple,
+)
 
 from biasedit_peft._io import write_json
 from biasedit_peft.data import BIAS_TYPES
-from biasedit_peft.editor import BiasEditor
 from biasedit_peft.editor.calibration import target_score
-from biasedit_peft.evaluation import score_stereoset_items, stereoset_results
+from biasedit_peft.evaluation import stereoset_results
 from biasedit_peft.metrics import item_ss_lms
 from biasedit_peft.scoring import SentenceLogProbs
-from biasedit_peft.workflows.demo import DemoConfig, build_model, load_demo_items
 from biasedit_peft.workflows.protocols import per_batch_protocol, split_targets
 
 Scores = dict[str, SentenceLogProbs]
@@ -99,18 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_study_arguments(parser, argv)
     scales = [float(scale) for scale in args.scales.split(",")]
 
-    peft_model, tokenizer, device = build_model(DemoConfig(model=args.model, dtype=args.dtype, progress=False))
-    editor = BiasEditor.from_pretrained(args.editor, device=device)
-    trained_lr = {name: net.lr.detach().clone() for name, net in editor.nets.items()}
-    items = load_demo_items(args.split, BIAS_TYPES, args.limit)
+    peft_model, tokenizer, editor, trained_lr = load_study_editor(args)
     started = time.perf_counter()
-    before = score_stereoset_items(peft_model, tokenizer, items, args.batch_size, progress=False)
-    report = {"model": args.model, "editor": args.editor, "split": args.split, "n_items": len(items), "rows": []}
+    items, before, report = score_study_split(args, peft_model, tokenizer)
     after: dict[float, Scores] = {}
     for scale in scales:
-        with torch.no_grad():
-            for name, net in editor.nets.items():
-                net.lr.copy_(trained_lr[name] * scale)
+        set_edit_multiple(editor, trained_lr, scale)
         result = per_batch_protocol(editor, peft_model, tokenizer, items, edit_batch_size=args.edit_batch_size,
                                     batch_size=args.batch_size, progress=False, unedited=before, keep_scores=True)
         after[scale] = result["scores"]["after"]
