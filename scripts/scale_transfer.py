@@ -83,13 +83,15 @@ def transfer(items: list, before: Scores, after: dict[float, Scores], seed: int)
 
 
 def summary(halvings: list[dict], key: str) -> dict[str, dict[str, float]]:
-    """Mean, min and max over halvings of the reported half's SS and LMS drop per bias type under ``key``."""
+    """Mean, min and max over halvings of the reported half's SS and LMS drop per bias type under ``key``, and in
+    how many halvings it met issue 13's per-batch target (|SS - 50| <= 3 with an LMS drop of at most 3)."""
     result = {}
     for t in BIAS_TYPES:
         ss = [h[key][t]["ss"] for h in halvings]
         drop = [h["before"][t]["lms"] - h[key][t]["lms"] for h in halvings]
         result[t] = {"ss_mean": statistics.fmean(ss), "ss_min": min(ss), "ss_max": max(ss),
-                     "lms_drop_mean": statistics.fmean(drop), "lms_drop_max": max(drop)}
+                     "lms_drop_mean": statistics.fmean(drop), "lms_drop_max": max(drop),
+                     "target_met": sum(abs(v - 50.0) <= 3.0 and d <= 3.0 for v, d in zip(ss, drop))}
     return result
 
 
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, table in report["held_out_half"].items():
         print(f"held-out half at {key}: " + ", ".join(
             f"{t} SS {v['ss_mean']:.2f} ({v['ss_min']:.2f}-{v['ss_max']:.2f}), LMS drop {v['lms_drop_mean']:.2f} "
-            f"(max {v['lms_drop_max']:.2f})" for t, v in table.items()), flush=True)
+            f"(max {v['lms_drop_max']:.2f}), target met in {v['target_met']}" for t, v in table.items()), flush=True)
     return 0
 
 

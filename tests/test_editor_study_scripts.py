@@ -149,3 +149,7 @@ def test_scale_transfer_chooses_on_one_half_of_the_targets_and_scores_the_other(
         for t in ("gender", "race", "religion"):
             assert result["chosen_after"][t] == {"ss": 50.0, "lms": 100.0}
             assert result["x1_after"][t] == result["before"][t] == {"ss": 100.0, "lms": 100.0}
+    halvings = [script.transfer(items, before, after, seed) for seed in range(5)]
+    assert script.summary(halvings, "chosen_after")["race"] == {
+        "ss_mean": 50.0, "ss_min": 50.0, "ss_max": 50.0, "lms_drop_mean": 0.0, "lms_drop_max": 0.0, "target_met": 5}
+    assert script.summary(halvings, "x1_after")["race"]["target_met"] == 0
