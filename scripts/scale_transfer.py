@@ -34,23 +34,17 @@ from _study_args import (
 
 from biasedit_peft._io import write_json
 from biasedit_peft.data import BIAS_TYPES
-from biasedit_peft.editor.calibration import target_score
-from biasedit_peft.evaluation import stereoset_results
-from biasedit_peft.metrics import item_ss_lms
+from biasedit_peft.editor.calibration import rank_scales, target_score
+from biasedit_peft.evaluation import STEREOSET_ROLES, stereoset_results
 from biasedit_peft.scoring import SentenceLogProbs
 from biasedit_peft.workflows.protocols import per_batch_protocol, split_targets
 
 Scores = dict[str, SentenceLogProbs]
 
 
-def pooled_row(before: Scores, after: Scores, rows: torch.Tensor) -> dict[str, float]:
-    """The calibration's pooled metrics (``item_ss_lms`` before / after, mean NLL rise of the unrelated sentences)
-    of the items at ``rows`` ``[K]``."""
-    pre = item_ss_lms(*(before[r].mean[rows] for r in ("stereotype", "anti-stereotype", "unrelated")))
-    post = item_ss_lms(*(after[r].mean[rows] for r in ("stereotype", "anti-stereotype", "unrelated")))
-    nll_increase = (before["unrelated"].mean[rows] - after["unrelated"].mean[rows]).mean().item()
-    return {"ss_pre": pre["ss"], "ss_post": post["ss"], "lms_pre": pre["lms"], "lms_post": post["lms"],
-            "nll_increase": nll_increase}
+def role_means(scores: Scores, rows: torch.Tensor) -> torch.Tensor:
+    """Mean token log-probs ``[3, K]`` (stereotype, anti-stereotype, unrelated) of the items at ``rows`` ``[K]``."""
+    return torch.stack([scores[role].mean[rows] for role in STEREOSET_ROLES])
 
 
 def subset(scores: Scores, rows: torch.Tensor) -> Scores:
@@ -60,25 +54,23 @@ def subset(scores: Scores, rows: torch.Tensor) -> Scores:
 
 def halves(items: list, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row indices ``([K1], [K2])`` of the items whose target is in the edit / scored half of ``split_targets``."""
-    split = split_targets(items, seed)
-    choose = [i for i, item in enumerate(items) if item.target in split.edit[item.bias_type]]
-    report = [i for i, item in enumerate(items) if item.target in split.scored[item.bias_type]]
+    choose, report = split_targets(items, seed).sides(items)
     return torch.tensor(choose), torch.tensor(report)
 
 
 def transfer(items: list, before: Scores, after: dict[float, Scores], seed: int) -> dict:
-    """Choose the multiple on one half (lowest ``target_score``; ties to the one nearest 1) and score the other
-    half per bias type at it and at x1."""
+    """Choose the multiple on one half by the calibration's ranking (``rank_scales`` with ``target_score``) and
+    score the other half per bias type at it and at x1."""
     choose, report = halves(items, seed)
-    ranked = sorted(after, key=lambda scale: (target_score(pooled_row(before, after[scale], choose)),
-                                              abs(scale - 1.0)))
+    chosen = rank_scales(role_means(before, choose), {scale: role_means(scores, choose)
+                                                      for scale, scores in after.items()}, target_score)["scale"]
     reported = [items[i] for i in report.tolist()]
 
     def per_type(scores: Scores) -> dict[str, dict[str, float]]:
         result = stereoset_results(reported, subset(scores, report), "reference", n_resamples=0)
         return {t: {"ss": result[t]["ss"], "lms": result[t]["lms"]} for t in BIAS_TYPES}
 
-    return {"seed": seed, "chosen": ranked[0], "before": per_type(before), "chosen_after": per_type(after[ranked[0]]),
+    return {"seed": seed, "chosen": chosen, "before": per_type(before), "chosen_after": per_type(after[chosen]),
             "x1_after": per_type(after[1.0]) if 1.0 in after else None}
 
 

@@ -127,8 +127,11 @@ def _edited_scores(
     return after
 
 
-def _ranked(pre: torch.Tensor, after: dict[float, torch.Tensor], score: Callable[[dict[str, float]], float]) -> dict:
-    """``{"scale": best, "rows": [...]}`` from pooled scores ``[3, N]`` before and after each scale."""
+def rank_scales(pre: torch.Tensor, after: dict[float, torch.Tensor],
+                score: Callable[[dict[str, float]], float]) -> dict:
+    """``{"scale": best, "rows": [...]}`` from pooled mean token log-probs ``[3, N]`` (stereotype, anti-stereotype,
+    unrelated rows) before and after each scale: the calibrations' ranking (lowest ``score``, ties to the scale
+    nearest 1)."""
     pre_metrics = item_ss_lms(pre[0], pre[1], pre[2])
     rows = []
     for scale, post in after.items():
@@ -181,7 +184,7 @@ def calibrate_edit_scale(
         before.append(pre)
         for scale in scales:
             after[scale].append(post[scale])
-    return _ranked(torch.cat(before, 1), {scale: torch.cat(after[scale], 1) for scale in scales}, score)
+    return rank_scales(torch.cat(before, 1), {scale: torch.cat(after[scale], 1) for scale in scales}, score)
 
 
 def calibrate_joint_scale(
@@ -219,10 +222,10 @@ def calibrate_joint_scale(
         after = _edited_scores(editor, peft_model, tokenizer, solutions, scored, scales, replay, prefixes,
                                batch_size, adapter_name)
         bar.update(len(scales))
-        coarse = _ranked(pre, after, score)["scale"]
+        coarse = rank_scales(pre, after, score)["scale"]
         finer = [s for s in (coarse / math.sqrt(2), coarse * math.sqrt(2))
                  if all(abs(s / tried - 1) > 1e-6 for tried in after)]
         after.update(_edited_scores(editor, peft_model, tokenizer, solutions, scored, finer, replay, prefixes,
                                     batch_size, adapter_name))
         bar.update(2)
-    return _ranked(pre, after, score)
+    return rank_scales(pre, after, score)

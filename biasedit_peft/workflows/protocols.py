@@ -40,6 +40,12 @@ class TargetSplit:
     edit: dict[str, list[str]]
     scored: dict[str, list[str]]
 
+    def sides(self, items: Sequence[StereoSetItem]) -> tuple[list[int], list[int]]:
+        """Indices of the ``items`` whose target term is in the edit half, and of those in the scored half."""
+        edit = [i for i, item in enumerate(items) if item.target in self.edit[item.bias_type]]
+        scored = [i for i, item in enumerate(items) if item.target in self.scored[item.bias_type]]
+        return edit, scored
+
 
 def _reorder(pieces: Sequence[dict[str, SentenceLogProbs]], order: torch.Tensor) -> dict[str, SentenceLogProbs]:
     """Concatenate per-batch role scores and put them back in item order (``order[k]`` = item of row ``k``)."""
@@ -154,8 +160,8 @@ def held_out_protocol(
     """
     items = list(items)
     split = split_targets(items, seed)
-    edit_items = [item for item in items if item.target in split.edit[item.bias_type]]
-    scored_items = [item for item in items if item.target in split.scored[item.bias_type]]
+    edit_rows, scored_rows = split.sides(items)
+    edit_items, scored_items = [items[i] for i in edit_rows], [items[i] for i in scored_rows]
     result = joint_protocol(editor, peft_model, tokenizer, edit_items, scored_items, batch_size, mode, adapter_name,
                             n_resamples, seed, progress)
     return {**result, "protocol": "held_out", "seed": seed, "edit_targets": split.edit,
