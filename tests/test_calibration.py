@@ -82,6 +82,36 @@ def test_the_trainer_calibrates_the_kept_editor_once_and_saves_it(tmp_path):
         assert torch.equal(net.lr, first.lr)
 
 
+def test_the_trainer_calibrates_on_its_calibration_data_when_given(tmp_path):
+    """``calibration_data`` (e.g. dev + train-calib) replaces dev in the calibration only: every row's before
+    metrics are those of the calibration samples, scored by hand, and the editor's card names them."""
+    model = peft_model()
+    editor = BiasEditor.for_model(model, rank=8, lr=1e-2)
+    editor.provenance.update(eval_data="dev.jsonl", calibration_data="dev.jsonl + calib.jsonl")
+    args = BiasEditTrainingArguments(output_dir=str(tmp_path), n_edits=4, batch_size=2, meta_lr=1e-2, loc_coef=1.0,
+                                     max_steps=2, eval_every=2, progress=False, edit_scales=(0.0, 2.0))
+    dev, calibration = samples(8), samples(8) + samples(24)[12:]
+
+    def pooled(group):
+        sentences = [s.stereotype for s in group] + [s.anti_stereotype for s in group] + [s.unrelated for s in group]
+        scores = score_sentences(model, TOKENIZER, sentences, batch_size=2).mean.view(3, -1)
+        return item_ss_lms(scores[0], scores[1], scores[2])
+
+    expected, dev_only = pooled(calibration), pooled(dev)
+    assert (expected["ss"], expected["lms"]) != (dev_only["ss"], dev_only["lms"])  # the test can tell them apart
+    state = BiasEditTrainer(model, editor, args, samples(12), dev, tokenizer=TOKENIZER,
+                            calibration_data=calibration).train()
+    assert state.history[-1]["eval_ss_pre"] == pytest.approx(dev_only["ss"])  # validation stays on dev
+    for row in state.calibration["rows"]:
+        assert row["ss_pre"] == pytest.approx(expected["ss"]) and row["lms_pre"] == pytest.approx(expected["lms"])
+    zero = next(row for row in state.calibration["rows"] if row["scale"] == 0.0)
+    assert (zero["ss_post"], zero["lms_post"]) == (zero["ss_pre"], zero["lms_pre"])
+    card = (tmp_path / "README.md").read_text()
+    assert "Edit scale calibrated on: `dev.jsonl + calib.jsonl`" in card
+    assert "calibrated on `dev.jsonl + calib.jsonl`" in card
+    assert f"| {expected['ss']:.2f} |" in card and f"| {dev_only['ss']:.2f} |" not in card  # before, on both
+
+
 def test_no_calibration_under_loss_selection(tmp_path):
     model = peft_model()
     args = BiasEditTrainingArguments(output_dir=str(tmp_path), n_edits=4, batch_size=2, max_steps=2, eval_every=2,

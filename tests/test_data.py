@@ -23,6 +23,7 @@ from biasedit_peft.data import (
     load_stereoset,
     load_stereoset_file,
     noise_report,
+    split_calibration,
     split_train_dev,
     swap_gender,
 )
@@ -76,6 +77,25 @@ def test_no_leakage_between_splits():
         assert not ids[a] & ids[b]
         assert not targets[a] & targets[b], f"a target term is in both {a} and {b}"
     assert not sentences["test"] & (sentences["train"] | sentences["dev"])
+
+
+def test_train_carves_into_fit_and_calib_by_target_term():
+    """``train-fit`` + ``train-calib`` is ``train`` (file order kept), 8:1 per bias type up to whole target groups,
+    no target term on both sides (and, as part of ``train``, none of ``dev``'s or ``test``'s)."""
+    train, fit, calib = (load_stereoset(name) for name in ("train", "train-fit", "train-calib"))
+    calib_ids = {item.id for item in calib}
+    assert [item.id for item in fit] == [item.id for item in train if item.id not in calib_ids]
+    assert [item.id for item in calib] == [item.id for item in train if item.id in calib_ids]
+    assert Counter(item.bias_type for item in calib) == {"gender": 78, "race": 289, "religion": 27}
+    for bias_type in BIAS_TYPES:
+        fit_terms = {i.target for i in fit if i.bias_type == bias_type}
+        calib_terms = {i.target for i in calib if i.bias_type == bias_type}
+        assert calib_terms and not fit_terms & calib_terms
+        n_fit, n_calib = (sum(i.bias_type == bias_type for i in part) for part in (fit, calib))
+        assert 6 <= n_fit / n_calib <= 11
+    assert {item.target for item in calib if item.bias_type != "race"} == {"man", "girl", "husband", "church"}
+    assert split_calibration(train) == split_calibration(list(train))  # deterministic
+    assert load_edit_samples("stereoset:train-calib", ["religion"]) == [i for i in calib if i.bias_type == "religion"]
 
 
 def test_roles_from_gold_label_not_position(tmp_path):

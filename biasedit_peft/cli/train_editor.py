@@ -42,6 +42,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--train-data", default="stereoset:train", help="stereoset:SPLIT or a file (default "
                         "stereoset:train)")
     parser.add_argument("--eval-data", default="stereoset:dev", help="stereoset:SPLIT, a file, or 'none'")
+    parser.add_argument("--calibration-data", nargs="+", default=None, metavar="SPEC",
+                        help="calibrate the kept editor's edit scale on these (stereoset:SPLIT or files, pooled; "
+                        "default: --eval-data), e.g. 'stereoset:dev stereoset:train-calib' with --train-data "
+                        "stereoset:train-fit: twice dev's target terms, none meta-trained on")
     parser.add_argument("--bias-types", default=None,
                         help="comma-separated; default: gender,race,religion of a bundled split, else the types the "
                         "file has")
@@ -87,13 +91,16 @@ def run(args: argparse.Namespace) -> int:
     from biasedit_peft.models import load_model_and_tokenizer
 
     try:
-        out = check_resumable_output_folder(args.out, [args.model, args.train_data, args.eval_data],
+        out = check_resumable_output_folder(args.out, [args.model, args.train_data, args.eval_data,
+                                                       *(args.calibration_data or [])],
                                             resume=args.resume, overwrite=args.overwrite)
         if args.resume and not (resume_source(out) / "checkpoint").is_dir():
             raise ValueError(f"--resume: {resume_source(out)} holds no checkpoint/ to continue from")
         bias_types = split_list(args.bias_types) or None
         train_data = load_edit_samples(args.train_data, bias_types, args.limit)
         eval_data = None if args.eval_data == "none" else load_edit_samples(args.eval_data, bias_types, args.limit)
+        calibration_data = [sample for spec in args.calibration_data or []
+                            for sample in load_edit_samples(spec, bias_types, args.limit)] or None
         processes = current_processes()
         device = process_device(default_device(args.device), processes)
         model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
@@ -105,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         with building as work:  # out: the old state, or the whole run
             processes.barrier()  # the run folder is ready
             editor, training, state = train_into(work, args, peft_model, preset, tokenizer, train_data, eval_data,
-                                                 bias_types)
+                                                 bias_types, calibration_data)
             processes.barrier()  # every process has finished before the folder is swapped in
         if not processes.is_main:
             return 0
@@ -132,9 +139,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def train_into(work, args: argparse.Namespace, peft_model, preset, tokenizer, train_data, eval_data, bias_types):
-    """Meta-train with the command's settings, writing the kept editor and the checkpoint into folder ``work``;
-    returns ``(editor, training arguments, final trainer state)``."""
+def train_into(work, args: argparse.Namespace, peft_model, preset, tokenizer, train_data, eval_data, bias_types,
+               calibration_data=None):
+    """Meta-train with the command's settings, writing the kept editor and the checkpoint into folder ``work``
+    (the edit scale calibrated on ``calibration_data``, default ``eval_data``); returns ``(editor, training
+    arguments, final trainer state)``."""
     from biasedit_peft.data import describe_edit_samples
     from biasedit_peft.editor import BiasEditTrainer
 
@@ -149,6 +158,8 @@ def train_into(work, args: argparse.Namespace, peft_model, preset, tokenizer, tr
     )
     editor.provenance.update(training_data=describe_edit_samples(args.train_data, bias_types, args.limit),
                              eval_data=None if eval_data is None else args.eval_data,
+                             calibration_data=" + ".join(args.calibration_data or []) or None,
                              command=recorded_command("train-editor", args))
-    state = BiasEditTrainer(peft_model, editor, training, train_data, eval_data, tokenizer=tokenizer).train()
+    state = BiasEditTrainer(peft_model, editor, training, train_data, eval_data, tokenizer=tokenizer,
+                            calibration_data=calibration_data).train()
     return editor, training, state

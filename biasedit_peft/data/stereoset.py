@@ -26,7 +26,7 @@ from .resources import STEREOSET_FILES, STEREOSET_SPLITS_FILE, open_text, resour
 logger = logging.getLogger(__name__)
 
 ROLES = ("stereotype", "anti-stereotype", "unrelated")
-SPLITS = ("train", "dev", "test")
+SPLITS = ("train", "dev", "test", "train-fit", "train-calib")
 
 # Noisy-context rules, checked in this order; the first that matches names the row's noise.
 NOISE_RULES = {
@@ -270,9 +270,12 @@ def load_stereoset(
       BiasEdit paper, plus profession (810) as an extra held-out type.
     - ``"train"`` / ``"dev"``: the bundled, seeded 8:1 split of StereoSet's test file
       (gender / race / religion only), grouped by target term and stratified by bias type.
+    - ``"train-fit"`` / ``"train-calib"``: ``train`` carved 8:1 again the same way
+      (:func:`~biasedit_peft.data.splits.split_calibration`): meta-train on ``train-fit`` and calibrate the edit
+      scale on ``dev`` plus ``train-calib``, target terms the editor never saw.
 
     Args:
-        split: ``"test"``, ``"train"`` or ``"dev"``.
+        split: One of :data:`SPLITS`.
         bias_types: Keep only these; None: all of the split.
         noisy: ``"keep"`` (default) or ``"drop"`` the rows flagged by :data:`NOISE_RULES`.
 
@@ -284,6 +287,12 @@ def load_stereoset(
     elif split in ("train", "dev"):
         wanted = set(load_split_ids()[split])
         items = [item for item in _bundled("test") if item.id in wanted]
+    elif split in ("train-fit", "train-calib"):
+        from .splits import split_calibration  # splits.py imports this module
+
+        train = load_stereoset("train")
+        wanted = set(split_calibration(train)[split])
+        items = [item for item in train if item.id in wanted]
     else:
         raise ValueError(f"Unknown StereoSet split {split!r}; choose one of {SPLITS}")
     return _select(items, bias_types, noisy, f"StereoSet {split}")

@@ -258,6 +258,8 @@ class BiasEditTrainer:
         eval_data: Validation samples (selection, early stopping, calibration); None: the last training batch
             validates and nothing is calibrated.
         tokenizer: The model's tokenizer (default: loaded from the model's ``name_or_path``).
+        calibration_data: The samples the kept editor's edit scale is calibrated on (default: ``eval_data``),
+            e.g. ``dev`` plus ``train-calib``: more target terms than ``dev`` alone, none meta-trained on.
 
     Raises:
         ValueError: Empty data, or a sample without an unrelated sentence.
@@ -272,11 +274,14 @@ class BiasEditTrainer:
         eval_data: Sequence[Any] | None = None,
         tokenizer=None,
         processes: Any | None = None,
+        calibration_data: Sequence[Any] | None = None,
     ):
         self.model, self.editor, self.args = peft_model, editor, args
         self.processes: Processes = as_processes(processes)  # Processes, an Accelerator, or None: the launcher's
         self.train_data = self._samples(train_data, "train_data")
         self.eval_data = self._samples(eval_data, "eval_data") if eval_data else []
+        self.calibration_data = (self._samples(calibration_data, "calibration_data") if calibration_data
+                                 else self.eval_data)
         self._check_held_out_labels()
         if tokenizer is None:
             from .editor import _load_tokenizer_for
@@ -292,7 +297,8 @@ class BiasEditTrainer:
         self.processes.broadcast_module(editor)  # several processes start from rank 0's editor
         self.optimizer = torch.optim.Adam(editor.parameters(), lr=args.meta_lr)
         self.state = TrainerState()
-        editor.provenance.update(splits={"train": len(self.train_data), "eval": len(self.eval_data)},
+        editor.provenance.update(splits={"train": len(self.train_data), "eval": len(self.eval_data),
+                                         "calibration": len(self.calibration_data)},
                                  training_args=asdict(args))  # for the editor's model card
 
     @staticmethod
@@ -555,17 +561,17 @@ class BiasEditTrainer:
         return self.replay
 
     def _calibrates(self) -> bool:
-        return self.args.calibrate and bool(self.eval_data) and self.args.select_by == "target"
+        return self.args.calibrate and bool(self.calibration_data) and self.args.select_by == "target"
 
     def calibrate(self) -> dict:
-        """Calibrate the kept editor's edit scale on dev (``calibration.py``), bake it in and save it to
-        ``output_dir``; recorded in the state (and the checkpoint) as ``calibration``."""
+        """Calibrate the kept editor's edit scale on ``calibration_data`` (``calibration.py``; dev by default),
+        bake it in and save it to ``output_dir``; recorded in the state (and the checkpoint) as ``calibration``."""
         args = self.args
         self.processes.barrier()  # the main process has written the kept editor
         kept = BiasEditor.from_pretrained(args.output_dir, device=self.editor.device)
         kept.provenance = dict(self.editor.provenance)
         calibration = calibrate_edit_scale(
-            kept, self.model, self.tokenizer, self._batches(self.eval_data, None),
+            kept, self.model, self.tokenizer, self._batches(self.calibration_data, None),
             lambda row: selection_score(row, args), args.batch_size, args.edit_scales, args.adapter_name,
             progress=args.progress, replay=self._checked_replay())
         scale_edits(kept, calibration["scale"])
@@ -579,7 +585,7 @@ class BiasEditTrainer:
                 f"({calibration['debias_gain']:.2f} points toward 50, under {MIN_DEBIAS_GAIN:g}). Meta-training did "
                 "not find a debiasing editor from this initialisation; train again with another seed.", stacklevel=2)
         record = {**record, "edit_scale": calibration["scale"], "selection": chosen["selection"],
-                  **{f"eval_{k}": chosen[k] for k in ("ss_post", "lms_post", "nll_increase")}}
+                  **{f"eval_{k}": chosen[k] for k in ("ss_pre", "ss_post", "lms_pre", "lms_post", "nll_increase")}}
         if self.processes.is_main:
             kept.save_pretrained(args.output_dir, validation=record)
         self.state.calibration = calibration

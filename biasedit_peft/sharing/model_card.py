@@ -296,7 +296,7 @@ def validation_metrics(record: Mapping[str, Any], eval_data: str | None = None) 
     if prefix == "train_":
         dataset, config = "stereoset", "last training batch"
     elif eval_data and eval_data.startswith("stereoset:"):
-        dataset, config = "stereoset", eval_data.split(":", 1)[1]
+        dataset, config = "stereoset", eval_data.replace("stereoset:", "")  # "dev", "dev + train-calib"
     else:
         dataset, config = "edit_validation", "dev"
     before, after = {}, {}
@@ -308,7 +308,7 @@ def validation_metrics(record: Mapping[str, Any], eval_data: str | None = None) 
     return {dataset: {config: before}}, {dataset: {config: after}}
 
 
-def _validation_section(record: Mapping[str, Any] | None) -> str:
+def _validation_section(record: Mapping[str, Any] | None, calibration_data: str | None = None) -> str:
     if not record:
         return ""
     prefix = "eval_" if any(key.startswith("eval_") for key in record) else "train_"
@@ -324,9 +324,9 @@ def _validation_section(record: Mapping[str, Any] | None) -> str:
         "pairs whose stereotype has the higher mean token log-prob (LMS: both beat the unrelated sentence), "
         "*before* the editor's edit of that group (the base model) and *after* it. For StereoSet's reference SS, "
         "debias with this editor and run `biasedit evaluate` on the adapter.\n"
-        + (f"\nThe edit strength was then calibrated on the same data: the step sizes were multiplied by "
-           f"{record['edit_scale']:g}, and the *after* figures are those of the calibrated editor.\n"
-           if "edit_scale" in record else "")
+        + (f"\nThe edit strength was then calibrated on {f'`{calibration_data}`' if calibration_data else 'the same data'}"
+           f": the step sizes were multiplied by {record['edit_scale']:g}, and the figures below are those of the "
+           "calibrated editor on that data.\n" if "edit_scale" in record else "")
     ) if loss is not None else ""
 
 
@@ -337,6 +337,7 @@ def editor_model_card(
     repo_id: str | None = None,
     training_data: str | None = None,
     eval_data: str | None = None,
+    calibration_data: str | None = None,
     splits: Mapping[str, Any] | None = None,
     hyperparameters: Mapping[str, Any] | None = None,
     training_args: Mapping[str, Any] | None = None,
@@ -359,6 +360,7 @@ def editor_model_card(
         repo_id: Hub repo id, used as the card's model name and in the loading code.
         training_data: The meta-training data spec (e.g. ``stereoset:train (bias types gender)``).
         eval_data: The validation data spec.
+        calibration_data: The spec(s) the edit scale was calibrated on, when not ``eval_data``.
         splits: Sample counts per split.
         hyperparameters: The hyper-network's settings.
         training_args: The meta-training settings (only :data:`TRAINING_ARGS_ON_CARD` are shown).
@@ -373,7 +375,8 @@ def editor_model_card(
         notes: Markdown appended to the card.
     """
     if validation and metrics_before is None and metrics_after is None:
-        metrics_before, metrics_after = validation_metrics(validation, eval_data)
+        calibrated = calibration_data if calibration_data and "edit_scale" in validation else None
+        metrics_before, metrics_after = validation_metrics(validation, calibrated or eval_data)
     rows = metric_rows(metrics_before, metrics_after)
     model_name = repo_id or "biasedit-editor"
     repo = repo_id or "path/to/this/editor"
@@ -388,6 +391,8 @@ def editor_model_card(
     data_lines = [f"- Training data: `{training_data or 'not recorded'}`"]
     if eval_data:
         data_lines.append(f"- Validation data: `{eval_data}`")
+    if calibration_data:
+        data_lines.append(f"- Edit scale calibrated on: `{calibration_data}`")
     data_lines += [f"- {k}: `{v}`" for k, v in (splits or {}).items()]  # samples per split
     settings = {**(hyperparameters or {}), **({"loss": loss} if loss else {})}
     settings.update({k: v for k, v in (training_args or {}).items() if k in TRAINING_ARGS_ON_CARD})
@@ -412,7 +417,7 @@ into weight deltas for `{base_model or 'unknown base model'}`. Apply it to produ
 
 {hyper_section}
 
-{_validation_section(validation)}
+{_validation_section(validation, calibration_data)}
 {_metrics_section(rows)}
 {_command_section(command)}
 ## How to load
