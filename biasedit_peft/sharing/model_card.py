@@ -313,6 +313,7 @@ def _validation_section(record: Mapping[str, Any] | None, calibration_data: str 
         return ""
     prefix = "eval_" if any(key.startswith("eval_") for key in record) else "train_"
     where = "the validation data" if prefix == "eval_" else "the last training batch (no validation data)"
+    calibrated_on = f"`{calibration_data}`" if calibration_data else "the same data"
     losses = ", ".join(f"{name} {record[prefix + name]:.4g}" for name in ("debias", "retention")
                        if prefix + name in record)
     loss = record.get(f"{prefix}loss")
@@ -324,8 +325,7 @@ def _validation_section(record: Mapping[str, Any] | None, calibration_data: str 
         "pairs whose stereotype has the higher mean token log-prob (LMS: both beat the unrelated sentence), "
         "*before* the editor's edit of that group (the base model) and *after* it. For StereoSet's reference SS, "
         "debias with this editor and run `biasedit evaluate` on the adapter.\n"
-        + (f"\nThe edit strength was then calibrated on {f'`{calibration_data}`' if calibration_data else 'the same data'}"
-           f": the step sizes were multiplied by {record['edit_scale']:g}, and the figures below are those of the "
+        + (f"\nThe edit strength was then calibrated on {calibrated_on}: the step sizes were multiplied by {record['edit_scale']:g}, and the figures below are those of the "
            "calibrated editor on that data.\n" if "edit_scale" in record else "")
     ) if loss is not None else ""
 
