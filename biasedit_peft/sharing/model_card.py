@@ -325,7 +325,8 @@ def _validation_section(record: Mapping[str, Any] | None, calibration_data: str 
         "pairs whose stereotype has the higher mean token log-prob (LMS: both beat the unrelated sentence), "
         "*before* the editor's edit of that group (the base model) and *after* it. For StereoSet's reference SS, "
         "debias with this editor and run `biasedit evaluate` on the adapter.\n"
-        + (f"\nThe edit strength was then calibrated on {calibrated_on}: the step sizes were multiplied by {record['edit_scale']:g}, and the figures below are those of the "
+        + (f"\nThe edit strength was then calibrated on {calibrated_on}: the step sizes were multiplied by "
+           f"{record['edit_scale']:g}, and the figures below are those of the "
            "calibrated editor on that data.\n" if "edit_scale" in record else "")
     ) if loss is not None else ""
 
