@@ -45,13 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-edits", type=int, default=32, help="pairs per dev group (the trainer's n_edits)")
     parser.add_argument("--orders", default="file,shuffled", help="comma-separated: file, shuffled")
     parser.add_argument("--shuffle-seed", type=int, default=0)
+    parser.add_argument("--split", default="dev", help="the StereoSet split calibrated on (e.g. train-calib)")
     parser.add_argument("--scales", default=",".join(f"{s:g}" for s in EDIT_SCALES))
     args = parse_study_arguments(parser, argv)
 
     peft_model, tokenizer, editor, _ = load_study_editor(args)
-    dev = [as_edit_sample(item, i) for i, item in enumerate(load_demo_items("dev", BIAS_TYPES, args.limit))]
+    dev = [as_edit_sample(item, i) for i, item in enumerate(load_demo_items(args.split, BIAS_TYPES, args.limit))]
     scales = [float(s) for s in args.scales.split(",")]
-    report = {"model": args.model, "editor": args.editor, "n_dev": len(dev), "n_edits": args.n_edits, "orders": {}}
+    report = {"model": args.model, "editor": args.editor, "split": args.split, "n_dev": len(dev),
+              "n_edits": args.n_edits, "orders": {}}
     started = time.perf_counter()
     for order in args.orders.split(","):
         groups = dev_groups(dev, args.n_edits, None if order == "file" else args.shuffle_seed)
