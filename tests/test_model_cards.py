@@ -101,3 +101,20 @@ def test_cli_train_editor_card_has_the_data_and_the_command(tmp_path, capsys):
     assert f"meta-step {state['history'][0]['step']}" in text
     assert card.data.base_model is None  # a local folder is not a Hub id
     assert {r.metric_type for r in card.data.eval_results} == {"ss", "ss_base", "lms", "lms_base"}
+
+
+def test_cli_train_editor_calibrates_on_calibration_data_and_says_so(tmp_path, capsys):
+    """``--calibration-data`` pools its specs into the calibration only: the run meta-trains on ``train-fit``
+    (4 + 4 + 4 samples), validates on ``dev``, calibrates on ``dev`` + ``train-calib`` (24), and the card says so."""
+    folder = tmp_path / "model"
+    tiny_model(size="editor").save_pretrained(folder)
+    editor_tokenizer().save_pretrained(folder)
+    code = main(["train-editor", "--model", str(folder), "--limit", "4", "--quiet", "--out", str(tmp_path / "ed"),
+                 "--preset", "testbed", "--rank", "8", "--n-edits", "4", "--batch-size", "4", "--max-steps", "2",
+                 "--eval-every", "2", "--num-edit-layers", "2", "--train-data", "stereoset:train-fit",
+                 "--calibration-data", "stereoset:dev", "stereoset:train-calib"])
+    assert code == 0, capsys.readouterr().err
+    text = card_of(tmp_path / "ed").text
+    assert "- train: `12`\n- eval: `12`\n- calibration: `24`" in text
+    assert "- Edit scale calibrated on: `stereoset:dev + stereoset:train-calib`" in text
+    assert "--calibration-data stereoset:dev stereoset:train-calib" in text

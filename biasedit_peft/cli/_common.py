@@ -147,7 +147,7 @@ def recorded_command(name: str, args: argparse.Namespace | None = None, leave_ou
 
     Returns:
         ``sys.argv`` as typed (shell-quoted) when this process is ``biasedit NAME``; else the command rebuilt from
-        ``args`` (every option that is set, in declaration order); else None.
+        ``args`` (every option that is set, in declaration order; a list option's values one by one); else None.
     """
     if sys.argv[1:2] == [name]:
         return shlex.join(["biasedit", *(a for a in sys.argv[1:] if a not in leave_out)])
@@ -158,7 +158,8 @@ def recorded_command(name: str, args: argparse.Namespace | None = None, leave_ou
         flag = f"--{key.replace('_', '-')}"
         if key == "command" or value is None or value is False or flag in leave_out:
             continue
-        command += [flag] + ([] if value is True else [str(value)])
+        values = value if isinstance(value, (list, tuple)) else [] if value is True else [value]  # a list: nargs="+"
+        command += [flag, *map(str, values)]
     return shlex.join(command)
 
 
