@@ -256,7 +256,7 @@ class BiasEditTrainer:
         args: The settings (``BiasEditTrainingArguments``; presets in ``presets.py``).
         train_data: Edit samples for the meta-steps (StereoSet items, dicts or tuples, each with ``unrelated``).
         eval_data: Validation samples (selection, early stopping, calibration); None: the last training batch
-            validates and nothing is calibrated.
+            validates and nothing is calibrated (unless ``calibration_data`` is given).
         tokenizer: The model's tokenizer (default: loaded from the model's ``name_or_path``).
         calibration_data: The samples the kept editor's edit scale is calibrated on (default: ``eval_data``),
             e.g. ``dev`` plus ``train-calib``: more target terms than ``dev`` alone, none meta-trained on.
