@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -110,6 +111,22 @@ def test_the_trainer_calibrates_on_its_calibration_data_when_given(tmp_path):
     assert "Edit scale calibrated on: `dev.jsonl + calib.jsonl`" in card
     assert "calibrated on `dev.jsonl + calib.jsonl`" in card
     assert f"| {expected['ss']:.2f} |" in card and f"| {dev_only['ss']:.2f} |" not in card  # before, on both
+
+
+def test_calibration_data_nothing_would_use_is_refused_and_a_resume_with_other_calibration_data_too(tmp_path):
+    model = peft_model()
+    args = BiasEditTrainingArguments(output_dir=str(tmp_path), n_edits=4, batch_size=2, max_steps=2, eval_every=2,
+                                     progress=False, edit_scales=(1.0,))
+    for changed, dev in (({"select_by": "loss"}, samples(4)), ({"calibrate": False}, samples(4)), ({}, None)):
+        with pytest.raises(ValueError, match="calibration_data is only used by the edit-scale calibration"):
+            BiasEditTrainer(model, BiasEditor.for_model(model, rank=8), replace(args, **changed), samples(8), dev,
+                            tokenizer=TOKENIZER, calibration_data=samples(8))
+    BiasEditTrainer(model, BiasEditor.for_model(model, rank=8), args, samples(8), samples(4), tokenizer=TOKENIZER,
+                    calibration_data=samples(8)).train()
+    again = BiasEditTrainer(peft_model(), BiasEditor.for_model(peft_model(), rank=8), replace(args, resume=True),
+                            samples(8), samples(4), tokenizer=TOKENIZER, calibration_data=samples(12))
+    with pytest.raises(ValueError, match="calibration samples: checkpoint 8, now 12"):
+        again.train()
 
 
 def test_no_calibration_under_loss_selection(tmp_path):

@@ -256,13 +256,15 @@ class BiasEditTrainer:
         args: The settings (``BiasEditTrainingArguments``; presets in ``presets.py``).
         train_data: Edit samples for the meta-steps (StereoSet items, dicts or tuples, each with ``unrelated``).
         eval_data: Validation samples (selection, early stopping, calibration); None: the last training batch
-            validates and nothing is calibrated (unless ``calibration_data`` is given).
+            validates and nothing is calibrated.
         tokenizer: The model's tokenizer (default: loaded from the model's ``name_or_path``).
         calibration_data: The samples the kept editor's edit scale is calibrated on (default: ``eval_data``),
-            e.g. ``dev`` plus ``train-calib``: more target terms than ``dev`` alone, none meta-trained on.
+            e.g. ``dev`` plus ``train-calib``: more target terms than ``dev`` alone, none meta-trained on. Only
+            with ``eval_data``, ``calibrate`` and ``select_by="target"`` (else ValueError).
 
     Raises:
-        ValueError: Empty data, or a sample without an unrelated sentence.
+        ValueError: Empty data, a sample without an unrelated sentence, or ``calibration_data`` that nothing
+            would use.
     """
 
     def __init__(
@@ -280,6 +282,10 @@ class BiasEditTrainer:
         self.processes: Processes = as_processes(processes)  # Processes, an Accelerator, or None: the launcher's
         self.train_data = self._samples(train_data, "train_data")
         self.eval_data = self._samples(eval_data, "eval_data") if eval_data else []
+        if calibration_data and not (self.eval_data and args.calibrate and args.select_by == "target"):
+            raise ValueError("calibration_data is only used by the edit-scale calibration, which needs eval_data "
+                             "(validation keeps the editor that is calibrated), calibrate=True and "
+                             f"select_by='target' (got {args.select_by!r}); drop it or change those")
         self.calibration_data = (self._samples(calibration_data, "calibration_data") if calibration_data
                                  else self.eval_data)
         self._check_held_out_labels()
@@ -631,12 +637,16 @@ class BiasEditTrainer:
             atomic_write(building / OPTIMIZER_NAME, lambda path: save_file(tensors, path))  # mode: the umask's
             settings = {k: v for k, v in asdict(self.args).items() if k != "output_dir"}  # the folder may move
             state = {"trainer": asdict(self.state), "optimizer": meta, "args": settings,
-                     "data": {"train": len(self.train_data), "eval": len(self.eval_data)}}
+                     "data": self._data_sizes()}
             (building / STATE_NAME).write_text(json.dumps(state, indent=2, default=float) + "\n", encoding="utf-8")
             write_manifest(building)
         if not (Path(self.args.output_dir) / "config.json").is_file():  # no validation yet: best = latest
             self.editor.save_pretrained(self.args.output_dir)
         return directory
+
+    def _data_sizes(self) -> dict[str, int]:
+        """Samples per data set, kept in a checkpoint so that a resume with other data is refused."""
+        return {"train": len(self.train_data), "eval": len(self.eval_data), "calibration": len(self.calibration_data)}
 
     def load_checkpoint(self) -> None:
         """Restore editor, optimiser and trainer state from ``output_dir/checkpoint``, after checking its manifest
@@ -654,8 +664,7 @@ class BiasEditTrainer:
         if restored.config.targets != self.editor.config.targets:
             raise ValueError(f"Checkpoint {directory} edits {sorted(restored.config.targets)}, "
                              f"not {sorted(self.editor.config.targets)}")
-        differing = resume_mismatches(saved, self.args, restored.config, self.editor.config,
-                                      {"train": len(self.train_data), "eval": len(self.eval_data)})
+        differing = resume_mismatches(saved, self.args, restored.config, self.editor.config, self._data_sizes())
         if differing:
             raise ValueError(f"--resume: {directory} was made with other settings: "
                              + "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differing.items())

@@ -392,7 +392,7 @@ def editor_model_card(
     data_lines = [f"- Training data: `{training_data or 'not recorded'}`"]
     if eval_data:
         data_lines.append(f"- Validation data: `{eval_data}`")
-    if calibration_data:
+    if calibration_data and validation and "edit_scale" in validation:  # not before the calibration has run
         data_lines.append(f"- Edit scale calibrated on: `{calibration_data}`")
     data_lines += [f"- {k}: `{v}`" for k, v in (splits or {}).items()]  # samples per split
     settings = {**(hyperparameters or {}), **({"loss": loss} if loss else {})}
