@@ -7,9 +7,11 @@ from dataclasses import replace
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
 from biasedit_peft.editor import BiasEditor, BiasEditTrainer, BiasEditTrainingArguments
 from biasedit_peft.editor.calibration import calibrate_edit_scale, scale_edits, scaled_solutions
+from biasedit_peft.editor.folders import editor_card
 from biasedit_peft.editor.trainer import selection_score
 from biasedit_peft.metrics import item_ss_lms
 from biasedit_peft.scoring import score_sentences
@@ -74,6 +76,13 @@ def test_the_trainer_calibrates_the_kept_editor_once_and_saves_it(tmp_path):
     saved = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
     assert saved["trainer"]["calibration"]["scale"] == scale
     assert "calibrated on the same data" in (tmp_path / "README.md").read_text()
+    # the record the kept editor was saved with (train-editor --push-to-hub makes the pushed card from it)
+    record = state.kept_record()
+    chosen = next(row for row in state.calibration["rows"] if row["scale"] == scale)
+    assert record["edit_scale"] == scale and record["eval_ss_post"] == chosen["ss_post"]
+    assert record["step"] == state.best_step and "edit_scale" not in state.best_record()
+    assert editor_card(kept, **dict(editor.provenance, validation=record)).text == ModelCard.load(
+        tmp_path / "README.md").text
     # a resumed, finished run does not calibrate (or scale) again
     again = BiasEditTrainer(peft_model(), BiasEditor.for_model(peft_model(), rank=8, lr=1e-2),
                             BiasEditTrainingArguments(**{**args.__dict__, "resume": True}), samples(12), samples(8),

@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"editor written to {args.out}")
     if args.push_to_hub:
         best_editor = BiasEditor.from_pretrained(args.out)
-        best_editor.provenance = dict(editor.provenance, validation=state.best_record())  # the card, as saved
+        best_editor.provenance = dict(editor.provenance, validation=state.kept_record())  # the card, as saved
         url = best_editor.push_to_hub(args.push_to_hub)
         print(f"editor pushed to {args.push_to_hub}: {url}")
     return 0

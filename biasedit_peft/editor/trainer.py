@@ -147,6 +147,20 @@ class TrainerState:
         """The validation record of the kept editor (meta-step :attr:`best_step`) in :attr:`history`."""
         return next((record for record in self.history if record["step"] == self.best_step), None)
 
+    def kept_record(self) -> dict | None:
+        """:meth:`best_record` with the :attr:`calibration` merged in (:func:`calibrated_record`): the record the
+        kept editor was saved with, and its card made from."""
+        record = self.best_record()
+        return calibrated_record(record or {}, self.calibration) if self.calibration else record
+
+
+def calibrated_record(record: dict, calibration: dict) -> dict:
+    """Validation ``record`` after the edit-scale ``calibration``: its chosen multiple (``edit_scale``), selection
+    score and before / after figures on the calibration data (``eval_*``)."""
+    chosen = chosen_row(calibration)
+    return {**record, "edit_scale": calibration["scale"], "selection": chosen["selection"],
+            **{f"eval_{k}": chosen[k] for k in ("ss_pre", "ss_post", "lms_pre", "lms_post", "nll_increase")}}
+
 
 @contextmanager
 def deferred_interrupts() -> Iterator[None]:
@@ -581,7 +595,6 @@ class BiasEditTrainer:
             lambda row: selection_score(row, args), args.batch_size, args.edit_scales, args.adapter_name,
             progress=args.progress, replay=self._checked_replay())
         scale_edits(kept, calibration["scale"])
-        record = self.state.best_record() or {}
         chosen = chosen_row(calibration)
         calibration["debias_gain"] = debias_gain(chosen)
         if calibration["debias_gain"] < MIN_DEBIAS_GAIN and self.processes.is_main:
@@ -590,8 +603,7 @@ class BiasEditTrainer:
                 f"{chosen['ss_post']:.1f} at its best edit scale x{calibration['scale']:.3g} "
                 f"({calibration['debias_gain']:.2f} points toward 50, under {MIN_DEBIAS_GAIN:g}). Meta-training did "
                 "not find a debiasing editor from this initialisation; train again with another seed.", stacklevel=2)
-        record = {**record, "edit_scale": calibration["scale"], "selection": chosen["selection"],
-                  **{f"eval_{k}": chosen[k] for k in ("ss_pre", "ss_post", "lms_pre", "lms_post", "nll_increase")}}
+        record = calibrated_record(self.state.best_record() or {}, calibration)
         if self.processes.is_main:
             kept.save_pretrained(args.output_dir, validation=record)
         self.state.calibration = calibration
