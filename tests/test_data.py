@@ -94,7 +94,7 @@ def test_train_carves_into_fit_and_calib_by_target_term():
         n_fit, n_calib = (sum(i.bias_type == bias_type for i in part) for part in (fit, calib))
         assert 6 <= n_fit / n_calib <= 11
     assert {item.target for item in calib if item.bias_type != "race"} == {"man", "girl", "husband", "church"}
-    assert split_calibration(train) == split_calibration(list(train))  # deterministic
+    assert set(split_calibration(list(reversed(train)))["train-calib"]) == calib_ids  # not the file order's doing
     assert load_edit_samples("stereoset:train-calib", ["religion"]) == [i for i in calib if i.bias_type == "religion"]
 
 

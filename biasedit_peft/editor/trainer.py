@@ -296,12 +296,12 @@ class BiasEditTrainer:
         self.processes: Processes = as_processes(processes)  # Processes, an Accelerator, or None: the launcher's
         self.train_data = self._samples(train_data, "train_data")
         self.eval_data = self._samples(eval_data, "eval_data") if eval_data else []
-        if calibration_data and not (self.eval_data and args.calibrate and args.select_by == "target"):
+        self.calibration_data = (self._samples(calibration_data, "calibration_data") if calibration_data
+                                 else self.eval_data)
+        if calibration_data and not (self.eval_data and self._calibrates()):
             raise ValueError("calibration_data is only used by the edit-scale calibration, which needs eval_data "
                              "(validation keeps the editor that is calibrated), calibrate=True and "
                              f"select_by='target' (got {args.select_by!r}); drop it or change those")
-        self.calibration_data = (self._samples(calibration_data, "calibration_data") if calibration_data
-                                 else self.eval_data)
         self._check_held_out_labels()
         if tokenizer is None:
             from .editor import _load_tokenizer_for

@@ -375,9 +375,9 @@ def editor_model_card(
         datasets: Hub dataset ids for the card metadata.
         notes: Markdown appended to the card.
     """
+    calibrated_on = calibration_data if validation and "edit_scale" in validation else None  # once it has run
     if validation and metrics_before is None and metrics_after is None:
-        calibrated = calibration_data if calibration_data and "edit_scale" in validation else None
-        metrics_before, metrics_after = validation_metrics(validation, calibrated or eval_data)
+        metrics_before, metrics_after = validation_metrics(validation, calibrated_on or eval_data)
     rows = metric_rows(metrics_before, metrics_after)
     model_name = repo_id or "biasedit-editor"
     repo = repo_id or "path/to/this/editor"
@@ -392,8 +392,8 @@ def editor_model_card(
     data_lines = [f"- Training data: `{training_data or 'not recorded'}`"]
     if eval_data:
         data_lines.append(f"- Validation data: `{eval_data}`")
-    if calibration_data and validation and "edit_scale" in validation:  # not before the calibration has run
-        data_lines.append(f"- Edit scale calibrated on: `{calibration_data}`")
+    if calibrated_on:
+        data_lines.append(f"- Edit scale calibrated on: `{calibrated_on}`")
     data_lines += [f"- {k}: `{v}`" for k, v in (splits or {}).items()]  # samples per split
     settings = {**(hyperparameters or {}), **({"loss": loss} if loss else {})}
     settings.update({k: v for k, v in (training_args or {}).items() if k in TRAINING_ARGS_ON_CARD})
@@ -418,7 +418,7 @@ into weight deltas for `{base_model or 'unknown base model'}`. Apply it to produ
 
 {hyper_section}
 
-{_validation_section(validation, calibration_data)}
+{_validation_section(validation, calibrated_on)}
 {_metrics_section(rows)}
 {_command_section(command)}
 ## How to load
