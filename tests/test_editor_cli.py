@@ -70,6 +70,41 @@ def test_train_editor_then_debias_then_load_adapter(tmp_path, capsys):
         torch.testing.assert_close(written[name], expected, rtol=1e-4, atol=1e-7)
 
 
+def test_debias_calibrates_on_every_calibrate_on_spec_pooled_in_order(tmp_path, capsys, monkeypatch):
+    """``--calibrate-on A B``: the calibration receives A's samples then B's (as each reads alone), the adapter
+    records 'A + B'; 'none' cannot be pooled."""
+    import biasedit_peft.workflows.deployment as deployment
+    from biasedit_peft.data import load_edit_samples
+
+    model_dir = _saved_model(tmp_path)
+    editor = BiasEditor.for_model(peft_model(num_edit_layers=1), rank=4)
+    for net in editor.nets.values():  # unit statistics stand in for training
+        width = net.normalizer.mean.shape
+        net.normalizer.merge(torch.tensor(10.0), torch.zeros(width), torch.full(width, 9.0))
+    editor.save_pretrained(tmp_path / "editor")
+    given = []
+    real = deployment.deployable_adapter
+
+    def recording(editor, peft_model, tokenizer, samples, calibration, **kwargs):
+        given.append(calibration)
+        return real(editor, peft_model, tokenizer, samples, calibration, **kwargs, scales=(1.0,))
+
+    monkeypatch.setattr(deployment, "deployable_adapter", recording)
+    base = ["debias", "--model", str(model_dir), "--editor", str(tmp_path / "editor"), "--limit", "2",
+            "--bias-types", "religion", "--quiet"]
+    out = tmp_path / "adapter"
+    assert main([*base, "--calibrate-on", "stereoset:dev", "stereoset:train-calib", "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    dev, calib = (load_edit_samples(f"stereoset:{split}", ["religion"]) for split in ("dev", "train-calib"))
+    assert len(dev) == 22 and len(calib) == 27
+    assert [item.id for item in given[0]] == [item.id for item in dev + calib]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["edit_info"]["calibrated_on"] == "stereoset:dev + stereoset:train-calib"
+    assert "as stereoset:dev + stereoset:train-calib says" in capsys.readouterr().out
+    code = main([*base, "--calibrate-on", "none", "stereoset:dev", "--out", str(tmp_path / "other")])
+    assert code == 2 and "'none'" in capsys.readouterr().err and not (tmp_path / "other").exists()
+
+
 def test_debias_reports_a_mismatched_editor(tmp_path, capsys):
     model_dir = _saved_model(tmp_path)
     editor = BiasEditor.for_model(peft_model(num_edit_layers=1), rank=4)

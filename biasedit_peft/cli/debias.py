@@ -1,7 +1,7 @@
 """``biasedit debias``: apply a trained editor to a model and save the result as a PEFT adapter.
 
     biasedit debias --model M --editor EDITOR_DIR_OR_HUB_ID [--data stereoset:train | FILE]
-                    [--calibrate-on stereoset:dev | FILE | none] --out ADAPTER_DIR
+                    [--calibrate-on stereoset:dev [MORE ...] | FILE ... | none] --out ADAPTER_DIR
 
 The documented path to a deployable adapter (``workflows/deployment.py``): one joint delta from ``--data`` (the
 pooled solve with the ridge relative to the keys, ``editor/joint.py``), its strength calibrated on the held-out
@@ -46,10 +46,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--data", default="stereoset:train",
                         help="samples to edit with: stereoset:SPLIT, a StereoSet .json or a .jsonl file "
                         "(default stereoset:train)")
-    parser.add_argument("--calibrate-on", default="stereoset:dev",
+    parser.add_argument("--calibrate-on", nargs="+", default=["stereoset:dev"], metavar="SPEC",
                         help="held-out pairs (with an unrelated sentence) that choose the delta's strength: "
-                        "stereoset:SPLIT, a StereoSet .json or a .jsonl file, or 'none' for x1 (the pooled delta at "
-                        "the size of the editor's own) (default stereoset:dev)")
+                        "stereoset:SPLIT, StereoSet .json or .jsonl files (several are pooled, e.g. "
+                        "'stereoset:dev stereoset:train-calib' with --data stereoset:train-fit), or 'none' for x1 "
+                        "(the pooled delta at the size of the editor's own) (default stereoset:dev)")
     parser.add_argument("--bias-types", default=None,
                         help="comma-separated; default: gender,race,religion of a bundled split, else the types the "
                         "file has")
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     from biasedit_peft import BiasEditConfig
     from biasedit_peft._io import check_output_folder, folder_in_place, write_manifest
-    from biasedit_peft.data import load_edit_samples
+    from biasedit_peft.data import load_edit_samples, load_pooled_edit_samples, pooled_spec
     from biasedit_peft.distributed import current_processes, process_device
     from biasedit_peft.editor import BiasEditor
     from biasedit_peft.editor.calibration import chosen_row
@@ -76,11 +77,14 @@ def run(args: argparse.Namespace) -> int:
     from biasedit_peft.workflows.deployment import deployable_adapter, record_edit
 
     try:
-        check_output_folder(args.out, [args.model, args.editor, args.data, args.calibrate_on], args.overwrite)
+        check_output_folder(args.out, [args.model, args.editor, args.data, *args.calibrate_on], args.overwrite)
+        calibrated = args.calibrate_on != ["none"]
+        if calibrated and "none" in args.calibrate_on:
+            raise ValueError("--calibrate-on: 'none' (the editor's own scale) cannot be pooled with other data")
         bias_types = split_list(args.bias_types) or None
         samples = load_edit_samples(args.data, bias_types, args.limit)
-        calibration = None if args.calibrate_on == "none" else load_edit_samples(
-            args.calibrate_on, bias_types or _types_of(samples))
+        calibration = load_pooled_edit_samples(args.calibrate_on, bias_types or _types_of(samples)) \
+            if calibrated else None
         processes = current_processes()
         device = process_device(default_device(args.device), processes)
         editor = BiasEditor.from_pretrained(args.editor, device=args.editor_device or device)
@@ -98,12 +102,13 @@ def run(args: argparse.Namespace) -> int:
         processes.barrier()
         return 0
     record_edit(peft_model.peft_config[args.adapter_name], report, str(args.editor), args.data, args.bias_types,
-                args.limit, None if calibration is None else args.calibrate_on)
+                args.limit, pooled_spec(args.calibrate_on) if calibrated else None)
     with folder_in_place(args.out) as building:
         peft_model.save_pretrained(building)
         write_manifest(building if args.adapter_name == "default" else Path(building) / args.adapter_name)
     chosen = report["calibration"] and chosen_row(report["calibration"])
-    scaled = "" if not chosen else (f", scaled x{report['scale']:.3g} as {args.calibrate_on} says (SS there "
+    calibrated_on = pooled_spec(args.calibrate_on)
+    scaled = "" if not chosen else (f", scaled x{report['scale']:.3g} as {calibrated_on} says (SS there "
                                     f"{chosen['ss_pre']:.1f} -> {chosen['ss_post']:.1f})")
     across = f" across {processes.world_size} processes" if processes.distributed else ""
     print(f"edited {len(report['layers'])} layers with {report['n_samples']} samples ({report['n_tokens']} tokens)"

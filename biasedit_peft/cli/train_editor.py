@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
     from biasedit_peft import BiasEditConfig
     from biasedit_peft._io import check_resumable_output_folder, resumable_folder_in_place, resume_source, run_folder
-    from biasedit_peft.data import load_edit_samples
+    from biasedit_peft.data import load_edit_samples, load_pooled_edit_samples
     from biasedit_peft.distributed import current_processes, process_device
     from biasedit_peft.editor import BiasEditor, preset_for_model, preset_name_for
     from biasedit_peft.models import load_model_and_tokenizer
@@ -99,8 +99,8 @@ def run(args: argparse.Namespace) -> int:
         bias_types = split_list(args.bias_types) or None
         train_data = load_edit_samples(args.train_data, bias_types, args.limit)
         eval_data = None if args.eval_data == "none" else load_edit_samples(args.eval_data, bias_types, args.limit)
-        calibration_data = [sample for spec in args.calibration_data or []
-                            for sample in load_edit_samples(spec, bias_types, args.limit)] or None
+        calibration_data = load_pooled_edit_samples(args.calibration_data, bias_types, args.limit) \
+            if args.calibration_data else None
         processes = current_processes()
         device = process_device(default_device(args.device), processes)
         model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
@@ -144,7 +144,7 @@ def train_into(work, args: argparse.Namespace, peft_model, preset, tokenizer, tr
     """Meta-train with the command's settings, writing the kept editor and the checkpoint into folder ``work``
     (the edit scale calibrated on ``calibration_data``, default ``eval_data``); returns ``(editor, training
     arguments, final trainer state)``."""
-    from biasedit_peft.data import describe_edit_samples
+    from biasedit_peft.data import describe_edit_samples, pooled_spec
     from biasedit_peft.editor import BiasEditTrainer
 
     editor, training = preset.editor_and_arguments(
@@ -158,7 +158,7 @@ def train_into(work, args: argparse.Namespace, peft_model, preset, tokenizer, tr
     )
     editor.provenance.update(training_data=describe_edit_samples(args.train_data, bias_types, args.limit),
                              eval_data=None if eval_data is None else args.eval_data,
-                             calibration_data=" + ".join(args.calibration_data or []) or None,
+                             calibration_data=pooled_spec(args.calibration_data) if args.calibration_data else None,
                              command=recorded_command("train-editor", args))
     state = BiasEditTrainer(peft_model, editor, training, train_data, eval_data, tokenizer=tokenizer,
                             calibration_data=calibration_data).train()

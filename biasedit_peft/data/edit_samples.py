@@ -57,6 +57,26 @@ def load_edit_samples(
     return items
 
 
+def load_pooled_edit_samples(
+    specs: Sequence[str], bias_types: Sequence[str] | None = None, limit: int | None = None
+) -> list[StereoSetItem | dict[str, Any]]:
+    """The samples of every spec in ``specs``, one after another (each as :func:`load_edit_samples` reads it,
+    ``limit`` per spec): a calibration set pooled from several sources, e.g. ``stereoset:dev`` and
+    ``stereoset:train-calib``.
+
+    Raises:
+        ValueError: ``specs`` is empty, or one spec is unreadable (the error names it).
+    """
+    if not specs:
+        raise ValueError("no sample specs given")
+    return [sample for spec in specs for sample in load_edit_samples(spec, bias_types, limit)]
+
+
+def pooled_spec(specs: Sequence[str]) -> str:
+    """How a pooled set is named in records and cards: ``'stereoset:dev + stereoset:train-calib'``."""
+    return " + ".join(specs)
+
+
 def describe_edit_samples(spec: str, bias_types: Sequence[str] | None = None, limit: int | None = None) -> str:
     """``spec`` with the bias types (StereoSet data) and the limit it was read with, e.g. for a model card.
 
