@@ -12,6 +12,10 @@ exactly as the demo does (``deployment.calibration_score``), and the result is s
 reference SS, and perplexity). The choice among the rows is made on ``dev`` only; ``test`` is printed for the
 record.
 
+``--edit-split train-fit --calibrations dev dev+train-calib`` computes the delta from ``train-fit`` and calibrates
+each recipe twice, on ``dev`` alone and on ``dev`` pooled with ``train-calib`` (the target terms ``train-fit``
+leaves out), scoring ``test`` once per distinct chosen multiple.
+
     python scripts/joint_ridge_sweep.py --model smollm2-135m --editor runs/smollm2/seed-0/editor \
         --out runs/ridge-sweep-smollm2.json
 """
@@ -45,13 +49,19 @@ def main(argv: list[str] | None = None) -> int:
                              "the preserved keys (the train items' unrelated sentences), C = w (N / N_r) U_r^T U_r "
                              "added to U^T U")
     parser.add_argument("--crows", action="store_true", help="also score CrowS-Pairs for every row")
+    parser.add_argument("--edit-split", default="train", help="the StereoSet split the delta is computed from")
+    parser.add_argument("--calibrations", nargs="+", default=["dev"], metavar="SPLIT[+SPLIT]",
+                        help="calibration sets, each one split or several joined by '+' (pooled): every recipe is "
+                             "calibrated on each")
     args = parse_study_arguments(parser, argv)
 
     config = DemoConfig(model=args.model, dtype=args.dtype, progress=False)
     peft_model, tokenizer, device = build_model(config)
     editor = BiasEditor.from_pretrained(args.editor, device=device)
-    train = load_demo_items("train", BIAS_TYPES, args.limit)
-    dev = load_demo_items("dev", BIAS_TYPES, args.limit)
+    train = load_demo_items(args.edit_split, BIAS_TYPES, args.limit)
+    calibration_sets = {pool: [item for split in pool.split("+") for item in load_demo_items(split, BIAS_TYPES,
+                                                                                          args.limit)]
+                        for pool in args.calibrations}
     started = time.perf_counter()
     grid = [JointRecipe(float(row.split(":")[0]), None if row.split(":")[1] == "learned" else float(row.split(":")[1]))
             for row in args.grid.split(",")]
@@ -65,37 +75,45 @@ def main(argv: list[str] | None = None) -> int:
     benchmarks = ("stereoset", "crows") if args.crows else ("stereoset",)
     test_kwargs = dict(benchmarks=benchmarks, bias_types=list(BIAS_TYPES), limit=args.limit,
                        progress=False, n_resamples=1000)
-    report = {"model": args.model, "editor": args.editor, "n_train": len(train), "n_tokens": n_tokens,
+    report = {"model": args.model, "editor": args.editor, "edit_split": args.edit_split, "n_train": len(train),
+              "n_tokens": n_tokens,
               "n_preserved": n_preserved, "learned_lambda": learned, "rows": []}
     report["before"] = evaluate_model(peft_model, tokenizer, **test_kwargs)
+    tested: dict[tuple[str, float], dict] = {}  # (recipe, scale) -> test metrics: one evaluation each
     for recipe in grid:
         solutions = recipe_solutions(statistics, recipe)
-        calibration = calibrate_joint_scale(editor, peft_model, tokenizer, solutions, dev, calibration_score,
-                                            batch_size=args.batch_size)
-        with editor.edited(peft_model, scaled_solutions(solutions, calibration["scale"])):
-            after = evaluate_model(peft_model, tokenizer, **test_kwargs)
-        chosen = chosen_row(calibration)
-        row = {"rho": "learned" if recipe.ridge is None else recipe.ridge, "preserve": recipe.preserve,
-               "scale": calibration["scale"], "dev": chosen,
-               "dev_rows": calibration["rows"], "test": after}
-        report["rows"].append(row)
-        ss = " / ".join(f"{after['stereoset'][t]['ss']:.2f}" for t in BIAS_TYPES)
-        lms = " / ".join(f"{report['before']['stereoset'][t]['lms'] - after['stereoset'][t]['lms']:.2f}"
-                         for t in BIAS_TYPES)
-        crows = " / ".join(f"{v['metric']:.2f}" for v in after.get("crows", {}).values() if isinstance(v, dict))
-        ppl = after["perplexity"] / report["before"]["perplexity"] - 1
-        print(f"{recipe.label}: dev SS {chosen['ss_pre']:.2f} -> {chosen['ss_post']:.2f} "
-              f"at x{calibration['scale']:.3g}"
-              f" (selection {chosen['selection']:.2f}) | test SS {ss}, LMS drop {lms}, CrowS {crows}, "
-              f"ppl {100 * ppl:+.2f} %  [{time.perf_counter() - started:.0f} s]", flush=True)
-        write_json(Path(args.out), report)
+        for pool, calibration_items in calibration_sets.items():
+            calibration = calibrate_joint_scale(editor, peft_model, tokenizer, solutions, calibration_items,
+                                                calibration_score, batch_size=args.batch_size)
+            key = (recipe.label, calibration["scale"])
+            if key not in tested:
+                with editor.edited(peft_model, scaled_solutions(solutions, calibration["scale"])):
+                    tested[key] = evaluate_model(peft_model, tokenizer, **test_kwargs)
+            after = tested[key]
+            chosen = chosen_row(calibration)
+            row = {"rho": "learned" if recipe.ridge is None else recipe.ridge, "preserve": recipe.preserve,
+                   "calibrated_on": pool, "n_calibration": len(calibration_items), "scale": calibration["scale"],
+                   "chosen": chosen, "calibration_rows": calibration["rows"], "test": after}
+            report["rows"].append(row)
+            ss = " / ".join(f"{after['stereoset'][t]['ss']:.2f}" for t in BIAS_TYPES)
+            lms = " / ".join(f"{report['before']['stereoset'][t]['lms'] - after['stereoset'][t]['lms']:.2f}"
+                             for t in BIAS_TYPES)
+            crows = " / ".join(f"{v['metric']:.2f}" for v in after.get("crows", {}).values() if isinstance(v, dict))
+            ppl = after["perplexity"] / report["before"]["perplexity"] - 1
+            print(f"{recipe.label}, calibrated on {pool}: SS {chosen['ss_pre']:.2f} -> {chosen['ss_post']:.2f} "
+                  f"at x{calibration['scale']:.3g}"
+                  f" (selection {chosen['selection']:.2f}) | test SS {ss}, LMS drop {lms}, CrowS {crows}, "
+                  f"ppl {100 * ppl:+.2f} %  [{time.perf_counter() - started:.0f} s]", flush=True)
+            write_json(Path(args.out), report)
     b = report["before"]
     print("before: test SS " + " / ".join(f"{b['stereoset'][t]['ss']:.2f}" for t in BIAS_TYPES)
           + ", CrowS " + " / ".join(f"{v['metric']:.2f}" for v in b.get("crows", {}).values() if isinstance(v, dict))
           + f", ppl {b['perplexity']:.2f}")
-    best = min(report["rows"], key=lambda r: r["dev"]["selection"])  # ties: the first row
-    print(f"chosen on dev: preserve {best['preserve']:g}, rho {best['rho']} (x{best['scale']:.3g})")
-    return 0 if all(math.isfinite(r["dev"]["selection"]) for r in report["rows"]) else 1
+    first = args.calibrations[0]
+    best = min((r for r in report["rows"] if r["calibrated_on"] == first),
+               key=lambda r: r["chosen"]["selection"])  # ties: the first row
+    print(f"chosen on {first}: preserve {best['preserve']:g}, rho {best['rho']} (x{best['scale']:.3g})")
+    return 0 if all(math.isfinite(r["chosen"]["selection"]) for r in report["rows"]) else 1
 
 
 if __name__ == "__main__":
