@@ -434,3 +434,31 @@ def test_meta_gradient_with_the_level_loss_matches_autograd_of_the_whole_meta_lo
     grads = torch.autograd.grad(total, list(leaves.values()))
     for name, grad in zip(leaves, grads):
         torch.testing.assert_close(captured["g"][name], grad, rtol=1e-4, atol=1e-7)
+
+
+def test_step_sizes_take_their_own_adam_rate_and_an_old_checkpoint_resumes_with_the_default(tmp_path):
+    """``step_size_meta_lr``: Adam's first step moves every ``lr[m]`` with a gradient by that rate exactly (its
+    first update is ``rate x sign(gradient)``, up to ``eps``), every other parameter by ``meta_lr``; ``None`` keeps
+    one group. A checkpoint without the field resumes with ``None`` and is refused with a rate."""
+    from biasedit_peft.editor.trainer import meta_parameter_groups, resume_mismatches
+
+    model = peft_model()
+    data = samples(8)
+    editor = _editor(model, data=data)
+    args = _args(tmp_path, batch_size=4, meta_lr=1e-2, step_size_meta_lr=1e-5)
+    groups = meta_parameter_groups(editor, args)
+    assert [len(g["params"]) for g in groups] == [len(list(editor.parameters())) - len(editor.nets), len(editor.nets)]
+    trainer = BiasEditTrainer(model, editor, args, data, tokenizer=TOKENIZER)
+    before = {name: p.detach().clone() for name, p in editor.named_parameters()}
+    trainer.edit_step(data, train=True)
+    moved = {name: (p.detach() - before[name]).abs() for name, p in editor.named_parameters()}
+    step_sizes = [name for name in moved if name.endswith(".lr")]
+    assert step_sizes and all((moved[n] > 0).all() and torch.allclose(moved[n], torch.tensor(1e-5), rtol=1e-3)
+                              for n in step_sizes)
+    assert all(moved[n].max() == pytest.approx(1e-2, rel=1e-3) for n in moved if n.endswith("log_lambda"))
+    assert len(meta_parameter_groups(editor, _args(tmp_path))) == 1
+    saved = {"args": {k: v for k, v in vars(_args(tmp_path)).items() if k != "step_size_meta_lr"}}
+    config = editor.config
+    assert resume_mismatches(saved, _args(tmp_path), config, config, {}) == {}
+    assert resume_mismatches(saved, args, config, config, {}) == {"step_size_meta_lr": (None, 1e-5),
+                                                                  "batch_size": (2, 4)}

@@ -66,6 +66,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=None, help="sentence pairs per LM forward pass")
     parser.add_argument("--lr", type=float, default=None, help="initial editor step size")
     parser.add_argument("--meta-lr", type=float, default=None, help="Adam learning rate of the editor")
+    parser.add_argument("--step-size-meta-lr", type=float, default=None,
+                        help="Adam learning rate of the editor's step sizes lr[m] alone (default: --meta-lr)")
     parser.add_argument("--loc-coef", type=float, default=None, help="weight of the retention loss")
     parser.add_argument("--rank", type=int, default=None)
     parser.add_argument("--n-blocks", type=int, default=None)
@@ -153,7 +155,7 @@ def train_into(work, args: argparse.Namespace, peft_model, preset, tokenizer, tr
         loc_coef=args.loc_coef, level_coef=args.level_coef, held_out_coef=args.held_out_coef,
         epochs=args.epochs, patience=args.patience,
         max_steps=args.max_steps, eval_every=args.eval_every, seed=args.seed, resume=args.resume,
-        progress=not args.quiet, select_by=args.select_by,
+        progress=not args.quiet, select_by=args.select_by, step_size_meta_lr=args.step_size_meta_lr,
         editor_device=args.editor_device,  # the trainer moves the editor there; None: with the LM
     )
     editor.provenance.update(training_data=describe_edit_samples(args.train_data, bias_types, args.limit),

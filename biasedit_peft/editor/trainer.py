@@ -31,7 +31,7 @@ import sys
 import threading
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -78,6 +78,11 @@ class BiasEditTrainingArguments:
     n_edits: int = 64
     batch_size: int = 16
     meta_lr: float = 1e-5
+    step_size_meta_lr: float | None = None
+    """Adam learning rate of the editor's step sizes ``lr[m]`` alone; None: ``meta_lr``, as for every other
+    parameter (MALMEN's one optimizer). The step sizes are plain (not log) parameters of order the preset's ``lr``,
+    so ``meta_lr`` moves them by about ``meta_lr / lr`` of their value a step (100 % in the ``cpu`` preset); the
+    ridge ``log_lambda`` moves by ``meta_lr`` relative."""
     loc_coef: float = 4.0
     level_coef: float = 0.0
     """Weight of the level loss (``losses.level_loss``: each pair's average log-prob kept; protects LMS)."""
@@ -200,6 +205,18 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def meta_parameter_groups(editor: BiasEditor, args: BiasEditTrainingArguments) -> list[dict[str, Any]]:
+    """The editor's parameters as Adam groups: one at ``meta_lr``, or, with ``step_size_meta_lr``, the step sizes
+    ``lr[m]`` of every net in a second group at that rate (every other parameter first, in ``editor.parameters()``
+    order)."""
+    if args.step_size_meta_lr is None:
+        return [{"params": list(editor.parameters())}]
+    step_sizes = [net.lr for net in editor.nets.values()]
+    chosen = {id(p) for p in step_sizes}
+    return [{"params": [p for p in editor.parameters() if id(p) not in chosen]},
+            {"params": step_sizes, "lr": args.step_size_meta_lr}]
+
+
 def selection_score(metrics: dict[str, float], args: BiasEditTrainingArguments) -> float:
     """How good the editor behind one validation's ``metrics`` (an :meth:`BiasEditTrainer.evaluate` dict) is;
     lower is better.
@@ -245,10 +262,12 @@ def resume_mismatches(saved: dict, args: BiasEditTrainingArguments, saved_config
     :data:`RESUMABLE_CHANGES`), editor setting (``loss``, ``rank``, ``n_blocks``, ``chunk_size``) and data
     size (``--limit``, other data) that differs between checkpoint ``saved`` (its ``trainer_state.json``) and now."""
     differing = {}
+    saved_args = saved.get("args", {})
+    defaults = {f.name: f.default for f in fields(BiasEditTrainingArguments)}
     for name, value in asdict(args).items():
-        if name in RESUMABLE_CHANGES or name not in saved.get("args", {}):
+        if name in RESUMABLE_CHANGES or name not in saved_args and defaults[name] is MISSING:
             continue
-        before = saved["args"][name]
+        before = saved_args.get(name, defaults[name])  # a checkpoint older than the field: the field's default
         if (list(before) if isinstance(before, (list, tuple)) else before) != \
                 (list(value) if isinstance(value, (list, tuple)) else value):
             differing[name] = (before, value)
@@ -315,7 +334,7 @@ class BiasEditTrainer:
         if args.editor_device is not None:
             editor.to(args.editor_device)
         self.processes.broadcast_module(editor)  # several processes start from rank 0's editor
-        self.optimizer = torch.optim.Adam(editor.parameters(), lr=args.meta_lr)
+        self.optimizer = torch.optim.Adam(meta_parameter_groups(editor, args), lr=args.meta_lr)
         self.state = TrainerState()
         editor.provenance.update(splits={"train": len(self.train_data), "eval": len(self.eval_data),
                                          "calibration": len(self.calibration_data)},
