@@ -7,10 +7,10 @@ directions. A larger ``lambda`` moves it toward ``U^T D / lambda`` (the summed, 
 the common ones. This script measures which transfers to unseen target terms:
 
 for each relative ridge ``rho`` (``lambda = rho x tr(U^T U) / d_in``; ``learned`` = the editor's own ``lambda``)
-the delta is rescaled to the learned solution's fitted size ``||U S||_F``, its scale is calibrated on ``dev``
-exactly as the demo does (``deployment.calibration_score``), and the result is scored on ``test`` (StereoSet,
-reference SS, and perplexity). The choice among the rows is made on ``dev`` only; ``test`` is printed for the
-record.
+the delta is rescaled to the learned solution's fitted size ``||U S||_F``, its scale is calibrated on each
+``--calibrations`` set (``dev`` by default) exactly as the demo does (``deployment.calibration_score``), and the
+result is scored on ``test`` (StereoSet, reference SS, and perplexity). The choice among the rows is made on the
+first calibration set only; ``test`` is printed for the record.
 
 ``--edit-split train-fit --calibrations dev dev+train-calib`` computes the delta from ``train-fit`` and calibrates
 each recipe twice, on ``dev`` alone and on ``dev`` pooled with ``train-calib`` (the target terms ``train-fit``
@@ -31,7 +31,7 @@ from pathlib import Path
 from _study_args import add_editor_study_arguments, parse_study_arguments
 
 from biasedit_peft._io import write_json
-from biasedit_peft.data import BIAS_TYPES
+from biasedit_peft.data import BIAS_TYPES, SPLITS, check_held_out
 from biasedit_peft.editor import BiasEditor
 from biasedit_peft.editor.calibration import calibrate_joint_scale, chosen_row, scaled_solutions
 from biasedit_peft.editor.joint import JointRecipe, pooled_statistics, recipe_solutions
@@ -49,11 +49,16 @@ def main(argv: list[str] | None = None) -> int:
                              "the preserved keys (the train items' unrelated sentences), C = w (N / N_r) U_r^T U_r "
                              "added to U^T U")
     parser.add_argument("--crows", action="store_true", help="also score CrowS-Pairs for every row")
-    parser.add_argument("--edit-split", default="train", help="the StereoSet split the delta is computed from")
+    parser.add_argument("--edit-split", default="train", choices=[s for s in SPLITS if s != "test"],
+                        help="the StereoSet split the delta is computed from")
     parser.add_argument("--calibrations", nargs="+", default=["dev"], metavar="SPLIT[+SPLIT]",
                         help="calibration sets, each one split or several joined by '+' (pooled): every recipe is "
                              "calibrated on each")
     args = parse_study_arguments(parser, argv)
+    pooled = [split for pool in args.calibrations for split in pool.split("+")]
+    if any(split not in SPLITS or split == "test" for split in pooled):
+        parser.error(f"--calibrations: splits of {[s for s in SPLITS if s != 'test']} joined by '+' "
+                     f"(test is what is scored), not {args.calibrations}")
 
     config = DemoConfig(model=args.model, dtype=args.dtype, progress=False)
     peft_model, tokenizer, device = build_model(config)
@@ -62,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     calibration_sets = {pool: [item for split in pool.split("+") for item in load_demo_items(split, BIAS_TYPES,
                                                                                           args.limit)]
                         for pool in args.calibrations}
+    for pool, calibration_items in calibration_sets.items():
+        check_held_out(train, calibration_items, f"--calibrations {pool} (the delta is from {args.edit_split})")
     started = time.perf_counter()
     grid = [JointRecipe(float(row.split(":")[0]), None if row.split(":")[1] == "learned" else float(row.split(":")[1]))
             for row in args.grid.split(",")]
@@ -69,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     statistics, n_tokens = pooled_statistics(editor, peft_model, tokenizer, train, args.batch_size, preserved)
     learned = {name: layer.learned_ridge for name, layer in statistics.items()}
     n_preserved = next(iter(statistics.values())).n_preserved
-    print(f"pooled {len(train)} train pairs, {n_tokens} tokens ({n_preserved} preserved tokens); learned lambda "
+    print(f"pooled {len(train)} {args.edit_split} pairs, {n_tokens} tokens ({n_preserved} preserved tokens); "
+          "learned lambda "
           + ", ".join(f"{layer.learned_ridge:.3g} (= {layer.learned_ridge / layer.system(0).mean_eigenvalue:.2e} x "
                       "mean eigenvalue)" for layer in statistics.values()), flush=True)
     benchmarks = ("stereoset", "crows") if args.crows else ("stereoset",)

@@ -193,7 +193,7 @@ def test_edit_samples_from_a_bundled_split_a_stereoset_file_or_jsonl(tmp_path):
 
 
 def test_edit_sample_errors_name_the_spec_or_the_line(tmp_path):
-    with pytest.raises(ValueError, match=r"--data 'nowhere.jsonl': neither 'stereoset:SPLIT' nor an existing file"):
+    with pytest.raises(ValueError, match=r"'nowhere.jsonl': neither 'stereoset:SPLIT' nor an existing file"):
         load_edit_samples("nowhere.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"stereotype": "a", "anti_stereotype": "b"}\n\n{oops\n')

@@ -30,11 +30,14 @@ def test_train_editor_then_debias_then_load_adapter(tmp_path, capsys):
     common = ["--model", str(model_dir), "--limit", "8", "--quiet"]
     code = main(["train-editor", *common, "--out", str(editor_dir), "--preset", "testbed", "--rank", "8",
                  "--n-edits", "4", "--batch-size", "4", "--max-steps", "3", "--eval-every", "2",
-                 "--num-edit-layers", "2"])
+                 "--num-edit-layers", "2", "--step-size-meta-lr", "1e-4"])
     assert code == 0, capsys.readouterr().err
     assert (editor_dir / "checkpoint" / "trainer_state.json").is_file()
-    state = json.loads((editor_dir / "checkpoint" / "trainer_state.json").read_text())["trainer"]
+    saved = json.loads((editor_dir / "checkpoint" / "trainer_state.json").read_text())
+    state = saved["trainer"]
     assert state["global_step"] == 3
+    assert saved["args"]["step_size_meta_lr"] == 1e-4 and saved["optimizer"]["param_groups"][1]["lr"] == 1e-4
+    assert "| `step_size_meta_lr` | `0.0001` |" in (editor_dir / "README.md").read_text()
     editor = BiasEditor.from_pretrained(editor_dir)
     assert list(editor.config.targets) == ["transformer.h.1.mlp.c_proj", "transformer.h.2.mlp.c_proj"]
 
@@ -93,8 +96,8 @@ def test_debias_calibrates_on_every_calibrate_on_spec_pooled_in_order(tmp_path, 
     base = ["debias", "--model", str(model_dir), "--editor", str(tmp_path / "editor"), "--limit", "2",
             "--bias-types", "religion", "--quiet"]
     out = tmp_path / "adapter"
-    assert main([*base, "--calibrate-on", "stereoset:dev", "stereoset:train-calib", "--out", str(out)]) == 0, \
-        capsys.readouterr().err
+    assert main([*base, "--calibrate-on", "stereoset:dev", "--calibrate-on", "stereoset:train-calib", "--out",
+                 str(out)]) == 0, capsys.readouterr().err  # a repeated flag pools too
     dev, calib = (load_edit_samples(f"stereoset:{split}", ["religion"]) for split in ("dev", "train-calib"))
     assert len(dev) == 22 and len(calib) == 27
     assert [item.id for item in given[0]] == [item.id for item in dev + calib]
@@ -103,6 +106,16 @@ def test_debias_calibrates_on_every_calibrate_on_spec_pooled_in_order(tmp_path, 
     assert "as stereoset:dev + stereoset:train-calib says" in capsys.readouterr().out
     code = main([*base, "--calibrate-on", "none", "stereoset:dev", "--out", str(tmp_path / "other")])
     assert code == 2 and "'none'" in capsys.readouterr().err and not (tmp_path / "other").exists()
+    # stereoset:train holds every train-calib pair: calibrating on edited pairs is refused, before any model loads
+    code = main(["debias", "--model", str(tmp_path / "no-model"), "--editor", str(tmp_path / "editor"),
+                 "--bias-types", "religion", "--data", "stereoset:train", "--calibrate-on", "stereoset:train-calib",
+                 "--out", str(tmp_path / "other"), "--quiet"])
+    assert code == 2 and "--calibrate-on stereoset:train-calib: 27 of its 27 pairs are also edited" in \
+        capsys.readouterr().err
+    code = main(["train-editor", "--model", str(tmp_path / "no-model"), "--bias-types", "religion",
+                 "--calibration-data", "stereoset:dev", "stereoset:train-calib", "--out", str(tmp_path / "other")])
+    assert code == 2 and "--calibration-data stereoset:dev + stereoset:train-calib: 27 of its 49 pairs" in \
+        capsys.readouterr().err and not (tmp_path / "other").exists()
 
 
 def test_debias_reports_a_mismatched_editor(tmp_path, capsys):

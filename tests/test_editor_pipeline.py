@@ -456,6 +456,17 @@ def test_step_sizes_take_their_own_adam_rate_and_an_old_checkpoint_resumes_with_
     assert step_sizes and all((moved[n] > 0).all() and torch.allclose(moved[n], torch.tensor(1e-5), rtol=1e-3)
                               for n in step_sizes)
     assert all(moved[n].max() == pytest.approx(1e-2, rel=1e-3) for n in moved if n.endswith("log_lambda"))
+    trainer.save_checkpoint()  # both groups and every parameter's Adam state come back in order
+    again = BiasEditTrainer(model, _editor(peft_model(), data=data), _args(tmp_path, batch_size=4, meta_lr=1e-2,
+                                                                          step_size_meta_lr=1e-5, resume=True),
+                            data, tokenizer=TOKENIZER)
+    again.load_checkpoint()
+    assert [g["lr"] for g in again.optimizer.param_groups] == [1e-2, 1e-5]
+    for group, restored in zip(trainer.optimizer.param_groups, again.optimizer.param_groups):
+        for param, other in zip(group["params"], restored["params"]):
+            assert param.shape == other.shape and torch.equal(param, other)
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(trainer.optimizer.state[param][key], again.optimizer.state[other][key])
     assert len(meta_parameter_groups(editor, _args(tmp_path))) == 1
     saved = {"args": {k: v for k, v in vars(_args(tmp_path)).items() if k != "step_size_meta_lr"}}
     config = editor.config

@@ -153,3 +153,37 @@ def test_scale_transfer_chooses_on_one_half_of_the_targets_and_scores_the_other(
     assert script.summary(halvings, "chosen_after")["race"] == {
         "ss_mean": 50.0, "ss_min": 50.0, "ss_max": 50.0, "lms_drop_mean": 0.0, "lms_drop_max": 0.0, "target_met": 5}
     assert script.summary(halvings, "x1_after")["race"]["target_met"] == 0
+
+
+def test_the_ridge_sweep_calibrates_on_each_pool_and_scores_test_once_per_chosen_multiple(tmp_path, monkeypatch):
+    """``--edit-split train-fit --calibrations dev dev+train-calib``: one row per pool with its own size (3 items
+    per type and split), ``test`` evaluated once before and once per distinct (recipe, multiple); ``test`` cannot be
+    a calibration split, and a pool that shares pairs with the edit split is refused."""
+    peft_model, _, _ = build_model(DemoConfig(model="testbed", progress=False))
+    editor = BiasEditor.for_model(peft_model, rank=8)
+    generator = torch.Generator().manual_seed(0)
+    for net in editor.nets.values():  # unit statistics stand in for meta-training's
+        net.normalizer.update(torch.randn(64, len(net.normalizer.mean), generator=generator))
+    editor.save_pretrained(tmp_path / "editor")
+    sweep = script_module("joint_ridge_sweep")
+    evaluations = []
+    real = sweep.evaluate_model
+    monkeypatch.setattr(sweep, "evaluate_model", lambda *a, **k: evaluations.append(1) or real(*a, **k))
+    out = tmp_path / "sweep.json"
+    common = ["--editor", str(tmp_path / "editor"), "--limit", "3", "--batch-size", "8", "--grid", "0:1"]
+    assert sweep.main([*common, "--edit-split", "train-fit", "--calibrations", "dev", "dev+train-calib",
+                       "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["edit_split"] == "train-fit" and report["n_train"] == 9
+    assert [(r["calibrated_on"], r["n_calibration"]) for r in report["rows"]] == [("dev", 9), ("dev+train-calib", 18)]
+    distinct = {row["scale"] for row in report["rows"]}
+    assert len(evaluations) == 1 + len(distinct)
+    for row in report["rows"]:
+        assert row["chosen"] == next(r for r in row["calibration_rows"] if r["scale"] == row["scale"])
+    if len(distinct) == 1:
+        assert report["rows"][0]["test"] == report["rows"][1]["test"]
+    with pytest.raises(SystemExit):
+        sweep.main([*common, "--calibrations", "dev+test", "--out", str(tmp_path / "t.json")])
+    with pytest.raises(ValueError, match="also edited"):
+        sweep.main(["--editor", str(tmp_path / "editor"), "--grid", "0:1", "--calibrations", "train-calib",
+                    "--out", str(tmp_path / "u.json")])

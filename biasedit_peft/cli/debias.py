@@ -31,6 +31,9 @@ from biasedit_peft.cli._common import (
 )
 from biasedit_peft.models import default_device
 
+DEFAULT_CALIBRATION = "stereoset:dev"
+"""What ``--calibrate-on`` pools when not given: target terms that neither ``train`` nor ``test`` has."""
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -46,11 +49,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--data", default="stereoset:train",
                         help="samples to edit with: stereoset:SPLIT, a StereoSet .json or a .jsonl file "
                         "(default stereoset:train)")
-    parser.add_argument("--calibrate-on", nargs="+", default=["stereoset:dev"], metavar="SPEC",
+    parser.add_argument("--calibrate-on", nargs="+", action="extend", default=None, metavar="SPEC",
                         help="held-out pairs (with an unrelated sentence) that choose the delta's strength: "
                         "stereoset:SPLIT, StereoSet .json or .jsonl files (several are pooled, e.g. "
                         "'stereoset:dev stereoset:train-calib' with --data stereoset:train-fit), or 'none' for x1 "
-                        "(the pooled delta at the size of the editor's own) (default stereoset:dev)")
+                        "(the pooled delta at the size of the editor's own); the flag may be repeated (default "
+                        "stereoset:dev)")
     parser.add_argument("--bias-types", default=None,
                         help="comma-separated; default: gender,race,religion of a bundled split, else the types the "
                         "file has")
@@ -69,13 +73,14 @@ def run(args: argparse.Namespace) -> int:
 
     from biasedit_peft import BiasEditConfig
     from biasedit_peft._io import check_output_folder, folder_in_place, write_manifest
-    from biasedit_peft.data import load_edit_samples, load_pooled_edit_samples, pooled_spec
+    from biasedit_peft.data import check_held_out, load_edit_samples, load_pooled_edit_samples, pooled_spec
     from biasedit_peft.distributed import current_processes, process_device
     from biasedit_peft.editor import BiasEditor
     from biasedit_peft.editor.calibration import chosen_row
     from biasedit_peft.models import load_model_and_tokenizer
     from biasedit_peft.workflows.deployment import deployable_adapter, record_edit
 
+    args.calibrate_on = args.calibrate_on or [DEFAULT_CALIBRATION]
     try:
         check_output_folder(args.out, [args.model, args.editor, args.data, *args.calibrate_on], args.overwrite)
         calibrated = args.calibrate_on != ["none"]
@@ -85,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         samples = load_edit_samples(args.data, bias_types, args.limit)
         calibration = load_pooled_edit_samples(args.calibrate_on, bias_types or _types_of(samples)) \
             if calibrated else None
+        if calibration is not None:
+            check_held_out(samples, calibration, f"--calibrate-on {pooled_spec(args.calibrate_on)}")
         processes = current_processes()
         device = process_device(default_device(args.device), processes)
         editor = BiasEditor.from_pretrained(args.editor, device=args.editor_device or device)

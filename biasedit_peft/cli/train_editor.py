@@ -42,7 +42,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--train-data", default="stereoset:train", help="stereoset:SPLIT or a file (default "
                         "stereoset:train)")
     parser.add_argument("--eval-data", default="stereoset:dev", help="stereoset:SPLIT, a file, or 'none'")
-    parser.add_argument("--calibration-data", nargs="+", default=None, metavar="SPEC",
+    parser.add_argument("--calibration-data", nargs="+", action="extend", default=None, metavar="SPEC",
                         help="calibrate the kept editor's edit scale on these (stereoset:SPLIT or files, pooled; "
                         "default: --eval-data), e.g. 'stereoset:dev stereoset:train-calib' with --train-data "
                         "stereoset:train-fit: twice dev's target terms, none meta-trained on")
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
     from biasedit_peft import BiasEditConfig
     from biasedit_peft._io import check_resumable_output_folder, resumable_folder_in_place, resume_source, run_folder
-    from biasedit_peft.data import load_edit_samples, load_pooled_edit_samples
+    from biasedit_peft.data import check_held_out, load_edit_samples, load_pooled_edit_samples, pooled_spec
     from biasedit_peft.distributed import current_processes, process_device
     from biasedit_peft.editor import BiasEditor, preset_for_model, preset_name_for
     from biasedit_peft.models import load_model_and_tokenizer
@@ -103,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
         eval_data = None if args.eval_data == "none" else load_edit_samples(args.eval_data, bias_types, args.limit)
         calibration_data = load_pooled_edit_samples(args.calibration_data, bias_types, args.limit) \
             if args.calibration_data else None
+        if calibration_data:
+            check_held_out(train_data, calibration_data, f"--calibration-data {pooled_spec(args.calibration_data)}")
         processes = current_processes()
         device = process_device(default_device(args.device), processes)
         model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)

@@ -4,7 +4,13 @@ Data: CC BY-SA 4.0, see ``resources/NOTICE.md``. Splits, counts and the noisy-ro
 """
 
 from .crows import CROWS_BIAS_TYPES, CrowsFormatError, CrowsPair, crows_bias_type, load_crows
-from .edit_samples import describe_edit_samples, load_edit_samples, load_pooled_edit_samples, pooled_spec
+from .edit_samples import (
+    check_held_out,
+    describe_edit_samples,
+    load_edit_samples,
+    load_pooled_edit_samples,
+    pooled_spec,
+)
 from .neutral import load_neutral_text
 from .splits import SPLIT_SEED, split_calibration, split_train_dev
 from .stereoset import (
@@ -28,7 +34,8 @@ STEREOSET_BIAS_TYPES = BIAS_TYPES + EXTRA_BIAS_TYPES
 __all__ = [
     "BIAS_TYPES", "EXTRA_BIAS_TYPES", "STEREOSET_BIAS_TYPES", "CROWS_BIAS_TYPES", "NOISE_RULES", "ROLES",
     "SPLITS", "SPLIT_SEED", "CrowsFormatError", "CrowsPair", "NoiseReport", "StereoSetFormatError",
-    "StereoSetItem", "crows_bias_type", "describe_edit_samples", "gender_swapped", "load_bias_attribute_words",
+    "StereoSetItem", "check_held_out", "crows_bias_type", "describe_edit_samples", "gender_swapped",
+    "load_bias_attribute_words",
     "load_crows", "load_edit_samples", "load_neutral_text", "load_pooled_edit_samples", "load_split_ids",
     "load_stereoset", "load_stereoset_file", "noise_report", "pooled_spec", "split_calibration", "split_train_dev",
     "swap_gender",

@@ -42,7 +42,7 @@ def load_edit_samples(
     else:
         path = Path(spec)
         if not path.is_file():
-            raise ValueError(f"--data {spec!r}: neither 'stereoset:SPLIT' nor an existing file")
+            raise ValueError(f"{spec!r}: neither 'stereoset:SPLIT' nor an existing file")
         if path.suffix == ".csv":
             items = crows_edit_samples(path, bias_types)
         elif path.suffix == ".jsonl":
@@ -70,6 +70,25 @@ def load_pooled_edit_samples(
     if not specs:
         raise ValueError("no sample specs given")
     return [sample for spec in specs for sample in load_edit_samples(spec, bias_types, limit)]
+
+
+def check_held_out(edited: Sequence[Any], held_out: Sequence[Any], what: str) -> None:
+    """Refuse held-out pairs (a calibration set) that share a pair with the edited ones: the same stereotype and
+    anti-stereotype sentences, whatever the files (``stereoset:train`` holds every ``train-calib`` pair).
+
+    Raises:
+        ValueError: Naming ``what``, how many pairs are shared and the first of them.
+    """
+    def pair(sample) -> tuple[str, str]:
+        return (sample["stereotype"], sample["anti_stereotype"]) if isinstance(sample, dict) \
+            else (sample.stereotype, sample.anti_stereotype)
+
+    edited_pairs = {pair(sample) for sample in edited}
+    shared = [pair(sample) for sample in held_out if pair(sample) in edited_pairs]
+    if shared:
+        raise ValueError(f"{what}: {len(shared)} of its {len(held_out)} pairs are also edited (first: "
+                         f"{shared[0][0]!r}); calibrate on pairs the edit does not contain (e.g. --data "
+                         "stereoset:train-fit with stereoset:train-calib)")
 
 
 def pooled_spec(specs: Sequence[str]) -> str:

@@ -260,7 +260,10 @@ def resume_mismatches(saved: dict, args: BiasEditTrainingArguments, saved_config
                       data: dict[str, int]) -> dict[str, tuple]:
     """``{field: (checkpoint's value, this run's)}`` for every training argument (but
     :data:`RESUMABLE_CHANGES`), editor setting (``loss``, ``rank``, ``n_blocks``, ``chunk_size``) and data
-    size (``--limit``, other data) that differs between checkpoint ``saved`` (its ``trainer_state.json``) and now."""
+    size (``--limit``, other data) that differs between checkpoint ``saved`` (its ``trainer_state.json``) and now.
+    A training argument the checkpoint does not name (it is older than the field) counts as the field's default,
+    which must therefore be what older code did (``step_size_meta_lr=None``: one Adam group); fields without a
+    default are not compared."""
     differing = {}
     saved_args = saved.get("args", {})
     defaults = {f.name: f.default for f in fields(BiasEditTrainingArguments)}

@@ -279,6 +279,8 @@ or export it as a LoRA adapter (`biasedit export-lora --model {base_for_code} --
 TRAINING_ARGS_ON_CARD = ("n_edits", "batch_size", "meta_lr", "loc_coef", "epochs", "max_steps", "eval_every",
                          "early_stopping_patience", "max_grad_norm", "seed")
 """Meta-training settings shown on an editor card (machine-specific ones such as ``output_dir`` are left out)."""
+TRAINING_ARGS_ON_CARD_WHEN_SET = ("step_size_meta_lr",)
+"""Settings shown only when a run set them (their ``None`` means "as another setting", e.g. ``meta_lr``)."""
 
 
 def validation_metrics(record: Mapping[str, Any], eval_data: str | None = None) -> tuple[dict, dict]:
@@ -396,7 +398,8 @@ def editor_model_card(
         data_lines.append(f"- Edit scale calibrated on: `{calibrated_on}`")
     data_lines += [f"- {k}: `{v}`" for k, v in (splits or {}).items()]  # samples per split
     settings = {**(hyperparameters or {}), **({"loss": loss} if loss else {})}
-    settings.update({k: v for k, v in (training_args or {}).items() if k in TRAINING_ARGS_ON_CARD})
+    settings.update({k: v for k, v in (training_args or {}).items()
+                     if k in TRAINING_ARGS_ON_CARD or k in TRAINING_ARGS_ON_CARD_WHEN_SET and v is not None})
     hyper_lines = [f"| `{k}` | `{v}` |" for k, v in settings.items()]
     hyper_section = ("## Hyper-parameters\n\n| name | value |\n| --- | --- |\n" + "\n".join(hyper_lines)) \
         if hyper_lines else ""
