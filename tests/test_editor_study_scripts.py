@@ -25,6 +25,18 @@ def _study_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _saved_untrained_editor(folder) -> BiasEditor:
+    """An untrained testbed editor whose normalisers have seen unit-normal rows (as meta-training's would), saved
+    to ``folder``."""
+    peft_model, _, _ = build_model(DemoConfig(model="testbed", progress=False))
+    editor = BiasEditor.for_model(peft_model, rank=8)
+    generator = torch.Generator().manual_seed(0)
+    for net in editor.nets.values():
+        net.normalizer.update(torch.randn(64, len(net.normalizer.mean), generator=generator))
+    editor.save_pretrained(folder)
+    return editor
+
+
 def test_an_existing_report_is_refused_without_overwrite(tmp_path, capsys):
     study_args = script_module("_study_args")
     out = tmp_path / "report.json"
@@ -39,12 +51,7 @@ def test_an_existing_report_is_refused_without_overwrite(tmp_path, capsys):
 
 
 def test_the_edit_size_curve_scores_the_same_items_at_every_size(tmp_path):
-    peft_model, _, _ = build_model(DemoConfig(model="testbed", progress=False))
-    editor = BiasEditor.for_model(peft_model, rank=8)
-    generator = torch.Generator().manual_seed(0)
-    for net in editor.nets.values():  # unit statistics stand in for meta-training's
-        net.normalizer.update(torch.randn(64, len(net.normalizer.mean), generator=generator))
-    editor.save_pretrained(tmp_path / "editor")
+    editor = _saved_untrained_editor(tmp_path / "editor")
     out = tmp_path / "curve.json"
     script = script_module("edit_size_curve")
     assert script.main(["--editor", str(tmp_path / "editor"), "--limit", "3", "--sizes", "2,4096",
@@ -159,12 +166,7 @@ def test_the_ridge_sweep_calibrates_on_each_pool_and_scores_test_once_per_chosen
     """``--edit-split train-fit --calibrations dev dev+train-calib``: one row per pool with its own size (3 items
     per type and split), ``test`` evaluated once before and once per distinct (recipe, multiple); ``test`` cannot be
     a calibration split, and a pool that shares pairs with the edit split is refused."""
-    peft_model, _, _ = build_model(DemoConfig(model="testbed", progress=False))
-    editor = BiasEditor.for_model(peft_model, rank=8)
-    generator = torch.Generator().manual_seed(0)
-    for net in editor.nets.values():  # unit statistics stand in for meta-training's
-        net.normalizer.update(torch.randn(64, len(net.normalizer.mean), generator=generator))
-    editor.save_pretrained(tmp_path / "editor")
+    _saved_untrained_editor(tmp_path / "editor")
     sweep = script_module("joint_ridge_sweep")
     evaluations = []
     real = sweep.evaluate_model
