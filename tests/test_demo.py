@@ -138,6 +138,12 @@ def test_preset_is_the_named_one_else_testbeds_for_the_testbed_else_cpu_on_cpu_e
         editor_preset("some/folder", peft_model, "nope")
     parser = add_parser(argparse.ArgumentParser().add_subparsers())
     assert config_from_args(parser.parse_args(["--model", "dir", "--preset", "testbed"])).preset == "testbed"
+    # --step-size-meta-lr reaches the training arguments through the overrides; unset, the preset's None
+    config = config_from_args(parser.parse_args(["--model", "dir", "--step-size-meta-lr", "1e-6"]))
+    _, args = PRESETS["cpu"].editor_and_arguments(peft_model, "unused", **config.overrides())
+    assert config.step_size_meta_lr == 1e-6 and args.step_size_meta_lr == 1e-6
+    _, args = PRESETS["cpu"].editor_and_arguments(peft_model, "unused")
+    assert PRESETS["cpu"].step_size_meta_lr is None and args.step_size_meta_lr is None
 
 
 @pytest.mark.parametrize("speedup, fast", [(0.17, None), (1.0, None), (2.0, "bf16")])

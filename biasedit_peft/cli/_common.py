@@ -239,3 +239,12 @@ def add_block_init_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-init", choices=BLOCK_INITS, default=None,
                         help="how the editor blocks' A are drawn: unit (MALMEN's N(0, 1)) or fan_in (N(0, 1/size)); "
                              "default: preset")
+
+
+def add_step_size_meta_lr_argument(parser: argparse.ArgumentParser) -> None:
+    """``--step-size-meta-lr``: the Adam rate of the editor's step sizes alone (default: the preset's, i.e.
+    ``--meta-lr``; docs/method.md §3)."""
+    parser.add_argument("--step-size-meta-lr", type=float, default=None,
+                        help="Adam learning rate of the editor's step sizes lr[m] alone, e.g. 1e-6 (they then stay "
+                             "near the preset's lr and the dev calibration sets the strength); default: preset "
+                             "(the editor's meta learning rate)")

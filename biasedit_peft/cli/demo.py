@@ -27,6 +27,7 @@ from biasedit_peft.cli._common import (
     add_resume_arguments,
     add_runtime_arguments,
     add_select_by_argument,
+    add_step_size_meta_lr_argument,
     copy_file,
     recorded_command,
     split_list,
@@ -59,6 +60,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="weight of the held-out debias loss: each edit also scored on pairs of other target "
                         "terms (default: preset)")
     add_select_by_argument(parser)
+    add_step_size_meta_lr_argument(parser)
     parser.add_argument("--num-edit-layers", type=int, default=3, help="edit the last N blocks (default 3)")
     parser.add_argument("--limit", type=int, default=None,
                         help="first N items per bias type of each split (quick runs)")
@@ -86,7 +88,8 @@ def config_from_args(args: argparse.Namespace):
         num_edit_layers=args.num_edit_layers,
         max_steps=args.max_steps, eval_every=args.eval_every, n_edits=args.n_edits, loss=args.loss,
         select_by=args.select_by, level_coef=args.level_coef, held_out_coef=args.held_out_coef,
-        block_init=args.block_init, loc_coef=args.loc_coef, limit=args.limit, n_resamples=args.n_resamples,
+        block_init=args.block_init, step_size_meta_lr=args.step_size_meta_lr, loc_coef=args.loc_coef,
+        limit=args.limit, n_resamples=args.n_resamples,
         seed=args.seed, dtype=args.dtype,
         device=args.device, merge=not args.no_merge, progress=not args.quiet,
         command=recorded_command("demo", leave_out=RUN_CONTROL_FLAGS),  # None when called as a function

@@ -17,6 +17,7 @@ from biasedit_peft.cli._common import (
     add_resume_arguments,
     add_runtime_arguments,
     add_select_by_argument,
+    add_step_size_meta_lr_argument,
     recorded_command,
     split_list,
 )
@@ -66,8 +67,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=None, help="sentence pairs per LM forward pass")
     parser.add_argument("--lr", type=float, default=None, help="initial editor step size")
     parser.add_argument("--meta-lr", type=float, default=None, help="Adam learning rate of the editor")
-    parser.add_argument("--step-size-meta-lr", type=float, default=None,
-                        help="Adam learning rate of the editor's step sizes lr[m] alone (default: --meta-lr)")
+    add_step_size_meta_lr_argument(parser)
     parser.add_argument("--loc-coef", type=float, default=None, help="weight of the retention loss")
     parser.add_argument("--rank", type=int, default=None)
     parser.add_argument("--n-blocks", type=int, default=None)

@@ -45,6 +45,9 @@ class Preset:
     """Weight of the level loss (``losses.level_loss``); not in the paper."""
     held_out_coef: float = 0.0
     """Weight of the held-out debias loss (``trainer.held_out_group``; MEND / MALMEN's generalisation loss)."""
+    step_size_meta_lr: float | None = None
+    """Adam learning rate of the step sizes ``lr[m]`` alone (``BiasEditTrainingArguments.step_size_meta_lr``);
+    None: ``meta_lr``, MALMEN's one optimiser."""
     max_grad_norm: float = 1.0
     epochs: int = 100
     early_stopping_patience: int = 3
@@ -55,7 +58,7 @@ class Preset:
                              batch_size: int | None = None,
                              meta_lr: float | None = None, loc_coef: float | None = None,
                              level_coef: float | None = None, held_out_coef: float | None = None,
-                             epochs: int | None = None,
+                             step_size_meta_lr: float | None = None, epochs: int | None = None,
                              patience: int | None = None, **training: Any):
         """A fresh editor for ``peft_model`` (on its device) and its ``BiasEditTrainingArguments``.
 
@@ -81,6 +84,7 @@ class Preset:
             batch_size=pick(batch_size, self.batch_size),
             meta_lr=pick(meta_lr, self.meta_lr), loc_coef=pick(loc_coef, self.loc_coef),
             level_coef=pick(level_coef, self.level_coef), held_out_coef=pick(held_out_coef, self.held_out_coef),
+            step_size_meta_lr=pick(step_size_meta_lr, self.step_size_meta_lr),
             epochs=pick(epochs, self.epochs), early_stopping_patience=pick(patience, self.early_stopping_patience),
             max_grad_norm=self.max_grad_norm, **training,
         )
@@ -103,6 +107,7 @@ class PresetOverrides:
     level_coef: float | None = None
     held_out_coef: float | None = None
     block_init: str | None = None
+    step_size_meta_lr: float | None = None
 
     def overrides(self) -> dict[str, Any]:
         """The keyword arguments of :meth:`Preset.editor_and_arguments` these fields stand for."""
