@@ -218,3 +218,14 @@ def test_the_merged_line_names_16_bit_rounding_only_for_16_bit_runs():
     for dtype in ("bf16", "fp16"):
         note = merge_rounding_note(dtype)
         assert f"rounds W + delta to {dtype}" in note and "--dtype fp32" in note
+
+
+def test_a_demo_from_before_step_size_meta_lr_resumes_and_one_that_sets_it_is_fingerprinted():
+    from biasedit_peft.progress_store import ResumeMismatch, check_fields
+    from biasedit_peft.workflows.demo import DemoConfig, demo_fingerprint
+
+    unset, old = demo_fingerprint(DemoConfig()), demo_fingerprint(DemoConfig())
+    assert "step_size_meta_lr" not in unset
+    check_fields("stages", old, unset, every=True)  # an older run's fingerprint: no error
+    with pytest.raises(ResumeMismatch, match="step_size_meta_lr"):
+        check_fields("stages", old, demo_fingerprint(DemoConfig(step_size_meta_lr=1e-6)), every=True)

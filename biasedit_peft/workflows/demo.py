@@ -76,6 +76,8 @@ STAGES = ("evaluate_before", "train_editor", "per_batch_protocol", "held_out_pro
 """What a demo writes into ``OUT``; ``overwrite`` deletes these and nothing else."""
 NOT_FINGERPRINTED = ("out", "progress", "command")
 """``DemoConfig`` fields that do not change the results (a resume may change them)."""
+ADDED_LATER = ("step_size_meta_lr",)
+"""Fields newer than some resumable runs: fingerprinted only when set (unset, they are what older runs did)."""
 
 
 @dataclass
@@ -286,7 +288,8 @@ def merge_rounding_note(dtype: str | None) -> str:
 def demo_fingerprint(config: DemoConfig) -> dict:
     """The settings that decide a demo's results: ``config`` without :data:`NOT_FINGERPRINTED`, with the
     device it resolves to."""
-    fields = {k: v for k, v in asdict(config).items() if k not in NOT_FINGERPRINTED}
+    fields = {k: v for k, v in asdict(config).items()
+              if k not in NOT_FINGERPRINTED and not (k in ADDED_LATER and v is None)}
     fields["device"] = str(default_device(config.device))
     return fields
 
