@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="calibration sets, each one split or several joined by '+' (pooled): every recipe is "
                              "calibrated on each")
     args = parse_study_arguments(parser, argv)
-    pooled = [split for pool in args.calibrations for split in pool.split("+")]
-    if any(split not in SPLITS or split == "test" for split in pooled):
+    pools = {pool: pool.split("+") for pool in args.calibrations}  # each set: its splits
+    if any(split not in SPLITS or split == "test" for splits in pools.values() for split in splits):
         parser.error(f"--calibrations: splits of {[s for s in SPLITS if s != 'test']} joined by '+' "
                      f"(test is what is scored), not {args.calibrations}")
 
@@ -64,9 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     peft_model, tokenizer, device = build_model(config)
     editor = BiasEditor.from_pretrained(args.editor, device=device)
     train = load_demo_items(args.edit_split, BIAS_TYPES, args.limit)
-    calibration_sets = {pool: [item for split in pool.split("+") for item in load_demo_items(split, BIAS_TYPES,
-                                                                                          args.limit)]
-                        for pool in args.calibrations}
+    calibration_sets = {pool: [item for split in splits for item in load_demo_items(split, BIAS_TYPES, args.limit)]
+                        for pool, splits in pools.items()}
     for pool, calibration_items in calibration_sets.items():
         check_held_out(train, calibration_items, f"--calibrations {pool} (the delta is from {args.edit_split})")
     started = time.perf_counter()

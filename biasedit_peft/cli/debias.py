@@ -83,15 +83,15 @@ def run(args: argparse.Namespace) -> int:
     args.calibrate_on = args.calibrate_on or [DEFAULT_CALIBRATION]
     try:
         check_output_folder(args.out, [args.model, args.editor, args.data, *args.calibrate_on], args.overwrite)
-        calibrated = args.calibrate_on != ["none"]
-        if calibrated and "none" in args.calibrate_on:
+        calibrated_on = None if args.calibrate_on == ["none"] else pooled_spec(args.calibrate_on)
+        if calibrated_on is not None and "none" in args.calibrate_on:
             raise ValueError("--calibrate-on: 'none' (the editor's own scale) cannot be pooled with other data")
         bias_types = split_list(args.bias_types) or None
         samples = load_edit_samples(args.data, bias_types, args.limit)
-        calibration = load_pooled_edit_samples(args.calibrate_on, bias_types or _types_of(samples)) \
-            if calibrated else None
-        if calibration is not None:
-            check_held_out(samples, calibration, f"--calibrate-on {pooled_spec(args.calibrate_on)}")
+        calibration = None
+        if calibrated_on is not None:
+            calibration = load_pooled_edit_samples(args.calibrate_on, bias_types or _types_of(samples))
+            check_held_out(samples, calibration, f"--calibrate-on {calibrated_on}")
         processes = current_processes()
         device = process_device(default_device(args.device), processes)
         editor = BiasEditor.from_pretrained(args.editor, device=args.editor_device or device)
@@ -109,12 +109,11 @@ def run(args: argparse.Namespace) -> int:
         processes.barrier()
         return 0
     record_edit(peft_model.peft_config[args.adapter_name], report, str(args.editor), args.data, args.bias_types,
-                args.limit, pooled_spec(args.calibrate_on) if calibrated else None)
+                args.limit, calibrated_on)
     with folder_in_place(args.out) as building:
         peft_model.save_pretrained(building)
         write_manifest(building if args.adapter_name == "default" else Path(building) / args.adapter_name)
     chosen = report["calibration"] and chosen_row(report["calibration"])
-    calibrated_on = pooled_spec(args.calibrate_on)
     scaled = "" if not chosen else (f", scaled x{report['scale']:.3g} as {calibrated_on} says (SS there "
                                     f"{chosen['ss_pre']:.1f} -> {chosen['ss_post']:.1f})")
     across = f" across {processes.world_size} processes" if processes.distributed else ""

@@ -31,7 +31,7 @@ import sys
 import threading
 import warnings
 from contextlib import contextmanager
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -254,6 +254,9 @@ def held_out_group(edit: Sequence[EditSample], pool: Sequence[EditSample]) -> li
 
 RESUMABLE_CHANGES = ("output_dir", "max_steps", "epochs", "progress", "resume", "editor_device")
 """Training arguments a resumed run may change (how long and where it runs, not what it computes)."""
+ADDED_LATER_ARGS = ("step_size_meta_lr",)
+"""Training arguments newer than some checkpoints, whose default is what the older code did: a checkpoint without
+one is compared as if it held the default (``step_size_meta_lr=None``: one Adam group)."""
 
 
 def resume_mismatches(saved: dict, args: BiasEditTrainingArguments, saved_config, config,
@@ -261,16 +264,15 @@ def resume_mismatches(saved: dict, args: BiasEditTrainingArguments, saved_config
     """``{field: (checkpoint's value, this run's)}`` for every training argument (but
     :data:`RESUMABLE_CHANGES`), editor setting (``loss``, ``rank``, ``n_blocks``, ``chunk_size``) and data
     size (``--limit``, other data) that differs between checkpoint ``saved`` (its ``trainer_state.json``) and now.
-    A training argument the checkpoint does not name (it is older than the field) counts as the field's default,
-    which must therefore be what older code did (``step_size_meta_lr=None``: one Adam group); fields without a
-    default are not compared."""
+    A training argument the checkpoint does not name is not compared, except those of :data:`ADDED_LATER_ARGS`,
+    which count as their default there (what older code did)."""
     differing = {}
     saved_args = saved.get("args", {})
-    defaults = {f.name: f.default for f in fields(BiasEditTrainingArguments)}
+    defaults = {f.name: f.default for f in fields(BiasEditTrainingArguments) if f.name in ADDED_LATER_ARGS}
     for name, value in asdict(args).items():
-        if name in RESUMABLE_CHANGES or name not in saved_args and defaults[name] is MISSING:
+        if name in RESUMABLE_CHANGES or name not in saved_args and name not in defaults:
             continue
-        before = saved_args.get(name, defaults[name])  # a checkpoint older than the field: the field's default
+        before = saved_args.get(name, defaults.get(name))
         if (list(before) if isinstance(before, (list, tuple)) else before) != \
                 (list(value) if isinstance(value, (list, tuple)) else value):
             differing[name] = (before, value)

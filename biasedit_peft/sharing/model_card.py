@@ -399,7 +399,7 @@ def editor_model_card(
     data_lines += [f"- {k}: `{v}`" for k, v in (splits or {}).items()]  # samples per split
     settings = {**(hyperparameters or {}), **({"loss": loss} if loss else {})}
     settings.update({k: v for k, v in (training_args or {}).items()
-                     if k in TRAINING_ARGS_ON_CARD or k in TRAINING_ARGS_ON_CARD_WHEN_SET and v is not None})
+                     if k in TRAINING_ARGS_ON_CARD or (k in TRAINING_ARGS_ON_CARD_WHEN_SET and v is not None)})
     hyper_lines = [f"| `{k}` | `{v}` |" for k, v in settings.items()]
     hyper_section = ("## Hyper-parameters\n\n| name | value |\n| --- | --- |\n" + "\n".join(hyper_lines)) \
         if hyper_lines else ""
