@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -73,9 +73,9 @@ DOCUMENT_SEPARATOR = "<|endoftext|>"
 def start_token_id(tokenizer) -> int:
     """The id prepended to every sentence: BOS (the document separator instead of a chat-turn BOS), else EOS."""
     if tokenizer.bos_token in CHAT_TURN_STARTS:
-        separator = tokenizer.get_vocab().get(DOCUMENT_SEPARATOR)
+        separator = vocabulary_id(tokenizer, DOCUMENT_SEPARATOR)
         if separator is not None:
-            return int(separator)
+            return separator
     for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
         if token_id is not None:
             return int(token_id)
@@ -83,6 +83,19 @@ def start_token_id(tokenizer) -> int:
         f"{type(tokenizer).__name__} has neither a BOS nor an EOS token; a causal LM needs one "
         "to condition the first word of a sentence on."
     )
+
+
+def vocabulary_id(tokenizer, token: str) -> int | None:
+    """The id of ``token`` in the vocabulary, or None when it has none.
+
+    A lookup, not ``tokenizer.get_vocab()``: that builds the whole vocabulary as a dict (about 20 ms for
+    SmolLM2's 49,152 tokens, on every encoded batch). ``convert_tokens_to_ids`` answers the unknown id (or None) for
+    a missing token, hence the round trip.
+    """
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or tokenizer.convert_ids_to_tokens(int(token_id)) != token:
+        return None
+    return int(token_id)
 
 
 def _max_length(tokenizer, max_length: int | None) -> int | None:
@@ -160,33 +173,99 @@ def encode_sentences(tokenizer, sentences: Sequence[str], max_length: int | None
 
 
 _LOGSUMEXP_CHUNK_BYTES = 1 << 20
-"""Float32 logit rows per log-sum-exp chunk on the CPU, in bytes: about one core's L2 cache. The bf16 -> float32
-copy, the max and the exp-sum of a chunk then stay in cache instead of streaming [B, T, V] float32 through memory
-three times (with padding left out: bf16 SmolLM2 scoring 1.15x faster, ``scripts/logsumexp_timing.py``)."""
+"""Float32 logit rows per chunk on the CPU, in bytes: about one core's L2 cache. The bf16 -> float32 copy, the max
+and the exp-sum of a chunk then stay in cache instead of streaming [N, V] float32 through memory several times
+(no-grad bf16 SmolLM2 scoring 1.15x faster, ``scripts/logsumexp_timing.py``; the same under autograd, whose
+backward recomputes each chunk's softmax rather than keeping an [N, V] float32 copy)."""
+
+
+def row_chunk_size(n_columns: int, device: torch.device) -> int:
+    """Rows of ``n_columns`` per chunk: :data:`_LOGSUMEXP_CHUNK_BYTES` of float32 on the CPU, unbounded elsewhere."""
+    if device.type != "cpu":
+        return 1 << 62
+    return max(1, _LOGSUMEXP_CHUNK_BYTES // (4 * max(1, n_columns)))
+
+
+def scoring_positions(batch: TokenBatch) -> Tensor:
+    """``[N]`` long: flat indices into ``[B * T]`` of the logit positions that score a token (``t - 1`` for each
+    target ``t``), row-major, so that position ``k`` scores ``batch.input_ids[:, 1:][batch.target_mask[:, 1:]][k]``."""
+    positions = torch.zeros_like(batch.target_mask)
+    positions[:, :-1] = batch.target_mask[:, 1:]
+    return positions.flatten().nonzero().squeeze(1)
+
+
+def logit_row_chunks(logits: Tensor, rows: Tensor) -> Iterator[tuple[slice, Tensor]]:
+    """``(part, chunk)`` over cache-sized chunks of the float32 logit rows ``logits.flatten(0, -2)[rows]``:
+    ``part`` slices ``rows``; ``chunk`` is ``[len(part), V]`` in :func:`scoring_dtype` (a fresh copy, free to
+    modify)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    step = row_chunk_size(flat.shape[-1], flat.device)
+    dtype = scoring_dtype(logits)
+    for start in range(0, len(rows), step):
+        part = slice(start, start + step)
+        yield part, flat.index_select(0, rows[part]).to(dtype, copy=True)
+
+
+def scoring_dtype(logits: Tensor) -> torch.dtype:
+    """float32, or the logits' own dtype when it is wider (float64 logits are scored in float64)."""
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
+def scatter_row_gradients(logits: Tensor, rows: Tensor, chunks: Iterable[tuple[slice, Tensor]]) -> Tensor:
+    """The gradient of ``logits`` [..., V]: ``chunk`` on each chunk's rows ``logits.flatten(0, -2)[rows[part]]``
+    and 0 on every other row; written row by row, with no [B, T, V] zeros filled and then overwritten."""
+    flat = torch.empty((logits[..., 0].numel(), logits.shape[-1]), dtype=logits.dtype, device=logits.device)
+    others = torch.ones(len(flat), dtype=torch.bool, device=flat.device)
+    others[rows] = False
+    flat.index_fill_(0, others.nonzero().squeeze(1), 0)
+    for part, chunk in chunks:
+        flat.index_copy_(0, rows[part], chunk.to(flat.dtype))
+    return flat.view(logits.shape)
+
+
+class _TargetLogProbs(torch.autograd.Function):
+    """``logits[r] [target] - logsumexp(logits[r])`` [N] at the flat logit rows ``r = rows`` of ``logits``
+    [B, T, V] (any float dtype), in :func:`scoring_dtype` (float32 or wider).
+
+    Forward and backward run over cache-sized float32 row chunks (:func:`logit_row_chunks`); only the [N]
+    log-sum-exps are kept beside the logits. The backward, ``grad[n] * (onehot(targets[n]) - softmax(row n))``,
+    recomputes each chunk's softmax and writes the rows of the logits' gradient directly.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, rows: Tensor, targets: Tensor) -> Tensor:
+        picked, sums = [], []
+        for part, chunk in logit_row_chunks(logits, rows):
+            sums.append(torch.logsumexp(chunk, dim=-1))
+            picked.append(chunk.gather(-1, targets[part, None]).squeeze(-1) - sums[-1])
+        empty = logits.new_zeros(0, dtype=scoring_dtype(logits))
+        ctx.save_for_backward(logits, rows, targets, torch.cat(sums) if sums else empty)
+        return torch.cat(picked) if picked else empty
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        logits, rows, targets, lse = ctx.saved_tensors
+
+        def chunks():
+            for part, chunk in logit_row_chunks(logits, rows):
+                softmax = chunk.sub_(lse[part, None]).exp_()
+                yield part, softmax.mul_(-grad[part, None]).scatter_add_(-1, targets[part, None], grad[part, None])
+
+        return scatter_row_gradients(logits, rows, chunks()), None, None
 
 
 def token_log_probs(logits: Tensor, batch: TokenBatch) -> Tensor:
-    """``log p(input_ids[:, t] | < t)`` [B, T] float32 at target positions, 0 elsewhere.
+    """``log p(input_ids[:, t] | < t)`` [B, T] float32 (float64 for float64 logits) at target positions, 0 elsewhere.
 
     ``logits`` [B, T, V] (any float dtype); logit position ``t - 1`` scores token ``t``.
     Computed as ``logit[target] - logsumexp(logits)`` in float32 at the target positions only (no padding, no
-    [B, T, V] float32 copy or log-softmax kept); on the CPU in row chunks that fit the cache.
+    [B, T, V] float32 copy or log-softmax kept), in cache-sized row chunks on the CPU (:class:`_TargetLogProbs`).
     """
     scored = batch.target_mask[:, 1:]  # [B, T-1]: logit position t-1 scores token t
-    rows = logits[:, :-1][scored]  # [N, V], N = number of target tokens
-    targets = batch.input_ids[:, 1:][scored]  # [N]
-    on_cpu = rows.device.type == "cpu"
-    chunk = max(1, _LOGSUMEXP_CHUNK_BYTES // (4 * max(1, rows.shape[-1])) if on_cpu else len(rows))
-    picked = torch.cat([_target_log_probs(part, part_targets)  # no targets: one empty chunk
-                        for part, part_targets in zip(rows.split(chunk), targets.split(chunk))])
-    scores = torch.zeros(scored.shape, dtype=torch.float32, device=logits.device).masked_scatter(scored, picked)
+    targets = batch.input_ids[:, 1:][scored].to(logits.device)  # [N]
+    picked = _TargetLogProbs.apply(logits, scoring_positions(batch).to(logits.device), targets)
+    scores = torch.zeros(scored.shape, dtype=picked.dtype, device=logits.device).masked_scatter(scored, picked)
     return torch.nn.functional.pad(scores, (1, 0))  # position 0 (BOS) scores nothing
-
-
-def _target_log_probs(rows: Tensor, targets: Tensor) -> Tensor:
-    """``rows[n, targets[n]] - logsumexp(rows[n])`` [N] float32, for logit rows [N, V] of any float dtype."""
-    rows = rows.float()
-    return rows.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(rows, dim=-1)
 
 
 def sentence_scores(token_scores: Tensor, batch: TokenBatch) -> SentenceLogProbs:

@@ -83,3 +83,45 @@ def test_level_loss_hand_computed_and_its_gradient():
     assert torch.autograd.gradcheck(
         lambda s, a: level_loss(SentenceLogProbs(s, s, ones), SentenceLogProbs(a, a, ones), pre_s, pre_a),
         (post_s.detach().requires_grad_(), post_a.detach().requires_grad_()))
+
+
+def _reference_token_retention(pre: torch.Tensor, post: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """The definition on the whole [B, T, V] tensor: mean over scoring positions of KL(p_pre || p_post)."""
+    positions = torch.zeros_like(batch.target_mask)
+    positions[:, :-1] = batch.target_mask[:, 1:]
+    pre_log, post_log = torch.log_softmax(pre.detach(), -1), torch.log_softmax(post, -1)
+    per_position = (pre_log.exp() * (pre_log - post_log)).sum(-1)
+    return (per_position * positions).sum(-1) / positions.sum(-1)
+
+
+def test_token_retention_in_row_chunks_equals_the_whole_tensor_kl_with_the_same_gradient(monkeypatch):
+    from biasedit_peft import scoring
+
+    torch.manual_seed(0)
+    pre = torch.randn(3, 6, 11, dtype=torch.float64)
+    post = torch.randn(3, 6, 11, dtype=torch.float64, requires_grad=True)
+    batch = _batch(torch.randint(0, 11, (3, 6)).tolist(), [6, 2, 4])  # 5 + 1 + 3 scoring positions
+    monkeypatch.setattr(scoring, "_LOGSUMEXP_CHUNK_BYTES", 2 * 4 * 11)  # two rows a chunk: 5 chunks
+    chunked = retention_loss("token", pre, post, batch)
+    reference = _reference_token_retention(pre, post, batch)
+    torch.testing.assert_close(chunked.double(), reference, rtol=0, atol=1e-6)
+    weights = torch.randn(3, dtype=torch.float64)
+    (grad_chunked,) = torch.autograd.grad((chunked.double() * weights).sum(), post)
+    (grad_reference,) = torch.autograd.grad((reference * weights).sum(), post)
+    torch.testing.assert_close(grad_chunked, grad_reference, rtol=0, atol=1e-6)
+    positions = torch.zeros_like(batch.target_mask)
+    positions[:, :-1] = batch.target_mask[:, 1:]
+    assert (grad_chunked[~positions] == 0).all()  # padding and the last position get no gradient
+
+
+def test_token_retention_gradient_of_bf16_logits_is_the_float32_gradient_rounded():
+    torch.manual_seed(1)
+    pre, post = torch.randn(2, 5, 13).bfloat16(), torch.randn(2, 5, 13).bfloat16().requires_grad_()
+    batch = _batch(torch.randint(0, 13, (2, 5)).tolist(), [5, 3])
+    loss = retention_loss("token", pre, post, batch)
+    assert loss.dtype == torch.float32
+    (grad,) = torch.autograd.grad(loss.sum(), post)
+    post32 = post.detach().float().requires_grad_()
+    (grad32,) = torch.autograd.grad(_reference_token_retention(pre.float(), post32, batch).sum(), post32)
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad, grad32.bfloat16(), rtol=0, atol=0)

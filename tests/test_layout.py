@@ -34,13 +34,17 @@ def test_every_layout_describes_the_same_delta(key_value, fan_in_fan_out, native
     native = native_from_key_value(dense, fan_in_fan_out)
     assert native.shape == native_shape
     a, b = native_factors(left, right, fan_in_fan_out)
-    assert torch.equal(a @ b, native)
+    # the factors are the key / value factors themselves, transposed where the layout says: bitwise
+    expected = (left, right) if fan_in_fan_out else (right.T, left.T)
+    assert all(torch.equal(got, want) for got, want in zip((a, b), expected))
+    torch.testing.assert_close(a @ b, native)  # a product in another order: equal up to rounding (FMA or not)
     assert torch.equal(out_in(native, fan_in_fan_out), dense.T)  # [out, in] whatever the layer
     lora_b, lora_a = out_in_factors(a, b, fan_in_fan_out)
     assert lora_b.shape == (D_OUT, RANK) and lora_a.shape == (RANK, D_IN)
-    assert torch.equal(lora_b @ lora_a, dense.T)
+    assert torch.equal(lora_b, right.T) and torch.equal(lora_a, left.T)
+    torch.testing.assert_close(lora_b @ lora_a, dense.T)
     back = native_from_out_in_factors(lora_b, lora_a, fan_in_fan_out)
-    assert torch.equal(back[0] @ back[1], native)
+    assert all(torch.equal(got, want) for got, want in zip(back, (a, b)))
 
 
 def test_the_smaller_form_and_exact_addition(key_value):

@@ -191,3 +191,20 @@ def test_a_chatml_turn_bos_gives_way_to_the_document_separator():
     assert batch.input_ids[0].tolist() == [separator, *tokenizer.convert_tokens_to_ids(["a", "cat"])]
     without = _chatml_tokenizer(with_separator=False)  # nothing better to start with: the BOS as it is
     assert encode_sentences(without, ["a cat"]).input_ids[0, 0].item() == without.bos_token_id == 2
+
+
+def test_token_log_probs_gradient_passes_gradcheck_at_padded_positions(monkeypatch):
+    torch.manual_seed(2)
+    logits = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)
+    attention = torch.arange(4)[None] < torch.tensor([4, 2])[:, None]
+    batch = TokenBatch(torch.randint(0, 5, (2, 4)), attention.long(), attention & (torch.arange(4)[None] > 0))
+    monkeypatch.setattr(scoring, "_LOGSUMEXP_CHUNK_BYTES", 2 * 4 * 5)  # two rows a chunk
+    assert torch.autograd.gradcheck(lambda x: token_log_probs(x, batch).double(), (logits,), eps=1e-6, atol=1e-5)
+
+
+def test_the_start_token_is_looked_up_not_read_from_the_whole_vocabulary(monkeypatch):
+    tokenizer = _chatml_tokenizer(with_separator=True)
+    monkeypatch.setattr(type(tokenizer), "get_vocab", lambda self: pytest.fail("get_vocab builds the whole dict"))
+    assert scoring.start_token_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|endoftext|>") == 4
+    assert scoring.vocabulary_id(tokenizer, "<|no such token|>") is None
+    assert scoring.vocabulary_id(tokenizer, "[UNK]") == tokenizer.unk_token_id

@@ -32,7 +32,16 @@ from typing import Literal
 
 import torch
 
-from ..scoring import SentenceLogProbs, TokenBatch, sentence_scores, token_log_probs
+from ..scoring import (
+    SentenceLogProbs,
+    TokenBatch,
+    logit_row_chunks,
+    scatter_row_gradients,
+    scoring_dtype,
+    scoring_positions,
+    sentence_scores,
+    token_log_probs,
+)
 
 LossKind = Literal["paper", "token"]
 LOSS_KINDS: tuple[str, ...] = ("paper", "token")
@@ -56,14 +65,52 @@ def paper_retention_loss(pre: SentenceLogProbs, post: SentenceLogProbs) -> torch
     return pre_prob * (pre_prob.log() - post.mean)
 
 
+class _RowKL(torch.autograd.Function):
+    """``KL(softmax(pre[r]) || softmax(post[r]))`` [N] (float32 or wider) at the flat logit rows ``r = rows`` of logits
+    ``pre`` / ``post`` [B, T, V] (any float dtype); ``pre`` is a constant.
+
+    Forward and backward run over cache-sized float32 row chunks (:func:`~biasedit_peft.scoring.logit_row_chunks`)
+    and keep nothing beside the logits; the backward, ``grad[n] * (softmax(post[r]) - softmax(pre[r]))``,
+    recomputes both softmaxes a chunk at a time and writes the rows of the gradient directly.
+    """
+
+    @staticmethod
+    def forward(ctx, pre: torch.Tensor, post: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        kl = [_kl_rows(pre_chunk, post_chunk)
+              for (_, pre_chunk), (_, post_chunk) in zip(logit_row_chunks(pre, rows), logit_row_chunks(post, rows))]
+        ctx.save_for_backward(pre, post, rows)
+        return torch.cat(kl) if kl else post.new_zeros(0, dtype=scoring_dtype(post))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        pre, post, rows = ctx.saved_tensors
+
+        def chunks():
+            for (part, pre_chunk), (_, post_chunk) in zip(logit_row_chunks(pre, rows), logit_row_chunks(post, rows)):
+                difference = torch.softmax(post_chunk, -1).sub_(torch.softmax(pre_chunk, -1))
+                yield part, difference.mul_(grad[part, None])
+
+        return None, scatter_row_gradients(post, rows, chunks()), None
+
+
+def _kl_rows(pre: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
+    """``KL(softmax(pre) || softmax(post))`` per row: float32 ``[n, V]`` -> ``[n]``."""
+    pre_log = torch.log_softmax(pre, -1)
+    return (pre_log.exp() * (pre_log - torch.log_softmax(post, -1))).sum(-1)
+
+
 def token_retention_loss(pre_logits: torch.Tensor, post_logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
-    """Mean over scored positions of ``KL(p_pre || p_post)``: logits ``[B, T, V]`` -> ``[B]``."""
-    positions = torch.zeros_like(batch.target_mask)
-    positions[:, :-1] = batch.target_mask[:, 1:]
-    pre_log = torch.log_softmax(pre_logits.detach().float(), -1)
-    post_log = torch.log_softmax(post_logits.float(), -1)
-    per_position = (pre_log.exp() * (pre_log - post_log)).sum(-1)
-    return (per_position * positions).sum(-1) / positions.sum(-1).clamp(min=1)
+    """Mean over scored positions of ``KL(p_pre || p_post)``: logits ``[B, T, V]`` -> ``[B]``.
+
+    Only the ``N`` positions that score a token are taken (padding and the last position never are), in
+    cache-sized chunks (:class:`_RowKL`).
+    """
+    rows = scoring_positions(batch).to(post_logits.device)  # [N]
+    per_row = _RowKL.apply(pre_logits.detach(), post_logits, rows)  # [N]
+    n_positions = batch.target_mask.shape[1]
+    totals = torch.zeros(len(batch), dtype=per_row.dtype, device=per_row.device).index_add(
+        0, rows // n_positions, per_row)
+    return totals / batch.target_mask[:, 1:].sum(-1).clamp(min=1).to(per_row.device)
 
 
 def level_loss(stereo: SentenceLogProbs, anti: SentenceLogProbs, pre_stereo: torch.Tensor,
