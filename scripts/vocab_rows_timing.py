@@ -40,10 +40,14 @@ def previous_token_log_probs(logits: torch.Tensor, batch: scoring.TokenBatch) ->
     rows = logits[:, :-1][scored]
     targets = batch.input_ids[:, 1:][scored]
     chunk = max(1, scoring._LOGSUMEXP_CHUNK_BYTES // (4 * rows.shape[-1])) if rows.device.type == "cpu" else len(rows)
-    picked = torch.cat([part.float().gather(-1, part_targets[:, None]).squeeze(-1) - torch.logsumexp(part.float(), -1)
+    picked = torch.cat([_previous_target_log_probs(part.float(), part_targets)
                         for part, part_targets in zip(rows.split(chunk), targets.split(chunk))])
     scores = torch.zeros(scored.shape, dtype=torch.float32, device=logits.device).masked_scatter(scored, picked)
     return torch.nn.functional.pad(scores, (1, 0))
+
+
+def _previous_target_log_probs(rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return rows.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(rows, dim=-1)
 
 
 def previous_token_retention_loss(pre_logits: torch.Tensor, post_logits: torch.Tensor,
