@@ -186,6 +186,13 @@ def row_chunk_size(n_columns: int, device: torch.device) -> int:
     return max(1, _LOGSUMEXP_CHUNK_BYTES // (4 * max(1, n_columns)))
 
 
+def check_logits_match(logits: Tensor, batch: TokenBatch) -> None:
+    """Refuse logits whose ``[B, T]`` is not the batch's (flat row indices would silently score other rows)."""
+    if tuple(logits.shape[:-1]) != tuple(batch.target_mask.shape):
+        raise ValueError(f"logits {tuple(logits.shape)} do not match the token batch {tuple(batch.target_mask.shape)}:"
+                         " expected [B, T, V] for its [B, T]")
+
+
 def scoring_positions(batch: TokenBatch) -> Tensor:
     """``[N]`` long: flat indices into ``[B * T]`` of the logit positions that score a token (``t - 1`` for each
     target ``t``), row-major, so that position ``k`` scores ``batch.input_ids[:, 1:][batch.target_mask[:, 1:]][k]``."""
@@ -261,6 +268,7 @@ def token_log_probs(logits: Tensor, batch: TokenBatch) -> Tensor:
     Computed as ``logit[target] - logsumexp(logits)`` in float32 at the target positions only (no padding, no
     [B, T, V] float32 copy or log-softmax kept), in cache-sized row chunks on the CPU (:class:`_TargetLogProbs`).
     """
+    check_logits_match(logits, batch)
     scored = batch.target_mask[:, 1:]  # [B, T-1]: logit position t-1 scores token t
     targets = batch.input_ids[:, 1:][scored].to(logits.device)  # [N]
     picked = _TargetLogProbs.apply(logits, scoring_positions(batch).to(logits.device), targets)

@@ -208,3 +208,10 @@ def test_the_start_token_is_looked_up_not_read_from_the_whole_vocabulary(monkeyp
     assert scoring.start_token_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|endoftext|>") == 4
     assert scoring.vocabulary_id(tokenizer, "<|no such token|>") is None
     assert scoring.vocabulary_id(tokenizer, "[UNK]") == tokenizer.unk_token_id
+
+
+def test_logits_of_another_shape_than_the_batch_are_refused():
+    batch = TokenBatch(torch.zeros(3, 7, dtype=torch.long), torch.ones(3, 7, dtype=torch.long),
+                       torch.ones(3, 7, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"do not match the token batch \(3, 7\)"):
+        token_log_probs(torch.randn(3, 9, 13), batch)

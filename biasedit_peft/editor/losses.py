@@ -35,6 +35,7 @@ import torch
 from ..scoring import (
     SentenceLogProbs,
     TokenBatch,
+    check_logits_match,
     logit_row_chunks,
     scatter_row_gradients,
     scoring_dtype,
@@ -105,6 +106,8 @@ def token_retention_loss(pre_logits: torch.Tensor, post_logits: torch.Tensor, ba
     Only the ``N`` positions that score a token are taken (padding and the last position never are), in
     cache-sized chunks (:class:`_RowKL`).
     """
+    check_logits_match(post_logits, batch)
+    check_logits_match(pre_logits, batch)
     rows = scoring_positions(batch).to(post_logits.device)  # [N]
     per_row = _RowKL.apply(pre_logits.detach(), post_logits, rows)  # [N]
     n_positions = batch.target_mask.shape[1]
