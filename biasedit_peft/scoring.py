@@ -44,7 +44,8 @@ class TokenBatch:
 
 @dataclass
 class SentenceLogProbs:
-    """Per-sentence scores, each [B] float32: ``sum`` and ``mean`` of token log-probs, ``n_tokens``.
+    """Per-sentence scores, each [B] float32 (float64 for float64 logits): ``sum`` and ``mean`` of token log-probs,
+    ``n_tokens``.
 
     ``mean_prob`` [B] is the arithmetic mean of token probabilities (the BiasEdit paper's SS score).
     """
@@ -193,24 +194,29 @@ def check_logits_match(logits: Tensor, batch: TokenBatch) -> None:
                          " expected [B, T, V] for its [B, T]")
 
 
+def logit_positions(target_mask: Tensor) -> Tensor:
+    """``target_mask [B, T]`` (True at scored tokens) -> ``[B, T]`` True at the logits scoring them."""
+    positions = torch.zeros_like(target_mask, dtype=torch.bool)
+    positions[:, :-1] = target_mask[:, 1:].bool()
+    return positions
+
+
 def scoring_positions(batch: TokenBatch) -> Tensor:
-    """``[N]`` long: flat indices into ``[B * T]`` of the logit positions that score a token (``t - 1`` for each
-    target ``t``), row-major, so that position ``k`` scores ``batch.input_ids[:, 1:][batch.target_mask[:, 1:]][k]``."""
-    positions = torch.zeros_like(batch.target_mask)
-    positions[:, :-1] = batch.target_mask[:, 1:]
-    return positions.flatten().nonzero().squeeze(1)
+    """``[N]`` long: flat indices into ``[B * T]`` of :func:`logit_positions`, row-major, so that position ``k``
+    scores ``batch.input_ids[:, 1:][batch.target_mask[:, 1:]][k]``."""
+    return logit_positions(batch.target_mask).flatten().nonzero().squeeze(1)
 
 
 def logit_row_chunks(logits: Tensor, rows: Tensor) -> Iterator[tuple[slice, Tensor]]:
-    """``(part, chunk)`` over cache-sized chunks of the float32 logit rows ``logits.flatten(0, -2)[rows]``:
-    ``part`` slices ``rows``; ``chunk`` is ``[len(part), V]`` in :func:`scoring_dtype` (a fresh copy, free to
-    modify)."""
+    """``(part, chunk)`` over cache-sized chunks of the logit rows ``logits.flatten(0, -2)[rows]``: ``part`` slices
+    ``rows``; ``chunk`` is ``[len(part), V]`` in :func:`scoring_dtype` (float32 or wider), a fresh tensor (the
+    ``index_select`` result, cast), free to modify."""
     flat = logits.reshape(-1, logits.shape[-1])
     step = row_chunk_size(flat.shape[-1], flat.device)
     dtype = scoring_dtype(logits)
     for start in range(0, len(rows), step):
         part = slice(start, start + step)
-        yield part, flat.index_select(0, rows[part]).to(dtype, copy=True)
+        yield part, flat.index_select(0, rows[part]).to(dtype)
 
 
 def scoring_dtype(logits: Tensor) -> torch.dtype:
@@ -234,7 +240,7 @@ class _TargetLogProbs(torch.autograd.Function):
     """``logits[r] [target] - logsumexp(logits[r])`` [N] at the flat logit rows ``r = rows`` of ``logits``
     [B, T, V] (any float dtype), in :func:`scoring_dtype` (float32 or wider).
 
-    Forward and backward run over cache-sized float32 row chunks (:func:`logit_row_chunks`); only the [N]
+    Forward and backward run over cache-sized row chunks (:func:`logit_row_chunks`); only the [N]
     log-sum-exps are kept beside the logits. The backward, ``grad[n] * (onehot(targets[n]) - softmax(row n))``,
     recomputes each chunk's softmax and writes the rows of the logits' gradient directly.
     """
@@ -265,8 +271,9 @@ def token_log_probs(logits: Tensor, batch: TokenBatch) -> Tensor:
     """``log p(input_ids[:, t] | < t)`` [B, T] float32 (float64 for float64 logits) at target positions, 0 elsewhere.
 
     ``logits`` [B, T, V] (any float dtype); logit position ``t - 1`` scores token ``t``.
-    Computed as ``logit[target] - logsumexp(logits)`` in float32 at the target positions only (no padding, no
-    [B, T, V] float32 copy or log-softmax kept), in cache-sized row chunks on the CPU (:class:`_TargetLogProbs`).
+    Computed as ``logit[target] - logsumexp(logits)`` in :func:`scoring_dtype` at the target positions only (no
+    padding, no [B, T, V] float32 copy or log-softmax kept), in cache-sized row chunks on the CPU
+    (:class:`_TargetLogProbs`).
     """
     check_logits_match(logits, batch)
     scored = batch.target_mask[:, 1:]  # [B, T-1]: logit position t-1 scores token t

@@ -18,12 +18,7 @@ from typing import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-
-def logit_positions(target_mask: torch.Tensor) -> torch.Tensor:
-    """``target_mask [B, T]`` (True at scored tokens) -> ``[B, T]`` True at the logits scoring them."""
-    positions = torch.zeros_like(target_mask, dtype=torch.bool)
-    positions[:, :-1] = target_mask[:, 1:].bool()
-    return positions
+from ..scoring import logit_positions  # noqa: F401  (re-exported: the cache's rows are these positions)
 
 
 @dataclass

@@ -70,8 +70,8 @@ class _RowKL(torch.autograd.Function):
     """``KL(softmax(pre[r]) || softmax(post[r]))`` [N] (float32 or wider) at the flat logit rows ``r = rows`` of logits
     ``pre`` / ``post`` [B, T, V] (any float dtype); ``pre`` is a constant.
 
-    Forward and backward run over cache-sized float32 row chunks (:func:`~biasedit_peft.scoring.logit_row_chunks`)
-    and keep nothing beside the logits; the backward, ``grad[n] * (softmax(post[r]) - softmax(pre[r]))``,
+    Forward and backward run over cache-sized row chunks (:func:`~biasedit_peft.scoring.logit_row_chunks`) and
+    keep only the logits and ``rows``; the backward, ``grad[n] * (softmax(post[r]) - softmax(pre[r]))``,
     recomputes both softmaxes a chunk at a time and writes the rows of the gradient directly.
     """
 
@@ -95,7 +95,7 @@ class _RowKL(torch.autograd.Function):
 
 
 def _kl_rows(pre: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
-    """``KL(softmax(pre) || softmax(post))`` per row: float32 ``[n, V]`` -> ``[n]``."""
+    """``KL(softmax(pre) || softmax(post))`` per row: ``[n, V]`` (float32 or wider) -> ``[n]``."""
     pre_log = torch.log_softmax(pre, -1)
     return (pre_log.exp() * (pre_log - torch.log_softmax(post, -1))).sum(-1)
 
