@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from biasedit_peft.editor.losses import debias_loss, retention_loss
@@ -50,6 +51,49 @@ def test_token_debias_loss_is_symmetric_bernoulli_kl():
     assert math.isclose(loss.item(), expected, rel_tol=1e-5)
     same = debias_loss("token", _logits_for([probs[0], probs[0]], [ids[0], ids[0]]), _batch([ids[0], ids[0]], [3, 3]))
     assert same.abs().item() < 1e-7
+
+
+def test_abs_debias_loss_is_the_absolute_gap_and_its_gradient_the_gaps_sign():
+    ids = [[0, 1, 2], [0, 3, 0]]
+    logits = _logits_for([[0.5, 0.2], [0.1, 0.25]], ids).requires_grad_(True)
+    batch = _batch(ids, [3, 2])
+    loss = debias_loss("abs", logits, batch)
+    gap = (math.log(0.5) + math.log(0.2)) / 2 - math.log(0.1)  # 0.7 > 0
+    assert math.isclose(loss.item(), abs(gap), rel_tol=1e-6)
+    (grad_abs,) = torch.autograd.grad(loss.sum(), logits)
+    # chain rule: d|gap|/dlogits = sign(gap) / (d token/d gap) * d token/dlogits, token = gap tanh(gap / 2)
+    token = debias_loss("token", logits, batch)
+    (grad_token,) = torch.autograd.grad(token.sum(), logits)
+    slope = math.tanh(gap / 2) + gap / 2 / math.cosh(gap / 2) ** 2
+    torch.testing.assert_close(grad_abs, grad_token / slope)
+    swapped = debias_loss("abs", _logits_for([[0.1, 0.25], [0.5, 0.2]], ids[::-1]), _batch(ids[::-1], [2, 3]))
+    assert math.isclose(swapped.item(), abs(gap), rel_tol=1e-6)  # symmetric in the two sentences
+
+
+def test_abs_loss_over_a_shared_shift_is_least_at_the_median_gap_token_loss_near_the_mean():
+    from biasedit_peft.editor.losses import abs_debias_loss, token_debias_loss
+    from biasedit_peft.scoring import SentenceLogProbs
+
+    gaps = torch.tensor([0.05, 0.1, 0.15, 0.2, 2.5], dtype=torch.float64)  # skewed: mean 0.6, median 0.15
+    shifts = torch.linspace(-1, 1, 2001, dtype=torch.float64)
+    ones = torch.ones(len(gaps), dtype=torch.float64)
+
+    def best_shift(loss_fn) -> float:
+        totals = [loss_fn(SentenceLogProbs(gaps - c, gaps - c, ones), SentenceLogProbs(0 * ones, 0 * ones, ones)).sum()
+                  for c in shifts]
+        return shifts[int(torch.stack(totals).argmin())].item()
+
+    assert best_shift(abs_debias_loss) == pytest.approx(0.15, abs=1e-3)  # the median: 2 gaps above it, 2 below
+    token_shift = best_shift(token_debias_loss)
+    assert 0.3 < token_shift < 0.7  # 0.427, pulled toward the mean by the large gap: 4 of 5 signs flip (SS 20)
+
+
+def test_abs_retention_is_the_token_retention():
+    ids = [[0, 1, 2]]
+    batch = _batch(ids, [3])
+    pre, post = _logits_for([[0.5, 0.2]], ids), _logits_for([[0.4, 0.3]], ids)
+    torch.testing.assert_close(retention_loss("abs", pre, post, batch), retention_loss("token", pre, post, batch),
+                               rtol=0, atol=0)
 
 
 def test_retention_losses():

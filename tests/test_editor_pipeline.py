@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -74,7 +75,7 @@ def test_logit_positions_shift_left_by_one():
     assert logit_positions(target).tolist() == [[True, True, False, False]]
 
 
-@pytest.mark.parametrize("loss", ["paper", "token"])
+@pytest.mark.parametrize("loss", ["paper", "token", "abs"])
 def test_meta_steps_lower_the_meta_loss_on_a_fixed_batch(tmp_path, loss):
     model = peft_model()
     editor = _editor(model, loss)
@@ -174,6 +175,21 @@ def test_editor_folder_round_trip_and_mismatch_errors(tmp_path):
         loaded.debias(peft_model("llama"), samples(2), tokenizer=TOKENIZER)
     with pytest.raises(ValueError, match="shapes differ"):
         loaded.debias(peft_gpt2_wide(), samples(2), tokenizer=TOKENIZER)
+
+
+def test_the_abs_loss_drives_the_cached_value_gradients_and_survives_a_save(tmp_path):
+    model = peft_model()
+    data = samples(1)  # one pair: the abs gradient is the token gradient divided by d token / d gap
+    token, absolute = _editor(model, "token", data), _editor(model, "abs", data)
+    absolute.save_pretrained(tmp_path / "editor")
+    assert BiasEditor.from_pretrained(tmp_path / "editor").config.loss == "abs"
+    token_cache, stereo, anti = token.cache_samples(model, TOKENIZER, data)
+    abs_cache, _, _ = absolute.cache_samples(model, TOKENIZER, data)
+    gap = (stereo - anti).item()
+    slope = math.tanh(gap / 2) + gap / 2 / math.cosh(gap / 2) ** 2
+    name = "transformer.h.2.mlp.c_proj"
+    torch.testing.assert_close(abs_cache.layer(name)[1], token_cache.layer(name)[1] / slope, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(abs_cache.layer(name)[0], token_cache.layer(name)[0], rtol=0, atol=0)
 
 
 def peft_gpt2_wide():

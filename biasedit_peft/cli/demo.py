@@ -32,6 +32,7 @@ from biasedit_peft.cli._common import (
     recorded_command,
     split_list,
 )
+from biasedit_peft.editor.losses import LOSS_KINDS
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -51,7 +52,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=int, default=150, help="meta-training steps (default 150)")
     parser.add_argument("--eval-every", type=int, default=25, help="validate on dev every N steps (default 25)")
     parser.add_argument("--n-edits", type=int, default=None, help="samples per edit (default: preset)")
-    parser.add_argument("--loss", choices=("token", "paper"), default=None, help="loss variant (default token)")
+    parser.add_argument("--loss", choices=LOSS_KINDS, default=None,
+                        help="loss variant (default token; abs: the gap's absolute value)")
     parser.add_argument("--loc-coef", type=float, default=None, help="retention weight (default: preset)")
     parser.add_argument("--level-coef", type=float, default=None,
                         help="weight of the level loss that keeps each pair's likelihood (default: preset)")

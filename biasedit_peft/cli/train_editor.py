@@ -21,6 +21,7 @@ from biasedit_peft.cli._common import (
     recorded_command,
     split_list,
 )
+from biasedit_peft.editor.losses import LOSS_KINDS
 from biasedit_peft.models import default_device
 
 
@@ -71,8 +72,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--loc-coef", type=float, default=None, help="weight of the retention loss")
     parser.add_argument("--rank", type=int, default=None)
     parser.add_argument("--n-blocks", type=int, default=None)
-    parser.add_argument("--loss", choices=("token", "paper"), default="token",
-                        help="loss variant: token (default) or paper (the BiasEdit code's); docs/method.md")
+    parser.add_argument("--loss", choices=LOSS_KINDS, default="token",
+                        help="loss variant: token (default), abs (the gap's absolute value: aims at the median gap, "
+                             "where SS is 50) or paper (the BiasEdit code's); docs/method.md")
     add_resume_arguments(parser, "continue an interrupted run (or a finished one in --out) from its checkpoint")
     parser.add_argument("--seed", type=int, default=0)
     add_runtime_arguments(parser)

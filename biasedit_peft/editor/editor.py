@@ -43,8 +43,9 @@ class BiasEditorConfig:
     block_init: str = "unit"
     """How the blocks' ``A`` are drawn (``nets.BLOCK_INITS``): ``"unit"`` (MALMEN's N(0, 1)) or ``"fan_in"``."""
     loss: str = "token"
-    """Debias / retention loss variant: ``"token"`` (default, better on the testbed) or ``"paper"``
-    (the BiasEdit code's semantics); see ``losses.py`` and docs/method.md."""
+    """Debias / retention loss variant: ``"token"`` (default, better on the testbed), ``"abs"`` (the absolute gap:
+    its minimum over a shared shift is at the median gap, where SS is 50) or ``"paper"`` (the BiasEdit code's
+    semantics); see ``losses.py`` and docs/method.md."""
     chunk_size: int = 4096
     """Token rows the hyper-network processes at once (independent of the LM batch size)."""
     base_model: str | None = None
