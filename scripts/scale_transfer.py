@@ -35,6 +35,7 @@ from _study_args import (
 from biasedit_peft._io import write_json
 from biasedit_peft.data import BIAS_TYPES
 from biasedit_peft.editor.calibration import rank_scales, target_score
+from biasedit_peft.editor.losses import abs_debias_loss, token_debias_loss
 from biasedit_peft.evaluation import STEREOSET_ROLES, stereoset_results
 from biasedit_peft.scoring import SentenceLogProbs
 from biasedit_peft.workflows.protocols import per_batch_protocol, split_targets
@@ -50,6 +51,24 @@ def role_means(scores: Scores, rows: torch.Tensor) -> torch.Tensor:
 def subset(scores: Scores, rows: torch.Tensor) -> Scores:
     """The role scores of the items at ``rows``."""
     return {role: s[rows] for role, s in scores.items()}
+
+
+def gap_summary(scores: Scores) -> dict[str, float]:
+    """How the pairs' gaps ``delta = mean_logp(s) - mean_logp(a)`` ``[N]`` sit: their mean and median, the share
+    with ``delta > 0`` (reference SS before the per-term average), and the mean ``token`` and ``abs`` debias losses
+    (``losses.py``). An edit that shrinks each gap in proportion lowers the losses and leaves the share."""
+    stereo, anti = scores["stereotype"], scores["anti-stereotype"]
+    gap = stereo.mean - anti.mean
+    return {"mean": gap.mean().item(), "median": gap.median().item(),
+            "share_positive": (gap > 0).double().mean().item(),
+            "token_loss": token_debias_loss(stereo, anti).mean().item(),
+            "abs_loss": abs_debias_loss(stereo, anti).mean().item()}
+
+
+def format_gaps(summary: dict[str, float]) -> str:
+    return (f"gap mean {summary['mean']:+.4f}, median {summary['median']:+.4f}, share > 0 "
+            f"{summary['share_positive']:.3f}, token loss {summary['token_loss']:.4f}, "
+            f"abs loss {summary['abs_loss']:.4f}")
 
 
 def halves(items: list, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,16 +120,22 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     items, before, report = score_study_split(args, peft_model, tokenizer)
     after: dict[float, Scores] = {}
+    report["gaps_before"] = gap_summary(before)
+    print(f"before: {format_gaps(report['gaps_before'])}", flush=True)
     for scale in scales:
         set_edit_multiple(editor, trained_lr, scale)
         result = per_batch_protocol(editor, peft_model, tokenizer, items, edit_batch_size=args.edit_batch_size,
                                     batch_size=args.batch_size, progress=False, unedited=before, keep_scores=True)
         after[scale] = result["scores"]["after"]
-        report["rows"].append({"scale": scale, "before": result["before"], "after": result["after"]})
+        report["rows"].append({"scale": scale, "before": result["before"], "after": result["after"],
+                               "gaps": gap_summary(after[scale])})
         write_json(Path(args.out), report)
         cells = ", ".join(f"{t} {result['before'][t]['ss']:.2f} -> {result['after'][t]['ss']:.2f} (LMS drop "
                           f"{result['before'][t]['lms'] - result['after'][t]['lms']:.2f})" for t in BIAS_TYPES)
         print(f"x{scale:g}: SS {cells} [{time.perf_counter() - started:.0f} s]", flush=True)
+        print(f"    {format_gaps(report['rows'][-1]['gaps'])}", flush=True)
+    if not args.halvings:
+        return 0
     halvings = [transfer(items, before, after, seed) for seed in range(args.halvings)]
     report["halvings"] = halvings
     report["chosen_counts"] = {f"{s:g}": sum(h["chosen"] == s for h in halvings) for s in scales}

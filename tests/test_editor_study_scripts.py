@@ -162,6 +162,23 @@ def test_scale_transfer_chooses_on_one_half_of_the_targets_and_scores_the_other(
     assert script.summary(halvings, "x1_after")["race"]["target_met"] == 0
 
 
+def test_scale_transfer_gap_summary_hand_computed():
+    import math
+
+    from biasedit_peft.scoring import SentenceLogProbs
+
+    script = script_module("scale_transfer")
+    gap = torch.tensor([0.1, 0.2, -0.3, 2.0], dtype=torch.float64)
+    ones = torch.ones(4, dtype=torch.float64)
+    scores = {"stereotype": SentenceLogProbs(gap - 1, gap - 1, ones),
+              "anti-stereotype": SentenceLogProbs(-ones, -ones, ones)}
+    summary = script.gap_summary(scores)
+    assert summary["mean"] == pytest.approx(0.5) and summary["median"] == pytest.approx(0.1)  # torch: lower median
+    assert summary["share_positive"] == 0.75
+    assert summary["abs_loss"] == pytest.approx(0.65)
+    assert summary["token_loss"] == pytest.approx(sum(g * math.tanh(g / 2) for g in (0.1, 0.2, -0.3, 2.0)) / 4)
+
+
 def test_the_ridge_sweep_calibrates_on_each_pool_and_scores_test_once_per_chosen_multiple(tmp_path, monkeypatch):
     """``--edit-split train-fit --calibrations dev dev+train-calib``: one row per pool with its own size (3 items
     per type and split), ``test`` evaluated once before and once per distinct (recipe, multiple); ``test`` cannot be
