@@ -226,7 +226,10 @@ def scoring_dtype(logits: Tensor) -> torch.dtype:
 
 def scatter_row_gradients(logits: Tensor, rows: Tensor, chunks: Iterable[tuple[slice, Tensor]]) -> Tensor:
     """The gradient of ``logits`` [..., V]: ``chunk`` on each chunk's rows ``logits.flatten(0, -2)[rows[part]]``
-    and 0 on every other row; written row by row, with no [B, T, V] zeros filled and then overwritten."""
+    and 0 on every other row; written row by row, with no [B, T, V] zeros filled and then overwritten.
+
+    ``rows`` must be distinct, as :func:`scoring_positions` gives them: a repeated row would keep one chunk's
+    value instead of their sum."""
     flat = torch.empty((logits[..., 0].numel(), logits.shape[-1]), dtype=logits.dtype, device=logits.device)
     others = torch.ones(len(flat), dtype=torch.bool, device=flat.device)
     others[rows] = False
