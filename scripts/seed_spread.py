@@ -58,6 +58,7 @@ def metric_rows(results: dict) -> dict[str, float]:
             before = protocol["before"][bias_type]
             rows[f"{label} {bias_type} SS before"] = before["ss"]
             rows[f"{label} {bias_type} SS after"] = entry["ss"]
+            rows[f"{label} {bias_type} |SS - 50| after"] = abs(entry["ss"] - 50.0)  # its mean: over- and undershoot
             rows[f"{label} {bias_type} LMS drop"] = before["lms"] - entry["lms"]
     for bias_type, entry in results["after"].get("crows", {}).items():
         rows[f"CrowS-Pairs {bias_type} before"] = results["before"]["crows"][bias_type]["metric"]

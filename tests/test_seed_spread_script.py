@@ -37,6 +37,8 @@ def test_mean_and_range_over_seeds_from_their_results(tmp_path, capsys):
     row = table["per-batch gender SS after"]
     assert (row["mean"], row["min"], row["max"]) == (52.0, 50.0, 54.0)
     assert table["per-batch gender LMS drop"]["mean"] == pytest.approx(3.0)  # 90 - (88 + 86 + 87) / 3
+    assert table["per-batch gender |SS - 50| after"]["seeds"] == {"0": 0.0, "1": 4.0, "2": 2.0}
+    assert script.metric_rows(_results(46.0, 88.0, 41.0, 1.0))["per-batch gender |SS - 50| after"] == 4.0  # undershoot
     assert table["joint adapter gender SS after"]["seeds"] == {"0": 55.0, "1": 59.0, "2": 57.0}  # an older demo
     assert table["perplexity change %"]["max"] == pytest.approx(5.0)  # 42 / 40
     assert table["seconds, total"]["mean"] == 130.0 and table["kept editor: edit scale"]["mean"] == 0.5
