@@ -22,10 +22,9 @@ per-sentence scores; ``KLDivLoss(input, target) = target * (log target - input)`
 
     Reference SS counts signs of ``delta = mean_logp(s) - mean_logp(a)``, so it is 50 where the *median* gap is 0.
     Over a shift shared by the pairs, ``sum |delta - c|`` is least at the median gap, while ``"token"``'s loss
-    (``~ delta^2 / 2`` near 0, gradient ``~ delta``) is least near the mean: an edit that minimises it shrinks each
-    gap in proportion and leaves most signs, and with them SS, where they were. ``|delta|`` gives every pair the
-    same push whatever its gap. Measured (docs/results.md): it is not better than ``"token"`` on SmolLM2 over three
-    seeds, so ``"token"`` stays the default.
+    (``~ delta^2 / 2`` near 0, gradient ``~ delta``) is least near the mean and pushes each pair in proportion to
+    its gap; ``|delta|`` gives every pair the same push whatever its gap. Measured (docs/results.md): it is not
+    better than ``"token"`` on SmolLM2 over three seeds, so ``"token"`` stays the default.
 
 ``level`` (every variant, weighted by ``level_coef``; 0 in the paper's presets) keeps each pair's average
 mean log-prob where it was, so that the edit moves the *gap* between stereotype and anti-stereotype
