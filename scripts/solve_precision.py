@@ -24,10 +24,9 @@ import torch
 from peft import get_peft_model
 
 from biasedit_peft.data import load_stereoset
-from biasedit_peft.editor.cache import logit_positions
 from biasedit_peft.editor.solve import solve_ridge
 from biasedit_peft.models import load_model_and_tokenizer
-from biasedit_peft.scoring import encode_sentences
+from biasedit_peft.scoring import encode_sentences, logit_positions
 from biasedit_peft.tuner import BiasEditConfig, edit_targets
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from biasedit_peft.editor import BiasEditor, BiasEditTrainer, BiasEditTrainingArguments
-from biasedit_peft.editor.cache import logit_positions
 from biasedit_peft.editor.editor import encode_pairs, forward_logits
 from biasedit_peft.editor.losses import debias_loss
 from biasedit_peft.editor.trainer import selection_score
+from biasedit_peft.scoring import logit_positions
 from biasedit_peft.tuner.deltas import edit_targets, get_deltas, set_deltas
 
 from factories import editor_tokenizer, peft_model, samples

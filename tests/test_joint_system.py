@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from biasedit_peft.editor.cache import key_grams, logit_positions
-from biasedit_peft.scoring import encode_sentences, length_sorted_batches
+from biasedit_peft.editor.cache import key_grams
+from biasedit_peft.scoring import encode_sentences, length_sorted_batches, logit_positions
 
 from factories import editor_tokenizer, peft_model, samples
 

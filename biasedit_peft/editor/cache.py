@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from ..scoring import logit_positions  # noqa: F401  (re-exported: the cache's rows are these positions)
+from ..scoring import logit_positions
 
 
 @dataclass
@@ -170,8 +170,9 @@ def as_edit_sample(sample, index: int = 0) -> EditSample:
 def key_grams(model: nn.Module, layers: Mapping[str, nn.Module],
               batches: Iterable) -> tuple[dict[str, torch.Tensor], int]:
     """``({name: U^T U [d_in, d_in] float64}, N)``: the Gram of each layer's inputs ``U [N, d_in]`` at every logit
-    position that scores a token (:func:`logit_positions`) of the :class:`~biasedit_peft.scoring.TokenBatch` es
-    ``batches``, summed over them (no gradients; the model is run as it is)."""
+    position that scores a token (:func:`~biasedit_peft.scoring.logit_positions`) of the
+    :class:`~biasedit_peft.scoring.TokenBatch` es ``batches``, summed over them (no gradients; the model is run as
+    it is)."""
     from ..scoring import model_device
 
     grams: dict[str, torch.Tensor] = {}

@@ -19,9 +19,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..distributed import SINGLE, Processes, as_processes, split_for
-from ..scoring import check_context, eval_mode, inverse_permutation, model_context_length
+from ..scoring import check_context, eval_mode, inverse_permutation, logit_positions, model_context_length
 from ..tuner.layout import DeltaLike, add_deltas, native_factors, stored_delta
-from .cache import EditSample, KeyValueCache, as_edit_sample, logit_positions, record_layer_io
+from .cache import EditSample, KeyValueCache, as_edit_sample, record_layer_io
 from .losses import LOSS_KINDS, debias_loss, pair_scores
 from .nets import EditorNet, batch_statistics, check_block_init
 from .solve import RidgeDelta, RidgeSolution, solve_ridge
