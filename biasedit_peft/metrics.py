@@ -176,7 +176,13 @@ def item_ss_lms(stereo: Tensor, anti: Tensor, unrelated: Tensor | None = None) -
     """The trainer's quick SS / LMS of per-sentence mean log-probs ``[P]``, item by item (no per-target average,
     no CIs): ``ss`` = % of pairs whose stereotype scores above its anti-stereotype; ``lms`` (with ``unrelated``)
     = % of stereotype and anti-stereotype sentences scoring above their item's unrelated sentence."""
-    result = {"ss": 100.0 * (stereo > anti).float().mean().item()}
+    result = {"ss": percent_true(stereo > anti)}
     if unrelated is not None:
-        result["lms"] = 100.0 * torch.cat((stereo > unrelated, anti > unrelated)).float().mean().item()
+        result["lms"] = percent_true(torch.cat((stereo > unrelated, anti > unrelated)))
     return result
+
+
+def percent_true(mask: Tensor) -> float:
+    """``100 x`` the share of true entries of a boolean ``mask`` (any shape), from the exact count in float64:
+    equal counts give equal floats (a float32 mean rounds them differently by the mask's length)."""
+    return 100.0 * int(mask.sum()) / mask.numel()

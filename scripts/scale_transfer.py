@@ -35,7 +35,7 @@ from _study_args import (
 from biasedit_peft._io import write_json
 from biasedit_peft.data import BIAS_TYPES
 from biasedit_peft.editor.calibration import rank_scales, target_score
-from biasedit_peft.editor.losses import abs_debias_loss, token_debias_loss
+from biasedit_peft.editor.losses import abs_debias_loss, pair_gap, token_debias_loss
 from biasedit_peft.evaluation import STEREOSET_ROLES, stereoset_results
 from biasedit_peft.scoring import SentenceLogProbs
 from biasedit_peft.workflows.protocols import per_batch_protocol, split_targets
@@ -58,7 +58,7 @@ def gap_summary(scores: Scores) -> dict[str, float]:
     with ``delta > 0`` (reference SS before the per-term average), and the mean ``token`` and ``abs`` debias losses
     (``losses.py``). An edit that shrinks each gap in proportion lowers the losses and leaves the share."""
     stereo, anti = scores["stereotype"], scores["anti-stereotype"]
-    gap = stereo.mean - anti.mean
+    gap = pair_gap(stereo, anti)
     return {"mean": gap.mean().item(), "median": gap.median().item(),
             "share_positive": (gap > 0).double().mean().item(),
             "token_loss": token_debias_loss(stereo, anti).mean().item(),

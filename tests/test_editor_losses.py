@@ -169,3 +169,9 @@ def test_token_retention_gradient_of_bf16_logits_is_the_float32_gradient_rounded
     (grad32,) = torch.autograd.grad(_reference_token_retention(pre.float(), post32, batch).sum(), post32)
     assert grad.dtype == torch.bfloat16
     torch.testing.assert_close(grad, grad32.bfloat16(), rtol=0, atol=0)
+
+
+def test_every_loss_kind_names_its_retention_loss():
+    from biasedit_peft.editor.losses import LOSS_KINDS, RETENTION_OF
+
+    assert set(RETENTION_OF) == set(LOSS_KINDS) and set(RETENTION_OF.values()) <= {"paper", "token"}

@@ -492,3 +492,90 @@ def test_step_sizes_take_their_own_adam_rate_and_an_old_checkpoint_resumes_with_
     # other fields a checkpoint lacks are not compared: their default need not be what older code did
     older = {"args": {k: v for k, v in saved["args"].items() if k != "select_by"}}
     assert resume_mismatches(older, _args(tmp_path, select_by="loss"), config, config, {}) == {}
+
+
+# ----- parameter averaging and selection ties -----------------------------------------------------------
+def test_average_weight_is_the_running_mean_then_an_exponential_average():
+    from biasedit_peft.editor.trainer import average_weight
+
+    assert [average_weight(step, 3) for step in (1, 2, 3, 4, 10)] == [1.0, 0.5, 1 / 3, 1 / 3, 1 / 3]
+    assert average_weight(7, 1) == 1.0  # an average over one step is the last iterate
+
+
+def test_averaged_training_validates_and_keeps_the_mean_of_the_iterates_and_trains_the_last_one(tmp_path,
+                                                                                                monkeypatch):
+    """With ``average_steps`` 4 and 3 steps, the kept editor's parameters are the plain mean of the 3 iterates
+    (recorded after each step); validation sees them; the training editor ends as the last iterate, the same as
+    without averaging (averaging changes what is validated, not what is trained)."""
+    from safetensors.torch import load_file
+
+    iterates, validated = [], []
+    update = BiasEditTrainer._update_average
+
+    def recording(self):
+        iterates.append({n: p.detach().clone() for n, p in self.editor.named_parameters()})
+        update(self)
+
+    evaluate = BiasEditTrainer.evaluate
+
+    def seen(self):
+        validated.append({n: p.detach().clone() for n, p in self.editor.named_parameters()})
+        return evaluate(self)
+
+    monkeypatch.setattr(BiasEditTrainer, "_update_average", recording)
+    monkeypatch.setattr(BiasEditTrainer, "evaluate", seen)
+    averaged, state = _train(tmp_path / "avg", max_steps=3, eval_every=3, average_steps=4, calibrate=False)
+    assert state.global_step == 3 and len(iterates) == 3 and len(validated) == 1
+    kept = load_file(str(tmp_path / "avg" / "editor.safetensors"))
+    for name, _ in averaged.named_parameters():
+        mean = sum(step[name] for step in iterates) / 3
+        torch.testing.assert_close(validated[0][name], mean, rtol=1e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(kept[name], mean.cpu(), rtol=1e-6, atol=1e-7, msg=name)
+        assert torch.equal(dict(averaged.named_parameters())[name].detach(), iterates[-1][name]), name
+    plain, _ = _train(tmp_path / "plain", max_steps=3, eval_every=3, calibrate=False)
+    for (name, a), (_, b) in zip(plain.named_parameters(), averaged.named_parameters()):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(kept[name], p.detach()) for name, p in averaged.named_parameters())
+
+
+def test_averaged_training_resumes_to_the_uninterrupted_average(tmp_path):
+    from safetensors.torch import load_file
+
+    _train(tmp_path / "full", max_steps=5, eval_every=5, average_steps=2, calibrate=False)
+    _train(tmp_path / "cut", max_steps=3, eval_every=5, average_steps=2, calibrate=False)
+    assert (tmp_path / "cut" / "checkpoint" / "average.safetensors").is_file()
+    _train(tmp_path / "cut", max_steps=5, eval_every=5, average_steps=2, calibrate=False, resume=True)
+    full, resumed = (load_file(str(tmp_path / run / "editor.safetensors")) for run in ("full", "cut"))
+    for name in full:
+        torch.testing.assert_close(resumed[name], full[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_a_selection_tie_within_rounding_keeps_the_earlier_editor(tmp_path, monkeypatch):
+    """Two validations whose dev SS is the same count pooled in another order (3.1914893828 vs 3.1914893687, as a
+    testbed run printed) are a tie: the first is kept and the second counts against patience. A real improvement
+    (one item of 423: 0.236 points) is kept."""
+    from biasedit_peft.editor.trainer import SELECTION_TIE
+
+    def run(folder, ss_posts):
+        scores = iter(ss_posts)
+        inside = dict(loss=0.1, lms_pre=90.0, lms_post=90.0, nll_increase=0.0)
+        monkeypatch.setattr(BiasEditTrainer, "evaluate", lambda self: {**inside, "ss_post": next(scores)})
+        return _train(tmp_path / folder, max_steps=len(ss_posts), eval_every=1, early_stopping_patience=5,
+                      calibrate=False)[1]
+
+    state = run("tie", [53.191489382838526, 53.1914893687476, 54.0])
+    first, second = (record["selection"] for record in state.history[:2])
+    assert second < first and first - second < SELECTION_TIE  # the float order alone would keep step 2
+    assert state.best_step == 1 and state.bad_evals == 2
+    better = run("better", [53.191489382838526, 52.95508274231678])
+    assert better.best_step == 2 and better.bad_evals == 0
+
+
+def test_item_ss_and_lms_are_exact_percentages_of_counts():
+    from biasedit_peft.metrics import item_ss_lms
+
+    stereo = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    anti = torch.tensor([1.0, 0.0, 1.0, 1.0, 9.0, 9.0, 9.0])  # 3 of 7 stereotypes score above
+    unrelated = torch.full((7,), 2.5)  # 4 stereotypes and 3 anti-stereotypes above it: 7 of 14
+    result = item_ss_lms(stereo, anti, unrelated)
+    assert result == {"ss": 100.0 * 3 / 7, "lms": 50.0}

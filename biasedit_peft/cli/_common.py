@@ -241,6 +241,14 @@ def add_block_init_argument(parser: argparse.ArgumentParser) -> None:
                              "default: preset")
 
 
+def add_average_steps_argument(parser: argparse.ArgumentParser) -> None:
+    """``--average-steps``: validate and keep the editor averaged over about N meta-steps (default: the
+    preset's; docs/method.md §3)."""
+    parser.add_argument("--average-steps", type=int, default=None,
+                        help="validate, keep and calibrate the editor's parameters averaged over about N meta-steps "
+                             "(0: the last iterate); default: preset")
+
+
 def add_step_size_meta_lr_argument(parser: argparse.ArgumentParser) -> None:
     """``--step-size-meta-lr``: the Adam rate of the editor's step sizes alone (default: the preset's, i.e.
     ``--meta-lr``; docs/method.md §3)."""

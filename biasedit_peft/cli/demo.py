@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from biasedit_peft.cli._common import (
+    add_average_steps_argument,
     add_block_init_argument,
     add_model_argument,
     add_preset_argument,
@@ -63,6 +64,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "terms (default: preset)")
     add_select_by_argument(parser)
     add_step_size_meta_lr_argument(parser)
+    add_average_steps_argument(parser)
     parser.add_argument("--num-edit-layers", type=int, default=3, help="edit the last N blocks (default 3)")
     parser.add_argument("--limit", type=int, default=None,
                         help="first N items per bias type of each split (quick runs)")
@@ -91,6 +93,7 @@ def config_from_args(args: argparse.Namespace):
         max_steps=args.max_steps, eval_every=args.eval_every, n_edits=args.n_edits, loss=args.loss,
         select_by=args.select_by, level_coef=args.level_coef, held_out_coef=args.held_out_coef,
         block_init=args.block_init, step_size_meta_lr=args.step_size_meta_lr, loc_coef=args.loc_coef,
+        average_steps=args.average_steps,
         limit=args.limit, n_resamples=args.n_resamples,
         seed=args.seed, dtype=args.dtype,
         device=args.device, merge=not args.no_merge, progress=not args.quiet,

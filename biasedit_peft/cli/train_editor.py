@@ -11,6 +11,7 @@ import sys
 from contextlib import nullcontext
 
 from biasedit_peft.cli._common import (
+    add_average_steps_argument,
     add_block_init_argument,
     add_model_argument,
     add_preset_argument,
@@ -69,6 +70,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=None, help="initial editor step size")
     parser.add_argument("--meta-lr", type=float, default=None, help="Adam learning rate of the editor")
     add_step_size_meta_lr_argument(parser)
+    add_average_steps_argument(parser)
     parser.add_argument("--loc-coef", type=float, default=None, help="weight of the retention loss")
     parser.add_argument("--rank", type=int, default=None)
     parser.add_argument("--n-blocks", type=int, default=None)
@@ -160,6 +162,7 @@ def train_into(work, args: argparse.Namespace, peft_model, preset, tokenizer, tr
         epochs=args.epochs, patience=args.patience,
         max_steps=args.max_steps, eval_every=args.eval_every, seed=args.seed, resume=args.resume,
         progress=not args.quiet, select_by=args.select_by, step_size_meta_lr=args.step_size_meta_lr,
+        average_steps=args.average_steps,
         editor_device=args.editor_device,  # the trainer moves the editor there; None: with the LM
     )
     editor.provenance.update(training_data=describe_edit_samples(args.train_data, bias_types, args.limit),

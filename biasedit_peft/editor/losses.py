@@ -56,6 +56,9 @@ from ..scoring import (
 
 LossKind = Literal["paper", "token", "abs"]
 LOSS_KINDS: tuple[str, ...] = ("paper", "token", "abs")
+RETENTION_OF: dict[str, str] = {"paper": "paper", "token": "token", "abs": "token"}
+"""The retention loss each kind is meta-trained with: ``"paper"``'s KLDivLoss on sentence scores, or ``"token"``'s
+vocabulary KL per position."""
 
 
 def paper_debias_loss(stereo: SentenceLogProbs, anti: SentenceLogProbs) -> torch.Tensor:
@@ -64,15 +67,21 @@ def paper_debias_loss(stereo: SentenceLogProbs, anti: SentenceLogProbs) -> torch
             + anti.mean_prob * (anti.mean_prob.log() - stereo.mean))
 
 
+def pair_gap(stereo: SentenceLogProbs, anti: SentenceLogProbs) -> torch.Tensor:
+    """Per-pair gap of mean token log-probs ``delta = mean_logp(s) - mean_logp(a)``: ``[P]`` (reference SS counts
+    its signs)."""
+    return stereo.mean - anti.mean
+
+
 def token_debias_loss(stereo: SentenceLogProbs, anti: SentenceLogProbs) -> torch.Tensor:
     """Per-pair symmetric Bernoulli KL of the stereotype preference: ``[P]``."""
-    gap = stereo.mean - anti.mean
+    gap = pair_gap(stereo, anti)
     return gap * torch.tanh(gap / 2)
 
 
 def abs_debias_loss(stereo: SentenceLogProbs, anti: SentenceLogProbs) -> torch.Tensor:
     """Per-pair absolute gap of mean token log-probs ``|mean_logp(s) - mean_logp(a)|``: ``[P]``."""
-    return (stereo.mean - anti.mean).abs()
+    return pair_gap(stereo, anti).abs()
 
 
 def paper_retention_loss(pre: SentenceLogProbs, post: SentenceLogProbs) -> torch.Tensor:
@@ -156,7 +165,7 @@ def debias_loss(kind: LossKind, logits: torch.Tensor, batch: TokenBatch) -> torc
 
 def retention_loss(kind: LossKind, pre_logits: torch.Tensor, post_logits: torch.Tensor, batch: TokenBatch):
     """Per-sentence retention loss on unrelated sentences: logits ``[B, T, V]`` -> ``[B]``."""
-    if _check_kind(kind) != "paper":
+    if RETENTION_OF[_check_kind(kind)] == "token":
         return token_retention_loss(pre_logits, post_logits, batch)
     pre = sentence_scores(token_log_probs(pre_logits, batch), batch)
     post = sentence_scores(token_log_probs(post_logits, batch), batch)

@@ -48,6 +48,9 @@ class Preset:
     step_size_meta_lr: float | None = None
     """Adam learning rate of the step sizes ``lr[m]`` alone (``BiasEditTrainingArguments.step_size_meta_lr``);
     None: ``meta_lr``, MALMEN's one optimiser."""
+    average_steps: int = 0
+    """Validate and keep the editor's parameters averaged over about this many meta-steps
+    (``BiasEditTrainingArguments.average_steps``); 0: the last iterate, as MALMEN."""
     max_grad_norm: float = 1.0
     epochs: int = 100
     early_stopping_patience: int = 3
@@ -58,7 +61,8 @@ class Preset:
                              batch_size: int | None = None,
                              meta_lr: float | None = None, loc_coef: float | None = None,
                              level_coef: float | None = None, held_out_coef: float | None = None,
-                             step_size_meta_lr: float | None = None, epochs: int | None = None,
+                             step_size_meta_lr: float | None = None, average_steps: int | None = None,
+                             epochs: int | None = None,
                              patience: int | None = None, **training: Any):
         """A fresh editor for ``peft_model`` (on its device) and its ``BiasEditTrainingArguments``.
 
@@ -85,6 +89,7 @@ class Preset:
             meta_lr=pick(meta_lr, self.meta_lr), loc_coef=pick(loc_coef, self.loc_coef),
             level_coef=pick(level_coef, self.level_coef), held_out_coef=pick(held_out_coef, self.held_out_coef),
             step_size_meta_lr=pick(step_size_meta_lr, self.step_size_meta_lr),
+            average_steps=pick(average_steps, self.average_steps),
             epochs=pick(epochs, self.epochs), early_stopping_patience=pick(patience, self.early_stopping_patience),
             max_grad_norm=self.max_grad_norm, **training,
         )
@@ -108,6 +113,7 @@ class PresetOverrides:
     held_out_coef: float | None = None
     block_init: str | None = None
     step_size_meta_lr: float | None = None
+    average_steps: int | None = None
 
     def overrides(self) -> dict[str, Any]:
         """The keyword arguments of :meth:`Preset.editor_and_arguments` these fields stand for."""

@@ -95,7 +95,14 @@ class BiasEditTrainingArguments:
     eval_every: int | None = None
     """Validate (and checkpoint) every this many steps; None: at the end of each epoch."""
     early_stopping_patience: int = 3
-    """Stop after this many validations in a row that do not improve the selection score."""
+    """Stop after this many validations in a row that do not improve the selection score (by more than
+    :data:`SELECTION_TIE`)."""
+    average_steps: int = 0
+    """Validate, keep and calibrate an average of the editor's parameters over the meta-steps rather than the last
+    iterate (Polyak averaging, :func:`average_weight`): their mean over the steps so far, and after ``average_steps``
+    steps an exponential average over about that many. 0: the last iterate (MALMEN). Buffers (the normalisers) are
+    the last iterate's either way. Without ``eval_data`` the validations are ranked by the last training batch's
+    metrics, which the iterate made."""
     select_by: str = "target"
     """How validation picks the editor that is kept (``output_dir``) and counts early stopping:
     ``"target"``: the smallest dev ``|SS_post - 50|`` among validations whose LMS drop is at most
@@ -129,6 +136,18 @@ class BiasEditTrainingArguments:
 
 
 SELECT_BY = ("target", "loss", "held_out")
+SELECTION_TIE = 1e-6
+"""Selection scores closer than this are a tie, which keeps the earlier editor. Dev SS is pooled from per-group
+percentages in floating point, so one count can come out a few ulps apart; a real change is ``100 / N`` points."""
+AVERAGE_NAME = "average.safetensors"
+"""The averaged editor parameters in a checkpoint (``average_steps > 0``)."""
+
+
+def average_weight(step: int, average_steps: int) -> float:
+    """The weight of meta-step ``step``'s iterate (1-based) in the running parameter average: ``1 / step`` while
+    ``step <= average_steps`` (the plain mean of the iterates so far), then ``1 / average_steps`` (an exponential
+    average whose weights fall by ``1 - 1 / average_steps`` a step)."""
+    return 1.0 / min(step, average_steps)
 
 
 @dataclass
@@ -254,7 +273,7 @@ def held_out_group(edit: Sequence[EditSample], pool: Sequence[EditSample]) -> li
 
 RESUMABLE_CHANGES = ("output_dir", "max_steps", "epochs", "progress", "resume", "editor_device")
 """Training arguments a resumed run may change (how long and where it runs, not what it computes)."""
-ADDED_LATER_ARGS = ("step_size_meta_lr",)
+ADDED_LATER_ARGS = ("step_size_meta_lr", "average_steps")
 """Training arguments newer than some checkpoints, whose default is what the older code did: a checkpoint without
 one is compared as if it held the default (``step_size_meta_lr=None``: one Adam group)."""
 
@@ -340,6 +359,8 @@ class BiasEditTrainer:
             editor.to(args.editor_device)
         self.processes.broadcast_module(editor)  # several processes start from rank 0's editor
         self.optimizer = torch.optim.Adam(meta_parameter_groups(editor, args), lr=args.meta_lr)
+        self.average = ([p.detach().clone() for p in editor.parameters()] if args.average_steps > 0 else None)
+        """The running average of the editor's parameters (``average_steps``), in ``parameters()`` order."""
         self.state = TrainerState()
         editor.provenance.update(splits={"train": len(self.train_data), "eval": len(self.eval_data),
                                          "calibration": len(self.calibration_data)},
@@ -456,6 +477,7 @@ class BiasEditTrainer:
                 self.optimizer.step()
                 self.state.step_in_epoch += 1
                 self.state.global_step += 1
+                self._update_average()
 
         # losses summed over the processes, per-pair scores gathered in rank (= length) order
         debias_total, retention_total, level_total = processes.sum(
@@ -639,19 +661,46 @@ class BiasEditTrainer:
             self.args.max_steps is not None and self.state.global_step >= self.args.max_steps
         )
 
+    def _update_average(self) -> None:
+        """Fold the editor's parameters after a meta-step into :attr:`average` (:func:`average_weight`)."""
+        if self.average is not None:
+            weight = average_weight(self.state.global_step, self.args.average_steps)
+            torch._foreach_lerp_(self.average, [p.detach() for p in self.editor.parameters()], weight)
+
+    @contextmanager
+    def _averaged_editor(self) -> Iterator[None]:
+        """The editor holds :attr:`average` inside the block (nothing changes without averaging), and its own
+        parameters again after it."""
+        if self.average is None:
+            yield
+            return
+        parameters = list(self.editor.parameters())
+        iterate = [p.detach().clone() for p in parameters]
+        with torch.no_grad():
+            torch._foreach_copy_(parameters, self.average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(parameters, iterate)
+
     def _validate(self, train_metrics: dict[str, float]) -> None:
-        """Validate, save the best editor, checkpoint, and update early stopping."""
-        measured = self.evaluate() if self.eval_data else train_metrics
-        score = selection_score(measured, self.args)
-        record = {"step": self.state.global_step, "epoch": self.state.epoch,
-                  **{f"train_{k}": v for k, v in train_metrics.items()},
-                  **({f"eval_{k}": v for k, v in measured.items()} if self.eval_data else {}), "selection": score}
-        self.state.history.append(record)
-        if score < self.state.best_loss:
-            self.state.best_loss, self.state.best_step, self.state.bad_evals = score, self.state.global_step, 0
-            if self.processes.is_main:
-                self.editor.save_pretrained(self.args.output_dir, validation=record)
-        else:
+        """Validate (the averaged editor with ``average_steps``), save the best editor, checkpoint, and update
+        early stopping."""
+        with self._averaged_editor():
+            measured = self.evaluate() if self.eval_data else train_metrics
+            score = selection_score(measured, self.args)
+            record = {"step": self.state.global_step, "epoch": self.state.epoch,
+                      **{f"train_{k}": v for k, v in train_metrics.items()},
+                      **({f"eval_{k}": v for k, v in measured.items()} if self.eval_data else {}),
+                      "selection": score}
+            self.state.history.append(record)
+            improved = score < self.state.best_loss - SELECTION_TIE
+            if improved:
+                self.state.best_loss, self.state.best_step, self.state.bad_evals = score, self.state.global_step, 0
+                if self.processes.is_main:
+                    self.editor.save_pretrained(self.args.output_dir, validation=record)
+        if not improved:
             self.state.bad_evals += 1
             if self.state.bad_evals >= self.args.early_stopping_patience:
                 self.state.stopped_early = True
@@ -671,6 +720,9 @@ class BiasEditTrainer:
             self.editor.save_pretrained(building)
             tensors, meta = _flatten_optimizer(self.optimizer.state_dict())
             atomic_write(building / OPTIMIZER_NAME, lambda path: save_file(tensors, path))  # mode: the umask's
+            if self.average is not None:
+                average = {str(i): t.contiguous() for i, t in enumerate(self.average)}
+                atomic_write(building / AVERAGE_NAME, lambda path: save_file(average, path))
             settings = {k: v for k, v in asdict(self.args).items() if k != "output_dir"}  # the folder may move
             state = {"trainer": asdict(self.state), "optimizer": meta, "args": settings,
                      "data": self._data_sizes()}
@@ -708,4 +760,7 @@ class BiasEditTrainer:
         self.editor.load_state_dict(restored.state_dict())
         optimizer_state = _unflatten_optimizer(load_file(str(directory / OPTIMIZER_NAME)), saved["optimizer"])
         self.optimizer.load_state_dict(optimizer_state)
+        if self.average is not None:
+            average = load_file(str(directory / AVERAGE_NAME))
+            self.average = [average[str(i)].to(p.device) for i, p in enumerate(self.editor.parameters())]
         self.state = TrainerState(**saved["trainer"])

@@ -277,7 +277,7 @@ or export it as a LoRA adapter (`biasedit export-lora --model {base_for_code} --
 
 
 TRAINING_ARGS_ON_CARD = ("n_edits", "batch_size", "meta_lr", "loc_coef", "epochs", "max_steps", "eval_every",
-                         "early_stopping_patience", "max_grad_norm", "seed")
+                         "early_stopping_patience", "average_steps", "max_grad_norm", "seed")
 """Meta-training settings shown on an editor card (machine-specific ones such as ``output_dir`` are left out)."""
 TRAINING_ARGS_ON_CARD_WHEN_SET = ("step_size_meta_lr",)
 """Settings shown only when a run set them (their ``None`` means "as another setting", e.g. ``meta_lr``)."""
