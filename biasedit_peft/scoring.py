@@ -245,7 +245,9 @@ class _TargetLogProbs(torch.autograd.Function):
 
     Forward and backward run over cache-sized row chunks (:func:`logit_row_chunks`); only the [N]
     log-sum-exps are kept beside the logits. The backward, ``grad[n] * (onehot(targets[n]) - softmax(row n))``,
-    recomputes each chunk's softmax and writes the rows of the logits' gradient directly.
+    recomputes each chunk's softmax and writes the rows of the logits' gradient directly. Under ``create_graph``
+    (double backward) it is built from differentiable operations instead: the softmax is taken afresh from each
+    chunk rather than from the saved log-sum-exps, and nothing is written in place.
     """
 
     @staticmethod
@@ -264,8 +266,11 @@ class _TargetLogProbs(torch.autograd.Function):
 
         def chunks():
             for part, chunk in logit_row_chunks(logits, rows):
-                softmax = chunk.sub_(lse[part, None]).exp_()
-                yield part, softmax.mul_(-grad[part, None]).scatter_add_(-1, targets[part, None], grad[part, None])
+                weight, target = grad[part, None], targets[part, None]
+                if torch.is_grad_enabled():  # create_graph: the backward itself is differentiated
+                    yield part, (chunk.softmax(-1) * -weight).scatter_add(-1, target, weight)
+                else:
+                    yield part, chunk.sub_(lse[part, None]).exp_().mul_(-weight).scatter_add_(-1, target, weight)
 
         return scatter_row_gradients(logits, rows, chunks()), None, None
 

@@ -158,6 +158,17 @@ def test_token_retention_in_row_chunks_equals_the_whole_tensor_kl_with_the_same_
     assert (grad_chunked[~positions] == 0).all()  # padding and the last position get no gradient
 
 
+def test_token_retention_second_derivative_passes_gradgradcheck_in_chunks(monkeypatch):
+    from biasedit_peft import scoring
+
+    torch.manual_seed(4)
+    pre = torch.randn(2, 5, 7, dtype=torch.float64)
+    post = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
+    batch = _batch(torch.randint(0, 7, (2, 5)).tolist(), [5, 3])
+    monkeypatch.setattr(scoring, "_LOGSUMEXP_CHUNK_BYTES", 2 * 4 * 7)  # two rows a chunk
+    assert torch.autograd.gradgradcheck(lambda x: retention_loss("token", pre, x, batch), (post,))
+
+
 def test_token_retention_gradient_of_bf16_logits_is_the_float32_gradient_rounded():
     torch.manual_seed(1)
     pre, post = torch.randn(2, 5, 13).bfloat16(), torch.randn(2, 5, 13).bfloat16().requires_grad_()

@@ -202,6 +202,17 @@ def test_token_log_probs_gradient_passes_gradcheck_at_padded_positions(monkeypat
     assert torch.autograd.gradcheck(lambda x: token_log_probs(x, batch).double(), (logits,), eps=1e-6, atol=1e-5)
 
 
+def test_token_log_probs_second_derivative_passes_gradgradcheck_in_chunks(monkeypatch):
+    """Double backward (``create_graph``) differentiates the chunked backward itself: it must not reuse the
+    saved log-sum-exps or write in place (the in-place backward raised a version-counter error here)."""
+    torch.manual_seed(3)
+    logits = torch.randn(2, 4, 7, dtype=torch.float64, requires_grad=True)
+    attention = torch.arange(4)[None] < torch.tensor([4, 2])[:, None]
+    batch = TokenBatch(torch.randint(0, 7, (2, 4)), attention.long(), attention & (torch.arange(4)[None] > 0))
+    monkeypatch.setattr(scoring, "_LOGSUMEXP_CHUNK_BYTES", 2 * 4 * 7)  # two rows a chunk
+    assert torch.autograd.gradgradcheck(lambda x: token_log_probs(x, batch), (logits,))
+
+
 def test_the_start_token_is_looked_up_not_read_from_the_whole_vocabulary(monkeypatch):
     tokenizer = _chatml_tokenizer(with_separator=True)
     monkeypatch.setattr(type(tokenizer), "get_vocab", lambda self: pytest.fail("get_vocab builds the whole dict"))

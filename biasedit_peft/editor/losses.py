@@ -96,7 +96,8 @@ class _RowKL(torch.autograd.Function):
 
     Forward and backward run over cache-sized row chunks (:func:`~biasedit_peft.scoring.logit_row_chunks`) and
     keep only the logits and ``rows``; the backward, ``grad[n] * (softmax(post[r]) - softmax(pre[r]))``,
-    recomputes both softmaxes a chunk at a time and writes the rows of the gradient directly.
+    recomputes both softmaxes a chunk at a time and writes the rows of the gradient directly (in place, except under
+    ``create_graph``, where the backward is itself differentiated).
     """
 
     @staticmethod
@@ -112,8 +113,11 @@ class _RowKL(torch.autograd.Function):
 
         def chunks():
             for (part, pre_chunk), (_, post_chunk) in zip(logit_row_chunks(pre, rows), logit_row_chunks(post, rows)):
-                difference = torch.softmax(post_chunk, -1).sub_(torch.softmax(pre_chunk, -1))
-                yield part, difference.mul_(grad[part, None])
+                if torch.is_grad_enabled():  # create_graph: the backward itself is differentiated
+                    yield part, (torch.softmax(post_chunk, -1) - torch.softmax(pre_chunk, -1)) * grad[part, None]
+                else:
+                    difference = torch.softmax(post_chunk, -1).sub_(torch.softmax(pre_chunk, -1))
+                    yield part, difference.mul_(grad[part, None])
 
         return None, scatter_row_gradients(post, rows, chunks()), None
 
