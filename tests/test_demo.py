@@ -229,3 +229,47 @@ def test_a_demo_from_before_step_size_meta_lr_resumes_and_one_that_sets_it_is_fi
     check_fields("stages", old, unset, every=True)  # an older run's fingerprint: no error
     with pytest.raises(ResumeMismatch, match="step_size_meta_lr"):
         check_fields("stages", old, demo_fingerprint(DemoConfig(step_size_meta_lr=1e-6)), every=True)
+
+
+def test_calibrate_on_dev_plus_train_calib_meta_trains_on_train_fit_and_calibrates_on_dev_and_train_calib(
+        tmp_path, monkeypatch):
+    import biasedit_peft.editor as editor_package
+    from biasedit_peft.workflows import demo as demo_module
+    from biasedit_peft.workflows.demo import DemoConfig, build_model, load_demo_items
+
+    seen = {}
+
+    class Captured(Exception):
+        pass
+
+    def capturing_trainer(model, editor, args, train, dev, tokenizer=None, calibration_data=None):
+        seen.update(train=train, dev=dev, calibration=calibration_data)
+        raise Captured
+
+    monkeypatch.setattr(editor_package, "BiasEditTrainer", capturing_trainer)
+    types = ("gender", "religion")
+    for recipe, train_split, calibration_splits in ((None, "train", None),
+                                                     ("dev+train-calib", "train-fit", ("dev", "train-calib"))):
+        config = DemoConfig(bias_types=types, limit=6, calibrate_on=recipe, progress=False)
+        peft_model, tokenizer, device = build_model(config)
+        with pytest.raises(Captured):
+            demo_module.train_editor(config, peft_model, tokenizer, device, tmp_path / "editor")
+        assert seen["train"] == load_demo_items(train_split, types, 6)
+        assert seen["dev"] == load_demo_items("dev", types, 6)
+        expected = None if calibration_splits is None else [
+            item for split in calibration_splits for item in load_demo_items(split, types, 6)]
+        assert seen["calibration"] == expected
+    fit, calib = load_demo_items("train-fit", types, None), load_demo_items("train-calib", types, None)
+    assert not {item.target for item in fit} & {item.target for item in calib}  # held-out target terms
+
+
+def test_calibrate_on_is_checked_at_once_and_fingerprinted_only_when_set():
+    from biasedit_peft.progress_store import ResumeMismatch, check_fields
+    from biasedit_peft.workflows.demo import DemoConfig, demo_fingerprint
+
+    with pytest.raises(ValueError, match="dev\\+train-calib"):
+        DemoConfig(calibrate_on="train")
+    old = demo_fingerprint(DemoConfig())
+    assert "calibrate_on" not in old
+    with pytest.raises(ResumeMismatch, match="calibrate_on"):
+        check_fields("stages", old, demo_fingerprint(DemoConfig(calibrate_on="dev+train-calib")), every=True)

@@ -65,6 +65,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_select_by_argument(parser)
     add_step_size_meta_lr_argument(parser)
     add_average_steps_argument(parser)
+    parser.add_argument("--calibrate-on", choices=("dev", "dev+train-calib"), default=None,
+                        help="where the edit scale is calibrated: dev (default; the editor meta-trains on train), or "
+                        "dev+train-calib (meta-trains on train-fit; twice the held-out target terms)")
     parser.add_argument("--num-edit-layers", type=int, default=3, help="edit the last N blocks (default 3)")
     parser.add_argument("--limit", type=int, default=None,
                         help="first N items per bias type of each split (quick runs)")
@@ -93,7 +96,7 @@ def config_from_args(args: argparse.Namespace):
         max_steps=args.max_steps, eval_every=args.eval_every, n_edits=args.n_edits, loss=args.loss,
         select_by=args.select_by, level_coef=args.level_coef, held_out_coef=args.held_out_coef,
         block_init=args.block_init, step_size_meta_lr=args.step_size_meta_lr, loc_coef=args.loc_coef,
-        average_steps=args.average_steps,
+        average_steps=args.average_steps, calibrate_on=args.calibrate_on,
         limit=args.limit, n_resamples=args.n_resamples,
         seed=args.seed, dtype=args.dtype,
         device=args.device, merge=not args.no_merge, progress=not args.quiet,

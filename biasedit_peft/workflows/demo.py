@@ -76,7 +76,7 @@ STAGES = ("evaluate_before", "train_editor", "per_batch_protocol", "held_out_pro
 """What a demo writes into ``OUT``; ``overwrite`` deletes these and nothing else."""
 NOT_FINGERPRINTED = ("out", "progress", "command")
 """``DemoConfig`` fields that do not change the results (a resume may change them)."""
-ADDED_LATER = ("step_size_meta_lr", "average_steps")
+ADDED_LATER = ("step_size_meta_lr", "average_steps", "calibrate_on")
 """Fields newer than some resumable runs: fingerprinted only when set (unset, they are what older runs did)."""
 
 
@@ -101,6 +101,10 @@ class DemoConfig(PresetOverrides):
     max_steps: int | None = 150
     eval_every: int | None = 25
     loss: str | None = None
+    calibrate_on: str | None = None
+    """Where the kept editor's edit scale is calibrated (:data:`CALIBRATION_RECIPES`): ``"dev"`` (None) meta-trains on
+    ``train``; ``"dev+train-calib"`` meta-trains on ``train-fit`` and calibrates on ``dev`` plus ``train-calib``,
+    twice the held-out target terms (validation and early stopping stay on ``dev``)."""
     select_by: str = "target"
     """Which validated editor is kept: ``"target"`` (dev SS closest to 50 within LMS / perplexity bounds) or
     ``"loss"`` (the lowest dev meta-loss); ``BiasEditTrainingArguments.select_by``."""
@@ -120,6 +124,7 @@ class DemoConfig(PresetOverrides):
     command: str | None = None
 
     def __post_init__(self):
+        training_splits(self.calibrate_on)  # an unknown recipe fails here, not after the first stage
         if self.dtype is None:
             self.dtype = default_demo_dtype(self.model, default_device(self.device))
 
@@ -166,8 +171,30 @@ def editor_preset(model_name: str, peft_model, preset: str | None = None):
     return preset_for_model(peft_model.get_base_model(), preset_name_for(model_name, preset))
 
 
+CALIBRATION_RECIPES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "dev": ("train", ("dev",)),
+    "dev+train-calib": ("train-fit", ("dev", "train-calib")),
+}
+"""``calibrate_on`` -> (the split meta-trained on, the splits the edit scale is calibrated on). ``train-calib`` is
+carved from ``train`` by target term (``data/splits.py``), so it is calibrated on only when not meta-trained on."""
+
+
+def training_splits(calibrate_on: str | None) -> tuple[str, tuple[str, ...]]:
+    """``(train split, calibration splits)`` of a demo's ``calibrate_on`` (None: ``"dev"``).
+
+    Raises:
+        ValueError: An unknown recipe (the error lists the known ones).
+    """
+    name = calibrate_on or "dev"
+    if name not in CALIBRATION_RECIPES:
+        raise ValueError(f"Unknown calibrate_on {calibrate_on!r}; choose one of {sorted(CALIBRATION_RECIPES)}")
+    return CALIBRATION_RECIPES[name]
+
+
 def train_editor(config: DemoConfig, peft_model, tokenizer, device: str, out_dir: Path, resume: bool = False):
-    """Meta-train an editor on ``train`` (``dev`` for validation); returns ``(best editor, trainer state, args)``.
+    """Meta-train an editor on ``train`` (``train-fit`` with ``calibrate_on="dev+train-calib"``; ``dev`` for
+    validation) and calibrate its edit scale (:func:`training_splits`); returns ``(best editor, trainer state,
+    args)``.
 
     ``resume``: continue from the trainer checkpoint in ``out_dir/checkpoint`` when there is one.
     """
@@ -179,9 +206,12 @@ def train_editor(config: DemoConfig, peft_model, tokenizer, device: str, out_dir
         select_by=config.select_by,
         resume=resume, **config.overrides(),
     )
-    train = load_demo_items("train", config.bias_types, config.limit)
+    train_split, calibration_splits = training_splits(config.calibrate_on)
+    train = load_demo_items(train_split, config.bias_types, config.limit)
     dev = load_demo_items("dev", config.bias_types, config.limit)
-    trainer = BiasEditTrainer(peft_model, editor, args, train, dev, tokenizer=tokenizer)
+    calibration = None if calibration_splits == ("dev",) else [
+        item for split in calibration_splits for item in load_demo_items(split, config.bias_types, config.limit)]
+    trainer = BiasEditTrainer(peft_model, editor, args, train, dev, tokenizer=tokenizer, calibration_data=calibration)
     state = trainer.train()
     best = BiasEditor.from_pretrained(out_dir, device=device)
     return best, state, args
