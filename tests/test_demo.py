@@ -273,3 +273,16 @@ def test_calibrate_on_is_checked_at_once_and_fingerprinted_only_when_set():
     assert "calibrate_on" not in old
     with pytest.raises(ResumeMismatch, match="calibrate_on"):
         check_fields("stages", old, demo_fingerprint(DemoConfig(calibrate_on="dev+train-calib")), every=True)
+
+
+def test_every_calibration_recipe_is_a_demo_flag_value_and_reaches_the_config():
+    from biasedit_peft.cli import build_parser
+    from biasedit_peft.cli.demo import config_from_args
+    from biasedit_peft.workflows.demo import CALIBRATION_RECIPES
+
+    parser, _ = build_parser()
+    for recipe in CALIBRATION_RECIPES:
+        args = parser.parse_args(["demo", "--calibrate-on", recipe])
+        assert config_from_args(args).calibrate_on == recipe
+    with pytest.raises(SystemExit):
+        parser.parse_args(["demo", "--calibrate-on", "test"])
