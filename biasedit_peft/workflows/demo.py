@@ -172,15 +172,16 @@ def editor_preset(model_name: str, peft_model, preset: str | None = None):
 
 
 CALIBRATION_RECIPES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "dev": ("train", ("dev",)),
-    "dev+train-calib": ("train-fit", ("dev", "train-calib")),
+    "dev": ("train", ()),
+    "dev+train-calib": ("train-fit", ("train-calib",)),
 }
-"""``calibrate_on`` -> (the split meta-trained on, the splits the edit scale is calibrated on). ``train-calib`` is
-carved from ``train`` by target term (``data/splits.py``), so it is calibrated on only when not meta-trained on."""
+"""``calibrate_on`` -> (the split meta-trained on, the splits pooled with ``dev`` to calibrate the edit scale; none:
+``dev`` alone, the pairs that validate). ``train-calib`` is carved from ``train`` by target term
+(``data/splits.py``), so it is calibrated on only when not meta-trained on."""
 
 
 def training_splits(calibrate_on: str | None) -> tuple[str, tuple[str, ...]]:
-    """``(train split, calibration splits)`` of a demo's ``calibrate_on`` (None: ``"dev"``).
+    """``(train split, splits calibrated on beside dev)`` of a demo's ``calibrate_on`` (None: ``"dev"``).
 
     Raises:
         ValueError: An unknown recipe (the error lists the known ones).
@@ -206,11 +207,11 @@ def train_editor(config: DemoConfig, peft_model, tokenizer, device: str, out_dir
         select_by=config.select_by,
         resume=resume, **config.overrides(),
     )
-    train_split, calibration_splits = training_splits(config.calibrate_on)
+    train_split, pooled_with_dev = training_splits(config.calibrate_on)
     train = load_demo_items(train_split, config.bias_types, config.limit)
     dev = load_demo_items("dev", config.bias_types, config.limit)
-    calibration = None if calibration_splits == ("dev",) else [
-        item for split in calibration_splits for item in load_demo_items(split, config.bias_types, config.limit)]
+    pooled = [item for split in pooled_with_dev for item in load_demo_items(split, config.bias_types, config.limit)]
+    calibration = dev + pooled if pooled_with_dev else None  # None: the trainer calibrates on dev, which validates
     trainer = BiasEditTrainer(peft_model, editor, args, train, dev, tokenizer=tokenizer, calibration_data=calibration)
     state = trainer.train()
     best = BiasEditor.from_pretrained(out_dir, device=device)
