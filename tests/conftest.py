@@ -4,8 +4,18 @@ their helpers by module name (``from factories import ...``), as pytest puts thi
 from __future__ import annotations
 
 import pytest
+import torch
 
 from fake_hub_server import FakeHub
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """Give every test the process's thread count back: CLI tests run ``--threads 1`` in-process, and a later test
+    that compares outputs bitwise with a fresh process (which starts with the default count) must not inherit it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

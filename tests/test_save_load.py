@@ -112,6 +112,7 @@ def test_fresh_process_loads_identical_outputs(tmp_path, saved_base):
         import torch, biasedit_peft
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
+        torch.set_num_threads({torch.get_num_threads()})  # a bitwise match needs the same reduction order
         base = AutoModelForCausalLM.from_pretrained({str(saved_base)!r}).eval()
         model = PeftModel.from_pretrained(base, {str(tmp_path / 'adapter')!r})
         ids = torch.load({str(tmp_path / 'ids.pt')!r})
