@@ -8,7 +8,8 @@ import math
 import pytest
 
 from biasedit_peft.cli import main
-from biasedit_peft.workflows.demo import max_abs_difference, merge_rounding_note, target_check
+from biasedit_peft.workflows.demo import format_results, max_abs_difference, merge_rounding_note, target_check
+from biasedit_peft.workflows.deployment import calibration_score
 
 EVALUATE_KEYS = {"stereoset", "crows", "gender_swapped", "perplexity", "model", "adapter", "mode", "split"}
 
@@ -68,6 +69,11 @@ def test_demo_writes_every_artifact_with_the_evaluate_schema(demo_run):
     adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["edit_data"] == "stereoset:train"
     assert adapter_config["edit_info"]["scale"] == deployment["scale"]
+    assert adapter_config["edit_info"]["guard_text"] == "bundled"
+    chosen = next(row for row in calibration["rows"] if row["scale"] == deployment["scale"])
+    assert deployment["guard_perplexity_rise"] == pytest.approx(math.expm1(chosen["text_nll_increase"]))
+    assert all(row["selection"] == calibration_score(row) for row in calibration["rows"])  # the guard counts
+    assert f"guard-text perplexity {100 * deployment['guard_perplexity_rise']:+.2f} %" in format_results(results)
     assert set(results["targets"]["deployment"]) >= {"gender", "race", "perplexity_rise", "all_ok"}
     for path, value in numeric_leaves({k: results[k] for k in ("before", "after", "protocols")}).items():
         assert math.isfinite(value), path

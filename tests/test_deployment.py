@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from biasedit_peft.data import gender_swapped, load_stereoset
+from biasedit_peft.data import gender_swapped, load_guard_text, load_stereoset
 from biasedit_peft.editor.calibration import calibrate_joint_scale, scaled_solutions, target_score
 from biasedit_peft.editor.joint import JointRecipe, pooled_statistics, recipe_solutions
-from biasedit_peft.evaluation import evaluate_model, evaluate_stereoset, take_per_type
-from biasedit_peft.metrics import item_ss_lms
+from biasedit_peft.evaluation import evaluate_model, evaluate_perplexity, evaluate_stereoset, take_per_type
+from biasedit_peft.metrics import item_ss_lms, perplexity
 from biasedit_peft.scoring import score_sentences
 from biasedit_peft.tuner.deltas import get_deltas
 from biasedit_peft.workflows.deployment import calibration_score, deployable_adapter, deployment_check
@@ -36,6 +36,51 @@ def test_target_score_by_hand():
     assert target_score({**inside, "lms_post": 85.0}) == pytest.approx(102.0)  # 5-point drop: 2 over
     assert target_score({**inside, "nll_increase": 0.0588}) == pytest.approx(101.0)  # 0.01 over the bound
     assert target_score({**inside, "lms_post": 85.0}, max_lms_drop=6.0) == pytest.approx(3.5)
+
+
+def test_the_guard_texts_nll_rise_is_bounded_like_the_unrelated_sentences():
+    inside = {"ss_post": 46.5, "lms_pre": 90.0, "lms_post": 88.0, "nll_increase": 0.01}
+    assert target_score({**inside, "text_nll_increase": 0.02}) == pytest.approx(3.5)  # both under log 1.05
+    assert target_score({**inside, "text_nll_increase": 0.0588}) == pytest.approx(101.0)  # 0.01 over the bound
+    assert target_score({**inside, "nll_increase": -0.2, "text_nll_increase": 0.0588}) == pytest.approx(101.0)
+    assert calibration_score({**inside, "lms_post": 89.0, "text_nll_increase": 0.0344}) == pytest.approx(101.0)
+
+
+def test_joint_calibration_records_the_guard_texts_perplexity_rise_at_each_scale(tmp_path):
+    model, editor = trained_editor(tmp_path)
+    edit, held_out, other = samples(24)[:8], samples(24)[8:16], samples(24)[16:]
+    guard = [f"{s.anti_stereotype} {s.unrelated}" for s in other]
+    solutions, _ = editor.joint_solutions(model, edit, TOKENIZER, batch_size=2, progress=False)
+    result = calibrate_joint_scale(editor, model, TOKENIZER, solutions, held_out, batch_size=2, scales=(1.0, 8.0),
+                                   guard_text=guard)
+    before = evaluate_perplexity(model, TOKENIZER, guard, batch_size=3)  # another path: exp of the token mean
+    for row in result["rows"]:
+        with editor.edited(model, scaled_solutions(solutions, row["scale"])):
+            after = evaluate_perplexity(model, TOKENIZER, guard, batch_size=3)
+        assert row["text_nll_increase"] == pytest.approx(math.log(after / before), abs=1e-5)
+        assert row["selection"] == target_score(row)
+    assert any(row["text_nll_increase"] != 0 for row in result["rows"])
+    unguarded = calibrate_joint_scale(editor, model, TOKENIZER, solutions, held_out, batch_size=2, scales=(1.0, 8.0))
+    assert all("text_nll_increase" not in row for row in unguarded["rows"])
+
+
+def test_deployable_adapter_guards_with_the_bundled_text_unless_told_otherwise(tmp_path):
+    model, editor = trained_editor(tmp_path)
+    edit, held_out = samples(16)[:8], samples(16)[8:]
+
+    def guard_perplexity() -> float:  # three paragraphs are over the tiny model's 64 positions: cut to them
+        scores = score_sentences(model, TOKENIZER, load_guard_text(), batch_size=3, max_length=64)
+        return perplexity(scores.sum, scores.n_tokens)
+
+    before = guard_perplexity()
+    guarded = deployable_adapter(editor, model, TOKENIZER, edit, held_out, batch_size=2, scales=(1.0,),
+                                 progress=False)
+    after = guard_perplexity()  # under the chosen multiple, now written into the adapter
+    chosen = next(row for row in guarded["calibration"]["rows"] if row["scale"] == guarded["scale"])
+    assert chosen["text_nll_increase"] == pytest.approx(math.log(after / before), abs=1e-5) and after != before
+    plain = deployable_adapter(editor, model, TOKENIZER, edit, held_out, batch_size=2, scales=(1.0,),
+                               progress=False, guard_text=())
+    assert all("text_nll_increase" not in row for row in plain["calibration"]["rows"])
 
 
 def test_joint_calibration_scores_each_scale_of_one_solution_on_held_out_pairs(tmp_path):

@@ -57,6 +57,7 @@ def test_train_editor_then_debias_then_load_adapter(tmp_path, capsys):
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert config["edit_data"] == "stereoset:train" and config["edit_info"]["n_samples"] == 24  # 8 per type
     assert config["edit_info"]["calibrated_on"] == "stereoset:dev" and config["edit_info"]["scale"] > 0
+    assert config["edit_info"]["guard_text"] == "bundled"
     assert "as stereoset:dev says" in capsys.readouterr().out
 
     # a user's own pairs (JSONL, no unrelated sentence), the editor's own scale: the plain joint delta
@@ -68,6 +69,7 @@ def test_train_editor_then_debias_then_load_adapter(tmp_path, capsys):
                  "--calibrate-on", "none", "--out", str(own), "--quiet"]) == 0
     config = json.loads((own / "adapter_config.json").read_text())
     assert config["edit_info"]["scale"] == 1.0 and config["edit_info"]["calibrated_on"] is None
+    assert config["edit_info"]["guard_text"] is None
     written = get_deltas(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), own))
     reference = peft_model(num_edit_layers=2)
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
@@ -82,7 +84,7 @@ def test_debias_calibrates_on_every_calibrate_on_spec_pooled_in_order(tmp_path, 
     """``--calibrate-on A B``: the calibration receives A's samples then B's (as each reads alone), the adapter
     records 'A + B'; 'none' cannot be pooled."""
     import biasedit_peft.workflows.deployment as deployment
-    from biasedit_peft.data import load_edit_samples
+    from biasedit_peft.data import load_edit_samples, load_guard_text
 
     model_dir = _saved_model(tmp_path)
     editor = BiasEditor.for_model(peft_model(num_edit_layers=1), rank=4)
@@ -90,11 +92,12 @@ def test_debias_calibrates_on_every_calibrate_on_spec_pooled_in_order(tmp_path, 
         width = net.normalizer.mean.shape
         net.normalizer.merge(torch.tensor(10.0), torch.zeros(width), torch.full(width, 9.0))
     editor.save_pretrained(tmp_path / "editor")
-    given = []
+    given, guards = [], []
     real = deployment.deployable_adapter
 
     def recording(editor, peft_model, tokenizer, samples, calibration, **kwargs):
         given.append(calibration)
+        guards.append(kwargs["guard_text"])
         return real(editor, peft_model, tokenizer, samples, calibration, **kwargs, scales=(1.0,))
 
     monkeypatch.setattr(deployment, "deployable_adapter", recording)
@@ -109,6 +112,18 @@ def test_debias_calibrates_on_every_calibrate_on_spec_pooled_in_order(tmp_path, 
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["edit_info"]["calibrated_on"] == "stereoset:dev + stereoset:train-calib"
     assert "as stereoset:dev + stereoset:train-calib says" in capsys.readouterr().out
+    assert guards == [load_guard_text()] and config["edit_info"]["guard_text"] == "bundled"
+    own_text = tmp_path / "guard.txt"
+    own_text.write_text("The first paragraph .\n\nThe second\nparagraph .\n", encoding="utf-8")
+    assert main([*base, "--guard-text", str(own_text), "--out", str(tmp_path / "guarded")]) == 0
+    assert guards[-1] == ["The first paragraph .", "The second paragraph ."]
+    config = json.loads((tmp_path / "guarded" / "adapter_config.json").read_text())
+    assert config["edit_info"]["guard_text"] == str(own_text)
+    assert main([*base, "--guard-text", "none", "--out", str(tmp_path / "unguarded")]) == 0 and guards[-1] == ()
+    code = main([*base, "--calibrate-on", "none", "--guard-text", str(own_text), "--out", str(tmp_path / "other")])
+    assert code == 2 and "--guard-text" in capsys.readouterr().err and not (tmp_path / "other").exists()
+    code = main([*base, "--guard-text", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "other")])
+    assert code == 2 and "missing.txt" in capsys.readouterr().err and not (tmp_path / "other").exists()
     code = main([*base, "--calibrate-on", "none", "stereoset:dev", "--out", str(tmp_path / "other")])
     assert code == 2 and "'none'" in capsys.readouterr().err and not (tmp_path / "other").exists()
     # stereoset:train holds every train-calib pair: calibrating on edited pairs is refused, before any model loads

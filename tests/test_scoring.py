@@ -17,7 +17,7 @@ from biasedit_peft.scoring import (
     token_log_probs,
 )
 
-from factories import EOT, ranked_words, tiny_model, word_tokenizer
+from factories import EOT, editor_tokenizer, ranked_words, tiny_model, word_tokenizer
 
 SENTENCES = [
     "the nurse was kind",
@@ -226,3 +226,13 @@ def test_logits_of_another_shape_than_the_batch_are_refused():
                        torch.ones(3, 7, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"do not match the token batch \(3, 7\)"):
         token_log_probs(torch.randn(3, 9, 13), batch)
+
+
+def test_a_sentence_over_the_context_is_refused_unless_truncated_to_fit():
+    tokenizer = editor_tokenizer()
+    long = " ".join(["he is a nurse ."] * 3)  # 15 words: 16 tokens with BOS
+    with pytest.raises(ValueError, match=r"sentence 1 .* 16 tokens with BOS, more than the model's context of 8"):
+        encode_sentences(tokenizer, ["he is a nurse .", long], context=8)
+    cut = encode_sentences(tokenizer, ["he is a nurse .", long], max_length=8, context=8)
+    assert cut.input_ids.shape == (2, 8) and cut.attention_mask.sum(-1).tolist() == [6, 8]
+    assert cut.input_ids[1].tolist() == encode_sentences(tokenizer, [long]).input_ids[0, :8].tolist()

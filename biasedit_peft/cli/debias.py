@@ -1,12 +1,15 @@
 """``biasedit debias``: apply a trained editor to a model and save the result as a PEFT adapter.
 
     biasedit debias --model M --editor EDITOR_DIR_OR_HUB_ID [--data stereoset:train | FILE]
-                    [--calibrate-on stereoset:dev [MORE ...] | FILE ... | none] --out ADAPTER_DIR
+                    [--calibrate-on stereoset:dev [MORE ...] | FILE ... | none] [--guard-text FILE | none]
+                    --out ADAPTER_DIR
 
 The documented path to a deployable adapter (``workflows/deployment.py``): one joint delta from ``--data`` (the
 pooled solve with the ridge relative to the keys, ``editor/joint.py``), its strength calibrated on the held-out
 pairs of ``--calibrate-on`` (StereoSet ``dev`` by default: target terms that
-neither ``train`` nor ``test`` has). ``ADAPTER_DIR`` is an ordinary PEFT adapter folder:
+neither ``train`` nor ``test`` has) and bounded by the perplexity rise of ``--guard-text`` (the bundled guard
+text by default; not the text ``biasedit evaluate`` reports perplexity on). ``ADAPTER_DIR`` is an ordinary PEFT
+adapter folder:
 ``PeftModel.from_pretrained(base, ADAPTER_DIR)``.
 
 Several processes (``torchrun --nproc_per_node N -m biasedit_peft debias ...`` on CPUs, ``accelerate launch
@@ -55,6 +58,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "'stereoset:dev stereoset:train-calib' with --data stereoset:train-fit), or 'none' for x1 "
                         "(the pooled delta at the size of the editor's own); the flag may be repeated (default "
                         "stereoset:dev)")
+    parser.add_argument("--guard-text", default=None, metavar="FILE",
+                        help="fluent UTF-8 text (paragraphs separated by blank lines) whose perplexity the calibrated "
+                        "delta may raise by at most 2.5 %%; 'none': no such bound (default: the bundled guard text, "
+                        "which shares nothing with the perplexity text of 'biasedit evaluate')")
     parser.add_argument("--bias-types", default=None,
                         help="comma-separated; default: gender,race,religion of a bundled split, else the types the "
                         "file has")
@@ -73,7 +80,13 @@ def run(args: argparse.Namespace) -> int:
 
     from biasedit_peft import BiasEditConfig
     from biasedit_peft._io import check_output_folder, folder_in_place, write_manifest
-    from biasedit_peft.data import check_held_out, load_edit_samples, load_pooled_edit_samples, pooled_spec
+    from biasedit_peft.data import (
+        check_held_out,
+        load_edit_samples,
+        load_guard_text,
+        load_pooled_edit_samples,
+        pooled_spec,
+    )
     from biasedit_peft.distributed import current_processes, process_device
     from biasedit_peft.editor import BiasEditor
     from biasedit_peft.editor.calibration import chosen_row
@@ -82,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
 
     args.calibrate_on = args.calibrate_on or [DEFAULT_CALIBRATION]
     try:
-        check_output_folder(args.out, [args.model, args.editor, args.data, *args.calibrate_on], args.overwrite)
+        guard_file = [] if args.guard_text in (None, "none") else [args.guard_text]
+        check_output_folder(args.out, [args.model, args.editor, args.data, *args.calibrate_on, *guard_file],
+                            args.overwrite)
         calibrated_on = None if args.calibrate_on == ["none"] else pooled_spec(args.calibrate_on)
         if calibrated_on is not None and "none" in args.calibrate_on:
             raise ValueError("--calibrate-on: 'none' (the editor's own scale) cannot be pooled with other data")
@@ -92,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
         if calibrated_on is not None:
             calibration = load_pooled_edit_samples(args.calibrate_on, bias_types or _types_of(samples))
             check_held_out(samples, calibration, f"--calibrate-on {calibrated_on}")
+        elif args.guard_text is not None:
+            raise ValueError("--guard-text bounds the calibrated scale; it needs --calibrate-on other than 'none'")
+        guard = () if args.guard_text == "none" else load_guard_text(args.guard_text)
         processes = current_processes()
         device = process_device(default_device(args.device), processes)
         editor = BiasEditor.from_pretrained(args.editor, device=args.editor_device or device)
@@ -101,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
                                     adapter_name=args.adapter_name)
         report = deployable_adapter(editor, peft_model, tokenizer, samples, calibration, batch_size=args.batch_size,
                                     adapter_name=args.adapter_name, progress=not args.quiet and processes.is_main,
-                                    processes=processes)
+                                    processes=processes, guard_text=guard)
     except (ValueError, FileNotFoundError, FloatingPointError, KeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -109,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         processes.barrier()
         return 0
     record_edit(peft_model.peft_config[args.adapter_name], report, str(args.editor), args.data, args.bias_types,
-                args.limit, calibrated_on)
+                args.limit, calibrated_on, guard_text=None if calibrated_on is None else args.guard_text or "bundled")
     with folder_in_place(args.out) as building:
         peft_model.save_pretrained(building)
         write_manifest(building if args.adapter_name == "default" else Path(building) / args.adapter_name)

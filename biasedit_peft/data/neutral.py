@@ -1,11 +1,13 @@
-"""A small held-out neutral text for perplexity: our own paragraphs (see resources/NOTICE.md)."""
+"""Small neutral texts of our own (see resources/NOTICE.md): one for perplexity, one that guards the joint edit's
+strength. They are separate on purpose: the perplexity reported after an edit is on text the edit's calibration
+never looked at."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from .._io import read_utf8
-from .resources import NEUTRAL_TEXT_FILE, resource_path
+from .resources import GUARD_TEXT_FILE, NEUTRAL_TEXT_FILE, resource_path
 
 
 def split_paragraphs(text: str) -> list[str]:
@@ -13,17 +15,29 @@ def split_paragraphs(text: str) -> list[str]:
     return [" ".join(block.split()) for block in text.split("\n\n") if block.strip()]
 
 
-def load_neutral_text(path: str | Path | None = None) -> list[str]:
-    """Paragraphs (separated by blank lines) of the bundled neutral text, or of a user's text file.
-
-    Args:
-        path: A UTF-8 text file; None: the bundled neutral text.
+def load_paragraphs(path: str | Path) -> list[str]:
+    """Paragraphs (separated by blank lines) of a UTF-8 text file.
 
     Raises:
         ValueError: The file holds no text.
     """
-    source = Path(path) if path is not None else resource_path(NEUTRAL_TEXT_FILE)
-    paragraphs = split_paragraphs(read_utf8(source))
+    paragraphs = split_paragraphs(read_utf8(Path(path)))
     if not paragraphs:
-        raise ValueError(f"{source}: no text to compute perplexity on")
+        raise ValueError(f"{path}: holds no text")
     return paragraphs
+
+
+def load_neutral_text(path: str | Path | None = None) -> list[str]:
+    """Paragraphs of the bundled neutral text (perplexity is reported on it), or of a user's text file (None: the
+    bundled one)."""
+    return load_paragraphs(path if path is not None else resource_path(NEUTRAL_TEXT_FILE))
+
+
+def load_guard_text(path: str | Path | None = None) -> list[str]:
+    """Paragraphs of the bundled guard text, or of a user's text file (None: the bundled one).
+
+    The joint edit's scale is bounded by how much it raises this text's perplexity
+    (``editor.calibration.calibrate_joint_scale``); it shares no paragraph with the perplexity text, so the
+    perplexity reported after an edit stays held out.
+    """
+    return load_paragraphs(path if path is not None else resource_path(GUARD_TEXT_FILE))

@@ -14,6 +14,7 @@ STEREOSET_SPLITS_FILE = "stereoset_splits.json"
 CROWS_FILE = "crows_pairs_anonymized.csv.gz"
 ATTRIBUTE_WORDS_FILE = "bias_attribute_words.json"
 NEUTRAL_TEXT_FILE = "neutral_text.txt"
+GUARD_TEXT_FILE = "guard_text.txt"
 
 
 def resource_path(name: str) -> Path:

@@ -14,7 +14,10 @@ A deployed adapter is one *joint* delta from many samples (``BiasEditor.debias``
 is not what a per-group edit needs: pooled over thousands of pairs, the ridge solve averages value changes
 that partly disagree, so the joint delta is weaker per pair than a 32-pair edit. :func:`calibrate_joint_scale`
 scales one joint solution and scores held-out pairs (StereoSet ``dev``: target terms the edit never saw) at
-each multiple of :data:`JOINT_SCALES`, then at the two half-steps (x / ÷ sqrt 2) around the best.
+each multiple of :data:`JOINT_SCALES`, then at the two half-steps (x / ÷ sqrt 2) around the best. Where it is
+given a guard text (fluent paragraphs: ``data.load_guard_text``), each multiple is also bounded by how much it
+raises that text's perplexity: the pairs' unrelated sentences are nonsense fillers ("... are usually bicycle."),
+whose NLL did not rise over nine SmolLM2 deployments while the perplexity of fluent text rose up to 10 %.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..metrics import item_ss_lms
-from ..scoring import encode_sentences, score_sentences
+from ..scoring import encode_sentences, model_context_length, score_sentences
 from .cache import EditSample, as_edit_sample
 from .editor import BiasEditor, forward_logits, length_order
 from .replay import PrefixReplay
@@ -41,7 +44,8 @@ JOINT_SCALES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 MAX_LMS_DROP = 3.0
 """LMS points an edit may cost and still count as within bounds (:func:`target_score`)."""
 MAX_NLL_INCREASE = 0.0488
-"""Rise of the mean token NLL of unrelated sentences an edit may cause (``log 1.05``: ~5 % perplexity)."""
+"""Rise of the mean token NLL an edit may cause (``log 1.05``: ~5 % perplexity), of the unrelated sentences and,
+where it is scored, of the guard text (:func:`target_score`)."""
 MIN_DEBIAS_GAIN = 1.0
 """SS points toward 50 below which a calibrated editor counts as not debiasing the validation pairs
 (:func:`debias_gain`): on SmolLM2 a failed meta-training moved dev SS by 0.47 at its chosen multiple, seed 1's
@@ -59,17 +63,23 @@ def chosen_row(calibration: dict) -> dict:
     return next(row for row in calibration["rows"] if row["scale"] == calibration["scale"])
 
 
+def nll_rise(metrics: dict[str, float]) -> float:
+    """The larger NLL rise of a row: ``nll_increase`` (unrelated sentences) or ``text_nll_increase`` (the guard
+    text, where it was scored)."""
+    return max(metrics["nll_increase"], metrics.get("text_nll_increase", -math.inf))
+
+
 def target_score(metrics: dict[str, float], max_lms_drop: float = MAX_LMS_DROP,
                  max_nll_increase: float = MAX_NLL_INCREASE) -> float:
-    """How good an edit with pooled ``metrics`` (``ss_post``, ``lms_pre``, ``lms_post``, ``nll_increase``) is;
-    lower is better.
+    """How good an edit with pooled ``metrics`` (``ss_post``, ``lms_pre``, ``lms_post``, ``nll_increase`` and,
+    optionally, ``text_nll_increase``) is; lower is better.
 
-    ``|ss_post - 50|`` when the LMS drop is at most ``max_lms_drop`` and ``nll_increase`` at most
+    ``|ss_post - 50|`` when the LMS drop is at most ``max_lms_drop`` and :func:`nll_rise` at most
     ``max_nll_increase``; else ``100 +`` the excess LMS drop ``+ 100 x`` the excess NLL rise (every edit within
     both bounds ranks first, the rest by how far they are out).
     """
     lms_excess = max(0.0, metrics["lms_pre"] - metrics["lms_post"] - max_lms_drop)
-    nll_excess = max(0.0, metrics["nll_increase"] - max_nll_increase)
+    nll_excess = max(0.0, nll_rise(metrics) - max_nll_increase)
     if lms_excess == 0.0 and nll_excess == 0.0:
         return abs(metrics["ss_post"] - 50.0)
     return 100.0 + lms_excess + 100.0 * nll_excess
@@ -127,11 +137,34 @@ def _edited_scores(
     return after
 
 
+def text_nll(model: nn.Module, tokenizer, paragraphs: Sequence[str], batch_size: int) -> float:
+    """Token-weighted mean NLL (nats) of ``paragraphs``, each scored on its own: ``log`` of their perplexity.
+
+    A paragraph longer than the model's context is cut to its beginning (the guard needs fluent tokens, not whole
+    paragraphs; the bundled ones are at most 82 tokens with BOS under GPT-2's tokenizer)."""
+    scores = score_sentences(model, tokenizer, paragraphs, batch_size=batch_size,
+                             max_length=model_context_length(model))
+    return -(scores.sum.double().sum() / scores.n_tokens.sum()).item()
+
+
+def _text_nll_increases(
+    editor: BiasEditor, peft_model: nn.Module, tokenizer, solutions: dict[str, RidgeSolution],
+    paragraphs: Sequence[str], scales: Sequence[float], before: float, batch_size: int, adapter_name: str,
+) -> dict[float, float]:
+    """Per scale, the rise of :func:`text_nll` of ``paragraphs`` under ``scale x solutions`` over ``before`` (its
+    unedited value): the log of the perplexity ratio."""
+    rises = {}
+    for scale in scales:
+        with editor.edited(peft_model, scaled_solutions(solutions, scale), adapter_name):
+            rises[scale] = text_nll(peft_model, tokenizer, paragraphs, batch_size) - before
+    return rises
+
+
 def rank_scales(pre: torch.Tensor, after: dict[float, torch.Tensor],
-                score: Callable[[dict[str, float]], float]) -> dict:
+                score: Callable[[dict[str, float]], float], text_rises: dict[float, float] | None = None) -> dict:
     """``{"scale": best, "rows": [...]}`` from pooled mean token log-probs ``[3, N]`` (stereotype, anti-stereotype,
     unrelated rows) before and after each scale: the calibrations' ranking (lowest ``score``, ties to the scale
-    nearest 1)."""
+    nearest 1). ``text_rises``: the guard text's NLL rise per scale, recorded as ``text_nll_increase``."""
     pre_metrics = item_ss_lms(pre[0], pre[1], pre[2])
     rows = []
     for scale, post in after.items():
@@ -139,6 +172,8 @@ def rank_scales(pre: torch.Tensor, after: dict[float, torch.Tensor],
         row = {"scale": scale, "ss_pre": pre_metrics["ss"], "ss_post": post_metrics["ss"],
                "lms_pre": pre_metrics["lms"], "lms_post": post_metrics["lms"],
                "nll_increase": (pre[2] - post[2]).mean().item()}
+        if text_rises is not None:
+            row["text_nll_increase"] = text_rises[scale]
         row["selection"] = score(row)
         rows.append(row)
     best = min(rows, key=lambda row: (row["selection"], abs(row["scale"] - 1.0)))
@@ -191,7 +226,7 @@ def calibrate_joint_scale(
     editor: BiasEditor, peft_model: nn.Module, tokenizer, solutions: dict[str, RidgeSolution],
     scored: Sequence[EditSample], score: Callable[[dict[str, float]], float] = target_score, batch_size: int = 16,
     scales: Sequence[float] = JOINT_SCALES, adapter_name: str = "default", progress: bool = False,
-    replay: PrefixReplay | None = None,
+    replay: PrefixReplay | None = None, guard_text: Sequence[str] = (),
 ) -> dict:
     """Rank multiples of one joint solution by the metrics of held-out pairs ``scored`` under it.
 
@@ -210,22 +245,36 @@ def calibrate_joint_scale(
         adapter_name: The adapter the edit is applied to (functionally).
         progress: Show a progress bar.
         replay: A checked :class:`PrefixReplay` of this model, else one is made and checked.
+        guard_text: Fluent paragraphs (``data.load_guard_text``) whose NLL rise ``score`` also sees, as each row's
+            ``text_nll_increase``; empty: none.
 
     Returns:
-        As :func:`calibrate_edit_scale`, rows in the order they were scored.
+        As :func:`calibrate_edit_scale`, rows in the order they were scored, with ``text_nll_increase`` where
+        ``guard_text`` is given.
     """
     scored = [as_edit_sample(sample, index) for index, sample in enumerate(scored)]
     scored = [scored[i] for i in length_order(tokenizer, scored).tolist()]
     replay = checked_replay(editor, peft_model, tokenizer, scored, batch_size, replay)
     with tqdm(total=len(scales) + 2, desc="calibrating the joint scale", disable=not progress) as bar:
         pre, prefixes = _unedited_scores(peft_model, tokenizer, scored, replay, batch_size)  # recorded once
-        after = _edited_scores(editor, peft_model, tokenizer, solutions, scored, scales, replay, prefixes,
-                               batch_size, adapter_name)
+        guard = list(guard_text)
+        text_before = text_nll(peft_model, tokenizer, guard, batch_size) if guard else 0.0
+
+        def score_at(multiples: Sequence[float]) -> tuple[dict[float, torch.Tensor], dict[float, float] | None]:
+            pairs = _edited_scores(editor, peft_model, tokenizer, solutions, scored, multiples, replay, prefixes,
+                                   batch_size, adapter_name)
+            rises = _text_nll_increases(editor, peft_model, tokenizer, solutions, guard, multiples, text_before,
+                                        batch_size, adapter_name) if guard else None
+            return pairs, rises
+
+        after, text_rises = score_at(scales)
         bar.update(len(scales))
-        coarse = rank_scales(pre, after, score)["scale"]
+        coarse = rank_scales(pre, after, score, text_rises)["scale"]
         finer = [s for s in (coarse / math.sqrt(2), coarse * math.sqrt(2))
                  if all(abs(s / tried - 1) > 1e-6 for tried in after)]
-        after.update(_edited_scores(editor, peft_model, tokenizer, solutions, scored, finer, replay, prefixes,
-                                    batch_size, adapter_name))
+        more, more_rises = score_at(finer)
+        after.update(more)
+        if text_rises is not None:
+            text_rises.update(more_rises)
         bar.update(2)
-    return rank_scales(pre, after, score)
+    return rank_scales(pre, after, score, text_rises)

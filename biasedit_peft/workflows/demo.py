@@ -278,7 +278,22 @@ def debias_and_save(editor, peft_model, tokenizer, config: DemoConfig, out_dir: 
     record_edit(peft_model.peft_config["default"], report, editor_id, EDIT_DATA, ",".join(config.bias_types),
                 config.limit, CALIBRATION_DATA)
     peft_model.save_pretrained(out_dir)
-    return {**report, "edit_data": EDIT_DATA, "calibrated_on": CALIBRATION_DATA}
+    return {**report, "edit_data": EDIT_DATA, "calibrated_on": CALIBRATION_DATA,
+            "guard_perplexity_rise": guard_perplexity_rise(report)}
+
+
+def _guard_note(deployment: dict) -> str:
+    rise = deployment.get("guard_perplexity_rise")
+    return "" if rise is None else f" (guard-text perplexity {100 * rise:+.2f} % there)"
+
+
+def guard_perplexity_rise(report: dict) -> float | None:
+    """The guard text's relative perplexity rise at a deployment's chosen scale (``exp(text_nll_increase) - 1``),
+    None when it was not scored."""
+    from ..editor.calibration import chosen_row
+
+    row = chosen_row(report["calibration"]) if report.get("calibration") else {}
+    return math.expm1(row["text_nll_increase"]) if "text_nll_increase" in row else None
 
 
 def write_card(peft_model, out_dir: Path, config: DemoConfig, before: dict, after: dict) -> None:
@@ -488,7 +503,8 @@ def run_stages(config: DemoConfig, stages: StageStore, run: Path, resume: bool) 
         results["merged"] = demo.run("merge_and_rescore", lambda: demo.merge(after), seconds, files=["merged"])
     results["protocols"] = {"per_batch": per_batch, "held_out": held_out, "joint_on_test": joint,
                             "deployment": {key: edit[key] for key in ("edit_data", "calibrated_on", "scale",
-                                                                      "n_samples", "n_tokens", "recipe", "recipes")
+                                                                      "guard_perplexity_rise", "n_samples",
+                                                                      "n_tokens", "recipe", "recipes")
                                            if key in edit}}
     results["targets"] = {
         "deployment": deployment_check(before, after, config.bias_types),
@@ -547,7 +563,8 @@ def format_results(results: dict) -> str:
     if deployment:
         lines.append(f"  (after = the deployment adapter: one joint delta from {deployment['edit_data']} "
                      f"({deployment['n_samples']} pairs), scaled x{deployment['scale']:.3g} as "
-                     f"{deployment['calibrated_on']} says; SS ideal 50, LMS / ICAT ideal 100)")
+                     f"{deployment['calibrated_on']} says{_guard_note(deployment)}; SS ideal 50, LMS / ICAT ideal "
+                     "100)")
     per_batch = results["protocols"]["per_batch"]
     shown = [(per_batch, "per-batch protocol (paper), reference SS")]
     if "other_units" in per_batch:

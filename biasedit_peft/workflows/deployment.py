@@ -7,7 +7,8 @@ meets everything else, so here:
    pooled solve of ``editor/joint.py`` with the ridge relative to the keys (:data:`JOINT_RECIPES`);
 2. its strength is calibrated on held-out pairs (StereoSet ``dev``, whose target terms neither ``train`` nor
    ``test`` has: :func:`~biasedit_peft.editor.calibration.calibrate_joint_scale`), because a delta pooled over
-   thousands of pairs is weaker per pair than the 32-pair edits the editor was trained on;
+   thousands of pairs is weaker per pair than the 32-pair edits the editor was trained on, within bounds on the
+   pairs' LMS and on the perplexity of a fluent guard text (``data.load_guard_text``; not the perplexity text);
 3. it is written into the adapter (:func:`deployable_adapter`), merged, and the merged model is scored on
    ``test`` (unseen items and target terms), CrowS-Pairs (another benchmark), the gender-swapped ``test``
    items, and perplexity; :func:`deployment_check` reads the result against the targets.
@@ -52,15 +53,17 @@ resamples at the boundary."""
 
 
 def record_edit(peft_config, report: dict, editor_id: str, edit_data: str, bias_types: str, limit: int | None,
-                calibrated_on: str | None) -> None:
+                calibrated_on: str | None, guard_text: str | None = "bundled") -> None:
     """Write where a deployed delta came from into its adapter config (``editor_id``, ``edit_data``,
-    ``edit_info``), as the model card and the Hub read them; ``report`` is :func:`deployable_adapter`'s and
-    ``bias_types`` the comma-separated types edited."""
+    ``edit_info``), as the model card and the Hub read them; ``report`` is :func:`deployable_adapter`'s,
+    ``bias_types`` the comma-separated types edited and ``guard_text`` the text that bounded the scale ("bundled",
+    a file, "none", or None when nothing was calibrated)."""
     peft_config.editor_id = editor_id
     peft_config.edit_data = edit_data
     peft_config.edit_info = {"n_samples": report["n_samples"], "n_tokens": report["n_tokens"],
                              "bias_types": bias_types, "limit": limit, "scale": report["scale"],
-                             "recipe": JointRecipe(**report["recipe"]).label, "calibrated_on": calibrated_on}
+                             "recipe": JointRecipe(**report["recipe"]).label, "calibrated_on": calibrated_on,
+                             "guard_text": guard_text}
 
 
 def calibration_score(row: dict[str, float], margin: float = CALIBRATION_MARGIN) -> float:
@@ -72,7 +75,7 @@ def deployable_adapter(
     editor, peft_model: nn.Module, tokenizer, edit_samples: Sequence[Any],
     calibration_samples: Sequence[Any] | None = None, batch_size: int = 16, adapter_name: str = "default",
     scales: Sequence[float] = JOINT_SCALES, progress: bool = True, processes=None,
-    recipes: Sequence[JointRecipe] = JOINT_RECIPES,
+    recipes: Sequence[JointRecipe] = JOINT_RECIPES, guard_text: Sequence[str] | None = None,
 ) -> dict:
     """Write one joint delta from ``edit_samples`` into adapter ``adapter_name``, solved and scaled as held-out pairs
     say.
@@ -93,6 +96,8 @@ def deployable_adapter(
             else this one). The calibration runs whole on each.
         recipes: How the pooled solve may be re-fitted (``editor/joint.py``); a recipe that preserves keys uses the
             edit pairs' unrelated sentences and is skipped when they have none. Ties go to the earlier recipe.
+        guard_text: Fluent paragraphs whose perplexity bounds the calibrated scale (``calibrate_joint_scale``);
+            None: the bundled guard text (``data.load_guard_text``); empty: no such bound.
 
     Returns:
         ``{"n_samples", "n_tokens", "layers", "scale", "recipe", "calibration", "recipes"}``: ``recipe`` the chosen
@@ -115,6 +120,10 @@ def deployable_adapter(
     if not calibration_samples:
         usable = usable[:1]
     preserved = unrelated if any(r.preserve for r in usable) else None
+    if guard_text is None:
+        from ..data import load_guard_text
+
+        guard_text = load_guard_text()
     statistics, n_tokens = pooled_statistics(editor, peft_model, tokenizer, samples, batch_size, preserved,
                                              processes, progress)
     tried = []
@@ -124,7 +133,7 @@ def deployable_adapter(
         if calibration_samples:
             calibration = calibrate_joint_scale(editor, peft_model, tokenizer, solutions, calibration_samples,
                                                 calibration_score, batch_size=batch_size, scales=scales,
-                                                adapter_name=adapter_name, progress=progress)
+                                                adapter_name=adapter_name, progress=progress, guard_text=guard_text)
         tried.append((recipe, solutions, calibration))
     recipe, solutions, calibration = min(tried, key=lambda t: _selection(t[2]))  # min is stable: ties go first
     scale = calibration["scale"] if calibration else 1.0
