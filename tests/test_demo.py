@@ -269,16 +269,26 @@ def test_calibrate_on_dev_plus_train_calib_meta_trains_on_train_fit_and_calibrat
     assert not {item.target for item in fit} & {item.target for item in calib}  # held-out target terms
 
 
-def test_calibrate_on_is_checked_at_once_and_fingerprinted_only_when_set():
+def test_the_default_recipe_is_fingerprinted_so_runs_of_the_old_default_are_not_resumed_under_it():
+    from biasedit_peft.editor.presets import preset_name_without_model
     from biasedit_peft.progress_store import ResumeMismatch, check_fields
     from biasedit_peft.workflows.demo import DemoConfig, demo_fingerprint
 
     with pytest.raises(ValueError, match="dev\\+train-calib"):
         DemoConfig(calibrate_on="train")
-    old = demo_fingerprint(DemoConfig())
-    assert "calibrate_on" not in old
-    with pytest.raises(ResumeMismatch, match="calibrate_on"):
-        check_fields("stages", old, demo_fingerprint(DemoConfig(calibrate_on="dev+train-calib")), every=True)
+    new = demo_fingerprint(DemoConfig())
+    assert new["calibrate_on"] == "dev+train-calib" and new["average_steps"] == 25  # the testbed preset's
+    old_default = {k: v for k, v in new.items() if k not in ("calibrate_on", "average_steps")}
+    with pytest.raises(ResumeMismatch, match="calibrate_on, average_steps"):
+        check_fields("stages", old_default, new, every=True)
+    old_recipe = {k: v for k, v in new.items() if k != "average_steps"}  # --calibrate-on given, the old preset's 0
+    with pytest.raises(ResumeMismatch, match="average_steps"):
+        check_fields("stages", old_recipe, new, every=True)
+    check_fields("stages", {**old_recipe, "average_steps": 25}, new, every=True)  # --average-steps 25: the same run
+    assert demo_fingerprint(DemoConfig(average_steps=0))["average_steps"] == 0
+    assert [preset_name_without_model(*case) for case in (("m", None, "cpu"), ("m", None, "cuda"),
+                                                          ("testbed", None, "cuda"), ("m", "llama", "cpu"))] == \
+        ["cpu", None, "testbed", "llama"]  # on an accelerator the model's type decides, after it loads
 
 
 def test_every_calibration_recipe_is_a_demo_flag_value_and_reaches_the_config():
@@ -287,6 +297,7 @@ def test_every_calibration_recipe_is_a_demo_flag_value_and_reaches_the_config():
     from biasedit_peft.workflows.demo import CALIBRATION_RECIPES
 
     parser, _ = build_parser()
+    assert config_from_args(parser.parse_args(["demo"])).calibrate_on == "dev+train-calib"  # the default
     for recipe in CALIBRATION_RECIPES:
         args = parser.parse_args(["demo", "--calibrate-on", recipe])
         assert config_from_args(args).calibrate_on == recipe

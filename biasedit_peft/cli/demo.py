@@ -3,7 +3,8 @@
     biasedit demo [--model testbed] [--bias-types gender,race,religion] [--out demo] [--json FILE]
                   [--resume | --overwrite]
 
-Trains an editor (train split, dev for early stopping), measures it under the paper's per-batch, held-out
+Trains an editor (the train-fit part of train, dev for early stopping, its edit scale calibrated on dev plus
+train-calib: ``--calibrate-on``), measures it under the paper's per-batch, held-out
 and joint protocols, writes the deployment adapter (one joint delta from train, its scale calibrated on dev),
 evaluates before and after, merges the adapter into a plain checkpoint and re-scores it. See
 :mod:`biasedit_peft.workflows.demo`.
@@ -65,9 +66,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_select_by_argument(parser)
     add_step_size_meta_lr_argument(parser)
     add_average_steps_argument(parser)
-    parser.add_argument("--calibrate-on", choices=("dev", "dev+train-calib"), default=None,
-                        help="where the edit scale is calibrated: dev (default; the editor meta-trains on train), or "
-                        "dev+train-calib (meta-trains on train-fit; twice the held-out target terms)")
+    parser.add_argument("--calibrate-on", choices=("dev", "dev+train-calib"), default="dev+train-calib",
+                        help="where the edit scale is calibrated: dev+train-calib (default; the editor meta-trains on "
+                        "train-fit, and twice the held-out target terms choose its scale), or dev (meta-trains on "
+                        "all of train; the default before this release)")
     parser.add_argument("--num-edit-layers", type=int, default=3, help="edit the last N blocks (default 3)")
     parser.add_argument("--limit", type=int, default=None,
                         help="first N items per bias type of each split (quick runs)")

@@ -101,10 +101,11 @@ class DemoConfig(PresetOverrides):
     max_steps: int | None = 150
     eval_every: int | None = 25
     loss: str | None = None
-    calibrate_on: str | None = None
-    """Where the kept editor's edit scale is calibrated (:data:`CALIBRATION_RECIPES`): ``"dev"`` (None) meta-trains on
-    ``train``; ``"dev+train-calib"`` meta-trains on ``train-fit`` and calibrates on ``dev`` plus ``train-calib``,
-    twice the held-out target terms (validation and early stopping stay on ``dev``)."""
+    calibrate_on: str | None = "dev+train-calib"
+    """Where the kept editor's edit scale is calibrated (:data:`CALIBRATION_RECIPES`): ``"dev+train-calib"``
+    meta-trains on ``train-fit`` and calibrates on ``dev`` plus ``train-calib``, twice the held-out target terms
+    (validation and early stopping stay on ``dev``); ``"dev"`` (None: what runs before this default did)
+    meta-trains on ``train`` and calibrates on ``dev``."""
     select_by: str = "target"
     """Which validated editor is kept: ``"target"`` (dev SS closest to 50 within LMS / perplexity bounds) or
     ``"loss"`` (the lowest dev meta-loss); ``BiasEditTrainingArguments.select_by``."""
@@ -333,10 +334,17 @@ def merge_rounding_note(dtype: str | None) -> str:
 
 def demo_fingerprint(config: DemoConfig) -> dict:
     """The settings that decide a demo's results: ``config`` without :data:`NOT_FINGERPRINTED`, with the
-    device it resolves to."""
+    device it resolves to, and ``average_steps`` as the preset resolves it where that is known before the model
+    loads (``cpu``, ``testbed`` or a named preset): those presets' default changed, so a run made under the
+    old one is not resumed under the new one."""
+    from ..editor.presets import PRESETS, preset_name_without_model
+
     fields = {k: v for k, v in asdict(config).items()
               if k not in NOT_FINGERPRINTED and not (k in ADDED_LATER and v is None)}
     fields["device"] = str(default_device(config.device))
+    preset = preset_name_without_model(config.model, config.preset, fields["device"])
+    if config.average_steps is None and preset in PRESETS:
+        fields["average_steps"] = PRESETS[preset].average_steps
     return fields
 
 
