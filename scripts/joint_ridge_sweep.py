@@ -31,7 +31,7 @@ from pathlib import Path
 from _study_args import add_editor_study_arguments, parse_study_arguments
 
 from biasedit_peft._io import write_json
-from biasedit_peft.data import BIAS_TYPES, SPLITS, check_held_out
+from biasedit_peft.data import BIAS_TYPES, SPLITS, check_held_out, load_guard_text
 from biasedit_peft.editor import BiasEditor
 from biasedit_peft.editor.calibration import calibrate_joint_scale, chosen_row, scaled_solutions
 from biasedit_peft.editor.joint import JointRecipe, pooled_statistics, recipe_solutions
@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
                              "the preserved keys (the train items' unrelated sentences), C = w (N / N_r) U_r^T U_r "
                              "added to U^T U")
     parser.add_argument("--crows", action="store_true", help="also score CrowS-Pairs for every row")
+    parser.add_argument("--guard-text", default=None, metavar="FILE",
+                        help="the text whose perplexity rise bounds each calibrated scale, as in the demo (default: "
+                             "the bundled guard text; 'none': no such bound)")
     parser.add_argument("--edit-split", default="train", choices=[s for s in SPLITS if s != "test"],
                         help="the StereoSet split the delta is computed from")
     parser.add_argument("--calibrations", nargs="+", default=["dev"], metavar="SPLIT[+SPLIT]",
@@ -68,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                         for pool, splits in pools.items()}
     for pool, calibration_items in calibration_sets.items():
         check_held_out(train, calibration_items, f"--calibrations {pool} (the delta is from {args.edit_split})")
+    guard = () if args.guard_text == "none" else load_guard_text(args.guard_text)
     started = time.perf_counter()
     grid = [JointRecipe(float(row.split(":")[0]), None if row.split(":")[1] == "learned" else float(row.split(":")[1]))
             for row in args.grid.split(",")]
@@ -83,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     test_kwargs = dict(benchmarks=benchmarks, bias_types=list(BIAS_TYPES), limit=args.limit,
                        progress=False, n_resamples=1000)
     report = {"model": args.model, "editor": args.editor, "edit_split": args.edit_split, "n_train": len(train),
+              "guard_text": args.guard_text or "bundled",
               "n_tokens": n_tokens,
               "n_preserved": n_preserved, "learned_lambda": learned, "rows": []}
     report["before"] = evaluate_model(peft_model, tokenizer, **test_kwargs)
@@ -91,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         solutions = recipe_solutions(statistics, recipe)
         for pool, calibration_items in calibration_sets.items():
             calibration = calibrate_joint_scale(editor, peft_model, tokenizer, solutions, calibration_items,
-                                                calibration_score, batch_size=args.batch_size)
+                                                calibration_score, batch_size=args.batch_size, guard_text=guard)
             key = (recipe.label, calibration["scale"])
             if key not in tested:
                 with editor.edited(peft_model, scaled_solutions(solutions, calibration["scale"])):

@@ -122,6 +122,7 @@ def test_debias_calibrates_on_every_calibrate_on_spec_pooled_in_order(tmp_path, 
     assert main([*base, "--guard-text", "none", "--out", str(tmp_path / "unguarded")]) == 0 and guards[-1] == ()
     code = main([*base, "--calibrate-on", "none", "--guard-text", str(own_text), "--out", str(tmp_path / "other")])
     assert code == 2 and "--guard-text" in capsys.readouterr().err and not (tmp_path / "other").exists()
+    assert main([*base, "--calibrate-on", "none", "--guard-text", "none", "--out", str(tmp_path / "plain")]) == 0
     code = main([*base, "--guard-text", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "other")])
     assert code == 2 and "missing.txt" in capsys.readouterr().err and not (tmp_path / "other").exists()
     code = main([*base, "--calibrate-on", "none", "stereoset:dev", "--out", str(tmp_path / "other")])

@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         if calibrated_on is not None:
             calibration = load_pooled_edit_samples(args.calibrate_on, bias_types or _types_of(samples))
             check_held_out(samples, calibration, f"--calibrate-on {calibrated_on}")
-        elif args.guard_text is not None:
+        elif args.guard_text not in (None, "none"):
             raise ValueError("--guard-text bounds the calibrated scale; it needs --calibrate-on other than 'none'")
         guard = () if args.guard_text == "none" else load_guard_text(args.guard_text)
         processes = current_processes()

@@ -141,7 +141,7 @@ def text_nll(model: nn.Module, tokenizer, paragraphs: Sequence[str], batch_size:
     """Token-weighted mean NLL (nats) of ``paragraphs``, each scored on its own: ``log`` of their perplexity.
 
     A paragraph longer than the model's context is cut to its beginning (the guard needs fluent tokens, not whole
-    paragraphs; the bundled ones are at most 82 tokens with BOS under GPT-2's tokenizer)."""
+    paragraphs; the bundled ones are at most 80 tokens with BOS under the testbed's GPT-2 tokenizer)."""
     scores = score_sentences(model, tokenizer, paragraphs, batch_size=batch_size,
                              max_length=model_context_length(model))
     return -(scores.sum.double().sum() / scores.n_tokens.sum()).item()
