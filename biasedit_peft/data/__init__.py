@@ -36,6 +36,6 @@ __all__ = [
     "SPLITS", "SPLIT_SEED", "CrowsFormatError", "CrowsPair", "NoiseReport", "StereoSetFormatError",
     "StereoSetItem", "check_held_out", "crows_bias_type", "describe_edit_samples", "gender_swapped",
     "load_bias_attribute_words", "load_crows", "load_edit_samples", "load_guard_text", "load_neutral_text",
-    "load_pooled_edit_samples", "load_split_ids", "load_stereoset", "load_stereoset_file", "noise_report", "pooled_spec", "split_calibration", "split_train_dev",
-    "swap_gender",
+    "load_pooled_edit_samples", "load_split_ids", "load_stereoset", "load_stereoset_file", "noise_report",
+    "pooled_spec", "split_calibration", "split_train_dev", "swap_gender",
 ]
