@@ -143,7 +143,8 @@ def encode_sentences(tokenizer, sentences: Sequence[str], max_length: int | None
 
     ``max_length`` defaults to the tokenizer's ``model_max_length`` when it is a real limit.
     Truncation keeps the beginning of a sentence. ``context``: the model's context length
-    (:func:`model_context_length`); a sentence still longer after truncation is refused (:func:`check_context`).
+    (:func:`model_context_length`); a longer sentence is refused (:func:`check_context`), unless the caller's own
+    ``max_length`` cuts it to fit (the tokenizer's default limit never hides an over-long sentence).
     """
     if isinstance(sentences, str):
         raise TypeError("encode_sentences takes a list of sentences, not one string")
@@ -159,9 +160,11 @@ def encode_sentences(tokenizer, sentences: Sequence[str], max_length: int | None
         if not ids:
             raise ValueError(f"sentence {index} ({sentences[index]!r}) has no tokens to score")
         rows.append([bos] + ids)
-    if limit is not None:
+    if max_length is not None:  # the caller's own cut: what it scores is what must fit
         rows = [row[:limit] for row in rows]
     check_context([len(row) for row in rows], sentences, context)
+    if limit is not None:
+        rows = [row[:limit] for row in rows]
     lengths = torch.tensor([len(row) for row in rows])
     width = int(lengths.max())
     positions = torch.arange(width)

@@ -62,6 +62,8 @@ def test_joint_calibration_records_the_guard_texts_perplexity_rise_at_each_scale
     assert any(row["text_nll_increase"] != 0 for row in result["rows"])
     unguarded = calibrate_joint_scale(editor, model, TOKENIZER, solutions, held_out, batch_size=2, scales=(1.0, 8.0))
     assert all("text_nll_increase" not in row for row in unguarded["rows"])
+    with pytest.raises(TypeError, match="paragraphs"):  # a path is not split into one-letter paragraphs
+        calibrate_joint_scale(editor, model, TOKENIZER, solutions, held_out, guard_text="guard.txt")
 
 
 def test_deployable_adapter_guards_with_the_bundled_text_unless_told_otherwise(tmp_path):

@@ -236,3 +236,6 @@ def test_a_sentence_over_the_context_is_refused_unless_truncated_to_fit():
     cut = encode_sentences(tokenizer, ["he is a nurse .", long], max_length=8, context=8)
     assert cut.input_ids.shape == (2, 8) and cut.attention_mask.sum(-1).tolist() == [6, 8]
     assert cut.input_ids[1].tolist() == encode_sentences(tokenizer, [long]).input_ids[0, :8].tolist()
+    tokenizer.model_max_length = 8  # the tokenizer's own limit does not hide it: still refused
+    with pytest.raises(ValueError, match="more than the model's context of 8"):
+        encode_sentences(tokenizer, [long], context=8)

@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         processes.barrier()
         return 0
     record_edit(peft_model.peft_config[args.adapter_name], report, str(args.editor), args.data, args.bias_types,
-                args.limit, calibrated_on, guard_text=None if calibrated_on is None else args.guard_text or "bundled")
+                args.limit, calibrated_on, guard_text=args.guard_text or "bundled")
     with folder_in_place(args.out) as building:
         peft_model.save_pretrained(building)
         write_manifest(building if args.adapter_name == "default" else Path(building) / args.adapter_name)

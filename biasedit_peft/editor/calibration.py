@@ -17,7 +17,7 @@ scales one joint solution and scores held-out pairs (StereoSet ``dev``: target t
 each multiple of :data:`JOINT_SCALES`, then at the two half-steps (x / ÷ sqrt 2) around the best. Where it is
 given a guard text (fluent paragraphs: ``data.load_guard_text``), each multiple is also bounded by how much it
 raises that text's perplexity: the pairs' unrelated sentences are nonsense fillers ("... are usually bicycle."),
-whose NLL did not rise over nine SmolLM2 deployments while the perplexity of fluent text rose up to 10 %.
+whose NLL did not rise over nine SmolLM2 deployments while the perplexity of fluent text rose up to 10.5 %.
 """
 
 from __future__ import annotations
@@ -252,6 +252,8 @@ def calibrate_joint_scale(
         As :func:`calibrate_edit_scale`, rows in the order they were scored, with ``text_nll_increase`` where
         ``guard_text`` is given.
     """
+    if isinstance(guard_text, (str, bytes)):
+        raise TypeError("guard_text takes paragraphs (e.g. data.load_guard_text(path)), not one string or a path")
     scored = [as_edit_sample(sample, index) for index, sample in enumerate(scored)]
     scored = [scored[i] for i in length_order(tokenizer, scored).tolist()]
     replay = checked_replay(editor, peft_model, tokenizer, scored, batch_size, replay)

@@ -57,13 +57,13 @@ def record_edit(peft_config, report: dict, editor_id: str, edit_data: str, bias_
     """Write where a deployed delta came from into its adapter config (``editor_id``, ``edit_data``,
     ``edit_info``), as the model card and the Hub read them; ``report`` is :func:`deployable_adapter`'s,
     ``bias_types`` the comma-separated types edited and ``guard_text`` the text that bounded the scale ("bundled",
-    a file, "none", or None when nothing was calibrated)."""
+    a file or "none"; recorded as None when nothing was calibrated)."""
     peft_config.editor_id = editor_id
     peft_config.edit_data = edit_data
     peft_config.edit_info = {"n_samples": report["n_samples"], "n_tokens": report["n_tokens"],
                              "bias_types": bias_types, "limit": limit, "scale": report["scale"],
                              "recipe": JointRecipe(**report["recipe"]).label, "calibrated_on": calibrated_on,
-                             "guard_text": guard_text}
+                             "guard_text": guard_text if calibrated_on is not None else None}
 
 
 def calibration_score(row: dict[str, float], margin: float = CALIBRATION_MARGIN) -> float:
