@@ -3,13 +3,14 @@ targets it is read against, and the gender-swapped benchmark it scores."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 
 from biasedit_peft.data import gender_swapped, load_guard_text, load_stereoset
-from biasedit_peft.editor.calibration import calibrate_joint_scale, scaled_solutions, target_score
+from biasedit_peft.editor.calibration import calibrate_joint_scale, chosen_row, scaled_solutions, target_score
 from biasedit_peft.editor.joint import JointRecipe, pooled_statistics, recipe_solutions
 from biasedit_peft.evaluation import evaluate_model, evaluate_perplexity, evaluate_stereoset, take_per_type
 from biasedit_peft.metrics import item_ss_lms, perplexity
@@ -64,6 +65,28 @@ def test_joint_calibration_records_the_guard_texts_perplexity_rise_at_each_scale
     assert all("text_nll_increase" not in row for row in unguarded["rows"])
     with pytest.raises(TypeError, match="paragraphs"):  # a path is not split into one-letter paragraphs
         calibrate_joint_scale(editor, model, TOKENIZER, solutions, held_out, guard_text="guard.txt")
+
+
+def test_a_guard_text_over_its_bound_moves_the_chosen_multiple(tmp_path):
+    model, editor = trained_editor(tmp_path)
+    edit, held_out, other = samples(24)[:8], samples(24)[8:16], samples(24)[16:]
+    guard = [f"{s.anti_stereotype} {s.unrelated}" for s in other]
+    solutions, _ = editor.joint_solutions(model, edit, TOKENIZER, batch_size=2, progress=False)
+
+    def calibrate(max_nll_increase: float) -> dict:
+        score = functools.partial(target_score, max_lms_drop=math.inf, max_nll_increase=max_nll_increase)
+        return calibrate_joint_scale(editor, model, TOKENIZER, solutions, held_out, score, batch_size=2,
+                                     guard_text=guard)
+
+    free = calibrate(math.inf)  # SS alone decides
+    rises = {row["scale"]: row["text_nll_increase"] for row in free["rows"]}
+    bound = rises[free["scale"]] - 1e-6  # just under the guard text's rise at the unbounded choice
+    assert any(rise <= bound and row["nll_increase"] <= bound
+               for row, rise in ((r, rises[r["scale"]]) for r in free["rows"]))  # another multiple fits under it
+    guarded = calibrate(bound)
+    chosen = chosen_row(guarded)
+    assert guarded["scale"] != free["scale"] and chosen["text_nll_increase"] <= bound
+    assert chosen["selection"] < 100  # within both bounds
 
 
 def test_deployable_adapter_guards_with_the_bundled_text_unless_told_otherwise(tmp_path):
