@@ -31,7 +31,7 @@ from pathlib import Path
 from _study_args import add_editor_study_arguments, parse_study_arguments
 
 from biasedit_peft._io import write_json
-from biasedit_peft.data import BIAS_TYPES, SPLITS, check_held_out, load_guard_text
+from biasedit_peft.data import BIAS_TYPES, SPLITS, check_held_out, guard_text_option
 from biasedit_peft.editor import BiasEditor
 from biasedit_peft.editor.calibration import calibrate_joint_scale, chosen_row, scaled_solutions
 from biasedit_peft.editor.joint import JointRecipe, pooled_statistics, recipe_solutions
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                         for pool, splits in pools.items()}
     for pool, calibration_items in calibration_sets.items():
         check_held_out(train, calibration_items, f"--calibrations {pool} (the delta is from {args.edit_split})")
-    guard = () if args.guard_text == "none" else load_guard_text(args.guard_text)
+    guard = guard_text_option(args.guard_text)
     started = time.perf_counter()
     grid = [JointRecipe(float(row.split(":")[0]), None if row.split(":")[1] == "learned" else float(row.split(":")[1]))
             for row in args.grid.split(",")]

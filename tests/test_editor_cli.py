@@ -119,7 +119,7 @@ def test_debias_calibrates_on_every_calibrate_on_spec_pooled_in_order(tmp_path, 
     assert guards[-1] == ["The first paragraph .", "The second paragraph ."]
     config = json.loads((tmp_path / "guarded" / "adapter_config.json").read_text())
     assert config["edit_info"]["guard_text"] == str(own_text)
-    assert main([*base, "--guard-text", "none", "--out", str(tmp_path / "unguarded")]) == 0 and guards[-1] == ()
+    assert main([*base, "--guard-text", "none", "--out", str(tmp_path / "unguarded")]) == 0 and guards[-1] == []
     code = main([*base, "--calibrate-on", "none", "--guard-text", str(own_text), "--out", str(tmp_path / "other")])
     assert code == 2 and "--guard-text" in capsys.readouterr().err and not (tmp_path / "other").exists()
     assert main([*base, "--calibrate-on", "none", "--guard-text", "none", "--out", str(tmp_path / "plain")]) == 0

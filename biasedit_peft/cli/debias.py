@@ -82,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
     from biasedit_peft._io import check_output_folder, folder_in_place, write_manifest
     from biasedit_peft.data import (
         check_held_out,
+        guard_text_option,
         load_edit_samples,
-        load_guard_text,
         load_pooled_edit_samples,
         pooled_spec,
     )
@@ -103,13 +103,13 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--calibrate-on: 'none' (the editor's own scale) cannot be pooled with other data")
         bias_types = split_list(args.bias_types) or None
         samples = load_edit_samples(args.data, bias_types, args.limit)
-        calibration = None
+        calibration, guard = None, []
         if calibrated_on is not None:
             calibration = load_pooled_edit_samples(args.calibrate_on, bias_types or _types_of(samples))
             check_held_out(samples, calibration, f"--calibrate-on {calibrated_on}")
-        elif args.guard_text not in (None, "none"):
+            guard = guard_text_option(args.guard_text)
+        elif guard_file:
             raise ValueError("--guard-text bounds the calibrated scale; it needs --calibrate-on other than 'none'")
-        guard = () if args.guard_text == "none" else load_guard_text(args.guard_text)
         processes = current_processes()
         device = process_device(default_device(args.device), processes)
         editor = BiasEditor.from_pretrained(args.editor, device=args.editor_device or device)

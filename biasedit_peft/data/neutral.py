@@ -41,3 +41,9 @@ def load_guard_text(path: str | Path | None = None) -> list[str]:
     perplexity reported after an edit stays held out.
     """
     return load_paragraphs(path if path is not None else resource_path(GUARD_TEXT_FILE))
+
+
+def guard_text_option(value: str | None) -> list[str]:
+    """The paragraphs a ``--guard-text`` value names: the bundled guard text (None), none (``"none"``: no bound), or
+    a user's file."""
+    return [] if value == "none" else load_guard_text(value)

@@ -120,7 +120,7 @@ def deployable_adapter(
     if not calibration_samples:
         usable = usable[:1]
     preserved = unrelated if any(r.preserve for r in usable) else None
-    if guard_text is None:
+    if guard_text is None and calibration_samples:  # only a calibration reads it
         from ..data import load_guard_text
 
         guard_text = load_guard_text()
