@@ -28,6 +28,7 @@ import torch
 from _study_args import add_editor_study_arguments, parse_study_arguments
 
 from biasedit_peft._io import write_json
+from biasedit_peft.cli._common import add_edit_layers_arguments, parse_block_indices
 from biasedit_peft.data import BIAS_TYPES
 from biasedit_peft.editor.editor import encode_pairs, forward_logits
 from biasedit_peft.editor.losses import debias_loss, retention_loss
@@ -85,13 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loc-coef", type=float, default=4.0, help="the retention loss's weight (cpu preset's)")
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--max-lms-drop", type=float, default=3.0, help="dev bound of the checkpoint choice")
-    parser.add_argument("--num-edit-layers", type=int, default=3, help="MLP output projections of the last N blocks")
+    add_edit_layers_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     args = parse_study_arguments(parser, argv)
 
     torch.manual_seed(args.seed)
     peft_model, tokenizer, _ = build_model(DemoConfig(model=args.model, dtype=args.dtype, progress=False,
-                                                           num_edit_layers=args.num_edit_layers))
+                                                           num_edit_layers=args.num_edit_layers,
+                                                           layers_to_transform=parse_block_indices(args.layers)))
     peft_model.eval()  # no dropout: the retention loss compares the edited model with the unedited one exactly
     deltas = adapter_deltas(peft_model)
     optimizer = torch.optim.Adam(deltas.values(), lr=args.lr)

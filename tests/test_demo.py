@@ -152,6 +152,23 @@ def test_preset_is_the_named_one_else_testbeds_for_the_testbed_else_cpu_on_cpu_e
     assert PRESETS["cpu"].step_size_meta_lr is None and args.step_size_meta_lr is None
 
 
+def test_layers_flag_picks_the_edited_blocks():
+    import argparse
+
+    from biasedit_peft import edit_targets
+    from biasedit_peft.cli.demo import add_parser, config_from_args
+    from biasedit_peft.workflows.demo import build_model
+
+    parser = add_parser(argparse.ArgumentParser().add_subparsers())
+    assert config_from_args(parser.parse_args([])).layers_to_transform is None  # the last --num-edit-layers
+    config = config_from_args(parser.parse_args(["--layers", "2, 0", "--quiet"]))
+    assert config.layers_to_transform == (0, 2)
+    peft_model, _, _ = build_model(config)
+    assert [name.split(".")[-3] for name in edit_targets(peft_model)] == ["0", "2"]
+    with pytest.raises(ValueError, match="block indices"):
+        config_from_args(parser.parse_args(["--layers", "last"]))
+
+
 @pytest.mark.parametrize("speedup, fast", [(0.17, None), (1.0, None), (2.0, "bf16")])
 def test_demo_runs_real_models_in_bf16_where_the_cpu_has_it_and_keeps_the_testbed_and_explicit_dtypes(
         monkeypatch, speedup, fast):

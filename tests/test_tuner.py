@@ -102,6 +102,13 @@ def test_num_edit_layers_and_layers_to_transform():
     assert list(edit_targets(model)) == ["transformer.h.0.mlp.c_proj", "transformer.h.2.mlp.c_proj"]
 
 
+@pytest.mark.parametrize("layers", [[0, 4], 7])
+def test_a_block_the_model_lacks_is_refused_by_name(layers):
+    """tiny_model has blocks 0-3: a missing index is an error naming it, not an adapter on fewer blocks."""
+    with pytest.raises(ValueError, match=r"no block \[%d\].*blocks are 0-3" % (4 if isinstance(layers, list) else 7)):
+        get_peft_model(tiny_model(), BiasEditConfig(layers_to_transform=layers))
+
+
 def test_unknown_architecture_says_which_targets_to_pass():
     from transformers import GPT2Config
 

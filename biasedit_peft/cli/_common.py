@@ -241,6 +241,27 @@ def add_block_init_argument(parser: argparse.ArgumentParser) -> None:
                              "default: preset")
 
 
+def parse_block_indices(text: str | None) -> tuple[int, ...] | None:
+    """``"13,14,15"`` -> ``(13, 14, 15)`` (sorted, distinct); None -> None.
+
+    Raises:
+        ValueError: A part that is not a non-negative integer, or nothing but commas.
+    """
+    parts = split_list(text)
+    if text is None:
+        return None
+    if not parts or not all(part.isdigit() for part in parts):
+        raise ValueError(f"--layers takes comma-separated block indices such as 13,14,15, got {text!r}")
+    return tuple(sorted({int(part) for part in parts}))
+
+
+def add_edit_layers_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--num-edit-layers N`` (the last N blocks, default 3) and ``--layers I,J,K`` (these blocks instead)."""
+    parser.add_argument("--num-edit-layers", type=int, default=3, help="edit the last N blocks (default 3)")
+    parser.add_argument("--layers", default=None, metavar="I,J,K",
+                        help="edit the MLP output projections of these blocks instead (0-based, e.g. 13,14,15)")
+
+
 def add_average_steps_argument(parser: argparse.ArgumentParser) -> None:
     """``--average-steps``: validate and keep the editor averaged over about N meta-steps (default: the
     preset's; docs/method.md §3)."""

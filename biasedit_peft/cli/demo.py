@@ -24,6 +24,7 @@ from pathlib import Path
 from biasedit_peft.cli._common import (
     add_average_steps_argument,
     add_block_init_argument,
+    add_edit_layers_arguments,
     add_model_argument,
     add_preset_argument,
     add_resume_arguments,
@@ -31,6 +32,7 @@ from biasedit_peft.cli._common import (
     add_select_by_argument,
     add_step_size_meta_lr_argument,
     copy_file,
+    parse_block_indices,
     recorded_command,
     split_list,
 )
@@ -70,7 +72,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="where the edit scale is calibrated: dev+train-calib (default; the editor meta-trains on "
                         "train-fit, and twice the held-out target terms choose its scale), or dev (meta-trains on "
                         "all of train; the default before this release)")
-    parser.add_argument("--num-edit-layers", type=int, default=3, help="edit the last N blocks (default 3)")
+    add_edit_layers_arguments(parser)
     parser.add_argument("--limit", type=int, default=None,
                         help="first N items per bias type of each split (quick runs)")
     parser.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples for CIs (0: none)")
@@ -94,7 +96,7 @@ def config_from_args(args: argparse.Namespace):
         raise ValueError("--bias-types is empty")
     return DemoConfig(
         model=args.model, out=args.out, preset=args.preset, bias_types=tuple(bias_types),
-        num_edit_layers=args.num_edit_layers,
+        num_edit_layers=args.num_edit_layers, layers_to_transform=parse_block_indices(args.layers),
         max_steps=args.max_steps, eval_every=args.eval_every, n_edits=args.n_edits, loss=args.loss,
         select_by=args.select_by, level_coef=args.level_coef, held_out_coef=args.held_out_coef,
         block_init=args.block_init, step_size_meta_lr=args.step_size_meta_lr, loc_coef=args.loc_coef,

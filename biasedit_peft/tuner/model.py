@@ -101,11 +101,17 @@ class BiasEditModel(BaseTuner):
             return peft_config
         suffix = default_target_suffix(model_config.get("model_type", ""))
         peft_config.target_modules = {suffix}
+        indices = block_indices(self.model, suffix)
+        if not indices:
+            raise ValueError(f"No module ending in {suffix!r} found in the model; pass target_modules explicitly.")
         if peft_config.layers_to_transform is None:
-            indices = block_indices(self.model, suffix)
-            if not indices:
-                raise ValueError(f"No module ending in {suffix!r} found in the model; pass target_modules explicitly.")
             peft_config.layers_to_transform = indices[-peft_config.num_edit_layers :]
+            return peft_config
+        wanted = peft_config.layers_to_transform
+        missing = sorted(set([wanted] if isinstance(wanted, int) else wanted) - set(indices))
+        if missing:
+            raise ValueError(f"layers_to_transform={wanted!r}: the model has no block {missing} with a module ending "
+                             f"in {suffix!r}; its blocks are {indices[0]}-{indices[-1]}.")
         return peft_config
 
     @staticmethod
