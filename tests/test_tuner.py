@@ -11,7 +11,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
 import biasedit_peft
 from biasedit_peft import BiasEditConfig, edit_targets, get_deltas, override_deltas, set_deltas
-from biasedit_peft.tuner import RegistrationError, register
+from biasedit_peft.tuner import MLP_OUTPUT_PROJECTION, RegistrationError, register
 from biasedit_peft.tuner.layer import BiasEditLayer
 
 from factories import EXPECTED_TARGETS, TUNER_ARCHITECTURES, tiny_model, token_ids
@@ -109,7 +109,36 @@ def test_a_block_the_model_lacks_is_refused_by_name(layers):
         get_peft_model(tiny_model(), BiasEditConfig(layers_to_transform=layers))
 
 
-def test_unknown_architecture_says_which_targets_to_pass():
+TINY_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=4, vocab_size=128, head_dim=16, max_position_embeddings=64, pad_token_id=0,
+                   bos_token_id=1, eos_token_id=2)
+
+
+def tiny_model_of_type(model_type: str) -> torch.nn.Module:
+    """A 4-block causal LM of ``model_type`` from its transformers config, on the meta device (names only)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = {k: v for k, v in TINY_CONFIG.items() if not (model_type == "falcon" and k == "head_dim")}
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kwargs))
+
+
+@pytest.mark.parametrize("model_type", sorted(MLP_OUTPUT_PROJECTION))
+def test_every_listed_architecture_has_its_mlp_output_projection_in_every_block(model_type):
+    from transformers.pytorch_utils import Conv1D
+
+    from biasedit_peft.tuner.model import block_indices
+
+    model = tiny_model_of_type(model_type)
+    suffix = MLP_OUTPUT_PROJECTION[model_type]
+    assert block_indices(model, suffix) == [0, 1, 2, 3]
+    projections = [m for name, m in model.named_modules() if name.endswith("." + suffix)]
+    assert len(projections) == 4 and all(isinstance(m, (torch.nn.Linear, Conv1D)) for m in projections)
+    # the projection maps the MLP's hidden width back to the residual stream
+    assert {(m.weight.shape[-1] if isinstance(m, torch.nn.Linear) else m.weight.shape[0]) for m in projections} != {64}
+
+
+def test_an_unlisted_architecture_edits_the_one_known_projection_in_its_blocks_with_a_warning():
     from transformers import GPT2Config
 
     class MysteryConfig(GPT2Config):
@@ -117,8 +146,26 @@ def test_unknown_architecture_says_which_targets_to_pass():
 
     model = tiny_model()
     model.config.__class__ = MysteryConfig
-    with pytest.raises(ValueError, match="target_modules=\\['mlp.down_proj'\\]"):
+    with pytest.warns(UserWarning, match="no table entry for model_type 'mystery'.*'mlp.c_proj'"):
+        peft_model = get_peft_model(model, BiasEditConfig())
+    assert [name.split("model.")[-1] for name in edit_targets(peft_model)] == [
+        f"transformer.h.{i}.mlp.c_proj" for i in (1, 2, 3)]
+
+
+def test_unknown_architecture_without_one_known_projection_says_which_targets_to_pass():
+    from transformers import GPT2Config
+
+    class MysteryConfig(GPT2Config):
+        model_type = "mystery"
+
+    model = tiny_model()
+    model.config.__class__ = MysteryConfig
+    for block in model.transformer.h:  # two known projection names in the blocks: ambiguous, so no guess
+        block.mlp.down_proj = torch.nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="no default target for model_type 'mystery'.*target_modules="):
         get_peft_model(model, BiasEditConfig())
+    with pytest.raises(ValueError, match="no default target for model_type 'mixtral'"):  # experts: none known
+        get_peft_model(tiny_model_of_type("mixtral"), BiasEditConfig())
 
 
 def test_unsupported_layer_type_is_a_type_error():

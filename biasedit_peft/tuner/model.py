@@ -35,30 +35,67 @@ MLP_OUTPUT_PROJECTION: dict[str, str] = {
     "stablelm": "mlp.down_proj",
     "starcoder2": "mlp.c_proj",
     "granite": "mlp.down_proj",
+    # checked like the ones above, on tiny models built from their transformers configs (tests/test_tuner.py)
+    "gpt_bigcode": "mlp.c_proj",
+    "codegen": "mlp.fc_out",
+    "persimmon": "mlp.dense_4h_to_h",
+    "mpt": "ffn.down_proj",
+    "xglm": "fc2",
+    "biogpt": "fc2",
+    "cohere": "mlp.down_proj",
+    "cohere2": "mlp.down_proj",
+    "smollm3": "mlp.down_proj",
+    "glm": "mlp.down_proj",
+    "glm4": "mlp.down_proj",
+    "nemotron": "mlp.down_proj",
+    "olmo3": "mlp.down_proj",
+    "exaone4": "mlp.down_proj",
+    "helium": "mlp.down_proj",
+    "ministral": "mlp.down_proj",
+    "ernie4_5": "mlp.down_proj",
+    "lfm2": "feed_forward.w2",
 }
 
 _BLOCK_INDEX = re.compile(r"\.(\d+)\.")
 
 
-def default_target_suffix(model_type: str) -> str:
-    """The MLP output projection suffix for ``model_type``.
+def default_target_suffix(model_type: str, model: torch.nn.Module | None = None) -> str:
+    """The MLP output projection suffix for ``model_type``; for a type not in :data:`MLP_OUTPUT_PROJECTION`, the
+    one known suffix that names modules in the numbered blocks of ``model`` (:func:`inferred_target_suffix`).
 
     Args:
         model_type: A transformers ``config.model_type``.
+        model: The model, to infer the suffix of an unlisted architecture from its module names (None: no guess).
 
     Raises:
-        ValueError: Unknown architecture; the message says how to name the targets instead.
+        ValueError: Unknown architecture and no single known suffix in ``model``; the message says how to name the
+            targets instead.
     """
-    try:
-        return MLP_OUTPUT_PROJECTION[model_type]
-    except KeyError:
-        known = ", ".join(sorted(MLP_OUTPUT_PROJECTION))
-        raise ValueError(
-            f"BiasEdit has no default target for model_type {model_type!r}. Pass "
-            "BiasEditConfig(target_modules=[...]) naming the MLP output projection of the blocks to edit, e.g. "
-            "target_modules=['mlp.down_proj'] (Llama-style) or ['mlp.c_proj'] (GPT-2), optionally with "
-            f"layers_to_transform=[...]. Known model types: {known}."
-        ) from None
+    suffix = MLP_OUTPUT_PROJECTION.get(model_type)
+    if suffix is not None:
+        return suffix
+    suffix = inferred_target_suffix(model) if model is not None else None
+    if suffix is not None:
+        warnings.warn(f"BiasEdit has no table entry for model_type {model_type!r}; editing the modules ending in "
+                      f"{suffix!r}, the only MLP output projection it knows in this model's blocks. Pass "
+                      "BiasEditConfig(target_modules=[...]) to choose others.", stacklevel=3)
+        return suffix
+    known = ", ".join(sorted(MLP_OUTPUT_PROJECTION))
+    raise ValueError(
+        f"BiasEdit has no default target for model_type {model_type!r}. Pass "
+        "BiasEditConfig(target_modules=[...]) naming the MLP output projection of the blocks to edit, e.g. "
+        "target_modules=['mlp.down_proj'] (Llama-style) or ['mlp.c_proj'] (GPT-2), optionally with "
+        f"layers_to_transform=[...]. Known model types: {known}."
+    )
+
+
+def inferred_target_suffix(model: torch.nn.Module) -> str | None:
+    """The one suffix of :data:`MLP_OUTPUT_PROJECTION` that names modules in numbered blocks of ``model``, the most
+    specific where two name the same modules (``mlp.fc2`` over ``fc2``); None when none does or several different
+    ones do (e.g. a vision tower's ``mlp.fc2`` beside a language model's ``mlp.down_proj``)."""
+    found = {suffix for suffix in set(MLP_OUTPUT_PROJECTION.values()) if block_indices(model, suffix)}
+    specific = {suffix for suffix in found if not any(other.endswith("." + suffix) for other in found)}
+    return specific.pop() if len(specific) == 1 else None
 
 
 def block_indices(model: torch.nn.Module, suffix: str) -> list[int]:
@@ -99,7 +136,7 @@ class BiasEditModel(BaseTuner):
             )
         if peft_config.target_modules is not None:
             return peft_config
-        suffix = default_target_suffix(model_config.get("model_type", ""))
+        suffix = default_target_suffix(model_config.get("model_type", ""), self.model)
         peft_config.target_modules = {suffix}
         indices = block_indices(self.model, suffix)
         if not indices:
