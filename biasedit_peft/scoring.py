@@ -66,14 +66,20 @@ class SentenceLogProbs:
 SCORE_FIELDS = tuple(f.name for f in fields(SentenceLogProbs))
 
 
-CHAT_TURN_STARTS = ("<|im_start|>",)
-"""BOS tokens that open a chat turn (ChatML) rather than a document."""
+CHAT_TURN_MARKERS = ("<|im_start|>", "<|im_end|>")
+"""Special tokens that open or close a chat turn (ChatML), not a document."""
 DOCUMENT_SEPARATOR = "<|endoftext|>"
 
 
 def start_token_id(tokenizer) -> int:
-    """The id prepended to every sentence: BOS (the document separator instead of a chat-turn BOS), else EOS."""
-    if tokenizer.bos_token in CHAT_TURN_STARTS:
+    """The id prepended to every sentence: the BOS, else the EOS; but where that is a chat-turn marker (or there is
+    neither), the document separator ``<|endoftext|>`` when the vocabulary has it.
+
+    SmolLM2-Instruct reports ``<|im_start|>`` as its BOS, and Qwen-Instruct tokenizers have no BOS and ``<|im_end|>``
+    as EOS, while both pretrain on documents separated by ``<|endoftext|>`` (docs/metrics.md, "Start token").
+    """
+    token = tokenizer.bos_token if tokenizer.bos_token is not None else tokenizer.eos_token
+    if token is None or token in CHAT_TURN_MARKERS:
         separator = vocabulary_id(tokenizer, DOCUMENT_SEPARATOR)
         if separator is not None:
             return separator

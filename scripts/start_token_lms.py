@@ -22,12 +22,12 @@ from biasedit_peft.models import load_model_and_tokenizer
 
 def scores_with_start_token(model, tokenizer, token: str, items: list, n_resamples: int) -> dict:
     """StereoSet results (``evaluate_stereoset``) with ``token`` as the start token of every sentence (the
-    package's chat-turn rule, ``scoring.CHAT_TURN_STARTS``, is switched off so that every candidate is scored
+    package's chat-turn rule, ``scoring.CHAT_TURN_MARKERS``, is switched off so that every candidate is scored
     as given)."""
     if token not in tokenizer.get_vocab():
         raise ValueError(f"{token!r} is not a token of this tokenizer")
     tokenizer.bos_token = token
-    with mock.patch("biasedit_peft.scoring.CHAT_TURN_STARTS", ()):
+    with mock.patch("biasedit_peft.scoring.CHAT_TURN_MARKERS", ()):
         return evaluate_stereoset(model, tokenizer, items, progress=False, n_resamples=n_resamples)
 
 

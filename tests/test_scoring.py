@@ -193,6 +193,18 @@ def test_a_chatml_turn_bos_gives_way_to_the_document_separator():
     assert encode_sentences(without, ["a cat"]).input_ids[0, 0].item() == without.bos_token_id == 2
 
 
+@pytest.mark.parametrize("eos, expected", [("<|im_end|>", "<|endoftext|>"), ("<|endoftext|>", "<|endoftext|>"),
+                                           ("[PAD]", "[PAD]")])
+def test_without_a_bos_the_eos_starts_unless_it_closes_a_chat_turn(eos, expected):
+    """Qwen-style tokenizers have no BOS: the base models' EOS is the document separator, the instruct models' EOS
+    closes a chat turn (<|im_end|>), which gives way to the separator; any other EOS is kept."""
+    specials = ["[UNK]", "[PAD]", "<|im_start|>", "<|im_end|>", EOT]
+    tokenizer = word_tokenizer(WORDS, specials, bos=None, eos=eos)
+    assert tokenizer.bos_token is None and tokenizer.eos_token == eos
+    assert scoring.start_token_id(tokenizer) == tokenizer.convert_tokens_to_ids(expected)
+    assert encode_sentences(tokenizer, ["a cat"]).input_ids[0, 0].item() == tokenizer.convert_tokens_to_ids(expected)
+
+
 def test_token_log_probs_gradient_passes_gradcheck_at_padded_positions(monkeypatch):
     torch.manual_seed(2)
     logits = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)
