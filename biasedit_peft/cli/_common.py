@@ -247,10 +247,10 @@ def parse_block_indices(text: str | None) -> tuple[int, ...] | None:
     Raises:
         ValueError: A part that is not a non-negative integer, or nothing but commas.
     """
-    parts = split_list(text)
     if text is None:
         return None
-    if not parts or not all(part.isdigit() for part in parts):
+    parts = split_list(text)
+    if not parts or not all(part.isdecimal() for part in parts):
         raise ValueError(f"--layers takes comma-separated block indices such as 13,14,15, got {text!r}")
     return tuple(sorted({int(part) for part in parts}))
 
