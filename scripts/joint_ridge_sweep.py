@@ -31,7 +31,7 @@ from pathlib import Path
 from _study_args import add_editor_study_arguments, parse_study_arguments
 
 from biasedit_peft._io import write_json
-from biasedit_peft.data import BIAS_TYPES, SPLITS, check_held_out, guard_text_option
+from biasedit_peft.data import BIAS_TYPES, SPLITS, check_held_out, guard_text_label, guard_text_option
 from biasedit_peft.editor import BiasEditor
 from biasedit_peft.editor.calibration import calibrate_joint_scale, chosen_row, scaled_solutions
 from biasedit_peft.editor.joint import JointRecipe, pooled_statistics, recipe_solutions
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     test_kwargs = dict(benchmarks=benchmarks, bias_types=list(BIAS_TYPES), limit=args.limit,
                        progress=False, n_resamples=1000)
     report = {"model": args.model, "editor": args.editor, "edit_split": args.edit_split, "n_train": len(train),
-              "guard_text": args.guard_text or "bundled",
+              "guard_text": guard_text_label(args.guard_text),
               "n_tokens": n_tokens,
               "n_preserved": n_preserved, "learned_lambda": learned, "rows": []}
     report["before"] = evaluate_model(peft_model, tokenizer, **test_kwargs)

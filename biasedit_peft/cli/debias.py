@@ -82,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
     from biasedit_peft._io import check_output_folder, folder_in_place, write_manifest
     from biasedit_peft.data import (
         check_held_out,
+        guard_text_file,
+        guard_text_label,
         guard_text_option,
         load_edit_samples,
         load_pooled_edit_samples,
@@ -95,9 +97,9 @@ def run(args: argparse.Namespace) -> int:
 
     args.calibrate_on = args.calibrate_on or [DEFAULT_CALIBRATION]
     try:
-        guard_file = [] if args.guard_text in (None, "none") else [args.guard_text]
-        check_output_folder(args.out, [args.model, args.editor, args.data, *args.calibrate_on, *guard_file],
-                            args.overwrite)
+        guard_file = guard_text_file(args.guard_text)
+        check_output_folder(args.out, [args.model, args.editor, args.data, *args.calibrate_on,
+                                       *([guard_file] if guard_file else [])], args.overwrite)
         calibrated_on = None if args.calibrate_on == ["none"] else pooled_spec(args.calibrate_on)
         if calibrated_on is not None and "none" in args.calibrate_on:
             raise ValueError("--calibrate-on: 'none' (the editor's own scale) cannot be pooled with other data")
@@ -127,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         processes.barrier()
         return 0
     record_edit(peft_model.peft_config[args.adapter_name], report, str(args.editor), args.data, args.bias_types,
-                args.limit, calibrated_on, guard_text=args.guard_text or "bundled")
+                args.limit, calibrated_on, guard_text=guard_text_label(args.guard_text))
     with folder_in_place(args.out) as building:
         peft_model.save_pretrained(building)
         write_manifest(building if args.adapter_name == "default" else Path(building) / args.adapter_name)

@@ -11,7 +11,13 @@ from .edit_samples import (
     load_pooled_edit_samples,
     pooled_spec,
 )
-from .neutral import guard_text_option, load_guard_text, load_neutral_text
+from .neutral import (
+    guard_text_file,
+    guard_text_label,
+    guard_text_option,
+    load_guard_text,
+    load_neutral_text,
+)
 from .splits import SPLIT_SEED, split_calibration, split_train_dev
 from .stereoset import (
     NOISE_RULES,
@@ -35,7 +41,8 @@ __all__ = [
     "BIAS_TYPES", "EXTRA_BIAS_TYPES", "STEREOSET_BIAS_TYPES", "CROWS_BIAS_TYPES", "NOISE_RULES", "ROLES",
     "SPLITS", "SPLIT_SEED", "CrowsFormatError", "CrowsPair", "NoiseReport", "StereoSetFormatError",
     "StereoSetItem", "check_held_out", "crows_bias_type", "describe_edit_samples", "gender_swapped",
-    "guard_text_option", "load_bias_attribute_words", "load_crows", "load_edit_samples", "load_guard_text",
-    "load_neutral_text", "load_pooled_edit_samples", "load_split_ids", "load_stereoset", "load_stereoset_file",
-    "noise_report", "pooled_spec", "split_calibration", "split_train_dev", "swap_gender",
+    "guard_text_file", "guard_text_label", "guard_text_option", "load_bias_attribute_words", "load_crows",
+    "load_edit_samples", "load_guard_text", "load_neutral_text", "load_pooled_edit_samples", "load_split_ids",
+    "load_stereoset", "load_stereoset_file", "noise_report", "pooled_spec", "split_calibration", "split_train_dev",
+    "swap_gender",
 ]

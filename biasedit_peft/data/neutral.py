@@ -43,7 +43,24 @@ def load_guard_text(path: str | Path | None = None) -> list[str]:
     return load_paragraphs(path if path is not None else resource_path(GUARD_TEXT_FILE))
 
 
+NO_GUARD = "none"
+"""The ``--guard-text`` value that turns the guard off."""
+BUNDLED_GUARD = "bundled"
+"""How an adapter or report records the bundled guard text (``--guard-text`` not given)."""
+
+
+def guard_text_file(value: str | None) -> str | None:
+    """The user's file a ``--guard-text`` value names; None for the bundled text (None) and for no guard
+    (:data:`NO_GUARD`)."""
+    return None if value in (None, NO_GUARD) else value
+
+
+def guard_text_label(value: str | None) -> str:
+    """What a ``--guard-text`` value is recorded as: :data:`BUNDLED_GUARD`, :data:`NO_GUARD` or the file."""
+    return value if value is not None else BUNDLED_GUARD
+
+
 def guard_text_option(value: str | None) -> list[str]:
-    """The paragraphs a ``--guard-text`` value names: the bundled guard text (None), none (``"none"``: no bound), or
-    a user's file."""
-    return [] if value == "none" else load_guard_text(value)
+    """The paragraphs a ``--guard-text`` value names: the bundled guard text (None), none (:data:`NO_GUARD`: no
+    bound), or a user's file."""
+    return [] if value == NO_GUARD else load_guard_text(guard_text_file(value))

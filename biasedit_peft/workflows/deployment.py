@@ -22,6 +22,7 @@ from typing import Any, Sequence
 from torch import nn
 
 from ..data.crows import crows_bias_type
+from ..data.neutral import BUNDLED_GUARD, load_guard_text
 from ..editor.cache import as_edit_sample
 from ..editor.calibration import (
     JOINT_SCALES,
@@ -53,7 +54,7 @@ resamples at the boundary."""
 
 
 def record_edit(peft_config, report: dict, editor_id: str, edit_data: str, bias_types: str, limit: int | None,
-                calibrated_on: str | None, guard_text: str | None = "bundled") -> None:
+                calibrated_on: str | None, guard_text: str | None = BUNDLED_GUARD) -> None:
     """Write where a deployed delta came from into its adapter config (``editor_id``, ``edit_data``,
     ``edit_info``), as the model card and the Hub read them; ``report`` is :func:`deployable_adapter`'s,
     ``bias_types`` the comma-separated types edited and ``guard_text`` the text that bounded the scale ("bundled",
@@ -121,8 +122,6 @@ def deployable_adapter(
         usable = usable[:1]
     preserved = unrelated if any(r.preserve for r in usable) else None
     if guard_text is None and calibration_samples:  # only a calibration reads it
-        from ..data import load_guard_text
-
         guard_text = load_guard_text()
     statistics, n_tokens = pooled_statistics(editor, peft_model, tokenizer, samples, batch_size, preserved,
                                              processes, progress)
