@@ -27,6 +27,8 @@ from peft import get_peft_model
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
     AutoModelForCausalLM,
+    BloomConfig,
+    FalconConfig,
     Gemma3TextConfig,
     GemmaConfig,
     GPT2Config,
@@ -166,6 +168,11 @@ ARCHITECTURES: dict[str, tuple[type[PretrainedConfig], dict]] = {
                         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}),
     "gptj": (GPTJConfig, {"n_layer": 4, "n_embd": 32, "n_head": 2, "rotary_dim": 4, "n_positions": 64,
                           "vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": 2}),
+    # blocks that return a tuple led by the hidden states (the model loop reads outputs[0])
+    "falcon": (FalconConfig, {"num_hidden_layers": 4, "hidden_size": 32, "num_attention_heads": 2,
+                              "vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": 2}),
+    "bloom": (BloomConfig, {"n_layer": 4, "hidden_size": 32, "n_head": 2, "vocab_size": VOCAB, "bos_token_id": 1,
+                            "eos_token_id": 2}),
 }
 """model_type -> (config class, the default size's config)."""
 TUNER_ARCHITECTURES = ("gpt2", "llama", "gemma", "qwen2", "gpt_neox", "opt")
@@ -187,6 +194,8 @@ SIZES: dict[str, dict[str, dict]] = {
         "gpt2": {"n_layer": 3, "n_embd": 16, "n_inner": 24, "vocab_size": 40, "bos_token_id": 2, "eos_token_id": 2},
         "llama": {"num_hidden_layers": 2, "hidden_size": 16, "intermediate_size": 24, "vocab_size": 40,
                   "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1},
+        "falcon": {"num_hidden_layers": 3, "hidden_size": 16, "vocab_size": 40, "bos_token_id": 2, "eos_token_id": 2},
+        "bloom": {"n_layer": 3, "hidden_size": 16, "vocab_size": 40, "bos_token_id": 2, "eos_token_id": 2},
     },
     "words": {
         "gpt2": {"n_layer": 3, "n_embd": 16, "n_positions": 32, **_WORD_IDS},

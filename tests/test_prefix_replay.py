@@ -24,13 +24,26 @@ def peft_llama_last_block(seed: int = 0):
     return peft_model("llama", seed, model_config={"num_hidden_layers": 3}, num_edit_layers=1)
 
 
+def peft_falcon():
+    """A 3-block Falcon (its blocks return a tuple) with a BiasEdit adapter on the last 2 blocks."""
+    return peft_model("falcon")
+
+
+def peft_bloom():
+    """A 3-block Bloom (its blocks return a tuple) with a BiasEdit adapter on the last 2 blocks."""
+    return peft_model("bloom")
+
+
+TUPLE_BLOCKS = [peft_falcon, peft_bloom]
+
+
 def random_deltas(model, scale: float = 0.5) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     return {name: scale * torch.randn(layer.get_base_layer().weight.shape, generator=generator)
             for name, layer in edit_targets(model).items()}
 
 
-@pytest.mark.parametrize("build, first", [(peft_model, 1), (peft_llama_last_block, 2)])
+@pytest.mark.parametrize("build, first", [(peft_model, 1), (peft_llama_last_block, 2), (peft_falcon, 1)])
 def test_the_first_edited_block_is_found(build, first):
     model = build()
     blocks, index = decoder_blocks(model, list(edit_targets(model).values()))
@@ -38,7 +51,7 @@ def test_the_first_edited_block_is_found(build, first):
     assert PrefixReplay(model, list(edit_targets(model).values())).enabled
 
 
-@pytest.mark.parametrize("build", [peft_model, peft_llama_last_block])
+@pytest.mark.parametrize("build", [peft_model, peft_llama_last_block, *TUPLE_BLOCKS])
 def test_replayed_edited_logits_equal_full_edited_logits_and_their_gradients(build):
     model = build()
     replay = PrefixReplay(model, list(edit_targets(model).values()))
@@ -116,7 +129,7 @@ def _meta_step(tmp_path, prefix_replay: bool, build=peft_model):
     return metrics, editor.state_dict()
 
 
-@pytest.mark.parametrize("build", [peft_model, peft_llama_last_block])
+@pytest.mark.parametrize("build", [peft_model, peft_llama_last_block, *TUPLE_BLOCKS])
 def test_meta_steps_with_and_without_replay_are_the_same(tmp_path, build):
     full_metrics, full_state = _meta_step(tmp_path / "full", False, build)
     replay_metrics, replay_state = _meta_step(tmp_path / "replay", True, build)

@@ -9,7 +9,9 @@ the recorded hidden states into the first edited block instead. With SmolLM2-135
 edited) the edited pass then costs the last 3 blocks and the LM head.
 
 Nothing about the architecture is assumed beyond a ``ModuleList`` of blocks that the model calls in order
-with the hidden states as first argument (or ``hidden_states=``). :meth:`PrefixReplay.check` compares a
+with the hidden states as first argument (or ``hidden_states=``). A skipped block returns what the blocks
+returned while recording: the hidden states alone (Llama, GPT-2, ...) or a tuple led by them, padded with None
+(Falcon, Bloom, MPT, whose model loop reads ``outputs[0]``). :meth:`PrefixReplay.check` compares a
 replayed forward with a full one; the trainer runs it once and falls back to full forwards, with a
 warning, if they differ.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
+from functools import partial
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -56,6 +59,9 @@ class PrefixReplay:
         found = decoder_blocks(model, edited)
         self.blocks, self.first = found if found is not None else (None, 0)
         self.enabled = self.blocks is not None and self.first > 0
+        self.tuple_length: int | None = None
+        """None while the blocks return the hidden states alone; else the length of the tuple they return
+        (noted from the first block while recording)."""
 
     @contextmanager
     def record(self) -> Iterator[list[torch.Tensor]]:
@@ -69,11 +75,16 @@ class PrefixReplay:
         def keep(module, args, kwargs):
             recorded.append(_hidden_states(args, kwargs).detach())
 
-        handle = self.blocks[self.first].register_forward_pre_hook(keep, with_kwargs=True)
+        def note_output_structure(module, args, output):
+            self.tuple_length = len(output) if isinstance(output, tuple) else None
+
+        handles = [self.blocks[self.first].register_forward_pre_hook(keep, with_kwargs=True),
+                   self.blocks[0].register_forward_hook(note_output_structure)]
         try:
             yield recorded
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
 
     @contextmanager
     def replay(self, hidden: torch.Tensor | Sequence[torch.Tensor] | None) -> Iterator[None]:
@@ -100,8 +111,9 @@ class PrefixReplay:
 
         skipped = list(self.blocks)[: self.first]
         saved = [block.__dict__.get("forward") for block in skipped]  # e.g. accelerate's hooked forward
+        pass_through = partial(_pass_through, tuple_length=self.tuple_length)
         for block in skipped:
-            block.forward = _pass_through
+            block.forward = pass_through
         handle = self.blocks[self.first].register_forward_pre_hook(substitute, with_kwargs=True)
         try:
             yield
@@ -134,6 +146,8 @@ class PrefixReplay:
         return self.enabled
 
 
-def _pass_through(*args, **kwargs):
-    """A skipped block: returns the hidden states it was given."""
-    return _hidden_states(args, kwargs)
+def _pass_through(*args, tuple_length: int | None = None, **kwargs):
+    """A skipped block: returns the hidden states it was given, alone (``tuple_length`` None) or first in a tuple
+    of ``tuple_length`` padded with None."""
+    hidden = _hidden_states(args, kwargs)
+    return hidden if tuple_length is None else (hidden,) + (None,) * (tuple_length - 1)
