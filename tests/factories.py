@@ -175,7 +175,7 @@ ARCHITECTURES: dict[str, tuple[type[PretrainedConfig], dict]] = {
                             "eos_token_id": 2}),
 }
 """model_type -> (config class, the default size's config)."""
-TUNER_ARCHITECTURES = ("gpt2", "llama", "gemma", "qwen2", "gpt_neox", "opt")
+TUNER_ARCHITECTURES = ("gpt2", "llama", "gemma", "qwen2", "gpt_neox", "opt", "falcon", "bloom")
 """The architectures the tuner tests run on."""
 EXPECTED_TARGETS = {
     "gpt2": [f"transformer.h.{i}.mlp.c_proj" for i in (1, 2, 3)],
@@ -184,6 +184,8 @@ EXPECTED_TARGETS = {
     "qwen2": [f"model.layers.{i}.mlp.down_proj" for i in (1, 2, 3)],
     "gpt_neox": [f"gpt_neox.layers.{i}.mlp.dense_4h_to_h" for i in (1, 2, 3)],
     "opt": [f"model.decoder.layers.{i}.fc2" for i in (1, 2, 3)],
+    "falcon": [f"transformer.h.{i}.mlp.dense_4h_to_h" for i in (1, 2, 3)],
+    "bloom": [f"transformer.h.{i}.mlp.dense_4h_to_h" for i in (1, 2, 3)],
 }
 """model_type -> the names the default BiasEdit targets must have at the default size (last 3 of 4 blocks)."""
 _PEER = {"num_hidden_layers": 2, "hidden_size": 16, "intermediate_size": 24, "vocab_size": 96}
@@ -196,11 +198,15 @@ SIZES: dict[str, dict[str, dict]] = {
                   "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1},
         "falcon": {"num_hidden_layers": 3, "hidden_size": 16, "vocab_size": 40, "bos_token_id": 2, "eos_token_id": 2},
         "bloom": {"n_layer": 3, "hidden_size": 16, "vocab_size": 40, "bos_token_id": 2, "eos_token_id": 2},
+        "opt": {"num_hidden_layers": 3, "hidden_size": 16, "ffn_dim": 24, "word_embed_proj_dim": 16,
+                "vocab_size": 40, "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1},
     },
     "words": {
         "gpt2": {"n_layer": 3, "n_embd": 16, "n_positions": 32, **_WORD_IDS},
         "llama": {"num_hidden_layers": 2, "hidden_size": 16, "intermediate_size": 32, "num_key_value_heads": 2,
                   "max_position_embeddings": 32, **_WORD_IDS},
+        "opt": {"num_hidden_layers": 3, "hidden_size": 16, "ffn_dim": 32, "word_embed_proj_dim": 16,
+                "max_position_embeddings": 32, **_WORD_IDS},
     },
     "peer": {  # the stand-ins for the Hub models of peft's own decoder tests (tests_peer/tiny_decoders.py)
         "gpt2": {"n_layer": 2, "n_embd": 16, "vocab_size": 96, "eos_token_id": 2},

@@ -75,6 +75,18 @@ def test_logit_positions_shift_left_by_one():
     assert logit_positions(target).tolist() == [[True, True, False, False]]
 
 
+def test_rows_at_positions_reads_batch_major_and_flattened_layer_tensors_alike():
+    from biasedit_peft.editor.cache import rows_at_positions
+
+    tensor = torch.arange(2 * 3 * 2.0).view(2, 3, 2)  # [B=2, T=3, d=2]
+    positions = torch.tensor([[True, False, True], [False, True, False]])
+    expected = torch.tensor([[0.0, 1.0], [4.0, 5.0], [8.0, 9.0]])
+    assert torch.equal(rows_at_positions(tensor, positions, "layer"), expected)
+    assert torch.equal(rows_at_positions(tensor.view(6, 2), positions, "layer"), expected)  # OPT's [B * T, d]
+    with pytest.raises(RuntimeError, match=r"Layer 'model.decoder.layers.1.fc2' saw a tensor of shape \(5, 2\)"):
+        rows_at_positions(torch.zeros(5, 2), positions, "model.decoder.layers.1.fc2")
+
+
 @pytest.mark.parametrize("loss", ["paper", "token", "abs"])
 def test_meta_steps_lower_the_meta_loss_on_a_fixed_batch(tmp_path, loss):
     model = peft_model()
@@ -89,7 +101,8 @@ def test_meta_steps_lower_the_meta_loss_on_a_fixed_batch(tmp_path, loss):
     assert not any(get_deltas(model)[n].any() for n in edit_targets(model))  # training wrote nothing
 
 
-@pytest.mark.parametrize("make_model", [peft_model, lambda: peft_model("llama")])
+@pytest.mark.parametrize("make_model", [peft_model, lambda: peft_model("llama"), lambda: peft_model("opt")],
+                         ids=["gpt2", "llama", "opt (flattens tokens before its MLP)"])
 def test_debias_writes_the_predicted_deltas_only_into_targeted_layers(make_model):
     model = make_model()
     editor = _editor(model)

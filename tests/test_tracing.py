@@ -51,7 +51,11 @@ def _llama():
     return tiny_model("llama", size="words", num_hidden_layers=3, num_key_value_heads=1, initializer_range=0.3)
 
 
-MODELS = {"gpt2": _gpt2, "llama": _llama}
+def _opt():  # no MLP module: fc2's output, flattened to [B * T, D], is the MLP state
+    return tiny_model("opt", size="words", init_std=0.3)
+
+
+MODELS = {"gpt2": _gpt2, "llama": _llama, "opt": _opt}
 
 
 def _tracer(model, tokenizer, item, samples=3, scale=1.0, seed=0):
@@ -80,10 +84,10 @@ def test_layout_is_found_from_the_module_tree():
     assert (find_layout(_gpt2()).mlp, find_layout(_gpt2()).attn) == ("mlp", "attn")
     llama = find_layout(_llama())
     assert (llama.blocks, llama.mlp, llama.attn) == ("model.layers", "mlp", "self_attn")
-    opt = tiny_model("opt")  # OPT blocks have fc1 / fc2, no "mlp" child
+    opt = tiny_model("opt")  # OPT blocks have fc1 / fc2, no "mlp" child: fc2's output is the MLP's
+    assert find_layout(opt).modules(opt, "mlp")[0] is opt.model.decoder.layers[0].fc2
     with pytest.raises(ValueError, match="mlp module.*--mlp-module"):
-        find_layout(opt)
-    assert find_layout(opt, mlp="fc2").modules(opt, "mlp")[0] is opt.model.decoder.layers[0].fc2
+        find_layout(opt, mlp="feed_forward")
     with pytest.raises(ValueError, match="pass blocks="):
         find_layout(opt, blocks="model.nothing")
 

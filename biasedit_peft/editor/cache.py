@@ -28,7 +28,22 @@ class LayerRecord:
     inputs: torch.Tensor | None = None
     """``[B, T, d_in]`` layer input (detached)."""
     outputs: torch.Tensor | None = None
-    """``[B, T, d_out]`` layer output, in the autograd graph of the loss."""
+    """``[B, T, d_out]`` layer output (``[B * T, d_out]`` in OPT), in the autograd graph of the loss."""
+
+
+def rows_at_positions(tensor: torch.Tensor, positions: torch.Tensor, layer: str) -> torch.Tensor:
+    """``[N, d]``: the rows of a layer's input or output at ``positions`` ``[B, T]`` (bool, N True).
+
+    ``tensor`` is ``[B, T, d]``, or ``[B * T, d]`` for a model that flattens tokens before its MLP (OPT); any
+    other shape is an error that names ``layer``.
+    """
+    positions = positions.to(tensor.device)
+    if tensor.dim() == 3 and tensor.shape[:2] == positions.shape:
+        return tensor[positions]
+    if tensor.dim() == 2 and tensor.shape[0] == positions.numel():
+        return tensor[positions.flatten()]
+    raise RuntimeError(f"Layer {layer!r} saw a tensor of shape {tuple(tensor.shape)}, which is neither [B, T, d] nor "
+                       f"[B * T, d] for the batch's [B, T] = {tuple(positions.shape)}")
 
 
 class LayerRecorder:
@@ -76,10 +91,9 @@ class LayerRecorder:
         for name, output, grad in zip(names, outputs, grads):
             if grad is None:
                 grad = torch.zeros_like(output)
-            inputs = self.records[name].inputs
             taken[name] = (
-                inputs[positions.to(inputs.device)].to(device=device, dtype=torch.float32),
-                grad[positions.to(grad.device)].to(device=device, dtype=torch.float32),
+                rows_at_positions(self.records[name].inputs, positions, name).to(device=device, dtype=torch.float32),
+                rows_at_positions(grad, positions, name).to(device=device, dtype=torch.float32),
             )
             self.records[name] = LayerRecord()
         return taken
@@ -185,7 +199,7 @@ def key_grams(model: nn.Module, layers: Mapping[str, nn.Module],
             positions = logit_positions(batch.target_mask)
             n_rows += int(positions.sum())
             for name, record in recorder.records.items():
-                keys = record.inputs[positions.to(record.inputs.device)].to(torch.float64)
+                keys = rows_at_positions(record.inputs, positions, name).to(torch.float64)
                 grams[name] = grams[name] + keys.T @ keys if name in grams else keys.T @ keys
                 recorder.records[name] = LayerRecord()
     return grams, n_rows

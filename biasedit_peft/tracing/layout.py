@@ -16,7 +16,9 @@ KINDS = ("hidden", "mlp", "attn")
 
 BLOCK_PATHS = ("transformer.h", "model.layers", "model.decoder.layers", "gpt_neox.layers", "transformer.layers",
                "model.language_model.layers", "transformer.blocks")
-MLP_NAMES = ("mlp", "feed_forward", "ffn")
+MLP_NAMES = ("mlp", "feed_forward", "ffn", "fc2")
+"""``fc2``: OPT's blocks hold no MLP module; the output of its MLP output projection is the MLP's output (seen
+flattened to ``[B * T, D]``, which the patching hooks view back to ``[B, T, D]``)."""
 ATTN_NAMES = ("attn", "self_attn", "attention", "self_attention")
 
 

@@ -20,18 +20,25 @@ def _state(output) -> Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def _batch_major(state: Tensor, batch_shape: Sequence[int]) -> Tensor:
+    """``state`` as ``[B, T, D]``: a module that sees tokens flattened to ``[B * T, D]`` (OPT's ``fc2``) is viewed
+    back to the batch's ``(B, T)``."""
+    return state.view(*batch_shape, state.shape[-1]) if state.dim() == 2 else state
+
+
 def _with_state(output, state: Tensor):
     return (state, *output[1:]) if isinstance(output, tuple) else state
 
 
 @contextmanager
-def record_states(modules: Sequence[nn.Module]) -> Iterator[list[Tensor | None]]:
-    """Yields a list that holds, after a forward pass, each module's output state [B, T, D] (detached)."""
+def record_states(modules: Sequence[nn.Module], batch_shape: Sequence[int]) -> Iterator[list[Tensor | None]]:
+    """Yields a list that holds, after a forward pass of a ``batch_shape`` ``(B, T)`` batch, each module's output
+    state [B, T, D] (detached)."""
     records: list[Tensor | None] = [None] * len(modules)
 
     def hook_for(index: int):
         def hook(module, inputs, output):
-            records[index] = _state(output).detach()
+            records[index] = _batch_major(_state(output), batch_shape).detach()
         return hook
 
     handles = [module.register_forward_hook(hook_for(i)) for i, module in enumerate(modules)]
@@ -75,8 +82,9 @@ def restore_states(modules: Sequence[nn.Module], clean: Tensor, sentence_of_row:
             if not bool(where.any()):
                 return None
             state = _state(output)
+            batch_major = _batch_major(state, where.shape)
             source = clean[sentence_of_row, layer].to(state)  # [B, T, D]
-            return _with_state(output, torch.where(where[..., None], source, state))
+            return _with_state(output, torch.where(where[..., None], source, batch_major).view_as(state))
         return hook
 
     handles = [module.register_forward_hook(hook_for(i)) for i, module in enumerate(modules)]

@@ -149,7 +149,7 @@ class PromptTracer:
         """[2] clean continuation log-probs (stereo, anti); records the clean states on first call."""
         if self._clean_log_probs is None:
             modules = [m for kind in KINDS for m in self.layout.modules(self.model, kind)]
-            with record_states(modules) as records:
+            with record_states(modules, self.input_ids.shape) as records:
                 self._clean_log_probs = continuation_log_probs(
                     self.model, self.input_ids, self.attention_mask, self.prompt.prefix_len)
             for index, kind in enumerate(KINDS):
