@@ -6,7 +6,7 @@ protocols, debias, evaluate, merge and re-score). The weights are random, so the
 is checked is that every stage runs, which default target the adapter gets, and that prefix replay reproduces the
 family's forward pass (a fallback prints a warning). Prints one row per family and writes ``OUT/families.json``.
 
-    python scripts/family_smoke.py --out runs/families              # 8 families, about 2 min on 2 cores
+    python scripts/family_smoke.py --out runs/families              # 22 families, about 5 min on 2 cores
     python scripts/family_smoke.py --out runs/families --families qwen2,falcon -- --max-steps 8
 """
 
@@ -24,7 +24,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from biasedit_peft.testbed import MODEL_DIR as TESTBED_DIR
 
-FAMILIES = ("qwen2", "gpt_neox", "phi3", "gemma2", "stablelm", "olmo2", "phi", "falcon", "bloom", "opt")
+FAMILIES = ("qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3", "phi", "gpt_neox", "stablelm", "olmo",
+            "olmo2", "granite", "cohere", "smollm3", "starcoder2", "gpt_bigcode", "gptj", "codegen", "mpt", "falcon",
+            "bloom", "opt")
 QUICK_DEMO = ("--preset", "cpu", "--limit", "8", "--max-steps", "4", "--eval-every", "2", "--n-edits", "8",
               "--n-resamples", "0", "--quiet")
 REPLAY_FALLBACK = "Prefix replay does not reproduce"
@@ -42,6 +44,8 @@ def tiny_config(family: str, tokenizer) -> AutoConfig:
         sizes.pop("num_key_value_heads")
     if family == "bloom":
         sizes.update(n_layer=4, n_head=4)
+    if family in ("gptj", "codegen"):
+        sizes.update(rotary_dim=8)
     if family == "opt":
         sizes.update(ffn_dim=128, word_embed_proj_dim=64)
     return AutoConfig.for_model(family, **sizes)

@@ -34,6 +34,7 @@ from biasedit_peft.models import (
     load_tokenizer,
     resolve_model_path,
 )
+from biasedit_peft.scoring import encode_sentences
 
 from factories import tiny_model
 
@@ -71,13 +72,15 @@ def byte_level_vocabulary() -> tuple[list[str], list[int]]:
     return tokens, [normal] * (len(tokens) - 1) + [control]
 
 
-def tiny_llama(vocab_size: int, seed: int):
-    """A tiny llama with every weight random (norms too), as the reference the GGUF must reproduce."""
-    model = tiny_model("llama", seed, num_hidden_layers=TINY["layers"], hidden_size=TINY["hidden"],
+def tiny_reference(architecture: str, vocab_size: int, seed: int):
+    """A tiny ``architecture`` (llama or qwen2) model with every weight random (norms and biases too), as the
+    reference the GGUF must reproduce. Llama starts sentences with its BOS (the last token); Qwen2 has none."""
+    start = {"bos_token_id": vocab_size - 1} if architecture == "llama" else {"bos_token_id": None}
+    model = tiny_model(architecture, seed, num_hidden_layers=TINY["layers"], hidden_size=TINY["hidden"],
                        intermediate_size=TINY["ffn"], num_attention_heads=TINY["heads"],
                        num_key_value_heads=TINY["kv_heads"], max_position_embeddings=TINY["context"],
                        vocab_size=vocab_size, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                       bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1, pad_token_id=None)
+                       eos_token_id=vocab_size - 1, pad_token_id=None, **start)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.normal_(0.0, 0.3)
@@ -99,9 +102,11 @@ def gguf_tensor_name(hf_name: str) -> str:
     raise KeyError(hf_name)
 
 
-def gguf_tensor(hf_name: str, tensor: torch.Tensor) -> np.ndarray:
-    """A parameter as llama.cpp stores it: float32, q and k rows permuted."""
+def gguf_tensor(hf_name: str, tensor: torch.Tensor, architecture: str = "llama") -> np.ndarray:
+    """A parameter as llama.cpp stores it: float32, q and k rows permuted for llama (not for qwen2)."""
     array = tensor.detach().float().numpy().copy()
+    if architecture != "llama":
+        return array
     if ".q_proj." in hf_name:
         return llama_cpp_permute(array, TINY["heads"])
     if ".k_proj." in hf_name:
@@ -109,12 +114,13 @@ def gguf_tensor(hf_name: str, tensor: torch.Tensor) -> np.ndarray:
     return array
 
 
-def write_tiny_llama_gguf(path: Path, seed: int = 0):
-    """Write a float32 llama GGUF with a byte-level BPE tokenizer; returns the transformers reference model."""
+def write_tiny_gguf(path: Path, seed: int = 0, architecture: str = "llama"):
+    """Write a float32 ``architecture`` (llama or qwen2) GGUF with a byte-level BPE tokenizer; returns the
+    transformers reference model."""
     tokens, token_types = byte_level_vocabulary()
-    reference = tiny_llama(len(tokens), seed)
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("tiny-llama")
+    reference = tiny_reference(architecture, len(tokens), seed)
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_name(f"tiny-{architecture}")
     writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
     writer.add_context_length(TINY["context"])
     writer.add_embedding_length(TINY["hidden"])
@@ -122,19 +128,21 @@ def write_tiny_llama_gguf(path: Path, seed: int = 0):
     writer.add_feed_forward_length(TINY["ffn"])
     writer.add_head_count(TINY["heads"])
     writer.add_head_count_kv(TINY["kv_heads"])
-    writer.add_rope_dimension_count(TINY["hidden"] // TINY["heads"])
+    if architecture == "llama":
+        writer.add_rope_dimension_count(TINY["hidden"] // TINY["heads"])
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_vocab_size(len(tokens))
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre("default" if architecture == "llama" else architecture)
     writer.add_token_list(tokens)
     writer.add_token_types(token_types)
     writer.add_token_merges(MERGES)
-    writer.add_bos_token_id(len(tokens) - 1)
+    if architecture == "llama":
+        writer.add_bos_token_id(len(tokens) - 1)
     writer.add_eos_token_id(len(tokens) - 1)
     for name, tensor in reference.state_dict().items():
-        writer.add_tensor(gguf_tensor_name(name), gguf_tensor(name, tensor))
+        writer.add_tensor(gguf_tensor_name(name), gguf_tensor(name, tensor, architecture))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -164,7 +172,7 @@ def tiny_gguf(tmp_path, cache) -> tuple[Path, object]:
     """``(path of the tiny llama GGUF, its transformers reference model)``."""
     path = tmp_path / "gguf" / "tiny-llama.F32.gguf"
     path.parent.mkdir()
-    return path, write_tiny_llama_gguf(path)
+    return path, write_tiny_gguf(path)
 
 
 # ------------------------------------------------------------------------------------ tiny GGUF tests
@@ -192,6 +200,20 @@ def test_gguf_converts_to_a_plain_folder_with_the_same_logits(tiny_gguf, cache, 
     converted = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert torch.equal(logits(converted, input_ids), logits(direct, input_ids))
     torch.testing.assert_close(logits(converted, input_ids), logits(reference, input_ids), rtol=0, atol=1e-5)
+
+
+def test_a_qwen2_gguf_converts_with_the_same_logits_and_its_sentences_start_after_endoftext(tmp_path, cache):
+    """Another family through the same path: Qwen2 (attention biases, no q/k permutation, no BOS token)."""
+    path = tmp_path / "tiny-qwen2.F32.gguf"
+    reference = write_tiny_gguf(path, architecture="qwen2")
+    model, tokenizer = load_model_and_tokenizer(str(path))
+    assert model.config.model_type == "qwen2" and tokenizer.bos_token is None
+    input_ids = torch.tensor([[3, 70, 260, 11, 200, 5, 258, 99]])
+    torch.testing.assert_close(logits(model, input_ids), logits(reference, input_ids), rtol=0, atol=1e-5)
+    endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    batch = encode_sentences(tokenizer, ["the cat sat", "a hat"])
+    assert batch.input_ids[:, 0].tolist() == [endoftext, endoftext]
+    assert batch.input_ids[0, 1:].tolist() == tokenizer("the cat sat")["input_ids"]
 
 
 def test_load_model_and_tokenizer_accept_a_gguf_path(tiny_gguf):
@@ -234,7 +256,7 @@ def test_a_changed_gguf_file_gets_a_new_cache_key(tiny_gguf):
     gguf_path, _ = tiny_gguf
     first_key, size = gguf_cache_key(gguf_path), gguf_path.stat().st_size
     first_folder = converted_model_dir(gguf_path)
-    write_tiny_llama_gguf(gguf_path, seed=1)  # other weights, same size and header
+    write_tiny_gguf(gguf_path, seed=1)  # other weights, same size and header
     assert gguf_path.stat().st_size == size
     assert gguf_cache_key(gguf_path) != first_key
     second_folder = converted_model_dir(gguf_path)
