@@ -4,7 +4,9 @@ Each family's model is built from its transformers config (4 blocks, hidden 64) 
 tokenizer, saved to ``OUT/models/FAMILY`` and sent through a short ``biasedit demo`` (meta-training, the three
 protocols, debias, evaluate, merge and re-score). The weights are random, so the SS figures mean nothing; what
 is checked is that every stage runs, which default target the adapter gets, and that prefix replay reproduces the
-family's forward pass (a fallback prints a warning). Prints one row per family and writes ``OUT/families.json``.
+family's forward pass (a fallback prints a warning). Prints one row per family and rewrites ``OUT/families.json``
+after each one, so a killed run keeps the families it finished. An existing ``OUT`` is refused without
+``--overwrite``.
 
     python scripts/family_smoke.py --out runs/families              # 22 families, about 5 min on 2 cores
     python scripts/family_smoke.py --out runs/families --families qwen2,falcon -- --max-steps 8
@@ -84,9 +86,14 @@ def run_demo(model_folder: Path, out: Path, extra: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated transformers model types")
     parser.add_argument("demo_args", nargs="*", help="after --: extra `biasedit demo` flags")
     args = parser.parse_args(argv)
+    if args.out.exists() and not args.overwrite:
+        parser.error(f"--out {args.out} exists; pass --overwrite to replace it")
+    shutil.rmtree(args.out, ignore_errors=True)
+    args.out.mkdir(parents=True)
     results = {}
     for family in [f for f in args.families.split(",") if f]:
         folder = save_family_model(family, args.out / "models" / family)
@@ -94,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         row = results[family]
         print(f"{family:10s} rc {row['returncode']}  {row['seconds']:6.1f} s  replay "
               f"{'FELL BACK' if row['replay_fallback'] else 'on'}  targets {row['target_modules']}", flush=True)
-    (args.out / "families.json").write_text(json.dumps(results, indent=2) + "\n")
+        (args.out / "families.json").write_text(json.dumps(results, indent=2) + "\n")
     failed = [family for family, row in results.items() if row["returncode"] != 0]
     if failed:
         print(f"failed: {', '.join(failed)} (logs in {args.out / 'demos'})")

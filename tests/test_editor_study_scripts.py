@@ -222,3 +222,5 @@ def test_every_family_of_the_smoke_run_builds_with_its_default_target_and_opt_ru
     assert smoke.main(["--out", str(tmp_path / "run"), "--families", "opt", "--", "--max-steps", "2"]) == 0
     row = json.loads((tmp_path / "run" / "families.json").read_text())["opt"]
     assert row["returncode"] == 0 and row["target_modules"] == ["fc2"] and not row["replay_fallback"]
+    with pytest.raises(SystemExit):  # an existing --out is refused without --overwrite
+        smoke.main(["--out", str(tmp_path / "run"), "--families", "opt"])
