@@ -26,7 +26,7 @@ class LayerRecord:
     """Per-layer tensors captured during one forward pass."""
 
     inputs: torch.Tensor | None = None
-    """``[B, T, d_in]`` layer input (detached)."""
+    """``[B, T, d_in]`` layer input (``[B * T, d_in]`` in OPT), detached."""
     outputs: torch.Tensor | None = None
     """``[B, T, d_out]`` layer output (``[B * T, d_out]`` in OPT), in the autograd graph of the loss."""
 
