@@ -203,6 +203,19 @@ def check_logits_match(logits: Tensor, batch: TokenBatch) -> None:
                          " expected [B, T, V] for its [B, T]")
 
 
+def batch_major(tensor: Tensor, batch_shape: Sequence[int], what: str) -> Tensor:
+    """``[B, T, d]``: a module's input or output for a batch of shape ``batch_shape`` ``(B, T)``, viewed back from
+    ``[B * T, d]`` where the model flattens tokens (OPT before its MLP); any other shape is an error that starts
+    with ``what`` (e.g. ``"Layer 'model.decoder.layers.1.fc2'"``)."""
+    batch_shape = tuple(batch_shape)
+    if tensor.dim() == 3 and tuple(tensor.shape[:2]) == batch_shape:
+        return tensor
+    if tensor.dim() == 2 and tensor.shape[0] == batch_shape[0] * batch_shape[1]:
+        return tensor.view(*batch_shape, tensor.shape[-1])
+    raise RuntimeError(f"{what} saw a tensor of shape {tuple(tensor.shape)}, which is neither [B, T, d] nor "
+                       f"[B * T, d] for the batch's [B, T] = {batch_shape}")
+
+
 def logit_positions(target_mask: Tensor) -> Tensor:
     """``target_mask [B, T]`` (True at scored tokens) -> ``[B, T]`` True at the logits scoring them."""
     positions = torch.zeros_like(target_mask, dtype=torch.bool)

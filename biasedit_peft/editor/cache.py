@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from ..scoring import logit_positions
+from ..scoring import batch_major, logit_positions
 
 
 @dataclass
@@ -32,18 +32,9 @@ class LayerRecord:
 
 
 def rows_at_positions(tensor: torch.Tensor, positions: torch.Tensor, layer: str) -> torch.Tensor:
-    """``[N, d]``: the rows of a layer's input or output at ``positions`` ``[B, T]`` (bool, N True).
-
-    ``tensor`` is ``[B, T, d]``, or ``[B * T, d]`` for a model that flattens tokens before its MLP (OPT); any
-    other shape is an error that names ``layer``.
-    """
-    positions = positions.to(tensor.device)
-    if tensor.dim() == 3 and tensor.shape[:2] == positions.shape:
-        return tensor[positions]
-    if tensor.dim() == 2 and tensor.shape[0] == positions.numel():
-        return tensor[positions.flatten()]
-    raise RuntimeError(f"Layer {layer!r} saw a tensor of shape {tuple(tensor.shape)}, which is neither [B, T, d] nor "
-                       f"[B * T, d] for the batch's [B, T] = {tuple(positions.shape)}")
+    """``[N, d]``: the rows of ``layer``'s input or output ``tensor`` (``[B, T, d]``, or ``[B * T, d]`` in OPT:
+    :func:`~biasedit_peft.scoring.batch_major`) at ``positions`` ``[B, T]`` (bool, N True)."""
+    return batch_major(tensor, positions.shape, f"Layer {layer!r}")[positions.to(tensor.device)]
 
 
 class LayerRecorder:

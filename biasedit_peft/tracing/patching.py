@@ -13,17 +13,12 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..scoring import batch_major
 from .layout import base_model_of
 
 
 def _state(output) -> Tensor:
     return output[0] if isinstance(output, tuple) else output
-
-
-def _batch_major(state: Tensor, batch_shape: Sequence[int]) -> Tensor:
-    """``state`` as ``[B, T, D]``: a module that sees tokens flattened to ``[B * T, D]`` (OPT's ``fc2``) is viewed
-    back to the batch's ``(B, T)``."""
-    return state.view(*batch_shape, state.shape[-1]) if state.dim() == 2 else state
 
 
 def _with_state(output, state: Tensor):
@@ -38,7 +33,7 @@ def record_states(modules: Sequence[nn.Module], batch_shape: Sequence[int]) -> I
 
     def hook_for(index: int):
         def hook(module, inputs, output):
-            records[index] = _batch_major(_state(output), batch_shape).detach()
+            records[index] = batch_major(_state(output), batch_shape, f"Traced module {index}").detach()
         return hook
 
     handles = [module.register_forward_hook(hook_for(i)) for i, module in enumerate(modules)]
@@ -82,9 +77,9 @@ def restore_states(modules: Sequence[nn.Module], clean: Tensor, sentence_of_row:
             if not bool(where.any()):
                 return None
             state = _state(output)
-            batch_major = _batch_major(state, where.shape)
+            current = batch_major(state, where.shape, f"Traced module {layer}")  # [B, T, D]
             source = clean[sentence_of_row, layer].to(state)  # [B, T, D]
-            return _with_state(output, torch.where(where[..., None], source, batch_major).view_as(state))
+            return _with_state(output, torch.where(where[..., None], source, current).view_as(state))
         return hook
 
     handles = [module.register_forward_hook(hook_for(i)) for i, module in enumerate(modules)]
