@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from biasedit_peft.testbed import MODEL_DIR as TESTBED_DIR
@@ -53,14 +54,10 @@ def tiny_config(family: str, tokenizer) -> AutoConfig:
     return AutoConfig.for_model(family, **sizes)
 
 
-def save_family_model(family: str, folder: Path, seed: int = 0) -> Path:
-    """A random tiny ``family`` model with the testbed tokenizer, saved to ``folder`` (replaced)."""
-    import torch
-
-    tokenizer = AutoTokenizer.from_pretrained(TESTBED_DIR)
+def save_family_model(family: str, folder: Path, tokenizer, seed: int = 0) -> Path:
+    """A random tiny ``family`` model over ``tokenizer`` (the testbed's), saved with it to ``folder``."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, tokenizer))
-    shutil.rmtree(folder, ignore_errors=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -94,9 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--out {args.out} exists; pass --overwrite to replace it")
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
+    tokenizer = AutoTokenizer.from_pretrained(TESTBED_DIR)
     results = {}
     for family in [f for f in args.families.split(",") if f]:
-        folder = save_family_model(family, args.out / "models" / family)
+        folder = save_family_model(family, args.out / "models" / family, tokenizer)
         results[family] = run_demo(folder, args.out / "demos" / family, args.demo_args)
         row = results[family]
         print(f"{family:10s} rc {row['returncode']}  {row['seconds']:6.1f} s  replay "

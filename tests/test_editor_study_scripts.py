@@ -209,13 +209,15 @@ def test_the_ridge_sweep_calibrates_on_each_pool_and_scores_test_once_per_chosen
 
 
 def test_every_family_of_the_smoke_run_builds_with_its_default_target_and_opt_runs_the_demo(tmp_path):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from biasedit_peft.tuner.model import default_target_suffix
 
     smoke = script_module("family_smoke")
+    tokenizer = AutoTokenizer.from_pretrained(smoke.TESTBED_DIR)
     for family in smoke.FAMILIES:
-        model = AutoModelForCausalLM.from_pretrained(smoke.save_family_model(family, tmp_path / "models" / family))
+        folder = smoke.save_family_model(family, tmp_path / "models" / family, tokenizer)
+        model = AutoModelForCausalLM.from_pretrained(folder)
         assert model.config.model_type == family and model.config.num_hidden_layers == 4
         assert default_target_suffix(family, model)
     # OPT flattens tokens before its MLP: the demo failed on it before the editor read [B * T, d] layer tensors
