@@ -20,6 +20,8 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from .profiling import VOCABULARY_RANGE, float32_range
+
 _HUGE_MAX_LENGTH = 10**6  # tokenizers without a real limit report ~1e30
 
 
@@ -275,9 +277,10 @@ class _TargetLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, rows: Tensor, targets: Tensor) -> Tensor:
         picked, sums = [], []
-        for part, chunk in logit_row_chunks(logits, rows):
-            sums.append(torch.logsumexp(chunk, dim=-1))
-            picked.append(chunk.gather(-1, targets[part, None]).squeeze(-1) - sums[-1])
+        with float32_range(VOCABULARY_RANGE):
+            for part, chunk in logit_row_chunks(logits, rows):
+                sums.append(torch.logsumexp(chunk, dim=-1))
+                picked.append(chunk.gather(-1, targets[part, None]).squeeze(-1) - sums[-1])
         empty = logits.new_zeros(0, dtype=scoring_dtype(logits))
         ctx.save_for_backward(logits, rows, targets, torch.cat(sums) if sums else empty)
         return torch.cat(picked) if picked else empty
@@ -294,7 +297,8 @@ class _TargetLogProbs(torch.autograd.Function):
                 else:
                     yield part, chunk.sub_(lse[part, None]).exp_().mul_(-weight).scatter_add_(-1, target, weight)
 
-        return scatter_row_gradients(logits, rows, chunks()), None, None
+        with float32_range(VOCABULARY_RANGE):
+            return scatter_row_gradients(logits, rows, chunks()), None, None
 
 
 def token_log_probs(logits: Tensor, batch: TokenBatch) -> Tensor:
@@ -306,10 +310,20 @@ def token_log_probs(logits: Tensor, batch: TokenBatch) -> Tensor:
     (:class:`_TargetLogProbs`).
     """
     check_logits_match(logits, batch)
-    scored = batch.target_mask[:, 1:]  # [B, T-1]: logit position t-1 scores token t
-    targets = batch.input_ids[:, 1:][scored].to(logits.device)  # [N]
-    picked = _TargetLogProbs.apply(logits, scoring_positions(batch).to(logits.device), targets)
-    scores = torch.zeros(scored.shape, dtype=picked.dtype, device=logits.device).masked_scatter(scored, picked)
+    picked = _TargetLogProbs.apply(logits, scoring_positions(batch).to(logits.device), scored_targets(batch, logits))
+    return token_scores_at(picked, batch)
+
+
+def scored_targets(batch: TokenBatch, logits: Tensor) -> Tensor:
+    """``[N]`` long on ``logits``' device: the token that each row of :func:`scoring_positions` scores."""
+    return batch.input_ids[:, 1:][batch.target_mask[:, 1:]].to(logits.device)
+
+
+def token_scores_at(picked: Tensor, batch: TokenBatch) -> Tensor:
+    """``[B, T]``: ``picked`` [N] (one value per row of :func:`scoring_positions`, in its order) placed at the
+    tokens they score, 0 elsewhere (BOS, padding): the layout of :func:`token_log_probs`."""
+    scored = batch.target_mask[:, 1:].to(picked.device)  # [B, T-1]: logit position t-1 scores token t
+    scores = torch.zeros(scored.shape, dtype=picked.dtype, device=picked.device).masked_scatter(scored, picked)
     return torch.nn.functional.pad(scores, (1, 0))  # position 0 (BOS) scores nothing
 
 

@@ -28,7 +28,6 @@ import torch
 
 from biasedit_peft import scoring
 from biasedit_peft.editor import BiasEditTrainer, losses
-from biasedit_peft.editor import trainer as trainer_module
 from biasedit_peft.workflows.demo import DemoConfig, build_model, editor_preset, load_demo_items
 
 VARIANTS = ("previous", "chunked")
@@ -61,16 +60,24 @@ def previous_token_retention_loss(pre_logits: torch.Tensor, post_logits: torch.T
     return (per_position * positions).sum(-1) / positions.sum(-1).clamp(min=1)
 
 
+def previous_token_retention_terms(pre_logits: torch.Tensor, post_logits: torch.Tensor,
+                                   batch: scoring.TokenBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The previous retention loss, and the unrelated sentences' token log-probs before and after scored as they
+    were then: by two more passes (:func:`previous_token_log_probs`)."""
+    return (previous_token_retention_loss(pre_logits, post_logits, batch),
+            previous_token_log_probs(pre_logits, batch), previous_token_log_probs(post_logits.detach(), batch))
+
+
 @contextmanager
 def previous_losses() -> Iterator[None]:
-    """The previous implementations in place of the current ones, within the block."""
-    saved = (losses.token_log_probs, trainer_module.token_log_probs, losses.token_retention_loss)
-    losses.token_log_probs = trainer_module.token_log_probs = previous_token_log_probs
-    losses.token_retention_loss = previous_token_retention_loss
+    """The previous implementations in place of the current ones, within the block (both arms score the pairs
+    once per batch, as ``trainer.edit_step`` now does)."""
+    saved = (losses.token_log_probs, losses.token_retention_terms)
+    losses.token_log_probs, losses.token_retention_terms = previous_token_log_probs, previous_token_retention_terms
     try:
         yield
     finally:
-        losses.token_log_probs, trainer_module.token_log_probs, losses.token_retention_loss = saved
+        losses.token_log_probs, losses.token_retention_terms = saved
 
 
 def main(argv: list[str] | None = None) -> dict:

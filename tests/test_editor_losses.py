@@ -186,3 +186,27 @@ def test_every_loss_kind_names_its_retention_loss():
     from biasedit_peft.editor.losses import LOSS_KINDS, RETENTION_OF
 
     assert set(RETENTION_OF) == set(LOSS_KINDS) and set(RETENTION_OF.values()) <= {"paper", "token"}
+
+
+@pytest.mark.parametrize("kind", ["token", "paper"])
+def test_retention_terms_score_both_sides_as_token_log_probs_do(kind, monkeypatch):
+    from biasedit_peft import scoring
+    from biasedit_peft.editor.losses import retention_terms
+    from biasedit_peft.scoring import sentence_scores, token_log_probs
+
+    torch.manual_seed(1)
+    pre = torch.randn(3, 6, 11, dtype=torch.float64)
+    post = torch.randn(3, 6, 11, dtype=torch.float64, requires_grad=True)
+    batch = _batch(torch.randint(0, 11, (3, 6)).tolist(), [6, 2, 4])
+    monkeypatch.setattr(scoring, "_LOGSUMEXP_CHUNK_BYTES", 2 * 4 * 11)  # two rows a chunk
+    loss, pre_scores, post_scores = retention_terms(kind, pre, post, batch)
+    torch.testing.assert_close(loss, retention_loss(kind, pre, post, batch), rtol=0, atol=0)
+    for scores, logits in ((pre_scores, pre), (post_scores, post.detach())):
+        expected = sentence_scores(token_log_probs(logits, batch), batch)
+        for field in ("sum", "mean", "mean_prob"):
+            torch.testing.assert_close(getattr(scores, field).detach(), getattr(expected, field), rtol=0, atol=1e-12)
+    if kind == "token":  # the scores are constants beside the loss; the loss keeps its gradient
+        assert not pre_scores.mean.requires_grad and not post_scores.mean.requires_grad
+        (grad,) = torch.autograd.grad(loss.sum(), post)
+        (reference,) = torch.autograd.grad(_reference_token_retention(pre, post, batch).sum(), post)
+        torch.testing.assert_close(grad, reference, rtol=0, atol=1e-12)

@@ -465,6 +465,30 @@ def test_meta_gradient_with_the_level_loss_matches_autograd_of_the_whole_meta_lo
         torch.testing.assert_close(captured["g"][name], grad, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("level_coef", [0.0, 2.0])
+def test_a_meta_step_takes_each_vocabulary_pass_once(tmp_path, monkeypatch, level_coef):
+    """One LM batch: the pairs' log-softmax once while caching and once after the edit (the debias loss, the level
+    loss and the SS metrics share it), the unrelated sentences' KL once (the LMS and NLL metrics come with it)."""
+    from biasedit_peft import scoring
+    from biasedit_peft.editor import losses
+
+    calls = {"pairs": 0, "retention": 0}
+    pairs_forward, retention_forward = scoring._TargetLogProbs.forward, losses._RowKL.forward
+
+    def counted(key, forward):
+        return staticmethod(lambda ctx, *args: calls.__setitem__(key, calls[key] + 1) or forward(ctx, *args))
+
+    monkeypatch.setattr(scoring._TargetLogProbs, "forward", counted("pairs", pairs_forward))
+    monkeypatch.setattr(losses._RowKL, "forward", counted("retention", retention_forward))
+    model = peft_model()
+    args = _args(tmp_path, level_coef=level_coef, batch_size=4)
+    trainer = BiasEditTrainer(model, BiasEditor.for_model(model, rank=8, lr=1e-1), args, samples(4), None,
+                              tokenizer=TOKENIZER)
+    metrics = trainer.edit_step(samples(4), train=True)
+    assert calls == {"pairs": 2, "retention": 1}
+    assert (metrics["level"] > 0) == bool(level_coef) and 0 <= metrics["lms_post"] <= 100
+
+
 def test_step_sizes_take_their_own_adam_rate_and_an_old_checkpoint_resumes_with_the_default(tmp_path):
     """``step_size_meta_lr``: Adam's first step moves every ``lr[m]`` with a gradient by that rate exactly (its
     first update is ``rate x sign(gradient)``, up to ``eps``), every other parameter by ``meta_lr``; ``None`` keeps

@@ -19,10 +19,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..distributed import SINGLE, Processes, as_processes, split_for
+from ..profiling import EDITOR_RANGE, float32_range
 from ..scoring import check_context, eval_mode, inverse_permutation, logit_positions, model_context_length
 from ..tuner.layout import DeltaLike, add_deltas, native_factors, stored_delta
 from .cache import EditSample, KeyValueCache, as_edit_sample, record_layer_io
-from .losses import LOSS_KINDS, debias_loss, pair_scores
+from .losses import LOSS_KINDS, pair_debias_loss, pair_scores
 from .nets import EditorNet, batch_statistics, check_block_init
 from .solve import RidgeDelta, RidgeSolution, solve_ridge
 
@@ -281,15 +282,14 @@ class BiasEditor(nn.Module):
                 batch = encode_pairs(tokenizer, chunk)
                 with torch.enable_grad():
                     logits = forward_logits(peft_model, batch)
-                    on_device = batch.to(logits.device)
-                    loss = debias_loss(self.config.loss, logits, on_device).sum()  # per-pair losses
+                    stereo, anti = pair_scores(logits, batch.to(logits.device))  # the vocabulary pass, once
+                    loss = pair_debias_loss(self.config.loss, stereo, anti).sum()  # per-pair losses
                     taken = recorder.take(loss, logit_positions(batch.target_mask), self.device)
                 cache.update(taken)
                 if update_normalizers:
                     self.update_normalizers(taken)
-                stereo, anti = pair_scores(logits.detach(), on_device)
-                stereo_scores.append(stereo.mean.cpu())
-                anti_scores.append(anti.mean.cpu())
+                stereo_scores.append(stereo.mean.detach().cpu())
+                anti_scores.append(anti.mean.detach().cpu())
         inverse = inverse_permutation(order)
         return cache, torch.cat(stereo_scores)[inverse], torch.cat(anti_scores)[inverse]
 
@@ -313,11 +313,12 @@ class BiasEditor(nn.Module):
         """
         self._check_normalizers()
         solutions = {}
-        for name in self.config.targets:
-            net, index = self.net_for(name)
-            keys, value_grads = cache.layer(name)
-            solutions[name] = predict_layer(net, index, keys, value_grads, chunk_size or self.config.chunk_size,
-                                            processes)
+        with float32_range(EDITOR_RANGE):
+            for name in self.config.targets:
+                net, index = self.net_for(name)
+                keys, value_grads = cache.layer(name)
+                solutions[name] = predict_layer(net, index, keys, value_grads, chunk_size or self.config.chunk_size,
+                                                processes)
         return solutions
 
     def meta_backward(
@@ -326,11 +327,12 @@ class BiasEditor(nn.Module):
     ) -> None:
         """Accumulate editor gradients from ``dL/dS`` of every layer (``[d_in, d_out]`` each); ``count_ridge``:
         see :func:`meta_backward_layer`."""
-        for name, delta_grad in delta_grads.items():
-            net, index = self.net_for(name)
-            keys, value_grads = cache.layer(name)
-            meta_backward_layer(net, index, keys, value_grads, solutions[name], delta_grad, self.config.chunk_size,
-                                count_ridge)
+        with float32_range(EDITOR_RANGE):
+            for name, delta_grad in delta_grads.items():
+                net, index = self.net_for(name)
+                keys, value_grads = cache.layer(name)
+                meta_backward_layer(net, index, keys, value_grads, solutions[name], delta_grad,
+                                    self.config.chunk_size, count_ridge)
 
     @torch.no_grad()
     def merge_normalizers(self, cache: KeyValueCache, processes: Processes) -> None:

@@ -42,16 +42,19 @@ from typing import Literal
 
 import torch
 
+from ..profiling import VOCABULARY_RANGE, float32_range
 from ..scoring import (
     SentenceLogProbs,
     TokenBatch,
     check_logits_match,
     logit_row_chunks,
     scatter_row_gradients,
+    scored_targets,
     scoring_dtype,
     scoring_positions,
     sentence_scores,
     token_log_probs,
+    token_scores_at,
 )
 
 LossKind = Literal["paper", "token", "abs"]
@@ -92,7 +95,9 @@ def paper_retention_loss(pre: SentenceLogProbs, post: SentenceLogProbs) -> torch
 
 class _RowKL(torch.autograd.Function):
     """``KL(softmax(pre[r]) || softmax(post[r]))`` [N] (float32 or wider) at the flat logit rows ``r = rows`` of logits
-    ``pre`` / ``post`` [B, T, V] (any float dtype); ``pre`` is a constant.
+    ``pre`` / ``post`` [B, T, V] (any float dtype), and from the same log-softmaxes the log-probs of ``targets`` [N]
+    before and after: ``pre_log[r, targets]``, ``post_log[r, targets]`` [N] each (constants, for the LMS and NLL
+    metrics, so that no second vocabulary pass scores them); ``pre`` is a constant.
 
     Forward and backward run over cache-sized row chunks (:func:`~biasedit_peft.scoring.logit_row_chunks`) and
     keep only the logits and ``rows``; the backward, ``grad[n] * (softmax(post[r]) - softmax(pre[r]))``,
@@ -101,14 +106,23 @@ class _RowKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, pre: torch.Tensor, post: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        kl = [_kl_rows(pre_chunk, post_chunk)
-              for (_, pre_chunk), (_, post_chunk) in zip(logit_row_chunks(pre, rows), logit_row_chunks(post, rows))]
+    def forward(ctx, pre: torch.Tensor, post: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor):
+        kl, pre_picked, post_picked = [], [], []
+        with float32_range(VOCABULARY_RANGE):
+            for (part, pre_chunk), (_, post_chunk) in zip(logit_row_chunks(pre, rows), logit_row_chunks(post, rows)):
+                pre_log, post_log = torch.log_softmax(pre_chunk, -1), torch.log_softmax(post_chunk, -1)
+                kl.append((pre_log.exp() * (pre_log - post_log)).sum(-1))
+                pre_picked.append(pre_log.gather(-1, targets[part, None]).squeeze(-1))
+                post_picked.append(post_log.gather(-1, targets[part, None]).squeeze(-1))
         ctx.save_for_backward(pre, post, rows)
-        return torch.cat(kl) if kl else post.new_zeros(0, dtype=scoring_dtype(post))
+        empty = post.new_zeros(0, dtype=scoring_dtype(post))
+        kl, pre_picked, post_picked = (torch.cat(values) if values else empty
+                                       for values in (kl, pre_picked, post_picked))
+        ctx.mark_non_differentiable(pre_picked, post_picked)
+        return kl, pre_picked, post_picked
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor, _pre_picked_grad, _post_picked_grad):
         pre, post, rows = ctx.saved_tensors
 
         def chunks():
@@ -119,17 +133,15 @@ class _RowKL(torch.autograd.Function):
                     difference = torch.softmax(post_chunk, -1).sub_(torch.softmax(pre_chunk, -1))
                     yield part, difference.mul_(grad[part, None])
 
-        return None, scatter_row_gradients(post, rows, chunks()), None
+        with float32_range(VOCABULARY_RANGE):
+            return None, scatter_row_gradients(post, rows, chunks()), None, None
 
 
-def _kl_rows(pre: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
-    """``KL(softmax(pre) || softmax(post))`` per row: ``[n, V]`` (float32 or wider) -> ``[n]``."""
-    pre_log = torch.log_softmax(pre, -1)
-    return (pre_log.exp() * (pre_log - torch.log_softmax(post, -1))).sum(-1)
-
-
-def token_retention_loss(pre_logits: torch.Tensor, post_logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
-    """Mean over scored positions of ``KL(p_pre || p_post)``: logits ``[B, T, V]`` -> ``[B]``.
+def token_retention_terms(pre_logits: torch.Tensor, post_logits: torch.Tensor,
+                          batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss [B], pre [B, T], post [B, T])``: the mean over scored positions of ``KL(p_pre || p_post)`` (logits
+    ``[B, T, V]``), and the token log-probs before and after (constants, laid out as
+    :func:`~biasedit_peft.scoring.token_log_probs`) from the same vocabulary pass.
 
     Only the ``N`` positions that score a token are taken (padding and the last position never are), in
     cache-sized chunks (:class:`_RowKL`).
@@ -137,11 +149,19 @@ def token_retention_loss(pre_logits: torch.Tensor, post_logits: torch.Tensor, ba
     check_logits_match(post_logits, batch)
     check_logits_match(pre_logits, batch)
     rows = scoring_positions(batch).to(post_logits.device)  # [N]
-    per_row = _RowKL.apply(pre_logits.detach(), post_logits, rows)  # [N]
+    per_row, pre_picked, post_picked = _RowKL.apply(pre_logits.detach(), post_logits, rows,
+                                                    scored_targets(batch, post_logits))  # [N] each
     n_positions = batch.target_mask.shape[1]
     totals = torch.zeros(len(batch), dtype=per_row.dtype, device=per_row.device).index_add(
         0, rows // n_positions, per_row)
-    return totals / batch.target_mask[:, 1:].sum(-1).clamp(min=1).to(per_row.device)
+    loss = totals / batch.target_mask[:, 1:].sum(-1).clamp(min=1).to(per_row.device)
+    return loss, token_scores_at(pre_picked, batch), token_scores_at(post_picked, batch)
+
+
+def token_retention_loss(pre_logits: torch.Tensor, post_logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """Mean over scored positions of ``KL(p_pre || p_post)``: logits ``[B, T, V]`` -> ``[B]``
+    (:func:`token_retention_terms`)."""
+    return token_retention_terms(pre_logits, post_logits, batch)[0]
 
 
 def level_loss(stereo: SentenceLogProbs, anti: SentenceLogProbs, pre_stereo: torch.Tensor,
@@ -160,20 +180,32 @@ def pair_scores(logits: torch.Tensor, batch: TokenBatch) -> tuple[SentenceLogPro
     return scores[:n_pairs], scores[n_pairs:]
 
 
-def debias_loss(kind: LossKind, logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
-    """Per-pair debias loss of a batch of ``2P`` sentences, stereotypes first: logits ``[2P, T, V]`` -> ``[P]``."""
-    stereo, anti = pair_scores(logits, batch)
+def pair_debias_loss(kind: LossKind, stereo: SentenceLogProbs, anti: SentenceLogProbs) -> torch.Tensor:
+    """Per-pair debias loss from the scores of ``P`` pairs (:func:`pair_scores`): ``[P]``."""
     loss_fn = {"paper": paper_debias_loss, "token": token_debias_loss, "abs": abs_debias_loss}[_check_kind(kind)]
     return loss_fn(stereo, anti)
 
 
-def retention_loss(kind: LossKind, pre_logits: torch.Tensor, post_logits: torch.Tensor, batch: TokenBatch):
-    """Per-sentence retention loss on unrelated sentences: logits ``[B, T, V]`` -> ``[B]``."""
+def debias_loss(kind: LossKind, logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """Per-pair debias loss of a batch of ``2P`` sentences, stereotypes first: logits ``[2P, T, V]`` -> ``[P]``."""
+    return pair_debias_loss(kind, *pair_scores(logits, batch))
+
+
+def retention_terms(kind: LossKind, pre_logits: torch.Tensor, post_logits: torch.Tensor,
+                    batch: TokenBatch) -> tuple[torch.Tensor, SentenceLogProbs, SentenceLogProbs]:
+    """``(loss [B], pre, post)``: the per-sentence retention loss on unrelated sentences (logits ``[B, T, V]``)
+    and their pre- and post-edit scores from the same vocabulary pass (``post`` may carry autograd; detach it)."""
     if RETENTION_OF[_check_kind(kind)] == "token":
-        return token_retention_loss(pre_logits, post_logits, batch)
+        loss, pre_tokens, post_tokens = token_retention_terms(pre_logits, post_logits, batch)
+        return loss, sentence_scores(pre_tokens, batch), sentence_scores(post_tokens, batch)
     pre = sentence_scores(token_log_probs(pre_logits, batch), batch)
     post = sentence_scores(token_log_probs(post_logits, batch), batch)
-    return paper_retention_loss(pre, post)
+    return paper_retention_loss(pre, post), pre, post
+
+
+def retention_loss(kind: LossKind, pre_logits: torch.Tensor, post_logits: torch.Tensor, batch: TokenBatch):
+    """Per-sentence retention loss on unrelated sentences: logits ``[B, T, V]`` -> ``[B]``."""
+    return retention_terms(kind, pre_logits, post_logits, batch)[0]
 
 
 def _check_kind(kind: str) -> str:

@@ -42,7 +42,8 @@ from tqdm.auto import tqdm
 from .._io import atomic_write, folder_in_place, verify_manifest, write_manifest
 from ..distributed import Processes, as_processes, split_for, sum_gradients
 from ..metrics import item_ss_lms
-from ..scoring import encode_sentences, sentence_scores, token_log_probs
+from ..profiling import EDITOR_RANGE, float32_range
+from ..scoring import encode_sentences
 from ..tuner.layout import native_from_key_value
 from .cache import EditSample, as_edit_sample
 from .calibration import (
@@ -62,7 +63,7 @@ from .editor import (
     forward_logits,
     length_order,
 )
-from .losses import debias_loss, level_loss, pair_scores, retention_loss
+from .losses import level_loss, pair_debias_loss, pair_scores, retention_terms
 from .replay import PrefixReplay
 
 CHECKPOINT_DIR = "checkpoint"
@@ -436,18 +437,17 @@ class BiasEditTrainer:
                 prefix = pair_prefixes[number] if pair_prefixes else None
                 with override_deltas(self.model, natives, args.adapter_name), self.replay.replay(prefix):
                     logits = forward_logits(self.model, batch)
-                batch = batch.to(logits.device)
-                loss = debias_loss(kind, logits, batch).sum() / n
+                stereo, anti = pair_scores(logits, batch.to(logits.device))  # the vocabulary pass, once
+                loss = pair_debias_loss(kind, stereo, anti).sum() / n
                 debias_total += loss.item()
                 if args.level_coef:
-                    level = level_loss(*pair_scores(logits, batch), pre_stereo[start:start + len(chunk)],
+                    level = level_loss(stereo, anti, pre_stereo[start:start + len(chunk)],
                                        pre_anti[start:start + len(chunk)]).sum() / n
                     level_total += level.item()
                     loss = loss + args.level_coef * level
                 accumulate(loss)
-                stereo, anti = pair_scores(logits.detach(), batch)
-                post_stereo.append(stereo.mean.cpu())
-                post_anti.append(anti.mean.cpu())
+                post_stereo.append(stereo.mean.detach().cpu())
+                post_anti.append(anti.mean.detach().cpu())
 
                 unrelated = encode_sentences(self.tokenizer, [s.unrelated for s in chunk])
                 with torch.no_grad(), self.replay.record() as unrelated_prefix:
@@ -455,13 +455,13 @@ class BiasEditTrainer:
                 prefix = unrelated_prefix[0] if unrelated_prefix else None
                 with override_deltas(self.model, natives, args.adapter_name), self.replay.replay(prefix):
                     post_logits = forward_logits(self.model, unrelated)
-                unrelated = unrelated.to(post_logits.device)
-                loss = retention_loss(kind, pre_logits, post_logits, unrelated).sum() / n
+                retention, pre_scores, post_scores = retention_terms(kind, pre_logits, post_logits,
+                                                                     unrelated.to(post_logits.device))
+                loss = retention.sum() / n
                 accumulate(args.loc_coef * loss)
                 retention_total += loss.item()
-                pre_unrelated.append(sentence_scores(token_log_probs(pre_logits, unrelated), unrelated).mean.cpu())
-                post_unrelated.append(
-                    sentence_scores(token_log_probs(post_logits.detach(), unrelated), unrelated).mean.cpu())
+                pre_unrelated.append(pre_scores.mean.detach().cpu())
+                post_unrelated.append(post_scores.mean.detach().cpu())
             held = self._held_out_terms(held_out, natives, accumulate) if held_out else {}
 
         if train:
@@ -472,7 +472,7 @@ class BiasEditTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.editor.meta_backward(cache, solutions, delta_grads, count_ridge=processes.is_main)
             sum_gradients(self.editor, processes)  # each process's rows: the one-process gradient
-            with deferred_interrupts():  # the update and its count happen together or not at all
+            with deferred_interrupts(), float32_range(EDITOR_RANGE):  # the update and its count: both or neither
                 torch.nn.utils.clip_grad_norm_(self.editor.parameters(), args.max_grad_norm)
                 self.optimizer.step()
                 self.state.step_in_epoch += 1
@@ -519,14 +519,15 @@ class BiasEditTrainer:
                     self.replay.replay(recorded[0] if recorded else None):
                 logits = forward_logits(self.model, batch)
             batch = batch.to(logits.device)
-            loss = debias_loss(kind, logits, batch).sum() / n_held
+            post = pair_scores(logits, batch)  # the vocabulary pass, once
+            loss = pair_debias_loss(kind, *post).sum() / n_held
             if args.held_out_coef:
                 accumulate(args.held_out_coef * loss)
             total += loss.item()
             for (stereo, anti), into_s, into_a in ((pair_scores(pre_logits, batch), pre_s, pre_a),
-                                                   (pair_scores(logits.detach(), batch), post_s, post_a)):
-                into_s.append(stereo.mean.cpu())
-                into_a.append(anti.mean.cpu())
+                                                   (post, post_s, post_a)):
+                into_s.append(stereo.mean.detach().cpu())
+                into_a.append(anti.mean.detach().cpu())
         total = float(processes.sum(torch.tensor([total], dtype=torch.float64)))
         pre_s, pre_a, post_s, post_a = (processes.gather_rows(torch.cat(scores))
                                         for scores in (pre_s, pre_a, post_s, post_a))

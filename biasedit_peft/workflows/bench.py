@@ -18,6 +18,9 @@ Sections (each a function returning a JSON-ready dict):
   * seconds per meta-training step at ``n_edits`` (goal: at most 6 s at 32 edits) and its LM tokens/s;
   * bf16 over fp32: throughput ratio of scoring and of the meta-step (goal: at least 2.5x), and how often the
     two dtypes take the same stereotype-vs-anti-stereotype decision per StereoSet item (goal: 98 %);
+  * on the CPU, one more meta-step per dtype under the profiler, split by part (``profiling.py``): the editor and
+    the vocabulary log-softmax, float32 whatever the LM's dtype, then attention, the LM's other matmuls and its
+    other ops; and the bf16 / fp32 ratio those float32 parts allow at most (``float32_parts_bound``);
 - ``solve``: time to compute one joint delta for 128 / 1024 samples, primal vs dual ridge solve;
 - ``forward``: forward-pass time of the base model, the model with an unmerged adapter, and merged;
 - ``memory``: peak resident memory of meta-training and of debiasing (each in a fresh process; on Linux
@@ -50,6 +53,7 @@ import torch
 from .._io import json_ready, write_json
 from ..data import BIAS_TYPES
 from ..models import default_device
+from ..profiling import PARTS, float32_parts_bound, float32_seconds, time_by_part
 from .demo import DemoConfig, build_model, editor_preset, environment, load_demo_items
 
 SECTIONS = ("speed", "solve", "forward", "memory", "size", "scaling", "quality")
@@ -513,6 +517,8 @@ def bench_meta_step(config: BenchConfig, flops_per_token: float | None) -> dict[
         calls.update({("matmul", dtype): matmul_call(config.matmul_size, dtype, device, config.seed)
                       for dtype in config.dtypes})
         timings = round_robin(calls, config.repeats)
+        parts = {dtype: profiled_parts(calls[("step", dtype)], config.repeats + 1)
+                 for dtype in config.dtypes} if torch.device(device).type == "cpu" else {}
         batch_size = trainers[config.dtypes[0]].args.batch_size
         del trainers, calls
         gc.collect()
@@ -527,9 +533,40 @@ def bench_meta_step(config: BenchConfig, flops_per_token: float | None) -> dict[
         if flops_per_token is not None:
             entry["forward_equivalent"] = compute_bound(count.forward_equivalent, seconds, flops_per_token,
                                                         rates[dtype]["gflops"])
+        if dtype in parts:
+            entry["by_part"] = parts[dtype]
         by_dtype[dtype] = entry
     return {"n_edits": config.n_edits, "batch_size": batch_size, "rounds": config.repeats, "matmul": rates,
-            "flops_counted": META_STEP_FLOPS_COUNTED, "by_dtype": by_dtype}
+            "flops_counted": META_STEP_FLOPS_COUNTED, "by_dtype": by_dtype,
+            "float32_parts_bound": meta_step_float32_bound(by_dtype, rates)}
+
+
+def profiled_parts(call: Callable[[int], Any], round_number: int) -> dict[str, Any]:
+    """One more ``call(round_number)`` under the CPU profiler: its wall seconds, :func:`profiling.time_by_part`
+    and each part's share of the wall time. The profiler adds a little time per op; the shares are what to read."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        start = time.perf_counter()
+        call(round_number)
+        wall = time.perf_counter() - start
+    seconds = time_by_part(profiler.events(), wall)
+    return {"wall_s": wall, "seconds": seconds, "shares": {part: value / wall for part, value in seconds.items()}}
+
+
+def meta_step_float32_bound(by_dtype: Mapping[str, dict], rates: Mapping[str, dict]) -> float | None:
+    """:func:`profiling.float32_parts_bound` of the median fp32 and bf16 meta-steps, their float32 shares taken
+    from the profiled steps (None unless both dtypes were profiled)."""
+    if not all(dtype in by_dtype and "by_part" in by_dtype[dtype] for dtype in ("fp32", "bf16")):
+        return None
+
+    def step_and_float32(dtype: str) -> tuple[float, float]:
+        median = by_dtype[dtype]["seconds_per_step"]["median_s"]
+        return median, median * float32_seconds(by_dtype[dtype]["by_part"]["shares"])
+
+    fp32_step, fp32_float32 = step_and_float32("fp32")
+    _, bf16_float32 = step_and_float32("bf16")
+    return float32_parts_bound(fp32_step, fp32_float32, bf16_float32, matmul_rate_ratio(rates))
 
 
 def matmul_rate_ratio(rates: dict[str, dict]) -> float | None:
@@ -964,6 +1001,17 @@ def _per_second(value: float) -> str:
     return f"{value:,.0f}" if value >= 10 else f"{value:.2f}"
 
 
+PART_LABELS = {"editor_float32": "editor + solve (float32)", "vocabulary_float32": "vocabulary log-softmax (float32)",
+               "attention": "attention", "lm_matmul": "LM matmuls", "lm_other": "LM other ops",
+               "untracked": "outside ops"}
+"""How :func:`speed_lines` names each part of :data:`~biasedit_peft.profiling.PARTS`."""
+
+
+def part_shares_text(shares: Mapping[str, float]) -> str:
+    """``editor + solve (float32) 21 %, ...``: every part of :data:`~biasedit_peft.profiling.PARTS` in order."""
+    return ", ".join(f"{PART_LABELS[part]} {100 * shares[part]:.0f} %" for part in PARTS)
+
+
 def speed_lines(speed: dict[str, Any]) -> list[str]:
     """The readable summary of a :func:`bench_speed` result: compute bound, scoring, meta-steps, goals."""
     scoring, meta, goals = speed["scoring"], speed["meta_step"], {row["key"]: row for row in speed["goals"]}
@@ -1004,9 +1052,15 @@ def speed_lines(speed: dict[str, Any]) -> list[str]:
             text += (f" ({entry['forward_equivalent']['fraction_of_bound']:.2f} of the bound, forward+backward "
                      "counted as 3x forward)")
         lines.append(text)
+        if "by_part" in entry:
+            lines.append(f"  by part ({dtype}, one profiled step of {entry['by_part']['wall_s']:.3f} s): "
+                         + part_shares_text(entry["by_part"]["shares"]))
     if goals["bf16_meta_step_speedup"]["measured"] is not None:
         lines.append(f"meta-step bf16/fp32 {_measured(goals['bf16_meta_step_speedup'])}, "
                      f"bound {matmul_rate_ratio(meta['matmul']):.2f}x")
+    if meta.get("float32_parts_bound") is not None:
+        lines.append(f"  with its float32 parts as measured, bf16/fp32 is at most {meta['float32_parts_bound']:.2f}x "
+                     f"even if all the rest ran at the matmul ratio ({matmul_rate_ratio(meta['matmul']):.2f}x)")
     measured = [row for row in speed["goals"] if row["met"] is not None]
     missed = [row["name"] for row in measured if not row["met"]]
     lines.append(f"speed goals met: {len(measured) - len(missed)} of {len(measured)}"
