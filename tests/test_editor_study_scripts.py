@@ -226,3 +226,20 @@ def test_every_family_of_the_smoke_run_builds_with_its_default_target_and_opt_ru
     assert row["returncode"] == 0 and row["target_modules"] == ["fc2"] and not row["replay_fallback"]
     with pytest.raises(SystemExit):  # an existing --out is refused without --overwrite
         smoke.main(["--out", str(tmp_path / "run"), "--families", "opt"])
+
+
+def test_revision_timing_runs_both_trees_and_reports_the_speedup_of_each_pair(tmp_path, capsys):
+    """HEAD against the working tree on the testbed: the same batches and seed give the same losses in both (this
+    package's numerics at HEAD are the working tree's in a clean checkout, as in CI)."""
+    script = script_module("revision_timing")
+    out = tmp_path / "timing.json"
+    result = script.main(["--base", "HEAD", "--model", "testbed", "--dtypes", "fp32", "--pairs", "1", "--rounds", "1",
+                          "--out", str(out)])
+    (pair,) = result["pairs"]
+    assert len(pair["base"]["losses"]["fp32"]) == 1 and pair["base"]["losses"] == pair["head"]["losses"]
+    base, head = pair["base"]["median_s"]["fp32"], pair["head"]["median_s"]["fp32"]
+    assert pair["speedup"]["fp32"] == pytest.approx(base / head)
+    assert result["median_speedup"] == pair["speedup"] and json.loads(out.read_text())["base"] == "HEAD"
+    assert "losses equal: True" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # an existing --out is refused
+        script.main(["--base", "HEAD", "--model", "testbed", "--out", str(out)])
