@@ -210,3 +210,15 @@ def test_retention_terms_score_both_sides_as_token_log_probs_do(kind, monkeypatc
         (grad,) = torch.autograd.grad(loss.sum(), post)
         (reference,) = torch.autograd.grad(_reference_token_retention(pre, post, batch).sum(), post)
         torch.testing.assert_close(grad, reference, rtol=0, atol=1e-12)
+
+
+def test_token_retention_of_a_batch_with_nothing_scored_is_zero_with_a_zero_gradient():
+    from biasedit_peft.editor.losses import token_retention_terms
+
+    nothing_scored = torch.zeros(2, 2, dtype=torch.bool)  # BOS alone in each sentence
+    batch = TokenBatch(torch.tensor([[0, 1], [0, 2]]), torch.tensor([[1, 0], [1, 0]]), nothing_scored)
+    post = torch.randn(2, 2, 5, requires_grad=True)
+    loss, pre_scores, post_scores = token_retention_terms(torch.randn(2, 2, 5), post, batch)
+    assert loss.tolist() == [0.0, 0.0] and pre_scores.abs().sum() == 0 and post_scores.abs().sum() == 0
+    (grad,) = torch.autograd.grad(loss.sum(), post)
+    assert grad.abs().sum() == 0

@@ -115,9 +115,8 @@ class _RowKL(torch.autograd.Function):
                 pre_picked.append(pre_log.gather(-1, targets[part, None]).squeeze(-1))
                 post_picked.append(post_log.gather(-1, targets[part, None]).squeeze(-1))
         ctx.save_for_backward(pre, post, rows)
-        empty = post.new_zeros(0, dtype=scoring_dtype(post))
-        kl, pre_picked, post_picked = (torch.cat(values) if values else empty
-                                       for values in (kl, pre_picked, post_picked))
+        kl, pre_picked, post_picked = (torch.cat(values) if values else post.new_zeros(0, dtype=scoring_dtype(post))
+                                       for values in (kl, pre_picked, post_picked))  # three tensors, even when empty
         ctx.mark_non_differentiable(pre_picked, post_picked)
         return kl, pre_picked, post_picked
 
