@@ -212,22 +212,24 @@ def test_speed_ratio_fields_are_consistent(speed):
     assert speed["seconds_per_step"] == meta["by_dtype"]["fp32"]["seconds_per_step"] and speed["dtype"] == "fp32"
 
 
-def test_the_meta_step_is_split_by_part_in_each_dtype_and_bounds_the_ratio(speed):
+def test_scoring_and_the_meta_step_are_split_by_part_in_each_dtype_and_bound_the_ratio(speed):
     from biasedit_peft.profiling import PARTS, float32_parts_bound, float32_seconds
     from biasedit_peft.workflows.bench import matmul_rate_ratio
 
-    meta = speed["meta_step"]
-    for entry in meta["by_dtype"].values():
-        by_part = entry["by_part"]
-        assert list(by_part["seconds"]) == list(PARTS) and min(by_part["seconds"].values()) >= 0
-        assert sum(by_part["seconds"].values()) == pytest.approx(by_part["wall_s"])
-        assert sum(by_part["shares"].values()) == pytest.approx(1.0)
-        assert by_part["seconds"]["editor_float32"] > 0 and by_part["seconds"]["vocabulary_float32"] > 0
-    step = {dtype: entry["seconds_per_step"]["median_s"] for dtype, entry in meta["by_dtype"].items()}
-    fixed = {dtype: step[dtype] * float32_seconds(entry["by_part"]["shares"])
-             for dtype, entry in meta["by_dtype"].items()}
-    assert meta["float32_parts_bound"] == pytest.approx(
-        float32_parts_bound(step["fp32"], fixed["fp32"], fixed["bf16"], matmul_rate_ratio(meta["matmul"])))
+    for section, seconds_of, editor_runs in ((speed["meta_step"], "seconds_per_step", True),
+                                             (speed["scoring"], "seconds", False)):
+        for entry in section["by_dtype"].values():
+            by_part = entry["by_part"]
+            assert list(by_part["seconds"]) == list(PARTS) and min(by_part["seconds"].values()) >= 0
+            assert sum(by_part["seconds"].values()) == pytest.approx(by_part["wall_s"])
+            assert sum(by_part["shares"].values()) == pytest.approx(1.0)
+            assert by_part["seconds"]["vocabulary_float32"] > 0
+            assert (by_part["seconds"]["editor_float32"] > 0) == editor_runs  # scoring runs no editor
+        step = {dtype: entry[seconds_of]["median_s"] for dtype, entry in section["by_dtype"].items()}
+        fixed = {dtype: step[dtype] * float32_seconds(entry["by_part"]["shares"])
+                 for dtype, entry in section["by_dtype"].items()}
+        assert section["float32_parts_bound"] == pytest.approx(
+            float32_parts_bound(step["fp32"], fixed["fp32"], fixed["bf16"], matmul_rate_ratio(section["matmul"])))
 
 
 def test_speed_goals_are_judged_against_their_measurements(speed):
@@ -259,7 +261,9 @@ def test_speed_summary_lines(speed):
     assert "evaluate --benchmark all extrapolated fp32" in text and "(goal 4 min: " in text
     assert "meta-training step (2 edits, LM batch 8, bf16)" in text and "speed goals met:" in text
     assert "by part (fp32, one profiled step of " in text and "vocabulary log-softmax (float32) " in text
-    assert f"bf16/fp32 is at most {speed['meta_step']['float32_parts_bound']:.2f}x" in text
+    assert "by part (bf16, one profiled round of " in text
+    for section in ("meta_step", "scoring"):
+        assert f"bf16/fp32 is at most {speed[section]['float32_parts_bound']:.2f}x" in text
 
 
 def test_speed_with_one_dtype_reports_no_ratio(monkeypatch):

@@ -18,9 +18,10 @@ Sections (each a function returning a JSON-ready dict):
   * seconds per meta-training step at ``n_edits`` (goal: at most 6 s at 32 edits) and its LM tokens/s;
   * bf16 over fp32: throughput ratio of scoring and of the meta-step (goal: at least 2.5x), and how often the
     two dtypes take the same stereotype-vs-anti-stereotype decision per StereoSet item (goal: 98 %);
-  * on the CPU, one more meta-step per dtype under the profiler, split by part (``profiling.py``): the editor and
-    the vocabulary log-softmax, float32 whatever the LM's dtype, then attention, the LM's other matmuls and its
-    other ops; and the bf16 / fp32 ratio those float32 parts allow at most (``float32_parts_bound``);
+  * on the CPU, one more scoring round and one more meta-step per dtype under the profiler, split by part
+    (``profiling.py``): the editor and the vocabulary log-softmax, float32 whatever the LM's dtype, then attention,
+    the LM's other matmuls and its other ops; and the bf16 / fp32 ratio those float32 parts allow at most
+    (``float32_parts_bound``);
 - ``solve``: time to compute one joint delta for 128 / 1024 samples, primal vs dual ridge solve;
 - ``forward``: forward-pass time of the base model, the model with an unmerged adapter, and merged;
 - ``memory``: peak resident memory of meta-training and of debiasing (each in a fresh process; on Linux
@@ -451,6 +452,10 @@ def bench_scoring(config: BenchConfig, workload: ScoringWorkload) -> dict[str, A
     rates = {dtype: matmul_rate(timings[("matmul", dtype)], config.matmul_size) for dtype in config.dtypes}
     by_dtype = {dtype: _scoring_entry({name: timings[(name, dtype)] for name in sections}, flops["flops_per_token"],
                                       rates[dtype]["gflops"]) for dtype in config.dtypes}
+    if torch.device(device).type == "cpu":
+        for dtype in config.dtypes:
+            by_dtype[dtype]["by_part"] = profiled_parts(
+                lambda round_number, dtype=dtype: [calls[(name, dtype)](round_number) for name in sections], 0)
     scores = {dtype: {name: timings[(name, dtype)].results[-1][0] for name in sections} for dtype in config.dtypes}
     agreement = {f"{dtype}_vs_fp32": decision_agreement(scores["fp32"], scores[dtype], workload)
                  for dtype in config.dtypes if dtype != "fp32" and "fp32" in config.dtypes}
@@ -460,7 +465,8 @@ def bench_scoring(config: BenchConfig, workload: ScoringWorkload) -> dict[str, A
                        "sentences": {name: len(s) for name, s in workload.sections.items()},
                        "stereoset_items": len(workload.stereoset_items), "crows_pairs": len(workload.crows_pairs)},
             "by_dtype": by_dtype, "decision_agreement": agreement,
-            "evaluate_extrapolation": extrapolate_evaluate(full, by_dtype)}
+            "evaluate_extrapolation": extrapolate_evaluate(full, by_dtype),
+            "float32_parts_bound": float32_bound(by_dtype, rates, lambda entry: entry["seconds"]["median_s"])}
 
 
 def _scoring_entry(by_section: dict[str, Timing], flops_per_token: float, gflops: float) -> dict[str, Any]:
@@ -538,7 +544,7 @@ def bench_meta_step(config: BenchConfig, flops_per_token: float | None) -> dict[
         by_dtype[dtype] = entry
     return {"n_edits": config.n_edits, "batch_size": batch_size, "rounds": config.repeats, "matmul": rates,
             "flops_counted": META_STEP_FLOPS_COUNTED, "by_dtype": by_dtype,
-            "float32_parts_bound": meta_step_float32_bound(by_dtype, rates)}
+            "float32_parts_bound": float32_bound(by_dtype, rates, lambda entry: entry["seconds_per_step"]["median_s"])}
 
 
 def profiled_parts(call: Callable[[int], Any], round_number: int) -> dict[str, Any]:
@@ -554,14 +560,16 @@ def profiled_parts(call: Callable[[int], Any], round_number: int) -> dict[str, A
     return {"wall_s": wall, "seconds": seconds, "shares": {part: value / wall for part, value in seconds.items()}}
 
 
-def meta_step_float32_bound(by_dtype: Mapping[str, dict], rates: Mapping[str, dict]) -> float | None:
-    """:func:`profiling.float32_parts_bound` of the median fp32 and bf16 meta-steps, their float32 shares taken
-    from the profiled steps (None unless both dtypes were profiled)."""
+def float32_bound(by_dtype: Mapping[str, dict], rates: Mapping[str, dict],
+                  seconds: Callable[[dict], float]) -> float | None:
+    """:func:`profiling.float32_parts_bound` of the median fp32 and bf16 runs (``seconds`` of a dtype's entry: a
+    meta-step, a scoring round), their float32 shares taken from the profiled ones (None unless both dtypes were
+    profiled)."""
     if not all(dtype in by_dtype and "by_part" in by_dtype[dtype] for dtype in ("fp32", "bf16")):
         return None
 
     def step_and_float32(dtype: str) -> tuple[float, float]:
-        median = by_dtype[dtype]["seconds_per_step"]["median_s"]
+        median = seconds(by_dtype[dtype])
         return median, median * float32_seconds(by_dtype[dtype]["by_part"]["shares"])
 
     fp32_step, fp32_float32 = step_and_float32("fp32")
@@ -1012,6 +1020,19 @@ def part_shares_text(shares: Mapping[str, float]) -> str:
     return ", ".join(f"{PART_LABELS[part]} {100 * shares[part]:.0f} %" for part in PARTS)
 
 
+def by_part_lines(section: Mapping[str, Any], what: str) -> list[str]:
+    """The profiled split of each dtype's ``what`` (``step``, ``round``) in a scoring or meta-step section, and the
+    bf16 / fp32 bound its float32 parts leave; no lines where nothing was profiled (not on the CPU)."""
+    lines = [f"  by part ({dtype}, one profiled {what} of {entry['by_part']['wall_s']:.3f} s): "
+             + part_shares_text(entry["by_part"]["shares"])
+             for dtype, entry in section["by_dtype"].items() if "by_part" in entry]
+    bound = section.get("float32_parts_bound")
+    if bound is not None:
+        lines.append(f"  with its float32 parts as measured, bf16/fp32 is at most {bound:.2f}x even if all the rest "
+                     f"ran at the matmul ratio ({matmul_rate_ratio(section['matmul']):.2f}x)")
+    return lines
+
+
 def speed_lines(speed: dict[str, Any]) -> list[str]:
     """The readable summary of a :func:`bench_speed` result: compute bound, scoring, meta-steps, goals."""
     scoring, meta, goals = speed["scoring"], speed["meta_step"], {row["key"]: row for row in speed["goals"]}
@@ -1043,6 +1064,7 @@ def speed_lines(speed: dict[str, Any]) -> list[str]:
     sample = scoring["sample"]
     lines.append(f"scoring ({sum(sample['sentences'].values())} sentences, {scoring['rounds']} rounds): "
                  + "; ".join(parts))
+    lines += by_part_lines(scoring, "round")
     for dtype, entry in meta["by_dtype"].items():
         step, row = entry["seconds_per_step"], goals[f"meta_step_seconds.{dtype}"]
         text = (f"meta-training step ({meta['n_edits']} edits, LM batch {meta['batch_size']}, {dtype}): median "
@@ -1052,15 +1074,10 @@ def speed_lines(speed: dict[str, Any]) -> list[str]:
             text += (f" ({entry['forward_equivalent']['fraction_of_bound']:.2f} of the bound, forward+backward "
                      "counted as 3x forward)")
         lines.append(text)
-        if "by_part" in entry:
-            lines.append(f"  by part ({dtype}, one profiled step of {entry['by_part']['wall_s']:.3f} s): "
-                         + part_shares_text(entry["by_part"]["shares"]))
     if goals["bf16_meta_step_speedup"]["measured"] is not None:
         lines.append(f"meta-step bf16/fp32 {_measured(goals['bf16_meta_step_speedup'])}, "
                      f"bound {matmul_rate_ratio(meta['matmul']):.2f}x")
-    if meta.get("float32_parts_bound") is not None:
-        lines.append(f"  with its float32 parts as measured, bf16/fp32 is at most {meta['float32_parts_bound']:.2f}x "
-                     f"even if all the rest ran at the matmul ratio ({matmul_rate_ratio(meta['matmul']):.2f}x)")
+    lines += by_part_lines(meta, "step")
     measured = [row for row in speed["goals"] if row["met"] is not None]
     missed = [row["name"] for row in measured if not row["met"]]
     lines.append(f"speed goals met: {len(measured) - len(missed)} of {len(measured)}"
