@@ -22,7 +22,7 @@ def test_the_previous_arm_gives_the_current_values_and_gradients():
     pre, post = torch.randn(3, 6, 9), torch.randn(3, 6, 9, requires_grad=True)
     pairs = ((lambda x: script.previous_token_log_probs(x, batch), lambda x: token_log_probs(x, batch)),
              (lambda x: script.previous_token_retention_loss(pre, x, batch),
-              lambda x: losses.token_retention_loss(pre, x, batch)))
+              lambda x: losses.retention_loss("token", pre, x, batch)))
     for previous, current in pairs:
         old, new = previous(post), current(post)
         torch.testing.assert_close(new, old, rtol=0, atol=1e-6)
@@ -30,13 +30,18 @@ def test_the_previous_arm_gives_the_current_values_and_gradients():
         (grad_old,) = torch.autograd.grad((old * weights).sum(), post)
         (grad_new,) = torch.autograd.grad((new * weights).sum(), post)
         torch.testing.assert_close(grad_new, grad_old, rtol=0, atol=1e-6)
+    # the previous arm's unrelated-sentence log-probs, scored by passes of their own, are the current ones
+    for old, new in zip(script.previous_token_retention_terms(pre, post, batch)[1:],
+                        losses.token_retention_terms(pre, post, batch)[1:]):
+        torch.testing.assert_close(new, old, rtol=0, atol=1e-6)
 
 
 def test_vocab_rows_timing_runs_both_arms_with_the_same_first_loss(capsys):
     script = script_module("vocab_rows_timing")
     medians = script.main(["--model", "testbed", "--dtypes", "fp32", "--n-edits", "8", "--rounds", "2"])
     assert set(medians) == {"fp32-previous", "fp32-chunked"} and all(v > 0 for v in medians.values())
-    assert losses.token_retention_loss.__name__ == "token_retention_loss"  # the swap is undone
+    assert losses.token_retention_terms.__name__ == "token_retention_terms"  # the swap is undone
+    assert losses.token_log_probs is token_log_probs
     first = [line.rsplit("loss ", 1)[1] for line in capsys.readouterr().out.splitlines()
              if line.startswith("round 0 fp32 ")]
     assert len(first) == 2 and first[0] == first[1]

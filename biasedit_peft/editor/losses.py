@@ -157,12 +157,6 @@ def token_retention_terms(pre_logits: torch.Tensor, post_logits: torch.Tensor,
     return loss, token_scores_at(pre_picked, batch), token_scores_at(post_picked, batch)
 
 
-def token_retention_loss(pre_logits: torch.Tensor, post_logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
-    """Mean over scored positions of ``KL(p_pre || p_post)``: logits ``[B, T, V]`` -> ``[B]``
-    (:func:`token_retention_terms`)."""
-    return token_retention_terms(pre_logits, post_logits, batch)[0]
-
-
 def level_loss(stereo: SentenceLogProbs, anti: SentenceLogProbs, pre_stereo: torch.Tensor,
                pre_anti: torch.Tensor) -> torch.Tensor:
     """Per-pair squared change of the pair's average mean token log-prob: post-edit scores of ``P`` pairs and
