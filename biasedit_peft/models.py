@@ -248,6 +248,33 @@ def bf16_matmul_speedup(size: int = 256, repeats: int = 3) -> float:
     return best[torch.float32] / best[torch.bfloat16]
 
 
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+"""The instruction-set flags that set how fast float32 and bf16 run on an x86 CPU: AVX-512 BF16 (bf16 dot
+products in vector registers) and AMX (Intel's bf16 matrix tiles, several times faster again)."""
+
+
+def cpu_identity(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> dict[str, object]:
+    """``{"model": name, "features": [the CPU_FEATURES it has]}`` of this CPU, from Linux's ``cpuinfo``
+    (elsewhere: ``platform.processor()`` and no features).
+
+    Seeds repeat on one CPU but not across CPUs (float reductions differ), and bf16 speed depends on the features, so
+    results record which CPU made them.
+    """
+    import platform
+
+    try:
+        lines = Path(cpuinfo).read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    fields: dict[str, str] = {}
+    for line in lines:  # the first processor's block is enough: every core of a machine reports the same
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    return {"model": fields.get("model name") or platform.processor() or platform.machine(),
+            "features": [name for name in CPU_FEATURES if name in flags]}
+
+
 _CPU_BF16_FAST: list[bool] = []
 
 

@@ -90,6 +90,17 @@ def spread(per_seed: dict[int | str, dict[str, float]]) -> dict[str, dict]:
     return table
 
 
+def cpu_line(cpus: dict[int | str, dict | None]) -> str:
+    """Which CPU made each run (``results.json`` -> ``environment.cpu``): seeds repeat on one CPU, not across CPUs,
+    so a table that mixes CPUs says so."""
+    names: dict[str, list[str]] = {}
+    for run, cpu in cpus.items():
+        name = f"{cpu['model']} ({', '.join(cpu['features']) or 'no listed features'})" if cpu else "not recorded"
+        names.setdefault(name, []).append(f"seed {run}" if isinstance(run, int) else str(run))
+    text = "; ".join(f"{name}: {', '.join(runs)}" for name, runs in names.items())
+    return f"CPU {text}" if len(names) == 1 else f"CPUs differ (seeds do not repeat across CPUs): {text}"
+
+
 def markdown(table: dict[str, dict]) -> str:
     seeds = list(next(iter(table.values()))["seeds"])
     lines = ["| metric | mean | range | " + " | ".join(f"seed {s}" if isinstance(s, int) else s for s in seeds) + " |",
@@ -114,16 +125,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(own)
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    per_seed = {}
+    folders: dict[int | str, Path] = {}
     for seed in seeds:
-        folder = out / f"seed-{seed}" if args.no_run else run_seed(out, seed, demo_args)
-        per_seed[seed] = metric_rows(json.loads((folder / RESULTS).read_text(encoding="utf-8")))
+        folders[seed] = out / f"seed-{seed}" if args.no_run else run_seed(out, seed, demo_args)
     for text in args.run:
         label, _, folder = text.partition("=")
         if not label or not folder:
             parser.error(f"--run takes LABEL=FOLDER, got {text!r}")
-        per_seed[label] = metric_rows(json.loads((Path(folder) / RESULTS).read_text(encoding="utf-8")))
-    table = spread(per_seed)
+        folders[label] = Path(folder)
+    results = {run: json.loads((folder / RESULTS).read_text(encoding="utf-8")) for run, folder in folders.items()}
+    table = spread({run: metric_rows(result) for run, result in results.items()})
+    print(cpu_line({run: result.get("environment", {}).get("cpu") for run, result in results.items()}))
     print(markdown(table))
     if args.json_path:
         write_json(args.json_path, table, indent=1)  # atomic: a kill leaves the old file or the new one

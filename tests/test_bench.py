@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from biasedit_peft import models
 from biasedit_peft.cli import main
 from biasedit_peft.workflows.bench import BenchConfig, bench_forward, bench_size, bench_solve, run_bench, timed
 
@@ -256,6 +257,8 @@ def test_speed_summary_lines(speed):
 
     text = format_bench({"sections": {"speed": speed}})
     assert "compute bound: 32^2 matmul fp32" in text and "MFLOP/token" in text and "load average" in text
+    cpu = speed["cpu"]  # which CPU: bf16 speed depends on its features, and seeds repeat only on one CPU
+    assert cpu == models.cpu_identity() and f" threads of {cpu['model']} (" in text
     assert "scoring (" in text and "tok/s bound" in text and "(goal 2.5x: " in text
     assert "decisions agree on" in text and "of 4 items (goal 98 %: " in text
     assert "evaluate --benchmark all extrapolated fp32" in text and "(goal 4 min: " in text

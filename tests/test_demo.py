@@ -8,6 +8,7 @@ import math
 import pytest
 
 from biasedit_peft.cli import main
+from biasedit_peft.models import cpu_identity
 from biasedit_peft.workflows.demo import format_results, max_abs_difference, merge_rounding_note, target_check
 from biasedit_peft.workflows.deployment import calibration_score
 
@@ -57,6 +58,7 @@ def test_demo_writes_every_artifact_with_the_evaluate_schema(demo_run):
         assert set(results[key]) == EVALUATE_KEYS
         assert set(results[key]["stereoset"]) == {"gender", "race", "overall"}
     assert results["after"]["adapter"] == str(run / "adapter")
+    assert results["environment"]["cpu"] == cpu_identity()  # seeds repeat on one CPU only: say which
     for protocol in ("per_batch", "held_out", "joint_on_test"):
         assert set(results["protocols"][protocol]["after"]) == {"gender", "race", "overall"}
     # the shipped adapter is the deployment one: from train, its scale chosen on dev, scored on test

@@ -402,3 +402,18 @@ def test_the_bf16_probe_measures_this_cpu():
 
     speedup = bf16_matmul_speedup()
     assert math.isfinite(speedup) and speedup > 0
+
+
+def test_cpu_identity_reads_the_model_name_and_the_bf16_features_from_cpuinfo(tmp_path):
+    from biasedit_peft.models import cpu_identity
+
+    cpuinfo = tmp_path / "cpuinfo"
+    block = ("processor\t: {n}\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Platinum 8480C\n"
+             "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile avx512_fp16\n\n")
+    cpuinfo.write_text(block.format(n=0) + block.format(n=1))
+    assert cpu_identity(cpuinfo) == {"model": "Intel(R) Xeon(R) Platinum 8480C",
+                                     "features": ["avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"]}
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert cpu_identity(cpuinfo)["features"] == ["avx2", "avx512f", "avx512_bf16"]  # no AMX: bf16 ~2x, not ~5x
+    missing = cpu_identity(tmp_path / "absent")  # not Linux: platform's name, no features
+    assert missing["features"] == [] and isinstance(missing["model"], str) and missing["model"]

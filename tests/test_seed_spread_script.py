@@ -73,3 +73,20 @@ def test_a_run_outside_the_seed_folders_joins_the_table_under_its_label(tmp_path
     assert "| metric | mean | range | seed 1 | shifted |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         script.main(["--out", str(tmp_path), "--seeds", "1", "--no-run", "--run", "no-folder"])
+
+
+def test_the_table_says_which_cpu_made_each_run_and_when_they_differ(tmp_path, capsys):
+    script = _script()
+    epyc = {"model": "AMD EPYC", "features": ["avx2", "avx512_bf16"]}
+    xeon = {"model": "Intel Xeon", "features": ["avx512_bf16", "amx_bf16"]}
+    for name, cpu in (("seed-0", epyc), ("seed-1", epyc), ("elsewhere", xeon)):
+        (tmp_path / name).mkdir()
+        results = {**_results(50.0, 88.0, 41.0, 100.0), "environment": {"cpu": cpu}}
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+    script.main(["--out", str(tmp_path), "--seeds", "0,1", "--no-run"])
+    assert capsys.readouterr().out.splitlines()[0] == "CPU AMD EPYC (avx2, avx512_bf16): seed 0, seed 1"
+    script.main(["--out", str(tmp_path), "--seeds", "0", "--no-run", "--run", f"other={tmp_path / 'elsewhere'}"])
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "CPUs differ (seeds do not repeat across CPUs): AMD EPYC (avx2, avx512_bf16): seed 0; "
+        "Intel Xeon (avx512_bf16, amx_bf16): other")
+    assert script.cpu_line({0: None}) == "CPU not recorded: seed 0"  # results.json from before it was recorded

@@ -53,7 +53,7 @@ import torch
 
 from .._io import json_ready, write_json
 from ..data import BIAS_TYPES
-from ..models import default_device
+from ..models import CPU_FEATURES, cpu_identity, default_device
 from ..profiling import PARTS, float32_parts_bound, float32_seconds, time_by_part
 from .demo import DemoConfig, build_model, editor_preset, environment, load_demo_items
 
@@ -632,7 +632,7 @@ def bench_speed(config: BenchConfig) -> dict:
     return {"n_edits": config.n_edits, "batch_size": meta_step["batch_size"], "dtype": config.dtypes[0],
             "seconds_per_step": first["seconds_per_step"], "samples_per_second": first["samples_per_second"],
             "dtypes": list(config.dtypes), "device": str(default_device(config.device)),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": torch.get_num_threads(), "cpu": cpu_identity(),
             "load_average": {"start": list(start_load), "end": list(os.getloadavg())},
             "scoring": scoring, "meta_step": meta_step, "goals": speed_goals(scoring, meta_step)}
 
@@ -1033,6 +1033,14 @@ def by_part_lines(section: Mapping[str, Any], what: str) -> list[str]:
     return lines
 
 
+def cpu_text(cpu: dict[str, Any] | None) -> str:
+    """`` of CPU (features)`` for a :func:`~biasedit_peft.models.cpu_identity` record; empty for a result without
+    one (bench.json files written before it was recorded)."""
+    if not cpu:
+        return ""
+    return f" of {cpu['model']} ({', '.join(cpu['features']) or 'none of ' + '/'.join(CPU_FEATURES)})"
+
+
 def speed_lines(speed: dict[str, Any]) -> list[str]:
     """The readable summary of a :func:`bench_speed` result: compute bound, scoring, meta-steps, goals."""
     scoring, meta, goals = speed["scoring"], speed["meta_step"], {row["key"]: row for row in speed["goals"]}
@@ -1041,8 +1049,8 @@ def speed_lines(speed: dict[str, Any]) -> list[str]:
     lines = [(f"compute bound: {scoring['matmul'][speed['dtype']]['size']}^2 matmul {rates}; forward "
               f"{flops['flops_per_token'] / 1e6:.2f} MFLOP/token = 2 x {flops['matmul_parameters'] / 1e6:.2f}M "
               f"matmul weights (LM head once{', tied' if flops['lm_head_tied'] else ''}; embedding lookups not "
-              f"counted); {speed['torch_threads']} threads, load average {load['start'][0]:.1f} -> "
-              f"{load['end'][0]:.1f}")]
+              f"counted); {speed['torch_threads']} threads{cpu_text(speed.get('cpu'))}, load average "
+              f"{load['start'][0]:.1f} -> {load['end'][0]:.1f}")]
     cells = []
     for index, (dtype, entry) in enumerate(scoring["by_dtype"].items()):
         real, padded = entry["real"], entry["padded"]

@@ -56,7 +56,7 @@ from ..data import BIAS_TYPES, load_stereoset
 from ..editor.calibration import MIN_DEBIAS_GAIN
 from ..editor.presets import PresetOverrides
 from ..evaluation import take_per_type
-from ..models import default_device
+from ..models import cpu_identity, default_device
 from ..progress_store import (
     STAGE_CONFIG_NAME,
     PreviousRunError,
@@ -540,7 +540,7 @@ def environment() -> dict:
 
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-            "argv": sys.argv}
+            "cpu": cpu_identity(), "argv": sys.argv}
 
 
 # ----- presentation ------------------------------------------------------------------------------------
