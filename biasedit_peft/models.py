@@ -275,6 +275,12 @@ def cpu_identity(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> dict[str, obje
             "features": [name for name in CPU_FEATURES if name in flags]}
 
 
+def cpu_label(cpu: dict) -> str:
+    """``MODEL (feature, ...)`` of a :func:`cpu_identity` record, as the bench and ``scripts/seed_spread.py``
+    print it."""
+    return f"{cpu['model']} ({', '.join(cpu['features']) or 'none of ' + '/'.join(CPU_FEATURES)})"
+
+
 _CPU_BF16_FAST: list[bool] = []
 
 

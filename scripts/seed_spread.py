@@ -21,6 +21,7 @@ from pathlib import Path
 from statistics import mean
 
 from biasedit_peft._io import run_folder, write_json
+from biasedit_peft.models import cpu_label
 
 RESULTS = "results.json"
 
@@ -95,7 +96,7 @@ def cpu_line(cpus: dict[int | str, dict | None]) -> str:
     so a table that mixes CPUs says so."""
     names: dict[str, list[str]] = {}
     for run, cpu in cpus.items():
-        name = f"{cpu['model']} ({', '.join(cpu['features']) or 'no listed features'})" if cpu else "not recorded"
+        name = cpu_label(cpu) if cpu else "not recorded"
         names.setdefault(name, []).append(f"seed {run}" if isinstance(run, int) else str(run))
     text = "; ".join(f"{name}: {', '.join(runs)}" for name, runs in names.items())
     return f"CPU {text}" if len(names) == 1 else f"CPUs differ (seeds do not repeat across CPUs): {text}"

@@ -405,7 +405,7 @@ def test_the_bf16_probe_measures_this_cpu():
 
 
 def test_cpu_identity_reads_the_model_name_and_the_bf16_features_from_cpuinfo(tmp_path):
-    from biasedit_peft.models import cpu_identity
+    from biasedit_peft.models import cpu_identity, cpu_label
 
     cpuinfo = tmp_path / "cpuinfo"
     block = ("processor\t: {n}\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Platinum 8480C\n"
@@ -415,5 +415,7 @@ def test_cpu_identity_reads_the_model_name_and_the_bf16_features_from_cpuinfo(tm
                                      "features": ["avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"]}
     cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
     assert cpu_identity(cpuinfo)["features"] == ["avx2", "avx512f", "avx512_bf16"]  # no AMX: bf16 ~2x, not ~5x
+    assert cpu_label(cpu_identity(cpuinfo)) == "AMD EPYC (avx2, avx512f, avx512_bf16)"
     missing = cpu_identity(tmp_path / "absent")  # not Linux: platform's name, no features
+    assert cpu_label(missing) == f"{missing['model']} (none of avx2/avx512f/avx512_bf16/amx_tile/amx_bf16)"
     assert missing["features"] == [] and isinstance(missing["model"], str) and missing["model"]

@@ -53,7 +53,7 @@ import torch
 
 from .._io import json_ready, write_json
 from ..data import BIAS_TYPES
-from ..models import CPU_FEATURES, cpu_identity, default_device
+from ..models import cpu_identity, cpu_label, default_device
 from ..profiling import PARTS, float32_parts_bound, float32_seconds, time_by_part
 from .demo import DemoConfig, build_model, editor_preset, environment, load_demo_items
 
@@ -1036,9 +1036,7 @@ def by_part_lines(section: Mapping[str, Any], what: str) -> list[str]:
 def cpu_text(cpu: dict[str, Any] | None) -> str:
     """`` of CPU (features)`` for a :func:`~biasedit_peft.models.cpu_identity` record; empty for a result without
     one (bench.json files written before it was recorded)."""
-    if not cpu:
-        return ""
-    return f" of {cpu['model']} ({', '.join(cpu['features']) or 'none of ' + '/'.join(CPU_FEATURES)})"
+    return f" of {cpu_label(cpu)}" if cpu else ""
 
 
 def speed_lines(speed: dict[str, Any]) -> list[str]:
