@@ -190,3 +190,52 @@ def test_a_kept_editor_that_does_not_debias_dev_is_reported_not_silent(tmp_path,
     assert "WARNING: the kept editor moved dev SS only 0.20 points" in format_results(shown)
     shown["training"]["calibration"]["debias_gain"] = 7.9
     assert "WARNING" not in format_results(shown)
+
+
+def _rows(*rows):
+    """A calibration result from ``(scale, ss_post, selection)`` rows (ss_pre 58), best by the ranking's rule."""
+    full = [{"scale": scale, "ss_pre": 58.0, "ss_post": ss_post, "selection": selection}
+            for scale, ss_post, selection in rows]
+    return {"scale": min(full, key=lambda r: (r["selection"], abs(r["scale"] - 1)))["scale"], "rows": full}
+
+
+def test_the_next_multiple_past_the_grid_by_hand():
+    from biasedit_peft.editor.calibration import next_edge_scale
+
+    # the largest is best, within bounds and still above 50: double it
+    assert next_edge_scale(_rows((1.0, 56.0, 6.0), (2.0, 55.0, 5.0), (4.0, 54.0, 4.0))) == 8.0
+    # ... but not once it crossed 50 (a stronger edit goes further past), nor out of bounds
+    assert next_edge_scale(_rows((1.0, 56.0, 6.0), (4.0, 49.0, 1.0))) is None
+    assert next_edge_scale(_rows((1.0, 56.0, 104.0), (4.0, 54.0, 106.0))) == 0.5  # the smallest breaks least
+    assert next_edge_scale(_rows((1.0, 56.0, 6.0), (4.0, 54.0, 101.0))) is None  # weaker would do worse
+    assert next_edge_scale(_rows((1.0, 60.0, 10.0), (2.0, 62.0, 12.0))) == 0.5  # it pushes SS away from 50
+    # the smallest is best (every stronger edit overshot): halve it; an inside best or a zero edit: stop
+    assert next_edge_scale(_rows((0.25, 47.0, 3.0), (0.5, 45.0, 5.0), (1.0, 44.0, 6.0))) == 0.125
+    assert next_edge_scale(_rows((0.25, 51.0, 1.0), (0.5, 47.0, 3.0), (1.0, 44.0, 6.0))) is None  # 50 lies inside
+    assert next_edge_scale(_rows((0.5, 53.0, 3.0), (1.0, 50.5, 0.5), (2.0, 46.0, 4.0))) is None
+    assert next_edge_scale(_rows((0.0, 58.0, 8.0), (1.0, 60.0, 10.0))) is None
+    assert next_edge_scale(_rows((1.0, 56.0, 6.0))) == 2.0  # one row approaching 50: try stronger
+
+
+def test_calibration_goes_past_the_grid_while_its_end_is_best_and_scores_those_multiples_alike(tmp_path):
+    """With a score that puts every multiple out of bounds, the weakest first, calibration halves twice past
+    (0.5, 1): its rows at 0.25 and 0.125 are those of a calibration over exactly those multiples."""
+    from biasedit_peft.editor.calibration import OUT_OF_BOUNDS
+
+    model, editor = trained_editor(tmp_path)
+    groups = [samples(8)[:4], samples(8)[4:]]
+
+    def smallest_first(row):
+        return OUT_OF_BOUNDS + row["scale"]
+
+    extended = calibrate_edit_scale(editor, model, TOKENIZER, groups, smallest_first, batch_size=2,
+                                    scales=(0.5, 1.0), max_edge_steps=2)
+    assert [row["scale"] for row in extended["rows"]] == [0.5, 1.0, 0.25, 0.125] and extended["scale"] == 0.125
+    direct = calibrate_edit_scale(editor, model, TOKENIZER, groups, smallest_first, batch_size=2,
+                                  scales=(0.125, 0.25, 0.5, 1.0), max_edge_steps=0)
+    by_scale = {row["scale"]: row for row in direct["rows"]}
+    for row in extended["rows"]:
+        assert row == pytest.approx(by_scale[row["scale"]])
+    grid_only = calibrate_edit_scale(editor, model, TOKENIZER, groups, smallest_first, batch_size=2,
+                                     scales=(0.5, 1.0), max_edge_steps=0)
+    assert [row["scale"] for row in grid_only["rows"]] == [0.5, 1.0]

@@ -41,6 +41,13 @@ EDIT_SCALES = (0.25, 0.5, 0.71, 1.0, 1.41, 2.0, 4.0)
 """Candidate multipliers of the edit (powers of sqrt 2 around 1, and the ends of a 16x range)."""
 JOINT_SCALES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 """Coarse multipliers of a joint delta (powers of 2); the two half-steps around the best are tried next."""
+MAX_EDGE_STEPS = 4
+"""How many times :func:`calibrate_edit_scale` may double the grid's largest multiple (or halve its smallest) while
+that end scores best (:func:`next_edge_scale`): up to x64 and /64. The editor's step sizes start at the preset's
+``lr``, and how strong an edit that makes depends on the model: the same preset needs x2 on SmolLM2 and more on a
+family whose value gradients are smaller."""
+OUT_OF_BOUNDS = 100.0
+"""The score from which a row is out of the LMS or NLL bounds (:func:`target_score`)."""
 MAX_LMS_DROP = 3.0
 """LMS points an edit may cost and still count as within bounds (:func:`target_score`)."""
 MAX_NLL_INCREASE = 0.0488
@@ -82,7 +89,25 @@ def target_score(metrics: dict[str, float], max_lms_drop: float = MAX_LMS_DROP,
     nll_excess = max(0.0, nll_rise(metrics) - max_nll_increase)
     if lms_excess == 0.0 and nll_excess == 0.0:
         return abs(metrics["ss_post"] - 50.0)
-    return 100.0 + lms_excess + 100.0 * nll_excess
+    return OUT_OF_BOUNDS + lms_excess + 100.0 * nll_excess
+
+
+def next_edge_scale(calibration: dict) -> float | None:
+    """The multiple to try past the end of a calibration's rows (:func:`rank_scales`) when its best sits there.
+
+    Twice the largest multiple when the largest scores best, is within bounds and has moved SS toward 50 but not
+    across it (a stronger edit can still come closer). Half the smallest when the smallest scores best and a weaker
+    edit can do better: it overshot 50, broke a bound, or moved SS away from 50. None otherwise.
+    """
+    scales = [row["scale"] for row in calibration["rows"]]
+    best = chosen_row(calibration)
+    short_of_50 = (best["ss_pre"] - 50.0) * (best["ss_post"] - 50.0) > 0
+    still_approaching = best["selection"] < OUT_OF_BOUNDS and short_of_50 and debias_gain(best) > 0
+    if best["scale"] == max(scales) and still_approaching:
+        return 2.0 * best["scale"]
+    if best["scale"] == min(scales) and best["scale"] > 0 and not still_approaching:
+        return best["scale"] / 2.0
+    return None
 
 
 def scaled_solutions(solutions: dict[str, RidgeSolution], scale: float) -> dict[str, RidgeSolution]:
@@ -184,9 +209,11 @@ def calibrate_edit_scale(
     editor: BiasEditor, peft_model: nn.Module, tokenizer, groups: Sequence[Sequence[EditSample]],
     score: Callable[[dict[str, float]], float] = target_score, batch_size: int = 16,
     scales: Sequence[float] = EDIT_SCALES, adapter_name: str = "default", progress: bool = False,
-    replay: PrefixReplay | None = None,
+    replay: PrefixReplay | None = None, max_edge_steps: int = MAX_EDGE_STEPS,
 ) -> dict:
-    """Edit each of ``groups`` at every ``scales`` multiple of ``editor``'s edit and rank the multiples.
+    """Edit each of ``groups`` at every ``scales`` multiple of ``editor``'s edit and rank the multiples; while the
+    best is the largest or smallest multiple tried, try the next one past that end (:func:`next_edge_scale`), at
+    most ``max_edge_steps`` times.
 
     Args:
         editor: A trained editor.
@@ -201,16 +228,38 @@ def calibrate_edit_scale(
         progress: Show a progress bar.
         replay: A :class:`PrefixReplay` of this model already checked (the trainer's); None: one is made and
             checked here against a full forward.
+        max_edge_steps: How many multiples past the grid's ends may be tried (0: ``scales`` only).
 
     Returns:
         ``{"scale": best, "rows": [{"scale", "ss_pre", "ss_post", "lms_pre", "lms_post", "nll_increase",
-        "selection"}, ...]}`` (one row per scale, in ``scales`` order; ``nll_increase`` is the mean rise of the
-        unrelated sentences' mean token NLL; ties go to the scale nearest 1). Neither ``editor`` nor the model
-        is changed.
+        "selection"}, ...]}`` (one row per scale, in ``scales`` order, then the multiples past the ends in the order
+        tried; ``nll_increase`` is the mean rise of the unrelated sentences' mean token NLL; ties go to the scale
+        nearest 1). Neither ``editor`` nor the model is changed.
     """
     replay = checked_replay(editor, peft_model, tokenizer, groups[0], batch_size, replay)
+    before, after = _scores_of_groups(editor, peft_model, tokenizer, groups, scales, batch_size, adapter_name,
+                                      progress, replay)
+    result = rank_scales(before, after, score)
+    for _ in range(max_edge_steps):
+        edge = next_edge_scale(result)
+        if edge is None:
+            break
+        _, more = _scores_of_groups(editor, peft_model, tokenizer, groups, [edge], batch_size, adapter_name,
+                                    progress, replay)
+        after.update(more)
+        result = rank_scales(before, after, score)
+    return result
+
+
+def _scores_of_groups(
+    editor: BiasEditor, peft_model: nn.Module, tokenizer, groups: Sequence[Sequence[EditSample]],
+    scales: Sequence[float], batch_size: int, adapter_name: str, progress: bool, replay: PrefixReplay,
+) -> tuple[torch.Tensor, dict[float, torch.Tensor]]:
+    """Scores ``[3, N]`` of every group's samples unedited, and ``{scale: [3, N]}`` with each group edited on its
+    own at each of ``scales`` (groups concatenated in order, each sorted by length)."""
     before, after = [], {scale: [] for scale in scales}
-    for group in tqdm(groups, desc="calibrating the edit scale", disable=not progress):
+    for group in tqdm(groups, desc=f"calibrating the edit scale (x{', x'.join(f'{s:g}' for s in scales)})",
+                      disable=not progress):
         group = [group[i] for i in length_order(tokenizer, group).tolist()]
         cache, _, _ = editor.cache_samples(peft_model, tokenizer, group, batch_size)
         pre, prefixes = _unedited_scores(peft_model, tokenizer, group, replay, batch_size)
@@ -219,7 +268,7 @@ def calibrate_edit_scale(
         before.append(pre)
         for scale in scales:
             after[scale].append(post[scale])
-    return rank_scales(torch.cat(before, 1), {scale: torch.cat(after[scale], 1) for scale in scales}, score)
+    return torch.cat(before, 1), {scale: torch.cat(after[scale], 1) for scale in scales}
 
 
 def calibrate_joint_scale(

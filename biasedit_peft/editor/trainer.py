@@ -48,6 +48,7 @@ from ..tuner.layout import native_from_key_value
 from .cache import EditSample, as_edit_sample
 from .calibration import (
     EDIT_SCALES,
+    MAX_EDGE_STEPS,
     MAX_LMS_DROP,
     MAX_NLL_INCREASE,
     MIN_DEBIAS_GAIN,
@@ -125,6 +126,9 @@ class BiasEditTrainingArguments:
     selection on dev, and bake it into the editor (``calibration.py``; only with ``select_by="target"`` and
     dev data)."""
     edit_scales: tuple[float, ...] = EDIT_SCALES
+    edit_scale_edge_steps: int = MAX_EDGE_STEPS
+    """While the best multiple is the largest (or smallest) tried, try twice (half) it, up to this many times
+    (``calibration.next_edge_scale``); 0: ``edit_scales`` only."""
     prefix_replay: bool = True
     """Run the edited forward passes from the first edited block on, replaying the unedited hidden states that
     enter it (``replay.py``; checked once against a full forward). Same results, fewer FLOPs."""
@@ -640,7 +644,7 @@ class BiasEditTrainer:
         calibration = calibrate_edit_scale(
             kept, self.model, self.tokenizer, self._batches(self.calibration_data, None),
             lambda row: selection_score(row, args), args.batch_size, args.edit_scales, args.adapter_name,
-            progress=args.progress, replay=self._checked_replay())
+            progress=args.progress, replay=self._checked_replay(), max_edge_steps=args.edit_scale_edge_steps)
         scale_edits(kept, calibration["scale"])
         chosen = chosen_row(calibration)
         calibration["debias_gain"] = debias_gain(chosen)
