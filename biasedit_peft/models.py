@@ -58,6 +58,11 @@ class GGUFAlias:
     install: str
     sha256: str | None = None
 
+    def __post_init__(self):
+        if not self.parts or (len(self.parts) > 1 and (self.sha256 is None or len(self.sha256) != 64)):
+            raise ValueError(f"GGUFAlias {self.file_name!r} needs at least one part, and the joined file's 64-digit "
+                             "SHA-256 where it has several")
+
 
 SMOLLM2_NAME = "smollm2-135m"
 GEMMA3_NAME = "gemma3-270m"

