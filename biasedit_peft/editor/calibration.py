@@ -221,14 +221,16 @@ def calibrate_edit_scale(
         tokenizer: The model's tokenizer.
         groups: Dev edit sets (each edited on its own, as in the per-batch protocol); samples need ``unrelated``.
         score: Ranks a row of pooled dev metrics (lower is better): :func:`target_score` or
-            ``trainer.selection_score``.
+            ``trainer.selection_score``; going past the grid's ends reads a score of :data:`OUT_OF_BOUNDS` or more
+            as out of the LMS / NLL bounds, as those do.
         batch_size: Sentence pairs per LM forward pass.
         scales: The candidate multiples.
         adapter_name: The adapter the edits are applied to (functionally).
         progress: Show a progress bar.
         replay: A :class:`PrefixReplay` of this model already checked (the trainer's); None: one is made and
             checked here against a full forward.
-        max_edge_steps: How many multiples past the grid's ends may be tried (0: ``scales`` only).
+        max_edge_steps: How many multiples past the grid's ends may be tried (0: ``scales`` only). Each costs one
+            more pass over ``groups`` (keys cached and scored again, one edited scoring).
 
     Returns:
         ``{"scale": best, "rows": [{"scale", "ss_pre", "ss_post", "lms_pre", "lms_post", "nll_increase",

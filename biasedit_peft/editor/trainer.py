@@ -122,9 +122,9 @@ class BiasEditTrainingArguments:
     """Device of the editor nets (default: where they are); the LM stays where it is."""
     adapter_name: str = "default"
     calibrate: bool = True
-    """After training, choose one multiplier of the kept editor's edits among ``edit_scales`` by the same
-    selection on dev, and bake it into the editor (``calibration.py``; only with ``select_by="target"`` and
-    dev data)."""
+    """After training, choose one multiplier of the kept editor's edits among ``edit_scales`` (and past its ends,
+    ``edit_scale_edge_steps``) by the same selection on dev, and bake it into the editor (``calibration.py``; only
+    with ``select_by="target"`` and dev data)."""
     edit_scales: tuple[float, ...] = EDIT_SCALES
     edit_scale_edge_steps: int = MAX_EDGE_STEPS
     """While the best multiple is the largest (or smallest) tried, try twice (half) it, up to this many times
