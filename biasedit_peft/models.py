@@ -189,10 +189,11 @@ def converted_model_dir(name_or_path: str | os.PathLike) -> Path:
     if alias is not None and len(alias.parts) > 1:
         return _converted_from_parts(str(name_or_path), alias)
     gguf_path = locate_gguf(name_or_path)
-    folder = cache_root() / "models" / f"{gguf_path.stem}-{gguf_cache_key(gguf_path)}"
+    digest = file_sha256(gguf_path)  # read once: it keys the folder and is recorded as the converted file's
+    folder = cache_root() / "models" / f"{gguf_path.stem}-{digest[:CACHE_KEY_LENGTH]}"
     if not (folder / "config.json").is_file():
         print(f"[biasedit] converting {gguf_path} once into {folder} ...", file=sys.stderr, flush=True)
-        convert_gguf(gguf_path, folder)
+        convert_gguf(gguf_path, folder, sha256=digest)
     return folder
 
 

@@ -184,7 +184,11 @@ def test_gguf_converts_to_a_plain_folder_with_the_same_logits(tiny_gguf, cache, 
     from transformers import AutoModelForCausalLM
 
     gguf_path, reference = tiny_gguf
+    hashed, real_sha256 = [], models.file_sha256
+    monkeypatch.setattr(models, "file_sha256", lambda path: hashed.append(Path(path).resolve()) or real_sha256(path))
     folder = Path(resolve_model_path(str(gguf_path)))
+    assert hashed == [gguf_path.resolve()]  # read once on the first conversion: it keys the folder and is recorded
+    monkeypatch.setattr(models, "file_sha256", real_sha256)
     assert folder == cache / "models" / f"tiny-llama.F32-{gguf_cache_key(gguf_path)}"
     assert len(gguf_cache_key(gguf_path)) == models.CACHE_KEY_LENGTH
     assert {"config.json", "model.safetensors", "tokenizer.json", models.SOURCE_RECORD} <= {
