@@ -10,6 +10,7 @@ import torch
 from huggingface_hub import ModelCard
 
 from biasedit_peft.editor import BiasEditor, BiasEditTrainer, BiasEditTrainingArguments
+from biasedit_peft.editor import calibration as calibration_module
 from biasedit_peft.editor.calibration import calibrate_edit_scale, scale_edits, scaled_solutions
 from biasedit_peft.editor.folders import editor_card
 from biasedit_peft.editor.trainer import selection_score
@@ -259,3 +260,49 @@ def test_the_trainer_passes_its_edge_steps_to_the_calibration(tmp_path, monkeypa
                     tokenizer=TOKENIZER).train()
     assert seen == [edge_steps]
     assert BiasEditTrainingArguments(output_dir=".").edit_scale_edge_steps == 4  # the default goes past the grid
+
+
+def test_metrics_by_type_are_the_item_metrics_of_each_types_columns():
+    # columns: gender, race, gender, untyped; rows: stereotype, anti-stereotype, unrelated mean log-probs
+    pre = torch.tensor([[-1.0, -2.0, -3.0, -1.0],
+                        [-2.0, -1.0, -1.0, -2.0],
+                        [-5.0, -0.5, -5.0, -5.0]])
+    post = torch.tensor([[-2.0, -2.0, -3.0, -1.0],
+                         [-1.0, -1.5, -1.0, -2.0],
+                         [-5.0, -5.0, -5.0, -5.0]])
+    result = calibration_module.metrics_by_type(pre, post, ["gender", "race", "gender", None])
+    assert list(result) == ["gender", "race"]
+    # gender: pairs (s > a) before: True, False -> SS 50; after: False, False -> 0. LMS: all 4 sentences above the
+    # unrelated (-5) before and after -> 100.
+    assert result["gender"] == {"n": 2, "ss_pre": 50.0, "ss_post": 0.0, "lms_pre": 100.0, "lms_post": 100.0}
+    # race: before s -2 < a -1 (SS 0), both below the unrelated -0.5 (LMS 0); after s -2 < a -1.5, both above -5
+    assert result["race"] == {"n": 1, "ss_pre": 0.0, "ss_post": 0.0, "lms_pre": 0.0, "lms_post": 100.0}
+
+
+def test_calibration_rows_record_each_bias_type_as_pooled_rows_of_its_pairs(tmp_path):
+    model, editor = trained_editor(tmp_path)
+    typed = [replace(s, bias_type=("gender", "race")[i % 2]) for i, s in enumerate(samples(8))]
+    groups = [typed[:4], typed[4:]]
+    result = calibrate_edit_scale(editor, model, TOKENIZER, groups, calibration_module.target_score, batch_size=2,
+                                  scales=(0.0, 8.0), max_edge_steps=0)
+    untyped = calibrate_edit_scale(editor, model, TOKENIZER, [samples(8)[:4], samples(8)[4:]],
+                                   calibration_module.target_score, batch_size=2, scales=(0.0, 8.0),
+                                   max_edge_steps=0)
+    assert all("by_type" not in row for row in untyped["rows"])
+    for row, plain in zip(result["rows"], untyped["rows"]):
+        assert {k: v for k, v in row.items() if k != "by_type"} == plain  # types change no pooled figure
+        assert sum(part["n"] for part in row["by_type"].values()) == 8
+    zero, eight = result["rows"]
+    assert all(part["ss_post"] == part["ss_pre"] for part in zero["by_type"].values())
+    # x8 by hand for gender: each group edited with 8 x its solutions, its gender pairs scored
+    stereo, anti, unrelated = [], [], []
+    for group in groups:
+        cache, _, _ = editor.cache_samples(model, TOKENIZER, group, 2)
+        gender = [s for s in group if s.bias_type == "gender"]
+        with editor.edited(model, scaled_solutions(editor.predict(cache), 8.0)):
+            sentences = [s.stereotype for s in gender] + [s.anti_stereotype for s in gender]
+            scores = score_sentences(model, TOKENIZER, sentences + [s.unrelated for s in gender], 2).mean.view(3, -1)
+        stereo.append(scores[0]), anti.append(scores[1]), unrelated.append(scores[2])
+    expected = item_ss_lms(torch.cat(stereo), torch.cat(anti), torch.cat(unrelated))
+    assert eight["by_type"]["gender"]["ss_post"] == pytest.approx(expected["ss"])
+    assert eight["by_type"]["gender"]["lms_post"] == pytest.approx(expected["lms"])

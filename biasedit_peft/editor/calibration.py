@@ -185,12 +185,30 @@ def _text_nll_increases(
     return rises
 
 
+def metrics_by_type(pre: torch.Tensor, post: torch.Tensor, bias_types: Sequence[str | None]) -> dict[str, dict]:
+    """``{bias type: {"n", "ss_pre", "ss_post", "lms_pre", "lms_post"}}`` of the columns of ``pre`` / ``post``
+    (mean token log-probs ``[3, N]``: stereotype, anti-stereotype, unrelated rows) whose ``bias_types`` ``[N]`` name
+    that type (columns without one are left out): how each type moved under one multiple. Recorded only, never
+    ranked on; the pooled row is what :func:`rank_scales` ranks."""
+    result = {}
+    for bias_type in dict.fromkeys(t for t in bias_types if t is not None):
+        columns = torch.tensor([t == bias_type for t in bias_types])
+        before, now = item_ss_lms(*pre[:, columns]), item_ss_lms(*post[:, columns])
+        result[bias_type] = {"n": int(columns.sum()), "ss_pre": before["ss"], "ss_post": now["ss"],
+                             "lms_pre": before["lms"], "lms_post": now["lms"]}
+    return result
+
+
 def rank_scales(pre: torch.Tensor, after: dict[float, torch.Tensor],
-                score: Callable[[dict[str, float]], float], text_rises: dict[float, float] | None = None) -> dict:
+                score: Callable[[dict[str, float]], float], text_rises: dict[float, float] | None = None,
+                bias_types: Sequence[str | None] = ()) -> dict:
     """``{"scale": best, "rows": [...]}`` from pooled mean token log-probs ``[3, N]`` (stereotype, anti-stereotype,
     unrelated rows) before and after each scale: the calibrations' ranking (lowest ``score``, ties to the scale
-    nearest 1). ``text_rises``: the guard text's NLL rise per scale, recorded as ``text_nll_increase``."""
+    nearest 1). ``text_rises``: the guard text's NLL rise per scale, recorded as ``text_nll_increase``.
+    ``bias_types`` ``[N]`` (each column's, where known): each row also records ``by_type``
+    (:func:`metrics_by_type`)."""
     pre_metrics = item_ss_lms(pre[0], pre[1], pre[2])
+    typed = any(t is not None for t in bias_types)
     rows = []
     for scale, post in after.items():
         post_metrics = item_ss_lms(post[0], post[1], post[2])
@@ -200,6 +218,8 @@ def rank_scales(pre: torch.Tensor, after: dict[float, torch.Tensor],
         if text_rises is not None:
             row["text_nll_increase"] = text_rises[scale]
         row["selection"] = score(row)
+        if typed:
+            row["by_type"] = metrics_by_type(pre, post, bias_types)
         rows.append(row)
     best = min(rows, key=lambda row: (row["selection"], abs(row["scale"] - 1.0)))
     return {"scale": best["scale"], "rows": rows}
@@ -236,12 +256,15 @@ def calibrate_edit_scale(
         ``{"scale": best, "rows": [{"scale", "ss_pre", "ss_post", "lms_pre", "lms_post", "nll_increase",
         "selection"}, ...]}`` (one row per scale, in ``scales`` order, then the multiples past the ends in the order
         tried; ``nll_increase`` is the mean rise of the unrelated sentences' mean token NLL; ties go to the scale
-        nearest 1). Neither ``editor`` nor the model is changed.
+        nearest 1). Where samples name their ``bias_type``, each row also holds ``by_type``
+        (:func:`metrics_by_type`). Neither ``editor`` nor the model is changed.
     """
     replay = checked_replay(editor, peft_model, tokenizer, groups[0], batch_size, replay)
+    groups = [[group[i] for i in length_order(tokenizer, group).tolist()] for group in groups]
+    bias_types = [sample.bias_type for group in groups for sample in group]
     before, after = _scores_of_groups(editor, peft_model, tokenizer, groups, scales, batch_size, adapter_name,
                                       progress, replay)
-    result = rank_scales(before, after, score)
+    result = rank_scales(before, after, score, bias_types=bias_types)
     for _ in range(max_edge_steps):
         edge = next_edge_scale(result)
         if edge is None:
@@ -249,7 +272,7 @@ def calibrate_edit_scale(
         _, more = _scores_of_groups(editor, peft_model, tokenizer, groups, [edge], batch_size, adapter_name,
                                     progress, replay)
         after.update(more)
-        result = rank_scales(before, after, score)
+        result = rank_scales(before, after, score, bias_types=bias_types)
     return result
 
 
@@ -258,11 +281,10 @@ def _scores_of_groups(
     scales: Sequence[float], batch_size: int, adapter_name: str, progress: bool, replay: PrefixReplay,
 ) -> tuple[torch.Tensor, dict[float, torch.Tensor]]:
     """Scores ``[3, N]`` of every group's samples unedited, and ``{scale: [3, N]}`` with each group edited on its
-    own at each of ``scales`` (groups concatenated in order, each sorted by length)."""
+    own at each of ``scales`` (groups concatenated in order; each is scored in the order it is given)."""
     before, after = [], {scale: [] for scale in scales}
     for group in tqdm(groups, desc=f"calibrating the edit scale (x{', x'.join(f'{s:g}' for s in scales)})",
                       disable=not progress):
-        group = [group[i] for i in length_order(tokenizer, group).tolist()]
         cache, _, _ = editor.cache_samples(peft_model, tokenizer, group, batch_size)
         pre, prefixes = _unedited_scores(peft_model, tokenizer, group, replay, batch_size)
         post = _edited_scores(editor, peft_model, tokenizer, editor.predict(cache), group, scales, replay, prefixes,
@@ -330,4 +352,4 @@ def calibrate_joint_scale(
         if text_rises is not None:
             text_rises.update(more_rises)
         bar.update(2)
-    return rank_scales(pre, after, score, text_rises)
+    return rank_scales(pre, after, score, text_rises, [sample.bias_type for sample in scored])
