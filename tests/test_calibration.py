@@ -274,9 +274,12 @@ def test_metrics_by_type_are_the_item_metrics_of_each_types_columns():
     assert list(result) == ["gender", "race"]
     # gender: pairs (s > a) before: True, False -> SS 50; after: False, False -> 0. LMS: all 4 sentences above the
     # unrelated (-5) before and after -> 100.
-    assert result["gender"] == {"n": 2, "ss_pre": 50.0, "ss_post": 0.0, "lms_pre": 100.0, "lms_post": 100.0}
+    # The unrelated NLL does not move for gender; race's unrelated sentence falls from -0.5 to -5: NLL +4.5.
+    assert result["gender"] == {"n": 2, "ss_pre": 50.0, "ss_post": 0.0, "lms_pre": 100.0, "lms_post": 100.0,
+                                "nll_increase": 0.0}
     # race: before s -2 < a -1 (SS 0), both below the unrelated -0.5 (LMS 0); after s -2 < a -1.5, both above -5
-    assert result["race"] == {"n": 1, "ss_pre": 0.0, "ss_post": 0.0, "lms_pre": 0.0, "lms_post": 100.0}
+    assert result["race"] == {"n": 1, "ss_pre": 0.0, "ss_post": 0.0, "lms_pre": 0.0, "lms_post": 100.0,
+                              "nll_increase": 4.5}
 
 
 def test_calibration_rows_record_each_bias_type_as_pooled_rows_of_its_pairs(tmp_path):

@@ -186,7 +186,8 @@ def _text_nll_increases(
 
 
 def metrics_by_type(pre: torch.Tensor, post: torch.Tensor, bias_types: Sequence[str | None]) -> dict[str, dict]:
-    """``{bias type: {"n", "ss_pre", "ss_post", "lms_pre", "lms_post"}}`` of the columns of ``pre`` / ``post``
+    """``{bias type: {"n", "ss_pre", "ss_post", "lms_pre", "lms_post", "nll_increase"}}`` of the columns of ``pre`` /
+    ``post``
     (mean token log-probs ``[3, N]``: stereotype, anti-stereotype, unrelated rows) whose ``bias_types`` ``[N]`` name
     that type (columns without one are left out): how each type moved under one multiple. Recorded only, never
     ranked on; the pooled row is what :func:`rank_scales` ranks."""
@@ -195,7 +196,8 @@ def metrics_by_type(pre: torch.Tensor, post: torch.Tensor, bias_types: Sequence[
         columns = torch.tensor([t == bias_type for t in bias_types])
         before, now = item_ss_lms(*pre[:, columns]), item_ss_lms(*post[:, columns])
         result[bias_type] = {"n": int(columns.sum()), "ss_pre": before["ss"], "ss_post": now["ss"],
-                             "lms_pre": before["lms"], "lms_post": now["lms"]}
+                             "lms_pre": before["lms"], "lms_post": now["lms"],
+                             "nll_increase": (pre[2, columns] - post[2, columns]).mean().item()}
     return result
 
 
