@@ -309,3 +309,63 @@ def test_calibration_rows_record_each_bias_type_as_pooled_rows_of_its_pairs(tmp_
     expected = item_ss_lms(torch.cat(stereo), torch.cat(anti), torch.cat(unrelated))
     assert eight["by_type"]["gender"]["ss_post"] == pytest.approx(expected["ss"])
     assert eight["by_type"]["gender"]["lms_post"] == pytest.approx(expected["lms"])
+
+
+def _fresh_editor(model):
+    torch.manual_seed(0)
+    return BiasEditor.for_model(model, rank=8, lr=1e-2)
+
+
+def test_initial_strength_is_the_best_multiple_on_the_first_training_groups_and_keeps_the_normalisers(tmp_path):
+    from biasedit_peft.editor.calibration import INITIAL_EDIT_SCALES, target_score
+
+    model = peft_model()
+    args = BiasEditTrainingArguments(output_dir=str(tmp_path), n_edits=4, batch_size=2, meta_lr=1e-2, max_steps=0,
+                                     progress=False, calibrate=False, initial_edit_scale=True,
+                                     initial_scale_groups=2, edit_scale_edge_steps=1)
+    editor = _fresh_editor(model)
+    trainer = BiasEditTrainer(model, editor, args, samples(12), None, tokenizer=TOKENIZER)
+    state = trainer.train()  # max_steps 0: the initial strength alone
+
+    # the same choice made by hand: a fresh editor whose normalisers saw the first two groups of epoch 0
+    reference = _fresh_editor(model)
+    groups = trainer._batches(trainer.train_data, 0)[:2]
+    for group in groups:
+        reference.cache_samples(model, TOKENIZER, group, 2, update_normalizers=True)
+    expected = calibrate_edit_scale(reference, model, TOKENIZER, groups, lambda row: target_score(row, 3.0, 0.0488),
+                                    batch_size=2, scales=INITIAL_EDIT_SCALES, max_edge_steps=1)
+    assert state.initial_calibration == expected
+    chosen = expected["scale"]
+    assert chosen != 1.0  # this case does change the step sizes (x0.25: x1 already breaks the LMS bound here)
+    for net in editor.nets.values():
+        torch.testing.assert_close(net.lr, torch.full_like(net.lr, 1e-2 * chosen))
+        assert net.normalizer.count.item() == 0  # put back: meta-training starts from no statistics, as without
+    saved = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
+    assert saved["trainer"]["initial_calibration"]["scale"] == chosen
+
+
+def test_initial_strength_is_off_by_default_and_not_chosen_again_on_resume(tmp_path, monkeypatch):
+    from biasedit_peft.editor import trainer as trainer_module
+
+    model = peft_model()
+    plain = BiasEditTrainingArguments(output_dir=str(tmp_path / "plain"), n_edits=4, batch_size=2, max_steps=0,
+                                      progress=False, calibrate=False)
+    editor = _fresh_editor(model)
+    assert BiasEditTrainer(model, editor, plain, samples(12), None, tokenizer=TOKENIZER).train() \
+        .initial_calibration is None
+    assert all(torch.equal(net.lr, torch.full_like(net.lr, 1e-2)) for net in editor.nets.values())
+
+    args = replace(plain, output_dir=str(tmp_path / "run"), initial_edit_scale=True, initial_scale_groups=1,
+                   max_steps=1)
+    first = BiasEditTrainer(model, _fresh_editor(model), args, samples(12), None, tokenizer=TOKENIZER).train()
+    assert first.initial_calibration is not None and first.global_step == 1
+
+    def chosen_again(self):
+        raise AssertionError("the initial strength was chosen again on resume")
+
+    monkeypatch.setattr(trainer_module.BiasEditTrainer, "calibrate_initial_strength", chosen_again)
+    resumed = BiasEditTrainer(model, _fresh_editor(model), replace(args, max_steps=2, resume=True), samples(12), None,
+                              tokenizer=TOKENIZER).train()
+    assert resumed.global_step == 2 and resumed.initial_calibration == first.initial_calibration
+    with pytest.raises(ValueError, match="initial_scale_groups"):
+        replace(args, initial_scale_groups=0)

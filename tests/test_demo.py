@@ -129,7 +129,7 @@ def test_preset_is_the_named_one_else_testbeds_for_the_testbed_else_cpu_on_cpu_e
     from biasedit_peft import BiasEditConfig
     from biasedit_peft.cli.demo import add_parser, config_from_args
     from biasedit_peft.editor.presets import PRESETS, preset_for_model, preset_name_for
-    from biasedit_peft.workflows.demo import editor_preset
+    from biasedit_peft.workflows.demo import demo_fingerprint, editor_preset
 
     from factories import tiny_model
 
@@ -152,6 +152,14 @@ def test_preset_is_the_named_one_else_testbeds_for_the_testbed_else_cpu_on_cpu_e
     assert config.step_size_meta_lr == 1e-6 and args.step_size_meta_lr == 1e-6
     _, args = PRESETS["cpu"].editor_and_arguments(peft_model, "unused")
     assert PRESETS["cpu"].step_size_meta_lr is None and args.step_size_meta_lr is None
+    # --initial-edit-scale the same way; off in every preset, and left out of an unset run's fingerprint
+    config = config_from_args(parser.parse_args(["--model", "dir", "--initial-edit-scale"]))
+    _, args = PRESETS["cpu"].editor_and_arguments(peft_model, "unused", **config.overrides())
+    assert config.initial_edit_scale is True and args.initial_edit_scale is True
+    assert not any(preset.initial_edit_scale for preset in PRESETS.values())
+    assert config_from_args(parser.parse_args(["--model", "dir"])).initial_edit_scale is None
+    assert "initial_edit_scale" not in demo_fingerprint(config_from_args(parser.parse_args(["--model", "dir"])))
+    assert demo_fingerprint(config)["initial_edit_scale"] is True
 
 
 def test_layers_flag_picks_the_edited_blocks():

@@ -25,6 +25,7 @@ from biasedit_peft.cli._common import (
     add_average_steps_argument,
     add_block_init_argument,
     add_edit_layers_arguments,
+    add_initial_edit_scale_argument,
     add_model_argument,
     add_preset_argument,
     add_resume_arguments,
@@ -68,6 +69,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_select_by_argument(parser)
     add_step_size_meta_lr_argument(parser)
     add_average_steps_argument(parser)
+    add_initial_edit_scale_argument(parser)
     parser.add_argument("--calibrate-on", choices=("dev", "dev+train-calib"), default="dev+train-calib",
                         help="where the edit scale is calibrated: dev+train-calib (default; the editor meta-trains on "
                         "train-fit, and twice the held-out target terms choose its scale), or dev (meta-trains on "
@@ -100,7 +102,7 @@ def config_from_args(args: argparse.Namespace):
         max_steps=args.max_steps, eval_every=args.eval_every, n_edits=args.n_edits, loss=args.loss,
         select_by=args.select_by, level_coef=args.level_coef, held_out_coef=args.held_out_coef,
         block_init=args.block_init, step_size_meta_lr=args.step_size_meta_lr, loc_coef=args.loc_coef,
-        average_steps=args.average_steps, calibrate_on=args.calibrate_on,
+        average_steps=args.average_steps, initial_edit_scale=args.initial_edit_scale, calibrate_on=args.calibrate_on,
         limit=args.limit, n_resamples=args.n_resamples,
         seed=args.seed, dtype=args.dtype,
         device=args.device, merge=not args.no_merge, progress=not args.quiet,

@@ -13,6 +13,7 @@ from contextlib import nullcontext
 from biasedit_peft.cli._common import (
     add_average_steps_argument,
     add_block_init_argument,
+    add_initial_edit_scale_argument,
     add_model_argument,
     add_preset_argument,
     add_resume_arguments,
@@ -71,6 +72,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--meta-lr", type=float, default=None, help="Adam learning rate of the editor")
     add_step_size_meta_lr_argument(parser)
     add_average_steps_argument(parser)
+    add_initial_edit_scale_argument(parser)
     parser.add_argument("--loc-coef", type=float, default=None, help="weight of the retention loss")
     parser.add_argument("--rank", type=int, default=None)
     parser.add_argument("--n-blocks", type=int, default=None)
@@ -162,7 +164,7 @@ def train_into(work, args: argparse.Namespace, peft_model, preset, tokenizer, tr
         epochs=args.epochs, patience=args.patience,
         max_steps=args.max_steps, eval_every=args.eval_every, seed=args.seed, resume=args.resume,
         progress=not args.quiet, select_by=args.select_by, step_size_meta_lr=args.step_size_meta_lr,
-        average_steps=args.average_steps,
+        average_steps=args.average_steps, initial_edit_scale=args.initial_edit_scale,
         editor_device=args.editor_device,  # the trainer moves the editor there; None: with the LM
     )
     editor.provenance.update(training_data=describe_edit_samples(args.train_data, bias_types, args.limit),

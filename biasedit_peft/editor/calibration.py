@@ -41,6 +41,9 @@ EDIT_SCALES = (0.25, 0.5, 0.71, 1.0, 1.41, 2.0, 4.0)
 """Candidate multipliers of the edit (powers of sqrt 2 around 1, and the ends of a 16x range)."""
 JOINT_SCALES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 """Coarse multipliers of a joint delta (powers of 2); the two half-steps around the best are tried next."""
+INITIAL_EDIT_SCALES = (0.0625, 0.25, 1.0, 4.0, 16.0)
+"""Multiples of the preset's step sizes tried before meta-training (``initial_edit_scale``): powers of 4, a 256x
+range, extended past its ends as :data:`MAX_EDGE_STEPS` allows (to x256 and /256)."""
 MAX_EDGE_STEPS = 4
 """How many times :func:`calibrate_edit_scale` may double the grid's largest multiple (or halve its smallest) while
 that end scores best (:func:`next_edge_scale`): up to x64 and /64. The editor's step sizes start at the preset's

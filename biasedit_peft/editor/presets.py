@@ -51,6 +51,9 @@ class Preset:
     average_steps: int = 0
     """Validate and keep the editor's parameters averaged over about this many meta-steps
     (``BiasEditTrainingArguments.average_steps``); 0: the last iterate, as MALMEN."""
+    initial_edit_scale: bool = False
+    """Choose the step sizes' multiple on the first training groups before meta-training
+    (``BiasEditTrainingArguments.initial_edit_scale``); False: the preset's ``lr`` as it is."""
     max_grad_norm: float = 1.0
     epochs: int = 100
     early_stopping_patience: int = 3
@@ -62,7 +65,7 @@ class Preset:
                              meta_lr: float | None = None, loc_coef: float | None = None,
                              level_coef: float | None = None, held_out_coef: float | None = None,
                              step_size_meta_lr: float | None = None, average_steps: int | None = None,
-                             epochs: int | None = None,
+                             initial_edit_scale: bool | None = None, epochs: int | None = None,
                              patience: int | None = None, **training: Any):
         """A fresh editor for ``peft_model`` (on its device) and its ``BiasEditTrainingArguments``.
 
@@ -90,6 +93,7 @@ class Preset:
             level_coef=pick(level_coef, self.level_coef), held_out_coef=pick(held_out_coef, self.held_out_coef),
             step_size_meta_lr=pick(step_size_meta_lr, self.step_size_meta_lr),
             average_steps=pick(average_steps, self.average_steps),
+            initial_edit_scale=pick(initial_edit_scale, self.initial_edit_scale),
             epochs=pick(epochs, self.epochs), early_stopping_patience=pick(patience, self.early_stopping_patience),
             max_grad_norm=self.max_grad_norm, **training,
         )
@@ -114,6 +118,7 @@ class PresetOverrides:
     block_init: str | None = None
     step_size_meta_lr: float | None = None
     average_steps: int | None = None
+    initial_edit_scale: bool | None = None
 
     def overrides(self) -> dict[str, Any]:
         """The keyword arguments of :meth:`Preset.editor_and_arguments` these fields stand for."""
