@@ -369,3 +369,10 @@ def test_initial_strength_is_off_by_default_and_not_chosen_again_on_resume(tmp_p
     assert resumed.global_step == 2 and resumed.initial_calibration == first.initial_calibration
     with pytest.raises(ValueError, match="initial_scale_groups"):
         replace(args, initial_scale_groups=0)
+
+
+def test_calibration_summary_names_the_choice_and_every_row():
+    rows = [{"scale": 0.0625, "ss_pre": 60.24, "ss_post": 53.91, "lms_pre": 90.0, "lms_post": 90.39},
+            {"scale": 1.0, "ss_pre": 60.24, "ss_post": 38.28, "lms_pre": 90.0, "lms_post": 68.52}]
+    assert calibration_module.calibration_summary({"scale": 0.0625, "rows": rows}) == (
+        "x0.0625 chosen (x0.0625: SS 60.2->53.9, LMS drop -0.39; x1: SS 60.2->38.3, LMS drop 21.48)")

@@ -275,9 +275,9 @@ def add_initial_edit_scale_argument(parser: argparse.ArgumentParser) -> None:
     """``--initial-edit-scale``: choose the editor's step sizes on the first training groups before meta-training
     (default: the preset's, off in every preset; docs/method.md §6)."""
     parser.add_argument("--initial-edit-scale", action="store_true", default=None,
-                        help="before meta-training, multiply the editor's step sizes by the power of 4 whose edits of "
-                             "the first training groups score best (the preset's lr is the same for every model); "
-                             "default: preset (off)")
+                        help="experimental: before meta-training, multiply the editor's step sizes by the power of 4 "
+                             "whose edits of the first training groups score best (the preset's lr is the same for "
+                             "every model); default: preset (off)")
 
 
 def add_step_size_meta_lr_argument(parser: argparse.ArgumentParser) -> None:

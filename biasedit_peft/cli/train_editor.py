@@ -23,6 +23,7 @@ from biasedit_peft.cli._common import (
     recorded_command,
     split_list,
 )
+from biasedit_peft.editor.calibration import calibration_summary
 from biasedit_peft.editor.losses import LOSS_KINDS
 from biasedit_peft.models import default_device
 
@@ -138,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"trained {state.global_step} meta-steps ({state.epoch} epochs"
           f"{', stopped early' if state.stopped_early else ''}); best at step {state.best_step}, "
           f"selection score {state.best_loss:.4g} ({training.select_by})")
+    if state.initial_calibration:
+        print(f"initial edit strength (--initial-edit-scale): {calibration_summary(state.initial_calibration)}")
     if summary:
         print(f"last validation: {summary}")
     print(f"editor written to {args.out}")

@@ -73,6 +73,13 @@ def chosen_row(calibration: dict) -> dict:
     return next(row for row in calibration["rows"] if row["scale"] == calibration["scale"])
 
 
+def calibration_summary(calibration: dict) -> str:
+    """One line of a calibration result: the chosen multiple, then every row's ``xC: SS pre->post, LMS drop D``."""
+    rows = "; ".join(f"x{row['scale']:g}: SS {row['ss_pre']:.1f}->{row['ss_post']:.1f}, LMS drop "
+                     f"{row['lms_pre'] - row['lms_post']:.2f}" for row in calibration["rows"])
+    return f"x{calibration['scale']:g} chosen ({rows})"
+
+
 def nll_rise(metrics: dict[str, float]) -> float:
     """The larger NLL rise of a row: ``nll_increase`` (unrelated sentences) or ``text_nll_increase`` (the guard
     text, where it was scored)."""

@@ -223,6 +223,7 @@ def training_summary(state, args) -> dict:
     """``results["training"]``: where meta-training ended (a ``TrainerState``) and its arguments."""
     return {"steps": state.global_step, "epochs": state.epoch, "stopped_early": state.stopped_early,
             "best_loss": state.best_loss, "best_step": state.best_step, "calibration": state.calibration,
+            "initial_calibration": state.initial_calibration,
             "history": state.history, "arguments": asdict(args)}
 
 
