@@ -115,14 +115,20 @@ def test_a_ceiling_run_reports_the_kept_checkpoint(tmp_path):
     assert steps[2]["perplexity"] != steps[0]["perplexity"]  # the deltas moved, so restoring them is tested
 
 
-def test_calibration_order_groups_dev_in_file_order_or_a_seeded_shuffle():
+def test_calibration_order_groups_dev_in_file_order_a_seeded_shuffle_or_by_type():
+    from types import SimpleNamespace
+
     groups_of = script_module("calibration_order").dev_groups
     samples = list(range(10))
-    assert groups_of(samples, 4, None) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    shuffled = groups_of(samples, 4, 0)
+    assert groups_of(samples, 4, "file", 0) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    shuffled = groups_of(samples, 4, "shuffled", 0)
     assert [len(group) for group in shuffled] == [4, 4, 2]
     assert sorted(sum(shuffled, [])) == samples and sum(shuffled, []) != samples
-    assert groups_of(samples, 4, 0) == shuffled and groups_of(samples, 4, 1) != shuffled
+    assert groups_of(samples, 4, "shuffled", 0) == shuffled and groups_of(samples, 4, "shuffled", 1) != shuffled
+    typed = [SimpleNamespace(bias_type=t) for t in ("race", "gender", "race", "race", "gender")]
+    assert groups_of(typed, 2, "by-type", 0) == [[typed[0], typed[2]], [typed[3]], [typed[1], typed[4]]]
+    with pytest.raises(ValueError, match="unknown order"):
+        groups_of(samples, 4, "random", 0)
 
 
 def test_scale_transfer_chooses_on_one_half_of_the_targets_and_scores_the_other():
