@@ -179,6 +179,12 @@ def gguf_cache_key(gguf_path: Path) -> str:
     return file_sha256(gguf_path)[:CACHE_KEY_LENGTH]
 
 
+def converted_folder(stem: str, sha256: str) -> Path:
+    """``cache_root()/models/<stem>-<first CACHE_KEY_LENGTH hex digits of sha256>``: where a GGUF file with that
+    name stem and SHA-256 is converted to, whether it was found whole or joined from parts."""
+    return cache_root() / "models" / f"{stem}-{sha256[:CACHE_KEY_LENGTH]}"
+
+
 def converted_model_dir(name_or_path: str | os.PathLike) -> Path:
     """The cached safetensors folder for a GGUF alias or ``.gguf`` path, converting the file on first use.
 
@@ -190,7 +196,7 @@ def converted_model_dir(name_or_path: str | os.PathLike) -> Path:
         return _converted_from_parts(str(name_or_path), alias)
     gguf_path = locate_gguf(name_or_path)
     digest = file_sha256(gguf_path)  # read once: it keys the folder and is recorded as the converted file's
-    folder = cache_root() / "models" / f"{gguf_path.stem}-{digest[:CACHE_KEY_LENGTH]}"
+    folder = converted_folder(gguf_path.stem, digest)
     if not (folder / "config.json").is_file():
         print(f"[biasedit] converting {gguf_path} once into {folder} ...", file=sys.stderr, flush=True)
         convert_gguf(gguf_path, folder, sha256=digest)
@@ -200,7 +206,7 @@ def converted_model_dir(name_or_path: str | os.PathLike) -> Path:
 def _converted_from_parts(name: str, alias: GGUFAlias) -> Path:
     """The cached folder of an alias shipped in parts: on first use the parts are joined into a temporary
     file beside the cache, checked against ``alias.sha256``, converted, and the joined file removed."""
-    folder = cache_root() / "models" / f"{Path(alias.file_name).stem}-{alias.sha256[:CACHE_KEY_LENGTH]}"
+    folder = converted_folder(Path(alias.file_name).stem, alias.sha256)
     if (folder / "config.json").is_file():
         return folder
     parts = installed_alias_parts(name)

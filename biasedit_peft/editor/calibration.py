@@ -196,11 +196,10 @@ def _text_nll_increases(
 
 
 def metrics_by_type(pre: torch.Tensor, post: torch.Tensor, bias_types: Sequence[str | None]) -> dict[str, dict]:
-    """``{bias type: {"n", "ss_pre", "ss_post", "lms_pre", "lms_post", "nll_increase"}}`` of the columns of ``pre`` /
-    ``post``
-    (mean token log-probs ``[3, N]``: stereotype, anti-stereotype, unrelated rows) whose ``bias_types`` ``[N]`` name
-    that type (columns without one are left out): how each type moved under one multiple. Recorded only, never
-    ranked on; the pooled row is what :func:`rank_scales` ranks."""
+    """``{bias type: {"n", "ss_pre", "ss_post", "lms_pre", "lms_post", "nll_increase"}}`` of the columns of
+    ``pre`` / ``post`` (mean token log-probs ``[3, N]``: stereotype, anti-stereotype, unrelated rows) whose
+    ``bias_types`` ``[N]`` name that type (columns without one are left out): how each type moved under one
+    multiple. Recorded only, never ranked on; the pooled row is what :func:`rank_scales` ranks."""
     result = {}
     for bias_type in dict.fromkeys(t for t in bias_types if t is not None):
         columns = torch.tensor([t == bias_type for t in bias_types])
