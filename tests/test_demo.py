@@ -160,6 +160,8 @@ def test_preset_is_the_named_one_else_testbeds_for_the_testbed_else_cpu_on_cpu_e
     assert config_from_args(parser.parse_args(["--model", "dir"])).initial_edit_scale is None
     assert "initial_edit_scale" not in demo_fingerprint(config_from_args(parser.parse_args(["--model", "dir"])))
     assert demo_fingerprint(config)["initial_edit_scale"] is True
+    switched_off = config_from_args(parser.parse_args(["--model", "dir", "--no-initial-edit-scale"]))
+    assert switched_off.initial_edit_scale is False
 
 
 def test_layers_flag_picks_the_edited_blocks():

@@ -272,9 +272,9 @@ def add_average_steps_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_initial_edit_scale_argument(parser: argparse.ArgumentParser) -> None:
-    """``--initial-edit-scale``: choose the editor's step sizes on the first training groups before meta-training
-    (default: the preset's, off in every preset; docs/method.md §6)."""
-    parser.add_argument("--initial-edit-scale", action="store_true", default=None,
+    """``--initial-edit-scale`` / ``--no-initial-edit-scale``: choose the editor's step sizes on the first training
+    groups before meta-training, or not (default: the preset's, off in every preset; docs/method.md §6)."""
+    parser.add_argument("--initial-edit-scale", action=argparse.BooleanOptionalAction, default=None,
                         help="experimental: before meta-training, multiply the editor's step sizes by the power of 4 "
                              "whose edits of the first training groups score best (the preset's lr is the same for "
                              "every model); default: preset (off)")
