@@ -10,7 +10,9 @@ short of 50. This script reads two reports of ``scripts/calibration_order.py`` m
 
 For each bias type it takes the multiple that the calibration pairs *of that type* rank best
 (``calibration.target_score`` on the type's row, ties to the multiple nearest 1), and prints that type's test SS at
-the pooled choice and at its own. Test only reports here: nothing is chosen on it.
+the pooled choice and at its own. It also prints test SS at the *balanced* choice: one multiple for every type, the
+one whose types' target scores have the lowest mean (each type weighs the same, however few pairs it has; the
+target is per type). Test only reports here: nothing is chosen on it.
 
     python scripts/per_type_transfer.py --calibration runs/gemma3-calib-s0.json --test runs/gemma3-test-s0.json
 """
@@ -38,23 +40,35 @@ def per_type_choice(rows: dict[float, dict], bias_type: str) -> float:
     return min(rows, key=lambda scale: (target_score(rows[scale]["by_type"][bias_type]), abs(scale - 1.0)))
 
 
+def balanced_choice(rows: dict[float, dict]) -> float:
+    """The one multiple whose bias types' :func:`target_score` s have the lowest mean, ties nearest 1."""
+    def mean_score(scale: float) -> float:
+        scores = [target_score(metrics) for metrics in rows[scale]["by_type"].values()]
+        return sum(scores) / len(scores)
+    return min(rows, key=lambda scale: (mean_score(scale), abs(scale - 1.0)))
+
+
 def transfer_table(calibration: dict[float, dict], pooled_choice: float, test: dict[float, dict]) -> list[dict]:
     """One row per bias type: its calibration and test SS before, the multiple its calibration pairs choose, and its
-    test SS and LMS at the pooled choice and at that multiple."""
+    test SS and LMS at the pooled choice, at that multiple and at the balanced choice."""
     missing = sorted(set(calibration) - set(test))
     if missing:
         raise SystemExit(f"the test report lacks the multiples {missing}: run both with the same --scales")
+    balanced = balanced_choice(calibration)
     table = []
     for bias_type in next(iter(test.values()))["by_type"]:
         own = per_type_choice(calibration, bias_type)
         at_pooled, at_own = test[pooled_choice]["by_type"][bias_type], test[own]["by_type"][bias_type]
+        at_balanced = test[balanced]["by_type"][bias_type]
         table.append({"bias_type": bias_type, "n_test": at_own["n"],
                       "calibration_ss_pre": calibration[own]["by_type"][bias_type]["ss_pre"],
                       "calibration_n": calibration[own]["by_type"][bias_type]["n"],
                       "pooled_scale": pooled_choice, "own_scale": own, "test_ss_pre": at_own["ss_pre"],
                       "test_ss_pooled": at_pooled["ss_post"], "test_ss_own": at_own["ss_post"],
                       "test_lms_drop_pooled": at_pooled["lms_pre"] - at_pooled["lms_post"],
-                      "test_lms_drop_own": at_own["lms_pre"] - at_own["lms_post"]})
+                      "test_lms_drop_own": at_own["lms_pre"] - at_own["lms_post"],
+                      "balanced_scale": balanced, "test_ss_balanced": at_balanced["ss_post"],
+                      "test_lms_drop_balanced": at_balanced["lms_pre"] - at_balanced["lms_post"]})
     return table
 
 
@@ -74,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['bias_type']}: its {row['calibration_n']} calibration pairs choose x{row['own_scale']:g} "
               f"(pooled x{row['pooled_scale']:g}); test SS {row['test_ss_pre']:.2f} -> {row['test_ss_pooled']:.2f} "
               f"pooled (LMS drop {row['test_lms_drop_pooled']:+.2f}), {row['test_ss_own']:.2f} own "
-              f"(LMS drop {row['test_lms_drop_own']:+.2f})")
-    for key in ("pooled", "own"):
+              f"(LMS drop {row['test_lms_drop_own']:+.2f}), {row['test_ss_balanced']:.2f} at the balanced "
+              f"x{row['balanced_scale']:g} (LMS drop {row['test_lms_drop_balanced']:+.2f})")
+    for key in ("pooled", "own", "balanced"):
         gaps = [abs(row[f"test_ss_{key}"] - 50.0) for row in table]
         print(f"mean |test SS - 50|, {key} multiple: {sum(gaps) / len(gaps):.2f}")
     if args.out:

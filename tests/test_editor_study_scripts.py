@@ -131,6 +131,32 @@ def test_calibration_order_groups_dev_in_file_order_a_seeded_shuffle_or_by_type(
         groups_of(samples, 4, "random", 0)
 
 
+def _typed_row(scale: float, ss: dict[str, float], lms_drop: dict[str, float] | None = None) -> dict:
+    """A ``calibration_order.py`` row at ``scale``: ``ss_post`` per bias type, LMS 90 before (minus the drop)."""
+    drops = lms_drop or {}
+    return {"scale": scale, "by_type": {t: {"n": 10, "ss_pre": 60.0, "ss_post": value, "lms_pre": 90.0,
+                                              "lms_post": 90.0 - drops.get(t, 0.0), "nll_increase": 0.0}
+                                          for t, value in ss.items()}}
+
+
+def test_per_type_transfer_reads_the_pooled_own_and_balanced_multiples_hand_computed():
+    script = script_module("per_type_transfer")
+    calibration = {1.0: _typed_row(1.0, {"gender": 58.0, "race": 51.0, "religion": 57.0}),
+                   2.0: _typed_row(2.0, {"gender": 50.0, "race": 46.0, "religion": 51.0}),
+                   4.0: _typed_row(4.0, {"gender": 50.0, "race": 42.0, "religion": 50.0}, {"religion": 3.5})}
+    # own: gender ties at 0 between x2 and x4 (nearest 1: x2), race x1 (1.0), religion x2 (x4 breaks the LMS bound)
+    assert [script.per_type_choice(calibration, t) for t in ("gender", "race", "religion")] == [2.0, 1.0, 2.0]
+    # mean |SS - 50|: x1 (8 + 1 + 7) / 3 = 5.33, x2 (0 + 4 + 1) / 3 = 1.67, x4 out of bounds (religion)
+    assert script.balanced_choice(calibration) == 2.0
+    test = {scale: _typed_row(scale, {"gender": 60.0 - 4 * scale, "race": 55.0 - scale, "religion": 53.0})
+            for scale in (1.0, 2.0, 4.0)}
+    table = {row["bias_type"]: row for row in script.transfer_table(calibration, 1.0, test)}
+    assert table["gender"]["test_ss_pooled"] == 56.0 and table["gender"]["test_ss_own"] == 52.0
+    assert table["race"]["test_ss_own"] == 54.0 and table["race"]["test_ss_balanced"] == 53.0
+    assert {row["balanced_scale"] for row in table.values()} == {2.0}
+    assert table["religion"]["test_lms_drop_balanced"] == 0.0
+
+
 def test_scale_transfer_chooses_on_one_half_of_the_targets_and_scores_the_other():
     from biasedit_peft.evaluation import STEREOSET_ROLES
     from biasedit_peft.scoring import SentenceLogProbs
