@@ -41,7 +41,7 @@ def per_type_choice(rows: dict[float, dict], bias_type: str) -> float:
 
 
 def balanced_choice(rows: dict[float, dict]) -> float:
-    """The one multiple whose bias types' :func:`target_score` s have the lowest mean, ties nearest 1."""
+    """The one multiple with the lowest mean :func:`target_score` over its bias types, ties nearest 1."""
     def mean_score(scale: float) -> float:
         scores = [target_score(metrics) for metrics in rows[scale]["by_type"].values()]
         return sum(scores) / len(scores)
