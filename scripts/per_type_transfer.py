@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from statistics import mean
 
 from biasedit_peft._io import write_json
 from biasedit_peft.editor.calibration import target_score
@@ -35,17 +37,20 @@ def rows_by_scale(report: dict, order: str) -> dict[float, dict]:
     return {row["scale"]: row for row in report["orders"][order]["rows"]}
 
 
+def best_multiple(rows: dict[float, dict], score: Callable[[dict], float]) -> float:
+    """The multiple whose row has the lowest ``score`` (lower is better), ties to the multiple nearest 1, as the
+    trainer's calibration breaks them."""
+    return min(rows, key=lambda scale: (score(rows[scale]), abs(scale - 1.0)))
+
+
 def per_type_choice(rows: dict[float, dict], bias_type: str) -> float:
     """The multiple whose ``by_type[bias_type]`` metrics score best (:func:`target_score`), ties nearest 1."""
-    return min(rows, key=lambda scale: (target_score(rows[scale]["by_type"][bias_type]), abs(scale - 1.0)))
+    return best_multiple(rows, lambda row: target_score(row["by_type"][bias_type]))
 
 
 def balanced_choice(rows: dict[float, dict]) -> float:
     """The one multiple with the lowest mean :func:`target_score` over its bias types, ties nearest 1."""
-    def mean_score(scale: float) -> float:
-        scores = [target_score(metrics) for metrics in rows[scale]["by_type"].values()]
-        return sum(scores) / len(scores)
-    return min(rows, key=lambda scale: (mean_score(scale), abs(scale - 1.0)))
+    return best_multiple(rows, lambda row: mean(target_score(metrics) for metrics in row["by_type"].values()))
 
 
 def transfer_table(calibration: dict[float, dict], pooled_choice: float, test: dict[float, dict]) -> list[dict]:
