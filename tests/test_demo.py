@@ -162,6 +162,12 @@ def test_preset_is_the_named_one_else_testbeds_for_the_testbed_else_cpu_on_cpu_e
     assert demo_fingerprint(config)["initial_edit_scale"] is True
     switched_off = config_from_args(parser.parse_args(["--model", "dir", "--no-initial-edit-scale"]))
     assert switched_off.initial_edit_scale is False
+    # --ss-coef the same way: 0 in every preset, left out of an unset run's fingerprint (older runs resume)
+    config = config_from_args(parser.parse_args(["--model", "dir", "--ss-coef", "1.5"]))
+    _, args = PRESETS["cpu"].editor_and_arguments(peft_model, "unused", **config.overrides())
+    assert config.ss_coef == 1.5 and args.ss_coef == 1.5 and demo_fingerprint(config)["ss_coef"] == 1.5
+    assert not any(preset.ss_coef for preset in PRESETS.values())
+    assert "ss_coef" not in demo_fingerprint(config_from_args(parser.parse_args(["--model", "dir"])))
 
 
 def test_layers_flag_picks_the_edited_blocks():

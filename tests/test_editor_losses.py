@@ -222,3 +222,17 @@ def test_token_retention_of_a_batch_with_nothing_scored_is_zero_with_a_zero_grad
     assert loss.tolist() == [0.0, 0.0] and pre_scores.abs().sum() == 0 and post_scores.abs().sum() == 0
     (grad,) = torch.autograd.grad(loss.sum(), post)
     assert grad.abs().sum() == 0
+
+
+def test_soft_ss_term_hand_computed_and_zero_for_a_balanced_group():
+    """``(mean tanh(gap / tau))^2`` with ``tau`` the (lower) median absolute pre-edit gap, by hand."""
+    from biasedit_peft.editor.losses import gap_scale, soft_ss_of
+
+    gaps = torch.tensor([0.2, -0.1, 0.4, 0.0])
+    tau = gap_scale(gaps)  # |gaps| sorted 0, 0.1, 0.2, 0.4: the lower median 0.1
+    assert tau.item() == pytest.approx(0.1)
+    expected = ((math.tanh(2.0) + math.tanh(-1.0) + math.tanh(4.0) + 0.0) / 4) ** 2  # 0.090265...
+    assert soft_ss_of(gaps, tau).item() == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx(0.0902650, rel=1e-5)
+    assert soft_ss_of(torch.tensor([0.3, -0.3, 0.05, -0.05]), 0.1).item() == pytest.approx(0.0, abs=1e-12)
+    assert gap_scale(torch.zeros(3)).item() == pytest.approx(1e-3)  # a group of ties keeps a finite scale

@@ -430,15 +430,18 @@ def test_selection_score_on_hand_built_validations(tmp_path):
         _args(tmp_path, select_by="ss")
 
 
-def test_meta_gradient_with_the_level_loss_matches_autograd_of_the_whole_meta_loss(tmp_path, monkeypatch):
+@pytest.mark.parametrize("ss_coef", [0.0, 1.5])
+def test_meta_gradient_with_the_level_loss_matches_autograd_of_the_whole_meta_loss(tmp_path, monkeypatch, ss_coef):
+    """The whole meta-loss, its level term and (``ss_coef``) the group's soft-SS term over two LM batches, whose
+    pair losses then wait for the group's mean sign, against one autograd pass over all pairs at once."""
     from biasedit_peft.editor.editor import length_order
-    from biasedit_peft.editor.losses import level_loss, pair_scores, retention_loss
+    from biasedit_peft.editor.losses import gap_scale, level_loss, pair_scores, retention_loss, soft_ss_of
     from biasedit_peft.scoring import encode_sentences
     from biasedit_peft.tuner.deltas import override_deltas
 
     model = peft_model()
     editor = BiasEditor.for_model(model, rank=8, lr=1e-1)
-    args = _args(tmp_path, level_coef=2.0, loc_coef=0.5)
+    args = _args(tmp_path, level_coef=2.0, loc_coef=0.5, ss_coef=ss_coef)
     trainer = BiasEditTrainer(model, editor, args, samples(8), None, tokenizer=TOKENIZER)
     captured = {}
     monkeypatch.setattr(editor, "meta_backward",
@@ -459,6 +462,11 @@ def test_meta_gradient_with_the_level_loss_matches_autograd_of_the_whole_meta_lo
     total = (debias_loss("token", logits, pairs).sum() / n
              + 2.0 * level_loss(*pair_scores(logits, pairs), pre_s.mean, pre_a.mean).sum() / n
              + 0.5 * retention_loss("token", pre_u, post_u, unrelated).sum() / n)
+    post_s, post_a = pair_scores(logits, pairs)
+    soft_ss = soft_ss_of(post_s.mean - post_a.mean, gap_scale(pre_s.mean - pre_a.mean))
+    total = total + ss_coef * soft_ss
+    assert len(group) == 4 and args.batch_size == 2  # two LM batches
+    assert metrics["soft_ss"] == (pytest.approx(soft_ss.item(), rel=1e-5) if ss_coef else 0.0) and soft_ss > 1e-4
     assert metrics["loss"] == pytest.approx(total.item(), rel=1e-5)
     grads = torch.autograd.grad(total, list(leaves.values()))
     for name, grad in zip(leaves, grads):
@@ -529,6 +537,10 @@ def test_step_sizes_take_their_own_adam_rate_and_an_old_checkpoint_resumes_with_
     # other fields a checkpoint lacks are not compared: their default need not be what older code did
     older = {"args": {k: v for k, v in saved["args"].items() if k != "select_by"}}
     assert resume_mismatches(older, _args(tmp_path, select_by="loss"), config, config, {}) == {}
+    # a checkpoint from before ss_coef was trained without the term: resumed only with it off
+    no_ss = {"args": {k: v for k, v in vars(_args(tmp_path)).items() if k != "ss_coef"}}
+    assert resume_mismatches(no_ss, _args(tmp_path), config, config, {}) == {}
+    assert resume_mismatches(no_ss, _args(tmp_path, ss_coef=1.0), config, config, {}) == {"ss_coef": (0.0, 1.0)}
 
 
 # ----- parameter averaging and selection ties -----------------------------------------------------------

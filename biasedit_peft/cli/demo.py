@@ -62,6 +62,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--loc-coef", type=float, default=None, help="retention weight (default: preset)")
     parser.add_argument("--level-coef", type=float, default=None,
                         help="weight of the level loss that keeps each pair's likelihood (default: preset)")
+    parser.add_argument("--ss-coef", type=float, default=None,
+                        help="weight of the soft-SS meta-loss term, the edit group's smoothed mean stereotype "
+                        "preference squared (experimental; default: preset, 0)")
     add_block_init_argument(parser)
     parser.add_argument("--held-out-coef", type=float, default=None,
                         help="weight of the held-out debias loss: each edit also scored on pairs of other target "
@@ -100,7 +103,7 @@ def config_from_args(args: argparse.Namespace):
         model=args.model, out=args.out, preset=args.preset, bias_types=tuple(bias_types),
         num_edit_layers=args.num_edit_layers, layers_to_transform=parse_block_indices(args.layers),
         max_steps=args.max_steps, eval_every=args.eval_every, n_edits=args.n_edits, loss=args.loss,
-        select_by=args.select_by, level_coef=args.level_coef, held_out_coef=args.held_out_coef,
+        select_by=args.select_by, level_coef=args.level_coef, ss_coef=args.ss_coef, held_out_coef=args.held_out_coef,
         block_init=args.block_init, step_size_meta_lr=args.step_size_meta_lr, loc_coef=args.loc_coef,
         average_steps=args.average_steps, initial_edit_scale=args.initial_edit_scale, calibrate_on=args.calibrate_on,
         limit=args.limit, n_resamples=args.n_resamples,

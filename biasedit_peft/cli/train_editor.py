@@ -62,6 +62,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--patience", type=int, default=None, help="early stopping patience (validations)")
     parser.add_argument("--level-coef", type=float, default=None,
                         help="weight of the level loss that keeps each pair's likelihood (default: preset)")
+    parser.add_argument("--ss-coef", type=float, default=None,
+                        help="weight of the soft-SS meta-loss term, the edit group's smoothed mean stereotype "
+                        "preference squared (experimental; default: preset, 0)")
     add_block_init_argument(parser)
     parser.add_argument("--held-out-coef", type=float, default=None,
                         help="weight of the held-out debias loss: each edit also scored on pairs of other target "
@@ -163,7 +166,7 @@ def train_into(work, args: argparse.Namespace, peft_model, preset, tokenizer, tr
     editor, training = preset.editor_and_arguments(
         peft_model, str(work), loss=args.loss, base_model=args.model, rank=args.rank, n_blocks=args.n_blocks,
         lr=args.lr, block_init=args.block_init, n_edits=args.n_edits, batch_size=args.batch_size, meta_lr=args.meta_lr,
-        loc_coef=args.loc_coef, level_coef=args.level_coef, held_out_coef=args.held_out_coef,
+        loc_coef=args.loc_coef, level_coef=args.level_coef, ss_coef=args.ss_coef, held_out_coef=args.held_out_coef,
         epochs=args.epochs, patience=args.patience,
         max_steps=args.max_steps, eval_every=args.eval_every, seed=args.seed, resume=args.resume,
         progress=not args.quiet, select_by=args.select_by, step_size_meta_lr=args.step_size_meta_lr,

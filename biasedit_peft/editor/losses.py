@@ -32,7 +32,17 @@ rather than the likelihood of both (which is what LMS, against the unrelated sen
 
     level     = ((mean_logp_post(s) + mean_logp_post(a)) / 2 - (mean_logp_pre(s) + mean_logp_pre(a)) / 2)^2
 
-Every function returns one loss per pair / sentence; callers sum and scale (see docs/method.md).
+``soft_ss`` (weighted by ``ss_coef``; 0 in every preset; experimental) is a term of the *meta-loss* only, over the
+whole edit group of ``P`` pairs rather than per pair. Reference SS is ``50 + 50 mean_p sign(delta_p)``; its smooth
+stand-in is
+
+    soft_ss   = (mean_p tanh(delta_p / tau))^2,   tau = median_p |delta_p before the edit|  (a constant)
+
+zero where the group's stereotype and anti-stereotype preferences balance. Its gradient pushes every pair the same
+way, against the majority, weighted most where a pair is near flipping: the shared shift that moves SS, which a
+per-pair loss minimised pair by pair does not aim at (docs/method.md §4).
+
+Every other function returns one loss per pair / sentence; callers sum and scale (see docs/method.md).
 Sentence scores come from :mod:`biasedit_peft.scoring` (logit ``t - 1`` scores token ``t``).
 """
 
@@ -80,6 +90,23 @@ def token_debias_loss(stereo: SentenceLogProbs, anti: SentenceLogProbs) -> torch
     """Per-pair symmetric Bernoulli KL of the stereotype preference: ``[P]``."""
     gap = pair_gap(stereo, anti)
     return gap * torch.tanh(gap / 2)
+
+
+def soft_signs(gaps: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """``tanh(gaps / scale)``: each pair's smoothed stereotype preference in ``(-1, 1)``, gaps ``[P]`` -> ``[P]``
+    (``mean(...)^2`` is :func:`soft_ss_of`)."""
+    return torch.tanh(gaps / scale)
+
+
+def soft_ss_of(gaps: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """The soft-SS term ``(mean_p tanh(gaps_p / scale))^2`` of one group's gaps ``[P]``: a scalar."""
+    return soft_signs(gaps, scale).mean().square()
+
+
+def gap_scale(pre_gaps: torch.Tensor, floor: float = 1e-3) -> torch.Tensor:
+    """``tau`` of the soft-SS term: the median absolute pre-edit gap of the group ``[P]`` (at least ``floor``,
+    so that a group of ties stays finite): a scalar constant."""
+    return pre_gaps.detach().abs().median().clamp(min=floor)
 
 
 def abs_debias_loss(stereo: SentenceLogProbs, anti: SentenceLogProbs) -> torch.Tensor:

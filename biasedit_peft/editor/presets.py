@@ -43,6 +43,8 @@ class Preset:
     """How the editor blocks' ``A`` are drawn (``nets.BLOCK_INITS``); ``"unit"`` is MALMEN's."""
     level_coef: float = 0.0
     """Weight of the level loss (``losses.level_loss``); not in the paper."""
+    ss_coef: float = 0.0
+    """Weight of the soft-SS term of the meta-loss (``losses.soft_ss_of``); not in the paper, experimental."""
     held_out_coef: float = 0.0
     """Weight of the held-out debias loss (``trainer.held_out_group``; MEND / MALMEN's generalisation loss)."""
     step_size_meta_lr: float | None = None
@@ -63,7 +65,8 @@ class Preset:
                              lr: float | None = None, block_init: str | None = None, n_edits: int | None = None,
                              batch_size: int | None = None,
                              meta_lr: float | None = None, loc_coef: float | None = None,
-                             level_coef: float | None = None, held_out_coef: float | None = None,
+                             level_coef: float | None = None, ss_coef: float | None = None,
+                             held_out_coef: float | None = None,
                              step_size_meta_lr: float | None = None, average_steps: int | None = None,
                              initial_edit_scale: bool | None = None, epochs: int | None = None,
                              patience: int | None = None, **training: Any):
@@ -90,7 +93,8 @@ class Preset:
             output_dir=str(output_dir), n_edits=pick(n_edits, self.n_edits),
             batch_size=pick(batch_size, self.batch_size),
             meta_lr=pick(meta_lr, self.meta_lr), loc_coef=pick(loc_coef, self.loc_coef),
-            level_coef=pick(level_coef, self.level_coef), held_out_coef=pick(held_out_coef, self.held_out_coef),
+            level_coef=pick(level_coef, self.level_coef), ss_coef=pick(ss_coef, self.ss_coef),
+            held_out_coef=pick(held_out_coef, self.held_out_coef),
             step_size_meta_lr=pick(step_size_meta_lr, self.step_size_meta_lr),
             average_steps=pick(average_steps, self.average_steps),
             initial_edit_scale=pick(initial_edit_scale, self.initial_edit_scale),
@@ -114,6 +118,7 @@ class PresetOverrides:
     loc_coef: float | None = None
     rank: int | None = None
     level_coef: float | None = None
+    ss_coef: float | None = None
     held_out_coef: float | None = None
     block_init: str | None = None
     step_size_meta_lr: float | None = None

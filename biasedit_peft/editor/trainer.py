@@ -65,7 +65,7 @@ from .editor import (
     forward_logits,
     length_order,
 )
-from .losses import level_loss, pair_debias_loss, pair_scores, retention_terms
+from .losses import gap_scale, level_loss, pair_debias_loss, pair_gap, pair_scores, retention_terms, soft_signs
 from .replay import PrefixReplay
 
 CHECKPOINT_DIR = "checkpoint"
@@ -89,6 +89,10 @@ class BiasEditTrainingArguments:
     loc_coef: float = 4.0
     level_coef: float = 0.0
     """Weight of the level loss (``losses.level_loss``: each pair's average log-prob kept; protects LMS)."""
+    ss_coef: float = 0.0
+    """Weight of the soft-SS term of the meta-loss (``losses.soft_ss_of``: the edit group's smoothed mean
+    stereotype preference, squared; experimental). With it, each LM batch's pair graph is kept until the group's
+    term is known, once per meta-step."""
     held_out_coef: float = 0.0
     """Weight of the held-out debias loss: the edit scored on pairs of the same bias types and other target terms
     (:func:`held_out_group`; needs samples with ``target`` and ``bias_type``, as StereoSet items have)."""
@@ -293,7 +297,7 @@ def held_out_group(edit: Sequence[EditSample], pool: Sequence[EditSample]) -> li
 
 RESUMABLE_CHANGES = ("output_dir", "max_steps", "epochs", "progress", "resume", "editor_device")
 """Training arguments a resumed run may change (how long and where it runs, not what it computes)."""
-ADDED_LATER_ARGS = ("step_size_meta_lr", "average_steps")
+ADDED_LATER_ARGS = ("step_size_meta_lr", "average_steps", "ss_coef")
 """Training arguments newer than some checkpoints, whose default is what the older code did: a checkpoint without
 one is compared as if it held the default (``step_size_meta_lr=None``: one Adam group)."""
 
@@ -449,6 +453,9 @@ class BiasEditTrainer:
         natives = self._natives(leaves)  # the deltas in each layer's layout, once per step (autograd kept)
         post_stereo, post_anti, pre_unrelated, post_unrelated = [], [], [], []
         debias_total = retention_total = level_total = 0.0
+        # with ss_coef: each LM batch's pair loss and soft signs wait for the group's mean sign (one accumulate)
+        scale = gap_scale(processes.gather_rows(pre_stereo - pre_anti)).item() if args.ss_coef else None
+        waiting, signs = [], []
         with torch.set_grad_enabled(train):
             for number, start in enumerate(range(0, len(samples), args.batch_size)):
                 chunk = samples[start:start + args.batch_size]
@@ -464,7 +471,11 @@ class BiasEditTrainer:
                                        pre_anti[start:start + len(chunk)]).sum() / n
                     level_total += level.item()
                     loss = loss + args.level_coef * level
-                accumulate(loss)
+                if scale is None:
+                    accumulate(loss)
+                else:
+                    waiting.append(loss)
+                    signs.append(soft_signs(pair_gap(stereo, anti), scale))
                 post_stereo.append(stereo.mean.detach().cpu())
                 post_anti.append(anti.mean.detach().cpu())
 
@@ -482,6 +493,7 @@ class BiasEditTrainer:
                 pre_unrelated.append(pre_scores.mean.detach().cpu())
                 post_unrelated.append(post_scores.mean.detach().cpu())
             held = self._held_out_terms(held_out, natives, accumulate) if held_out else {}
+            soft_ss = self._soft_ss_terms(waiting, signs, n, accumulate) if scale is not None else 0.0
 
         if train:
             if processes.distributed:  # dL/dS of every process's pairs: the same on each
@@ -512,13 +524,29 @@ class BiasEditTrainer:
             "debias": debias_total,
             "retention": retention_total,
             "level": level_total,
+            "soft_ss": soft_ss,
             "held_out_debias": held_out_debias,
             "loss": debias_total + args.loc_coef * retention_total + args.level_coef * level_total
-            + args.held_out_coef * held_out_debias,
+            + args.ss_coef * soft_ss + args.held_out_coef * held_out_debias,
             "ss_pre": pre["ss"], "ss_post": post["ss"], "lms_pre": pre["lms"], "lms_post": post["lms"],
             "nll_increase": (pre_unrelated - post_unrelated).mean().item(),
             **held,
         }
+
+    def _soft_ss_terms(self, waiting: list[torch.Tensor], signs: list[torch.Tensor], n: int, accumulate) -> float:
+        """Accumulate the LM batches' ``waiting`` pair losses (scalars) and ``ss_coef`` times the soft-SS term of
+        the whole group of ``n`` pairs, whose soft signs ``signs`` (``[P_b]`` per LM batch) may lie on several
+        processes; returns the term ``m^2``, ``m = sum_p sign_p / n``.
+
+        Each process adds ``2 m sum_{p local} sign_p / n`` with ``m`` a constant: its gradient in every local
+        pair's gap is that of ``m^2``, so the processes' summed meta-gradients are the one-process ones.
+        """
+        local = torch.cat(signs).sum() if signs else torch.zeros(())
+        mean_sign = float(self.processes.sum(local.detach().double().cpu().reshape(1))) / n
+        waiting_total = sum(waiting, torch.zeros((), device=local.device))
+        if signs:  # a process with no pairs in this group adds nothing
+            accumulate(waiting_total + self.args.ss_coef * 2 * mean_sign * local / n)
+        return mean_sign ** 2
 
     def _held_out_terms(self, held_out: Sequence[EditSample], natives: dict[str, torch.Tensor],
                         accumulate) -> dict[str, float]:

@@ -76,7 +76,7 @@ STAGES = ("evaluate_before", "train_editor", "per_batch_protocol", "held_out_pro
 """What a demo writes into ``OUT``; ``overwrite`` deletes these and nothing else."""
 NOT_FINGERPRINTED = ("out", "progress", "command")
 """``DemoConfig`` fields that do not change the results (a resume may change them)."""
-ADDED_LATER = ("step_size_meta_lr", "average_steps", "calibrate_on", "initial_edit_scale")
+ADDED_LATER = ("step_size_meta_lr", "average_steps", "calibrate_on", "initial_edit_scale", "ss_coef")
 """Fields newer than some resumable runs: fingerprinted only when set (unset, they are what older runs did)."""
 
 
