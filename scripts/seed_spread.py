@@ -4,6 +4,7 @@
     python scripts/seed_spread.py --out runs/smollm2 --seeds 0,1,2 -- --model smollm2-135m
     python scripts/seed_spread.py --out runs/smollm2 --seeds 0,1,2 --no-run --json spread.json
     python scripts/seed_spread.py --out runs/smollm2 --seeds 1 --no-run --run other=runs/other-demo
+    python scripts/seed_spread.py --out runs/smollm2 --seeds 0,1 --per-batch-stages      # runs stopped after per-batch
 
 Each seed runs ``biasedit demo --seed N --out OUT/seed-N`` (arguments after ``--`` are passed on; a seed whose
 ``results.json`` exists is not run again, a killed one is resumed), then one markdown table gives, per metric,
@@ -38,13 +39,40 @@ def run_seed(out: Path, seed: int, demo_args: list[str]) -> Path:
     return folder
 
 
+def protocol_rows(label: str, protocol: dict) -> dict[str, float]:
+    """SS before / after, ``|SS - 50|`` after and the LMS drop per bias type of a protocol's ``before`` / ``after``."""
+    rows: dict[str, float] = {}
+    for bias_type, entry in protocol["after"].items():
+        before = protocol["before"][bias_type]
+        rows[f"{label} {bias_type} SS before"] = before["ss"]
+        rows[f"{label} {bias_type} SS after"] = entry["ss"]
+        rows[f"{label} {bias_type} |SS - 50| after"] = abs(entry["ss"] - 50.0)  # its mean: over- and undershoot
+        rows[f"{label} {bias_type} LMS drop"] = before["lms"] - entry["lms"]
+    return rows
+
+
+def per_batch_units(per_batch: dict) -> list[tuple[str, dict]]:
+    """The per-batch protocol in reference units, and in the paper code's where the run recorded them."""
+    units = [("per-batch", per_batch)]
+    if "other_units" in per_batch:
+        units.append(("per-batch, paper-code SS", per_batch["other_units"]))
+    return units
+
+
+def kept_editor_rows(training: dict) -> dict[str, float]:
+    """The kept editor's meta-step and calibrated edit scale (``results.json`` -> ``training``)."""
+    rows: dict[str, float] = {}
+    if training.get("best_step") is not None:
+        rows["kept editor: meta-step"] = training["best_step"]
+    if training.get("calibration"):
+        rows["kept editor: edit scale"] = training["calibration"]["scale"]
+    return rows
+
+
 def metric_rows(results: dict) -> dict[str, float]:
     """``label -> value`` of the figures the README quotes, from one demo's ``results.json``."""
-    rows: dict[str, float] = {}
     protocols = results["protocols"]
-    units = [("per-batch", protocols["per_batch"])]
-    if "other_units" in protocols["per_batch"]:
-        units.append(("per-batch, paper-code SS", protocols["per_batch"]["other_units"]))
+    units = per_batch_units(protocols["per_batch"])
     units.append(("held-out targets", protocols["held_out"]))
     if "joint_on_test" in protocols:
         units.append(("joint delta from test", protocols["joint_on_test"]))
@@ -54,28 +82,33 @@ def metric_rows(results: dict) -> dict[str, float]:
         if key in results["after"] and key in results["before"]:
             units.append((f"{shipped}, gender-swapped", {"before": results["before"][key],
                                                           "after": results["after"][key]}))
+    rows: dict[str, float] = {}
     for label, protocol in units:
-        for bias_type, entry in protocol["after"].items():
-            before = protocol["before"][bias_type]
-            rows[f"{label} {bias_type} SS before"] = before["ss"]
-            rows[f"{label} {bias_type} SS after"] = entry["ss"]
-            rows[f"{label} {bias_type} |SS - 50| after"] = abs(entry["ss"] - 50.0)  # its mean: over- and undershoot
-            rows[f"{label} {bias_type} LMS drop"] = before["lms"] - entry["lms"]
+        rows.update(protocol_rows(label, protocol))
     for bias_type, entry in results["after"].get("crows", {}).items():
         rows[f"CrowS-Pairs {bias_type} before"] = results["before"]["crows"][bias_type]["metric"]
         rows[f"CrowS-Pairs {bias_type} after"] = entry["metric"]
     rows["perplexity before"] = results["before"]["perplexity"]
     rows["perplexity after"] = results["after"]["perplexity"]
     rows["perplexity change %"] = 100 * (results["after"]["perplexity"] / results["before"]["perplexity"] - 1)
-    training = results["training"]
-    if training.get("best_step") is not None:
-        rows["kept editor: meta-step"] = training["best_step"]
-    calibration = training.get("calibration")
-    if calibration:
-        rows["kept editor: edit scale"] = calibration["scale"]
+    rows.update(kept_editor_rows(results["training"]))
     if "deployment" in protocols:
         rows["deployment adapter: joint scale"] = protocols["deployment"]["scale"]
     rows["seconds, total"] = results["seconds"]["total"]
+    return rows
+
+
+def stage_rows(folder: Path) -> dict[str, float]:
+    """The per-batch rows and the kept editor of a demo stopped once its per-batch protocol was written: read from
+    the stages of its run folder (``.seed-N.run/stages``), with the seconds those stages took."""
+    stages = run_folder(folder) / "stages"
+    per_batch, training = (json.loads((stages / f"{name}.json").read_text(encoding="utf-8"))
+                           for name in ("per_batch_protocol", "train_editor"))
+    rows: dict[str, float] = {}
+    for label, protocol in per_batch_units(per_batch["result"]):
+        rows.update(protocol_rows(label, protocol))
+    rows.update(kept_editor_rows(training["result"]))
+    rows["seconds, meta-training and calibration"] = training["seconds"]
     return rows
 
 
@@ -122,10 +155,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-run", action="store_true", help="only read the seeds' results.json")
     parser.add_argument("--run", action="append", default=[], metavar="LABEL=FOLDER",
                         help="also read the finished demo in FOLDER as a run named LABEL (repeatable; never run)")
+    parser.add_argument("--per-batch-stages", action="store_true",
+                        help="read seeds stopped once their per-batch protocol was written (OUT/.seed-N.run/stages); "
+                        "never run")
     parser.add_argument("--json", dest="json_path", default=None, help="also write the table here")
     args = parser.parse_args(own)
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    if args.per_batch_stages:
+        table = spread({seed: stage_rows(out / f"seed-{seed}") for seed in seeds})
+        print("CPU not recorded in the stages; the per-batch protocol and the kept editor only")
+        print(markdown(table))
+        if args.json_path:
+            write_json(args.json_path, table, indent=1)
+        return
     folders: dict[int | str, Path] = {}
     for seed in seeds:
         folders[seed] = out / f"seed-{seed}" if args.no_run else run_seed(out, seed, demo_args)

@@ -90,3 +90,23 @@ def test_the_table_says_which_cpu_made_each_run_and_when_they_differ(tmp_path, c
         "CPUs differ (seeds do not repeat across CPUs): AMD EPYC (avx2, avx512_bf16): seed 0; "
         "Intel Xeon (avx512_bf16, amx_bf16): other")
     assert script.cpu_line({0: None}) == "CPU not recorded: seed 0"  # results.json from before it was recorded
+
+
+def test_runs_stopped_after_the_per_batch_protocol_are_read_from_their_stages(tmp_path, capsys):
+    """``--per-batch-stages``: the per-batch rows (both units) and the kept editor from ``.seed-N.run/stages``."""
+    script = _script()
+    for seed, ss in ((0, 50.0), (1, 56.0)):
+        stages = tmp_path / f".seed-{seed}.run" / "stages"
+        stages.mkdir(parents=True)
+        protocol = _results(ss, 88.0, 41.0, 1.0)["protocols"]["per_batch"]
+        (stages / "per_batch_protocol.json").write_text(json.dumps({"result": protocol, "seconds": 5.0}))
+        (stages / "train_editor.json").write_text(json.dumps(
+            {"result": {"best_step": 25 * (seed + 1), "calibration": {"scale": 2.0}}, "seconds": 100.0 + seed}))
+    script.main(["--out", str(tmp_path), "--seeds", "0,1", "--per-batch-stages", "--json", str(tmp_path / "t.json")])
+    table = json.loads((tmp_path / "t.json").read_text())
+    assert table["per-batch gender SS after"]["seeds"] == {"0": 50.0, "1": 56.0}
+    assert table["per-batch, paper-code SS gender |SS - 50| after"]["mean"] == 3.0  # (0 + 6) / 2
+    assert table["kept editor: meta-step"]["seeds"] == {"0": 25, "1": 50}
+    assert table["seconds, meta-training and calibration"]["max"] == 101.0
+    assert "perplexity change %" not in table and "held-out targets gender SS after" not in table
+    assert "| per-batch gender SS after | 53.00 | 50.00 - 56.00 | 50.00 | 56.00 |" in capsys.readouterr().out
