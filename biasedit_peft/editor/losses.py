@@ -40,7 +40,7 @@ stand-in is
 
 zero where the group's stereotype and anti-stereotype preferences balance. Its gradient pushes every pair the same
 way, against the majority, weighted most where a pair is near flipping: the shared shift that moves SS, which a
-per-pair loss minimised pair by pair does not aim at (docs/method.md §4).
+per-pair loss minimised pair by pair does not aim at (docs/method.md §6).
 
 Every other function returns one loss per pair / sentence; callers sum and scale (see docs/method.md).
 Sentence scores come from :mod:`biasedit_peft.scoring` (logit ``t - 1`` scores token ``t``).
