@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from statistics import mean
 
-from biasedit_peft._io import run_folder, write_json
+from biasedit_peft._io import resume_source, run_folder, write_json
 from biasedit_peft.models import cpu_label
 
 RESULTS = "results.json"
@@ -101,15 +101,25 @@ def metric_rows(results: dict) -> dict[str, float]:
 def stage_rows(folder: Path) -> dict[str, float]:
     """The per-batch rows and the kept editor of a demo stopped once its per-batch protocol was written: read from
     the stages of its run folder (``.seed-N.run/stages``), with the seconds those stages took."""
-    stages = run_folder(folder) / "stages"
+    stages = resume_source(folder) / "stages"  # the stopped run's folder, or a finished run's own
     per_batch, training = (json.loads((stages / f"{name}.json").read_text(encoding="utf-8"))
                            for name in ("per_batch_protocol", "train_editor"))
     rows: dict[str, float] = {}
     for label, protocol in per_batch_units(per_batch["result"]):
         rows.update(protocol_rows(label, protocol))
     rows.update(kept_editor_rows(training["result"]))
-    rows["seconds, meta-training and calibration"] = training["seconds"]
+    rows["seconds, train_editor stage (its last session)"] = training["seconds"]
     return rows
+
+
+def stage_config_differences(folders: dict[int, Path]) -> dict[str, list]:
+    """``{field: [value per seed]}`` of the demo settings (``stages/config.json``) that differ between the seeds'
+    runs, ``seed`` aside: runs made with other flags are not one recipe's spread."""
+    configs = [json.loads((resume_source(folder) / "stages" / "config.json").read_text(encoding="utf-8"))["config"]
+               for folder in folders.values()]
+    names = sorted({name for config in configs for name in config} - {"seed", "out", "progress", "command"})
+    return {name: [config.get(name) for config in configs] for name in names
+            if any(config.get(name) != configs[0].get(name) for config in configs)}
 
 
 def spread(per_seed: dict[int | str, dict[str, float]]) -> dict[str, dict]:
@@ -163,7 +173,13 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",") if s]
     if args.per_batch_stages:
-        table = spread({seed: stage_rows(out / f"seed-{seed}") for seed in seeds})
+        if args.run or demo_args:
+            parser.error("--per-batch-stages reads the seeds' stages only: no --run, no demo arguments")
+        stopped = {seed: out / f"seed-{seed}" for seed in seeds}
+        differing = stage_config_differences(stopped)
+        if differing:
+            parser.error(f"the seeds' runs differ in {differing} (stages/config.json): not one recipe")
+        table = spread({seed: stage_rows(folder) for seed, folder in stopped.items()})
         print("CPU not recorded in the stages; the per-batch protocol and the kept editor only")
         print(markdown(table))
         if args.json_path:

@@ -47,9 +47,9 @@ def solve(out: str) -> None:
         save_file(tensors, out)
 
 
-def train(out: str, steps: str) -> None:
-    """``steps`` meta-steps (validation after each) on the tiny word model; rank 0 writes the editor and the
-    logged metrics of every step."""
+def train(out: str, steps: str, ss_coef: str = "0") -> None:
+    """``steps`` meta-steps (validation after each) on the tiny word model, with the soft-SS term weighted
+    ``ss_coef``; rank 0 writes the editor and the logged metrics of every step."""
     import json
     import tempfile
 
@@ -63,7 +63,8 @@ def train(out: str, steps: str) -> None:
     initial = {f"initial.{name}": value.clone() for name, value in editor.state_dict().items()}
     folder = tempfile.mkdtemp() if current_processes().is_main else "/nonexistent"  # only rank 0 writes
     args = BiasEditTrainingArguments(output_dir=folder, n_edits=6, batch_size=2, meta_lr=1e-2, loc_coef=1.0,
-                                     max_steps=int(steps), eval_every=1, progress=False, calibrate=False)
+                                     max_steps=int(steps), eval_every=1, progress=False, calibrate=False,
+                                     ss_coef=float(ss_coef))
     trainer = BiasEditTrainer(model, editor, args, samples(18), samples(12), tokenizer=editor_tokenizer())
     state = trainer.train()
     if trainer.processes.is_main:

@@ -166,18 +166,21 @@ METRIC_TOLERANCE = 1e-5
 """Relative (``|two - one| <= 1e-5 max(1, |one|)``) for every logged metric; measured 2e-7 absolute."""
 
 
-def trained(tmp_path: Path, processes: int) -> tuple[dict[str, torch.Tensor], list[dict]]:
+def trained(tmp_path: Path, processes: int, ss_coef: float = 0.0) -> tuple[dict[str, torch.Tensor], list[dict]]:
     import json
 
     out = tmp_path / f"editor-{processes}.safetensors"
-    run = torchrun("distributed_worker.py", "train", str(out), "3", processes=processes)
+    run = torchrun("distributed_worker.py", "train", str(out), "3", str(ss_coef), processes=processes)
     assert run.returncode == 0, run.stderr[-3000:]
     return load_file(str(out)), json.loads(Path(f"{out}.json").read_text())
 
 
-def test_three_meta_steps_on_two_processes_give_the_one_process_editor_and_metrics(tmp_path):
-    one, one_history = trained(tmp_path, 1)
-    two, two_history = trained(tmp_path, 2)
+@pytest.mark.parametrize("ss_coef", [0.0, 1.0])
+def test_three_meta_steps_on_two_processes_give_the_one_process_editor_and_metrics(tmp_path, ss_coef):
+    """With ``ss_coef`` the soft-SS term's mean sign and scale span both processes' pairs (3 each, 2 LM batches)."""
+    one, one_history = trained(tmp_path, 1, ss_coef)
+    two, two_history = trained(tmp_path, 2, ss_coef)
+    assert all((r["train_soft_ss"] > 0) == bool(ss_coef) for r in one_history)
     names = [name for name in one if not name.startswith("initial.")]
     assert all(torch.equal(one[f"initial.{name}"], two[f"initial.{name}"]) for name in names)
     moved = {name: float((one[name] - one[f"initial.{name}"]).abs().max()) for name in names}

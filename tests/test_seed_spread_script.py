@@ -96,8 +96,9 @@ def test_runs_stopped_after_the_per_batch_protocol_are_read_from_their_stages(tm
     """``--per-batch-stages``: the per-batch rows (both units) and the kept editor from ``.seed-N.run/stages``."""
     script = _script()
     for seed, ss in ((0, 50.0), (1, 56.0)):
-        stages = tmp_path / f".seed-{seed}.run" / "stages"
+        stages = tmp_path / (f".seed-{seed}.run" if seed == 0 else f"seed-{seed}") / "stages"  # stopped / finished
         stages.mkdir(parents=True)
+        (stages / "config.json").write_text(json.dumps({"format": 1, "config": {"seed": seed, "ss_coef": 1.0}}))
         protocol = _results(ss, 88.0, 41.0, 1.0)["protocols"]["per_batch"]
         (stages / "per_batch_protocol.json").write_text(json.dumps({"result": protocol, "seconds": 5.0}))
         (stages / "train_editor.json").write_text(json.dumps(
@@ -107,6 +108,13 @@ def test_runs_stopped_after_the_per_batch_protocol_are_read_from_their_stages(tm
     assert table["per-batch gender SS after"]["seeds"] == {"0": 50.0, "1": 56.0}
     assert table["per-batch, paper-code SS gender |SS - 50| after"]["mean"] == 3.0  # (0 + 6) / 2
     assert table["kept editor: meta-step"]["seeds"] == {"0": 25, "1": 50}
-    assert table["seconds, meta-training and calibration"]["max"] == 101.0
+    assert table["seconds, train_editor stage (its last session)"]["max"] == 101.0
     assert "perplexity change %" not in table and "held-out targets gender SS after" not in table
     assert "| per-batch gender SS after | 53.00 | 50.00 - 56.00 | 50.00 | 56.00 |" in capsys.readouterr().out
+    # runs made with other flags are refused, and so are extra runs or demo arguments
+    (tmp_path / "seed-1" / "stages" / "config.json").write_text(json.dumps({"config": {"seed": 1, "ss_coef": None}}))
+    with pytest.raises(SystemExit):
+        script.main(["--out", str(tmp_path), "--seeds", "0,1", "--per-batch-stages"])
+    assert "ss_coef" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.main(["--out", str(tmp_path), "--seeds", "0", "--per-batch-stages", "--run", f"x={tmp_path}"])
