@@ -23,6 +23,7 @@ from statistics import mean
 
 from biasedit_peft._io import resume_source, run_folder, write_json
 from biasedit_peft.models import cpu_label
+from biasedit_peft.workflows.demo import NOT_FINGERPRINTED
 
 RESULTS = "results.json"
 
@@ -98,12 +99,15 @@ def metric_rows(results: dict) -> dict[str, float]:
     return rows
 
 
+def stage_record(folder: Path, name: str) -> dict:
+    """A demo's stage record ``stages/NAME.json``: in its run folder (``.seed-N.run``) while stopped, else its own."""
+    return json.loads((resume_source(folder) / "stages" / f"{name}.json").read_text(encoding="utf-8"))
+
+
 def stage_rows(folder: Path) -> dict[str, float]:
     """The per-batch rows and the kept editor of a demo stopped once its per-batch protocol was written: read from
-    the stages of its run folder (``.seed-N.run/stages``), with the seconds those stages took."""
-    stages = resume_source(folder) / "stages"  # the stopped run's folder, or a finished run's own
-    per_batch, training = (json.loads((stages / f"{name}.json").read_text(encoding="utf-8"))
-                           for name in ("per_batch_protocol", "train_editor"))
+    its stages (:func:`stage_record`), with the seconds those stages took."""
+    per_batch, training = (stage_record(folder, name) for name in ("per_batch_protocol", "train_editor"))
     rows: dict[str, float] = {}
     for label, protocol in per_batch_units(per_batch["result"]):
         rows.update(protocol_rows(label, protocol))
@@ -115,9 +119,8 @@ def stage_rows(folder: Path) -> dict[str, float]:
 def stage_config_differences(folders: dict[int, Path]) -> dict[str, list]:
     """``{field: [value per seed]}`` of the demo settings (``stages/config.json``) that differ between the seeds'
     runs, ``seed`` aside: runs made with other flags are not one recipe's spread."""
-    configs = [json.loads((resume_source(folder) / "stages" / "config.json").read_text(encoding="utf-8"))["config"]
-               for folder in folders.values()]
-    names = sorted({name for config in configs for name in config} - {"seed", "out", "progress", "command"})
+    configs = [stage_record(folder, "config")["config"] for folder in folders.values()]
+    names = sorted({name for config in configs for name in config} - {"seed", *NOT_FINGERPRINTED})
     return {name: [config.get(name) for config in configs] for name in names
             if any(config.get(name) != configs[0].get(name) for config in configs)}
 

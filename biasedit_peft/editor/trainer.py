@@ -536,16 +536,15 @@ class BiasEditTrainer:
     def _soft_ss_terms(self, waiting: list[torch.Tensor], signs: list[torch.Tensor], n: int, accumulate) -> float:
         """Accumulate the LM batches' ``waiting`` pair losses (scalars) and ``ss_coef`` times the soft-SS term of
         the whole group of ``n`` pairs, whose soft signs ``signs`` (``[P_b]`` per LM batch) may lie on several
-        processes; returns the term ``m^2``, ``m = sum_p sign_p / n``.
+        processes (each holds at least one pair: ``Processes.shard``); returns the term ``m^2``,
+        ``m = sum_p sign_p / n``.
 
         Each process adds ``2 m sum_{p local} sign_p / n`` with ``m`` a constant: its gradient in every local
         pair's gap is that of ``m^2``, so the processes' summed meta-gradients are the one-process ones.
         """
-        local = torch.cat(signs).sum() if signs else torch.zeros(())
+        local = torch.cat(signs).sum()
         mean_sign = float(self.processes.sum(local.detach().double().cpu().reshape(1))) / n
-        waiting_total = sum(waiting, torch.zeros((), device=local.device))
-        if signs:  # a process with no pairs in this group adds nothing
-            accumulate(waiting_total + self.args.ss_coef * 2 * mean_sign * local / n)
+        accumulate(sum(waiting) + self.args.ss_coef * 2 * mean_sign * local / n)
         return mean_sign ** 2
 
     def _held_out_terms(self, held_out: Sequence[EditSample], natives: dict[str, torch.Tensor],
