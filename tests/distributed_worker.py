@@ -48,8 +48,8 @@ def solve(out: str) -> None:
 
 
 def train(out: str, steps: str, ss_coef: str = "0") -> None:
-    """``steps`` meta-steps (validation after each) on the tiny word model, with the soft-SS term weighted
-    ``ss_coef``; rank 0 writes the editor and the logged metrics of every step."""
+    """``steps`` meta-steps (validation after each) on the tiny word model and samples of three bias types, with the
+    soft-SS term weighted ``ss_coef``; rank 0 writes the editor and the logged metrics of every step."""
     import json
     import tempfile
 
@@ -65,7 +65,9 @@ def train(out: str, steps: str, ss_coef: str = "0") -> None:
     args = BiasEditTrainingArguments(output_dir=folder, n_edits=6, batch_size=2, meta_lr=1e-2, loc_coef=1.0,
                                      max_steps=int(steps), eval_every=1, progress=False, calibrate=False,
                                      ss_coef=float(ss_coef))
-    trainer = BiasEditTrainer(model, editor, args, samples(18), samples(12), tokenizer=editor_tokenizer())
+    types = ("gender", "race", "religion")  # the soft-SS term's mean signs per type span both processes
+    trainer = BiasEditTrainer(model, editor, args, samples(18, types), samples(12, types),
+                              tokenizer=editor_tokenizer())
     state = trainer.train()
     if trainer.processes.is_main:
         save_file({**initial, **{name: value.contiguous() for name, value in editor.state_dict().items()}}, out)

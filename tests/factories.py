@@ -118,8 +118,9 @@ def editor_tokenizer() -> PreTrainedTokenizerFast:
                                                  + ["is", "a", "."])]))
 
 
-def samples(n: int = 16) -> list[EditSample]:
-    """``n`` deterministic (stereotype, anti-stereotype, unrelated) triples over :func:`editor_tokenizer`'s words."""
+def samples(n: int = 16, bias_types: Sequence[str] = ()) -> list[EditSample]:
+    """``n`` deterministic (stereotype, anti-stereotype, unrelated) triples over :func:`editor_tokenizer`'s words;
+    with ``bias_types``, sample ``i`` has type ``bias_types[i % len(bias_types)]`` (else none)."""
     out = []
     for i in range(n):
         group = GROUPS[i % len(GROUPS)]
@@ -127,7 +128,8 @@ def samples(n: int = 16) -> list[EditSample]:
         if i % 2:
             stereo, anti = anti, stereo
         out.append(EditSample(f"{group} is a {stereo} .", f"{group} is a {anti} .",
-                              f"{group} is a {UNRELATED[i % len(UNRELATED)]} ."))
+                              f"{group} is a {UNRELATED[i % len(UNRELATED)]} .",
+                              bias_type=bias_types[i % len(bias_types)] if bias_types else None))
     return out
 
 

@@ -177,7 +177,8 @@ def trained(tmp_path: Path, processes: int, ss_coef: float = 0.0) -> tuple[dict[
 
 @pytest.mark.parametrize("ss_coef", [0.0, 1.0])
 def test_three_meta_steps_on_two_processes_give_the_one_process_editor_and_metrics(tmp_path, ss_coef):
-    """With ``ss_coef`` the soft-SS term's mean sign and scale span both processes' pairs (3 each, 2 LM batches)."""
+    """With ``ss_coef`` the soft-SS term's scale and per-type mean signs span both processes' pairs (3 each, 2 LM
+    batches, three bias types)."""
     one, one_history = trained(tmp_path, 1, ss_coef)
     two, two_history = trained(tmp_path, 2, ss_coef)
     assert all((r["train_soft_ss"] > 0) == bool(ss_coef) for r in one_history)

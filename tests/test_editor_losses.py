@@ -236,3 +236,23 @@ def test_soft_ss_term_hand_computed_and_zero_for_a_balanced_group():
     assert expected == pytest.approx(0.0902650, rel=1e-5)
     assert soft_ss_of(torch.tensor([0.3, -0.3, 0.05, -0.05]), 0.1).item() == pytest.approx(0.0, abs=1e-12)
     assert gap_scale(torch.zeros(3)).item() == pytest.approx(1e-3)  # a group of ties keeps a finite scale
+
+
+def test_soft_ss_term_per_bias_type_hand_computed():
+    """``sum_t (n_t / n) m_t^2`` over the group's bias types, by hand; a group balanced only when pooled pays."""
+    from biasedit_peft.editor.losses import soft_ss_of, type_indices
+
+    types, n_types = type_indices(["race", None, "gender", "race", "race"])  # sorted: "None", "gender", "race"
+    assert types.tolist() == [2, 0, 1, 2, 2] and n_types == 3
+    gaps = torch.tensor([0.2, -0.1, 0.4, 0.0, -0.3])
+    race = (math.tanh(2.0) + 0.0 + math.tanh(-3.0)) / 3
+    expected = (3 / 5) * race ** 2 + (1 / 5) * math.tanh(-1.0) ** 2 + (1 / 5) * math.tanh(4.0) ** 2
+    assert soft_ss_of(gaps, 0.1, types).item() == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx(0.3158011, rel=1e-5)
+    # pooled this group balances (mean sign 0); per type each type is fully one-sided
+    balanced, by_type = torch.tensor([0.3, 0.3, -0.3, -0.3]), torch.tensor([0, 0, 1, 1])
+    assert soft_ss_of(balanced, 0.1).item() == pytest.approx(0.0, abs=1e-12)
+    assert soft_ss_of(balanced, 0.1, by_type).item() == pytest.approx(math.tanh(3.0) ** 2, rel=1e-6)
+    # one type: the pooled term
+    assert soft_ss_of(gaps, 0.1, torch.zeros(5, dtype=torch.long)).item() == pytest.approx(
+        soft_ss_of(gaps, 0.1).item(), rel=1e-6)

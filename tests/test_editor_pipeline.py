@@ -430,19 +430,28 @@ def test_selection_score_on_hand_built_validations(tmp_path):
         _args(tmp_path, select_by="ss")
 
 
-@pytest.mark.parametrize("ss_coef", [0.0, 1.5])
-def test_meta_gradient_with_the_level_loss_matches_autograd_of_the_whole_meta_loss(tmp_path, monkeypatch, ss_coef):
+@pytest.mark.parametrize("ss_coef, bias_types", [(0.0, ()), (1.5, ()), (1.5, ("gender", "race"))])
+def test_meta_gradient_with_the_level_loss_matches_autograd_of_the_whole_meta_loss(tmp_path, monkeypatch, ss_coef,
+                                                                                   bias_types):
     """The whole meta-loss, its level term and (``ss_coef``) the group's soft-SS term over two LM batches, whose
-    pair losses then wait for the group's mean sign, against one autograd pass over all pairs at once."""
+    pair losses then wait for the group's mean signs (one type, or two across the batches), against one autograd
+    pass over all pairs at once."""
     from biasedit_peft.editor.editor import length_order
-    from biasedit_peft.editor.losses import gap_scale, level_loss, pair_scores, retention_loss, soft_ss_of
+    from biasedit_peft.editor.losses import (
+        gap_scale,
+        level_loss,
+        pair_scores,
+        retention_loss,
+        soft_ss_of,
+        type_indices,
+    )
     from biasedit_peft.scoring import encode_sentences
     from biasedit_peft.tuner.deltas import override_deltas
 
     model = peft_model()
     editor = BiasEditor.for_model(model, rank=8, lr=1e-1)
     args = _args(tmp_path, level_coef=2.0, loc_coef=0.5, ss_coef=ss_coef)
-    trainer = BiasEditTrainer(model, editor, args, samples(8), None, tokenizer=TOKENIZER)
+    trainer = BiasEditTrainer(model, editor, args, samples(8, bias_types), None, tokenizer=TOKENIZER)
     captured = {}
     monkeypatch.setattr(editor, "meta_backward",
                         lambda cache, solutions, grads, **_: captured.update(s=solutions, g=grads))
@@ -463,7 +472,9 @@ def test_meta_gradient_with_the_level_loss_matches_autograd_of_the_whole_meta_lo
              + 2.0 * level_loss(*pair_scores(logits, pairs), pre_s.mean, pre_a.mean).sum() / n
              + 0.5 * retention_loss("token", pre_u, post_u, unrelated).sum() / n)
     post_s, post_a = pair_scores(logits, pairs)
-    soft_ss = soft_ss_of(post_s.mean - post_a.mean, gap_scale(pre_s.mean - pre_a.mean))
+    types, n_types = type_indices([s.bias_type for s in ordered])
+    assert types.tolist() == ([0, 1, 1, 0] if bias_types else [0] * 4)  # with two: each in both LM batches
+    soft_ss = soft_ss_of(post_s.mean - post_a.mean, gap_scale(pre_s.mean - pre_a.mean), types)
     total = total + ss_coef * soft_ss
     assert len(group) == 4 and args.batch_size == 2  # two LM batches
     assert metrics["soft_ss"] == (pytest.approx(soft_ss.item(), rel=1e-5) if ss_coef else 0.0) and soft_ss > 1e-4

@@ -33,14 +33,17 @@ rather than the likelihood of both (which is what LMS, against the unrelated sen
     level     = ((mean_logp_post(s) + mean_logp_post(a)) / 2 - (mean_logp_pre(s) + mean_logp_pre(a)) / 2)^2
 
 ``soft_ss`` (weighted by ``ss_coef``; 0 in every preset; experimental) is a term of the *meta-loss* only, over the
-whole edit group of ``P`` pairs rather than per pair. Reference SS is ``50 + 50 mean_p sign(delta_p)``; its smooth
-stand-in is
+whole edit group of ``P`` pairs rather than per pair. Reference SS of one bias type ``t`` is
+``50 + 50 mean_{p in t} sign(delta_p)``; the term is its smooth stand-in, per type, weighted by each type's share
+``n_t / P`` of the group:
 
-    soft_ss   = (mean_p tanh(delta_p / tau))^2,   tau = median_p |delta_p before the edit|  (a constant)
+    soft_ss   = sum_t (n_t / P) (mean_{p in t} tanh(delta_p / tau))^2,   tau = median_p |delta_p before the edit|
 
-zero where the group's stereotype and anti-stereotype preferences balance. Its gradient pushes every pair the same
-way, against the majority, weighted most where a pair is near flipping: the shared shift that moves SS, which a
-per-pair loss minimised pair by pair does not aim at (docs/method.md §6).
+(``tau`` a constant of the whole group), zero where every type's stereotype and anti-stereotype preferences
+balance. Its gradient pushes the pairs of one type the same way, against that type's majority, weighted most
+where a pair is near flipping: the shared shift that moves SS, which a per-pair loss minimised pair by pair does
+not aim at. Per type, because SS is reported per type and the types respond unequally to one edit: a pooled mean
+sign lets a group balance one type's bias with another's overshoot (docs/method.md §6).
 
 Every other function returns one loss per pair / sentence; callers sum and scale (see docs/method.md).
 Sentence scores come from :mod:`biasedit_peft.scoring` (logit ``t - 1`` scores token ``t``).
@@ -48,7 +51,7 @@ Sentence scores come from :mod:`biasedit_peft.scoring` (logit ``t - 1`` scores t
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 
@@ -94,13 +97,36 @@ def token_debias_loss(stereo: SentenceLogProbs, anti: SentenceLogProbs) -> torch
 
 def soft_signs(gaps: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
     """``tanh(gaps / scale)``: each pair's smoothed stereotype preference in ``(-1, 1)``, gaps ``[P]`` -> ``[P]``
-    (``mean(...)^2`` is :func:`soft_ss_of`)."""
+    (:func:`soft_ss_of` pools them per bias type)."""
     return torch.tanh(gaps / scale)
 
 
-def soft_ss_of(gaps: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
-    """The soft-SS term ``(mean_p tanh(gaps_p / scale))^2`` of one group's gaps ``[P]``: a scalar."""
-    return soft_signs(gaps, scale).mean().square()
+def type_indices(bias_types: Sequence[str | None]) -> tuple[torch.Tensor, int]:
+    """Each pair's bias type ``[P]`` as an index into the group's distinct types (sorted; pairs without one form
+    their own type), and how many there are: the same indices on every process that sees the whole group."""
+    names = sorted({str(t) for t in bias_types})
+    index = {name: i for i, name in enumerate(names)}
+    return torch.tensor([index[str(t)] for t in bias_types], dtype=torch.long), len(names)
+
+
+def soft_ss_of_sums(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``sum_t (n_t / n) m_t^2`` with ``m_t = sums[t] / counts[t]``: the soft-SS term from each type's summed soft
+    signs ``[T]`` and pair counts ``[T]`` (every count positive; ``n`` their sum): a scalar."""
+    return (sums.square() / counts).sum() / counts.sum()
+
+
+def soft_ss_of(gaps: torch.Tensor, scale: torch.Tensor | float, types: torch.Tensor | None = None) -> torch.Tensor:
+    """The soft-SS term of one group's gaps ``[P]``: ``sum_t (n_t / n) (mean_{p in t} tanh(gaps_p / scale))^2``
+    over its bias types ``types`` ``[P]`` (indices, :func:`type_indices`; None: one type, ``(mean_p tanh)^2``).
+
+    Zero only when every type's pairs are balanced: a group cannot pay for one type's bias with another's
+    opposite one, as the pooled mean sign would let it. A scalar."""
+    signs = soft_signs(gaps, scale)
+    types = torch.zeros_like(signs, dtype=torch.long) if types is None else types.to(signs.device)
+    counts = torch.bincount(types).to(signs.dtype)
+    sums = torch.zeros_like(counts).index_add(0, types, signs)
+    present = counts > 0
+    return soft_ss_of_sums(sums[present], counts[present])
 
 
 def gap_scale(pre_gaps: torch.Tensor, floor: float = 1e-3) -> torch.Tensor:
