@@ -223,6 +223,7 @@ def test_resume_after_interruption_continues_from_the_checkpoint(tmp_path):
     _train(tmp_path / "cut", max_steps=3, eval_every=2)  # "interrupted" after step 3 (checkpoint at step 3)
     saved = json.loads((tmp_path / "cut" / "checkpoint" / "trainer_state.json").read_text())
     assert saved["trainer"]["global_step"] == 3 and saved["trainer"]["step_in_epoch"] == 0
+    assert saved["soft_ss_form"] == "per_type"  # what resume_mismatches reads
     resumed, resumed_state = _train(tmp_path / "cut", max_steps=5, eval_every=2, resume=True)
     assert resumed_state.global_step == full_state.global_step == 5
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
@@ -430,13 +431,14 @@ def test_selection_score_on_hand_built_validations(tmp_path):
         _args(tmp_path, select_by="ss")
 
 
-@pytest.mark.parametrize("ss_coef, bias_types", [(0.0, ()), (1.5, ()), (1.5, ("gender", "race"))])
+@pytest.mark.parametrize("ss_coef, bias_types",
+                         [(0.0, ()), (1.5, ()), (1.5, ("race", "gender", "gender", "race"))])
 def test_meta_gradient_with_the_level_loss_matches_autograd_of_the_whole_meta_loss(tmp_path, monkeypatch, ss_coef,
                                                                                    bias_types):
     """The whole meta-loss, its level term and (``ss_coef``) the group's soft-SS term over two LM batches, whose
-    pair losses then wait for the group's mean signs (one type, or two across the batches), against one autograd
-    pass over all pairs at once."""
-    from biasedit_peft.editor.editor import length_order
+    pair losses then wait for the group's mean signs (one type, or two, one across the batches), against one autograd
+    pass over all pairs at once. The trainer's length order is replaced by the reverse (these pairs are all one
+    length), so that the types must follow the pairs into it."""
     from biasedit_peft.editor.losses import (
         gap_scale,
         level_loss,
@@ -455,10 +457,12 @@ def test_meta_gradient_with_the_level_loss_matches_autograd_of_the_whole_meta_lo
     captured = {}
     monkeypatch.setattr(editor, "meta_backward",
                         lambda cache, solutions, grads, **_: captured.update(s=solutions, g=grads))
+    reverse = lambda tokenizer, group: torch.arange(len(group) - 1, -1, -1)  # noqa: E731
+    monkeypatch.setattr("biasedit_peft.editor.trainer.length_order", reverse)
     group = trainer._batches(trainer.train_data, 0)[0]
     metrics = trainer.edit_step(group, train=True)
     assert metrics["level"] > 0
-    ordered = [group[i] for i in length_order(TOKENIZER, group).tolist()]
+    ordered = [group[i] for i in reverse(TOKENIZER, group).tolist()]
     pairs, unrelated = encode_pairs(TOKENIZER, ordered), encode_sentences(TOKENIZER, [s.unrelated for s in ordered])
     with torch.no_grad():
         pre_s, pre_a = pair_scores(forward_logits(model, pairs), pairs)
@@ -473,7 +477,8 @@ def test_meta_gradient_with_the_level_loss_matches_autograd_of_the_whole_meta_lo
              + 0.5 * retention_loss("token", pre_u, post_u, unrelated).sum() / n)
     post_s, post_a = pair_scores(logits, pairs)
     types, n_types = type_indices([s.bias_type for s in ordered])
-    assert types.tolist() == ([0, 1, 1, 0] if bias_types else [0] * 4)  # with two: each in both LM batches
+    if bias_types:  # 3 gender pairs over both LM batches, 1 race; in the group's own order: [1, 0, 0, 0]
+        assert types.tolist() == [0, 0, 0, 1]
     soft_ss = soft_ss_of(post_s.mean - post_a.mean, gap_scale(pre_s.mean - pre_a.mean), types)
     total = total + ss_coef * soft_ss
     assert len(group) == 4 and args.batch_size == 2  # two LM batches
@@ -552,6 +557,12 @@ def test_step_sizes_take_their_own_adam_rate_and_an_old_checkpoint_resumes_with_
     no_ss = {"args": {k: v for k, v in vars(_args(tmp_path)).items() if k != "ss_coef"}}
     assert resume_mismatches(no_ss, _args(tmp_path), config, config, {}) == {}
     assert resume_mismatches(no_ss, _args(tmp_path, ss_coef=1.0), config, config, {}) == {"ss_coef": (0.0, 1.0)}
+    # one that trained the pooled soft-SS term (no form recorded) is not resumed under the per-type one
+    pooled = {"args": vars(_args(tmp_path, ss_coef=1.0))}
+    assert resume_mismatches(pooled, _args(tmp_path, ss_coef=1.0), config, config, {}) == {
+        "soft-SS form": ("pooled", "per_type")}
+    assert resume_mismatches({**pooled, "soft_ss_form": "per_type"}, _args(tmp_path, ss_coef=1.0), config, config,
+                             {}) == {}
 
 
 # ----- parameter averaging and selection ties -----------------------------------------------------------

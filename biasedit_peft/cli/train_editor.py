@@ -63,8 +63,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--level-coef", type=float, default=None,
                         help="weight of the level loss that keeps each pair's likelihood (default: preset)")
     parser.add_argument("--ss-coef", type=float, default=None,
-                        help="weight of the soft-SS meta-loss term, the edit group's smoothed mean stereotype "
-                        "preference squared (experimental; default: preset, 0)")
+                        help="weight of the soft-SS meta-loss term: each bias type's smoothed mean stereotype "
+                        "preference in the edit group, squared (experimental; default: preset, 0)")
     add_block_init_argument(parser)
     parser.add_argument("--held-out-coef", type=float, default=None,
                         help="weight of the held-out debias loss: each edit also scored on pairs of other target "

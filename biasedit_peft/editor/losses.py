@@ -45,7 +45,7 @@ where a pair is near flipping: the shared shift that moves SS, which a per-pair 
 not aim at. Per type, because SS is reported per type and the types respond unequally to one edit: a pooled mean
 sign lets a group balance one type's bias with another's overshoot (docs/method.md §6).
 
-Every other function returns one loss per pair / sentence; callers sum and scale (see docs/method.md).
+The other loss functions return one loss per pair / sentence; callers sum and scale (see docs/method.md).
 Sentence scores come from :mod:`biasedit_peft.scoring` (logit ``t - 1`` scores token ``t``).
 """
 

@@ -100,9 +100,9 @@ class BiasEditTrainingArguments:
     level_coef: float = 0.0
     """Weight of the level loss (``losses.level_loss``: each pair's average log-prob kept; protects LMS)."""
     ss_coef: float = 0.0
-    """Weight of the soft-SS term of the meta-loss (``losses.soft_ss_of``: the edit group's smoothed mean
-    stereotype preference, squared; experimental). With it, each LM batch's pair graph is kept until the group's
-    term is known, once per meta-step."""
+    """Weight of the soft-SS term of the meta-loss (``losses.soft_ss_of``: each bias type's smoothed mean
+    stereotype preference in the edit group, squared, weighted by its share of the group; experimental). With it,
+    each LM batch's pair graph is kept until the group's term is known, once per meta-step."""
     held_out_coef: float = 0.0
     """Weight of the held-out debias loss: the edit scored on pairs of the same bias types and other target terms
     (:func:`held_out_group`; needs samples with ``target`` and ``bias_type``, as StereoSet items have)."""
@@ -307,6 +307,10 @@ def held_out_group(edit: Sequence[EditSample], pool: Sequence[EditSample]) -> li
 
 RESUMABLE_CHANGES = ("output_dir", "max_steps", "epochs", "progress", "resume", "editor_device")
 """Training arguments a resumed run may change (how long and where it runs, not what it computes)."""
+SOFT_SS_FORM = "per_type"
+"""What the soft-SS term is (``losses.soft_ss_of``), kept in checkpoints: checkpoints from before a8e85ac hold
+none and trained the ``"pooled"`` form (one mean sign for the whole group), so one that trained with the term is
+not resumed under this one (:func:`resume_mismatches`)."""
 ADDED_LATER_ARGS = ("step_size_meta_lr", "average_steps", "ss_coef")
 """Training arguments newer than some checkpoints, whose default is what the older code did: a checkpoint without
 one is compared as if it held the default (``step_size_meta_lr=None``: one Adam group)."""
@@ -318,7 +322,8 @@ def resume_mismatches(saved: dict, args: BiasEditTrainingArguments, saved_config
     :data:`RESUMABLE_CHANGES`), editor setting (``loss``, ``rank``, ``n_blocks``, ``chunk_size``) and data
     size (``--limit``, other data) that differs between checkpoint ``saved`` (its ``trainer_state.json``) and now.
     A training argument the checkpoint does not name is not compared, except those of :data:`ADDED_LATER_ARGS`,
-    which count as their default there (what older code did)."""
+    which count as their default there (what older code did). A checkpoint that trained with the soft-SS term in
+    another form than :data:`SOFT_SS_FORM` differs in ``"soft-SS form"``."""
     differing = {}
     saved_args = saved.get("args", {})
     defaults = {f.name: f.default for f in fields(BiasEditTrainingArguments) if f.name in ADDED_LATER_ARGS}
@@ -329,6 +334,9 @@ def resume_mismatches(saved: dict, args: BiasEditTrainingArguments, saved_config
         if (list(before) if isinstance(before, (list, tuple)) else before) != \
                 (list(value) if isinstance(value, (list, tuple)) else value):
             differing[name] = (before, value)
+    saved_form = saved.get("soft_ss_form", "pooled")
+    if saved_args.get("ss_coef") and saved_form != SOFT_SS_FORM:
+        differing["soft-SS form"] = (saved_form, SOFT_SS_FORM)
     for name in ("loss", "rank", "n_blocks", "chunk_size"):
         if getattr(saved_config, name) != getattr(config, name):
             differing[name] = (getattr(saved_config, name), getattr(config, name))
@@ -824,7 +832,7 @@ class BiasEditTrainer:
                 atomic_write(building / AVERAGE_NAME, lambda path: save_file(average, path))
             settings = {k: v for k, v in asdict(self.args).items() if k != "output_dir"}  # the folder may move
             state = {"trainer": asdict(self.state), "optimizer": meta, "args": settings,
-                     "data": self._data_sizes()}
+                     "data": self._data_sizes(), "soft_ss_form": SOFT_SS_FORM}
             (building / STATE_NAME).write_text(json.dumps(state, indent=2, default=float) + "\n", encoding="utf-8")
             write_manifest(building)
         if not (Path(self.args.output_dir) / "config.json").is_file():  # no validation yet: best = latest
