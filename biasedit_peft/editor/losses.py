@@ -109,6 +109,13 @@ def type_indices(bias_types: Sequence[str | None]) -> tuple[torch.Tensor, int]:
     return torch.tensor([index[str(t)] for t in bias_types], dtype=torch.long), len(names)
 
 
+def sums_by_type(values: torch.Tensor, types: torch.Tensor, n_types: int) -> torch.Tensor:
+    """``values`` ``[P]`` summed per type index ``types`` ``[P]`` (below ``n_types``): ``[n_types]``, same dtype and
+    device as ``values``."""
+    return torch.zeros(n_types, dtype=values.dtype, device=values.device).index_add(0, types.to(values.device),
+                                                                                       values)
+
+
 def soft_ss_of_sums(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """``sum_t (n_t / n) m_t^2`` with ``m_t = sums[t] / counts[t]``: the soft-SS term from each type's summed soft
     signs ``[T]`` and pair counts ``[T]`` (every count positive; ``n`` their sum): a scalar."""
@@ -124,7 +131,7 @@ def soft_ss_of(gaps: torch.Tensor, scale: torch.Tensor | float, types: torch.Ten
     signs = soft_signs(gaps, scale)
     types = torch.zeros_like(signs, dtype=torch.long) if types is None else types.to(signs.device)
     counts = torch.bincount(types).to(signs.dtype)
-    sums = torch.zeros_like(counts).index_add(0, types, signs)
+    sums = sums_by_type(signs, types, len(counts))
     present = counts > 0
     return soft_ss_of_sums(sums[present], counts[present])
 

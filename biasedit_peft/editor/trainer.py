@@ -74,6 +74,7 @@ from .losses import (
     retention_terms,
     soft_signs,
     soft_ss_of_sums,
+    sums_by_type,
     type_indices,
 )
 from .replay import PrefixReplay
@@ -473,7 +474,6 @@ class BiasEditTrainer:
         debias_total = retention_total = level_total = 0.0
         # with ss_coef: each LM batch's pair loss and soft signs wait for the group's mean signs (one accumulate)
         scale = gap_scale(processes.gather_rows(pre_stereo - pre_anti)).item() if args.ss_coef else None
-        types, n_types = type_indices([s.bias_type for s in ordered])  # the whole group's, on every process
         waiting, signs = [], []
         with torch.set_grad_enabled(train):
             for number, start in enumerate(range(0, len(samples), args.batch_size)):
@@ -512,8 +512,8 @@ class BiasEditTrainer:
                 pre_unrelated.append(pre_scores.mean.detach().cpu())
                 post_unrelated.append(post_scores.mean.detach().cpu())
             held = self._held_out_terms(held_out, natives, accumulate) if held_out else {}
-            soft_ss = (self._soft_ss_terms(waiting, signs, types, n_types, accumulate) if scale is not None
-                       else 0.0)
+            soft_ss = (self._soft_ss_terms(waiting, signs, [s.bias_type for s in ordered], accumulate)
+                       if scale is not None else 0.0)
 
         if train:
             if processes.distributed:  # dL/dS of every process's pairs: the same on each
@@ -553,25 +553,24 @@ class BiasEditTrainer:
             **held,
         }
 
-    def _soft_ss_terms(self, waiting: list[torch.Tensor], signs: list[torch.Tensor], types: torch.Tensor,
-                       n_types: int, accumulate) -> float:
+    def _soft_ss_terms(self, waiting: list[torch.Tensor], signs: list[torch.Tensor],
+                       group_types: Sequence[str | None], accumulate) -> float:
         """Accumulate the LM batches' ``waiting`` pair losses (scalars) and ``ss_coef`` times the soft-SS term
-        (``losses.soft_ss_of``) of the whole group, whose bias types ``types`` ``[n]`` (indices below ``n_types``,
-        in the group's length order) every process knows and whose soft signs ``signs`` (``[P_b]`` per LM batch,
-        this process's block of that order: ``Processes.shard``) may lie on several processes; returns the term.
+        (``losses.soft_ss_of``) of the whole group, whose bias types ``group_types`` ``[n]`` (in the group's length
+        order) every process knows and whose soft signs ``signs`` (``[P_b]`` per LM batch, this process's block of
+        that order: ``Processes.shard``) may lie on several processes; returns the term.
 
         With ``m_t`` the mean sign of type ``t`` over every process, each process adds
         ``sum_t 2 m_t sum_{p local in t} sign_p / n``, the ``m_t`` constants: its gradient in every local pair's
         gap is that of ``sum_t (n_t / n) m_t^2``, so the processes' summed meta-gradients are the one-process
         ones.
         """
+        types, n_types = type_indices(group_types)
         local = torch.cat(signs)
-        local_types = types[self.processes.shard(len(types))].to(local.device)
-        local_sums = torch.zeros(n_types, dtype=local.dtype, device=local.device).index_add(0, local_types, local)
+        local_sums = sums_by_type(local, types[self.processes.shard(len(types))], n_types)
         counts = torch.bincount(types, minlength=n_types).double()
         mean_signs = self.processes.sum(local_sums.detach().double().cpu()) / counts  # m_t, constants
-        n = len(types)
-        linear = (2 * mean_signs.to(local.device, local.dtype) * local_sums).sum() / n
+        linear = (2 * mean_signs.to(local.device, local.dtype) * local_sums).sum() / len(types)
         accumulate(sum(waiting) + self.args.ss_coef * linear)
         return soft_ss_of_sums(mean_signs * counts, counts).item()
 
