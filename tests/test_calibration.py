@@ -376,3 +376,26 @@ def test_calibration_summary_names_the_choice_and_every_row():
             {"scale": 1.0, "ss_pre": 60.24, "ss_post": 38.28, "lms_pre": 90.0, "lms_post": 68.52}]
     assert calibration_module.calibration_summary({"scale": 0.0625, "rows": rows}) == (
         "x0.0625 chosen (x0.0625: SS 60.2->53.9, LMS drop -0.39; x1: SS 60.2->38.3, LMS drop 21.48)")
+
+
+def test_the_demo_prints_each_bias_type_at_the_chosen_multiple():
+    """Gemma 3 270M's calibration (twenty-third session): pooled SS 54.10 -> 50.31 at x1.41 hid race's overshoot
+    and gender's shortfall; the chosen row's types are printed, the other rows' are not."""
+    from biasedit_peft.workflows.demo import format_results
+
+    def typed(scale, ss_post, gender, race):
+        return {"scale": scale, "ss_pre": 54.1, "ss_post": ss_post, "lms_pre": 90.0, "lms_post": 90.0,
+                "by_type": {"gender": {"n": 154, "ss_pre": 60.4, "ss_post": gender},
+                            "race": {"n": 614, "ss_pre": 52.0, "ss_post": race}}}
+
+    calibration = {"scale": 1.41, "rows": [typed(1.0, 51.77, 58.4, 49.5), typed(1.41, 50.31, 61.0, 47.4)]}
+    assert calibration_module.chosen_by_type_summary(calibration) == (
+        "gender 60.4->61.0 (n=154), race 52.0->47.4 (n=614)")
+    assert calibration_module.chosen_by_type_summary(_rows((1.0, 52.0, 2.0))) is None  # rows without by_type
+    shown = {"before": {"stereoset": {}, "perplexity": 1.0}, "after": {"stereoset": {}, "perplexity": 1.0},
+             "protocols": {"per_batch": {"before": {}, "after": {}}, "held_out": {"before": {}, "after": {}}},
+             "targets": {}, "seconds": {"total": 1.0}, "training": {"calibration": calibration}}
+    assert ("edit scale x1.41, chosen on the pooled calibration pairs (SS 54.1->50.3); by bias type there: "
+            "gender 60.4->61.0 (n=154), race 52.0->47.4 (n=614)") in format_results(shown)
+    shown["training"]["calibration"] = {}
+    assert "by bias type" not in format_results(shown)

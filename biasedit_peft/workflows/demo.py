@@ -53,7 +53,7 @@ from .._io import (
     write_json,
 )
 from ..data import BIAS_TYPES, load_stereoset
-from ..editor.calibration import MIN_DEBIAS_GAIN
+from ..editor.calibration import MIN_DEBIAS_GAIN, chosen_by_type_summary, chosen_row
 from ..editor.presets import PresetOverrides
 from ..evaluation import take_per_type
 from ..models import cpu_identity, default_device
@@ -598,6 +598,11 @@ def format_results(results: dict) -> str:
     lines.append(f"total {results['seconds']['total']:.0f} s: " +
                  ", ".join(f"{k} {v:.0f} s" for k, v in results["seconds"].items() if k != "total"))
     calibration = results.get("training", {}).get("calibration") or {}
+    by_type = chosen_by_type_summary(calibration) if calibration.get("rows") else None
+    if by_type:
+        row = chosen_row(calibration)
+        lines.append(f"edit scale x{calibration['scale']:g}, chosen on the pooled calibration pairs (SS "
+                     f"{row['ss_pre']:.1f}->{row['ss_post']:.1f}); by bias type there: {by_type}")
     if calibration.get("debias_gain", MIN_DEBIAS_GAIN) < MIN_DEBIAS_GAIN:
         lines.append(f"WARNING: the kept editor moved dev SS only {calibration['debias_gain']:.2f} points toward 50 "
                      "at its best edit scale: meta-training failed from this initialisation; rerun with another "
