@@ -389,9 +389,9 @@ def test_the_demo_prints_each_bias_type_at_the_chosen_multiple():
                             "race": {"n": 614, "ss_pre": 52.0, "ss_post": race}}}
 
     calibration = {"scale": 1.41, "rows": [typed(1.0, 51.77, 58.4, 49.5), typed(1.41, 50.31, 61.0, 47.4)]}
-    assert calibration_module.chosen_by_type_summary(calibration) == (
+    assert calibration_module.by_type_summary(calibration_module.chosen_row(calibration)) == (
         "gender 60.4->61.0 (n=154), race 52.0->47.4 (n=614)")
-    assert calibration_module.chosen_by_type_summary(_rows((1.0, 52.0, 2.0))) is None  # rows without by_type
+    assert calibration_module.by_type_summary(_rows((1.0, 52.0, 2.0))["rows"][0]) is None  # a row without by_type
     shown = {"before": {"stereoset": {}, "perplexity": 1.0}, "after": {"stereoset": {}, "perplexity": 1.0},
              "protocols": {"per_batch": {"before": {}, "after": {}}, "held_out": {"before": {}, "after": {}}},
              "targets": {}, "seconds": {"total": 1.0}, "training": {"calibration": calibration}}

@@ -80,12 +80,12 @@ def calibration_summary(calibration: dict) -> str:
     return f"x{calibration['scale']:g} chosen ({rows})"
 
 
-def chosen_by_type_summary(calibration: dict) -> str | None:
-    """Each bias type's SS at the chosen multiple, ``"gender 60.4->61.0 (n=154), race 52.0->47.4 (n=614)"``, or None
-    where the rows hold no ``by_type``. The multiple is ranked on the pooled pairs, where one type's overshoot can
+def by_type_summary(row: dict) -> str | None:
+    """Each bias type's SS in one calibration row, ``"gender 60.4->61.0 (n=154), race 52.0->47.4 (n=614)"``, or None
+    where the row holds no ``by_type``. The multiple is ranked on the pooled pairs, where one type's overshoot can
     hide another's shortfall (Gemma 3 270M: pooled 54.1 -> 50.3 with race at 47.4 and gender at 61.0), so the demo
-    prints this beside it."""
-    by_type = chosen_row(calibration).get("by_type")
+    prints the chosen row's beside it."""
+    by_type = row.get("by_type")
     if not by_type:
         return None
     return ", ".join(f"{bias_type} {metrics['ss_pre']:.1f}->{metrics['ss_post']:.1f} (n={metrics['n']})"

@@ -569,10 +569,11 @@ class BiasEditTrainer:
         local = torch.cat(signs)
         local_sums = sums_by_type(local, types[self.processes.shard(len(types))], n_types)
         counts = torch.bincount(types, minlength=n_types).double()
-        mean_signs = self.processes.sum(local_sums.detach().double().cpu()) / counts  # m_t, constants
+        group_sums = self.processes.sum(local_sums.detach().double().cpu())  # every process's signs, per type
+        mean_signs = group_sums / counts  # m_t, constants
         linear = (2 * mean_signs.to(local.device, local.dtype) * local_sums).sum() / len(types)
         accumulate(sum(waiting) + self.args.ss_coef * linear)
-        return soft_ss_of_sums(mean_signs * counts, counts).item()
+        return soft_ss_of_sums(group_sums, counts).item()
 
     def _held_out_terms(self, held_out: Sequence[EditSample], natives: dict[str, torch.Tensor],
                         accumulate) -> dict[str, float]:

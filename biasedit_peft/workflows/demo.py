@@ -53,7 +53,7 @@ from .._io import (
     write_json,
 )
 from ..data import BIAS_TYPES, load_stereoset
-from ..editor.calibration import MIN_DEBIAS_GAIN, chosen_by_type_summary, chosen_row
+from ..editor.calibration import MIN_DEBIAS_GAIN, by_type_summary, chosen_row
 from ..editor.presets import PresetOverrides
 from ..evaluation import take_per_type
 from ..models import cpu_identity, default_device
@@ -598,9 +598,9 @@ def format_results(results: dict) -> str:
     lines.append(f"total {results['seconds']['total']:.0f} s: " +
                  ", ".join(f"{k} {v:.0f} s" for k, v in results["seconds"].items() if k != "total"))
     calibration = results.get("training", {}).get("calibration") or {}
-    by_type = chosen_by_type_summary(calibration) if calibration.get("rows") else None
+    row = chosen_row(calibration) if calibration.get("rows") else {}
+    by_type = by_type_summary(row)
     if by_type:
-        row = chosen_row(calibration)
         lines.append(f"edit scale x{calibration['scale']:g}, chosen on the pooled calibration pairs (SS "
                      f"{row['ss_pre']:.1f}->{row['ss_post']:.1f}); by bias type there: {by_type}")
     if calibration.get("debias_gain", MIN_DEBIAS_GAIN) < MIN_DEBIAS_GAIN:
