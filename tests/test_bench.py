@@ -22,6 +22,7 @@ def test_timed_warms_up_once_then_times_each_repeat():
 def test_forward_merged_equals_unmerged_adapter():
     result = bench_forward(BenchConfig(forward_repeats=2))
     assert result["max_abs_logit_difference_merged_vs_unmerged"] < 1e-4
+    assert result["max_abs_logit_difference_unmerged_vs_base"] > 1e-2  # the delta is seen, so the check can fail
     assert result["batch"][0] == 64
 
 

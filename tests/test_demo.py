@@ -6,7 +6,10 @@ import json
 import math
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from biasedit_peft import get_deltas
 from biasedit_peft.cli import main
 from biasedit_peft.models import cpu_identity
 from biasedit_peft.workflows.demo import format_results, max_abs_difference, merge_rounding_note, target_check
@@ -113,7 +116,14 @@ def test_demo_adapter_reloads_with_peft_and_reproduces_after(demo_run):
     scores = evaluate_model(model, tokenizer, benchmarks=("stereoset",), bias_types=["gender", "race"], limit=6,
                             progress=False, n_resamples=0)
     for bias_type, entry in results["after"]["stereoset"].items():
-        assert scores["stereoset"][bias_type]["ss"] == entry["ss"]
+        for metric in ("n", "ss", "lms", "icat"):
+            assert scores["stereoset"][bias_type][metric] == entry[metric], (bias_type, metric)
+    saved = load_file(demo_run / "run" / "adapter" / "adapter_model.safetensors")
+    reloaded = get_deltas(model)
+    assert len(saved) == len(reloaded) > 0
+    for name, delta in reloaded.items():
+        assert delta.abs().sum() > 0
+        assert torch.equal(delta, saved[f"base_model.model.{name}.biasedit_delta"])
 
 
 def test_demo_rejects_empty_bias_types(tmp_path, capsys):

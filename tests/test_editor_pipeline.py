@@ -161,12 +161,18 @@ def test_bad_input_is_a_clear_error_and_changes_nothing():
 
 
 def test_bf16_model_with_float32_editor():
-    model = peft_model(dtype=torch.bfloat16)
-    editor = _editor(model)
+    """The same float32 editor on a bf16 copy of the model writes float32 deltas within bf16's rounding of the
+    float32 model's (measured: 0.9-1.1 % relative per layer)."""
+    reference_model, model = peft_model(), peft_model(dtype=torch.bfloat16)
+    reference_editor, editor = _editor(reference_model), _editor(model)
+    editor.load_state_dict(reference_editor.state_dict())
     assert all(p.dtype == torch.float32 for p in editor.parameters())
+    reference_editor.debias(reference_model, samples(4), tokenizer=TOKENIZER, progress=False)
     editor.debias(model, samples(4), tokenizer=TOKENIZER, progress=False)
-    deltas = get_deltas(model)
-    assert all(d.dtype == torch.float32 and torch.isfinite(d).all() and d.any() for d in deltas.values())
+    expected, deltas = get_deltas(reference_model), get_deltas(model)
+    for name, delta in deltas.items():
+        assert delta.dtype == torch.float32 and delta.norm() > 0
+        assert (delta - expected[name]).norm() / expected[name].norm() < 0.05, name
 
 
 def test_editor_folder_round_trip_and_mismatch_errors(tmp_path):

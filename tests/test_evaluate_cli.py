@@ -9,7 +9,7 @@ import pytest
 from biasedit_peft.cli import main
 from biasedit_peft.data import load_stereoset
 from biasedit_peft.evaluation import evaluate_model, format_table
-from biasedit_peft.metrics import stereoset_reference
+from biasedit_peft.metrics import stereoset_paper, stereoset_reference
 from biasedit_peft.scoring import score_sentences
 
 from factories import save_sentence_model
@@ -81,6 +81,13 @@ def test_evaluate_model_on_lora_peft_model_paper_mode(tiny_model_dir):
     assert result["stereoset"]["religion"]["n"] == LIMIT
     assert result["crows"]["religion"]["n"] == LIMIT
     assert "religion" in format_table(result)
+    # LoRA's B starts at 0, so the PEFT model scores as its base: the paper's SS / LMS of directly scored sentences
+    items = load_stereoset("test", ["religion"])[:LIMIT]
+    scores = [score_sentences(base, tokenizer, [i.sentence(r) for i in items])
+              for r in ("stereotype", "anti-stereotype", "unrelated")]
+    expected = stereoset_paper(scores[0].mean_prob, scores[1].mean_prob, *(s.mean for s in scores), n_resamples=0)
+    for metric in ("ss", "lms", "icat"):
+        assert result["stereoset"]["religion"][metric] == pytest.approx(float(expected[metric])), metric
 
 
 def test_profession_only_gives_empty_crows(tiny_model_dir):

@@ -10,6 +10,7 @@ import torch
 
 from biasedit_peft.editor import BiasEditor, BiasEditTrainer, BiasEditTrainingArguments
 from biasedit_peft.editor.cache import EditSample
+from biasedit_peft.editor.calibration import nll_rise
 from biasedit_peft.editor.editor import encode_pairs, forward_logits, length_order
 from biasedit_peft.editor.losses import debias_loss, pair_scores, retention_loss
 from biasedit_peft.editor.trainer import held_out_group, selection_score
@@ -104,12 +105,22 @@ def test_held_out_training_and_selection_run_and_record_the_held_out_ss(tmp_path
     trainer = BiasEditTrainer(model, BiasEditor.for_model(model, rank=8, lr=1e-2), args, labelled(12), labelled(8),
                               tokenizer=TOKENIZER)
     state = trainer.train()
+    assert len(state.history) == 2  # eval_every 1, max_steps 2
     for record in state.history:
         assert record["train_held_out_n"] > 0 and 0.0 <= record["eval_held_out_ss_post"] <= 100.0
         evaluated = {k[5:]: v for k, v in record.items() if k.startswith("eval_")}
-        assert record["selection"] == selection_score(evaluated, args)
-        assert record["selection"] == pytest.approx(abs(evaluated["held_out_ss_post"] - 50.0)) or \
-            record["selection"] >= 100.0
+        within_bounds = (evaluated["lms_pre"] - evaluated["lms_post"] <= args.max_lms_drop
+                         and nll_rise(evaluated) <= args.max_nll_increase)
+        if within_bounds:  # held_out_ss_post is scored, not ss_post
+            assert record["selection"] == pytest.approx(abs(evaluated["held_out_ss_post"] - 50.0))
+        else:
+            assert record["selection"] >= 100.0
+
+
+def test_held_out_selection_scores_the_held_out_ss_on_a_hand_built_validation(tmp_path):
+    validation = dict(loss=0.3, ss_post=53.5, held_out_ss_post=47.0, lms_pre=90.0, lms_post=88.0, nll_increase=0.01)
+    assert selection_score(validation, _args(tmp_path, select_by="held_out")) == pytest.approx(3.0)  # |47 - 50|
+    assert selection_score(validation, _args(tmp_path, select_by="target")) == pytest.approx(3.5)  # |53.5 - 50|
 
 
 def test_held_out_options_refuse_unlabelled_samples(tmp_path):

@@ -13,7 +13,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import biasedit_peft
-from biasedit_peft import BiasEditConfig, set_deltas
+from biasedit_peft import BiasEditConfig, get_deltas, set_deltas
 from biasedit_peft._io import OutputFolderError, check_output_folder, folder_in_place
 from biasedit_peft.cli import main
 from biasedit_peft.models import load_model
@@ -399,12 +399,17 @@ def test_debias_writes_a_named_adapter(model_dir, tmp_path, capsys):
     for net in editor.nets.values():  # normaliser statistics, as a trained editor has
         net.normalizer.update(torch.randn(4, net.normalizer.mean.shape[-1]))
     editor.save_pretrained(tmp_path / "editor")
-    code = main(["debias", "--model", str(model_dir), "--editor", str(tmp_path / "editor"), "--limit", "2",
-                 "--calibrate-on", "none", "--adapter-name", "foo", "--out", str(tmp_path / "adapter"), "--quiet"])
-    assert code == 0, capsys.readouterr().err
+    common = ["debias", "--model", str(model_dir), "--editor", str(tmp_path / "editor"), "--limit", "2",
+              "--calibrate-on", "none", "--quiet"]
+    assert main([*common, "--adapter-name", "foo", "--out", str(tmp_path / "adapter")]) == 0, capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "unnamed")]) == 0, capsys.readouterr().err
     loaded = PeftModel.from_pretrained(load_model(str(model_dir)), str(tmp_path / "adapter" / "foo"),
                                        adapter_name="foo")
     assert set(loaded.peft_config) == {"foo"}
+    unnamed = get_deltas(PeftModel.from_pretrained(load_model(str(model_dir)), str(tmp_path / "unnamed")))
+    named = get_deltas(loaded, "foo")
+    assert named.keys() == unnamed.keys() and all(named[k].abs().sum() > 0 for k in named)
+    assert all(torch.equal(named[k], unnamed[k]) for k in named)  # the same edit, only the name differs
 
 
 def test_every_command_takes_bias_types_and_a_per_type_limit():

@@ -126,6 +126,8 @@ def test_sentence_log_probs_matches_manual_loop_and_is_differentiable():
     model = tiny_gpt2(len(tokenizer))
     batch = encode_sentences(tokenizer, SENTENCES[:2])
     result = sentence_log_probs(model, batch)
+    weight = model.transformer.h[1].mlp.c_proj.weight
+    manual_total = 0.0
     for row, sentence in enumerate(SENTENCES[:2]):
         ids = [tokenizer.bos_token_id] + tokenizer(sentence, add_special_tokens=False)["input_ids"]
         logits = model(torch.tensor([ids])).logits[0].float()
@@ -133,8 +135,11 @@ def test_sentence_log_probs_matches_manual_loop_and_is_differentiable():
         torch.testing.assert_close(result.sum[row], manual, atol=1e-5, rtol=1e-5)
         assert result.n_tokens[row].item() == len(ids) - 1
         torch.testing.assert_close(result.mean[row], manual / (len(ids) - 1), atol=1e-5, rtol=1e-5)
+        manual_total = manual_total + manual
+    (expected_grad,) = torch.autograd.grad(manual_total, weight)
     result.sum.sum().backward()
-    assert model.transformer.h[1].mlp.c_proj.weight.grad is not None
+    assert expected_grad.abs().max() > 1e-3
+    torch.testing.assert_close(weight.grad, expected_grad, atol=1e-5, rtol=1e-4)
 
 
 def test_batched_equals_one_at_a_time_and_keeps_order():

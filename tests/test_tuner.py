@@ -194,19 +194,25 @@ def test_random_delta_equals_shifted_weights_fp32(model_type):
     torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("dtype", "atol"), [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
-def test_low_precision_base_keeps_float32_deltas(model_type, dtype):
-    base = tiny_model(model_type, dtype=dtype)
-    reference = copy.deepcopy(base)
-    model = get_peft_model(base, BiasEditConfig(init_weights=False))
+def test_low_precision_base_keeps_float32_deltas(model_type, dtype, atol):
+    """A bf16 / fp16 base with float32 deltas computes the float32 model with shifted weights, to within the low
+    precision's rounding (measured: at most 4.3e-3 in bf16 and 7.7e-4 in fp16), and the deltas move the logits
+    far more than that tolerance, so a dropped adapter fails."""
+    model = get_peft_model(tiny_model(model_type, dtype=dtype), BiasEditConfig(init_weights=False))
+    generator = torch.Generator().manual_seed(0)
+    deltas = {name: 0.2 * torch.randn(delta.shape, generator=generator) for name, delta in get_deltas(model).items()}
+    set_deltas(model, deltas)
     for layer in edit_targets(model).values():
         assert layer.biasedit_delta["default"].dtype == torch.float32
     ids = token_ids()
     out = model(ids).logits
     assert out.dtype == dtype
-    expected = with_weights_shifted(reference, get_deltas(model))(ids).logits
-    torch.testing.assert_close(out.float(), expected.float(), atol=0.1, rtol=0.05)
+    float32_base = tiny_model(model_type)  # the same seed, so the same weights before rounding
+    expected = with_weights_shifted(float32_base, deltas)(ids).logits
+    assert (expected - float32_base(ids).logits).abs().max() > 10 * atol
+    torch.testing.assert_close(out.float(), expected, atol=atol, rtol=0)
 
 
 # ----- merge / unload ---------------------------------------------------------------------------------

@@ -715,7 +715,9 @@ def bench_forward(config: BenchConfig) -> dict:
                           config.forward_repeats)
     results: dict[str, Any] = {"batch": list(batch.input_ids.shape)}
     results.update({name: timing.stats() for name, timing in timings.items()})
-    results["max_abs_logit_difference_merged_vs_unmerged"] = float((forward(merged) - forward(peft_model)).abs().max())
+    unmerged_logits = forward(peft_model)
+    results["max_abs_logit_difference_merged_vs_unmerged"] = float((forward(merged) - unmerged_logits).abs().max())
+    results["max_abs_logit_difference_unmerged_vs_base"] = float((unmerged_logits - forward(base)).abs().max())
     base_median = results["base"]["median_s"]
     results["overhead_unmerged_pct"] = 100 * (results["unmerged_adapter"]["median_s"] / base_median - 1)
     results["overhead_merged_pct"] = 100 * (results["merged"]["median_s"] / base_median - 1)
