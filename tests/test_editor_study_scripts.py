@@ -276,3 +276,24 @@ def test_revision_timing_runs_both_trees_and_reports_the_speedup_of_each_pair(tm
     assert "losses equal: True" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # an existing --out is refused
         script.main(["--base", "HEAD", "--model", "testbed", "--out", str(out)])
+
+
+def test_the_ridge_sweep_preserves_the_keys_of_a_given_text(tmp_path):
+    """``--preserve-text FILE``: the preserved Gram is built from the file's paragraphs (every scored token of
+    each), not from the edit items' unrelated sentences."""
+    from biasedit_peft.models import load_model_and_tokenizer
+    from biasedit_peft.scoring import encode_sentences
+
+    _saved_untrained_editor(tmp_path / "editor")
+    paragraphs = ["The tide rises twice a day as the moon pulls on the sea .", "Bread dough rises as yeast feeds ."]
+    (tmp_path / "preserve.txt").write_text("\n\n".join(paragraphs) + "\n")
+    sweep = script_module("joint_ridge_sweep")
+    common = ["--editor", str(tmp_path / "editor"), "--limit", "2", "--batch-size", "8", "--grid", "1:1"]
+    text = ["--preserve-text", str(tmp_path / "preserve.txt")]
+    assert sweep.main([*common, *text, "--out", str(tmp_path / "a.json")]) == 0
+    assert sweep.main([*common, "--out", str(tmp_path / "b.json")]) == 0
+    with_text, default = (json.loads((tmp_path / name).read_text()) for name in ("a.json", "b.json"))
+    _, tokenizer = load_model_and_tokenizer("testbed")
+    assert with_text["preserved"] == str(tmp_path / "preserve.txt")
+    assert with_text["n_preserved"] == int(encode_sentences(tokenizer, paragraphs).target_mask.sum())
+    assert default["n_preserved"] != with_text["n_preserved"] and default["n_train"] == with_text["n_train"] == 6
