@@ -149,3 +149,49 @@ def test_debias_reports_a_mismatched_editor(tmp_path, capsys):
     assert code == 2
     assert "transformer.h.9.mlp.c_proj" in capsys.readouterr().err
     assert not (tmp_path / "adapter").exists()
+
+
+def test_debias_preserves_the_keys_of_a_fluent_text(tmp_path, capsys):
+    """``--preserve-keys W``: the delta is the pooled solve with ``W (N / N_r) U_r^T U_r`` of the bundled
+    preservation text's keys added (checked against ``recipe_solutions`` at the editor's own scale), which differs
+    from the default recipe's; the adapter records the recipe and the text; bad combinations are one-line errors."""
+    from transformers import AutoModelForCausalLM
+
+    from biasedit_peft.data import load_preserve_text
+    from biasedit_peft.editor.joint import JointRecipe
+
+    model_dir = tmp_path / "model"  # a context long enough for the bundled paragraphs (up to ~130 tokens here)
+    tiny_model(size="editor", n_positions=256).save_pretrained(model_dir)
+    editor_tokenizer().save_pretrained(model_dir)
+    reference = peft_model(num_edit_layers=2, model_config={"n_positions": 256})
+    editor = BiasEditor.for_model(reference, rank=4)
+    for net in editor.nets.values():  # unit statistics stand in for training
+        width = net.normalizer.mean.shape
+        net.normalizer.merge(torch.tensor(10.0), torch.zeros(width), torch.full(width, 9.0))
+    editor.save_pretrained(tmp_path / "editor")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"stereotype": f"{g} is a nurse .", "anti_stereotype": f"{g} is a pilot ."})
+                             + "\n" for g in ("he", "she", "men")))
+    base = ["debias", "--model", str(model_dir), "--editor", str(tmp_path / "editor"), "--data", str(pairs),
+            "--calibrate-on", "none", "--quiet"]
+    assert main([*base, "--preserve-keys", "10", "--out", str(tmp_path / "kept")]) == 0, capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "plain")]) == 0, capsys.readouterr().err
+    config = json.loads((tmp_path / "kept" / "adapter_config.json").read_text())
+    assert config["edit_info"]["recipe"] == "preserve 10, ridge 1"
+    assert config["edit_info"]["preserved_keys"] == "bundled"
+    assert "preserved_keys" not in json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["edit_info"]
+    kept, plain = (get_deltas(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir),
+                                                        tmp_path / name)) for name in ("kept", "plain"))
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    statistics, _ = pooled_statistics(editor, reference, editor_tokenizer(), rows, 16, load_preserve_text())
+    assert next(iter(statistics.values())).n_preserved > 1000  # every scored token of the 18 paragraphs
+    layers = editor.check_compatible(reference)
+    for name, solution in recipe_solutions(statistics, JointRecipe(preserve=10.0, ridge=1.0)).items():
+        expected = solution.delta.dense() if layers[name].fan_in_fan_out else solution.delta.dense().T
+        torch.testing.assert_close(kept[name], expected, rtol=1e-4, atol=1e-7)
+        assert (kept[name] - plain[name]).norm() > 1e-3 * plain[name].norm()
+    for flags, message in ((["--preserve-text", "unrelated"], "pass both"),
+                           (["--preserve-keys", "10", "--preserve-text", "unrelated"], "which they lack"),
+                           (["--preserve-keys", "-1"], "at least 0")):
+        assert main([*base, *flags, "--out", str(tmp_path / "refused")]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "refused").exists()

@@ -2,6 +2,7 @@
 
     biasedit debias --model M --editor EDITOR_DIR_OR_HUB_ID [--data stereoset:train | FILE]
                     [--calibrate-on stereoset:dev [MORE ...] | FILE ... | none] [--guard-text FILE | none]
+                    [--preserve-keys W [--preserve-text FILE | unrelated]]
                     --out ADAPTER_DIR
 
 The documented path to a deployable adapter (``workflows/deployment.py``): one joint delta from ``--data`` (the
@@ -36,6 +37,8 @@ from biasedit_peft.models import default_device
 
 DEFAULT_CALIBRATION = "stereoset:dev"
 """What ``--calibrate-on`` pools when not given: target terms that neither ``train`` nor ``test`` has."""
+UNRELATED = "unrelated"
+"""The ``--preserve-text`` value that preserves the edit pairs' unrelated sentences' keys instead of a text."""
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -62,6 +65,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="fluent UTF-8 text (paragraphs separated by blank lines) whose perplexity the calibrated "
                         "delta may raise by at most 2.5 %%; 'none': no such bound (default: the bundled guard text, "
                         "which shares nothing with the perplexity text of 'biasedit evaluate')")
+    parser.add_argument("--preserve-keys", type=float, default=0.0, metavar="W",
+                        help="experimental (0, off, by default): weight of preserved keys in the pooled solve, "
+                        "C = W (N / N_r) U_r^T U_r added to U^T U, so the delta leaves the keys of --preserve-text "
+                        "(fluent text) where they are (docs/method.md §7)")
+    parser.add_argument("--preserve-text", default=None, metavar="FILE",
+                        help="with --preserve-keys: the fluent text (paragraphs separated by blank lines) whose keys "
+                        "are preserved (default: the bundled preservation text, which shares nothing with the "
+                        "guard text or the perplexity text); 'unrelated': the edit pairs' unrelated sentences")
     parser.add_argument("--bias-types", default=None,
                         help="comma-separated; default: gender,race,religion of a bundled split, else the types the "
                         "file has")
@@ -87,19 +98,30 @@ def run(args: argparse.Namespace) -> int:
         guard_text_option,
         load_edit_samples,
         load_pooled_edit_samples,
+        load_preserve_text,
         pooled_spec,
     )
     from biasedit_peft.distributed import current_processes, process_device
     from biasedit_peft.editor import BiasEditor
     from biasedit_peft.editor.calibration import chosen_row
+    from biasedit_peft.editor.joint import JointRecipe
     from biasedit_peft.models import load_model_and_tokenizer
-    from biasedit_peft.workflows.deployment import deployable_adapter, record_edit
+    from biasedit_peft.workflows.deployment import JOINT_RECIPES, deployable_adapter, record_edit
 
     args.calibrate_on = args.calibrate_on or [DEFAULT_CALIBRATION]
     try:
         guard_file = guard_text_file(args.guard_text)
+        preserve_file = args.preserve_text if args.preserve_text not in (None, UNRELATED) else None
         check_output_folder(args.out, [args.model, args.editor, args.data, *args.calibrate_on,
-                                       *([guard_file] if guard_file else [])], args.overwrite)
+                                       *([guard_file] if guard_file else []),
+                                       *([preserve_file] if preserve_file else [])], args.overwrite)
+        if args.preserve_keys < 0:
+            raise ValueError(f"--preserve-keys must be at least 0, got {args.preserve_keys}")
+        if args.preserve_text is not None and not args.preserve_keys:
+            raise ValueError("--preserve-text names the keys that --preserve-keys W > 0 preserves; pass both")
+        recipes = (JointRecipe(preserve=args.preserve_keys, ridge=1.0),) if args.preserve_keys else JOINT_RECIPES
+        preserve_text = (load_preserve_text(preserve_file) if args.preserve_keys and args.preserve_text != UNRELATED
+                         else None)
         calibrated_on = None if args.calibrate_on == ["none"] else pooled_spec(args.calibrate_on)
         if calibrated_on is not None and "none" in args.calibrate_on:
             raise ValueError("--calibrate-on: 'none' (the editor's own scale) cannot be pooled with other data")
@@ -121,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
                                     adapter_name=args.adapter_name)
         report = deployable_adapter(editor, peft_model, tokenizer, samples, calibration, batch_size=args.batch_size,
                                     adapter_name=args.adapter_name, progress=not args.quiet and processes.is_main,
-                                    processes=processes, guard_text=guard)
+                                    processes=processes, guard_text=guard, recipes=recipes,
+                                    preserve_text=preserve_text)
     except (ValueError, FileNotFoundError, FloatingPointError, KeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -129,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
         processes.barrier()
         return 0
     record_edit(peft_model.peft_config[args.adapter_name], report, str(args.editor), args.data, args.bias_types,
-                args.limit, calibrated_on, guard_text=guard_text_label(args.guard_text))
+                args.limit, calibrated_on, guard_text=guard_text_label(args.guard_text),
+                preserve_text=None if args.preserve_text == UNRELATED else args.preserve_text or "bundled")
     with folder_in_place(args.out) as building:
         peft_model.save_pretrained(building)
         write_manifest(building if args.adapter_name == "default" else Path(building) / args.adapter_name)

@@ -17,6 +17,7 @@ from .neutral import (
     guard_text_option,
     load_guard_text,
     load_neutral_text,
+    load_preserve_text,
 )
 from .splits import SPLIT_SEED, split_calibration, split_train_dev
 from .stereoset import (
@@ -42,7 +43,8 @@ __all__ = [
     "SPLITS", "SPLIT_SEED", "CrowsFormatError", "CrowsPair", "NoiseReport", "StereoSetFormatError",
     "StereoSetItem", "check_held_out", "crows_bias_type", "describe_edit_samples", "gender_swapped",
     "guard_text_file", "guard_text_label", "guard_text_option", "load_bias_attribute_words", "load_crows",
-    "load_edit_samples", "load_guard_text", "load_neutral_text", "load_pooled_edit_samples", "load_split_ids",
+    "load_edit_samples", "load_guard_text", "load_neutral_text", "load_pooled_edit_samples", "load_preserve_text",
+    "load_split_ids",
     "load_stereoset", "load_stereoset_file", "noise_report", "pooled_spec", "split_calibration", "split_train_dev",
     "swap_gender",
 ]

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .._io import read_utf8
-from .resources import GUARD_TEXT_FILE, NEUTRAL_TEXT_FILE, resource_path
+from .resources import GUARD_TEXT_FILE, NEUTRAL_TEXT_FILE, PRESERVE_TEXT_FILE, resource_path
 
 
 def split_paragraphs(text: str) -> list[str]:
@@ -41,6 +41,16 @@ def load_guard_text(path: str | Path | None = None) -> list[str]:
     perplexity reported after an edit stays held out.
     """
     return load_paragraphs(path if path is not None else resource_path(GUARD_TEXT_FILE))
+
+
+def load_preserve_text(path: str | Path | None = None) -> list[str]:
+    """Paragraphs of the bundled preservation text, or of a user's text file (None: the bundled one).
+
+    A joint recipe with ``preserve > 0`` may keep this fluent text's keys where they are
+    (``editor.joint.JointRecipe``; ``deployable_adapter(preserve_text=...)``); it shares no paragraph with the
+    guard text or the perplexity text, so both stay held out.
+    """
+    return load_paragraphs(path if path is not None else resource_path(PRESERVE_TEXT_FILE))
 
 
 NO_GUARD = "none"

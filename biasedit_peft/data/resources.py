@@ -15,6 +15,7 @@ CROWS_FILE = "crows_pairs_anonymized.csv.gz"
 ATTRIBUTE_WORDS_FILE = "bias_attribute_words.json"
 NEUTRAL_TEXT_FILE = "neutral_text.txt"
 GUARD_TEXT_FILE = "guard_text.txt"
+PRESERVE_TEXT_FILE = "preserve_text.txt"
 
 
 def resource_path(name: str) -> Path:

@@ -54,17 +54,22 @@ resamples at the boundary."""
 
 
 def record_edit(peft_config, report: dict, editor_id: str, edit_data: str, bias_types: str, limit: int | None,
-                calibrated_on: str | None, guard_text: str | None = BUNDLED_GUARD) -> None:
+                calibrated_on: str | None, guard_text: str | None = BUNDLED_GUARD,
+                preserve_text: str | None = None) -> None:
     """Write where a deployed delta came from into its adapter config (``editor_id``, ``edit_data``,
     ``edit_info``), as the model card and the Hub read them; ``report`` is :func:`deployable_adapter`'s,
-    ``bias_types`` the comma-separated types edited and ``guard_text`` the text that bounded the scale ("bundled",
-    a file or "none"; recorded as None when nothing was calibrated)."""
+    ``bias_types`` the comma-separated types edited, ``guard_text`` the text that bounded the scale ("bundled",
+    a file or "none"; recorded as None when nothing was calibrated) and ``preserve_text`` the text whose keys a
+    preserving recipe kept ("bundled" or a file; None: the edit pairs' unrelated sentences). ``preserved_keys`` is
+    recorded only for a recipe that preserves keys."""
     peft_config.editor_id = editor_id
     peft_config.edit_data = edit_data
     peft_config.edit_info = {"n_samples": report["n_samples"], "n_tokens": report["n_tokens"],
                              "bias_types": bias_types, "limit": limit, "scale": report["scale"],
                              "recipe": JointRecipe(**report["recipe"]).label, "calibrated_on": calibrated_on,
                              "guard_text": guard_text if calibrated_on is not None else None}
+    if report["recipe"]["preserve"]:
+        peft_config.edit_info["preserved_keys"] = preserve_text or "the edit pairs' unrelated sentences"
 
 
 def calibration_score(row: dict[str, float], margin: float = CALIBRATION_MARGIN) -> float:
@@ -77,6 +82,7 @@ def deployable_adapter(
     calibration_samples: Sequence[Any] | None = None, batch_size: int = 16, adapter_name: str = "default",
     scales: Sequence[float] = JOINT_SCALES, progress: bool = True, processes=None,
     recipes: Sequence[JointRecipe] = JOINT_RECIPES, guard_text: Sequence[str] | None = None,
+    preserve_text: Sequence[str] | None = None,
 ) -> dict:
     """Write one joint delta from ``edit_samples`` into adapter ``adapter_name``, solved and scaled as held-out pairs
     say.
@@ -95,10 +101,14 @@ def deployable_adapter(
         progress: Show progress bars.
         processes: Split the caching across processes (``joint.pooled_statistics``; default: those of a launcher,
             else this one). The calibration runs whole on each.
-        recipes: How the pooled solve may be re-fitted (``editor/joint.py``); a recipe that preserves keys uses the
-            edit pairs' unrelated sentences and is skipped when they have none. Ties go to the earlier recipe.
+        recipes: How the pooled solve may be re-fitted (``editor/joint.py``); a recipe that preserves keys uses
+            ``preserve_text``, else the edit pairs' unrelated sentences, and is skipped when there are none. Ties go
+            to the earlier recipe.
         guard_text: Fluent paragraphs whose perplexity bounds the calibrated scale (``calibrate_joint_scale``);
             None: the bundled guard text (``data.load_guard_text``); empty: no such bound.
+        preserve_text: Paragraphs whose keys a recipe with ``preserve > 0`` keeps (e.g. ``data.load_preserve_text``,
+            fluent text that neither the guard nor the perplexity text shares); None: the edit pairs' unrelated
+            sentences.
 
     Returns:
         ``{"n_samples", "n_tokens", "layers", "scale", "recipe", "calibration", "recipes"}``: ``recipe`` the chosen
@@ -115,12 +125,16 @@ def deployable_adapter(
         tokenizer = _load_tokenizer_for(peft_model)
     samples = [as_edit_sample(sample, index) for index, sample in enumerate(edit_samples)]
     unrelated = [s.unrelated for s in samples if s.unrelated]
-    usable = [r for r in recipes if not r.preserve or len(unrelated) == len(samples)]
+    if preserve_text is not None and not preserve_text:
+        raise ValueError("preserve_text is empty: pass paragraphs, or None for the edit pairs' unrelated sentences")
+    keepable = list(preserve_text) if preserve_text else unrelated if len(unrelated) == len(samples) else None
+    usable = [r for r in recipes if not r.preserve or keepable]
     if not usable:
-        raise ValueError("every joint recipe preserves the unrelated sentences of the edit pairs, which they lack")
+        raise ValueError("every joint recipe preserves the unrelated sentences of the edit pairs, which they lack; "
+                         "pass preserve_text")
     if not calibration_samples:
         usable = usable[:1]
-    preserved = unrelated if any(r.preserve for r in usable) else None
+    preserved = keepable if any(r.preserve for r in usable) else None
     if guard_text is None and calibration_samples:  # only a calibration reads it
         guard_text = load_guard_text()
     statistics, n_tokens = pooled_statistics(editor, peft_model, tokenizer, samples, batch_size, preserved,
