@@ -31,8 +31,14 @@ from pathlib import Path
 from _study_args import add_editor_study_arguments, parse_study_arguments
 
 from biasedit_peft._io import write_json
-from biasedit_peft.data import BIAS_TYPES, SPLITS, check_held_out, guard_text_label, guard_text_option
-from biasedit_peft.data.neutral import load_paragraphs
+from biasedit_peft.data import (
+    BIAS_TYPES,
+    SPLITS,
+    check_held_out,
+    guard_text_label,
+    guard_text_option,
+    load_preserve_text,
+)
 from biasedit_peft.editor import BiasEditor
 from biasedit_peft.editor.calibration import calibrate_joint_scale, chosen_row, scaled_solutions
 from biasedit_peft.editor.joint import JointRecipe, pooled_statistics, recipe_solutions
@@ -79,9 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     grid = [JointRecipe(float(row.split(":")[0]), None if row.split(":")[1] == "learned" else float(row.split(":")[1]))
             for row in args.grid.split(",")]
+    if args.preserve_text and not any(recipe.preserve for recipe in grid):
+        parser.error("--preserve-text needs a --grid row with PRESERVE > 0")
     preserved = None
     if any(recipe.preserve for recipe in grid):
-        preserved = (load_paragraphs(args.preserve_text) if args.preserve_text
+        preserved = (load_preserve_text(args.preserve_text) if args.preserve_text
                      else [item.unrelated for item in train])
     statistics, n_tokens = pooled_statistics(editor, peft_model, tokenizer, train, args.batch_size, preserved)
     learned = {name: layer.learned_ridge for name, layer in statistics.items()}
@@ -94,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     test_kwargs = dict(benchmarks=benchmarks, bias_types=list(BIAS_TYPES), limit=args.limit,
                        progress=False, n_resamples=1000)
     report = {"model": args.model, "editor": args.editor, "edit_split": args.edit_split, "n_train": len(train),
-              "preserved": args.preserve_text or "the edit items' unrelated sentences",
+              "preserved": None if preserved is None else args.preserve_text or "the edit pairs' unrelated sentences",
               "guard_text": guard_text_label(args.guard_text),
               "n_tokens": n_tokens,
               "n_preserved": n_preserved, "learned_lambda": learned, "rows": []}

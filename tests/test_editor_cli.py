@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from peft import PeftModel
 
@@ -12,7 +13,7 @@ from biasedit_peft.cli import main
 from biasedit_peft.editor import BiasEditor
 from biasedit_peft.editor.joint import pooled_statistics, recipe_solutions
 from biasedit_peft.tuner.deltas import get_deltas
-from biasedit_peft.workflows.deployment import JOINT_RECIPES
+from biasedit_peft.workflows.deployment import JOINT_RECIPES, deployable_adapter
 
 from factories import editor_tokenizer, peft_model, samples, tiny_model
 
@@ -190,8 +191,28 @@ def test_debias_preserves_the_keys_of_a_fluent_text(tmp_path, capsys):
         expected = solution.delta.dense() if layers[name].fan_in_fan_out else solution.delta.dense().T
         torch.testing.assert_close(kept[name], expected, rtol=1e-4, atol=1e-7)
         assert (kept[name] - plain[name]).norm() > 1e-3 * plain[name].norm()
+    # a user's text is loaded and recorded by its path; the pairs' unrelated sentences, where they have them
+    own_text = tmp_path / "own.txt"
+    own_text.write_text("The tide turns .\n\nA seed grows .\n", encoding="utf-8")
+    own = ["--preserve-keys", "10", "--preserve-text", str(own_text)]
+    assert main([*base, *own, "--out", str(tmp_path / "own")]) == 0
+    config = json.loads((tmp_path / "own" / "adapter_config.json").read_text())
+    assert config["edit_info"]["preserved_keys"] == str(own_text)
+    with_unrelated = tmp_path / "with_unrelated.jsonl"
+    with_unrelated.write_text("".join(json.dumps({**row, "unrelated": "the sky is blue ."}) + "\n" for row in rows))
+    assert main([*base[:6], str(with_unrelated), *base[7:], "--preserve-keys", "10", "--preserve-text", "unrelated",
+                 "--out", str(tmp_path / "unrelated")]) == 0, capsys.readouterr().err
+    config = json.loads((tmp_path / "unrelated" / "adapter_config.json").read_text())
+    assert config["edit_info"]["preserved_keys"] == "the edit pairs' unrelated sentences"
     for flags, message in ((["--preserve-text", "unrelated"], "pass both"),
-                           (["--preserve-keys", "10", "--preserve-text", "unrelated"], "which they lack"),
-                           (["--preserve-keys", "-1"], "at least 0")):
+                           (["--preserve-keys", "10", "--preserve-text", "unrelated"], "which 3 of 3 lack"),
+                           (["--preserve-keys", "-1"], "at least 0"), (["--preserve-keys", "nan"], "finite"),
+                           (["--preserve-keys", "10", "--preserve-text", str(tmp_path)], "--out")):
         assert main([*base, *flags, "--out", str(tmp_path / "refused")]) == 2
         assert message in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    with pytest.raises(ValueError, match="the text whose keys are preserved: sentence 0 .* context of 64"):
+        deployable_adapter(editor, peft_model(num_edit_layers=2), editor_tokenizer(), rows,
+                           preserve_text=load_preserve_text(), recipes=[JointRecipe(preserve=1.0, ridge=1.0)])
+    with pytest.raises(TypeError, match="not one string"):
+        deployable_adapter(editor, reference, editor_tokenizer(), rows, preserve_text="one string",
+                           recipes=[JointRecipe(preserve=1.0, ridge=1.0)])

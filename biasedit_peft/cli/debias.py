@@ -23,7 +23,9 @@ every process (the same scores); only the main process writes the adapter.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from biasedit_peft.cli._common import (
@@ -37,8 +39,6 @@ from biasedit_peft.models import default_device
 
 DEFAULT_CALIBRATION = "stereoset:dev"
 """What ``--calibrate-on`` pools when not given: target terms that neither ``train`` nor ``test`` has."""
-UNRELATED = "unrelated"
-"""The ``--preserve-text`` value that preserves the edit pairs' unrelated sentences' keys instead of a text."""
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -98,30 +98,31 @@ def run(args: argparse.Namespace) -> int:
         guard_text_option,
         load_edit_samples,
         load_pooled_edit_samples,
-        load_preserve_text,
         pooled_spec,
+        preserve_text_file,
+        preserve_text_label,
+        preserve_text_option,
     )
     from biasedit_peft.distributed import current_processes, process_device
     from biasedit_peft.editor import BiasEditor
     from biasedit_peft.editor.calibration import chosen_row
-    from biasedit_peft.editor.joint import JointRecipe
     from biasedit_peft.models import load_model_and_tokenizer
     from biasedit_peft.workflows.deployment import JOINT_RECIPES, deployable_adapter, record_edit
 
     args.calibrate_on = args.calibrate_on or [DEFAULT_CALIBRATION]
     try:
         guard_file = guard_text_file(args.guard_text)
-        preserve_file = args.preserve_text if args.preserve_text not in (None, UNRELATED) else None
-        check_output_folder(args.out, [args.model, args.editor, args.data, *args.calibrate_on,
-                                       *([guard_file] if guard_file else []),
-                                       *([preserve_file] if preserve_file else [])], args.overwrite)
-        if args.preserve_keys < 0:
-            raise ValueError(f"--preserve-keys must be at least 0, got {args.preserve_keys}")
+        check_output_folder(args.out, [args.model, args.editor, args.data, *args.calibrate_on, guard_file,
+                                       preserve_text_file(args.preserve_text)], args.overwrite)
+        if not (math.isfinite(args.preserve_keys) and args.preserve_keys >= 0):
+            raise ValueError(f"--preserve-keys must be a finite weight of at least 0, got {args.preserve_keys}")
         if args.preserve_text is not None and not args.preserve_keys:
             raise ValueError("--preserve-text names the keys that --preserve-keys W > 0 preserves; pass both")
-        recipes = (JointRecipe(preserve=args.preserve_keys, ridge=1.0),) if args.preserve_keys else JOINT_RECIPES
-        preserve_text = (load_preserve_text(preserve_file) if args.preserve_keys and args.preserve_text != UNRELATED
-                         else None)
+        recipes = JOINT_RECIPES
+        preserve_text = None
+        if args.preserve_keys:
+            recipes = tuple(replace(recipe, preserve=args.preserve_keys) for recipe in JOINT_RECIPES)
+            preserve_text = preserve_text_option(args.preserve_text)
         calibrated_on = None if args.calibrate_on == ["none"] else pooled_spec(args.calibrate_on)
         if calibrated_on is not None and "none" in args.calibrate_on:
             raise ValueError("--calibrate-on: 'none' (the editor's own scale) cannot be pooled with other data")
@@ -153,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     record_edit(peft_model.peft_config[args.adapter_name], report, str(args.editor), args.data, args.bias_types,
                 args.limit, calibrated_on, guard_text=guard_text_label(args.guard_text),
-                preserve_text=None if args.preserve_text == UNRELATED else args.preserve_text or "bundled")
+                preserve_text=preserve_text_label(args.preserve_text))
     with folder_in_place(args.out) as building:
         peft_model.save_pretrained(building)
         write_manifest(building if args.adapter_name == "default" else Path(building) / args.adapter_name)

@@ -18,6 +18,9 @@ from .neutral import (
     load_guard_text,
     load_neutral_text,
     load_preserve_text,
+    preserve_text_file,
+    preserve_text_label,
+    preserve_text_option,
 )
 from .splits import SPLIT_SEED, split_calibration, split_train_dev
 from .stereoset import (
@@ -44,7 +47,7 @@ __all__ = [
     "StereoSetItem", "check_held_out", "crows_bias_type", "describe_edit_samples", "gender_swapped",
     "guard_text_file", "guard_text_label", "guard_text_option", "load_bias_attribute_words", "load_crows",
     "load_edit_samples", "load_guard_text", "load_neutral_text", "load_pooled_edit_samples", "load_preserve_text",
-    "load_split_ids",
+    "load_split_ids", "preserve_text_file", "preserve_text_label", "preserve_text_option",
     "load_stereoset", "load_stereoset_file", "noise_report", "pooled_spec", "split_calibration", "split_train_dev",
     "swap_gender",
 ]

@@ -53,6 +53,27 @@ def load_preserve_text(path: str | Path | None = None) -> list[str]:
     return load_paragraphs(path if path is not None else resource_path(PRESERVE_TEXT_FILE))
 
 
+UNRELATED = "unrelated"
+"""The ``--preserve-text`` value that preserves the edit pairs' unrelated sentences' keys instead of a text."""
+
+
+def preserve_text_file(value: str | None) -> str | None:
+    """The user's file a ``--preserve-text`` value names; None for the bundled text (None) and for the edit pairs'
+    unrelated sentences (:data:`UNRELATED`)."""
+    return None if value in (None, UNRELATED) else value
+
+
+def preserve_text_option(value: str | None) -> list[str] | None:
+    """The paragraphs a ``--preserve-text`` value names: the bundled preservation text (None), a user's file, or
+    None for the edit pairs' unrelated sentences (:data:`UNRELATED`)."""
+    return None if value == UNRELATED else load_preserve_text(preserve_text_file(value))
+
+
+def preserve_text_label(value: str | None) -> str | None:
+    """What a ``--preserve-text`` value is recorded as: "bundled", the file, or None (:data:`UNRELATED`)."""
+    return None if value == UNRELATED else value if value is not None else BUNDLED_GUARD
+
+
 NO_GUARD = "none"
 """The ``--guard-text`` value that turns the guard off."""
 BUNDLED_GUARD = "bundled"

@@ -33,6 +33,7 @@ from ..editor.calibration import (
     target_score,
 )
 from ..editor.joint import JointRecipe, pooled_statistics, recipe_solutions
+from ..scoring import encode_sentences, model_context_length
 
 JOINT_RECIPES: tuple[JointRecipe, ...] = (JointRecipe(ridge=1.0),)
 """The re-fits of the pooled solve a deployment tries (``editor/joint.py``): the ridge relative to the keys,
@@ -59,17 +60,19 @@ def record_edit(peft_config, report: dict, editor_id: str, edit_data: str, bias_
     """Write where a deployed delta came from into its adapter config (``editor_id``, ``edit_data``,
     ``edit_info``), as the model card and the Hub read them; ``report`` is :func:`deployable_adapter`'s,
     ``bias_types`` the comma-separated types edited, ``guard_text`` the text that bounded the scale ("bundled",
-    a file or "none"; recorded as None when nothing was calibrated) and ``preserve_text`` the text whose keys a
-    preserving recipe kept ("bundled" or a file; None: the edit pairs' unrelated sentences). ``preserved_keys`` is
-    recorded only for a recipe that preserves keys."""
+    a file or "none"; recorded as None when nothing was calibrated) and ``preserve_text`` how the text whose keys
+    a preserving recipe kept is named ("bundled" or a file). ``preserved_keys`` is recorded only for a recipe that
+    preserves keys, from the report: that name, or the edit pairs' unrelated sentences."""
     peft_config.editor_id = editor_id
     peft_config.edit_data = edit_data
     peft_config.edit_info = {"n_samples": report["n_samples"], "n_tokens": report["n_tokens"],
                              "bias_types": bias_types, "limit": limit, "scale": report["scale"],
                              "recipe": JointRecipe(**report["recipe"]).label, "calibrated_on": calibrated_on,
                              "guard_text": guard_text if calibrated_on is not None else None}
-    if report["recipe"]["preserve"]:
-        peft_config.edit_info["preserved_keys"] = preserve_text or "the edit pairs' unrelated sentences"
+    if report.get("preserved") == "text":
+        peft_config.edit_info["preserved_keys"] = preserve_text or "a given text"
+    elif report.get("preserved") == "unrelated":
+        peft_config.edit_info["preserved_keys"] = "the edit pairs' unrelated sentences"
 
 
 def calibration_score(row: dict[str, float], margin: float = CALIBRATION_MARGIN) -> float:
@@ -111,9 +114,10 @@ def deployable_adapter(
             sentences.
 
     Returns:
-        ``{"n_samples", "n_tokens", "layers", "scale", "recipe", "calibration", "recipes"}``: ``recipe`` the chosen
-        one (``{"preserve", "ridge"}``), ``calibration`` its ``calibrate_joint_scale`` result (None without
-        calibration pairs), ``recipes`` one row per recipe tried (``preserve``, ``ridge``, ``scale``, ``selection``).
+        ``{"n_samples", "n_tokens", "layers", "scale", "recipe", "calibration", "preserved", "recipes"}``: ``recipe``
+        the chosen one (``{"preserve", "ridge"}``), ``calibration`` its ``calibrate_joint_scale`` result (None
+        without calibration pairs), ``preserved`` whose keys it kept (``"text"``, ``"unrelated"`` or None),
+        ``recipes`` one row per recipe tried (``preserve``, ``ridge``, ``scale``, ``selection``).
     """
     if len(edit_samples) == 0:
         raise ValueError("deployable_adapter needs at least one edit sample; got an empty list")
@@ -124,14 +128,13 @@ def deployable_adapter(
 
         tokenizer = _load_tokenizer_for(peft_model)
     samples = [as_edit_sample(sample, index) for index, sample in enumerate(edit_samples)]
-    unrelated = [s.unrelated for s in samples if s.unrelated]
-    if preserve_text is not None and not preserve_text:
-        raise ValueError("preserve_text is empty: pass paragraphs, or None for the edit pairs' unrelated sentences")
-    keepable = list(preserve_text) if preserve_text else unrelated if len(unrelated) == len(samples) else None
+    keepable = _keepable_keys(samples, preserve_text, tokenizer, model_context_length(peft_model))
     usable = [r for r in recipes if not r.preserve or keepable]
     if not usable:
-        raise ValueError("every joint recipe preserves the unrelated sentences of the edit pairs, which they lack; "
-                         "pass preserve_text")
+        missing = sum(not s.unrelated for s in samples)
+        raise ValueError(f"every joint recipe preserves the unrelated sentences of the edit pairs, which {missing} of "
+                         f"{len(samples)} lack; give a text to preserve instead (preserve_text; biasedit debias "
+                         "--preserve-text FILE)")
     if not calibration_samples:
         usable = usable[:1]
     preserved = keepable if any(r.preserve for r in usable) else None
@@ -153,8 +156,27 @@ def deployable_adapter(
     editor.write_solutions(peft_model, scaled_solutions(solutions, scale), adapter_name)
     return {"n_samples": len(samples), "n_tokens": n_tokens, "layers": list(statistics), "scale": scale,
             "recipe": asdict(recipe), "calibration": calibration,
+            "preserved": None if not recipe.preserve else "text" if preserve_text else "unrelated",
             "recipes": [{**asdict(r), "scale": c["scale"] if c else 1.0, "selection": _selection(c)}
                         for r, _, c in tried]}
+
+
+def _keepable_keys(samples: Sequence[Any], preserve_text: Sequence[str] | None, tokenizer,
+                   context: int | None) -> list[str] | None:
+    """The sentences a preserving recipe keeps: ``preserve_text`` (checked to fit the model's ``context`` before any
+    caching), else the edit pairs' unrelated sentences when every pair has one, else None."""
+    if isinstance(preserve_text, str):
+        raise TypeError("preserve_text takes a list of paragraphs, not one string")
+    if preserve_text is not None:
+        if not preserve_text:
+            raise ValueError("preserve_text is empty: pass paragraphs, or None for the pairs' unrelated sentences")
+        try:
+            encode_sentences(tokenizer, list(preserve_text), context=context)
+        except ValueError as error:
+            raise ValueError(f"the text whose keys are preserved: {error}") from None
+        return list(preserve_text)
+    unrelated = [s.unrelated for s in samples if s.unrelated]
+    return unrelated if len(unrelated) == len(samples) else None
 
 
 def _selection(calibration: dict | None) -> float:
