@@ -65,8 +65,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="fluent UTF-8 text (paragraphs separated by blank lines) whose perplexity the calibrated "
                         "delta may raise by at most 2.5 %%; 'none': no such bound (default: the bundled guard text, "
                         "which shares nothing with the perplexity text of 'biasedit evaluate')")
-    parser.add_argument("--preserve-keys", type=float, default=0.0, metavar="W",
-                        help="experimental (0, off, by default): weight of preserved keys in the pooled solve, "
+    parser.add_argument("--preserve-keys", type=float, default=None, metavar="W",
+                        help="experimental (off by default): weight of preserved keys in the pooled solve, "
                         "C = W (N / N_r) U_r^T U_r added to U^T U, so the delta leaves the keys of --preserve-text "
                         "(fluent text) where they are (docs/method.md §7)")
     parser.add_argument("--preserve-text", default=None, metavar="FILE",
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         guard_file = guard_text_file(args.guard_text)
         check_output_folder(args.out, [args.model, args.editor, args.data, *args.calibrate_on, guard_file,
                                        preserve_text_file(args.preserve_text)], args.overwrite)
-        if not (math.isfinite(args.preserve_keys) and args.preserve_keys >= 0):
+        if args.preserve_keys is not None and not (math.isfinite(args.preserve_keys) and args.preserve_keys >= 0):
             raise ValueError(f"--preserve-keys must be a finite weight of at least 0, got {args.preserve_keys}")
         if args.preserve_text is not None and not args.preserve_keys:
             raise ValueError("--preserve-text names the keys that --preserve-keys W > 0 preserves; pass both")
