@@ -18,11 +18,21 @@ from biasedit_peft.workflows.deployment import JOINT_RECIPES, deployable_adapter
 from factories import editor_tokenizer, peft_model, samples, tiny_model
 
 
-def _saved_model(tmp_path):
+def _saved_model(tmp_path, **config):
     folder = tmp_path / "model"
-    tiny_model(size="editor").save_pretrained(folder)
+    tiny_model(size="editor", **config).save_pretrained(folder)
     editor_tokenizer().save_pretrained(folder)
     return folder
+
+
+def _saved_editor_with_unit_statistics(model, folder) -> BiasEditor:
+    """An untrained editor whose normalisers hold unit statistics, standing in for training, saved to ``folder``."""
+    editor = BiasEditor.for_model(model, rank=4)
+    for net in editor.nets.values():
+        width = net.normalizer.mean.shape
+        net.normalizer.merge(torch.tensor(10.0), torch.zeros(width), torch.full(width, 9.0))
+    editor.save_pretrained(folder)
+    return editor
 
 
 def test_train_editor_then_debias_then_load_adapter(tmp_path, capsys):
@@ -88,11 +98,7 @@ def test_debias_calibrates_on_every_calibrate_on_spec_pooled_in_order(tmp_path, 
     from biasedit_peft.data import load_edit_samples, load_guard_text
 
     model_dir = _saved_model(tmp_path)
-    editor = BiasEditor.for_model(peft_model(num_edit_layers=1), rank=4)
-    for net in editor.nets.values():  # unit statistics stand in for training
-        width = net.normalizer.mean.shape
-        net.normalizer.merge(torch.tensor(10.0), torch.zeros(width), torch.full(width, 9.0))
-    editor.save_pretrained(tmp_path / "editor")
+    _saved_editor_with_unit_statistics(peft_model(num_edit_layers=1), tmp_path / "editor")
     given, guards = [], []
     real = deployment.deployable_adapter
 
@@ -161,15 +167,9 @@ def test_debias_preserves_the_keys_of_a_fluent_text(tmp_path, capsys):
     from biasedit_peft.data import load_preserve_text
     from biasedit_peft.editor.joint import JointRecipe
 
-    model_dir = tmp_path / "model"  # a context long enough for the bundled paragraphs (up to ~130 tokens here)
-    tiny_model(size="editor", n_positions=256).save_pretrained(model_dir)
-    editor_tokenizer().save_pretrained(model_dir)
+    model_dir = _saved_model(tmp_path, n_positions=256)  # long enough for the bundled paragraphs (~130 tokens here)
     reference = peft_model(num_edit_layers=2, model_config={"n_positions": 256})
-    editor = BiasEditor.for_model(reference, rank=4)
-    for net in editor.nets.values():  # unit statistics stand in for training
-        width = net.normalizer.mean.shape
-        net.normalizer.merge(torch.tensor(10.0), torch.zeros(width), torch.full(width, 9.0))
-    editor.save_pretrained(tmp_path / "editor")
+    editor = _saved_editor_with_unit_statistics(reference, tmp_path / "editor")
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"stereotype": f"{g} is a nurse .", "anti_stereotype": f"{g} is a pilot ."})
                              + "\n" for g in ("he", "she", "men")))
