@@ -257,6 +257,19 @@ def trained_editor(output_dir: Path, steps: int = 3):
     return model, editor
 
 
+def saved_editor_with_unit_statistics(model, folder: Path, rank: int = 4):
+    """An untrained editor for ``model`` whose normalisers hold unit statistics (mean 0, variance 1 over 10 rows),
+    standing in for meta-training, saved to ``folder``."""
+    from biasedit_peft.editor import BiasEditor
+
+    editor = BiasEditor.for_model(model, rank=rank)
+    for net in editor.nets.values():
+        width = net.normalizer.mean.shape
+        net.normalizer.merge(torch.tensor(10.0), torch.zeros(width), torch.full(width, 9.0))
+    editor.save_pretrained(folder)
+    return editor
+
+
 def save_word_model(folder: Path, architecture: str = "gpt2", seed: int = 0, **config) -> Path:
     """A ``"words"``-size :func:`tiny_model` saved with :func:`words_tokenizer` to ``folder``."""
     tiny_model(architecture, seed, size="words", **config).save_pretrained(folder)

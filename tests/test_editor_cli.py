@@ -15,7 +15,7 @@ from biasedit_peft.editor.joint import pooled_statistics, recipe_solutions
 from biasedit_peft.tuner.deltas import get_deltas
 from biasedit_peft.workflows.deployment import JOINT_RECIPES, deployable_adapter
 
-from factories import editor_tokenizer, peft_model, samples, tiny_model
+from factories import editor_tokenizer, peft_model, samples, saved_editor_with_unit_statistics, tiny_model
 
 
 def _saved_model(tmp_path, **config):
@@ -23,16 +23,6 @@ def _saved_model(tmp_path, **config):
     tiny_model(size="editor", **config).save_pretrained(folder)
     editor_tokenizer().save_pretrained(folder)
     return folder
-
-
-def _saved_editor_with_unit_statistics(model, folder) -> BiasEditor:
-    """An untrained editor whose normalisers hold unit statistics, standing in for training, saved to ``folder``."""
-    editor = BiasEditor.for_model(model, rank=4)
-    for net in editor.nets.values():
-        width = net.normalizer.mean.shape
-        net.normalizer.merge(torch.tensor(10.0), torch.zeros(width), torch.full(width, 9.0))
-    editor.save_pretrained(folder)
-    return editor
 
 
 def test_train_editor_then_debias_then_load_adapter(tmp_path, capsys):
@@ -98,7 +88,7 @@ def test_debias_calibrates_on_every_calibrate_on_spec_pooled_in_order(tmp_path, 
     from biasedit_peft.data import load_edit_samples, load_guard_text
 
     model_dir = _saved_model(tmp_path)
-    _saved_editor_with_unit_statistics(peft_model(num_edit_layers=1), tmp_path / "editor")
+    saved_editor_with_unit_statistics(peft_model(num_edit_layers=1), tmp_path / "editor")
     given, guards = [], []
     real = deployment.deployable_adapter
 
@@ -169,7 +159,7 @@ def test_debias_preserves_the_keys_of_a_fluent_text(tmp_path, capsys):
 
     model_dir = _saved_model(tmp_path, n_positions=256)  # long enough for the bundled paragraphs (~130 tokens here)
     reference = peft_model(num_edit_layers=2, model_config={"n_positions": 256})
-    editor = _saved_editor_with_unit_statistics(reference, tmp_path / "editor")
+    editor = saved_editor_with_unit_statistics(reference, tmp_path / "editor")
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"stereotype": f"{g} is a nurse .", "anti_stereotype": f"{g} is a pilot ."})
                              + "\n" for g in ("he", "she", "men")))

@@ -16,7 +16,7 @@ import torch
 from biasedit_peft.editor import BiasEditor
 from biasedit_peft.workflows.demo import DemoConfig, build_model, load_demo_items
 
-from factories import script_module
+from factories import saved_editor_with_unit_statistics, script_module
 
 
 def _study_parser() -> argparse.ArgumentParser:
@@ -27,15 +27,10 @@ def _study_parser() -> argparse.ArgumentParser:
 
 
 def _saved_untrained_editor(folder) -> BiasEditor:
-    """An untrained testbed editor whose normalisers have seen unit-normal rows (as meta-training's would), saved
-    to ``folder``."""
+    """An untrained rank-8 testbed editor with unit normaliser statistics (as meta-training's would be), saved to
+    ``folder``."""
     peft_model, _, _ = build_model(DemoConfig(model="testbed", progress=False))
-    editor = BiasEditor.for_model(peft_model, rank=8)
-    generator = torch.Generator().manual_seed(0)
-    for net in editor.nets.values():
-        net.normalizer.update(torch.randn(64, len(net.normalizer.mean), generator=generator))
-    editor.save_pretrained(folder)
-    return editor
+    return saved_editor_with_unit_statistics(peft_model, folder, rank=8)
 
 
 def test_an_existing_report_is_refused_without_overwrite(tmp_path, capsys):
