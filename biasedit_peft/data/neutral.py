@@ -53,6 +53,9 @@ def load_preserve_text(path: str | Path | None = None) -> list[str]:
     return load_paragraphs(path if path is not None else resource_path(PRESERVE_TEXT_FILE))
 
 
+BUNDLED = "bundled"
+"""How an adapter or report records a bundled text (``--guard-text`` or ``--preserve-text`` not given)."""
+
 UNRELATED = "unrelated"
 """The ``--preserve-text`` value that preserves the edit pairs' unrelated sentences' keys instead of a text."""
 
@@ -70,13 +73,13 @@ def preserve_text_option(value: str | None) -> list[str] | None:
 
 
 def preserve_text_label(value: str | None) -> str | None:
-    """What a ``--preserve-text`` value is recorded as: "bundled", the file, or None (:data:`UNRELATED`)."""
-    return None if value == UNRELATED else value if value is not None else BUNDLED_GUARD
+    """What a ``--preserve-text`` value is recorded as: :data:`BUNDLED`, the file, or None (:data:`UNRELATED`)."""
+    return None if value == UNRELATED else value if value is not None else BUNDLED
 
 
 NO_GUARD = "none"
 """The ``--guard-text`` value that turns the guard off."""
-BUNDLED_GUARD = "bundled"
+BUNDLED_GUARD = BUNDLED
 """How an adapter or report records the bundled guard text (``--guard-text`` not given)."""
 
 
