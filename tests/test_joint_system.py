@@ -124,3 +124,17 @@ def test_the_sweep_script_refuses_an_existing_out_before_any_work(tmp_path, caps
         script_module("joint_ridge_sweep").main(["--editor", str(tmp_path / "none"), "--out", str(out)])
     assert "exists; pass --overwrite" in capsys.readouterr().err
     assert out.read_text() == "{\"mine\": 1}"
+
+
+@pytest.mark.parametrize("fields, named", [({"preserve": -1.0}, "preserve"), ({"preserve": float("nan")}, "preserve"),
+                                           ({"preserve": float("inf")}, "preserve"), ({"ridge": 0.0}, "ridge"),
+                                           ({"ridge": -1e-3}, "ridge"), ({"ridge": float("nan")}, "ridge")])
+def test_a_recipe_with_a_weight_that_cannot_be_solved_is_refused(fields, named):
+    """A negative, infinite or NaN preservation weight, or a ridge that is not above 0, fails where the recipe is
+    made (the API, the sweep's --grid and --preserve-keys alike), naming the field; valid ones are accepted."""
+    from biasedit_peft.editor.joint import JointRecipe
+
+    with pytest.raises(ValueError, match=f"JointRecipe.{named}"):
+        JointRecipe(**fields)
+    assert JointRecipe(preserve=0.0, ridge=1e-6).label == "preserve 0, ridge 1e-06"
+    assert JointRecipe(preserve=10.0).label == "preserve 10, ridge learned"

@@ -20,6 +20,7 @@ delta, so the joint-scale calibration (``calibration.calibrate_joint_scale``) se
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Sequence
@@ -41,6 +42,13 @@ class JointRecipe:
     """``w``: weight of the preserved keys' Gram, per edit token (``w (N / N_r) U_r^T U_r``); 0: none."""
     ridge: float | None = None
     """``rho``: ``lambda`` as a multiple of the system's mean eigenvalue; None: the editor's learned ``lambda``."""
+
+    def __post_init__(self):
+        if not (math.isfinite(self.preserve) and self.preserve >= 0):
+            raise ValueError(f"JointRecipe.preserve must be a finite weight of at least 0, got {self.preserve}")
+        if self.ridge is not None and not (math.isfinite(self.ridge) and self.ridge > 0):
+            raise ValueError(f"JointRecipe.ridge must be a finite multiple above 0 (or None: the editor's "
+                             f"learned lambda), got {self.ridge}")
 
     @property
     def label(self) -> str:
