@@ -296,6 +296,7 @@ def script_module(name: str):
     path = scripts / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as importing it would (a dataclass of the script looks its module up there)
     spec.loader.exec_module(module)
     return module
 

@@ -298,3 +298,62 @@ def test_the_ridge_sweep_preserves_the_keys_of_a_given_text(tmp_path):
     assert with_text["preserved"] == str(tmp_path / "preserve.txt")
     assert with_text["n_preserved"] == int(encode_sentences(tokenizer, paragraphs).target_mask.sum())
     assert default["n_preserved"] != with_text["n_preserved"] and default["n_train"] == with_text["n_train"] == 6
+
+
+def test_per_batch_editors_reproduces_the_demo_and_builds_each_variant_as_documented(tmp_path):
+    """On a two-step testbed demo: ``kept`` gives the demo's per-batch stage exactly and ``multiple:1`` the same;
+    ``later`` is the checkpoint's averaged parameters; ``untrained`` is the seeded initial editor with normalisers
+    that saw the first training groups; ``ridge:RHO`` sets each layer's lambda to RHO x its mean squared key norm.
+    Every calibrated variant records the trainer's grid."""
+    from safetensors.torch import load_file
+
+    from biasedit_peft.workflows.demo import editor_preset, run_demo
+
+    demo = tmp_path / "demo"
+    config = DemoConfig(out=str(demo), limit=6, max_steps=2, eval_every=1, n_resamples=0, merge=False, crows=False,
+                        progress=False)
+    run_demo(config)
+    script = script_module("per_batch_editors")
+    out = tmp_path / "pb.json"
+    assert script.main(["--run", str(demo), "--variants", "kept,multiple:1,later,untrained,ridge:0.5", "--groups", "2",
+                        "--out", str(out)]) == 0
+    variants = json.loads(out.read_text())["variants"]
+    stage = json.loads((demo / "stages" / "per_batch_protocol.json").read_text())["result"]
+    for bias_type in script.TYPES:
+        kept = variants["kept"]["per_batch"][bias_type]
+        assert kept["ss"] == stage["after"][bias_type]["ss"]
+        assert kept["lms_drop"] == stage["before"][bias_type]["lms"] - stage["after"][bias_type]["lms"]
+        assert variants["multiple:1"]["per_batch"][bias_type] == kept
+    grid = json.loads((demo / "stages" / "train_editor.json").read_text())["result"]["arguments"]["edit_scales"]
+    for name in ("later", "untrained", "ridge:0.5"):
+        assert [row["scale"] for row in variants[name]["calibration"]][:len(grid)] == grid
+    editors = tmp_path / "pb-editors"
+
+    def parameters(folder, skip_lr=True):  # the calibration scales only the step sizes lr
+        editor = BiasEditor.from_pretrained(folder)
+        return {f"{key}.{name}": value for key, net in editor.nets.items()
+                for name, value in net.state_dict().items() if not (skip_lr and name == "lr")}
+
+    average = load_file(str(demo / "editor" / "checkpoint" / "average.safetensors"))
+    later = BiasEditor.from_pretrained(editors / "later")
+    for index, (name, parameter) in enumerate(later.named_parameters()):
+        if not name.endswith(".lr"):
+            assert torch.equal(parameter, average[str(index)]), name
+
+    peft_model, _, _ = build_model(config)
+    fresh, _ = editor_preset(config.model, peft_model).editor_and_arguments(peft_model, str(tmp_path), seed=0)
+    untrained = parameters(editors / "untrained")
+    for key, net in fresh.nets.items():
+        for name, value in net.named_parameters():
+            if name != "lr":
+                assert torch.equal(untrained[f"{key}.{name}"], value), name
+        assert untrained[f"{key}.normalizer.count"].item() > 0  # fitted on the training groups
+
+    norms = variants["ridge:0.5"]["mean_squared_key_norm"]
+    ridged = BiasEditor.from_pretrained(editors / "ridge-0.5")
+    kept_parameters = parameters(demo / "editor")
+    for name in ridged.config.targets:
+        net, index = ridged.net_for(name)
+        assert net.ridge(index).item() == pytest.approx(0.5 * norms[name], rel=1e-6)
+    assert all(torch.equal(value, kept_parameters[key]) for key, value in parameters(editors / "ridge-0.5").items()
+               if not key.endswith("log_lambda"))
