@@ -30,13 +30,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from _study_args import parse_study_arguments
 
 from biasedit_peft._io import write_json
 from biasedit_peft.editor import BiasEditor, BiasEditTrainer, BiasEditTrainingArguments
 from biasedit_peft.editor.cache import as_edit_sample
 from biasedit_peft.editor.calibration import scale_edits
-from biasedit_peft.editor.trainer import AVERAGE_NAME
+from biasedit_peft.editor.trainer import read_average
 from biasedit_peft.workflows.demo import DemoConfig, build_model, editor_preset, load_demo_items, training_splits
 from biasedit_peft.workflows.protocols import per_batch_protocol
 
@@ -94,10 +94,8 @@ def later_editor(run: DemoRun) -> BiasEditor:
     """The checkpoint's editor with the averaged parameters of the last validation."""
     checkpoint = run.folder / "editor" / "checkpoint"
     editor = BiasEditor.from_pretrained(checkpoint, device=run.device)
-    average = load_file(str(checkpoint / AVERAGE_NAME))
     with torch.no_grad():
-        for index, parameter in enumerate(editor.parameters()):
-            parameter.copy_(average[str(index)])
+        torch._foreach_copy_(list(editor.parameters()), read_average(checkpoint, editor))
     return editor
 
 
@@ -191,9 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="training groups the untrained editor's normalisers are fitted on")
     parser.add_argument("--out", required=True, type=Path, help="JSON written here (rewritten after every variant)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    args = parser.parse_args(argv)
-    if args.out.exists() and not args.overwrite:
-        parser.error(f"--out {args.out} exists; pass --overwrite to replace it")
+    args = parse_study_arguments(parser, argv)
     variants = args.variants.split(",")
     work = args.out.parent / f"{args.out.stem}-editors"
     run = DemoRun.load(args.run)

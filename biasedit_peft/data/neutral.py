@@ -79,8 +79,6 @@ def preserve_text_label(value: str | None) -> str | None:
 
 NO_GUARD = "none"
 """The ``--guard-text`` value that turns the guard off."""
-BUNDLED_GUARD = BUNDLED
-"""How an adapter or report records the bundled guard text (``--guard-text`` not given)."""
 
 
 def guard_text_file(value: str | None) -> str | None:
@@ -90,8 +88,8 @@ def guard_text_file(value: str | None) -> str | None:
 
 
 def guard_text_label(value: str | None) -> str:
-    """What a ``--guard-text`` value is recorded as: :data:`BUNDLED_GUARD`, :data:`NO_GUARD` or the file."""
-    return value if value is not None else BUNDLED_GUARD
+    """What a ``--guard-text`` value is recorded as: :data:`BUNDLED`, :data:`NO_GUARD` or the file."""
+    return value if value is not None else BUNDLED
 
 
 def guard_text_option(value: str | None) -> list[str]:

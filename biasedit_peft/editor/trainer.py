@@ -176,6 +176,15 @@ AVERAGE_NAME = "average.safetensors"
 """The averaged editor parameters in a checkpoint (``average_steps > 0``)."""
 
 
+def read_average(checkpoint: str | Path, editor: BiasEditor) -> list[torch.Tensor]:
+    """The averaged parameters saved in ``checkpoint`` (its :data:`AVERAGE_NAME`), in ``editor.parameters()`` order
+    and on their devices."""
+    from safetensors.torch import load_file
+
+    average = load_file(str(Path(checkpoint) / AVERAGE_NAME))
+    return [average[str(i)].to(p.device) for i, p in enumerate(editor.parameters())]
+
+
 def average_weight(step: int, average_steps: int) -> float:
     """The weight of meta-step ``step``'s iterate (1-based) in the running parameter average: ``1 / step`` while
     ``step <= average_steps`` (the plain mean of the iterates so far), then ``1 / average_steps`` (an exponential
@@ -868,6 +877,5 @@ class BiasEditTrainer:
         optimizer_state = _unflatten_optimizer(load_file(str(directory / OPTIMIZER_NAME)), saved["optimizer"])
         self.optimizer.load_state_dict(optimizer_state)
         if self.average is not None:
-            average = load_file(str(directory / AVERAGE_NAME))
-            self.average = [average[str(i)].to(p.device) for i, p in enumerate(self.editor.parameters())]
+            self.average = read_average(directory, self.editor)
         self.state = TrainerState(**saved["trainer"])

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 from torch import nn
 
 from ..data.crows import crows_bias_type
-from ..data.neutral import BUNDLED_GUARD, load_guard_text
+from ..data.neutral import BUNDLED, load_guard_text
 from ..editor.cache import as_edit_sample
 from ..editor.calibration import (
     JOINT_SCALES,
@@ -55,7 +55,7 @@ resamples at the boundary."""
 
 
 def record_edit(peft_config, report: dict, editor_id: str, edit_data: str, bias_types: str, limit: int | None,
-                calibrated_on: str | None, guard_text: str | None = BUNDLED_GUARD,
+                calibrated_on: str | None, guard_text: str | None = BUNDLED,
                 preserve_text: str | None = None) -> None:
     """Write where a deployed delta came from into its adapter config (``editor_id``, ``edit_data``,
     ``edit_info``), as the model card and the Hub read them; ``report`` is :func:`deployable_adapter`'s,
