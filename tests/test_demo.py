@@ -162,6 +162,13 @@ def test_preset_is_the_named_one_else_testbeds_for_the_testbed_else_cpu_on_cpu_e
     assert config.step_size_meta_lr == 1e-6 and args.step_size_meta_lr == 1e-6
     _, args = PRESETS["cpu"].editor_and_arguments(peft_model, "unused")
     assert PRESETS["cpu"].step_size_meta_lr is None and args.step_size_meta_lr is None
+    # --meta-lr the same way (a field every demo fingerprints; unset, the preset's)
+    config = config_from_args(parser.parse_args(["--model", "dir", "--meta-lr", "1e-4"]))
+    _, args = PRESETS["cpu"].editor_and_arguments(peft_model, "unused", **config.overrides())
+    assert config.meta_lr == 1e-4 and args.meta_lr == 1e-4
+    unset = config_from_args(parser.parse_args(["--model", "dir"]))
+    _, args = PRESETS["cpu"].editor_and_arguments(peft_model, "unused", **unset.overrides())
+    assert args.meta_lr == PRESETS["cpu"].meta_lr == 1e-3
     # --initial-edit-scale the same way; off in every preset, and left out of an unset run's fingerprint
     config = config_from_args(parser.parse_args(["--model", "dir", "--initial-edit-scale"]))
     _, args = PRESETS["cpu"].editor_and_arguments(peft_model, "unused", **config.overrides())

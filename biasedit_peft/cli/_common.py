@@ -280,6 +280,12 @@ def add_initial_edit_scale_argument(parser: argparse.ArgumentParser) -> None:
                              "every model); default: preset (off)")
 
 
+def add_meta_lr_argument(parser: argparse.ArgumentParser) -> None:
+    """``--meta-lr``: the Adam learning rate of the editor (default: the preset's; docs/method.md §3)."""
+    parser.add_argument("--meta-lr", type=float, default=None,
+                        help="Adam learning rate of the editor (default: preset; 1e-3 in the cpu and testbed presets)")
+
+
 def add_step_size_meta_lr_argument(parser: argparse.ArgumentParser) -> None:
     """``--step-size-meta-lr``: the Adam rate of the editor's step sizes alone (default: the preset's, i.e.
     ``--meta-lr``; docs/method.md §3)."""

@@ -26,6 +26,7 @@ from biasedit_peft.cli._common import (
     add_block_init_argument,
     add_edit_layers_arguments,
     add_initial_edit_scale_argument,
+    add_meta_lr_argument,
     add_model_argument,
     add_preset_argument,
     add_resume_arguments,
@@ -70,6 +71,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="weight of the held-out debias loss: each edit also scored on pairs of other target "
                         "terms (default: preset)")
     add_select_by_argument(parser)
+    add_meta_lr_argument(parser)
     add_step_size_meta_lr_argument(parser)
     add_average_steps_argument(parser)
     add_initial_edit_scale_argument(parser)
@@ -104,7 +106,8 @@ def config_from_args(args: argparse.Namespace):
         num_edit_layers=args.num_edit_layers, layers_to_transform=parse_block_indices(args.layers),
         max_steps=args.max_steps, eval_every=args.eval_every, n_edits=args.n_edits, loss=args.loss,
         select_by=args.select_by, level_coef=args.level_coef, ss_coef=args.ss_coef, held_out_coef=args.held_out_coef,
-        block_init=args.block_init, step_size_meta_lr=args.step_size_meta_lr, loc_coef=args.loc_coef,
+        block_init=args.block_init, meta_lr=args.meta_lr, step_size_meta_lr=args.step_size_meta_lr,
+        loc_coef=args.loc_coef,
         average_steps=args.average_steps, initial_edit_scale=args.initial_edit_scale, calibrate_on=args.calibrate_on,
         limit=args.limit, n_resamples=args.n_resamples,
         seed=args.seed, dtype=args.dtype,

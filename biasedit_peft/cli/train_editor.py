@@ -14,6 +14,7 @@ from biasedit_peft.cli._common import (
     add_average_steps_argument,
     add_block_init_argument,
     add_initial_edit_scale_argument,
+    add_meta_lr_argument,
     add_model_argument,
     add_preset_argument,
     add_resume_arguments,
@@ -73,7 +74,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--n-edits", type=int, default=None, help="samples per meta-step")
     parser.add_argument("--batch-size", type=int, default=None, help="sentence pairs per LM forward pass")
     parser.add_argument("--lr", type=float, default=None, help="initial editor step size")
-    parser.add_argument("--meta-lr", type=float, default=None, help="Adam learning rate of the editor")
+    add_meta_lr_argument(parser)
     add_step_size_meta_lr_argument(parser)
     add_average_steps_argument(parser)
     add_initial_edit_scale_argument(parser)
