@@ -37,7 +37,8 @@ from biasedit_peft.data import (
     check_held_out,
     guard_text_label,
     guard_text_option,
-    load_preserve_text,
+    preserve_text_label,
+    preserve_text_option,
 )
 from biasedit_peft.editor import BiasEditor
 from biasedit_peft.editor.calibration import calibrate_joint_scale, chosen_row, scaled_solutions
@@ -53,12 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", default="0:learned,0:1e-2,0:1,1:learned,10:learned",
                         help="comma-separated PRESERVE:RHO rows. RHO: the relative ridge (lambda = RHO x the Gram's "
                              "mean eigenvalue) or 'learned' (the editor's own lambda); PRESERVE: the weight w of "
-                             "the preserved keys (the train items' unrelated sentences), C = w (N / N_r) U_r^T U_r "
+                             "the keys of --preserve-text, C = w (N / N_r) U_r^T U_r "
                              "added to U^T U")
     parser.add_argument("--crows", action="store_true", help="also score CrowS-Pairs for every row")
     parser.add_argument("--preserve-text", default=None, metavar="FILE",
-                        help="preserve the keys of this text's paragraphs (blank-line separated) instead of the train "
-                             "items' unrelated sentences, for the rows with PRESERVE > 0")
+                        help="for the rows with PRESERVE > 0, as in biasedit debias: the text (paragraphs separated "
+                             "by blank lines) whose keys are preserved (default: the bundled preservation text); "
+                             "'unrelated': the edit items' unrelated sentences")
     parser.add_argument("--guard-text", default=None, metavar="FILE",
                         help="the text whose perplexity rise bounds each calibrated scale, as in the demo (default: "
                              "the bundled guard text; 'none': no such bound)")
@@ -89,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--preserve-text needs a --grid row with PRESERVE > 0")
     preserved = None
     if any(recipe.preserve for recipe in grid):
-        preserved = (load_preserve_text(args.preserve_text) if args.preserve_text
-                     else [item.unrelated for item in train])
+        preserved = preserve_text_option(args.preserve_text) or [item.unrelated for item in train]
     statistics, n_tokens = pooled_statistics(editor, peft_model, tokenizer, train, args.batch_size, preserved)
     learned = {name: layer.learned_ridge for name, layer in statistics.items()}
     n_preserved = next(iter(statistics.values())).n_preserved
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     test_kwargs = dict(benchmarks=benchmarks, bias_types=list(BIAS_TYPES), limit=args.limit,
                        progress=False, n_resamples=1000)
     report = {"model": args.model, "editor": args.editor, "edit_split": args.edit_split, "n_train": len(train),
-              "preserved": None if preserved is None else args.preserve_text or "the edit pairs' unrelated sentences",
+              "preserved": None if preserved is None else (preserve_text_label(args.preserve_text)
+                                                           or "the edit pairs' unrelated sentences"),
               "guard_text": guard_text_label(args.guard_text),
               "n_tokens": n_tokens,
               "n_preserved": n_preserved, "learned_lambda": learned, "rows": []}

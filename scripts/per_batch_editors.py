@@ -181,6 +181,11 @@ def summary(variant: str, row: dict) -> str:
             + " / ".join(f"{figures[t]['lms_drop']:.2f}" for t in TYPES) + f" [{figures['seconds']:.0f} s]")
 
 
+def editors_folder(out: Path) -> Path:
+    """Where the editors calibrated for the report ``out`` are saved: ``OUT-editors/VARIANT`` beside it."""
+    return out.parent / f"{out.stem}-editors"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, type=Path, help="a finished demo folder (biasedit demo --out)")
@@ -188,10 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--groups", type=int, default=100,
                         help="training groups the untrained editor's normalisers are fitted on")
     parser.add_argument("--out", required=True, type=Path, help="JSON written here (rewritten after every variant)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out and its editors folder")
     args = parse_study_arguments(parser, argv)
     variants = args.variants.split(",")
-    work = args.out.parent / f"{args.out.stem}-editors"
+    work = editors_folder(args.out)
+    if work.exists() and not args.overwrite:
+        parser.error(f"{work} (the calibrated editors of --out {args.out}) exists; pass --overwrite to replace it")
     run = DemoRun.load(args.run)
     report = {"run": str(args.run), "model": run.config.model, "variants": {}}
     for variant in variants:

@@ -151,11 +151,13 @@ def test_debias_reports_a_mismatched_editor(tmp_path, capsys):
 def test_debias_preserves_the_keys_of_a_fluent_text(tmp_path, capsys):
     """``--preserve-keys W``: the delta is the pooled solve with ``W (N / N_r) U_r^T U_r`` of the bundled
     preservation text's keys added (checked against ``recipe_solutions`` at the editor's own scale), which differs
-    from the default recipe's; the adapter records the recipe and the text; bad combinations are one-line errors."""
+    from the default recipe's; the adapter records the recipe and the text; bad combinations are one-line errors; a
+    model whose context is shorter than a paragraph keeps the keys of its first tokens, as the guard text is cut."""
     from transformers import AutoModelForCausalLM
 
     from biasedit_peft.data import load_preserve_text
     from biasedit_peft.editor.joint import JointRecipe
+    from biasedit_peft.scoring import encode_sentences, model_context_length
 
     model_dir = _saved_model(tmp_path, n_positions=256)  # long enough for the bundled paragraphs (~130 tokens here)
     reference = peft_model(num_edit_layers=2, model_config={"n_positions": 256})
@@ -200,9 +202,14 @@ def test_debias_preserves_the_keys_of_a_fluent_text(tmp_path, capsys):
                            (["--preserve-keys", "10", "--preserve-text", str(tmp_path)], "--out")):
         assert main([*base, *flags, "--out", str(tmp_path / "refused")]) == 2
         assert message in capsys.readouterr().err and not (tmp_path / "refused").exists()
-    with pytest.raises(ValueError, match="the text whose keys are preserved: sentence 0 .* context of 64"):
-        deployable_adapter(editor, peft_model(num_edit_layers=2), editor_tokenizer(), rows,
-                           preserve_text=load_preserve_text(), recipes=[JointRecipe(preserve=1.0, ridge=1.0)])
+    # a model whose context (64) is shorter than the bundled paragraphs keeps the keys of each one's first 64 tokens
+    short = peft_model(num_edit_layers=2)
+    paragraphs = load_preserve_text()
+    assert model_context_length(short) == 64
+    assert encode_sentences(editor_tokenizer(), paragraphs).attention_mask.sum(-1).max() > 64
+    statistics, _ = pooled_statistics(editor, short, editor_tokenizer(), rows, 16, paragraphs)
+    cut = encode_sentences(editor_tokenizer(), paragraphs, max_length=64)
+    assert next(iter(statistics.values())).n_preserved == int(cut.target_mask.sum())
     with pytest.raises(TypeError, match="not one string"):
         deployable_adapter(editor, reference, editor_tokenizer(), rows, preserve_text="one string",
                            recipes=[JointRecipe(preserve=1.0, ridge=1.0)])

@@ -280,10 +280,12 @@ def test_revision_timing_runs_both_trees_and_reports_the_speedup_of_each_pair(tm
 
 
 def test_the_ridge_sweep_preserves_the_keys_of_a_given_text(tmp_path):
-    """``--preserve-text FILE``: the preserved Gram is built from the file's paragraphs (every scored token of
-    each), not from the edit items' unrelated sentences."""
+    """``--preserve-text`` means what it means in ``biasedit debias``: FILE's paragraphs (every scored token of
+    each), by default the bundled preservation text, and ``unrelated`` the edit items' unrelated sentences."""
+    from biasedit_peft.data import BIAS_TYPES, load_preserve_text
+    from biasedit_peft.data.neutral import BUNDLED
     from biasedit_peft.models import load_model_and_tokenizer
-    from biasedit_peft.scoring import encode_sentences
+    from biasedit_peft.scoring import encode_sentences, model_context_length
 
     _saved_untrained_editor(tmp_path / "editor")
     paragraphs = ["The tide rises twice a day as the moon pulls on the sea .", "Bread dough rises as yeast feeds ."]
@@ -293,11 +295,22 @@ def test_the_ridge_sweep_preserves_the_keys_of_a_given_text(tmp_path):
     text = ["--preserve-text", str(tmp_path / "preserve.txt")]
     assert sweep.main([*common, *text, "--out", str(tmp_path / "a.json")]) == 0
     assert sweep.main([*common, "--out", str(tmp_path / "b.json")]) == 0
-    with_text, default = (json.loads((tmp_path / name).read_text()) for name in ("a.json", "b.json"))
-    _, tokenizer = load_model_and_tokenizer("testbed")
+    assert sweep.main([*common, "--preserve-text", "unrelated", "--out", str(tmp_path / "c.json")]) == 0
+    with_text, default, unrelated = (json.loads((tmp_path / f"{name}.json").read_text()) for name in "abc")
+    model, tokenizer = load_model_and_tokenizer("testbed")
+
+    def scored_tokens(sentences):  # a paragraph longer than the testbed's context (128) keeps its first 128 tokens
+        return int(encode_sentences(tokenizer, list(sentences), max_length=model_context_length(model))
+                   .target_mask.sum())
+
     assert with_text["preserved"] == str(tmp_path / "preserve.txt")
-    assert with_text["n_preserved"] == int(encode_sentences(tokenizer, paragraphs).target_mask.sum())
-    assert default["n_preserved"] != with_text["n_preserved"] and default["n_train"] == with_text["n_train"] == 6
+    assert with_text["n_preserved"] == scored_tokens(paragraphs)
+    assert default["preserved"] == BUNDLED and default["n_preserved"] == scored_tokens(load_preserve_text(None))
+    train = load_demo_items("train", BIAS_TYPES, 2)
+    assert unrelated["preserved"] == "the edit pairs' unrelated sentences"
+    assert unrelated["n_preserved"] == scored_tokens(item.unrelated for item in train)
+    assert len({with_text["n_preserved"], default["n_preserved"], unrelated["n_preserved"]}) == 3
+    assert default["n_train"] == with_text["n_train"] == unrelated["n_train"] == 6
 
 
 def test_per_batch_editors_reproduces_the_demo_and_builds_each_variant_as_documented(tmp_path):
@@ -328,6 +341,11 @@ def test_per_batch_editors_reproduces_the_demo_and_builds_each_variant_as_docume
     for name in ("later", "untrained", "ridge:0.5"):
         assert [row["scale"] for row in variants[name]["calibration"]][:len(grid)] == grid
     editors = tmp_path / "pb-editors"
+    assert script.editors_folder(out) == editors
+    out.unlink()  # the report gone, its calibrated editors still there: refused, not overwritten
+    with pytest.raises(SystemExit):
+        script.main(["--run", str(demo), "--variants", "kept", "--out", str(out)])
+    assert not out.exists()
 
     def parameters(folder, skip_lr=True):  # the calibration scales only the step sizes lr
         editor = BiasEditor.from_pretrained(folder)

@@ -114,7 +114,8 @@ def pooled_statistics(
         samples: The edit pairs (the same full list on every process; each caches its own block).
         batch_size: Sentence pairs (or preserved sentences) per LM forward pass.
         preserved: Sentences whose keys the delta should leave alone (e.g. the pairs' unrelated sentences); None:
-            no preserved Gram.
+            no preserved Gram. One longer than the model's context gives the keys of its first tokens (the keys are
+            what is kept, not whole paragraphs: the guard text is cut the same way, ``calibration.text_nll``).
         processes: As ``BiasEditor.joint_solutions``.
         progress: Show the caching progress bar.
     """
@@ -128,7 +129,7 @@ def pooled_statistics(
     grams, n_preserved = {}, 0
     if preserved:
         _, batches = length_sorted_batches(tokenizer, split_for(processes, list(preserved)), batch_size,
-                                           context=model_context_length(peft_model))
+                                           max_length=model_context_length(peft_model))  # cut to fit, as the guard
         with eval_mode(peft_model):
             grams, n_preserved = key_grams(peft_model, editor.check_compatible(peft_model), batches)
         if processes.distributed:

@@ -33,7 +33,6 @@ from ..editor.calibration import (
     target_score,
 )
 from ..editor.joint import JointRecipe, pooled_statistics, recipe_solutions
-from ..scoring import encode_sentences, model_context_length
 
 JOINT_RECIPES: tuple[JointRecipe, ...] = (JointRecipe(ridge=1.0),)
 """The re-fits of the pooled solve a deployment tries (``editor/joint.py``): the ridge relative to the keys,
@@ -111,7 +110,8 @@ def deployable_adapter(
             None: the bundled guard text (``data.load_guard_text``); empty: no such bound.
         preserve_text: Paragraphs whose keys a recipe with ``preserve > 0`` keeps (e.g. ``data.load_preserve_text``,
             fluent text that neither the guard nor the perplexity text shares); None: the edit pairs' unrelated
-            sentences.
+            sentences. A paragraph longer than the model's context gives the keys of its first tokens, as the guard
+            text is cut (``calibration.text_nll``).
 
     Returns:
         ``{"n_samples", "n_tokens", "layers", "scale", "recipe", "calibration", "preserved", "recipes"}``: ``recipe``
@@ -128,7 +128,7 @@ def deployable_adapter(
 
         tokenizer = _load_tokenizer_for(peft_model)
     samples = [as_edit_sample(sample, index) for index, sample in enumerate(edit_samples)]
-    keepable = _keepable_keys(samples, preserve_text, tokenizer, model_context_length(peft_model))
+    keepable = _keepable_keys(samples, preserve_text)
     usable = [r for r in recipes if not r.preserve or keepable]
     if not usable:
         missing = sum(not s.unrelated for s in samples)
@@ -161,19 +161,15 @@ def deployable_adapter(
                         for r, _, c in tried]}
 
 
-def _keepable_keys(samples: Sequence[Any], preserve_text: Sequence[str] | None, tokenizer,
-                   context: int | None) -> list[str] | None:
-    """The sentences a preserving recipe keeps: ``preserve_text`` (checked to fit the model's ``context`` before any
-    caching), else the edit pairs' unrelated sentences when every pair has one, else None."""
+def _keepable_keys(samples: Sequence[Any], preserve_text: Sequence[str] | None) -> list[str] | None:
+    """The sentences a preserving recipe keeps: ``preserve_text``, else the edit pairs' unrelated sentences when every
+    pair has one, else None. (``pooled_statistics`` keeps the keys of a paragraph's first tokens when it is longer
+    than the model's context.)"""
     if isinstance(preserve_text, str):
         raise TypeError("preserve_text takes a list of paragraphs, not one string")
     if preserve_text is not None:
         if not preserve_text:
             raise ValueError("preserve_text is empty: pass paragraphs, or None for the pairs' unrelated sentences")
-        try:
-            encode_sentences(tokenizer, list(preserve_text), context=context)
-        except ValueError as error:
-            raise ValueError(f"the text whose keys are preserved: {error}") from None
         return list(preserve_text)
     unrelated = [s.unrelated for s in samples if s.unrelated]
     return unrelated if len(unrelated) == len(samples) else None
