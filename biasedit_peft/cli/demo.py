@@ -87,7 +87,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     add_resume_arguments(parser, "continue a killed demo (or the finished one in --out): finished stages are "
                          "loaded, the rest run")
-    add_runtime_arguments(parser)
+    add_runtime_arguments(parser, dtype_help="model dtype (the editor and the deltas stay float32); default: bf16 "
+                          "for a model other than the testbed on a CPU whose bf16 matmuls are faster, else the "
+                          "checkpoint's own")
     return parser
 
 
