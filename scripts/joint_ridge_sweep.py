@@ -40,6 +40,7 @@ from biasedit_peft.data import (
     preserve_text_label,
     preserve_text_option,
 )
+from biasedit_peft.data.neutral import UNRELATED_LABEL
 from biasedit_peft.editor import BiasEditor
 from biasedit_peft.editor.calibration import calibrate_joint_scale, chosen_row, scaled_solutions
 from biasedit_peft.editor.joint import JointRecipe, pooled_statistics, recipe_solutions
@@ -91,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--preserve-text needs a --grid row with PRESERVE > 0")
     preserved = None
     if any(recipe.preserve for recipe in grid):
-        preserved = preserve_text_option(args.preserve_text) or [item.unrelated for item in train]
+        preserved = preserve_text_option(args.preserve_text)
+        if preserved is None:  # --preserve-text unrelated
+            preserved = [item.unrelated for item in train]
     statistics, n_tokens = pooled_statistics(editor, peft_model, tokenizer, train, args.batch_size, preserved)
     learned = {name: layer.learned_ridge for name, layer in statistics.items()}
     n_preserved = next(iter(statistics.values())).n_preserved
@@ -103,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     test_kwargs = dict(benchmarks=benchmarks, bias_types=list(BIAS_TYPES), limit=args.limit,
                        progress=False, n_resamples=1000)
     report = {"model": args.model, "editor": args.editor, "edit_split": args.edit_split, "n_train": len(train),
-              "preserved": None if preserved is None else (preserve_text_label(args.preserve_text)
-                                                           or "the edit pairs' unrelated sentences"),
+              "preserved": None if preserved is None else preserve_text_label(args.preserve_text) or UNRELATED_LABEL,
               "guard_text": guard_text_label(args.guard_text),
               "n_tokens": n_tokens,
               "n_preserved": n_preserved, "learned_lambda": learned, "rows": []}

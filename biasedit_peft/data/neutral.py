@@ -59,6 +59,9 @@ BUNDLED = "bundled"
 UNRELATED = "unrelated"
 """The ``--preserve-text`` value that preserves the edit pairs' unrelated sentences' keys instead of a text."""
 
+UNRELATED_LABEL = "the edit pairs' unrelated sentences"
+"""How an adapter or report records preserved keys that are the edit pairs' unrelated sentences'."""
+
 
 def preserve_text_file(value: str | None) -> str | None:
     """The user's file a ``--preserve-text`` value names; None for the bundled text (None) and for the edit pairs'

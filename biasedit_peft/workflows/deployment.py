@@ -22,7 +22,7 @@ from typing import Any, Sequence
 from torch import nn
 
 from ..data.crows import crows_bias_type
-from ..data.neutral import BUNDLED, load_guard_text
+from ..data.neutral import BUNDLED, UNRELATED_LABEL, load_guard_text
 from ..editor.cache import as_edit_sample
 from ..editor.calibration import (
     JOINT_SCALES,
@@ -71,7 +71,7 @@ def record_edit(peft_config, report: dict, editor_id: str, edit_data: str, bias_
     if report.get("preserved") == "text":
         peft_config.edit_info["preserved_keys"] = preserve_text or "a given text"
     elif report.get("preserved") == "unrelated":
-        peft_config.edit_info["preserved_keys"] = "the edit pairs' unrelated sentences"
+        peft_config.edit_info["preserved_keys"] = UNRELATED_LABEL
 
 
 def calibration_score(row: dict[str, float], margin: float = CALIBRATION_MARGIN) -> float:
