@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from biasedit_peft.cli import build_parser
+from biasedit_peft.cli import COMMANDS, build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
+DOCUMENTS = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))]
 CODE_BLOCK = re.compile(r"```[a-z]*\n(.*?)```", re.S)
 
 
@@ -38,13 +39,13 @@ def command_arguments(command: str) -> list[str]:
     return ["0" if re.fullmatch(r"[A-Z]|\$\w+", word) else word for word in words]
 
 
-def refusal(parser, command: str) -> str | None:
-    """None when ``command`` parses, else ``"refused"`` (argparse prints why on stderr)."""
+def parses(parser, command: str) -> bool:
+    """Whether ``command`` parses (when not, argparse prints why on stderr)."""
     try:
         parser.parse_args(command_arguments(command))
     except SystemExit:
-        return "refused"
-    return None
+        return False
+    return True
 
 
 def test_the_reader_finds_commands_in_code_blocks_only_and_the_parser_refuses_a_broken_one(capsys):
@@ -60,23 +61,21 @@ def test_the_reader_finds_commands_in_code_blocks_only_and_the_parser_refuses_a_
                                               "--rank", "0"]
     assert command_arguments("biasedit bench [--sections speed] --out b") == ["bench", "--out", "b"]
     parser, _ = build_parser()
-    assert [refusal(parser, command) for command in commands] == [None, None, "refused"]  # --out is required
-    assert refusal(parser, "biasedit demo --no-such-flag") == "refused"
+    assert [parses(parser, command) for command in commands] == [True, True, False]  # --out is required
+    assert not parses(parser, "biasedit demo --no-such-flag")
     assert "--out" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("document", ["README.md", *sorted(p.relative_to(ROOT).as_posix()
-                                                           for p in (ROOT / "docs").glob("*.md"))])
+@pytest.mark.parametrize("document", DOCUMENTS)
 def test_every_documented_command_parses(document):
     parser, _ = build_parser()
     commands = documented_commands((ROOT / document).read_text(encoding="utf-8"))
-    broken = [command for command in commands if refusal(parser, command)]
+    broken = [command for command in commands if not parses(parser, command)]
     assert not broken, f"{document}: commands today's CLI refuses:\n" + "\n".join(broken)
 
 
 def test_the_readme_and_docs_show_commands_of_every_kind():
     """The check above cannot pass by reading nothing: the documents show the main sub-commands."""
-    shown = {command.split()[1] for document in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
-             for command in documented_commands(document.read_text(encoding="utf-8"))}
-    assert {"demo", "debias", "evaluate", "merge", "export-lora", "bench", "trace", "sweep-layers",
-            "train-editor"} <= shown
+    shown = {command.split()[1] for document in DOCUMENTS
+             for command in documented_commands((ROOT / document).read_text(encoding="utf-8"))}
+    assert set(COMMANDS) <= shown
