@@ -46,7 +46,7 @@ from biasedit_peft.editor.calibration import calibrate_joint_scale, chosen_row, 
 from biasedit_peft.editor.joint import JointRecipe, pooled_statistics, recipe_solutions
 from biasedit_peft.evaluation import evaluate_model
 from biasedit_peft.workflows.demo import DemoConfig, build_model, load_demo_items
-from biasedit_peft.workflows.deployment import calibration_score
+from biasedit_peft.workflows.deployment import calibration_score, keepable_keys, nothing_to_preserve
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--preserve-text needs a --grid row with PRESERVE > 0")
     preserved = None
     if any(recipe.preserve for recipe in grid):
-        preserved = preserve_text_option(args.preserve_text)
-        if preserved is None:  # --preserve-text unrelated
-            preserved = [item.unrelated for item in train]
+        preserved = keepable_keys(train, preserve_text_option(args.preserve_text))
+        if preserved is None:  # --preserve-text unrelated, and some pairs lack an unrelated sentence
+            raise nothing_to_preserve(train)
     statistics, n_tokens = pooled_statistics(editor, peft_model, tokenizer, train, args.batch_size, preserved)
     learned = {name: layer.learned_ridge for name, layer in statistics.items()}
     n_preserved = next(iter(statistics.values())).n_preserved

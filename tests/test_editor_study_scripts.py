@@ -313,6 +313,32 @@ def test_the_ridge_sweep_preserves_the_keys_of_a_given_text(tmp_path):
     assert default["n_train"] == with_text["n_train"] == unrelated["n_train"] == 6
 
 
+def test_the_ridge_sweep_refuses_to_preserve_unrelated_sentences_that_some_pairs_lack(tmp_path, monkeypatch):
+    """As in ``biasedit debias``: ``--preserve-text unrelated`` over pairs of which some lack an unrelated sentence is
+    refused before any scoring, naming how many lack one; a text to preserve still works for those pairs."""
+    import dataclasses
+
+    _saved_untrained_editor(tmp_path / "editor")
+    sweep = script_module("joint_ridge_sweep")
+    real = sweep.load_demo_items
+
+    def without_unrelated(split, bias_types, limit):  # the edit split's first two pairs lose their unrelated sentence
+        items = real(split, bias_types, limit)
+        return [dataclasses.replace(item, unrelated="") if split == "train" and i < 2 else item
+                for i, item in enumerate(items)]
+
+    monkeypatch.setattr(sweep, "load_demo_items", without_unrelated)
+    monkeypatch.setattr(sweep, "pooled_statistics", lambda *a, **k: pytest.fail("scored before refusing"))
+    common = ["--editor", str(tmp_path / "editor"), "--limit", "2", "--batch-size", "8", "--grid", "1:1"]
+    with pytest.raises(ValueError, match="which 2 of 6 lack"):
+        sweep.main([*common, "--preserve-text", "unrelated", "--out", str(tmp_path / "a.json")])
+    assert not (tmp_path / "a.json").exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(sweep, "load_demo_items", without_unrelated)
+    assert sweep.main([*common, "--out", str(tmp_path / "b.json")]) == 0  # the bundled text: nothing is missing
+    assert json.loads((tmp_path / "b.json").read_text())["n_train"] == 6
+
+
 def test_per_batch_editors_reproduces_the_demo_and_builds_each_variant_as_documented(tmp_path):
     """On a two-step testbed demo: ``kept`` gives the demo's per-batch stage exactly and ``multiple:1`` the same;
     ``later`` is the checkpoint's averaged parameters; ``untrained`` is the seeded initial editor with normalisers

@@ -128,13 +128,10 @@ def deployable_adapter(
 
         tokenizer = _load_tokenizer_for(peft_model)
     samples = [as_edit_sample(sample, index) for index, sample in enumerate(edit_samples)]
-    keepable = _keepable_keys(samples, preserve_text)
+    keepable = keepable_keys(samples, preserve_text)
     usable = [r for r in recipes if not r.preserve or keepable]
     if not usable:
-        missing = sum(not s.unrelated for s in samples)
-        raise ValueError(f"every joint recipe preserves the unrelated sentences of the edit pairs, which {missing} of "
-                         f"{len(samples)} lack; give a text to preserve instead (preserve_text; biasedit debias "
-                         "--preserve-text FILE)")
+        raise nothing_to_preserve(samples)
     if not calibration_samples:
         usable = usable[:1]
     preserved = keepable if any(r.preserve for r in usable) else None
@@ -161,10 +158,11 @@ def deployable_adapter(
                         for r, _, c in tried]}
 
 
-def _keepable_keys(samples: Sequence[Any], preserve_text: Sequence[str] | None) -> list[str] | None:
+def keepable_keys(samples: Sequence[Any], preserve_text: Sequence[str] | None) -> list[str] | None:
     """The sentences a preserving recipe keeps: ``preserve_text``, else the edit pairs' unrelated sentences when every
-    pair has one, else None. (``pooled_statistics`` keeps the keys of a paragraph's first tokens when it is longer
-    than the model's context.)"""
+    pair has one, else None (:func:`nothing_to_preserve` says why). ``samples`` are edit pairs with an ``unrelated``
+    attribute (``EditSample`` or StereoSet items). (``pooled_statistics`` keeps the keys of a paragraph's first tokens
+    when it is longer than the model's context.)"""
     if isinstance(preserve_text, str):
         raise TypeError("preserve_text takes a list of paragraphs, not one string")
     if preserve_text is not None:
@@ -173,6 +171,15 @@ def _keepable_keys(samples: Sequence[Any], preserve_text: Sequence[str] | None) 
         return list(preserve_text)
     unrelated = [s.unrelated for s in samples if s.unrelated]
     return unrelated if len(unrelated) == len(samples) else None
+
+
+def nothing_to_preserve(samples: Sequence[Any]) -> ValueError:
+    """The error for a recipe that must preserve the edit pairs' unrelated sentences when some pairs lack one
+    (:func:`keepable_keys` gave None): how many lack one, and what to pass instead."""
+    missing = sum(not s.unrelated for s in samples)
+    return ValueError(f"every joint recipe preserves the unrelated sentences of the edit pairs, which {missing} of "
+                      f"{len(samples)} lack; give a text to preserve instead (preserve_text, or --preserve-text FILE "
+                      "in biasedit debias and scripts/joint_ridge_sweep.py)")
 
 
 def _selection(calibration: dict | None) -> float:
