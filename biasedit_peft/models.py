@@ -319,13 +319,18 @@ def bf16_matmul_speedup(size: int = 256, repeats: int = 3) -> float:
     this CPU, best of ``repeats``, interleaved.
 
     Above 1 where the cores have bf16 matrix units (Intel AMX, AVX512-BF16, Arm BF16); far below where bf16 is
-    emulated (an AVX2-only EPYC core measured 0.15 at LM shapes). Under 0.1 s even there.
+    emulated (an AVX2-only EPYC core measured 0.15 at LM shapes). Under 0.1 s even there. A timing: on a busy machine
+    it varies from run to run (1.7-61 in three runs on an idle AVX-512 BF16 core), which is why
+    :func:`cpu_bf16_is_fast` reads the CPU's flags first. One untimed call per dtype comes first (oneDNN builds its
+    kernels on the first call).
     """
     import time
 
     first = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
     operands = {dtype: (first.to(dtype), first.t().contiguous().to(dtype)) for dtype in (torch.float32,
                                                                                           torch.bfloat16)}
+    for a, b in operands.values():
+        torch.nn.functional.linear(a, b)
     best = dict.fromkeys(operands, float("inf"))
     for _ in range(repeats):
         for dtype, (a, b) in operands.items():
@@ -349,17 +354,38 @@ def cpu_identity(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> dict[str, obje
     """
     import platform
 
-    try:
-        lines = Path(cpuinfo).read_text(errors="replace").splitlines()
-    except OSError:
-        lines = []
-    fields: dict[str, str] = {}
-    for line in lines:  # the first processor's block is enough: every core of a machine reports the same
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
+    fields = _cpuinfo_fields(cpuinfo)
     flags = set(fields.get("flags", "").split())
     return {"model": fields.get("model name") or platform.processor() or platform.machine(),
             "features": [name for name in CPU_FEATURES if name in flags]}
+
+
+def _cpuinfo_fields(cpuinfo: str | os.PathLike) -> dict[str, str]:
+    """The first processor's ``key: value`` fields of a Linux ``cpuinfo`` (every core of a machine reports the same);
+    empty where the file cannot be read (not Linux)."""
+    try:
+        lines = Path(cpuinfo).read_text(errors="replace").splitlines()
+    except OSError:
+        return {}
+    fields: dict[str, str] = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+"""The ``cpuinfo`` flags of bf16 arithmetic in hardware: x86's AVX-512 BF16 and AMX, Arm's BF16 (``Features``)."""
+
+
+def cpu_reports_bf16_units(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool | None:
+    """Does this CPU list a bf16 instruction set (:data:`BF16_FLAGS`) in Linux's ``cpuinfo``? None where it lists no
+    flags at all (not Linux, or an unreadable file): then only a measurement can tell."""
+    fields = _cpuinfo_fields(cpuinfo)
+    flags = set(fields.get("flags", "").split()) | set(fields.get("Features", "").split())
+    if not flags:
+        return None
+    return any(flag in flags for flag in BF16_FLAGS)
 
 
 def cpu_label(cpu: dict) -> str:
@@ -372,10 +398,14 @@ _CPU_BF16_FAST: list[bool] = []
 
 
 def cpu_bf16_is_fast() -> bool:
-    """Does bf16 beat float32 on this CPU by :data:`BF16_SPEEDUP_NEEDED`? Measured once per process
-    (:func:`bf16_matmul_speedup`), so a CPU without bf16 units never gets an emulated, slower default."""
+    """Does bf16 beat float32 on this CPU? Where Linux lists the CPU's flags, whether they include a bf16 instruction
+    set (:func:`cpu_reports_bf16_units`): the same answer on every run of one machine, so a default dtype, and the
+    numbers made in it, cannot change with the machine's load. Elsewhere measured, once per process
+    (:func:`bf16_matmul_speedup` at least :data:`BF16_SPEEDUP_NEEDED`). Either way a CPU without bf16 units never
+    gets an emulated, slower default."""
     if not _CPU_BF16_FAST:
-        _CPU_BF16_FAST.append(bf16_matmul_speedup() >= BF16_SPEEDUP_NEEDED)
+        units = cpu_reports_bf16_units()
+        _CPU_BF16_FAST.append(units if units is not None else bf16_matmul_speedup() >= BF16_SPEEDUP_NEEDED)
     return _CPU_BF16_FAST[0]
 
 

@@ -534,6 +534,27 @@ def test_the_bf16_probe_measures_this_cpu():
     assert math.isfinite(speedup) and speedup > 0
 
 
+def test_the_cpus_listed_flags_say_whether_it_has_bf16_units(tmp_path):
+    """x86 lists ``flags`` (AVX-512 BF16 or AMX: yes; AVX2 and AVX-512F alone: no), Arm lists ``Features`` (``bf16``);
+    no listing at all (no file, or one without flags) is None: only a measurement can tell there."""
+    from biasedit_peft.models import cpu_reports_bf16_units
+
+    def cpuinfo(name: str, text: str):
+        (tmp_path / name).write_text(text)
+        return tmp_path / name
+
+    epyc = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n"
+    assert cpu_reports_bf16_units(cpuinfo("epyc", epyc)) is True
+    assert cpu_reports_bf16_units(cpuinfo("amx", epyc.replace("avx512_bf16", "amx_bf16 amx_tile"))) is True
+    assert cpu_reports_bf16_units(cpuinfo("avx2", epyc.replace(" avx512f avx512_bf16", ""))) is False
+    assert cpu_reports_bf16_units(cpuinfo("avx512", epyc.replace(" avx512_bf16", ""))) is False
+    graviton = "processor\t: 0\nFeatures\t: fp asimd sve {}\nCPU implementer\t: 0x41\n"
+    assert cpu_reports_bf16_units(cpuinfo("graviton3", graviton.format("bf16 i8mm"))) is True
+    assert cpu_reports_bf16_units(cpuinfo("graviton2", graviton.format("asimddp"))) is False
+    assert cpu_reports_bf16_units(cpuinfo("bare", "processor\t: 0\nmodel name\t: Some CPU\n")) is None
+    assert cpu_reports_bf16_units(tmp_path / "missing") is None
+
+
 def test_cpu_identity_reads_the_model_name_and_the_bf16_features_from_cpuinfo(tmp_path):
     from biasedit_peft.models import cpu_identity, cpu_label
 
