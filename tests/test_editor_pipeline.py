@@ -237,6 +237,40 @@ def test_resume_after_interruption_continues_from_the_checkpoint(tmp_path):
     assert (tmp_path / "cut" / "editor.safetensors").is_file()  # best editor folder
 
 
+def test_resume_on_another_model_dtype_data_or_base_model_is_refused_naming_it(tmp_path):
+    """A checkpoint keeps what it computed on beyond the settings: the base model's dtype, a digest of each data set
+    (a changed sentence with the row count kept differs) and, in the editor's config, the base model; a resume on
+    other inputs is refused naming them, and one on the same inputs goes on."""
+    import dataclasses
+
+    from biasedit_peft.editor.trainer import run_inputs
+
+    _train(tmp_path, max_steps=2, eval_every=2)
+    saved = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
+    assert saved["inputs"] == run_inputs(peft_model(), {"train": samples(12), "eval": samples(4),
+                                                         "calibration": samples(4)})
+    assert saved["inputs"]["model dtype"] == "float32"
+
+    def resume(model=None, train=None):
+        model = model or peft_model()
+        editor = BiasEditor.for_model(model, rank=8, lr=1e-2)
+        trainer = BiasEditTrainer(model, editor, _args(tmp_path, max_steps=3, eval_every=2, resume=True),
+                                  train or samples(12), samples(4), tokenizer=TOKENIZER)
+        return trainer.load_checkpoint()
+
+    with pytest.raises(ValueError, match=r"model dtype: checkpoint 'float32', now 'bfloat16'"):
+        resume(model=peft_model(dtype=torch.bfloat16))
+    edited = samples(12)
+    edited[5] = dataclasses.replace(edited[5], anti_stereotype="someone else entirely .")
+    with pytest.raises(ValueError, match=r"train data: checkpoint 'sha256 [0-9a-f]{16}', now 'sha256 [0-9a-f]{16}'"):
+        resume(train=edited)
+    other = peft_model()
+    other.config.name_or_path = "another/model"  # what the editor records as its base model
+    with pytest.raises(ValueError, match=r"base_model: checkpoint .*, now 'another/model'"):
+        resume(model=other)
+    resume()  # the same inputs: restored
+
+
 def test_same_seed_gives_the_same_editor_and_deltas(tmp_path):
     first, _ = _train(tmp_path / "a", max_steps=3)
     second, _ = _train(tmp_path / "b", max_steps=3)
@@ -554,6 +588,10 @@ def test_step_sizes_take_their_own_adam_rate_and_an_old_checkpoint_resumes_with_
     saved = {"args": {k: v for k, v in vars(_args(tmp_path)).items() if k != "step_size_meta_lr"}}
     config = editor.config
     assert resume_mismatches(saved, _args(tmp_path), config, config, {}) == {}
+    # a checkpoint from before the inputs were kept: they are not compared
+    assert resume_mismatches(saved, _args(tmp_path), config, config, {}, {"model dtype": "bfloat16"}) == {}
+    assert resume_mismatches({**saved, "inputs": {"model dtype": "float32"}}, _args(tmp_path), config, config, {},
+                             {"model dtype": "bfloat16"}) == {"model dtype": ("float32", "bfloat16")}
     assert resume_mismatches(saved, args, config, config, {}) == {"step_size_meta_lr": (None, 1e-5),
                                                                   "batch_size": (2, 4)}
     # other fields a checkpoint lacks are not compared: their default need not be what older code did

@@ -327,13 +327,15 @@ one is compared as if it held the default (``step_size_meta_lr=None``: one Adam 
 
 
 def resume_mismatches(saved: dict, args: BiasEditTrainingArguments, saved_config, config,
-                      data: dict[str, int]) -> dict[str, tuple]:
+                      data: dict[str, int], inputs: dict[str, str] | None = None) -> dict[str, tuple]:
     """``{field: (checkpoint's value, this run's)}`` for every training argument (but
-    :data:`RESUMABLE_CHANGES`), editor setting (``loss``, ``rank``, ``n_blocks``, ``chunk_size``) and data
-    size (``--limit``, other data) that differs between checkpoint ``saved`` (its ``trainer_state.json``) and now.
+    :data:`RESUMABLE_CHANGES`), editor setting (``loss``, ``rank``, ``n_blocks``, ``chunk_size``, ``base_model``),
+    data size (``--limit``, other data) and input (``inputs``: the model's dtype, each data set's digest,
+    :func:`run_inputs`) that differs between checkpoint ``saved`` (its ``trainer_state.json``) and now.
     A training argument the checkpoint does not name is not compared, except those of :data:`ADDED_LATER_ARGS`,
-    which count as their default there (what older code did). A checkpoint that trained with the soft-SS term in
-    another form than :data:`SOFT_SS_FORM` differs in ``"soft-SS form"``."""
+    which count as their default there (what older code did); nor is an input it does not record (checkpoints from
+    before the inputs were kept). A checkpoint that trained with the soft-SS term in another form than
+    :data:`SOFT_SS_FORM` differs in ``"soft-SS form"``."""
     differing = {}
     saved_args = saved.get("args", {})
     defaults = {f.name: f.default for f in fields(BiasEditTrainingArguments) if f.name in ADDED_LATER_ARGS}
@@ -347,13 +349,31 @@ def resume_mismatches(saved: dict, args: BiasEditTrainingArguments, saved_config
     saved_form = saved.get("soft_ss_form", "pooled")
     if saved_args.get("ss_coef") and saved_form != SOFT_SS_FORM:
         differing["soft-SS form"] = (saved_form, SOFT_SS_FORM)
-    for name in ("loss", "rank", "n_blocks", "chunk_size"):
+    for name in ("loss", "rank", "n_blocks", "chunk_size", "base_model"):
         if getattr(saved_config, name) != getattr(config, name):
             differing[name] = (getattr(saved_config, name), getattr(config, name))
     for split, count in data.items():
         if saved.get("data", {}).get(split, count) != count:
             differing[f"{split} samples"] = (saved["data"][split], count)
+    for name, value in (inputs or {}).items():
+        if saved.get("inputs", {}).get(name, value) != value:
+            differing[name] = (saved["inputs"][name], value)
     return differing
+
+
+def run_inputs(model: nn.Module, data: dict[str, Sequence[EditSample]]) -> dict[str, str]:
+    """What a training run computes on beyond its settings, kept in its checkpoints so that a resume on other inputs
+    is refused (:func:`resume_mismatches`): ``"model dtype"`` (the base model's weights, not the adapter's float32
+    deltas) and ``"SPLIT data"``, a digest of every field of ``data[SPLIT]``'s samples in order (another file with as
+    many rows differs)."""
+    import hashlib
+
+    base = [p.dtype for name, p in model.named_parameters() if "biasedit_" not in name and p.is_floating_point()]
+    inputs = {"model dtype": str(base[0]).removeprefix("torch.") if base else "none"}
+    for split, samples in data.items():
+        text = json.dumps([asdict(sample) for sample in samples], ensure_ascii=False)
+        inputs[f"{split} data"] = "sha256 " + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    return inputs
 
 
 class BiasEditTrainer:
@@ -841,7 +861,7 @@ class BiasEditTrainer:
                 atomic_write(building / AVERAGE_NAME, lambda path: save_file(average, path))
             settings = {k: v for k, v in asdict(self.args).items() if k != "output_dir"}  # the folder may move
             state = {"trainer": asdict(self.state), "optimizer": meta, "args": settings,
-                     "data": self._data_sizes(), "soft_ss_form": SOFT_SS_FORM}
+                     "data": self._data_sizes(), "inputs": self._inputs(), "soft_ss_form": SOFT_SS_FORM}
             (building / STATE_NAME).write_text(json.dumps(state, indent=2, default=float) + "\n", encoding="utf-8")
             write_manifest(building)
         if not (Path(self.args.output_dir) / "config.json").is_file():  # no validation yet: best = latest
@@ -851,6 +871,11 @@ class BiasEditTrainer:
     def _data_sizes(self) -> dict[str, int]:
         """Samples per data set, kept in a checkpoint so that a resume with other data is refused."""
         return {"train": len(self.train_data), "eval": len(self.eval_data), "calibration": len(self.calibration_data)}
+
+    def _inputs(self) -> dict[str, str]:
+        """The model's dtype and the data sets' digests (:func:`run_inputs`), kept in a checkpoint."""
+        return run_inputs(self.model, {"train": self.train_data, "eval": self.eval_data,
+                                       "calibration": self.calibration_data})
 
     def load_checkpoint(self) -> None:
         """Restore editor, optimiser and trainer state from ``output_dir/checkpoint``, after checking its manifest
@@ -868,7 +893,8 @@ class BiasEditTrainer:
         if restored.config.targets != self.editor.config.targets:
             raise ValueError(f"Checkpoint {directory} edits {sorted(restored.config.targets)}, "
                              f"not {sorted(self.editor.config.targets)}")
-        differing = resume_mismatches(saved, self.args, restored.config, self.editor.config, self._data_sizes())
+        differing = resume_mismatches(saved, self.args, restored.config, self.editor.config, self._data_sizes(),
+                                      self._inputs())
         if differing:
             raise ValueError(f"--resume: {directory} was made with other settings: "
                              + "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differing.items())
