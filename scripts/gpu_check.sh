@@ -41,9 +41,10 @@ case "${1:-}" in
       start=$(date +%s)
       timeout 270 python3 -m biasedit_peft demo --model /tmp/SmolLM2-135M-Instruct.Q4_1.gguf --device cuda \
         --dtype bf16 --preset llama --out /tmp/gpu-demo --json "$OUT/results.json" --quiet --no-merge
-      echo "demo: exit $?, $(( $(date +%s) - start )) s"
+      demo=$?; echo "demo: exit $demo, $(( $(date +%s) - start )) s"
       timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_editor_pipeline.py -k two_devices
-      echo "two-device test: exit $?"
+      devices=$?; echo "two-device test: exit $devices"
+      exit $(( demo || devices ))   # the run fails when either did (pipefail carries it through tee)
     } 2>&1 | tee -a "$log"
     ;;
   *)

@@ -230,7 +230,7 @@ def test_survival_formula_and_undefined_case():
     assert "0.500" in text and "n/a" in text and "did not change SS" in text
 
 
-def test_cli_measure_ss_with_json_and_the_skipped_cases(stereoset_gpt2_dir, gpt2_dir, tmp_path, capsys):
+def test_cli_measure_ss_with_json_and_the_refused_or_skipped_cases(stereoset_gpt2_dir, gpt2_dir, tmp_path, capsys):
     _, tokenizer = load_model_and_tokenizer(str(stereoset_gpt2_dir))
     biasedit_model(stereoset_gpt2_dir, rank=4, storage="factored", seed=3).save_pretrained(tmp_path / "adapter")
     code = cli_main(["export-lora", "--model", str(stereoset_gpt2_dir), "--adapter", str(tmp_path / "adapter"),
@@ -251,7 +251,8 @@ def test_cli_measure_ss_with_json_and_the_skipped_cases(stereoset_gpt2_dir, gpt2
         assert row["survival"] == pytest.approx((row["ss_lora"] - row["ss_base"]) / change)
         assert f"{row['survival']:.3f}" in printed
 
-    # no --measure-ss: said so; a base folder without a tokenizer: said why, and the export still happens
+    # no --measure-ss: said so; --measure-ss on a base folder without a tokenizer: refused saying why, nothing
+    # written; in Python the export still happens and the report says why
     biasedit_model(gpt2_dir, rank=3, storage="factored", seed=4).save_pretrained(tmp_path / "adapter2")
     assert cli_main(["export-lora", "--model", str(gpt2_dir), "--adapter", str(tmp_path / "adapter2"),
                      "--out", str(tmp_path / "lora2"), "--json", str(tmp_path / "r2.json")]) == 0
@@ -260,11 +261,13 @@ def test_cli_measure_ss_with_json_and_the_skipped_cases(stereoset_gpt2_dir, gpt2
     no_tokenizer = tmp_path / "bare"
     load_model(str(gpt2_dir)).save_pretrained(no_tokenizer)
     assert cli_main(["export-lora", "--model", str(no_tokenizer), "--adapter", str(tmp_path / "adapter2"),
-                     "--out", str(tmp_path / "lora3"), "--measure-ss", "--json", str(tmp_path / "r3.json")]) == 0
-    assert "SS survival not measured: no tokenizer could be loaded" in capsys.readouterr().out
-    skipped = json.loads((tmp_path / "r3.json").read_text())
-    assert skipped["ss_survival"] is None and str(no_tokenizer) in skipped["ss_skipped"]
-    assert (tmp_path / "lora3" / "adapter_model.safetensors").is_file()
+                     "--out", str(tmp_path / "lora3"), "--measure-ss", "--json", str(tmp_path / "r3.json")]) == 2
+    assert "SS survival could not be measured: no tokenizer could be loaded" in capsys.readouterr().err
+    assert not (tmp_path / "lora3").exists() and not (tmp_path / "r3.json").exists()
+    assert not any(p.name.startswith(".lora3") for p in tmp_path.iterdir())  # no temporary folder left
+    skipped = export_lora((str(no_tokenizer), str(tmp_path / "adapter2")), tmp_path / "lora4", measure_ss=True)
+    assert skipped.ss_survival is None and str(no_tokenizer) in skipped.ss_skipped
+    assert (tmp_path / "lora4" / "adapter_model.safetensors").is_file()
 
 
 def test_ss_options_without_measure_ss_or_misspelt_are_refused_before_writing(gpt2_dir, tmp_path):

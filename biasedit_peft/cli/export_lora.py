@@ -59,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
         with folder_in_place(args.out) as building:
             report = export_lora((args.model, args.adapter), building, rank=args.rank, measure_ss=args.measure_ss,
                                  **options)
+            if args.measure_ss and report.ss_survival is None:  # asked for and not measured: nothing is written
+                raise ValueError(f"--measure-ss: SS survival could not be measured: {report.ss_skipped}; nothing "
+                                 f"was written to {args.out} (drop --measure-ss to export without it)")
             report.out_dir = str(args.out)  # the folder's name once in place, not the temporary one
             write_json(Path(building) / REPORT_NAME, report.to_dict())
     except ValueError as error:
