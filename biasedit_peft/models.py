@@ -310,36 +310,6 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
         raise ValueError(f"Unknown dtype {name!r}; choose one of {sorted(set(DTYPES))}") from None
 
 
-BF16_SPEEDUP_NEEDED = 1.25
-"""How much faster than float32 a bf16 matmul must be on the CPU for bf16 to be the default there."""
-
-
-def bf16_matmul_speedup(size: int = 256, repeats: int = 3) -> float:
-    """float32 time / bf16 time of a ``size x size`` linear layer (``F.linear``, the path an LM's layers take) on
-    this CPU, best of ``repeats``, interleaved.
-
-    Above 1 where the cores have bf16 matrix units (Intel AMX, AVX512-BF16, Arm BF16); far below where bf16 is
-    emulated (an AVX2-only EPYC core measured 0.15 at LM shapes). Under 0.1 s even there. A timing: on a busy machine
-    it varies from run to run (1.7-61 in three runs on an idle AVX-512 BF16 core), which is why
-    :func:`cpu_bf16_is_fast` reads the CPU's flags first. One untimed call per dtype comes first (oneDNN builds its
-    kernels on the first call).
-    """
-    import time
-
-    first = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
-    operands = {dtype: (first.to(dtype), first.t().contiguous().to(dtype)) for dtype in (torch.float32,
-                                                                                          torch.bfloat16)}
-    for a, b in operands.values():
-        torch.nn.functional.linear(a, b)
-    best = dict.fromkeys(operands, float("inf"))
-    for _ in range(repeats):
-        for dtype, (a, b) in operands.items():
-            start = time.perf_counter()
-            torch.nn.functional.linear(a, b)
-            best[dtype] = min(best[dtype], time.perf_counter() - start)
-    return best[torch.float32] / best[torch.bfloat16]
-
-
 CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 """The instruction-set flags that set how fast float32 and bf16 run on an x86 CPU: AVX-512 BF16 (bf16 dot
 products in vector registers) and AMX (Intel's bf16 matrix tiles, several times faster again)."""
@@ -380,7 +350,7 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
 def cpu_reports_bf16_units(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool | None:
     """Does this CPU list a bf16 instruction set (:data:`BF16_FLAGS`) in Linux's ``cpuinfo``? None where it lists no
-    flags at all (not Linux, or an unreadable file): then only a measurement can tell."""
+    flags at all (not Linux, or an unreadable file)."""
     fields = _cpuinfo_fields(cpuinfo)
     flags = set(fields.get("flags", "").split()) | set(fields.get("Features", "").split())
     if not flags:
@@ -398,14 +368,13 @@ _CPU_BF16_FAST: list[bool] = []
 
 
 def cpu_bf16_is_fast() -> bool:
-    """Does bf16 beat float32 on this CPU? Where Linux lists the CPU's flags, whether they include a bf16 instruction
-    set (:func:`cpu_reports_bf16_units`): the same answer on every run of one machine, so a default dtype, and the
-    numbers made in it, cannot change with the machine's load. Elsewhere measured, once per process
-    (:func:`bf16_matmul_speedup` at least :data:`BF16_SPEEDUP_NEEDED`). Either way a CPU without bf16 units never
-    gets an emulated, slower default."""
+    """Does this CPU compute bf16 in hardware (:func:`cpu_reports_bf16_units`)? Read from the flags Linux lists, so
+    the answer, a default dtype built on it and the numbers made in that dtype are the same on every run of one
+    machine, whatever its load (a timed probe was not: it measured 1.7-61x on one idle core and once chose fp32 on a
+    busy one). False where no flags are listed: a CPU whose bf16 may be emulated (6-7x slower than float32 on an
+    AVX2-only core) never gets it by default."""
     if not _CPU_BF16_FAST:
-        units = cpu_reports_bf16_units()
-        _CPU_BF16_FAST.append(units if units is not None else bf16_matmul_speedup() >= BF16_SPEEDUP_NEEDED)
+        _CPU_BF16_FAST.append(bool(cpu_reports_bf16_units()))
     return _CPU_BF16_FAST[0]
 
 

@@ -527,13 +527,6 @@ def test_gemma3_270m_joins_its_parts_loads_and_scores_sensibly():
 
 
 # ----- the CPU's bf16 decides the demo's default dtype -------------------------------------------------------
-def test_the_bf16_probe_measures_this_cpu():
-    from biasedit_peft.models import bf16_matmul_speedup
-
-    speedup = bf16_matmul_speedup()
-    assert math.isfinite(speedup) and speedup > 0
-
-
 def test_the_cpus_listed_flags_say_whether_it_has_bf16_units(tmp_path):
     """x86 lists ``flags`` (AVX-512 BF16 or AMX: yes; AVX2 and AVX-512F alone: no), Arm lists ``Features`` (``bf16``);
     no listing at all (no file, or one without flags) is None: only a measurement can tell there."""

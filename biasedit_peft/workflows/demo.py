@@ -116,8 +116,8 @@ class DemoConfig(PresetOverrides):
     seed: int = 0
     dtype: str | None = None
     """The LM's dtype (the editor and deltas stay float32). ``None``: ``bf16`` for a model other than the
-    testbed on a CPU whose bf16 matmuls are faster than float32 (``models.cpu_bf16_is_fast``: bf16 matrix units
-    make it ~2x faster; without them bf16 is emulated and several times slower), else the checkpoint's own."""
+    testbed on a CPU that lists bf16 instructions (``models.cpu_bf16_is_fast``: they make bf16 ~2x faster; without
+    them bf16 is emulated and several times slower), else the checkpoint's own."""
     device: str | None = None
     merge: bool = True
     crows: bool = True
@@ -131,8 +131,8 @@ class DemoConfig(PresetOverrides):
 
 
 def default_demo_dtype(model: str, device: str | torch.device) -> str | None:
-    """``"bf16"`` for a model other than the bundled testbed on a CPU with fast bf16 (measured once); None (the
-    checkpoint's dtype) else."""
+    """``"bf16"`` for a model other than the bundled testbed on a CPU that lists bf16 instructions
+    (``models.cpu_bf16_is_fast``); None (the checkpoint's dtype) else."""
     from ..models import TESTBED_NAME, cpu_bf16_is_fast
 
     on_cpu = torch.device(device).type == "cpu"
