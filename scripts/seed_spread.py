@@ -116,10 +116,10 @@ def stage_rows(folder: Path) -> dict[str, float]:
     return rows
 
 
-def stage_config_differences(folders: dict[int, Path]) -> dict[str, list]:
-    """``{field: [value per seed]}`` of the demo settings (``stages/config.json``) that differ between the seeds'
-    runs, ``seed`` aside: runs made with other flags are not one recipe's spread."""
-    configs = [stage_record(folder, "config")["config"] for folder in folders.values()]
+def config_differences(configs: list[dict]) -> dict[str, list]:
+    """``{field: [value per run]}`` of the demo settings (``DemoConfig``: ``stages/config.json`` or ``results.json``'s
+    ``config``) that differ between runs, ``seed`` aside: runs made with other flags, or in another dtype, are not
+    one recipe's spread."""
     names = sorted({name for config in configs for name in config} - {"seed", *NOT_FINGERPRINTED})
     return {name: [config.get(name) for config in configs] for name in names
             if any(config.get(name) != configs[0].get(name) for config in configs)}
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.run or demo_args:
             parser.error("--per-batch-stages reads the seeds' stages only: no --run, no demo arguments")
         stopped = {seed: out / f"seed-{seed}" for seed in seeds}
-        differing = stage_config_differences(stopped)
+        differing = config_differences([stage_record(folder, "config")["config"] for folder in stopped.values()])
         if differing:
             parser.error(f"the seeds' runs differ in {differing} (stages/config.json): not one recipe")
         table = spread({seed: stage_rows(folder) for seed, folder in stopped.items()})
@@ -197,6 +197,9 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--run takes LABEL=FOLDER, got {text!r}")
         folders[label] = Path(folder)
     results = {run: json.loads((folder / RESULTS).read_text(encoding="utf-8")) for run, folder in folders.items()}
+    differing = config_differences([result["config"] for result in results.values() if "config" in result])
+    if differing:
+        parser.error(f"the runs differ in {differing} (results.json config): not one recipe")
     table = spread({run: metric_rows(result) for run, result in results.items()})
     print(cpu_line({run: result.get("environment", {}).get("cpu") for run, result in results.items()}))
     print(markdown(table))

@@ -75,6 +75,24 @@ def test_a_run_outside_the_seed_folders_joins_the_table_under_its_label(tmp_path
         script.main(["--out", str(tmp_path), "--seeds", "1", "--no-run", "--run", "no-folder"])
 
 
+def test_finished_runs_made_with_other_flags_or_dtype_are_refused_naming_the_field(tmp_path, capsys):
+    """As for stopped runs: the seeds of one table share every demo setting but the seed (and where it was written,
+    how it was run), read from each ``results.json``'s ``config``; results without one are not compared."""
+    script = _script()
+    configs = {"seed-0": {"seed": 0, "dtype": "bf16", "out": "a", "command": "x"},
+               "seed-1": {"seed": 1, "dtype": "bf16", "out": "b", "command": "y"},
+               "seed-2": {"seed": 2, "dtype": None, "out": "c", "command": "z"}, "old": None}
+    for name, config in configs.items():
+        (tmp_path / name).mkdir()
+        results = _results(50.0, 88.0, 41.0, 100.0) | ({"config": config} if config else {})
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+    script.main(["--out", str(tmp_path), "--seeds", "0,1", "--no-run", "--run", f"old={tmp_path / 'old'}"])
+    assert "| per-batch gender SS after | 50.00 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        script.main(["--out", str(tmp_path), "--seeds", "0,1,2", "--no-run"])
+    assert "the runs differ in {'dtype': ['bf16', 'bf16', None]}" in capsys.readouterr().err
+
+
 def test_the_table_says_which_cpu_made_each_run_and_when_they_differ(tmp_path, capsys):
     script = _script()
     epyc = {"model": "AMD EPYC", "features": ["avx2", "avx512_bf16"]}
