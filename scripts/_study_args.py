@@ -13,6 +13,7 @@ from biasedit_peft.cli._common import add_model_argument
 from biasedit_peft.data import BIAS_TYPES
 from biasedit_peft.editor import BiasEditor
 from biasedit_peft.evaluation import score_stereoset_items
+from biasedit_peft.models import cpu_identity
 from biasedit_peft.workflows.demo import DemoConfig, build_model, load_demo_items
 
 
@@ -45,6 +46,14 @@ def load_study_editor(args: argparse.Namespace) -> tuple[torch.nn.Module, object
     return peft_model, tokenizer, editor, {name: net.lr.detach().clone() for name, net in editor.nets.items()}
 
 
+def study_record(args: argparse.Namespace) -> dict:
+    """What a study report starts with, so that its numbers can be traced and repeated: ``model``, the ``dtype``
+    it ran in (``--dtype``, else the demo's default for that model on this machine) and the ``cpu``
+    (``models.cpu_identity``: seeds repeat on one CPU, not across CPUs)."""
+    dtype = DemoConfig(model=args.model, dtype=args.dtype, progress=False).dtype
+    return {"model": args.model, "dtype": dtype, "cpu": cpu_identity()}
+
+
 @torch.no_grad()
 def set_edit_multiple(editor: BiasEditor, trained_lr: dict[str, torch.Tensor], multiple: float) -> None:
     """Set every step size of ``editor`` to ``multiple`` x its trained value: every delta scales by ``multiple``
@@ -59,5 +68,5 @@ def score_study_split(args: argparse.Namespace, peft_model: torch.nn.Module, tok
     empty ``rows``)."""
     items = load_demo_items(args.split, BIAS_TYPES, args.limit)
     unedited = score_stereoset_items(peft_model, tokenizer, items, args.batch_size, progress=False)
-    report = {"model": args.model, "editor": args.editor, "split": args.split, "n_items": len(items), "rows": []}
+    report = {**study_record(args), "editor": args.editor, "split": args.split, "n_items": len(items), "rows": []}
     return items, unedited, report

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from _study_args import add_editor_study_arguments, load_study_editor, parse_study_arguments
+from _study_args import add_editor_study_arguments, load_study_editor, parse_study_arguments, study_record
 
 from biasedit_peft._io import write_json
 from biasedit_peft.data import BIAS_TYPES
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     items = [item for split in args.split.split("+") for item in load_demo_items(split, BIAS_TYPES, args.limit)]
     dev = [as_edit_sample(item, i) for i, item in enumerate(items)]
     scales = [float(s) for s in args.scales.split(",")]
-    report = {"model": args.model, "editor": args.editor, "split": args.split, "n_dev": len(dev),
+    report = {**study_record(args), "editor": args.editor, "split": args.split, "n_dev": len(dev),
               "n_edits": args.n_edits, "orders": {}}
     started = time.perf_counter()
     for order in args.orders.split(","):

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from _study_args import add_editor_study_arguments, parse_study_arguments
+from _study_args import add_editor_study_arguments, parse_study_arguments, study_record
 
 from biasedit_peft._io import write_json
 from biasedit_peft.cli._common import add_edit_layers_arguments, parse_block_indices
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return evaluate_stereoset(peft_model, tokenizer, splits[split], batch_size=args.batch_size, progress=False,
                                   n_resamples=scores["n_resamples"])
 
-    report = {"model": args.model, "arguments": {k: v for k, v in vars(args).items() if k != "overwrite"},
+    report = {**study_record(args), "arguments": {k: v for k, v in vars(args).items() if k != "overwrite"},
               "n_train": len(train), "deltas": list(deltas), "before": evaluate_model(peft_model, tokenizer,
                                                                                       **scores)}
     dev_before = ss_lms(stereoset("dev"))

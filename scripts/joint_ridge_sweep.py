@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from _study_args import add_editor_study_arguments, parse_study_arguments
+from _study_args import add_editor_study_arguments, parse_study_arguments, study_record
 
 from biasedit_peft._io import write_json
 from biasedit_peft.data import (
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     benchmarks = ("stereoset", "crows") if args.crows else ("stereoset",)
     test_kwargs = dict(benchmarks=benchmarks, bias_types=list(BIAS_TYPES), limit=args.limit,
                        progress=False, n_resamples=1000)
-    report = {"model": args.model, "editor": args.editor, "edit_split": args.edit_split, "n_train": len(train),
+    report = {**study_record(args), "editor": args.editor, "edit_split": args.edit_split, "n_train": len(train),
               "preserved": None if preserved is None else preserve_text_label(args.preserve_text) or UNRELATED_LABEL,
               "guard_text": guard_text_label(args.guard_text),
               "n_tokens": n_tokens,

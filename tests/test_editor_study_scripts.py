@@ -56,6 +56,8 @@ def test_the_edit_size_curve_scores_the_same_items_at_every_size(tmp_path):
                         "--scales", "1e6,0", "--batch-size", "8", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["n_items"] == 9
+    from biasedit_peft.models import cpu_identity  # what the numbers were made on: the testbed's dtype, this CPU
+    assert (report["model"], report["dtype"], report["cpu"]) == ("testbed", None, cpu_identity())
     small, joint, small_zero, joint_zero = report["rows"]
     assert [(row["scale"], row["edit_batch_size"]) for row in report["rows"]] == [
         (1e6, 2), (1e6, 4096), (0, 2), (0, 4096)]
@@ -106,6 +108,7 @@ def test_a_ceiling_run_reports_the_kept_checkpoint(tmp_path):
                          "--lr", "1e-2", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert [row["step"] for row in report["checkpoints"]] == [0, 1, 2]
+    assert report["dtype"] is None and report["cpu"]["model"]
     kept = next(row for row in report["checkpoints"] if row["step"] == report["kept_step"])
     after = report["after"]
     assert ceiling.ss_lms(after["stereoset"]) == kept["test"]
@@ -227,6 +230,7 @@ def test_the_ridge_sweep_calibrates_on_each_pool_and_scores_test_once_per_chosen
                        "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["edit_split"] == "train-fit" and report["n_train"] == 9
+    assert report["dtype"] is None and report["cpu"]["model"]
     assert [(r["calibrated_on"], r["n_calibration"]) for r in report["rows"]] == [("dev", 9), ("dev+train-calib", 18)]
     distinct = {row["scale"] for row in report["rows"]}
     assert len(evaluations) == 1 + len(distinct)
