@@ -11,6 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
+from biasedit_peft.workflows.bench import partial_lines
+
 
 def _f(value, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
@@ -124,7 +126,7 @@ def bench_tables(results: dict) -> list[str]:
                   + triple(first["per_batch"]["before"], "lms") + "; held-out SS "
                   + triple(first["held_out"]["before"], "ss") + ", LMS "
                   + triple(first["held_out"]["before"], "lms") + "."]
-    return lines
+    return lines + [f"**{line}**" for line in partial_lines(sections)]
 
 
 def main() -> None:

@@ -101,6 +101,20 @@ def test_an_interrupted_quality_section_keeps_the_variants_already_run(tmp_path,
     assert saved["sections"]["quality"]["partial"] is True
     assert saved["sections"]["quality"]["default"]["per_batch"]["after"]["gender"]["ss"] == 60.0
     assert "paper_loss" not in saved["sections"]["quality"]
+    # a table of the stopped bench says it is partial: in the printed summary and in results_tables' markdown
+    from biasedit_peft.workflows.bench import format_bench
+
+    from factories import script_module
+
+    fake["after_deployment"] = fake["after"]
+    saved["sections"]["quality"]["default"] = {**saved["sections"]["quality"]["default"], **fake}
+    partial = "quality section PARTIAL: the bench stopped before it finished"
+    assert format_bench(saved).splitlines()[-1].startswith(partial)
+    tables = script_module("results_tables").bench_tables(saved)
+    assert tables[-1].startswith(f"**{partial}") and any(line.startswith("| default |") for line in tables)
+    del saved["sections"]["quality"]["partial"]
+    assert partial not in format_bench(saved) and partial not in "\n".join(
+        script_module("results_tables").bench_tables(saved))
 
 
 # ----- speed section: goals, token counts, compute bound ---------------------------------------------------

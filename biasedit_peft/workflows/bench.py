@@ -1093,6 +1093,14 @@ def speed_lines(speed: dict[str, Any]) -> list[str]:
     return lines
 
 
+def partial_lines(sections: dict) -> list[str]:
+    """One line per section a stopped bench left unfinished (``"partial": True``): its rows are not the whole
+    section, so no table may pass them off as one."""
+    return [f"{name} section PARTIAL: the bench stopped before it finished; only the finished rows are shown "
+            "(biasedit bench --resume completes it)" for name, section in sections.items()
+            if isinstance(section, dict) and section.get("partial")]
+
+
 def format_bench(results: dict) -> str:
     """A short plain-text table of a :func:`run_bench` result."""
     sections, lines = results["sections"], []
@@ -1142,4 +1150,4 @@ def format_bench(results: dict) -> str:
                          f"{q['before']['stereoset'][bias_type]['ss']:.1f}->{deployed['ss']:.1f} "
                          f"LMS {q['before']['stereoset'][bias_type]['lms']:.1f}->{deployed['lms']:.1f})")
         lines.append(f"quality {name}: " + "; ".join(cells))
-    return "\n".join(lines)
+    return "\n".join(lines + partial_lines(sections))
