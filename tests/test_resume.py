@@ -21,7 +21,7 @@ from biasedit_peft._io import run_folder
 from biasedit_peft.cli import main
 from biasedit_peft.data import gender_swapped, load_crows, load_stereoset
 from biasedit_peft.evaluation import evaluate_model, score_in_pieces, take_per_type
-from biasedit_peft.models import load_model_and_tokenizer
+from biasedit_peft.models import cpu_identity, load_model_and_tokenizer
 from biasedit_peft.progress_store import PreviousRunError, ResumeMismatch, ScoreStore
 from biasedit_peft.scoring import SCORE_FIELDS, score_sentences
 from biasedit_peft.workflows.demo import DemoConfig, run_demo
@@ -279,6 +279,37 @@ def test_demo_resume_passes_resume_to_training_and_skips_finished_stages(tmp_pat
     with pytest.raises(KeyboardInterrupt):
         run_demo(config, resume=True)
     assert counts["evaluate"] == 0 and seen["resume"] is True
+
+
+def test_a_demo_resumed_on_another_cpu_or_thread_count_says_its_figures_mix_two(tmp_path, monkeypatch, capsys):
+    """Every stage record keeps the CPU and thread count it was made on; a resume elsewhere runs (the config is the
+    same) but warns and records which loaded stages came from where. Resumed where it was made: no warning."""
+    config = replace(DEMO, out=str(tmp_path / "t"), merge=False, crows=False)
+    here = demo_module.made_on()
+    assert here == {"cpu": cpu_identity()["model"], "threads": torch.get_num_threads()}
+    elsewhere = {"cpu": "Another CPU", "threads": here["threads"] + 3}
+    real_training = demo_module.train_editor
+
+    def killed_training(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo_module, "made_on", lambda: elsewhere)
+    monkeypatch.setattr(demo_module, "train_editor", killed_training)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(config)
+    record = json.loads((run_folder(tmp_path / "t") / "stages" / "evaluate_before.json").read_text())
+    assert record["made_on"] == elsewhere
+    monkeypatch.setattr(demo_module, "made_on", lambda: here)
+    monkeypatch.setattr(demo_module, "train_editor", real_training)
+    capsys.readouterr()
+    results = run_demo(config, resume=True)
+    assert results["environment"]["stages_made_elsewhere"] == {"evaluate_before": elsewhere}
+    assert "warning: this run resumed stages made on another CPU or thread count" in capsys.readouterr().err
+    saved = json.loads((tmp_path / "t" / "results.json").read_text())
+    assert saved["environment"]["stages_made_elsewhere"] == {"evaluate_before": elsewhere}
+    assert json.loads((tmp_path / "t" / "stages" / "debias.json").read_text())["made_on"] == here
+    again = run_demo(replace(config, out=str(tmp_path / "u")))  # one machine throughout: nothing to say
+    assert "stages_made_elsewhere" not in again["environment"] and "warning" not in capsys.readouterr().err
 
 
 def test_demo_resume_with_another_config_is_refused_naming_the_fields(uninterrupted_demo):

@@ -419,7 +419,7 @@ class DemoSession:
     def run(self, name: str, compute, seconds: dict[str, float], files: Sequence[str] = ()) -> Any:
         """Stage ``name``: loaded when it finished earlier, else ``compute()`` recorded with ``files`` (folders
         or files under ``OUT``, listed when the stage ends)."""
-        return run_stage(self.stages, name, compute, seconds, lambda: files_under(self.out, files))
+        return run_stage(self.stages, name, compute, seconds, lambda: files_under(self.out, files), made_on())
 
     def evaluate_before(self) -> dict:
         return evaluate(self.peft_model, self.tokenizer, self.config, self.config.model,
@@ -527,10 +527,33 @@ def run_stages(config: DemoConfig, stages: StageStore, run: Path, resume: bool) 
     results["training"] = training
     results["config"] = asdict(config)
     results["environment"] = environment()
+    elsewhere = stages_made_elsewhere(stages, resumed)
+    if elsewhere:
+        results["environment"]["stages_made_elsewhere"] = elsewhere
     seconds["total"] = round(time.perf_counter() - started + sum(stages.seconds(name) for name in resumed), 2)
     results["seconds"] = seconds
     results["resumed_stages"] = resumed
     return results
+
+
+def made_on() -> dict:
+    """What decides a stage's numbers besides the config (seeds repeat on one CPU at one thread count, not across
+    them): ``{"cpu": model name, "threads": torch's intra-op threads}``, kept in every stage record."""
+    return {"cpu": cpu_identity()["model"], "threads": torch.get_num_threads()}
+
+
+def stages_made_elsewhere(stages: StageStore, resumed: Sequence[str]) -> dict[str, dict]:
+    """``{stage: its made_on}`` of the resumed stages made on another CPU or thread count than this run, with a
+    warning on stderr: such a run's results mix two machines' numbers (stage records from before ``made_on`` was
+    kept are not compared)."""
+    now = made_on()
+    elsewhere = {name: stages.made_on(name) for name in resumed if stages.made_on(name) not in (None, now)}
+    if elsewhere:
+        print(f"warning: this run resumed stages made on another CPU or thread count ({elsewhere}) and ran the rest "
+              f"on {now}: seeds repeat only on one CPU at one thread count, so its figures mix two; recorded in "
+              "results.json (environment.stages_made_elsewhere). Resume on the first machine, or start again "
+              "(--overwrite), for figures of one.", file=sys.stderr)
+    return elsewhere
 
 
 def environment() -> dict:
