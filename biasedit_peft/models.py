@@ -310,9 +310,9 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
         raise ValueError(f"Unknown dtype {name!r}; choose one of {sorted(set(DTYPES))}") from None
 
 
-CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
-"""The instruction-set flags that set how fast float32 and bf16 run on an x86 CPU: AVX-512 BF16 (bf16 dot
-products in vector registers) and AMX (Intel's bf16 matrix tiles, several times faster again)."""
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "bf16")
+"""The instruction-set flags that set how fast float32 and bf16 run on a CPU: on x86 AVX-512 BF16 (bf16 dot
+products in vector registers) and AMX (Intel's bf16 matrix tiles, several times faster again), on Arm BF16."""
 
 
 def cpu_identity(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> dict[str, object]:
@@ -325,7 +325,7 @@ def cpu_identity(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> dict[str, obje
     import platform
 
     fields = _cpuinfo_fields(cpuinfo)
-    flags = set(fields.get("flags", "").split())
+    flags = set(fields.get("flags", "").split()) | set(fields.get("Features", "").split())  # x86 | Arm
     return {"model": fields.get("model name") or platform.processor() or platform.machine(),
             "features": [name for name in CPU_FEATURES if name in flags]}
 

@@ -268,11 +268,6 @@ class StageStore:
     def seconds(self, name: str) -> float:
         return self._finished[name]["seconds"]
 
-    def made_on(self, name: str) -> dict | None:
-        """What finished stage ``name`` recorded of the machine it ran on (``save``'s ``made_on``); None for a
-        record from before it was kept."""
-        return self._finished[name].get("made_on")
-
     def _discard_from(self, name: str) -> None:
         """Remove the records of ``name`` and later stages and the partial stores of later stages."""
         later = self.stages[self.stages.index(name):]
@@ -281,14 +276,10 @@ class StageStore:
             if stage != name:
                 self.partial(stage).remove()
 
-    def save(self, name: str, result: Any, seconds: float, files: Iterable[str] = (),
-             made_on: Mapping[str, Any] | None = None) -> None:
-        """Record stage ``name`` as finished (``files``: paths relative to the output folder it made; ``made_on``:
-        what decides its numbers besides the config, e.g. the CPU and thread count)."""
-        record = {"result": result, "seconds": seconds, "files": sorted(files)}
-        if made_on is not None:
-            record["made_on"] = dict(made_on)
-        write_json(self._record_path(name), record, strict=False, indent=1)
+    def save(self, name: str, result: Any, seconds: float, files: Iterable[str] = ()) -> None:
+        """Record stage ``name`` as finished (``files``: paths relative to the output folder it made)."""
+        write_json(self._record_path(name), {"result": result, "seconds": seconds, "files": sorted(files)},
+                   strict=False, indent=1)
         self.partial(name).remove()
 
     def start(self, name: str) -> None:
@@ -309,11 +300,11 @@ def files_under(out: Path, folders: Iterable[str]) -> list[str]:
 
 
 def run_stage(stages: StageStore, name: str, compute: Callable[[], Any], seconds: dict[str, float],
-              files: Callable[[], Iterable[str]] = tuple, made_on: Mapping[str, Any] | None = None) -> Any:
+              files: Callable[[], Iterable[str]] = tuple) -> Any:
     """The result of stage ``name``: loaded when finished, else computed, timed and recorded.
 
     ``seconds[name]`` gets the stage's wall-clock time (the stored one for a loaded stage); ``files()``
-    names what the stage wrote (checked to exist on a later resume); ``made_on`` is recorded with it.
+    names what the stage wrote (checked to exist on a later resume).
     """
     if stages.finished(name):
         seconds[name] = stages.seconds(name)
@@ -324,5 +315,5 @@ def run_stage(stages: StageStore, name: str, compute: Callable[[], Any], seconds
         result = compute()
     finally:
         seconds[name] = round(time.perf_counter() - start, 2)
-    stages.save(name, result, seconds[name], files(), made_on)
+    stages.save(name, result, seconds[name], files())
     return result

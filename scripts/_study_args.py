@@ -13,7 +13,7 @@ from biasedit_peft.cli._common import add_model_argument
 from biasedit_peft.data import BIAS_TYPES
 from biasedit_peft.editor import BiasEditor
 from biasedit_peft.evaluation import score_stereoset_items
-from biasedit_peft.models import cpu_identity
+from biasedit_peft.models import cpu_identity, default_device
 from biasedit_peft.workflows.demo import DemoConfig, build_model, load_demo_items
 
 
@@ -48,10 +48,11 @@ def load_study_editor(args: argparse.Namespace) -> tuple[torch.nn.Module, object
 
 def study_record(args: argparse.Namespace) -> dict:
     """What a study report starts with, so that its numbers can be traced and repeated: ``model``, the ``dtype``
-    it ran in (``--dtype``, else the demo's default for that model on this machine) and the ``cpu``
-    (``models.cpu_identity``: seeds repeat on one CPU, not across CPUs)."""
-    dtype = DemoConfig(model=args.model, dtype=args.dtype, progress=False).dtype
-    return {"model": args.model, "dtype": dtype, "cpu": cpu_identity()}
+    it ran in (``--dtype``, else the demo's default for that model on this machine), the ``device``, the ``cpu``
+    (``models.cpu_identity``) and torch's ``threads``: seeds repeat on one CPU at one thread count, not across them."""
+    config = DemoConfig(model=args.model, dtype=args.dtype, progress=False)
+    return {"model": args.model, "dtype": config.dtype, "device": str(default_device(config.device)),
+            "cpu": cpu_identity(), "threads": torch.get_num_threads()}
 
 
 @torch.no_grad()

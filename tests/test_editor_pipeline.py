@@ -247,9 +247,14 @@ def test_resume_on_another_model_dtype_data_or_base_model_is_refused_naming_it(t
 
     _train(tmp_path, max_steps=2, eval_every=2)
     saved = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
-    assert saved["inputs"] == run_inputs(peft_model(), {"train": samples(12), "eval": samples(4),
-                                                         "calibration": samples(4)})
+    model = peft_model()
+    assert saved["inputs"] == run_inputs(edit_targets(model), {"train": samples(12), "eval": samples(4),
+                                                               "calibration": samples(4)})
     assert saved["inputs"]["model dtype"] == "float32"
+    for name, parameter in model.named_parameters():  # the edited weights' dtype, not the embedding's
+        if "biasedit_" not in name and ".mlp.c_proj." not in name:
+            parameter.data = parameter.data.to(torch.float16)
+    assert run_inputs(edit_targets(model), {})["model dtype"] == "float32"
 
     def resume(model=None, train=None):
         model = model or peft_model()

@@ -58,6 +58,7 @@ def test_the_edit_size_curve_scores_the_same_items_at_every_size(tmp_path):
     assert report["n_items"] == 9
     from biasedit_peft.models import cpu_identity  # what the numbers were made on: the testbed's dtype, this CPU
     assert (report["model"], report["dtype"], report["cpu"]) == ("testbed", None, cpu_identity())
+    assert report["threads"] == torch.get_num_threads() and report["device"] == "cpu"
     small, joint, small_zero, joint_zero = report["rows"]
     assert [(row["scale"], row["edit_batch_size"]) for row in report["rows"]] == [
         (1e6, 2), (1e6, 4096), (0, 2), (0, 4096)]
@@ -315,6 +316,20 @@ def test_the_ridge_sweep_preserves_the_keys_of_a_given_text(tmp_path):
     assert unrelated["n_preserved"] == scored_tokens(item.unrelated for item in train)
     assert len({with_text["n_preserved"], default["n_preserved"], unrelated["n_preserved"]}) == 3
     assert default["n_train"] == with_text["n_train"] == unrelated["n_train"] == 6
+
+
+def test_a_study_report_records_the_dtype_it_ran_in_as_the_demo_resolves_it(monkeypatch):
+    """``--dtype`` as given; without it the demo's default: bf16 for a real model on a CPU that lists bf16
+    instructions, the checkpoint's own (None) on one that does not and for the testbed."""
+    from biasedit_peft import models
+
+    record = script_module("_study_args").study_record
+    for units, folder_default in ((True, "bf16"), (False, None)):
+        monkeypatch.setattr(models, "_CPU_BF16_FAST", [])
+        monkeypatch.setattr(models, "cpu_reports_bf16_units", lambda: units)
+        assert record(argparse.Namespace(model="some/folder", dtype=None))["dtype"] == folder_default
+        assert record(argparse.Namespace(model="testbed", dtype=None))["dtype"] is None
+        assert record(argparse.Namespace(model="testbed", dtype="fp16"))["dtype"] == "fp16"
 
 
 def test_the_ridge_sweep_refuses_to_preserve_unrelated_sentences_that_some_pairs_lack(tmp_path, monkeypatch):

@@ -530,7 +530,7 @@ def test_gemma3_270m_joins_its_parts_loads_and_scores_sensibly():
 def test_the_cpus_listed_flags_say_whether_it_has_bf16_units(tmp_path):
     """x86 lists ``flags`` (AVX-512 BF16 or AMX: yes; AVX2 and AVX-512F alone: no), Arm lists ``Features`` (``bf16``);
     no listing at all (no file, or one without flags) is None: only a measurement can tell there."""
-    from biasedit_peft.models import cpu_reports_bf16_units
+    from biasedit_peft.models import cpu_identity, cpu_reports_bf16_units
 
     def cpuinfo(name: str, text: str):
         (tmp_path / name).write_text(text)
@@ -543,6 +543,7 @@ def test_the_cpus_listed_flags_say_whether_it_has_bf16_units(tmp_path):
     assert cpu_reports_bf16_units(cpuinfo("avx512", epyc.replace(" avx512_bf16", ""))) is False
     graviton = "processor\t: 0\nFeatures\t: fp asimd sve {}\nCPU implementer\t: 0x41\n"
     assert cpu_reports_bf16_units(cpuinfo("graviton3", graviton.format("bf16 i8mm"))) is True
+    assert cpu_identity(tmp_path / "graviton3")["features"] == ["bf16"]  # Arm lists Features, not flags
     assert cpu_reports_bf16_units(cpuinfo("graviton2", graviton.format("asimddp"))) is False
     assert cpu_reports_bf16_units(cpuinfo("bare", "processor\t: 0\nmodel name\t: Some CPU\n")) is None
     assert cpu_reports_bf16_units(tmp_path / "missing") is None
@@ -561,5 +562,5 @@ def test_cpu_identity_reads_the_model_name_and_the_bf16_features_from_cpuinfo(tm
     assert cpu_identity(cpuinfo)["features"] == ["avx2", "avx512f", "avx512_bf16"]  # no AMX: bf16 ~2x, not ~5x
     assert cpu_label(cpu_identity(cpuinfo)) == "AMD EPYC (avx2, avx512f, avx512_bf16)"
     missing = cpu_identity(tmp_path / "absent")  # not Linux: platform's name, no features
-    assert cpu_label(missing) == f"{missing['model']} (none of avx2/avx512f/avx512_bf16/amx_tile/amx_bf16)"
+    assert cpu_label(missing) == f"{missing['model']} (none of avx2/avx512f/avx512_bf16/amx_tile/amx_bf16/bf16)"
     assert missing["features"] == [] and isinstance(missing["model"], str) and missing["model"]

@@ -231,7 +231,7 @@ def test_demo_killed_mid_evaluation_resumes_to_the_same_results(uninterrupted_de
         run_demo(config)
     assert not out.exists()  # the unfinished demo lies only under the hidden run folder
     finished = sorted(p.stem for p in (run / "stages").glob("*.json"))
-    assert finished == sorted(["config", "evaluate_before", "train_editor", "per_batch_protocol",
+    assert finished == sorted(["config", "sessions", "evaluate_before", "train_editor", "per_batch_protocol",
                                "held_out_protocol", "joint_on_test", "debias"])
     assert [p.name for p in partial.glob("*.safetensors")] == ["stereoset-00000.safetensors"]
 
@@ -281,35 +281,46 @@ def test_demo_resume_passes_resume_to_training_and_skips_finished_stages(tmp_pat
     assert counts["evaluate"] == 0 and seen["resume"] is True
 
 
-def test_a_demo_resumed_on_another_cpu_or_thread_count_says_its_figures_mix_two(tmp_path, monkeypatch, capsys):
-    """Every stage record keeps the CPU and thread count it was made on; a resume elsewhere runs (the config is the
-    same) but warns and records which loaded stages came from where. Resumed where it was made: no warning."""
+def test_a_demo_resumed_on_another_machine_or_thread_count_warns_before_computing_and_records_it(
+        tmp_path, monkeypatch, capsys):
+    """Each session of a run (start, every resume) is listed in ``stages/sessions.json``. A resume on another CPU,
+    thread count or device runs (the config is the same), but warns before any stage runs, even when the earlier
+    session only began the stage now resumed (training from its checkpoint), and results.json names the earlier
+    sessions. A fresh run starts the list anew; a run resumed where it was made says nothing."""
     config = replace(DEMO, out=str(tmp_path / "t"), merge=False, crows=False)
-    here = demo_module.made_on()
-    assert here == {"cpu": cpu_identity()["model"], "threads": torch.get_num_threads()}
-    elsewhere = {"cpu": "Another CPU", "threads": here["threads"] + 3}
+    here = demo_module.made_on(config)
+    assert here == {"cpu": cpu_identity()["model"], "threads": torch.get_num_threads(), "device": "cpu"}
+    elsewhere = {**here, "cpu": "Another CPU", "threads": here["threads"] + 3}
     real_training = demo_module.train_editor
+    warned_before_training = []
 
     def killed_training(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(demo_module, "made_on", lambda: elsewhere)
+    def training(*args, **kwargs):
+        warned_before_training.append("warning: this run was started or resumed before" in capsys.readouterr().err)
+        return real_training(*args, **kwargs)
+
+    monkeypatch.setattr(demo_module, "made_on", lambda config: elsewhere)
     monkeypatch.setattr(demo_module, "train_editor", killed_training)
     with pytest.raises(KeyboardInterrupt):
-        run_demo(config)
-    record = json.loads((run_folder(tmp_path / "t") / "stages" / "evaluate_before.json").read_text())
-    assert record["made_on"] == elsewhere
-    monkeypatch.setattr(demo_module, "made_on", lambda: here)
-    monkeypatch.setattr(demo_module, "train_editor", real_training)
+        run_demo(config)  # killed in training: evaluate_before finished, training begun
+    sessions = run_folder(tmp_path / "t") / "stages" / "sessions.json"
+    assert json.loads(sessions.read_text()) == [{**elsewhere, "first_stage": "evaluate_before"}]
+    monkeypatch.setattr(demo_module, "made_on", lambda config: here)
+    monkeypatch.setattr(demo_module, "train_editor", training)
     capsys.readouterr()
     results = run_demo(config, resume=True)
-    assert results["environment"]["stages_made_elsewhere"] == {"evaluate_before": elsewhere}
-    assert "warning: this run resumed stages made on another CPU or thread count" in capsys.readouterr().err
+    assert warned_before_training == [True]
+    assert results["environment"]["sessions_elsewhere"] == [{**elsewhere, "first_stage": "evaluate_before"}]
+    assert json.loads((tmp_path / "t" / "stages" / "sessions.json").read_text()) == [
+        {**elsewhere, "first_stage": "evaluate_before"}, {**here, "first_stage": "train_editor"}]
     saved = json.loads((tmp_path / "t" / "results.json").read_text())
-    assert saved["environment"]["stages_made_elsewhere"] == {"evaluate_before": elsewhere}
-    assert json.loads((tmp_path / "t" / "stages" / "debias.json").read_text())["made_on"] == here
+    assert saved["environment"]["sessions_elsewhere"] == results["environment"]["sessions_elsewhere"]
     again = run_demo(replace(config, out=str(tmp_path / "u")))  # one machine throughout: nothing to say
-    assert "stages_made_elsewhere" not in again["environment"] and "warning" not in capsys.readouterr().err
+    assert "sessions_elsewhere" not in again["environment"] and "warning" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "u" / "stages" / "sessions.json").read_text()) == [
+        {**here, "first_stage": "evaluate_before"}]
 
 
 def test_demo_resume_with_another_config_is_refused_naming_the_fields(uninterrupted_demo):

@@ -349,7 +349,8 @@ def resume_mismatches(saved: dict, args: BiasEditTrainingArguments, saved_config
     saved_form = saved.get("soft_ss_form", "pooled")
     if saved_args.get("ss_coef") and saved_form != SOFT_SS_FORM:
         differing["soft-SS form"] = (saved_form, SOFT_SS_FORM)
-    for name in ("loss", "rank", "n_blocks", "chunk_size", "base_model"):
+    for name in ("loss", "rank", "n_blocks", "chunk_size", "base_model"):  # base_model: as loaded (the same folder
+        # by another path, e.g. from another working directory, counts as another model)
         if getattr(saved_config, name) != getattr(config, name):
             differing[name] = (getattr(saved_config, name), getattr(config, name))
     for split, count in data.items():
@@ -361,15 +362,15 @@ def resume_mismatches(saved: dict, args: BiasEditTrainingArguments, saved_config
     return differing
 
 
-def run_inputs(model: nn.Module, data: dict[str, Sequence[EditSample]]) -> dict[str, str]:
+def run_inputs(layers: dict[str, nn.Module], data: dict[str, Sequence[EditSample]]) -> dict[str, str]:
     """What a training run computes on beyond its settings, kept in its checkpoints so that a resume on other inputs
-    is refused (:func:`resume_mismatches`): ``"model dtype"`` (the base model's weights, not the adapter's float32
-    deltas) and ``"SPLIT data"``, a digest of every field of ``data[SPLIT]``'s samples in order (another file with as
-    many rows differs)."""
+    is refused (:func:`resume_mismatches`): ``"model dtype"``, the dtypes of the edited ``layers``' base weights
+    (not the adapter's float32 deltas, nor an embedding kept in float32), and ``"SPLIT data"``, a digest of every
+    field of ``data[SPLIT]``'s samples in order (another file with as many rows differs)."""
     import hashlib
 
-    base = [p.dtype for name, p in model.named_parameters() if "biasedit_" not in name and p.is_floating_point()]
-    inputs = {"model dtype": str(base[0]).removeprefix("torch.") if base else "none"}
+    dtypes = sorted({str(layer.get_base_layer().weight.dtype).removeprefix("torch.") for layer in layers.values()})
+    inputs = {"model dtype": ", ".join(dtypes)}
     for split, samples in data.items():
         text = json.dumps([asdict(sample) for sample in samples], ensure_ascii=False)
         inputs[f"{split} data"] = "sha256 " + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
@@ -874,8 +875,8 @@ class BiasEditTrainer:
 
     def _inputs(self) -> dict[str, str]:
         """The model's dtype and the data sets' digests (:func:`run_inputs`), kept in a checkpoint."""
-        return run_inputs(self.model, {"train": self.train_data, "eval": self.eval_data,
-                                       "calibration": self.calibration_data})
+        return run_inputs(self.layers, {"train": self.train_data, "eval": self.eval_data,
+                                        "calibration": self.calibration_data})
 
     def load_checkpoint(self) -> None:
         """Restore editor, optimiser and trainer state from ``output_dir/checkpoint``, after checking its manifest

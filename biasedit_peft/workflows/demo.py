@@ -63,6 +63,7 @@ from ..progress_store import (
     ScoreStore,
     StageStore,
     files_under,
+    read_json,
     run_stage,
 )
 from .deployment import deployment_check
@@ -419,7 +420,7 @@ class DemoSession:
     def run(self, name: str, compute, seconds: dict[str, float], files: Sequence[str] = ()) -> Any:
         """Stage ``name``: loaded when it finished earlier, else ``compute()`` recorded with ``files`` (folders
         or files under ``OUT``, listed when the stage ends)."""
-        return run_stage(self.stages, name, compute, seconds, lambda: files_under(self.out, files), made_on())
+        return run_stage(self.stages, name, compute, seconds, lambda: files_under(self.out, files))
 
     def evaluate_before(self) -> dict:
         return evaluate(self.peft_model, self.tokenizer, self.config, self.config.model,
@@ -496,6 +497,7 @@ def run_demo(config: DemoConfig, resume: bool = False, overwrite: bool = False) 
 def run_stages(config: DemoConfig, stages: StageStore, run: Path, resume: bool) -> dict:
     """Every stage into run folder ``run`` (finished ones loaded from ``stages``); returns the results."""
     resumed = [name for name in stages.stages if stages.finished(name)]
+    elsewhere = sessions_elsewhere(stages.root, made_on(config), resume, resumed)
     torch.manual_seed(config.seed)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
@@ -527,32 +529,44 @@ def run_stages(config: DemoConfig, stages: StageStore, run: Path, resume: bool) 
     results["training"] = training
     results["config"] = asdict(config)
     results["environment"] = environment()
-    elsewhere = stages_made_elsewhere(stages, resumed)
     if elsewhere:
-        results["environment"]["stages_made_elsewhere"] = elsewhere
+        results["environment"]["sessions_elsewhere"] = elsewhere
     seconds["total"] = round(time.perf_counter() - started + sum(stages.seconds(name) for name in resumed), 2)
     results["seconds"] = seconds
     results["resumed_stages"] = resumed
     return results
 
 
-def made_on() -> dict:
-    """What decides a stage's numbers besides the config (seeds repeat on one CPU at one thread count, not across
-    them): ``{"cpu": model name, "threads": torch's intra-op threads}``, kept in every stage record."""
-    return {"cpu": cpu_identity()["model"], "threads": torch.get_num_threads()}
+SESSIONS_NAME = "sessions.json"
+"""Under ``stages/``: what each session of a run (its first start and every ``--resume``) ran on, in order."""
 
 
-def stages_made_elsewhere(stages: StageStore, resumed: Sequence[str]) -> dict[str, dict]:
-    """``{stage: its made_on}`` of the resumed stages made on another CPU or thread count than this run, with a
-    warning on stderr: such a run's results mix two machines' numbers (stage records from before ``made_on`` was
-    kept are not compared)."""
-    now = made_on()
-    elsewhere = {name: stages.made_on(name) for name in resumed if stages.made_on(name) not in (None, now)}
+def made_on(config: DemoConfig) -> dict:
+    """What decides a run's numbers besides its config: seeds repeat on one CPU (or GPU) at one thread count, not
+    across them. ``{"cpu": model name, "threads": torch's intra-op threads, "device": the LM's device type}``, and
+    ``"gpu"`` (its name) on CUDA."""
+    device = torch.device(default_device(config.device))
+    machine = {"cpu": cpu_identity()["model"], "threads": torch.get_num_threads(), "device": device.type}
+    if device.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(device)
+    return machine
+
+
+def sessions_elsewhere(root: Path, now: dict, resume: bool, resumed: Sequence[str]) -> list[dict]:
+    """Record this session in ``root/sessions.json`` (a fresh run starts the list) and return the earlier sessions
+    made on another machine than ``now`` (:func:`made_on`), warning on stderr before anything is computed: a resumed
+    run's loaded stages, its trainer checkpoint and partial scores come from those sessions, so its figures mix
+    machines. (Runs from before the record was kept have none to compare.)"""
+    path = root / SESSIONS_NAME
+    earlier = read_json(path) if resume and path.is_file() else []
+    first = next((name for name in STAGES if name not in resumed), None)
+    write_json(path, [*earlier, {**now, "first_stage": first}])
+    elsewhere = [s for s in earlier if {k: v for k, v in s.items() if k != "first_stage"} != now]
     if elsewhere:
-        print(f"warning: this run resumed stages made on another CPU or thread count ({elsewhere}) and ran the rest "
-              f"on {now}: seeds repeat only on one CPU at one thread count, so its figures mix two; recorded in "
-              "results.json (environment.stages_made_elsewhere). Resume on the first machine, or start again "
-              "(--overwrite), for figures of one.", file=sys.stderr)
+        print(f"warning: this run was started or resumed before on another machine or thread count ({elsewhere}) "
+              f"and goes on on {now}: seeds repeat only on one CPU at one thread count, so its figures will mix "
+              f"them (recorded in results.json, environment.sessions_elsewhere). Resume where it was made, or "
+              "start again (--overwrite), for figures of one.", file=sys.stderr)
     return elsewhere
 
 
