@@ -370,8 +370,8 @@ _CPU_BF16_FAST: list[bool] = []
 def cpu_bf16_is_fast() -> bool:
     """Does this CPU compute bf16 in hardware (:func:`cpu_reports_bf16_units`)? Read from the flags Linux lists, so
     the answer, a default dtype built on it and the numbers made in that dtype are the same on every run of one
-    machine, whatever its load (a timed probe was not: it measured 1.7-61x on one idle core and once chose fp32 on a
-    busy one). False where no flags are listed: a CPU whose bf16 may be emulated (6-7x slower than float32 on an
+    machine (a timed probe was not: it measured 1.7-61x from run to run on one idle core, and once chose fp32
+    there). False where no flags are listed: a CPU whose bf16 may be emulated (6-7x slower than float32 on an
     AVX2-only core) never gets it by default."""
     if not _CPU_BF16_FAST:
         _CPU_BF16_FAST.append(bool(cpu_reports_bf16_units()))
