@@ -325,7 +325,7 @@ def cpu_identity(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> dict[str, obje
     import platform
 
     fields = _cpuinfo_fields(cpuinfo)
-    flags = set(fields.get("flags", "").split()) | set(fields.get("Features", "").split())  # x86 | Arm
+    flags = _listed_flags(fields)
     return {"model": fields.get("model name") or platform.processor() or platform.machine(),
             "features": [name for name in CPU_FEATURES if name in flags]}
 
@@ -344,6 +344,11 @@ def _cpuinfo_fields(cpuinfo: str | os.PathLike) -> dict[str, str]:
     return fields
 
 
+def _listed_flags(fields: dict[str, str]) -> set[str]:
+    """The instruction-set flags a ``cpuinfo`` lists: x86's ``flags`` or Arm's ``Features``."""
+    return set(fields.get("flags", "").split()) | set(fields.get("Features", "").split())
+
+
 BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 """The ``cpuinfo`` flags of bf16 arithmetic in hardware: x86's AVX-512 BF16 and AMX, Arm's BF16 (``Features``)."""
 
@@ -351,8 +356,7 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 def cpu_reports_bf16_units(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool | None:
     """Does this CPU list a bf16 instruction set (:data:`BF16_FLAGS`) in Linux's ``cpuinfo``? None where it lists no
     flags at all (not Linux, or an unreadable file)."""
-    fields = _cpuinfo_fields(cpuinfo)
-    flags = set(fields.get("flags", "").split()) | set(fields.get("Features", "").split())
+    flags = _listed_flags(_cpuinfo_fields(cpuinfo))
     if not flags:
         return None
     return any(flag in flags for flag in BF16_FLAGS)

@@ -125,6 +125,13 @@ def config_differences(configs: list[dict]) -> dict[str, list]:
             if any(config.get(name) != configs[0].get(name) for config in configs)}
 
 
+def refuse_other_recipes(parser: argparse.ArgumentParser, configs: list[dict], runs: str, where: str) -> None:
+    """Exit through ``parser.error`` naming the fields when ``configs`` differ (:func:`config_differences`)."""
+    differing = config_differences(configs)
+    if differing:
+        parser.error(f"{runs} differ in {differing} ({where}): not one recipe")
+
+
 def spread(per_seed: dict[int | str, dict[str, float]]) -> dict[str, dict]:
     """``label -> {"mean", "min", "max", "seeds": {run: value}}`` over the labels every run has (a run is a seed, or
     the label of a ``--run``)."""
@@ -179,9 +186,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.run or demo_args:
             parser.error("--per-batch-stages reads the seeds' stages only: no --run, no demo arguments")
         stopped = {seed: out / f"seed-{seed}" for seed in seeds}
-        differing = config_differences([stage_record(folder, "config")["config"] for folder in stopped.values()])
-        if differing:
-            parser.error(f"the seeds' runs differ in {differing} (stages/config.json): not one recipe")
+        refuse_other_recipes(parser, [stage_record(folder, "config")["config"] for folder in stopped.values()],
+                             "the seeds' runs", "stages/config.json")
         table = spread({seed: stage_rows(folder) for seed, folder in stopped.items()})
         print("CPU not recorded in the stages; the per-batch protocol and the kept editor only")
         print(markdown(table))
@@ -197,9 +203,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--run takes LABEL=FOLDER, got {text!r}")
         folders[label] = Path(folder)
     results = {run: json.loads((folder / RESULTS).read_text(encoding="utf-8")) for run, folder in folders.items()}
-    differing = config_differences([result["config"] for result in results.values() if "config" in result])
-    if differing:
-        parser.error(f"the runs differ in {differing} (results.json config): not one recipe")
+    refuse_other_recipes(parser, [result["config"] for result in results.values() if "config" in result], "the runs",
+                         "results.json config")
     table = spread({run: metric_rows(result) for run, result in results.items()})
     print(cpu_line({run: result.get("environment", {}).get("cpu") for run, result in results.items()}))
     print(markdown(table))

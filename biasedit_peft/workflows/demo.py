@@ -497,7 +497,7 @@ def run_demo(config: DemoConfig, resume: bool = False, overwrite: bool = False) 
 def run_stages(config: DemoConfig, stages: StageStore, run: Path, resume: bool) -> dict:
     """Every stage into run folder ``run`` (finished ones loaded from ``stages``); returns the results."""
     resumed = [name for name in stages.stages if stages.finished(name)]
-    elsewhere = sessions_elsewhere(stages.root, made_on(config), resume, resumed)
+    elsewhere = sessions_elsewhere(stages, made_on(config), resume)
     torch.manual_seed(config.seed)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
@@ -552,14 +552,15 @@ def made_on(config: DemoConfig) -> dict:
     return machine
 
 
-def sessions_elsewhere(root: Path, now: dict, resume: bool, resumed: Sequence[str]) -> list[dict]:
-    """Record this session in ``root/sessions.json`` (a fresh run starts the list) and return the earlier sessions
+def sessions_elsewhere(stages: StageStore, now: dict, resume: bool) -> list[dict]:
+    """Record this session in ``stages/sessions.json`` (a fresh run starts the list; ``first_stage``: the first of
+    ``stages`` it runs rather than loads, None when all are finished) and return the earlier sessions
     made on another machine than ``now`` (:func:`made_on`), warning on stderr before anything is computed: a resumed
     run's loaded stages, its trainer checkpoint and partial scores come from those sessions, so its figures mix
     machines. (Runs from before the record was kept have none to compare.)"""
-    path = root / SESSIONS_NAME
+    path = stages.root / SESSIONS_NAME
     earlier = read_json(path) if resume and path.is_file() else []
-    first = next((name for name in STAGES if name not in resumed), None)
+    first = next((name for name in stages.stages if not stages.finished(name)), None)
     write_json(path, [*earlier, {**now, "first_stage": first}])
     elsewhere = [s for s in earlier if {k: v for k, v in s.items() if k != "first_stage"} != now]
     if elsewhere:
