@@ -21,7 +21,9 @@ scoring everything at once.
 The fingerprint names everything that decides the scores: ``model`` (name), ``adapter`` (name),
 ``weights`` (sha256 of the PEFT adapter's tensors; base weights are identified by the model name only),
 ``dtype``, ``device`` (its type), ``batch_size``, ``piece_size``, and per section ``SECTION sentences``
-(count and sha256 of the sentence list). A store made with any other value is **refused**
+(count and sha256 of the sentence list). A demo's stores name the demo's own adapter and merged checkpoint
+``OUT/adapter`` and ``OUT/merged`` (``ScoreStore(labels=...)``), so that a relative ``--out`` resumes from any
+working directory. A store made with any other value is **refused**
 (:class:`ResumeMismatch`, one line naming the fields); it is never silently reused nor silently thrown
 away, and ``--overwrite`` starts again. Metrics are not stored: they are recomputed from the scores (cheap),
 so ``mode``, ``n_resamples`` and ``seed`` may change between a run and its resume.
@@ -139,8 +141,12 @@ class ScoreStore:
     The folder is created on the first write; :meth:`require` records and checks the fingerprint.
     """
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, labels: Mapping[str, str] | None = None):
+        """``labels``: fingerprint fields the store names itself, for what lies inside the run that owns it
+        (a demo's ``OUT/adapter``), so the store does not depend on the working directory or where the run lies;
+        see :meth:`require`."""
         self.root = Path(root)
+        self.labels = dict(labels or {})
 
     def __repr__(self) -> str:
         return f"ScoreStore({str(self.root)!r})"
@@ -168,11 +174,17 @@ class ScoreStore:
 
     def require(self, fields: Mapping[str, Any]) -> None:
         """Check ``fields`` against the recorded fingerprint (:class:`ResumeMismatch` on a difference),
-        then record the new ones."""
+        then record the new ones.
+
+        A field the store labels itself (``labels``) is recorded as its label instead; a store that recorded it
+        as given (made before the label) matches when the value given now is the same, and records the label
+        from then on."""
         stored = self.fields()
-        check_fields(str(self.root), stored, fields)
-        if any(k not in stored for k in fields):
-            write_json(self._fingerprint_path, {"format": FORMAT, "fields": {**stored, **fields}})
+        current = {**fields, **{k: label for k, label in self.labels.items() if k in fields}}
+        as_given = {k: current[k] for k in self.labels if k in fields and stored.get(k) == fields[k]}
+        check_fields(str(self.root), {**stored, **as_given}, current)
+        if {**stored, **current} != stored:
+            write_json(self._fingerprint_path, {"format": FORMAT, "fields": {**stored, **current}})
 
     def _piece_path(self, section: str, number: int) -> Path:
         return self.root / f"{section}-{number:05d}.safetensors"
@@ -254,9 +266,9 @@ class StageStore:
     def _record_path(self, name: str) -> Path:
         return self.root / f"{name}.json"
 
-    def partial(self, name: str) -> ScoreStore:
-        """The score store of stage ``name``'s evaluation."""
-        return ScoreStore(self.root / f"{name}{PARTIAL_SUFFIX}")
+    def partial(self, name: str, labels: Mapping[str, str] | None = None) -> ScoreStore:
+        """The score store of stage ``name``'s evaluation (``labels``: :class:`ScoreStore`'s)."""
+        return ScoreStore(self.root / f"{name}{PARTIAL_SUFFIX}", labels)
 
     def finished(self, name: str) -> bool:
         """Did stage ``name`` finish in an earlier run (so it is loaded, not run)?"""

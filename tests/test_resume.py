@@ -181,6 +181,25 @@ def test_store_refuses_another_model_or_adapter(testbed, tmp_path):
                        n_resamples=0, store=store, model_name="other", adapter="x")
 
 
+def test_a_store_labelling_a_field_records_the_label_and_accepts_a_store_made_before_the_label(tmp_path):
+    fields = {"model": "runs/x/merged", "weights": "sha256 ab"}
+    labelled = ScoreStore(tmp_path / "new", labels={"model": "OUT/merged"})
+    labelled.require(fields)
+    assert labelled.fields() == {"model": "OUT/merged", "weights": "sha256 ab"}
+    ScoreStore(tmp_path / "new", labels={"model": "OUT/merged"}).require({**fields, "model": "../x/merged"})
+    with pytest.raises(ResumeMismatch, match=r"different weights \(weights: stored 'sha256 ab', now 'sha256 cd'\)"):
+        labelled.require({**fields, "weights": "sha256 cd"})  # the label stands for the name, not the contents
+    with pytest.raises(ResumeMismatch, match="different model"):
+        ScoreStore(tmp_path / "new").require(fields)  # the same folder read without the label
+    before = ScoreStore(tmp_path / "old")  # made before the label: the name as given was recorded
+    before.require(fields)
+    ScoreStore(tmp_path / "old", labels={"model": "OUT/merged"}).require(fields)
+    assert before.fields() == {"model": "OUT/merged", "weights": "sha256 ab"}  # recorded as the label from now on
+    ScoreStore(tmp_path / "old2").require(fields)
+    with pytest.raises(ResumeMismatch, match=r"model: stored 'runs/x/merged', now 'OUT/merged'"):
+        ScoreStore(tmp_path / "old2", labels={"model": "OUT/merged"}).require({**fields, "model": "../x/merged"})
+
+
 # ----- biasedit demo [--resume | --overwrite] --------------------------------------------------------------
 DEMO = DemoConfig(bias_types=("gender", "race"), limit=4, max_steps=1, eval_every=1, n_resamples=0, progress=False)
 STAGE_FUNCTIONS = {  # module, attribute: what each demo stage calls to do its work
@@ -365,3 +384,25 @@ def test_overwrite_replaces_out_whole_and_only_when_the_demo_ends(tmp_path, monk
     assert results["resumed_stages"] == [] and not run_folder(out).exists()
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "before_after.png", "editor", "results.json",
                                                       "stages"]
+
+
+@pytest.mark.parametrize("stage, rescored", [("evaluate_after", 5), ("merge_and_rescore", 2)])
+def test_a_demo_killed_mid_evaluation_resumes_from_another_working_directory(tmp_path, monkeypatch, stage, rescored):
+    """A relative ``--out`` names the same run from another working directory: the score stores of the run's own
+    outputs (its adapter, its merged checkpoint) name them relative to ``OUT``, so the resume scores only what is
+    missing instead of refusing the store, and the results name the folders as the resuming session gave them."""
+    first = tmp_path / "first"
+    (first / "sub").mkdir(parents=True)
+    monkeypatch.chdir(first)
+    config = replace(DEMO, out="b", crows=False)
+    partial = first / run_folder("b") / "stages" / f"{stage}.partial"
+    scorer(monkeypatch, fail_when=lambda: any(partial.glob("*.safetensors")))
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(config)  # killed once the stage's first piece (its StereoSet sentences) is stored
+    assert [p.name for p in partial.glob("*.safetensors")] == ["stereoset-00000.safetensors"]
+    monkeypatch.chdir(first / "sub")
+    counting = scorer(monkeypatch)
+    results = run_demo(replace(config, out="../b"), resume=True)
+    # left to score: gender-swapped and perplexity of the stage, then (evaluate_after) the merged model's three
+    assert len(counting.calls) == rescored
+    assert results["merged"]["path"] == str(Path("../b/merged")) and (first / "b" / "results.json").is_file()

@@ -393,6 +393,12 @@ class DemoSession:
         """The path recorded for entry ``name`` of the demo: where it will be, under ``OUT``."""
         return str(self.final / name)
 
+    def store_of(self, stage: str, field: str, entry: str) -> ScoreStore:
+        """Stage ``stage``'s score store, whose fingerprint names the demo's own ``entry`` (its ``field``:
+        ``"model"`` or ``"adapter"``) as ``OUT/ENTRY``: the same from any working directory and wherever
+        ``OUT`` lies, as a relative ``--out`` or a moved run folder would not be."""
+        return self.stages.partial(stage, labels={field: f"OUT/{entry}"})
+
     @cached_property
     def built(self) -> tuple:
         """``(peft_model, tokenizer, device)``; the adapter is the saved one when ``debias`` finished earlier."""
@@ -463,13 +469,14 @@ class DemoSession:
     def evaluate_after(self, before: dict) -> dict:
         """Evaluate base + adapter and write the adapter's model card."""
         after = evaluate(self.peft_model, self.tokenizer, self.config, self.config.model, self.recorded("adapter"),
-                         store=self.stages.partial("evaluate_after"))
+                         store=self.store_of("evaluate_after", "adapter", "adapter"))
         write_card(self.peft_model, self.adapter_dir, self.config, before, after)
         return after
 
     def merge(self, after: dict) -> dict:
         return merge_and_rescore(self.config, self.adapter_dir, self.out / "merged", after,
-                                 store=self.stages.partial("merge_and_rescore"), recorded_as=self.recorded("merged"))
+                                 store=self.store_of("merge_and_rescore", "model", "merged"),
+                                 recorded_as=self.recorded("merged"))
 
 
 def run_demo(config: DemoConfig, resume: bool = False, overwrite: bool = False) -> dict:
