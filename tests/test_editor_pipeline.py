@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from biasedit_peft._io import write_manifest
 from biasedit_peft.editor import BiasEditor, BiasEditTrainer, BiasEditTrainingArguments
 from biasedit_peft.editor.editor import encode_pairs, forward_logits
 from biasedit_peft.editor.losses import debias_loss
@@ -238,18 +239,20 @@ def test_resume_after_interruption_continues_from_the_checkpoint(tmp_path):
 
 
 def test_resume_on_another_model_dtype_data_or_base_model_is_refused_naming_it(tmp_path):
-    """A checkpoint keeps what it computed on beyond the settings: the base model's dtype, a digest of each data set
-    (a changed sentence with the row count kept differs) and, in the editor's config, the base model; a resume on
-    other inputs is refused naming them, and one on the same inputs goes on."""
+    """A checkpoint keeps what it computed on beyond the settings: the base model's dtype, a digest of its base
+    weights, a digest of each data set (a changed sentence with the row count kept differs) and, in the editor's
+    config, the base model's name; a resume on other inputs is refused naming them, and one on the same inputs goes
+    on, whatever name or path now loads the same weights (a checkpoint without the weights' digest compares the
+    names)."""
     import dataclasses
 
-    from biasedit_peft.editor.trainer import run_inputs
+    from biasedit_peft.editor.trainer import base_weights_digest, run_inputs
 
     _train(tmp_path, max_steps=2, eval_every=2)
     saved = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
     model = peft_model()
     assert saved["inputs"] == run_inputs(edit_targets(model), {"train": samples(12), "eval": samples(4),
-                                                               "calibration": samples(4)})
+                                                               "calibration": samples(4)}, base_weights_digest(model))
     assert saved["inputs"]["model dtype"] == "float32"
     for name, parameter in model.named_parameters():  # the edited weights' dtype, not the embedding's
         if "biasedit_" not in name and ".mlp.c_proj." not in name:
@@ -269,11 +272,26 @@ def test_resume_on_another_model_dtype_data_or_base_model_is_refused_naming_it(t
     edited[5] = dataclasses.replace(edited[5], anti_stereotype="someone else entirely .")
     with pytest.raises(ValueError, match=r"train data: checkpoint 'sha256 [0-9a-f]{16}', now 'sha256 [0-9a-f]{16}'"):
         resume(train=edited)
+    renamed = peft_model()
+    renamed.config.name_or_path = "../elsewhere/model"  # what the editor records as its base model
+    resume(model=renamed)  # the same weights by another name or path (another working directory): restored
     other = peft_model()
-    other.config.name_or_path = "another/model"  # what the editor records as its base model
-    with pytest.raises(ValueError, match=r"base_model: checkpoint .*, now 'another/model'"):
+    with torch.no_grad():
+        next(p for n, p in other.named_parameters() if ".attn.c_attn." in n and "biasedit_" not in n)[0, 0] += 1e-3
+    with pytest.raises(ValueError, match=r"base weights: checkpoint 'sha256 [0-9a-f]{16}', now 'sha256 [0-9a-f]{16}'"):
+        resume(model=other)  # one weight outside the edited blocks' MLPs: another model
+    other.config.name_or_path = "another/model"
+    with pytest.raises(ValueError, match=r"base weights: .*; base_model: checkpoint .*, now 'another/model'"):
         resume(model=other)
     resume()  # the same inputs: restored
+    state_path = tmp_path / "checkpoint" / "trainer_state.json"
+    before_digests = json.loads(state_path.read_text())
+    before_digests["inputs"].pop("base weights")  # a checkpoint from before the weights were digested
+    state_path.write_text(json.dumps(before_digests))
+    write_manifest(tmp_path / "checkpoint")
+    with pytest.raises(ValueError, match=r"base_model: checkpoint .*, now '\.\./elsewhere/model'"):
+        resume(model=renamed)  # compared by name there, as before
+    resume()
 
 
 def test_same_seed_gives_the_same_editor_and_deltas(tmp_path):
