@@ -657,6 +657,39 @@ def test_bench_resume_keeps_complete_sections_and_refuses_other_settings(tmp_pat
     assert sections["forward"]["value"] == 1 and sections["size"]["value"] == 3
 
 
+
+@pytest.mark.parametrize("finished", [False, True])
+def test_a_bench_resumed_on_another_device_refuses_its_unfinished_quality_section_before_measuring(
+        tmp_path, monkeypatch, finished):
+    """A bench may change device on resume (its timing sections record theirs), but the demos of an unfinished
+    quality section may not: that is refused before any section runs, naming the variant and the field, whether
+    the variant's demo was interrupted (its run folder) or finished (its folder)."""
+    import dataclasses
+
+    from biasedit_peft._io import run_folder
+    from biasedit_peft.progress_store import ResumeMismatch, StageStore
+    from biasedit_peft.workflows import bench
+    from biasedit_peft.workflows.demo import demo_fingerprint
+
+    config = bench.BenchConfig(sections=("forward", "quality"), out=str(tmp_path / "b"), progress=False)
+    demo = bench.quality_demo_config(config, "default", tmp_path / "work")
+    made_elsewhere = {**demo_fingerprint(demo), "device": "cuda"}
+    folder = Path(demo.out) if finished else run_folder(demo.out)
+    StageStore(folder / "stages", ()).open(made_elsewhere, resume=False)
+    if finished:
+        (folder / "results.json").write_text("{}")
+    calls = []
+    monkeypatch.setattr(bench, "SECTION_FUNCTIONS", {"forward": lambda config: calls.append("forward") or {},
+                                                     "quality": None})
+    monkeypatch.setattr(bench, "bench_quality", lambda *args, **kwargs: calls.append("quality") or {})
+    with pytest.raises(ResumeMismatch, match=r"quality variant 'default' of this bench: .*device: stored 'cuda', "
+                                             r"now 'cpu'.*--sections"):
+        bench.run_bench(config, folder=tmp_path / "work", resume=True)
+    assert calls == []
+    assert bench.run_bench(dataclasses.replace(config, sections=("forward",)), folder=tmp_path / "work",
+                           resume=True)
+    assert calls == ["forward"]  # without the quality section, the device may change
+
 KILLED_TRAINING = """
 import os, signal, sys
 from biasedit_peft.editor import BiasEditTrainer

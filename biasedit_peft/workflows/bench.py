@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from .._io import json_ready, write_json
+from .._io import json_ready, run_folder, write_json
 from ..data import BIAS_TYPES
 from ..models import cpu_identity, cpu_label, default_device
 from ..profiling import PARTS, float32_parts_bound, float32_seconds, time_by_part
@@ -858,17 +858,12 @@ def bench_quality(config: BenchConfig, variants: Sequence[str] = tuple(QUALITY_V
         folder: Where the variants' demos go (default ``config.out``).
         resume: Resume each variant's demo that an earlier run started or finished (``run_demo(resume=True)``).
     """
-    from .._io import run_folder
     from .demo import run_demo
 
     results = {}
     for name in variants:
-        demo_out = Path(config.out if folder is None else folder) / "quality" / name
-        started = resume and (run_folder(demo_out).is_dir() or demo_out.is_dir())
-        demo = _demo_config(config, out=str(demo_out), max_steps=config.quality_steps,
-                            eval_every=config.quality_eval_every,
-                            limit=config.limit, merge=False, crows=True, n_resamples=0,
-                            **QUALITY_VARIANTS[name])
+        demo = quality_demo_config(config, name, folder)
+        started = resume and quality_demo_started(demo)
         if config.progress:
             print(f"[bench] quality variant {name} ...", file=sys.stderr, flush=True)
         run = run_demo(demo, resume=True) if started else run_demo(demo)
@@ -888,6 +883,41 @@ def bench_quality(config: BenchConfig, variants: Sequence[str] = tuple(QUALITY_V
         if on_variant is not None:
             on_variant(results)
     return results
+
+
+def quality_demo_config(config: BenchConfig, name: str, folder: str | Path | None = None) -> DemoConfig:
+    """The demo of quality variant ``name``, in ``FOLDER/quality/NAME`` (``folder`` default: ``config.out``)."""
+    demo_out = Path(config.out if folder is None else folder) / "quality" / name
+    return _demo_config(config, out=str(demo_out), max_steps=config.quality_steps,
+                        eval_every=config.quality_eval_every, limit=config.limit, merge=False, crows=True,
+                        n_resamples=0, **QUALITY_VARIANTS[name])
+
+
+def quality_demo_started(demo: DemoConfig) -> bool:
+    """Did an earlier bench start (or finish) this quality variant's demo?"""
+    return run_folder(demo.out).is_dir() or Path(demo.out).is_dir()
+
+
+def check_quality_resumable(config: BenchConfig, folder: str | Path | None = None) -> None:
+    """Before a resumed bench measures anything: every quality variant an earlier run started must resume under
+    this run's settings, above all its device (a bench may change device for its timing sections, not for the
+    demos of an unfinished quality section).
+
+    Raises:
+        ResumeMismatch: A started variant's demo was made with other settings (the variant and fields named).
+    """
+    from ..progress_store import ResumeMismatch
+    from .demo import check_out
+
+    for name in QUALITY_VARIANTS:
+        demo = quality_demo_config(config, name, folder)
+        if not quality_demo_started(demo):
+            continue
+        try:
+            check_out(demo, resume=True)
+        except ResumeMismatch as error:
+            raise ResumeMismatch(f"quality variant {name!r} of this bench: {error} (or resume the bench where the "
+                                 "variant ran, or without the quality section: --sections)") from None
 
 
 def _ss_lms(stereoset: dict) -> dict:
@@ -939,6 +969,8 @@ def run_bench(config: BenchConfig, folder: str | Path | None = None, resume: boo
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"config": asdict(config), "environment": environment(), "sections": {}}
     finished = finished_sections(out / "bench.json", config) if resume else {}
+    if resume and "quality" in config.sections and "quality" not in finished:
+        check_quality_resumable(config, out)
 
     def save() -> None:
         write_json(out / "bench.json", results)
@@ -967,7 +999,8 @@ def run_bench(config: BenchConfig, folder: str | Path | None = None, resume: boo
 
 RESUMABLE_BENCH_CHANGES = ("sections", "progress", "device")
 """Settings a resumed bench may change: which sections run, progress bars, and the device (sections that ran on
-another device keep their figures, which record it)."""
+another device keep their figures, which record it; the demos of an unfinished quality section may not change it,
+:func:`check_quality_resumable`)."""
 
 
 def finished_sections(path: Path, config: BenchConfig) -> dict[str, dict]:
