@@ -92,7 +92,7 @@ def tensors_digest(tensors: Mapping[str, Tensor]) -> str:
     for name in sorted(tensors):
         tensor = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     return f"sha256 {digest.hexdigest()[:16]}"
 
 
@@ -176,12 +176,13 @@ class ScoreStore:
         """Check ``fields`` against the recorded fingerprint (:class:`ResumeMismatch` on a difference),
         then record the new ones.
 
-        A field the store labels itself (``labels``) is recorded as its label instead; a store that recorded it
-        as given (made before the label) matches when the value given now is the same, and records the label
-        from then on."""
+        A field the store labels itself (``labels``; a None value is kept) is recorded as its label instead; a
+        store that recorded it as given (made before the label) matches when the value given now is the same, and
+        records the label from then on."""
         stored = self.fields()
-        current = {**fields, **{k: label for k, label in self.labels.items() if k in fields}}
-        as_given = {k: current[k] for k in self.labels if k in fields and stored.get(k) == fields[k]}
+        labelled = {k: label for k, label in self.labels.items() if fields.get(k) is not None}
+        current = {**fields, **labelled}
+        as_given = {k: label for k, label in labelled.items() if stored.get(k) == fields[k]}
         check_fields(str(self.root), {**stored, **as_given}, current)
         if {**stored, **current} != stored:
             write_json(self._fingerprint_path, {"format": FORMAT, "fields": {**stored, **current}})

@@ -16,7 +16,7 @@ from biasedit_peft.editor.trainer import selection_score
 from biasedit_peft.scoring import logit_positions
 from biasedit_peft.tuner.deltas import edit_targets, get_deltas, set_deltas
 
-from factories import editor_tokenizer, peft_model, samples
+from factories import editor_tokenizer, peft_model, samples, tiny_model
 
 TOKENIZER = editor_tokenizer()
 
@@ -264,7 +264,8 @@ def test_resume_on_another_model_dtype_data_or_base_model_is_refused_naming_it(t
         editor = BiasEditor.for_model(model, rank=8, lr=1e-2)
         trainer = BiasEditTrainer(model, editor, _args(tmp_path, max_steps=3, eval_every=2, resume=True),
                                   train or samples(12), samples(4), tokenizer=TOKENIZER)
-        return trainer.load_checkpoint()
+        trainer.load_checkpoint()
+        return trainer.state.global_step
 
     with pytest.raises(ValueError, match=r"model dtype: checkpoint 'float32', now 'bfloat16'"):
         resume(model=peft_model(dtype=torch.bfloat16))
@@ -274,7 +275,7 @@ def test_resume_on_another_model_dtype_data_or_base_model_is_refused_naming_it(t
         resume(train=edited)
     renamed = peft_model()
     renamed.config.name_or_path = "../elsewhere/model"  # what the editor records as its base model
-    resume(model=renamed)  # the same weights by another name or path (another working directory): restored
+    assert resume(model=renamed) == 2  # the same weights by another name or path (another working directory)
     other = peft_model()
     with torch.no_grad():
         next(p for n, p in other.named_parameters() if ".attn.c_attn." in n and "biasedit_" not in n)[0, 0] += 1e-3
@@ -283,7 +284,7 @@ def test_resume_on_another_model_dtype_data_or_base_model_is_refused_naming_it(t
     other.config.name_or_path = "another/model"
     with pytest.raises(ValueError, match=r"base weights: .*; base_model: checkpoint .*, now 'another/model'"):
         resume(model=other)
-    resume()  # the same inputs: restored
+    assert resume() == 2  # the same inputs: restored
     state_path = tmp_path / "checkpoint" / "trainer_state.json"
     before_digests = json.loads(state_path.read_text())
     before_digests["inputs"].pop("base weights")  # a checkpoint from before the weights were digested
@@ -291,7 +292,24 @@ def test_resume_on_another_model_dtype_data_or_base_model_is_refused_naming_it(t
     write_manifest(tmp_path / "checkpoint")
     with pytest.raises(ValueError, match=r"base_model: checkpoint .*, now '\.\./elsewhere/model'"):
         resume(model=renamed)  # compared by name there, as before
-    resume()
+    assert resume() == 2
+
+
+def test_the_base_weights_digest_is_the_bare_models_whatever_wraps_it_and_none_for_offloaded_weights():
+    from biasedit_peft.editor.trainer import base_weights_digest
+    from biasedit_peft.progress_store import tensors_digest
+
+    bare = tiny_model(size="editor")
+    expected = tensors_digest(dict(bare.named_parameters()))
+    wrapped = peft_model()  # the same seed: the same weights, wrapped in BiasEdit layers with their own parameters
+    assert base_weights_digest(wrapped) == base_weights_digest(bare) == expected
+    assert base_weights_digest(torch.nn.ModuleDict({"module": wrapped})) == expected  # DDP's "module." prefix
+    with torch.no_grad():
+        wrapped.get_base_model().transformer.wte.weight[3, 1] += 1e-3
+    assert base_weights_digest(wrapped) != expected
+    with torch.device("meta"):
+        offloaded = tiny_model(size="editor")
+    assert base_weights_digest(offloaded) is None
 
 
 def test_same_seed_gives_the_same_editor_and_deltas(tmp_path):

@@ -657,7 +657,6 @@ def test_bench_resume_keeps_complete_sections_and_refuses_other_settings(tmp_pat
     assert sections["forward"]["value"] == 1 and sections["size"]["value"] == 3
 
 
-
 @pytest.mark.parametrize("finished", [False, True])
 def test_a_bench_resumed_on_another_device_refuses_its_unfinished_quality_section_before_measuring(
         tmp_path, monkeypatch, finished):
@@ -671,7 +670,8 @@ def test_a_bench_resumed_on_another_device_refuses_its_unfinished_quality_sectio
     from biasedit_peft.workflows import bench
     from biasedit_peft.workflows.demo import demo_fingerprint
 
-    config = bench.BenchConfig(sections=("forward", "quality"), out=str(tmp_path / "b"), progress=False)
+    config = bench.BenchConfig(sections=("forward", "quality"), out=str(tmp_path / "b"), progress=False,
+                               device="cpu")
     demo = bench.quality_demo_config(config, "default", tmp_path / "work")
     made_elsewhere = {**demo_fingerprint(demo), "device": "cuda"}
     folder = Path(demo.out) if finished else run_folder(demo.out)
@@ -689,6 +689,7 @@ def test_a_bench_resumed_on_another_device_refuses_its_unfinished_quality_sectio
     assert bench.run_bench(dataclasses.replace(config, sections=("forward",)), folder=tmp_path / "work",
                            resume=True)
     assert calls == ["forward"]  # without the quality section, the device may change
+
 
 KILLED_TRAINING = """
 import os, signal, sys

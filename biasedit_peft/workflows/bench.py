@@ -898,26 +898,28 @@ def quality_demo_started(demo: DemoConfig) -> bool:
     return run_folder(demo.out).is_dir() or Path(demo.out).is_dir()
 
 
-def check_quality_resumable(config: BenchConfig, folder: str | Path | None = None) -> None:
+def check_quality_resumable(config: BenchConfig, folder: str | Path | None = None,
+                            variants: Sequence[str] = tuple(QUALITY_VARIANTS)) -> None:
     """Before a resumed bench measures anything: every quality variant an earlier run started must resume under
     this run's settings, above all its device (a bench may change device for its timing sections, not for the
     demos of an unfinished quality section).
 
     Raises:
-        ResumeMismatch: A started variant's demo was made with other settings (the variant and fields named).
+        ResumeMismatch, PreviousRunError: A started variant's demo was made with other settings or cannot be
+            resumed (the variant named, then the fields).
     """
-    from ..progress_store import ResumeMismatch
+    from ..progress_store import PreviousRunError, ResumeMismatch
     from .demo import check_out
 
-    for name in QUALITY_VARIANTS:
+    for name in variants:
         demo = quality_demo_config(config, name, folder)
         if not quality_demo_started(demo):
             continue
         try:
             check_out(demo, resume=True)
-        except ResumeMismatch as error:
-            raise ResumeMismatch(f"quality variant {name!r} of this bench: {error} (or resume the bench where the "
-                                 "variant ran, or without the quality section: --sections)") from None
+        except (ResumeMismatch, PreviousRunError) as error:
+            raise type(error)(f"quality variant {name!r} of this bench: {error} (or resume the bench where the "
+                              "variant ran, or without the quality section: --sections)") from None
 
 
 def _ss_lms(stereoset: dict) -> dict:
