@@ -102,6 +102,18 @@ def test_num_edit_layers_and_layers_to_transform():
     assert list(edit_targets(model)) == ["transformer.h.0.mlp.c_proj", "transformer.h.2.mlp.c_proj"]
 
 
+def test_more_blocks_than_the_model_has_are_refused_but_the_default_edits_a_smaller_model_whole():
+    """tiny_model has 4 blocks: num_edit_layers=4 edits them all, 5 is an error naming the count; a 2-block model
+    under the default (3) gets both blocks, 4 asked for is refused."""
+    assert len(edit_targets(get_peft_model(tiny_model(), BiasEditConfig(num_edit_layers=4)))) == 4
+    with pytest.raises(ValueError, match=r"num_edit_layers=5: the model has only 4 blocks .* \(0-3\)"):
+        get_peft_model(tiny_model(), BiasEditConfig(num_edit_layers=5))
+    assert list(edit_targets(get_peft_model(tiny_model(n_layer=2), BiasEditConfig()))) == [
+        "transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj"]
+    with pytest.raises(ValueError, match=r"num_edit_layers=4: the model has only 2 blocks"):
+        get_peft_model(tiny_model(n_layer=2), BiasEditConfig(num_edit_layers=4))
+
+
 @pytest.mark.parametrize("layers", [[0, 4], 7])
 def test_a_block_the_model_lacks_is_refused_by_name(layers):
     """tiny_model has blocks 0-3: a missing index is an error naming it, not an adapter on fewer blocks."""

@@ -10,6 +10,10 @@ from peft.config import PeftConfig
 DELTA_STORAGES = ("auto", "dense", "factored")
 
 
+DEFAULT_NUM_EDIT_LAYERS = 3
+"""The paper's number of edited blocks (the last three)."""
+
+
 @dataclass
 class BiasEditConfig(PeftConfig):
     """Configuration of a BiasEdit adapter (a weight delta per edited MLP output projection).
@@ -30,8 +34,9 @@ class BiasEditConfig(PeftConfig):
         },
     )
     num_edit_layers: int = field(
-        default=3,
-        metadata={"help": "With target_modules=None and layers_to_transform=None: edit this many last blocks."},
+        default=DEFAULT_NUM_EDIT_LAYERS,
+        metadata={"help": "With target_modules=None and layers_to_transform=None: edit this many last blocks (the "
+                          "default on a model with fewer blocks: all of them; another number it lacks: an error)."},
     )
     layers_to_transform: Optional[Union[list[int], int]] = field(
         default=None,

@@ -10,7 +10,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from transformers.pytorch_utils import Conv1D
 
-from .config import BiasEditConfig
+from .config import DEFAULT_NUM_EDIT_LAYERS, BiasEditConfig
 from .layer import BiasEditLayer, Linear
 
 # model_type -> suffix of the MLP output projection inside each block (matched as peft does: exact or ".suffix").
@@ -142,6 +142,10 @@ class BiasEditModel(BaseTuner):
         if not indices:
             raise ValueError(f"No module ending in {suffix!r} found in the model; pass target_modules explicitly.")
         if peft_config.layers_to_transform is None:
+            if peft_config.num_edit_layers > max(len(indices), DEFAULT_NUM_EDIT_LAYERS):  # the default edits every
+                # block of a smaller model; a number asked for is refused where the model has fewer blocks
+                raise ValueError(f"num_edit_layers={peft_config.num_edit_layers}: the model has only {len(indices)} "
+                                 f"blocks with a module ending in {suffix!r} ({indices[0]}-{indices[-1]}).")
             peft_config.layers_to_transform = indices[-peft_config.num_edit_layers :]
             return peft_config
         wanted = peft_config.layers_to_transform
