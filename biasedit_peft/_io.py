@@ -80,12 +80,25 @@ def write_json(path: str | Path, document: Any, indent: int | None = 2, strict: 
     return path
 
 
+class InputFileError(ValueError):
+    """A text file given as input that cannot be read: missing, a folder, or not UTF-8 (names the path)."""
+
+
 def read_utf8(path: str | Path) -> str:
-    """The text of ``path``; a file that is not UTF-8 is a ``ValueError`` naming it (not a bare UnicodeDecodeError)."""
+    """The text of ``path``.
+
+    Raises:
+        InputFileError: ``path`` does not exist, is a folder, or is not UTF-8 text; the message names it (not a bare
+            ``FileNotFoundError`` / ``IsADirectoryError`` / ``UnicodeDecodeError`` traceback).
+    """
     try:
         return Path(path).read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError):
+        raise InputFileError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputFileError(f"{path}: is a folder, not a file") from None
     except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+        raise InputFileError(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:

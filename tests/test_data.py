@@ -152,9 +152,9 @@ def test_bundled_noisy_counts():
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda r: r.pop("target"), "row 1: missing field 'target'"),
-    (lambda r: r.update(context=3), "row 1: field 'context' must be str"),
-    (lambda r: r["sentences"][1].update(gold_label="neutral"), r"row 1, sentences\[1\]: field 'gold_label'"),
+    (lambda r: r.pop("target"), "row 2: missing field 'target'"),
+    (lambda r: r.update(context=3), "row 2: field 'context' must be str"),
+    (lambda r: r["sentences"][1].update(gold_label="neutral"), r"row 2, sentences\[1\]: field 'gold_label'"),
     (lambda r: r["sentences"][2].update(gold_label="stereotype"), r"sentences\[2\]: field 'gold_label' repeats"),
     (lambda r: r["sentences"].pop(), "lacks gold_label \\['unrelated'\\]"),
     (lambda r: r["sentences"][0].update(sentence=" "), r"sentences\[0\]: field 'sentence' is empty"),
@@ -203,7 +203,7 @@ def test_edit_sample_errors_name_the_spec_or_the_line(tmp_path):
     empty.write_text("\n")
     with pytest.raises(ValueError, match=r"empty.jsonl: no samples"):
         load_edit_samples(str(empty))
-    with pytest.raises(ValueError, match="stereoset:train: no samples"):
+    with pytest.raises(ValueError, match="--limit must be at least 1, got 0"):
         load_edit_samples("stereoset:train", limit=0)
 
 

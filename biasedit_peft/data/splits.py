@@ -70,9 +70,15 @@ def split_calibration(train: Sequence[StereoSetItem]) -> dict[str, list[str]]:
 
 
 def take_per_type(items: list, limit: int | None, key: str = "bias_type") -> list:
-    """The first ``limit`` items of each ``key`` group (all of them when ``limit`` is None), in order."""
+    """The first ``limit`` items of each ``key`` group (all of them when ``limit`` is None), in order.
+
+    Raises:
+        ValueError: ``limit`` is below 1 (it would keep nothing; ``--limit`` in every command).
+    """
     if limit is None:
         return list(items)
+    if limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {limit}")
     seen: dict[str, int] = {}
     kept = []
     for item in items:

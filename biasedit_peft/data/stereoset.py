@@ -157,10 +157,17 @@ def _require(row: Any, field: str, kind: type, where: str) -> Any:
 
 
 def parse_item(row: dict, where: str) -> StereoSetItem:
-    """One original-schema row to a :class:`StereoSetItem`; ``where`` names file and row in errors."""
+    """One original-schema row to a :class:`StereoSetItem`; ``where`` names file and row in errors.
+
+    Raises:
+        StereoSetFormatError: A missing or mistyped field, an empty ``bias_type`` or sentence, a ``gold_label`` that
+            is unknown, repeated or missing, or a stereotype sentence equal to its anti-stereotype sentence.
+    """
     item_id = _require(row, "id", str, where)
     target = _require(row, "target", str, where)
     bias_type = _require(row, "bias_type", str, where)
+    if not bias_type.strip():
+        raise StereoSetFormatError(f"{where}: field 'bias_type' is empty")
     context = _require(row, "context", str, where)
     sentence_rows = _require(row, "sentences", list, where)
     by_role: dict[str, str] = {}
@@ -179,6 +186,9 @@ def parse_item(row: dict, where: str) -> StereoSetItem:
     if missing:
         raise StereoSetFormatError(f"{where}: field 'sentences' lacks gold_label {missing}")
     sentences = [by_role[role] for role in ROLES]
+    if sentences[0].strip() == sentences[1].strip():
+        raise StereoSetFormatError(f"{where}: field 'sentences': the stereotype and anti-stereotype sentences are the "
+                                   f"same ({sentences[0]!r}), so the pair measures nothing")
     words, aligned = fill_words(context, sentences)
     noise = context_noise(context) or ("" if aligned else "unaligned")
     return StereoSetItem(
@@ -221,10 +231,33 @@ def read_stereoset_rows(path: str | Path) -> list[dict]:
         data = document["data"]
         if not isinstance(data, dict) or not isinstance(data.get("intrasentence"), list):
             raise StereoSetFormatError(f"{path}: field 'data.intrasentence' must be a list")
-        return data["intrasentence"]
-    if isinstance(document, list):  # a bare list of intrasentence rows is accepted too
-        return document
-    raise StereoSetFormatError(f"{path}: expected {{'data': {{'intrasentence': [...]}}}} or a list of rows")
+        rows = data["intrasentence"]
+    elif isinstance(document, list):  # a bare list of intrasentence rows is accepted too
+        rows = document
+    else:
+        raise StereoSetFormatError(f"{path}: expected {{'data': {{'intrasentence': [...]}}}} or a list of rows")
+    if not rows:
+        raise StereoSetFormatError(f"{path}: no intrasentence items")
+    return rows
+
+
+def parse_rows(rows: Sequence[dict], path: str | Path) -> list[StereoSetItem]:
+    """Every row of file ``path`` as a :class:`StereoSetItem` (:func:`parse_item`); errors name the file and the
+    1-based row.
+
+    Raises:
+        StereoSetFormatError: A malformed row, or an ``id`` that an earlier row already has.
+    """
+    items: list[StereoSetItem] = []
+    first_row: dict[str, int] = {}
+    for number, row in enumerate(rows, 1):
+        item = parse_item(row, f"{path}: row {number}")
+        if item.id in first_row:
+            raise StereoSetFormatError(f"{path}: row {number}: field 'id' repeats {item.id!r} (row "
+                                       f"{first_row[item.id]})")
+        first_row[item.id] = number
+        items.append(item)
+    return items
 
 
 def load_stereoset_file(
@@ -241,17 +274,19 @@ def load_stereoset_file(
         noisy: ``"keep"`` or ``"drop"`` the rows that break a rule of :data:`NOISE_RULES`.
 
     Raises:
-        StereoSetFormatError: A malformed file, naming the file, the row and the field.
+        StereoSetFormatError: A malformed file (no items, a bad row, a repeated id), naming the file, the 1-based
+            row and the field.
+        ValueError: An unknown bias type, or nothing left once noisy rows are dropped.
     """
-    rows = read_stereoset_rows(path)
-    items = [parse_item(row, f"{path}: row {index}") for index, row in enumerate(rows)]
-    return _select(items, bias_types, noisy, str(path))
+    items = _select(parse_rows(read_stereoset_rows(path), path), bias_types, noisy, str(path))
+    if not items:
+        raise ValueError(f"{path}: no intrasentence items left once the noisy rows are dropped")
+    return items
 
 
 def _bundled(file_key: str) -> list[StereoSetItem]:
     path = resource_path(STEREOSET_FILES[file_key])
-    rows = read_stereoset_rows(path)
-    return [parse_item(row, f"{path}: row {index}") for index, row in enumerate(rows)]
+    return parse_rows(read_stereoset_rows(path), path)
 
 
 def load_split_ids() -> dict[str, list[str]]:
