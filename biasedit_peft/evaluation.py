@@ -227,6 +227,30 @@ def evaluate_perplexity(model, tokenizer, text: str | Path | Sequence[str] | Non
     return metrics.perplexity(scored.sum, scored.n_tokens)
 
 
+def crows_types_of(bias_types: Sequence[str], crows_only: bool = False) -> list[str]:
+    """The CrowS-Pairs names of ``bias_types`` (``race`` -> ``race-color``), leaving out StereoSet's ``profession``,
+    which CrowS-Pairs lacks.
+
+    Args:
+        bias_types: StereoSet or CrowS-Pairs names.
+        crows_only: CrowS-Pairs is the only bias benchmark that runs, so an empty answer is refused.
+
+    Raises:
+        ValueError: A name that is neither a CrowS-Pairs nor a StereoSet type (naming the available ones), or,
+            with ``crows_only``, no requested type that CrowS-Pairs has.
+    """
+    unknown = [b for b in bias_types if crows_bias_type(b) not in CROWS_BIAS_TYPES and b not in STEREOSET_BIAS_TYPES]
+    if unknown:
+        raise ValueError(f"--bias-types: unknown bias type(s) {unknown}; CrowS-Pairs has "
+                         f"{', '.join(CROWS_BIAS_TYPES)} (StereoSet's race is its race-color), StereoSet "
+                         f"{', '.join(STEREOSET_BIAS_TYPES)}")
+    types = [crows_bias_type(b) for b in bias_types if crows_bias_type(b) in CROWS_BIAS_TYPES]
+    if crows_only and not types:
+        raise ValueError(f"--bias-types {','.join(bias_types)}: CrowS-Pairs has none of them (it has no profession); "
+                         f"it has {', '.join(CROWS_BIAS_TYPES)}")
+    return types
+
+
 def evaluate_model(
     model, tokenizer, benchmarks: Sequence[str] = BENCHMARKS, bias_types: Sequence[str] | None = None,
     split: str = "test", mode: str = "reference", batch_size: int = 32, progress: bool = True,
@@ -243,7 +267,9 @@ def evaluate_model(
 
     ``bias_types``: StereoSet names (``gender``, ``race``, ``religion``, ``profession``); ``None`` =
     every type of the split and all 9 CrowS-Pairs types. CrowS-Pairs uses ``race-color`` for
-    ``race`` and has no ``profession``. ``limit`` keeps the first N items of each bias type.
+    ``race`` and has no ``profession`` (:func:`crows_types_of`: a name that is neither is refused, and a
+    ``profession``-only request when CrowS-Pairs runs without StereoSet). ``limit`` keeps the first N items of
+    each bias type.
 
     ``store``: a :class:`~biasedit_peft.progress_store.ScoreStore` (or its folder) that receives every
     finished piece of scores and resumes from the pieces it already holds; it must have been made for the
@@ -255,6 +281,9 @@ def evaluate_model(
         raise ValueError(f"Unknown benchmark(s) {unknown}; choose from {BENCHMARKS}")
     if mode not in metrics.MODES:
         raise ValueError(f"Unknown mode {mode!r}; choose one of {metrics.MODES}")
+    crows_types = None  # checked before anything is scored
+    if "crows" in benchmarks and bias_types is not None:
+        crows_types = crows_types_of(bias_types, crows_only="stereoset" not in benchmarks)
     model_name = model_name or model_name_of(model)
     if store is not None and not isinstance(store, ScoreStore):
         store = ScoreStore(store)
@@ -272,9 +301,6 @@ def evaluate_model(
         result["gender_swapped"] = evaluate_stereoset(model, tokenizer, swapped, mode=mode, section="gender_swapped",
                                                       **common)
     if "crows" in benchmarks:
-        crows_types = None
-        if bias_types is not None:
-            crows_types = [crows_bias_type(b) for b in bias_types if crows_bias_type(b) in CROWS_BIAS_TYPES]
         if crows_types is None or crows_types:
             pairs = take_per_type(load_crows(crows_types, path=crows_file), limit)
             result["crows"] = evaluate_crows(model, tokenizer, pairs, **common)

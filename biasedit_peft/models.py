@@ -23,6 +23,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -94,11 +95,74 @@ class GGUFSupportMissingError(ImportError, ValueError):
     """The ``gguf`` package is not installed. Also a ``ValueError``, so commands report it as a plain error."""
 
 
+class ModelNotFoundError(FileNotFoundError, ValueError):
+    """A model, adapter or editor that is neither a local folder (or file) nor a Hub repo that could be loaded.
+    Also a ``ValueError``, so commands report it as a plain error naming the path."""
+
+
+HUB_ID_PATTERN = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+"""What a Hub repo id looks like: ``name`` or ``org/name`` (letters, digits, ``_``, ``.`` and ``-``)."""
+
+
+def looks_like_local_path(text: str | os.PathLike) -> bool:
+    """Whether ``text`` can only mean a local path: it starts with ``.``, ``/`` or ``~``, or has a path
+    separator and is not of the Hub's ``org/name`` form (:data:`HUB_ID_PATTERN`)."""
+    text = str(text)
+    if text.startswith((".", "/", "~")):
+        return True
+    has_separator = any(sep and sep in text for sep in ("/", os.sep, os.altsep))
+    return has_separator and not HUB_ID_PATTERN.fullmatch(text)
+
+
+def require_local_or_hub(name: str | os.PathLike, option: str, namespaced: bool = False) -> bool:
+    """Whether ``name`` exists locally; else check that it can be a Hub repo id, before any Hub call.
+
+    Args:
+        name: What the user gave for ``option``.
+        option: The command-line option, for the message (e.g. ``--model``).
+        namespaced: Accept only ``org/name`` Hub ids (adapters and editors, which always have an owner).
+
+    Returns:
+        True for a local path, False for a Hub id to download.
+
+    Raises:
+        ModelNotFoundError: ``name`` does not exist and cannot be a Hub id (a local-looking path, or a bare name
+            where ``namespaced``).
+    """
+    if Path(name).expanduser().exists():
+        return True
+    text = str(name)
+    if looks_like_local_path(text) or not HUB_ID_PATTERN.fullmatch(text) or (namespaced and "/" not in text):
+        kind = "Hub id (org/name)" if namespaced else "Hub model id"
+        raise ModelNotFoundError(f"{option} {text}: no such folder, and not a {kind}")
+    return False
+
+
+def hub_fetch_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions of a failed Hub download: no such repo or file, no network (after retries), offline mode or
+    an id the Hub refuses (``huggingface_hub`` raises ``OSError`` subclasses for most, ``httpx`` errors for some)."""
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+
+    errors: list[type[BaseException]] = [OSError, EntryNotFoundError, HFValidationError]
+    try:
+        import httpx
+
+        errors.append(httpx.HTTPError)
+    except ImportError:  # an older huggingface_hub on requests, whose errors are OSErrors
+        pass
+    return tuple(errors)
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """The folder or Hub id transformers should load for ``name_or_path``.
 
     ``testbed`` maps to the bundled folder, a GGUF alias or ``*.gguf`` path to its converted folder
-    (converting on first use, see :func:`converted_model_dir`); anything else passes through.
+    (converting on first use, see :func:`converted_model_dir`), an existing path to itself (``~`` expanded) and
+    anything else that can be a Hub id passes through.
+
+    Raises:
+        ModelNotFoundError: A path that does not exist and cannot be a Hub id (refused before any Hub call), a
+            missing ``.gguf`` file or an alias whose package is not installed (naming it).
     """
     if name_or_path == TESTBED_NAME:
         if not (TESTBED_PATH / "config.json").is_file():
@@ -109,6 +173,8 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(TESTBED_PATH)
     if is_gguf_request(name_or_path):
         return str(converted_model_dir(name_or_path))
+    if require_local_or_hub(name_or_path, "--model") and str(name_or_path).startswith("~"):
+        return str(Path(name_or_path).expanduser())
     return name_or_path
 
 
@@ -127,7 +193,7 @@ def locate_gguf(name_or_path: str | os.PathLike) -> Path:
         return installed_alias_parts(str(name_or_path))[0]
     path = Path(name_or_path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
+        raise ModelNotFoundError(f"--model {name_or_path}: GGUF file not found: {path}")
     return path.resolve()
 
 
@@ -141,11 +207,11 @@ def installed_alias_parts(name: str) -> list[Path]:
         try:
             distribution = importlib.metadata.distribution(distribution_name)
         except importlib.metadata.PackageNotFoundError:
-            raise FileNotFoundError(f"--model {name} needs the GGUF file from the {distribution_name!r} package, "
+            raise ModelNotFoundError(f"--model {name} needs the GGUF file from the {distribution_name!r} package, "
                                     f"which is not installed, and the gguf reader: {install_hint}.") from None
         path = Path(distribution.locate_file(file_in_distribution))
         if not path.is_file():
-            raise FileNotFoundError(f"{distribution_name} is installed but {file_in_distribution} is missing from "
+            raise ModelNotFoundError(f"{distribution_name} is installed but {file_in_distribution} is missing from "
                                     f"it ({path}). Reinstall it: run `{alias.install} --force-reinstall` and "
                                     f"`{GGUF_EXTRA_INSTALL}`.")
         paths.append(path.resolve())
@@ -383,17 +449,50 @@ def cpu_bf16_is_fast() -> bool:
 
 
 def default_device(requested: str | torch.device | None = None) -> str | torch.device:
-    """``requested``, else ``cuda`` when available, else ``cpu``."""
+    """``requested`` (after :func:`check_device`), else ``cuda`` when available, else ``cpu``.
+
+    Raises:
+        ValueError: A ``requested`` device that is not one or is not available (named as ``--device``).
+    """
     if requested:
+        check_device(requested)
         return requested
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(requested: str | torch.device, option: str = "--device") -> torch.device:
+    """``requested`` as a ``torch.device``, checked to exist in this process.
+
+    Args:
+        requested: E.g. ``cpu``, ``cuda``, ``cuda:1``, ``mps``.
+        option: The command-line option, for the message.
+
+    Raises:
+        ValueError: Not a device name, CUDA with a torch built without it or with too few visible GPUs, or an
+            unavailable MPS; the message starts with ``option requested:``.
+    """
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{option} {requested}: not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise ValueError(f"{option} {requested}: this torch has no CUDA (a CPU-only build); use --device cpu")
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ValueError(f"{option} {requested}: no CUDA device is visible to this process")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{option} {requested}: only {count} CUDA device(s) are visible (0 to {count - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{option} {requested}: MPS is not available in this torch or on this machine")
+    return device
 
 
 def load_tokenizer(name_or_path: str):
     """The tokenizer of a model, with a pad token set (the EOS token where the model has none)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    tokenizer = _from_pretrained(AutoTokenizer, name_or_path, resolve_model_path(name_or_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.bos_token
     return tokenizer
@@ -418,11 +517,30 @@ def load_model(
         kwargs["dtype"] = torch_dtype
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = _from_pretrained(AutoModelForCausalLM, name_or_path, path, **kwargs)
     if device is not None and device_map is None:
         model.to(device)
     model.eval()
     return model
+
+
+def _from_pretrained(auto_class, name_or_path: str, path: str, **kwargs):
+    """``auto_class.from_pretrained(path, **kwargs)``; a Hub id that cannot be fetched (no such repo, no network)
+    becomes a :class:`ModelNotFoundError` naming ``--model name_or_path``.
+
+    Args:
+        auto_class: ``AutoModelForCausalLM`` or ``AutoTokenizer``.
+        name_or_path: What the user gave as ``--model``.
+        path: Its :func:`resolve_model_path`.
+    """
+    try:
+        return auto_class.from_pretrained(path, **kwargs)
+    except OSError as error:  # transformers' "not a local folder and not a valid model identifier", offline, ...
+        if Path(path).exists():
+            raise
+        reason = " ".join(str(error).split())  # one line
+        raise ModelNotFoundError(f"--model {name_or_path}: not a local folder, and not loadable from the Hub: "
+                                 f"{reason}") from error
 
 
 def load_model_and_tokenizer(name_or_path: str, dtype=None, device=None, device_map=None):

@@ -121,11 +121,14 @@ def load_model_from_args(args: argparse.Namespace):
 
     Args:
         args: The parsed arguments: ``--model``, ``--dtype``, ``--device`` and, where the command has them,
-            ``--threads`` and ``--adapter`` (a BiasEdit adapter put on top, in eval mode, after
-            ``sharing.adapter_files.load_biasedit_adapter`` checked it).
+            ``--threads`` and ``--adapter`` (a PEFT adapter put on top, in eval mode, by
+            ``sharing.adapter_files.load_adapter``: a BiasEdit adapter after every check of
+            ``load_biasedit_adapter``, another type by peft's own loader).
 
     Raises:
-        ValueError: An adapter whose file is unreadable, holds non-finite deltas or does not fit the model.
+        ValueError: A ``--device`` that is not one or not available, a ``--model`` or ``--adapter`` that is neither
+            a local path nor a Hub id that could be fetched, an adapter_config.json that is missing or broken, and
+            a BiasEdit adapter whose file is unreadable, holds non-finite deltas or does not fit the model.
     """
     import biasedit_peft  # noqa: F401  (registers BIASEDIT with peft before loading an adapter)
     from biasedit_peft.models import default_device, load_model_and_tokenizer
@@ -135,11 +138,14 @@ def load_model_from_args(args: argparse.Namespace):
 
         torch.set_num_threads(args.threads)
     device = default_device(args.device)
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
-    if getattr(args, "adapter", None):
-        from biasedit_peft.sharing.adapter_files import load_biasedit_adapter
+    adapter = getattr(args, "adapter", None)
+    if adapter:
+        from biasedit_peft.sharing.adapter_files import load_adapter, read_adapter_config
 
-        model = load_biasedit_adapter(model, args.adapter).eval()
+        read_adapter_config(adapter)  # a bad --adapter is refused before the model is loaded
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
+    if adapter:
+        model = load_adapter(model, adapter).eval()
     return model, tokenizer
 
 

@@ -35,7 +35,7 @@ from biasedit_peft.cli._common import (
     recorded_command,
     split_list,
 )
-from biasedit_peft.models import default_device
+from biasedit_peft.models import check_device, default_device
 
 DEFAULT_CALIBRATION = "stereoset:dev"
 """What ``--calibrate-on`` pools when not given: target terms that neither ``train`` nor ``test`` has."""
@@ -137,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--guard-text bounds the calibrated scale; it needs --calibrate-on other than 'none'")
         processes = current_processes()
         device = process_device(default_device(args.device), processes)
-        editor = BiasEditor.from_pretrained(args.editor, device=args.editor_device or device)
+        editor_device = check_device(args.editor_device, "--editor-device") if args.editor_device else device
+        editor = BiasEditor.from_pretrained(args.editor, device=editor_device)
         model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
         targets = list(editor.config.targets)
         peft_model = get_peft_model(model, BiasEditConfig(target_modules=targets, num_edit_layers=len(targets)),

@@ -70,11 +70,27 @@ def _bias_types(text: str | None) -> list[str] | None:
     return types
 
 
+def check_n_resamples(n_resamples: int) -> int:
+    """``--n-resamples``, refused below 0.
+
+    Raises:
+        ValueError: A negative count.
+    """
+    if n_resamples < 0:
+        raise ValueError(f"--n-resamples must be 0 (no confidence intervals) or more, got {n_resamples}")
+    return n_resamples
+
+
 def data_benchmark(data: str | None, benchmarks: tuple[str, ...]) -> tuple[tuple[str, ...], dict]:
     """The benchmarks to run and the ``evaluate_model`` file arguments for ``--data FILE`` (by its suffix).
 
+    Args:
+        data: ``--data``, or None for the bundled benchmarks.
+        benchmarks: Those ``--benchmark`` chose (:data:`BENCHMARK_CHOICES`); the file's kind must be one of them.
+
     Raises:
-        ValueError: A file that does not exist or is neither ``.json`` nor ``.csv``.
+        ValueError: A file that does not exist, is neither ``.json`` nor ``.csv``, or whose kind ``--benchmark``
+            does not include (``--benchmark crows`` with a StereoSet ``.json``, say).
     """
     if data is None:
         return benchmarks, {}
@@ -83,10 +99,17 @@ def data_benchmark(data: str | None, benchmarks: tuple[str, ...]) -> tuple[tuple
     if not Path(data).is_file():
         raise ValueError(f"--data {data}: no such file")
     if data.endswith(".json"):
-        return ("stereoset",), {"stereoset_file": data}
-    if data.endswith(".csv"):
-        return ("crows",), {"crows_file": data}
-    raise ValueError(f"--data {data}: expected a StereoSet .json or a CrowS-Pairs .csv")
+        kind, files = "stereoset", {"stereoset_file": data}
+    elif data.endswith(".csv"):
+        kind, files = "crows", {"crows_file": data}
+    else:
+        raise ValueError(f"--data {data}: expected a StereoSet .json or a CrowS-Pairs .csv")
+    if kind not in benchmarks:
+        chosen = next((name for name, value in BENCHMARK_CHOICES.items() if value == benchmarks), ",".join(benchmarks))
+        title = {"stereoset": "StereoSet", "crows": "CrowS-Pairs"}[kind]
+        raise ValueError(f"--data {data} is a {title} file, but --benchmark {chosen} does not score {title}; pass "
+                         f"--benchmark {kind} (or leave --benchmark out)")
+    return (kind,), files
 
 
 def open_store(json_path: str | None, resume: bool, overwrite: bool):
@@ -120,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         bias_types = _bias_types(args.bias_types)
+        check_n_resamples(args.n_resamples)
         store = open_store(args.json_path, args.resume, args.overwrite)
         benchmarks, files = data_benchmark(args.data, BENCHMARK_CHOICES[args.benchmark])
         model, tokenizer = load_model_from_args(args)

@@ -75,17 +75,15 @@ def load_editor(path_or_repo_id: str | os.PathLike, device: str | torch.device |
         hub_kwargs: Passed to ``snapshot_download`` (``revision``, ``token``, ...).
 
     Raises:
-        FileNotFoundError: The folder lacks ``config.json`` or ``editor.safetensors``.
+        FileNotFoundError: The folder lacks ``config.json`` or ``editor.safetensors``; ``path_or_repo_id`` is
+            neither an existing path nor an ``org/name`` Hub id (refused before any Hub call), or the Hub download
+            failed (``models.ModelNotFoundError``, also a ``ValueError``).
         ValueError: The folder's format is not this package's, or its weights do not match its config.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    directory = Path(path_or_repo_id)
-    if not directory.is_dir():
-        from huggingface_hub import snapshot_download
-
-        directory = Path(snapshot_download(str(path_or_repo_id), **hub_kwargs))
+    directory = _editor_folder(path_or_repo_id, **hub_kwargs)
     config_path = directory / CONFIG_NAME
     if not config_path.is_file() or not (directory / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"{directory} is not an editor folder (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
@@ -104,6 +102,26 @@ def load_editor(path_or_repo_id: str | os.PathLike, device: str | torch.device |
         raise ValueError(f"{directory / WEIGHTS_NAME} does not match {CONFIG_NAME}: "
                          f"missing {missing}, unexpected {unexpected}")
     return editor.to(device) if device is not None else editor
+
+
+def _editor_folder(path_or_repo_id: str | os.PathLike, **hub_kwargs: Any) -> Path:
+    """The local folder of an editor: ``path_or_repo_id`` itself, or its Hub snapshot (downloaded).
+
+    Raises:
+        ModelNotFoundError: Neither an existing path nor an ``org/name`` Hub id, or a Hub id whose download
+            failed (no such repo, no network), naming it as ``--editor``.
+    """
+    from ..models import ModelNotFoundError, hub_fetch_errors, require_local_or_hub
+
+    if require_local_or_hub(path_or_repo_id, "--editor", namespaced=True):
+        return Path(path_or_repo_id).expanduser()
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(path_or_repo_id), **hub_kwargs))
+    except hub_fetch_errors() as error:
+        raise ModelNotFoundError(f"--editor {path_or_repo_id}: not a local folder, and not downloadable from the "
+                                 f"Hub: {error}") from None
 
 
 def read_editor_config(path: Path) -> BiasEditorConfig:

@@ -6,24 +6,119 @@ loads NaN or Inf deltas as they are; the evaluation then prints zeros and the me
 command loads adapters through :func:`load_biasedit_adapter`, which first reads the weights file itself
 (:func:`read_adapter_weights`: readable safetensors, every tensor finite, each error naming the file and the
 tensor), then loads it with peft, then checks that the tensors the model received are exactly the file's
-(:func:`check_loaded_keys`).
+(:func:`check_loaded_keys`). Adapters of other PEFT types (a LoRA from ``biasedit export-lora``, say) are loaded by
+:func:`load_adapter` with peft's own loader. Every adapter's ``adapter_config.json`` is read and checked first
+(:func:`read_adapter_config`), and a local path that does not exist is refused before any Hub call.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import torch
 
 from .._io import MANIFEST_NAME, verify_manifest
+from ..models import hub_fetch_errors, require_local_or_hub
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
+BIASEDIT_PEFT_TYPE = "BIASEDIT"
 
 
 class AdapterFileError(ValueError):
     """An adapter folder that must not be used (names the file, and the tensor or key)."""
+
+
+def adapter_source(adapter: str | os.PathLike) -> str:
+    """What peft should load for ``adapter``: a local folder (``~`` expanded) or a Hub id (``org/name``).
+
+    Raises:
+        ModelNotFoundError: Neither an existing path nor an ``org/name`` Hub id (nothing is fetched).
+    """
+    if require_local_or_hub(adapter, "--adapter", namespaced=True):
+        return str(Path(adapter).expanduser())
+    return str(adapter)
+
+
+def adapter_config_file(adapter: str | os.PathLike, **hub_kwargs) -> Path:
+    """The ``adapter_config.json`` of a local adapter folder, or of a Hub repo (downloaded to the cache).
+
+    Raises:
+        AdapterFileError: A local folder (or file) without it, or a Hub id whose file could not be fetched.
+        ModelNotFoundError: ``adapter`` is neither an existing path nor an ``org/name`` Hub id.
+    """
+    source = adapter_source(adapter)
+    if Path(source).exists():
+        path = Path(source) / CONFIG_NAME
+        if not path.is_file():
+            raise AdapterFileError(f"{adapter} has no {CONFIG_NAME}: not a PEFT adapter folder")
+        return path
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(source, CONFIG_NAME, **hub_kwargs))
+    except hub_fetch_errors() as error:
+        raise AdapterFileError(f"--adapter {adapter}: not a local folder, and its {CONFIG_NAME} could not be "
+                               f"fetched from the Hub: {error}") from None
+
+
+def known_peft_types() -> list[str]:
+    """The ``peft_type`` values this peft (with BIASEDIT registered) can load."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    import biasedit_peft  # noqa: F401 - registers BIASEDIT with peft
+
+    return sorted(str(getattr(name, "value", name)) for name in PEFT_TYPE_TO_CONFIG_MAPPING)
+
+
+def read_adapter_config(adapter: str | os.PathLike, **hub_kwargs) -> dict:
+    """The ``adapter_config.json`` of adapter folder (or Hub id) ``adapter``, checked before peft reads it.
+
+    Returns:
+        The JSON object; its ``peft_type`` is one peft knows.
+
+    Raises:
+        AdapterFileError: Naming the file: missing, not UTF-8 JSON, not an object, no ``peft_type`` or one that
+            peft does not know.
+        ModelNotFoundError: ``adapter`` is neither an existing path nor an ``org/name`` Hub id.
+    """
+    path = adapter_config_file(adapter, **hub_kwargs)
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise AdapterFileError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as error:
+        raise AdapterFileError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(document, dict):
+        raise AdapterFileError(f"{path}: expected a JSON object, got {type(document).__name__}")
+    if "peft_type" not in document:
+        raise AdapterFileError(f"{path} has no 'peft_type' (e.g. \"BIASEDIT\" or \"LORA\"): not a PEFT adapter "
+                               "config")
+    known = known_peft_types()
+    if document["peft_type"] not in known:
+        examples = ", ".join(name for name in (BIASEDIT_PEFT_TYPE, "LORA", "IA3") if name in known)
+        raise AdapterFileError(f"{path}: unknown peft_type {document['peft_type']!r}; this peft knows {len(known)} "
+                               f"types, e.g. {examples}")
+    return document
+
+
+def load_adapter_config(adapter: str | os.PathLike, **hub_kwargs):
+    """The ``PeftConfig`` of adapter folder (or Hub id) ``adapter``, after :func:`read_adapter_config`.
+
+    Raises:
+        AdapterFileError: As :func:`read_adapter_config`, or fields that the peft_type's config class refuses.
+        ModelNotFoundError: As :func:`read_adapter_config`.
+    """
+    from peft import PeftConfig
+
+    read_adapter_config(adapter, **hub_kwargs)
+    try:
+        return PeftConfig.from_pretrained(adapter_source(adapter), **hub_kwargs)
+    except (TypeError, ValueError, KeyError) as error:
+        raise AdapterFileError(f"{adapter}/{CONFIG_NAME}: not a valid config of its peft_type: {error}") from None
 
 
 def adapter_weights_file(adapter: str | os.PathLike, **hub_kwargs) -> Path:
@@ -104,25 +199,53 @@ def check_loaded_keys(peft_model, adapter_name: str, file_keys: set[str], path: 
 
 
 def load_biasedit_adapter(model, adapter: str | os.PathLike, adapter_name: str = "default", **hub_kwargs):
-    """Load adapter folder (or Hub id) ``adapter`` onto ``model`` (a plain model or a ``PeftModel`` that gets
-    another adapter) after :func:`read_adapter_weights`, then :func:`check_loaded_keys`.
+    """Load BiasEdit adapter folder (or Hub id) ``adapter`` onto ``model`` (a plain model or a ``PeftModel`` that
+    gets another adapter) after :func:`read_adapter_config` and :func:`read_adapter_weights`, then
+    :func:`check_loaded_keys`.
 
     Returns:
         The ``PeftModel``.
 
     Raises:
-        AdapterFileError: As above.
+        AdapterFileError: As above, or an adapter whose peft_type is not BIASEDIT (see :func:`load_adapter`).
+        ModelNotFoundError: ``adapter`` is neither an existing path nor an ``org/name`` Hub id.
     """
+    peft_type = read_adapter_config(adapter, **hub_kwargs)["peft_type"]
+    if peft_type != BIASEDIT_PEFT_TYPE:
+        raise AdapterFileError(f"{adapter} is a {peft_type} adapter, not a BiasEdit adapter (peft_type "
+                               f"{BIASEDIT_PEFT_TYPE})")
+    path = adapter_weights_file(adapter_source(adapter), **hub_kwargs)
+    file_keys = set(read_adapter_weights(path))
+    peft_model = _peft_load(model, adapter, adapter_name)
+    check_loaded_keys(peft_model, adapter_name, file_keys, path)
+    return peft_model
+
+
+def load_adapter(model, adapter: str | os.PathLike, adapter_name: str = "default", **hub_kwargs):
+    """Load a PEFT adapter folder (or Hub id) of any type onto ``model``: a BiasEdit adapter with every check of
+    :func:`load_biasedit_adapter`, another type (LoRA, ...) with peft's own loader, after
+    :func:`read_adapter_config` checked its config.
+
+    Returns:
+        The ``PeftModel``.
+
+    Raises:
+        AdapterFileError: As :func:`read_adapter_config`, and for BiasEdit adapters :func:`load_biasedit_adapter`.
+        ModelNotFoundError: ``adapter`` is neither an existing path nor an ``org/name`` Hub id.
+    """
+    if read_adapter_config(adapter, **hub_kwargs)["peft_type"] == BIASEDIT_PEFT_TYPE:
+        return load_biasedit_adapter(model, adapter, adapter_name, **hub_kwargs)
+    return _peft_load(model, adapter, adapter_name)
+
+
+def _peft_load(model, adapter: str | os.PathLike, adapter_name: str):
+    """``adapter`` loaded by peft onto ``model``: a new ``PeftModel``, or one more adapter of a ``PeftModel``."""
     from peft import PeftModel
 
     import biasedit_peft  # noqa: F401 - registers BIASEDIT with peft
 
-    path = adapter_weights_file(adapter, **hub_kwargs)
-    file_keys = set(read_adapter_weights(path))
+    source = adapter_source(adapter)
     if isinstance(model, PeftModel):
-        model.load_adapter(str(adapter), adapter_name=adapter_name)
-        peft_model = model
-    else:
-        peft_model = PeftModel.from_pretrained(model, str(adapter), adapter_name=adapter_name)
-    check_loaded_keys(peft_model, adapter_name, file_keys, path)
-    return peft_model
+        model.load_adapter(source, adapter_name=adapter_name)
+        return model
+    return PeftModel.from_pretrained(model, source, adapter_name=adapter_name)

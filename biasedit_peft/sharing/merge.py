@@ -86,21 +86,21 @@ def load_adapters(model: torch.nn.Module, adapters: Sequence[str | Path]):
     Raises:
         ValueError: Naming the adapter, when it is not a BiasEdit adapter, was made for another model class, or
             its deltas do not fit the base model's modules (missing modules or wrong shapes); naming the file
-            and tensor when its weights are unreadable or non-finite (``adapter_files.AdapterFileError``).
+            and tensor when its weights are unreadable or non-finite, and the file when its adapter_config.json is
+            missing or broken (``adapter_files.AdapterFileError``); naming the path when it is neither a folder
+            nor an ``org/name`` Hub id (``models.ModelNotFoundError``).
     """
-    from peft import PeftConfig
-
     import biasedit_peft  # noqa: F401 - registers BIASEDIT with peft
 
     from ..tuner import edit_targets
-    from .adapter_files import AdapterFileError, load_biasedit_adapter
+    from .adapter_files import AdapterFileError, load_adapter_config, load_biasedit_adapter
 
     if not adapters:
         raise ValueError("Give at least one adapter to load.")
     peft_model = None
     for index, adapter in enumerate(adapters):
         name = f"adapter_{index}"
-        config = PeftConfig.from_pretrained(str(adapter))
+        config = load_adapter_config(adapter)  # the local folder and its adapter_config.json first, named
         _check_adapter_config(config, model, adapter)
         try:
             peft_model = load_biasedit_adapter(model if peft_model is None else peft_model, adapter, name)
@@ -199,6 +199,10 @@ def merge_adapters_with_report(
         dtype: The merged model's dtype; None keeps the base model's.
         safe_merge: See :func:`merge_deltas_into`.
     """
+    from .adapter_files import read_adapter_config
+
+    for adapter in adapter_paths:  # a bad adapter folder is refused before the model is loaded
+        read_adapter_config(adapter)
     model = load_model(base_model) if isinstance(base_model, str) else base_model
     peft_model = load_adapters(model, adapter_paths)
     names = [f"adapter_{i}" for i in range(len(adapter_paths))]

@@ -1,0 +1,231 @@
+"""Bad command-line input gets one clean ``error:`` line naming the path, option or file (exit 2), and LoRA adapters
+load in ``biasedit evaluate --adapter``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+import biasedit_peft
+from biasedit_peft import BiasEditConfig, set_deltas
+from biasedit_peft.cli import main
+from biasedit_peft.evaluation import evaluate_perplexity
+from biasedit_peft.models import load_model, load_model_and_tokenizer, looks_like_local_path
+
+from factories import random_low_rank
+
+FAST = ["--limit", "2", "--n-resamples", "0", "--quiet"]
+TEXT = ["The doctor read the chart before lunch.", "A small boat crossed the lake at dawn."]
+
+
+def error_lines(err: str) -> list[str]:
+    """The ``error:`` lines a command printed to stderr."""
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def refused(argv: list[str], capsys) -> str:
+    """Run ``biasedit ARGV``, check it exits 2 with exactly one ``error:`` line, and return that line."""
+    code = main(argv)
+    lines = error_lines(capsys.readouterr().err)
+    assert code == 2 and len(lines) == 1, (code, lines)
+    return lines[0]
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """Fail the test if anything downloads from the Hub."""
+    import huggingface_hub
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError(f"Hub download attempted: {args}")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", forbidden)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", forbidden)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "neutral.txt"
+    path.write_text("\n\n".join(TEXT) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def biasedit_adapter(tmp_path_factory) -> Path:
+    """A BiasEdit adapter on the testbed model whose rank-3 deltas move its scores."""
+    peft_model = get_peft_model(load_model("testbed"), BiasEditConfig(num_edit_layers=2))
+    generator = torch.Generator().manual_seed(3)
+    set_deltas(peft_model, {name: torch.matmul(*random_low_rank(layer.weight_shape, 3, 0.3, generator))
+                            for name, layer in biasedit_peft.edit_targets(peft_model).items()})
+    folder = tmp_path_factory.mktemp("biasedit") / "adapter"
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+def evaluate_json(tmp_path: Path, name: str, text_file: Path, *extra: str) -> dict:
+    """``biasedit evaluate --model testbed`` on StereoSet gender (2 items) and ``text_file``: its JSON result."""
+    out = tmp_path / f"{name}.json"
+    assert main(["evaluate", "--model", "testbed", "--benchmark", "stereoset", "--bias-types", "gender",
+                 "--perplexity-text", str(text_file), "--json", str(out), *FAST, *extra]) == 0
+    return json.loads(out.read_text())
+
+
+# ----- 1. LoRA adapters in evaluate --adapter ---------------------------------------------------------------
+def test_evaluate_scores_an_exported_lora_like_its_biasedit_adapter(biasedit_adapter, text_file, tmp_path):
+    lora = tmp_path / "lora"
+    assert main(["export-lora", "--model", "testbed", "--adapter", str(biasedit_adapter), "--out", str(lora),
+                 "--quiet"]) == 0
+    assert json.loads((lora / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    base = evaluate_json(tmp_path, "base", text_file)
+    edited = evaluate_json(tmp_path, "biasedit", text_file, "--adapter", str(biasedit_adapter))
+    exported = evaluate_json(tmp_path, "lora", text_file, "--adapter", str(lora))
+    assert exported["adapter"] == str(lora)
+    assert abs(edited["perplexity"] / base["perplexity"] - 1) > 1e-3  # the adapter changes the model
+    assert exported["perplexity"] == pytest.approx(edited["perplexity"], rel=1e-4)  # the export is exact
+    assert exported["stereoset"]["gender"]["ss"] == edited["stereoset"]["gender"]["ss"]
+
+
+def test_evaluate_scores_a_plain_peft_lora_like_the_merged_model(text_file, tmp_path):
+    torch.manual_seed(0)
+    lora_model = get_peft_model(load_model("testbed"), LoraConfig(r=2, target_modules=["c_fc"], fan_in_fan_out=True,
+                                                                   init_lora_weights=False))
+    lora_model.save_pretrained(tmp_path / "lora")
+    _, tokenizer = load_model_and_tokenizer("testbed")
+    merged = evaluate_perplexity(lora_model.merge_and_unload().eval(), tokenizer, text_file)
+    base = evaluate_json(tmp_path, "base", text_file)["perplexity"]
+    scored = evaluate_json(tmp_path, "lora", text_file, "--adapter", str(tmp_path / "lora"))["perplexity"]
+    assert abs(merged / base - 1) > 1e-3
+    assert scored == pytest.approx(merged, rel=1e-4)
+
+
+# ----- 2. paths that are neither local nor Hub ids ----------------------------------------------------------
+@pytest.mark.parametrize(("text", "local"), [("./no/such/folder", True), ("/abs/x", True), ("~/x", True),
+                                             ("a/b/c", True), ("org/name", False), ("gpt2", False)])
+def test_local_looking_paths(text, local):
+    assert looks_like_local_path(text) is local
+
+
+def test_a_missing_model_folder_is_refused_before_the_hub(capsys):
+    line = refused(["evaluate", "--model", "./no/such/folder", *FAST], capsys)
+    assert line == "error: --model ./no/such/folder: no such folder, and not a Hub model id"
+
+
+def test_a_missing_gguf_file_is_refused_naming_it(tmp_path, capsys):
+    missing = tmp_path / "nope.gguf"
+    line = refused(["evaluate", "--model", str(missing), *FAST], capsys)
+    assert line == f"error: --model {missing}: GGUF file not found: {missing}"
+
+
+def test_a_missing_adapter_folder_is_refused_before_the_hub(no_hub, capsys):
+    line = refused(["evaluate", "--model", "testbed", "--adapter", "no_such_dir", *FAST], capsys)
+    assert line == "error: --adapter no_such_dir: no such folder, and not a Hub id (org/name)"
+
+
+def test_a_missing_editor_folder_is_refused_before_the_hub(no_hub, tmp_path, capsys):
+    line = refused(["debias", "--model", "testbed", "--editor", "no_such_dir", "--out", str(tmp_path / "out"),
+                    "--calibrate-on", "none", "--limit", "2", "--quiet"], capsys)
+    assert line == "error: --editor no_such_dir: no such folder, and not a Hub id (org/name)"
+
+
+# ----- 3. --device ------------------------------------------------------------------------------------------
+def test_a_device_that_is_not_one_is_refused(capsys):
+    line = refused(["evaluate", "--model", "testbed", "--device", "gpu0", *FAST], capsys)
+    assert line == "error: --device gpu0: not a torch device (e.g. cpu, cuda, cuda:1, mps)"
+
+
+def test_cuda_on_a_cpu_only_torch_is_refused(monkeypatch, capsys):
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: False)
+    line = refused(["evaluate", "--model", "testbed", "--device", "cuda", *FAST], capsys)
+    assert line == "error: --device cuda: this torch has no CUDA (a CPU-only build); use --device cpu"
+
+
+# ----- 4. --n-resamples -------------------------------------------------------------------------------------
+def test_negative_resamples_are_refused(capsys):
+    line = refused(["evaluate", "--model", "testbed", "--limit", "2", "--quiet", "--n-resamples", "-5"], capsys)
+    assert line == "error: --n-resamples must be 0 (no confidence intervals) or more, got -5"
+
+
+# ----- 5. broken adapter folders ----------------------------------------------------------------------------
+def broken_adapter(source: Path, folder: Path, case: str) -> Path:
+    """A copy of adapter ``source`` at ``folder`` whose adapter_config.json is broken as ``case`` says."""
+    shutil.copytree(source, folder)
+    config_path = folder / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    if case == "not json":
+        config_path.write_text('{"peft_type": ')
+    elif case == "no peft_type":
+        del config["peft_type"]
+        config_path.write_text(json.dumps(config))
+    elif case == "FOO":
+        config_path.write_text(json.dumps(config | {"peft_type": "FOO"}))
+    else:
+        config_path.unlink()
+    return folder
+
+
+EXPECTED = {
+    "not json": "error: {config}: not valid JSON (Expecting value: line 1 column 15 (char 14))",
+    "no peft_type": "error: {config} has no 'peft_type' (e.g. \"BIASEDIT\" or \"LORA\"): not a PEFT adapter config",
+    "FOO": "error: {config}: unknown peft_type 'FOO'; this peft knows {known} types, e.g. BIASEDIT, LORA, IA3",
+    "no config": "error: {folder} has no adapter_config.json: not a PEFT adapter folder",
+}
+
+
+@pytest.mark.parametrize("command", ["merge", "export-lora", "evaluate"])
+@pytest.mark.parametrize("case", list(EXPECTED))
+def test_broken_adapter_configs_are_refused_naming_the_file(biasedit_adapter, tmp_path, no_hub, capsys, command,
+                                                           case):
+    from biasedit_peft.sharing.adapter_files import known_peft_types
+
+    folder = broken_adapter(biasedit_adapter, tmp_path / "broken", case)
+    extra = {"merge": ["--out", str(tmp_path / "out")], "export-lora": ["--out", str(tmp_path / "out"), "--quiet"],
+             "evaluate": FAST}[command]
+    line = refused([command, "--model", "testbed", "--adapter", str(folder), *extra], capsys)
+    assert line == EXPECTED[case].format(config=folder / "adapter_config.json", folder=folder,
+                                         known=len(known_peft_types()))
+    assert not (tmp_path / "out").exists()
+
+
+# ----- 6. CrowS-Pairs bias types ----------------------------------------------------------------------------
+def test_an_unknown_crows_bias_type_is_refused_naming_the_available_ones(capsys):
+    line = refused(["evaluate", "--model", "testbed", "--benchmark", "crows", "--bias-types", "gendr", *FAST],
+                   capsys)
+    assert line.startswith("error: --bias-types: unknown bias type(s) ['gendr']; CrowS-Pairs has race-color, gender, ")
+    assert "(StereoSet's race is its race-color)" in line
+
+
+def test_profession_alone_is_refused_for_crows(capsys):
+    line = refused(["evaluate", "--model", "testbed", "--benchmark", "crows", "--bias-types", "profession", *FAST],
+                   capsys)
+    assert line.startswith("error: --bias-types profession: CrowS-Pairs has none of them (it has no profession)")
+
+
+def test_crows_keeps_the_race_mapping_and_skips_profession_beside_stereoset(text_file, tmp_path):
+    out = tmp_path / "crows.json"
+    assert main(["evaluate", "--model", "testbed", "--benchmark", "crows", "--bias-types", "race",
+                 "--perplexity-text", str(text_file), "--json", str(out), *FAST]) == 0
+    assert list(json.loads(out.read_text())["crows"]) == ["race-color", "overall"]
+    both = evaluate_json(tmp_path, "all", text_file)  # StereoSet alone, for comparison below
+    out = tmp_path / "profession.json"
+    assert main(["evaluate", "--model", "testbed", "--bias-types", "profession", "--perplexity-text", str(text_file),
+                 "--json", str(out), *FAST]) == 0
+    result = json.loads(out.read_text())
+    assert result["crows"] == {} and list(result["stereoset"]) == ["profession", "overall"]
+    assert result["perplexity"] == both["perplexity"]
+
+
+# ----- 7. --benchmark against the --data file's kind --------------------------------------------------------
+@pytest.mark.parametrize(("chosen", "suffix", "kind"), [("crows", ".json", "StereoSet"),
+                                                        ("gender-swapped", ".json", "StereoSet"),
+                                                        ("stereoset", ".csv", "CrowS-Pairs")])
+def test_a_benchmark_that_does_not_match_the_data_file_is_refused(tmp_path, capsys, chosen, suffix, kind):
+    data = tmp_path / f"mine{suffix}"
+    data.write_text("{}" if suffix == ".json" else "sent_more,sent_less,stereo_antistereo,bias_type\n")
+    line = refused(["evaluate", "--model", "testbed", "--benchmark", chosen, "--data", str(data), *FAST], capsys)
+    assert line == (f"error: --data {data} is a {kind} file, but --benchmark {chosen} does not score {kind}; "
+                    f"pass --benchmark {'stereoset' if suffix == '.json' else 'crows'} (or leave --benchmark out)")
