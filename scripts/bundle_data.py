@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         write_gzip(RESOURCES / name, payload)
 
     test_rows = compact["test"]["data"]["intrasentence"]
-    items = [parse_item(row, f"stereoset test row {index}") for index, row in enumerate(test_rows)]
+    items = [parse_item(row, f"stereoset test row {index}") for index, row in enumerate(test_rows, 1)]
     split_ids = split_train_dev(items)
     splits = {"source": "StereoSet test (intrasentence)", "seed": SPLIT_SEED, "ratio": list(SPLIT_RATIO),
               "grouped_by": "target", "stratified_by": "bias_type", **split_ids}

@@ -372,8 +372,8 @@ def base_weights_digest(peft_model: nn.Module) -> str | None:
     """``"sha256 HEX16"`` of the model's base parameters (names, dtypes, shapes, bytes), the adapters' own
     parameters left out and the names stripped of what wrapping adds (``base_model.model.``, ``.base_layer``,
     DDP's ``module.``, ``torch.compile``'s ``_orig_mod.``): the weights a run edits, whatever name or path loaded
-    them. None where a parameter is not in memory (``meta``: offloaded by accelerate). About 0.2 s for
-    SmolLM2-135M in bf16 on a CPU core."""
+    them. None where a parameter is not in memory (``meta``: offloaded by accelerate). Computed once per run (a
+    fraction of a second for SmolLM2-135M on a CPU core)."""
     from ..progress_store import tensors_digest
     from ..tuner.model import BiasEditModel
 
