@@ -33,7 +33,7 @@ import torch
 from . import metrics
 from .data import STEREOSET_BIAS_TYPES, gender_swapped, load_crows, load_neutral_text, load_stereoset
 from .data.crows import CROWS_BIAS_TYPES, CrowsPair, crows_bias_type
-from .data.splits import take_per_type  # noqa: F401 - re-exported: evaluation.take_per_type
+from .data.splits import check_limit, take_per_type  # noqa: F401 - re-exported: evaluation.take_per_type
 from .data.stereoset import StereoSetItem, load_stereoset_file
 from .progress_store import ScoreStore, sentences_digest, tensors_digest
 from .scoring import (
@@ -215,6 +215,15 @@ def evaluate_crows(
     return result
 
 
+def perplexity_paragraphs(text: str | Path | Sequence[str] | None = None) -> list[str]:
+    """The paragraphs perplexity is measured on: the bundled neutral text (None), a text file's, or ``text``'s.
+
+    Raises:
+        ValueError: A file that is missing, a folder or not UTF-8 (``_io.InputFileError``, naming it).
+    """
+    return load_neutral_text(text) if text is None or isinstance(text, (str, Path)) else list(text)
+
+
 def evaluate_perplexity(model, tokenizer, text: str | Path | Sequence[str] | None = None,
                         batch_size: int = 32, progress: bool = False, store: ScoreStore | None = None,
                         piece_size: int | None = None) -> float:
@@ -222,7 +231,7 @@ def evaluate_perplexity(model, tokenizer, text: str | Path | Sequence[str] | Non
 
     ``store``: score piece by piece through it (section ``perplexity``, :func:`score_in_pieces`).
     """
-    paragraphs = load_neutral_text(text) if text is None or isinstance(text, (str, Path)) else list(text)
+    paragraphs = perplexity_paragraphs(text)
     scored = score_in_pieces(model, tokenizer, paragraphs, "perplexity", store, batch_size, progress, piece_size)
     return metrics.perplexity(scored.sum, scored.n_tokens)
 
@@ -281,9 +290,11 @@ def evaluate_model(
         raise ValueError(f"Unknown benchmark(s) {unknown}; choose from {BENCHMARKS}")
     if mode not in metrics.MODES:
         raise ValueError(f"Unknown mode {mode!r}; choose one of {metrics.MODES}")
-    crows_types = None  # checked before anything is scored
+    check_limit(limit)  # bad input is refused before anything is scored: the limit, CrowS types, the text
+    crows_types = None
     if "crows" in benchmarks and bias_types is not None:
         crows_types = crows_types_of(bias_types, crows_only="stereoset" not in benchmarks)
+    paragraphs = perplexity_paragraphs(perplexity_text)
     model_name = model_name or model_name_of(model)
     if store is not None and not isinstance(store, ScoreStore):
         store = ScoreStore(store)
@@ -306,7 +317,7 @@ def evaluate_model(
             result["crows"] = evaluate_crows(model, tokenizer, pairs, **common)
         else:
             result["crows"] = {}
-    result["perplexity"] = evaluate_perplexity(model, tokenizer, perplexity_text, batch_size=batch_size, **pieces)
+    result["perplexity"] = evaluate_perplexity(model, tokenizer, paragraphs, batch_size=batch_size, **pieces)
     result.update(model=model_name, adapter=adapter, mode=mode, split=split)
     if stereoset_file or crows_file:
         result["data"] = str(stereoset_file or crows_file)

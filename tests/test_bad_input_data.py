@@ -105,11 +105,23 @@ def test_read_utf8_names_a_missing_path_or_a_folder(tmp_path):
         load_neutral_text(tmp_path)
 
 
-def test_perplexity_text_missing_or_a_folder_is_a_one_line_error(tmp_path, capsys):
-    for given, why in ((tmp_path / "nowhere.txt", "no such file"), (tmp_path, "is a folder, not a file")):
-        code = main(["evaluate", "--model", "testbed", "--benchmark", "stereoset", "--limit", "1", "--quiet",
-                     "--n-resamples", "0", "--perplexity-text", str(given)])
-        assert (code, capsys.readouterr().err) == (2, f"error: {given}: {why}\n")
+@pytest.mark.parametrize("option, value", [("--perplexity-text", "nowhere.txt"), ("--perplexity-text", "."),
+                                           ("--limit", "0")])
+def test_a_bad_perplexity_text_or_limit_is_a_one_line_error_before_anything_is_scored(tmp_path, capsys, monkeypatch,
+                                                                                       option, value):
+    import biasedit_peft.evaluation as evaluation
+
+    def scored(*args, **kwargs):
+        raise AssertionError("scored before the bad input was refused")
+
+    monkeypatch.setattr(evaluation, "score_sentences", scored)
+    given = tmp_path / value if option == "--perplexity-text" else value
+    why = {"nowhere.txt": f"{given}: no such file", ".": f"{given}: is a folder, not a file",
+           "0": "--limit must be at least 1, got 0"}[value]
+    args = {"--limit": "1", option: str(given)}
+    code = main(["evaluate", "--model", "testbed", "--benchmark", "stereoset", "--quiet", "--n-resamples", "0",
+                 *[part for pair in args.items() for part in pair]])
+    assert (code, capsys.readouterr().err.splitlines()[-1]) == (2, f"error: {why}")
 
 
 # ----- 4. CrowS rows: unknown bias type, shifted columns ----------------------------------------------------

@@ -69,6 +69,12 @@ def split_calibration(train: Sequence[StereoSetItem]) -> dict[str, list[str]]:
     return {"train-fit": split["train"], "train-calib": split["dev"]}
 
 
+def check_limit(limit: int | None) -> None:
+    """Raise ``ValueError`` for a ``limit`` below 1 (it would keep nothing; ``--limit`` in every command)."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {limit}")
+
+
 def take_per_type(items: list, limit: int | None, key: str = "bias_type") -> list:
     """The first ``limit`` items of each ``key`` group (all of them when ``limit`` is None), in order.
 
@@ -77,8 +83,7 @@ def take_per_type(items: list, limit: int | None, key: str = "bias_type") -> lis
     """
     if limit is None:
         return list(items)
-    if limit < 1:
-        raise ValueError(f"--limit must be at least 1, got {limit}")
+    check_limit(limit)
     seen: dict[str, int] = {}
     kept = []
     for item in items:
