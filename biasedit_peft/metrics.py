@@ -29,6 +29,17 @@ N_RESAMPLES = 1000
 CI_LEVEL = 0.95
 
 
+def check_n_resamples(n_resamples: int) -> int:
+    """``n_resamples`` (bootstrap resamples for the confidence intervals), refused below 0.
+
+    Raises:
+        ValueError: A negative count, named as ``--n-resamples``.
+    """
+    if n_resamples < 0:
+        raise ValueError(f"--n-resamples must be 0 (no confidence intervals) or more, got {n_resamples}")
+    return n_resamples
+
+
 def icat(lms: Tensor | float, ss: Tensor | float) -> Tensor | float:
     """``LMS * min(SS, 100 - SS) / 50`` (ideal 100 at LMS 100, SS 50), elementwise."""
     if isinstance(ss, Tensor):

@@ -145,9 +145,21 @@ def test_cuda_on_a_cpu_only_torch_is_refused(monkeypatch, capsys):
 
 
 # ----- 4. --n-resamples -------------------------------------------------------------------------------------
-def test_negative_resamples_are_refused(capsys):
-    line = refused(["evaluate", "--model", "testbed", "--limit", "2", "--quiet", "--n-resamples", "-5"], capsys)
+@pytest.mark.parametrize("command", ["evaluate", "demo"])
+def test_negative_resamples_or_a_limit_below_1_are_refused_at_once(capsys, tmp_path, monkeypatch, command):
+    import biasedit_peft.models as models
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(models, "load_model_and_tokenizer", loaded)
+    out = ["--out", str(tmp_path / "d")] if command == "demo" else []
+    line = refused([command, "--model", "testbed", "--limit", "2", "--quiet", "--n-resamples", "-5", *out], capsys)
     assert line == "error: --n-resamples must be 0 (no confidence intervals) or more, got -5"
+    if command == "demo":
+        line = refused([command, "--limit", "0", "--quiet", *out], capsys)
+        assert line == "error: --limit must be at least 1, got 0"
+        assert not (tmp_path / "d").exists()
 
 
 # ----- 5. broken adapter folders ----------------------------------------------------------------------------

@@ -70,17 +70,6 @@ def _bias_types(text: str | None) -> list[str] | None:
     return types
 
 
-def check_n_resamples(n_resamples: int) -> int:
-    """``--n-resamples``, refused below 0.
-
-    Raises:
-        ValueError: A negative count.
-    """
-    if n_resamples < 0:
-        raise ValueError(f"--n-resamples must be 0 (no confidence intervals) or more, got {n_resamples}")
-    return n_resamples
-
-
 def data_benchmark(data: str | None, benchmarks: tuple[str, ...]) -> tuple[tuple[str, ...], dict]:
     """The benchmarks to run and the ``evaluate_model`` file arguments for ``--data FILE`` (by its suffix).
 
@@ -139,6 +128,7 @@ def open_store(json_path: str | None, resume: bool, overwrite: bool):
 def run(args: argparse.Namespace) -> int:
     from biasedit_peft._io import write_json
     from biasedit_peft.evaluation import evaluate_model, format_table
+    from biasedit_peft.metrics import check_n_resamples
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -126,7 +126,12 @@ class DemoConfig(PresetOverrides):
     command: str | None = None
 
     def __post_init__(self):
+        from ..data.splits import check_limit
+        from ..metrics import check_n_resamples
+
         training_splits(self.calibrate_on)  # an unknown recipe fails here, not after the first stage
+        check_limit(self.limit)
+        check_n_resamples(self.n_resamples)
         if self.dtype is None:
             self.dtype = default_demo_dtype(self.model, default_device(self.device))
 
