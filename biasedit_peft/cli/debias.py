@@ -76,7 +76,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--bias-types", default=None,
                         help="comma-separated; default: gender,race,religion of a bundled split, else the types the "
                         "file has")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N samples of each bias type")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="use only the first N samples of each bias type of --data (--calibrate-on's pairs are "
+                             "all used: the scale is chosen on them)")
     parser.add_argument("--batch-size", type=int, default=16, help="sentence pairs per LM forward pass")
     parser.add_argument("--adapter-name", default="default")
     add_runtime_arguments(parser)
