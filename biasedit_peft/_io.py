@@ -101,6 +101,24 @@ def read_utf8(path: str | Path) -> str:
         raise InputFileError(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
 
 
+def read_json_object(path: str | Path, error: type[ValueError] = ValueError) -> dict:
+    """The JSON object in UTF-8 file ``path``.
+
+    Raises:
+        error: ``path`` is not UTF-8 text, not valid JSON or not a JSON object, naming it (``error`` is a
+            ``ValueError`` subclass of the caller's, e.g. ``AdapterFileError``).
+    """
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise error(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as decode_error:
+        raise error(f"{path}: not valid JSON ({decode_error})") from None
+    if not isinstance(document, dict):
+        raise error(f"{path}: expected a JSON object, got {type(document).__name__}")
+    return document
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Write ``path`` through a temporary file in the same folder and ``os.replace`` it into place.
 

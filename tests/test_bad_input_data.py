@@ -24,14 +24,8 @@ from biasedit_peft.data import (
 )
 from biasedit_peft.data.splits import take_per_type
 
-ROW = {
-    "id": "x1", "target": "nurse", "bias_type": "gender", "context": "The nurse was BLANK.",
-    "sentences": [
-        {"sentence": "The nurse was kind.", "id": "s1", "gold_label": "stereotype"},
-        {"sentence": "The nurse was rude.", "id": "s2", "gold_label": "anti-stereotype"},
-        {"sentence": "The nurse was purple.", "id": "s3", "gold_label": "unrelated"},
-    ],
-}
+from factories import STEREOSET_ROW as ROW
+
 HEADER = "sent_more,sent_less,stereo_antistereo,bias_type\n"
 
 

@@ -30,20 +30,14 @@ from biasedit_peft.data import (
 from biasedit_peft.data.resources import STEREOSET_FILES, resource_path
 from biasedit_peft.data.stereoset import context_noise, parse_item
 
+from factories import STEREOSET_ROW as ROW
+
 EXPECTED_COUNTS = {
     "test": {"gender": 255, "race": 962, "religion": 79, "profession": 810},
     "train": {"gender": 695, "race": 2651, "religion": 225},
     "dev": {"gender": 76, "race": 325, "religion": 22},
 }
 
-ROW = {
-    "id": "x1", "target": "nurse", "bias_type": "gender", "context": "The nurse was BLANK.",
-    "sentences": [
-        {"sentence": "The nurse was kind.", "id": "s1", "gold_label": "stereotype"},
-        {"sentence": "The nurse was rude.", "id": "s2", "gold_label": "anti-stereotype"},
-        {"sentence": "The nurse was purple.", "id": "s3", "gold_label": "unrelated"},
-    ],
-}
 
 
 def write_rows(path, rows):

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .._io import atomic_write, atomic_write_text, verify_manifest, write_manifest
+from .._io import atomic_write, atomic_write_text, read_json_object, verify_manifest, write_manifest
 from .editor import EDITOR_FORMAT, BiasEditor, BiasEditorConfig
 
 CONFIG_NAME = "config.json"
@@ -131,14 +131,7 @@ def read_editor_config(path: Path) -> BiasEditorConfig:
         ValueError: Naming the file: not UTF-8 JSON, another format, an unknown or missing key, or a value of the
             wrong type (``targets`` must map module names to ``[key_size, value_size]``).
     """
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not JSON ({error})") from None
-    if not isinstance(document, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(document).__name__}")
+    document = read_json_object(path)
     if document.get("format") != EDITOR_FORMAT:
         raise ValueError(f"{path}: format {document.get('format')!r} is not {EDITOR_FORMAT!r}")
     known = {f.name: f for f in fields(BiasEditorConfig)}

@@ -13,13 +13,12 @@ tensor), then loads it with peft, then checks that the tensors the model receive
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
-from .._io import MANIFEST_NAME, verify_manifest
+from .._io import MANIFEST_NAME, read_json_object, verify_manifest
 from ..models import hub_fetch_errors, require_local_or_hub
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -86,14 +85,7 @@ def read_adapter_config(adapter: str | os.PathLike, **hub_kwargs) -> dict:
         ModelNotFoundError: ``adapter`` is neither an existing path nor an ``org/name`` Hub id.
     """
     path = adapter_config_file(adapter, **hub_kwargs)
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise AdapterFileError(f"{path}: not UTF-8 text") from None
-    except json.JSONDecodeError as error:
-        raise AdapterFileError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(document, dict):
-        raise AdapterFileError(f"{path}: expected a JSON object, got {type(document).__name__}")
+    document = read_json_object(path, AdapterFileError)
     if "peft_type" not in document:
         raise AdapterFileError(f"{path} has no 'peft_type' (e.g. \"BIASEDIT\" or \"LORA\"): not a PEFT adapter "
                                "config")
