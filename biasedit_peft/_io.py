@@ -91,6 +91,8 @@ def read_utf8(path: str | Path) -> str:
         InputFileError: ``path`` does not exist, is a folder, or is not UTF-8 text; the message names it (not a bare
             ``FileNotFoundError`` / ``IsADirectoryError`` / ``UnicodeDecodeError`` traceback).
     """
+    if Path(path).is_dir():  # checked first: Windows opens a folder with PermissionError
+        raise InputFileError(f"{path}: is a folder, not a file")
     try:
         return Path(path).read_text(encoding="utf-8")
     except (FileNotFoundError, NotADirectoryError):

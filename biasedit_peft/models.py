@@ -129,7 +129,7 @@ def require_local_or_hub(name: str | os.PathLike, option: str, namespaced: bool 
         ModelNotFoundError: ``name`` does not exist and cannot be a Hub id (a local-looking path, or a bare name
             where ``namespaced``).
     """
-    if Path(name).expanduser().exists():
+    if Path(os.path.expanduser(name)).exists():  # os.path: '~nosuchuser' stays as it is
         return True
     text = str(name)
     if looks_like_local_path(text) or not HUB_ID_PATTERN.fullmatch(text) or (namespaced and "/" not in text):
@@ -174,7 +174,7 @@ def resolve_model_path(name_or_path: str) -> str:
     if is_gguf_request(name_or_path):
         return str(converted_model_dir(name_or_path))
     if require_local_or_hub(name_or_path, "--model") and str(name_or_path).startswith("~"):
-        return str(Path(name_or_path).expanduser())
+        return os.path.expanduser(name_or_path)
     return name_or_path
 
 
@@ -191,7 +191,7 @@ def locate_gguf(name_or_path: str | os.PathLike) -> Path:
         if len(alias.parts) != 1:
             raise ValueError(f"--model {name_or_path} ships in {len(alias.parts)} parts: use converted_model_dir")
         return installed_alias_parts(str(name_or_path))[0]
-    path = Path(name_or_path).expanduser()
+    path = Path(os.path.expanduser(name_or_path))
     if not path.is_file():
         raise ModelNotFoundError(f"--model {name_or_path}: GGUF file not found: {path}")
     return path.resolve()
@@ -476,9 +476,9 @@ def check_device(requested: str | torch.device, option: str = "--device") -> tor
     except (RuntimeError, TypeError, ValueError):
         raise ValueError(f"{option} {requested}: not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
     if device.type == "cuda":
-        if not torch.backends.cuda.is_built():
+        count = torch.cuda.device_count()  # the count alone decides (a ROCm build reports its GPUs here too)
+        if count == 0 and not torch.backends.cuda.is_built():
             raise ValueError(f"{option} {requested}: this torch has no CUDA (a CPU-only build); use --device cpu")
-        count = torch.cuda.device_count()
         if count == 0:
             raise ValueError(f"{option} {requested}: no CUDA device is visible to this process")
         if device.index is not None and device.index >= count:

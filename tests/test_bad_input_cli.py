@@ -103,6 +103,24 @@ def test_evaluate_scores_a_plain_peft_lora_like_the_merged_model(text_file, tmp_
     assert scored == pytest.approx(merged, rel=1e-4)
 
 
+@pytest.mark.parametrize("made_for", [{"n_layer": 8}, {"n_embd": 96}])
+def test_a_lora_made_for_another_model_is_refused_not_partly_loaded(tmp_path, capsys, made_for):
+    """A LoRA of a deeper model (peft drops the tensors of blocks the testbed lacks) or a wider one (shapes that do
+    not fit): one line naming the adapter, not scores of a partly applied adapter or a traceback."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from biasedit_peft.models import TESTBED_PATH
+
+    config = AutoConfig.from_pretrained(TESTBED_PATH, **made_for)
+    other = get_peft_model(AutoModelForCausalLM.from_config(config),
+                           LoraConfig(r=2, target_modules=["c_fc"], fan_in_fan_out=True))
+    other.save_pretrained(tmp_path / "lora")
+    line = refused(["evaluate", "--model", "testbed", *FAST, "--adapter", str(tmp_path / "lora")], capsys)
+    assert line.startswith(f"error: {tmp_path / 'lora'}")
+    assert ("does not fit the model (the model has no place for" in line if "n_layer" in made_for
+            else "its weights do not load onto this model" in line)
+
+
 # ----- 2. paths that are neither local nor Hub ids ----------------------------------------------------------
 @pytest.mark.parametrize(("text", "local"), [("./no/such/folder", True), ("/abs/x", True), ("~/x", True),
                                              ("a/b/c", True), ("org/name", False), ("gpt2", False)])

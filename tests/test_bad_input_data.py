@@ -101,14 +101,16 @@ def test_read_utf8_names_a_missing_path_or_a_folder(tmp_path):
 
 @pytest.mark.parametrize("option, value", [("--perplexity-text", "nowhere.txt"), ("--perplexity-text", "."),
                                            ("--limit", "0")])
-def test_a_bad_perplexity_text_or_limit_is_a_one_line_error_before_anything_is_scored(tmp_path, capsys, monkeypatch,
+def test_a_bad_perplexity_text_or_limit_is_a_one_line_error_before_the_model_loads(tmp_path, capsys, monkeypatch,
                                                                                        option, value):
     import biasedit_peft.evaluation as evaluation
+    import biasedit_peft.models as models
 
-    def scored(*args, **kwargs):
-        raise AssertionError("scored before the bad input was refused")
+    def too_early(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was refused")
 
-    monkeypatch.setattr(evaluation, "score_sentences", scored)
+    monkeypatch.setattr(evaluation, "score_sentences", too_early)
+    monkeypatch.setattr(models, "load_model_and_tokenizer", too_early)
     given = tmp_path / value if option == "--perplexity-text" else value
     why = {"nowhere.txt": f"{given}: no such file", ".": f"{given}: is a folder, not a file",
            "0": "--limit must be at least 1, got 0"}[value]

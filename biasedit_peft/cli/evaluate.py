@@ -127,13 +127,15 @@ def open_store(json_path: str | None, resume: bool, overwrite: bool):
 
 def run(args: argparse.Namespace) -> int:
     from biasedit_peft._io import write_json
-    from biasedit_peft.evaluation import evaluate_model, format_table
+    from biasedit_peft.evaluation import check_limit, evaluate_model, format_table, perplexity_paragraphs
     from biasedit_peft.metrics import check_n_resamples
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         bias_types = _bias_types(args.bias_types)
         check_n_resamples(args.n_resamples)
+        check_limit(args.limit)  # these, and the text below, are refused before the model loads
+        perplexity = perplexity_paragraphs(args.perplexity_text)
         store = open_store(args.json_path, args.resume, args.overwrite)
         benchmarks, files = data_benchmark(args.data, BENCHMARK_CHOICES[args.benchmark])
         model, tokenizer = load_model_from_args(args)
@@ -144,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate_model(
             model, tokenizer, benchmarks=benchmarks, bias_types=bias_types, **files,
             split=args.split, mode=args.mode, batch_size=args.batch_size, progress=not args.quiet,
-            perplexity_text=args.perplexity_text, limit=args.limit, model_name=args.model,
+            perplexity_text=perplexity, limit=args.limit, model_name=args.model,
             adapter=args.adapter, n_resamples=args.n_resamples, seed=args.seed, store=store,
         )
     except ValueError as error:

@@ -114,7 +114,7 @@ def _editor_folder(path_or_repo_id: str | os.PathLike, **hub_kwargs: Any) -> Pat
     from ..models import ModelNotFoundError, hub_fetch_errors, require_local_or_hub
 
     if require_local_or_hub(path_or_repo_id, "--editor", namespaced=True):
-        return Path(path_or_repo_id).expanduser()
+        return Path(os.path.expanduser(str(path_or_repo_id)))
     from huggingface_hub import snapshot_download
 
     try:

@@ -38,7 +38,7 @@ def adapter_source(adapter: str | os.PathLike) -> str:
         ModelNotFoundError: Neither an existing path nor an ``org/name`` Hub id (nothing is fetched).
     """
     if require_local_or_hub(adapter, "--adapter", namespaced=True):
-        return str(Path(adapter).expanduser())
+        return os.path.expanduser(str(adapter))
     return str(adapter)
 
 
@@ -178,6 +178,12 @@ def check_loaded_keys(peft_model, adapter_name: str, file_keys: set[str], path: 
 
     model_keys = {_without_adapter_name(key, adapter_name) for key in peft_model.state_dict()
                   if key.endswith(f".{adapter_name}") and any(f".{name}." in key for name in DELTA_PARAMETER_NAMES)}
+    refuse_other_keys(file_keys, model_keys, path)
+
+
+def refuse_other_keys(file_keys: set[str], model_keys: set[str], path: str | os.PathLike) -> None:
+    """Raise :class:`AdapterFileError` when an adapter file's tensor names differ from those the model holds for
+    it (each side's extra names, the first four, are given)."""
     unexpected, missing = sorted(file_keys - model_keys), sorted(model_keys - file_keys)
     if unexpected or missing:
         details = []
@@ -216,7 +222,8 @@ def load_biasedit_adapter(model, adapter: str | os.PathLike, adapter_name: str =
 def load_adapter(model, adapter: str | os.PathLike, adapter_name: str = "default", **hub_kwargs):
     """Load a PEFT adapter folder (or Hub id) of any type onto ``model``: a BiasEdit adapter with every check of
     :func:`load_biasedit_adapter`, another type (LoRA, ...) with peft's own loader, after
-    :func:`read_adapter_config` checked its config.
+    :func:`read_adapter_config` checked its config, and then refused (:func:`refuse_other_keys`) unless the model
+    took every tensor of the file and holds no other (peft drops the tensors of layers the model lacks).
 
     Returns:
         The ``PeftModel``.
@@ -227,7 +234,18 @@ def load_adapter(model, adapter: str | os.PathLike, adapter_name: str = "default
     """
     if read_adapter_config(adapter, **hub_kwargs)["peft_type"] == BIASEDIT_PEFT_TYPE:
         return load_biasedit_adapter(model, adapter, adapter_name, **hub_kwargs)
-    return _peft_load(model, adapter, adapter_name)
+    from peft import get_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    source = adapter_source(adapter)
+    try:
+        file_keys = set(load_peft_weights(source, **hub_kwargs))
+        peft_model = _peft_load(model, adapter, adapter_name)
+    except (RuntimeError, KeyError, OSError) as error:  # shapes that do not fit, an unreadable weights file
+        raise AdapterFileError(f"{adapter}: its weights do not load onto this model: "
+                               f"{str(error).strip().splitlines()[0]}") from None
+    refuse_other_keys(file_keys, set(get_peft_model_state_dict(peft_model, adapter_name=adapter_name)), adapter)
+    return peft_model
 
 
 def _peft_load(model, adapter: str | os.PathLike, adapter_name: str):

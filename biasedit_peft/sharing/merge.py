@@ -56,8 +56,10 @@ def _adapter_module_names(adapter: str | Path) -> set[str]:
     """Base module names an adapter's saved weights cover (read from its safetensors / bin file)."""
     from peft.utils import load_peft_weights
 
+    from .adapter_files import adapter_source
+
     names = set()
-    for key in load_peft_weights(str(adapter), device="cpu"):
+    for key in load_peft_weights(adapter_source(adapter), device="cpu"):
         module, _, parameter = key.removeprefix(PEFT_PREFIX).rpartition(".")
         if parameter in DELTA_PARAMETER_NAMES:
             names.add(module)

@@ -66,6 +66,7 @@ from ..progress_store import (
     read_json,
     run_stage,
 )
+from ..tuner.config import DEFAULT_NUM_EDIT_LAYERS
 from .deployment import deployment_check
 
 RESULTS_NAME = "results.json"
@@ -96,7 +97,7 @@ class DemoConfig(PresetOverrides):
     bias_types: tuple[str, ...] = BIAS_TYPES
     targets: tuple[str, ...] | None = None
     """Modules to edit (default: MLP output projections of the last ``num_edit_layers`` blocks)."""
-    num_edit_layers: int = 3
+    num_edit_layers: int = DEFAULT_NUM_EDIT_LAYERS
     layers_to_transform: tuple[int, ...] | None = None
     """Edit the MLP output projections of these block indices instead (e.g. ``(0, 1)``: the first blocks)."""
     max_steps: int | None = 150
