@@ -221,6 +221,27 @@ def test_broken_adapter_configs_are_refused_naming_the_file(biasedit_adapter, tm
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command", ["merge", "export-lora"])
+def test_a_lora_given_to_a_biasedit_only_command_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch,
+                                                                                    command):
+    import biasedit_peft.models as models
+    import biasedit_peft.sharing.merge as merge
+
+    get_peft_model(load_model("testbed"), LoraConfig(r=2, target_modules=["c_fc"], fan_in_fan_out=True)
+                   ).save_pretrained(tmp_path / "lora")
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the adapter was refused")
+
+    monkeypatch.setattr(models, "load_model", loaded)  # export-lora imports it when called
+    monkeypatch.setattr(merge, "load_model", loaded)  # merge imported it with its module
+    extra = ["--quiet"] if command == "export-lora" else []
+    line = refused([command, "--model", "testbed", "--adapter", str(tmp_path / "lora"), "--out", str(tmp_path / "o"),
+                    *extra], capsys)
+    assert line == f"error: {tmp_path / 'lora'} is a LORA adapter, not a BiasEdit adapter (peft_type BIASEDIT)"
+    assert not (tmp_path / "o").exists()
+
+
 # ----- 6. CrowS-Pairs bias types ----------------------------------------------------------------------------
 def test_an_unknown_crows_bias_type_is_refused_naming_the_available_ones(capsys):
     line = refused(["evaluate", "--model", "testbed", "--benchmark", "crows", "--bias-types", "gendr", *FAST],

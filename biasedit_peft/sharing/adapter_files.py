@@ -196,6 +196,21 @@ def refuse_other_keys(file_keys: set[str], model_keys: set[str], path: str | os.
                                "its weights")
 
 
+def require_biasedit_adapter(adapter: str | os.PathLike, **hub_kwargs) -> dict:
+    """The checked ``adapter_config.json`` (:func:`read_adapter_config`) of a BiasEdit adapter; commands that only
+    take BiasEdit adapters (``merge``, ``export-lora``) call it before loading the model.
+
+    Raises:
+        AdapterFileError: As :func:`read_adapter_config`, or another ``peft_type`` than BIASEDIT (named).
+        ModelNotFoundError: As :func:`read_adapter_config`.
+    """
+    config = read_adapter_config(adapter, **hub_kwargs)
+    if config["peft_type"] != BIASEDIT_PEFT_TYPE:
+        raise AdapterFileError(f"{adapter} is a {config['peft_type']} adapter, not a BiasEdit adapter (peft_type "
+                               f"{BIASEDIT_PEFT_TYPE})")
+    return config
+
+
 def load_biasedit_adapter(model, adapter: str | os.PathLike, adapter_name: str = "default", **hub_kwargs):
     """Load BiasEdit adapter folder (or Hub id) ``adapter`` onto ``model`` (a plain model or a ``PeftModel`` that
     gets another adapter) after :func:`read_adapter_config` and :func:`read_adapter_weights`, then
@@ -208,13 +223,10 @@ def load_biasedit_adapter(model, adapter: str | os.PathLike, adapter_name: str =
         AdapterFileError: As above, or an adapter whose peft_type is not BIASEDIT (see :func:`load_adapter`).
         ModelNotFoundError: ``adapter`` is neither an existing path nor an ``org/name`` Hub id.
     """
-    peft_type = read_adapter_config(adapter, **hub_kwargs)["peft_type"]
-    if peft_type != BIASEDIT_PEFT_TYPE:
-        raise AdapterFileError(f"{adapter} is a {peft_type} adapter, not a BiasEdit adapter (peft_type "
-                               f"{BIASEDIT_PEFT_TYPE})")
+    require_biasedit_adapter(adapter, **hub_kwargs)
     path = adapter_weights_file(adapter_source(adapter), **hub_kwargs)
     file_keys = set(read_adapter_weights(path))
-    peft_model = _peft_load(model, adapter, adapter_name)
+    peft_model = _peft_load(model, adapter, adapter_name, **hub_kwargs)
     check_loaded_keys(peft_model, adapter_name, file_keys, path)
     return peft_model
 
@@ -240,7 +252,7 @@ def load_adapter(model, adapter: str | os.PathLike, adapter_name: str = "default
     source = adapter_source(adapter)
     try:
         file_keys = set(load_peft_weights(source, **hub_kwargs))
-        peft_model = _peft_load(model, adapter, adapter_name)
+        peft_model = _peft_load(model, adapter, adapter_name, **hub_kwargs)
     except (RuntimeError, KeyError, OSError) as error:  # shapes that do not fit, an unreadable weights file
         raise AdapterFileError(f"{adapter}: its weights do not load onto this model: "
                                f"{str(error).strip().splitlines()[0]}") from None
@@ -248,14 +260,15 @@ def load_adapter(model, adapter: str | os.PathLike, adapter_name: str = "default
     return peft_model
 
 
-def _peft_load(model, adapter: str | os.PathLike, adapter_name: str):
-    """``adapter`` loaded by peft onto ``model``: a new ``PeftModel``, or one more adapter of a ``PeftModel``."""
+def _peft_load(model, adapter: str | os.PathLike, adapter_name: str, **hub_kwargs):
+    """``adapter`` loaded by peft onto ``model``: a new ``PeftModel``, or one more adapter of a ``PeftModel``
+    (``hub_kwargs``, e.g. ``revision``, as for the files checked before)."""
     from peft import PeftModel
 
     import biasedit_peft  # noqa: F401 - registers BIASEDIT with peft
 
     source = adapter_source(adapter)
     if isinstance(model, PeftModel):
-        model.load_adapter(source, adapter_name=adapter_name)
+        model.load_adapter(source, adapter_name=adapter_name, **hub_kwargs)
         return model
-    return PeftModel.from_pretrained(model, source, adapter_name=adapter_name)
+    return PeftModel.from_pretrained(model, source, adapter_name=adapter_name, **hub_kwargs)

@@ -450,9 +450,11 @@ def export_lora(
     """
     if isinstance(peft_model_or_paths, (tuple, list)):
         from ..models import load_model
+        from .adapter_files import require_biasedit_adapter
         from .merge import load_adapters
 
         base_name, adapter = peft_model_or_paths
+        require_biasedit_adapter(adapter)  # a bad adapter folder, or another type, is refused before the model loads
         peft_model = load_adapters(load_model(base_name), [adapter])
         config = peft_model.peft_config["adapter_0"]
         if config.base_model_name_or_path is None:

@@ -66,10 +66,7 @@ def _adapter_module_names(adapter: str | Path) -> set[str]:
     return names
 
 
-def _check_adapter_config(config, model: torch.nn.Module, adapter: str | Path) -> None:
-    peft_type = str(getattr(config.peft_type, "value", config.peft_type))
-    if peft_type != "BIASEDIT":
-        raise ValueError(f"{adapter} is a {peft_type} adapter, not a BiasEdit adapter (peft_type BIASEDIT).")
+def _check_made_for_model(config, model: torch.nn.Module, adapter: str | Path) -> None:
     made_for = (config.auto_mapping or {}).get("base_model_class")
     if made_for is not None and made_for != type(model).__name__:
         raise ValueError(
@@ -95,15 +92,16 @@ def load_adapters(model: torch.nn.Module, adapters: Sequence[str | Path]):
     import biasedit_peft  # noqa: F401 - registers BIASEDIT with peft
 
     from ..tuner import edit_targets
-    from .adapter_files import AdapterFileError, load_adapter_config, load_biasedit_adapter
+    from .adapter_files import AdapterFileError, load_adapter_config, load_biasedit_adapter, require_biasedit_adapter
 
     if not adapters:
         raise ValueError("Give at least one adapter to load.")
     peft_model = None
     for index, adapter in enumerate(adapters):
         name = f"adapter_{index}"
-        config = load_adapter_config(adapter)  # the local folder and its adapter_config.json first, named
-        _check_adapter_config(config, model, adapter)
+        require_biasedit_adapter(adapter)  # the local folder and its adapter_config.json first, named
+        config = load_adapter_config(adapter)
+        _check_made_for_model(config, model, adapter)
         try:
             peft_model = load_biasedit_adapter(model if peft_model is None else peft_model, adapter, name)
         except AdapterFileError:
@@ -201,10 +199,10 @@ def merge_adapters_with_report(
         dtype: The merged model's dtype; None keeps the base model's.
         safe_merge: See :func:`merge_deltas_into`.
     """
-    from .adapter_files import read_adapter_config
+    from .adapter_files import require_biasedit_adapter
 
-    for adapter in adapter_paths:  # a bad adapter folder is refused before the model is loaded
-        read_adapter_config(adapter)
+    for adapter in adapter_paths:  # a bad adapter folder, or another type, is refused before the model is loaded
+        require_biasedit_adapter(adapter)
     model = load_model(base_model) if isinstance(base_model, str) else base_model
     peft_model = load_adapters(model, adapter_paths)
     names = [f"adapter_{i}" for i in range(len(adapter_paths))]
