@@ -153,6 +153,26 @@ def hub_fetch_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def hub_download(repo_id: str, option: str, filename: str | None = None, **hub_kwargs) -> Path:
+    """File ``filename`` of Hub repo ``repo_id`` (None: a snapshot of the whole repo), downloaded to the cache.
+
+    Raises:
+        ModelNotFoundError: It could not be fetched (no such repo or file, no network, offline mode), naming it as
+            ``option repo_id``.
+    """
+    import huggingface_hub
+
+    what = f"its {filename}" if filename else "it"
+    try:
+        if filename is None:
+            return Path(huggingface_hub.snapshot_download(repo_id, **hub_kwargs))
+        return Path(huggingface_hub.hf_hub_download(repo_id, filename, **hub_kwargs))
+    except hub_fetch_errors() as error:
+        reason = " ".join(str(error).split())  # one line
+        raise ModelNotFoundError(f"{option} {repo_id}: not a local folder, and {what} could not be fetched from "
+                                 f"the Hub: {reason}") from None
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """The folder or Hub id transformers should load for ``name_or_path``.
 

@@ -280,3 +280,21 @@ def test_a_benchmark_that_does_not_match_the_data_file_is_refused(tmp_path, caps
     line = refused(["evaluate", "--model", "testbed", "--benchmark", chosen, "--data", str(data), *FAST], capsys)
     assert line == (f"error: --data {data} is a {kind} file, but --benchmark {chosen} does not score {kind}; "
                     f"pass --benchmark {'stereoset' if suffix == '.json' else 'crows'} (or leave --benchmark out)")
+
+
+@pytest.mark.parametrize("filename", [None, "adapter_model.safetensors"])
+def test_a_hub_download_that_fails_is_one_error_naming_the_option_and_the_repo(monkeypatch, filename):
+    import huggingface_hub
+
+    from biasedit_peft.models import ModelNotFoundError, hub_download
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'\nto load this file.")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    what = f"its {filename}" if filename else "it"
+    with pytest.raises(ModelNotFoundError) as error:
+        hub_download("org/name", "--adapter", filename)
+    assert str(error.value) == (f"--adapter org/name: not a local folder, and {what} could not be fetched from the "
+                                "Hub: We couldn't connect to 'https://huggingface.co' to load this file.")

@@ -111,17 +111,11 @@ def _editor_folder(path_or_repo_id: str | os.PathLike, **hub_kwargs: Any) -> Pat
         ModelNotFoundError: Neither an existing path nor an ``org/name`` Hub id, or a Hub id whose download
             failed (no such repo, no network), naming it as ``--editor``.
     """
-    from ..models import ModelNotFoundError, hub_fetch_errors, require_local_or_hub
+    from ..models import hub_download, require_local_or_hub
 
     if require_local_or_hub(path_or_repo_id, "--editor", namespaced=True):
         return Path(os.path.expanduser(str(path_or_repo_id)))
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(str(path_or_repo_id), **hub_kwargs))
-    except hub_fetch_errors() as error:
-        raise ModelNotFoundError(f"--editor {path_or_repo_id}: not a local folder, and not downloadable from the "
-                                 f"Hub: {error}") from None
+    return hub_download(str(path_or_repo_id), "--editor", **hub_kwargs)
 
 
 def read_editor_config(path: Path) -> BiasEditorConfig:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .._io import MANIFEST_NAME, read_json_object, verify_manifest
-from ..models import hub_fetch_errors, require_local_or_hub
+from ..models import hub_download, require_local_or_hub
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -46,8 +46,9 @@ def adapter_config_file(adapter: str | os.PathLike, **hub_kwargs) -> Path:
     """The ``adapter_config.json`` of a local adapter folder, or of a Hub repo (downloaded to the cache).
 
     Raises:
-        AdapterFileError: A local folder (or file) without it, or a Hub id whose file could not be fetched.
-        ModelNotFoundError: ``adapter`` is neither an existing path nor an ``org/name`` Hub id.
+        AdapterFileError: A local folder (or file) without it.
+        ModelNotFoundError: ``adapter`` is neither an existing path nor an ``org/name`` Hub id, or a Hub id whose
+            file could not be fetched (:func:`~biasedit_peft.models.hub_download`).
     """
     source = adapter_source(adapter)
     if Path(source).exists():
@@ -55,13 +56,7 @@ def adapter_config_file(adapter: str | os.PathLike, **hub_kwargs) -> Path:
         if not path.is_file():
             raise AdapterFileError(f"{adapter} has no {CONFIG_NAME}: not a PEFT adapter folder")
         return path
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(source, CONFIG_NAME, **hub_kwargs))
-    except hub_fetch_errors() as error:
-        raise AdapterFileError(f"--adapter {adapter}: not a local folder, and its {CONFIG_NAME} could not be "
-                               f"fetched from the Hub: {error}") from None
+    return hub_download(source, "--adapter", CONFIG_NAME, **hub_kwargs)
 
 
 def known_peft_types() -> list[str]:
@@ -129,7 +124,7 @@ def adapter_weights_file(adapter: str | os.PathLike, **hub_kwargs) -> Path:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.utils import EntryNotFoundError
 
-        path = Path(hf_hub_download(str(adapter), WEIGHTS_NAME, **hub_kwargs))
+        path = hub_download(str(adapter), "--adapter", WEIGHTS_NAME, **hub_kwargs)
         try:
             hf_hub_download(str(adapter), MANIFEST_NAME, **hub_kwargs)  # beside it in the snapshot
         except EntryNotFoundError:
