@@ -298,3 +298,10 @@ def test_a_hub_download_that_fails_is_one_error_naming_the_option_and_the_repo(m
         hub_download("org/name", "--adapter", filename)
     assert str(error.value) == (f"--adapter org/name: not a local folder, and {what} could not be fetched from the "
                                 "Hub: We couldn't connect to 'https://huggingface.co' to load this file.")
+
+
+@pytest.mark.parametrize("option", ["--train-limit", "--eval-limit"])
+def test_sweep_layers_names_its_own_limit_option(tmp_path, capsys, option):
+    line = refused(["sweep-layers", "--model", "testbed", "--out", str(tmp_path / "s"), option, "0", "--quiet"],
+                   capsys)
+    assert line == f"error: {option} must be at least 1, got 0"

@@ -96,8 +96,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_output_folder(args.out, [args.model, args.trace], args.overwrite)
         bias_types = split_list(args.bias_type)
-        train = take_per_type(load_stereoset("train", bias_types=bias_types), args.train_limit)
-        held_out = take_per_type(load_stereoset("test", bias_types=bias_types), args.eval_limit)
+        train = take_per_type(load_stereoset("train", bias_types=bias_types), args.train_limit,
+                              option="--train-limit")
+        held_out = take_per_type(load_stereoset("test", bias_types=bias_types), args.eval_limit,
+                                 option="--eval-limit")
         trace = _trace_document(args, held_out)
         if args.threads:
             torch.set_num_threads(args.threads)

@@ -69,21 +69,21 @@ def split_calibration(train: Sequence[StereoSetItem]) -> dict[str, list[str]]:
     return {"train-fit": split["train"], "train-calib": split["dev"]}
 
 
-def check_limit(limit: int | None) -> None:
-    """Raise ``ValueError`` for a ``limit`` below 1 (it would keep nothing; ``--limit`` in every command)."""
+def check_limit(limit: int | None, option: str = "--limit") -> None:
+    """Raise ``ValueError`` for a ``limit`` below 1 (it would keep nothing), naming it as ``option``."""
     if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be at least 1, got {limit}")
+        raise ValueError(f"{option} must be at least 1, got {limit}")
 
 
-def take_per_type(items: list, limit: int | None, key: str = "bias_type") -> list:
+def take_per_type(items: list, limit: int | None, key: str = "bias_type", option: str = "--limit") -> list:
     """The first ``limit`` items of each ``key`` group (all of them when ``limit`` is None), in order.
 
     Raises:
-        ValueError: ``limit`` is below 1 (it would keep nothing; ``--limit`` in every command).
+        ValueError: ``limit`` is below 1 (it would keep nothing), named as ``option``.
     """
     if limit is None:
         return list(items)
-    check_limit(limit)
+    check_limit(limit, option)
     seen: dict[str, int] = {}
     kept = []
     for item in items:
