@@ -305,3 +305,22 @@ def test_sweep_layers_names_its_own_limit_option(tmp_path, capsys, option):
     line = refused(["sweep-layers", "--model", "testbed", "--out", str(tmp_path / "s"), option, "0", "--quiet"],
                    capsys)
     assert line == f"error: {option} must be at least 1, got 0"
+
+
+def test_export_lora_of_an_all_zero_adapter_names_its_folder(tmp_path, capsys):
+    get_peft_model(load_model("testbed"), BiasEditConfig(num_edit_layers=2)).save_pretrained(tmp_path / "zero")
+    line = refused(["export-lora", "--model", "testbed", "--adapter", str(tmp_path / "zero"), "--out",
+                    str(tmp_path / "lora"), "--quiet"], capsys)
+    assert line == f"error: Every delta of adapter {tmp_path / 'zero'} is zero: there is nothing to export."
+    assert not (tmp_path / "lora").exists()
+
+
+def test_a_saved_adapter_naming_a_block_the_model_lacks_is_refused_naming_the_block(biasedit_adapter, tmp_path,
+                                                                                      capsys):
+    folder = tmp_path / "adapter"
+    shutil.copytree(biasedit_adapter, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "layers_to_transform": [2, 9]}))
+    line = refused(["evaluate", "--model", "testbed", "--adapter", str(folder), *FAST], capsys)
+    assert line == ("error: layers_to_transform=[2, 9]: the model has no block [9] with a module ending in "
+                    "'mlp.c_proj'; its blocks are 0-3.")

@@ -363,7 +363,7 @@ def _tokenizer_or_reason(peft_model, adapter_name: str, tokenizer):
 
 def export_lora_from_peft_model(peft_model, out_dir: str | Path, rank: int | None = None,
                                 adapter_name: str = "default", *, measure_ss: bool = False, tokenizer=None,
-                                **ss_options) -> LoraExportReport:
+                                source: str | None = None, **ss_options) -> LoraExportReport:
     """Write adapter ``adapter_name`` of a BiasEdit ``PeftModel`` to ``out_dir`` as a peft LoRA adapter.
 
     Args:
@@ -374,6 +374,7 @@ def export_lora_from_peft_model(peft_model, out_dir: str | Path, rank: int | Non
         measure_ss: Also run :func:`measure_ss_survival`; when no tokenizer can be loaded, the report says why.
         tokenizer: For ``measure_ss``: a tokenizer, or a model name / folder to load one from; default: the
             adapter's base model.
+        source: How errors name the adapter (its folder or Hub id); default: ``adapter_name``.
         **ss_options: Keyword arguments of :func:`measure_ss_survival` (:data:`SS_OPTIONS`).
     """
     from safetensors.torch import save_file
@@ -386,9 +387,10 @@ def export_lora_from_peft_model(peft_model, out_dir: str | Path, rank: int | Non
     if unknown or (ss_options and not measure_ss):
         misuse = f"options of measure_ss_survival {SS_OPTIONS}" if unknown else "used without measure_ss=True"
         raise TypeError(f"SS options {unknown or sorted(ss_options)} are not {misuse}.")
+    named = source or repr(adapter_name)
     layers = edit_targets(peft_model, adapter_name)
     if not layers:
-        raise ValueError(f"Adapter {adapter_name!r} has no BiasEdit layers to export.")
+        raise ValueError(f"Adapter {named} has no BiasEdit layers to export.")
     report = LoraExportReport(out_dir=str(out_dir))
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
@@ -406,7 +408,7 @@ def export_lora_from_peft_model(peft_model, out_dir: str | Path, rank: int | Non
         report.modules.append(ModuleExport(name, ranks[name], factors.delta_rank, factors.relative_error,
                                            exact=factors.relative_error == 0.0))
     if not ranks:
-        raise ValueError(f"Every delta of adapter {adapter_name!r} is zero: there is nothing to export.")
+        raise ValueError(f"Every delta of adapter {named} is zero: there is nothing to export.")
     report.relative_error = math.sqrt(total_error / total_norm) if total_norm > 0 else 0.0
     config = peft_model.peft_config[adapter_name]
     all_conv1d = all(layers[name].fan_in_fan_out for name in ranks)
@@ -460,6 +462,6 @@ def export_lora(
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = str(base_name)
         return export_lora_from_peft_model(peft_model, out_dir, rank, "adapter_0", measure_ss=measure_ss,
-                                           tokenizer=tokenizer or str(base_name), **ss_options)
+                                           tokenizer=tokenizer or str(base_name), source=str(adapter), **ss_options)
     return export_lora_from_peft_model(peft_model_or_paths, out_dir, rank, adapter_name, measure_ss=measure_ss,
                                        tokenizer=tokenizer, **ss_options)

@@ -114,6 +114,15 @@ def block_indices(model: torch.nn.Module, suffix: str) -> list[int]:
     return sorted(indices)
 
 
+def _refuse_missing_blocks(wanted: list[int] | int, indices: list[int], suffix: str) -> None:
+    """Raise ``ValueError`` naming the blocks of ``layers_to_transform`` (``wanted``) that hold no module ending in
+    ``suffix`` (the model's are ``indices``, sorted)."""
+    missing = sorted(set([wanted] if isinstance(wanted, int) else wanted) - set(indices))
+    if missing:
+        raise ValueError(f"layers_to_transform={wanted!r}: the model has no block {missing} with a module ending "
+                         f"in {suffix!r}; its blocks are {indices[0]}-{indices[-1]}.")
+
+
 class BiasEditModel(BaseTuner):
     """Wraps the targeted layers of a transformers model in BiasEdit adapter layers.
 
@@ -135,6 +144,11 @@ class BiasEditModel(BaseTuner):
                 stacklevel=2,
             )
         if peft_config.target_modules is not None:
+            if peft_config.layers_to_transform is not None and not isinstance(peft_config.target_modules, str):
+                for suffix in sorted(peft_config.target_modules):  # a saved adapter's blocks, checked by name
+                    indices = block_indices(self.model, suffix)
+                    if indices:
+                        _refuse_missing_blocks(peft_config.layers_to_transform, indices, suffix)
             return peft_config
         suffix = default_target_suffix(model_config.get("model_type", ""), self.model)
         peft_config.target_modules = {suffix}
@@ -148,11 +162,7 @@ class BiasEditModel(BaseTuner):
                                  f"blocks with a module ending in {suffix!r} ({indices[0]}-{indices[-1]}).")
             peft_config.layers_to_transform = indices[-peft_config.num_edit_layers :]
             return peft_config
-        wanted = peft_config.layers_to_transform
-        missing = sorted(set([wanted] if isinstance(wanted, int) else wanted) - set(indices))
-        if missing:
-            raise ValueError(f"layers_to_transform={wanted!r}: the model has no block {missing} with a module ending "
-                             f"in {suffix!r}; its blocks are {indices[0]}-{indices[-1]}.")
+        _refuse_missing_blocks(peft_config.layers_to_transform, indices, suffix)
         return peft_config
 
     @staticmethod
