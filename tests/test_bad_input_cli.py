@@ -324,3 +324,27 @@ def test_a_saved_adapter_naming_a_block_the_model_lacks_is_refused_naming_the_bl
     line = refused(["evaluate", "--model", "testbed", "--adapter", str(folder), *FAST], capsys)
     assert line == ("error: layers_to_transform=[2, 9]: the model has no block [9] with a module ending in "
                     "'mlp.c_proj'; its blocks are 0-3.")
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "crows"])
+def test_train_editor_refuses_data_without_unrelated_sentences_before_the_model_loads(tmp_path, capsys, monkeypatch,
+                                                                                      kind):
+    import biasedit_peft.models as models
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was refused")
+
+    monkeypatch.setattr(models, "load_model_and_tokenizer", loaded)
+    if kind == "jsonl":
+        data = tmp_path / "pairs.jsonl"
+        data.write_text(json.dumps({"stereotype": "a b", "anti_stereotype": "a c", "unrelated": "a d"}) + "\n"
+                        + json.dumps({"stereotype": "e f", "anti_stereotype": "e g"}) + "\n")
+        rows = "2"
+    else:
+        data = tmp_path / "pairs.csv"
+        data.write_text("sent_more,sent_less,stereo_antistereo,bias_type\na b,a c,stereo,gender\n")
+        rows = "1"
+    line = refused(["train-editor", "--model", "testbed", "--train-data", str(data), "--eval-data", "none",
+                    "--out", str(tmp_path / "e"), "--quiet"], capsys)
+    assert line.startswith(f"error: --train-data {data}: row(s) {rows} have no 'unrelated' sentence")
+    assert not (tmp_path / "e").exists()

@@ -98,7 +98,13 @@ def run(args: argparse.Namespace) -> int:
 
     from biasedit_peft import BiasEditConfig
     from biasedit_peft._io import check_resumable_output_folder, resumable_folder_in_place, resume_source, run_folder
-    from biasedit_peft.data import check_held_out, load_edit_samples, load_pooled_edit_samples, pooled_spec
+    from biasedit_peft.data import (
+        check_held_out,
+        load_edit_samples,
+        load_pooled_edit_samples,
+        pooled_spec,
+        require_unrelated,
+    )
     from biasedit_peft.distributed import current_processes, process_device
     from biasedit_peft.editor import BiasEditor, preset_for_model, preset_name_for
     from biasedit_peft.models import load_model_and_tokenizer
@@ -116,6 +122,11 @@ def run(args: argparse.Namespace) -> int:
             if args.calibration_data else None
         if calibration_data:
             check_held_out(train_data, calibration_data, f"--calibration-data {pooled_spec(args.calibration_data)}")
+        for option, spec, data in (("--train-data", args.train_data, train_data),
+                                   ("--eval-data", args.eval_data, eval_data),
+                                   ("--calibration-data", pooled_spec(args.calibration_data or []), calibration_data)):
+            if data:  # checked before the model loads
+                require_unrelated(data, f"{option} {spec}")
         processes = current_processes()
         device = process_device(default_device(args.device), processes)
         model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)

@@ -10,6 +10,7 @@ from .edit_samples import (
     load_edit_samples,
     load_pooled_edit_samples,
     pooled_spec,
+    require_unrelated,
 )
 from .neutral import (
     guard_text_file,
@@ -49,5 +50,5 @@ __all__ = [
     "load_edit_samples", "load_guard_text", "load_neutral_text", "load_pooled_edit_samples", "load_preserve_text",
     "load_split_ids", "preserve_text_file", "preserve_text_label", "preserve_text_option",
     "load_stereoset", "load_stereoset_file", "noise_report", "pooled_spec", "split_calibration", "split_train_dev",
-    "swap_gender",
+    "swap_gender", "require_unrelated",
 ]

@@ -91,6 +91,19 @@ def check_held_out(edited: Sequence[Any], held_out: Sequence[Any], what: str) ->
                          "stereoset:train-fit with stereoset:train-calib)")
 
 
+def require_unrelated(samples: Sequence[Any], what: str) -> None:
+    """Raise ``ValueError`` naming ``what`` and the first rows (counted from 1) whose sample has no ``unrelated``
+    sentence: meta-training's retention loss needs one per sample (a CrowS-Pairs file has none)."""
+    def unrelated(sample: Any) -> Any:
+        return sample.get("unrelated") if isinstance(sample, dict) else getattr(sample, "unrelated", None)
+
+    missing = [number for number, sample in enumerate(samples, 1) if not unrelated(sample)]
+    if missing:
+        rows = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
+        raise ValueError(f"{what}: row(s) {rows} have no 'unrelated' sentence, which meta-training's retention loss "
+                         "needs (a CrowS-Pairs file has none: use it with `biasedit debias` or `evaluate`)")
+
+
 def pooled_spec(specs: Sequence[str]) -> str:
     """How a pooled set is named in records and cards: ``'stereoset:dev + stereoset:train-calib'``."""
     return " + ".join(specs)
