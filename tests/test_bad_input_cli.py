@@ -348,3 +348,20 @@ def test_train_editor_refuses_data_without_unrelated_sentences_before_the_model_
                     "--out", str(tmp_path / "e"), "--quiet"], capsys)
     assert line.startswith(f"error: --train-data {data}: row(s) {rows} have no 'unrelated' sentence")
     assert not (tmp_path / "e").exists()
+
+
+def test_evaluate_reads_a_gzipped_stereoset_file_as_the_loader_does(tmp_path):
+    import gzip
+
+    from factories import STEREOSET_ROW
+
+    rows = [STEREOSET_ROW, {**STEREOSET_ROW, "id": "x2"}]
+    plain, packed = tmp_path / "rows.json", tmp_path / "rows.json.gz"
+    plain.write_text(json.dumps(rows))
+    packed.write_bytes(gzip.compress(json.dumps(rows).encode()))
+    scores = []
+    for data in (plain, packed):
+        out = tmp_path / f"{data.name}.out.json"
+        assert main(["evaluate", "--model", "testbed", "--data", str(data), *FAST, "--json", str(out)]) == 0
+        scores.append(json.loads(out.read_text())["stereoset"])
+    assert scores[0] == scores[1] and scores[0]["overall"]["n"] == 2

@@ -78,8 +78,8 @@ def data_benchmark(data: str | None, benchmarks: tuple[str, ...]) -> tuple[tuple
         benchmarks: Those ``--benchmark`` chose (:data:`BENCHMARK_CHOICES`); the file's kind must be one of them.
 
     Raises:
-        ValueError: A file that does not exist, is neither ``.json`` nor ``.csv``, or whose kind ``--benchmark``
-            does not include (``--benchmark crows`` with a StereoSet ``.json``, say).
+        ValueError: A file that does not exist, is neither ``.json`` nor ``.csv`` (or gzipped), or whose kind
+            ``--benchmark`` does not include (``--benchmark crows`` with a StereoSet ``.json``, say).
     """
     if data is None:
         return benchmarks, {}
@@ -87,12 +87,12 @@ def data_benchmark(data: str | None, benchmarks: tuple[str, ...]) -> tuple[tuple
 
     if not Path(data).is_file():
         raise ValueError(f"--data {data}: no such file")
-    if data.endswith(".json"):
+    if data.endswith((".json", ".json.gz")):
         kind, files = "stereoset", {"stereoset_file": data}
-    elif data.endswith(".csv"):
+    elif data.endswith((".csv", ".csv.gz")):
         kind, files = "crows", {"crows_file": data}
     else:
-        raise ValueError(f"--data {data}: expected a StereoSet .json or a CrowS-Pairs .csv")
+        raise ValueError(f"--data {data}: expected a StereoSet .json or a CrowS-Pairs .csv (either may be gzipped)")
     if kind not in benchmarks:
         chosen = next((name for name, value in BENCHMARK_CHOICES.items() if value == benchmarks), ",".join(benchmarks))
         title = {"stereoset": "StereoSet", "crows": "CrowS-Pairs"}[kind]
