@@ -104,16 +104,6 @@ HUB_ID_PATTERN = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 """What a Hub repo id looks like: ``name`` or ``org/name`` (letters, digits, ``_``, ``.`` and ``-``)."""
 
 
-def looks_like_local_path(text: str | os.PathLike) -> bool:
-    """Whether ``text`` can only mean a local path: it starts with ``.``, ``/`` or ``~``, or has a path
-    separator and is not of the Hub's ``org/name`` form (:data:`HUB_ID_PATTERN`)."""
-    text = str(text)
-    if text.startswith((".", "/", "~")):
-        return True
-    has_separator = any(sep and sep in text for sep in ("/", os.sep, os.altsep))
-    return has_separator and not HUB_ID_PATTERN.fullmatch(text)
-
-
 def require_local_or_hub(name: str | os.PathLike, option: str, namespaced: bool = False) -> bool:
     """Whether ``name`` exists locally; else check that it can be a Hub repo id, before any Hub call.
 
@@ -126,13 +116,14 @@ def require_local_or_hub(name: str | os.PathLike, option: str, namespaced: bool 
         True for a local path, False for a Hub id to download.
 
     Raises:
-        ModelNotFoundError: ``name`` does not exist and cannot be a Hub id (a local-looking path, or a bare name
-            where ``namespaced``).
+        ModelNotFoundError: ``name`` does not exist and cannot be a Hub id (not of :data:`HUB_ID_PATTERN`'s form,
+            or a bare name where ``namespaced``).
     """
     if Path(os.path.expanduser(name)).exists():  # os.path: '~nosuchuser' stays as it is
         return True
     text = str(name)
-    if looks_like_local_path(text) or not HUB_ID_PATTERN.fullmatch(text) or (namespaced and "/" not in text):
+    # a Hub id starts with a letter or digit and has at most one "/": ./x, /x, ~/x, a/b/c and a\b cannot be one
+    if not HUB_ID_PATTERN.fullmatch(text) or (namespaced and "/" not in text):
         kind = "Hub id (org/name)" if namespaced else "Hub model id"
         raise ModelNotFoundError(f"{option} {text}: no such folder, and not a {kind}")
     return False

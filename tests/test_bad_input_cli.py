@@ -4,6 +4,7 @@ load in ``biasedit evaluate --adapter``."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import biasedit_peft
 from biasedit_peft import BiasEditConfig, set_deltas
 from biasedit_peft.cli import main
 from biasedit_peft.evaluation import evaluate_perplexity
-from biasedit_peft.models import load_model, load_model_and_tokenizer, looks_like_local_path
+from biasedit_peft.models import ModelNotFoundError, load_model, load_model_and_tokenizer, require_local_or_hub
 
 from factories import random_low_rank
 
@@ -125,7 +126,13 @@ def test_a_lora_made_for_another_model_is_refused_not_partly_loaded(tmp_path, ca
 @pytest.mark.parametrize(("text", "local"), [("./no/such/folder", True), ("/abs/x", True), ("~/x", True),
                                              ("a/b/c", True), ("org/name", False), ("gpt2", False)])
 def test_local_looking_paths(text, local):
-    assert looks_like_local_path(text) is local
+    """A name that does not exist is a Hub id to fetch (False) only when it can be one; a local-looking path is
+    refused before any Hub call."""
+    if local:
+        with pytest.raises(ModelNotFoundError, match=f"--model {re.escape(text)}: no such folder"):
+            require_local_or_hub(text, "--model")
+    else:
+        assert require_local_or_hub(text, "--model") is False
 
 
 def test_a_missing_model_folder_is_refused_before_the_hub(capsys):
