@@ -147,23 +147,33 @@ def hub_fetch_errors() -> tuple[type[BaseException], ...]:
 
 
 def hub_download(repo_id: str, option: str, filename: str | None = None, **hub_kwargs) -> Path:
-    """File ``filename`` of Hub repo ``repo_id`` (None: a snapshot of the whole repo), downloaded to the cache.
+    """File ``filename`` of Hub model repo ``repo_id`` (None: a snapshot of the whole repo), downloaded to the cache;
+    from the cache alone where one request to the Hub (not retried: :func:`why_hub_lacks_model`) gets no answer that
+    it has the repo, so that a missing repo or a machine without a route to the Hub fails in about a second, not
+    after huggingface_hub's retries with back-off for each file.
 
     Raises:
-        ModelNotFoundError: It could not be fetched (no such repo or file, no network, offline mode), naming it as
-            ``option repo_id``.
+        ModelNotFoundError: It could not be fetched (no such repo or file, no network, offline mode) nor found in the
+            cache, naming it as ``option repo_id``.
     """
     import huggingface_hub
 
     what = f"its {filename}" if filename else "it"
+    why_not = None
+    if not hub_kwargs.get("local_files_only") and hub_kwargs.get("repo_type") in (None, "model"):
+        why_not = why_hub_lacks_model(repo_id, token=hub_kwargs.get("token"), revision=hub_kwargs.get("revision"))
+        if why_not is not None:
+            hub_kwargs = {**hub_kwargs, "local_files_only": True}
     try:
         if filename is None:
             return Path(huggingface_hub.snapshot_download(repo_id, **hub_kwargs))
         return Path(huggingface_hub.hf_hub_download(repo_id, filename, **hub_kwargs))
     except hub_fetch_errors() as error:
-        reason = " ".join(str(error).split())  # one line
+        if why_not is not None:
+            raise ModelNotFoundError(f"{option} {repo_id}: not a local folder, {what} not in the local Hub cache, "
+                                     f"and {why_not}") from None
         raise ModelNotFoundError(f"{option} {repo_id}: not a local folder, and {what} could not be fetched from "
-                                 f"the Hub: {reason}") from None
+                                 f"the Hub: {_one_line(error)}") from None
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -649,17 +659,18 @@ def _not_cached(repo_id: str, option: str, missing: str | None) -> str:
     return f"{option} {repo_id}: not a local folder, {missing}"
 
 
-def why_hub_lacks_model(repo_id: str) -> str | None:
-    """None where the Hub answers one request (not retried) that it has model ``repo_id``; else why not, as a clause:
-    offline mode (``HF_HUB_OFFLINE``: no request), a Hub that cannot be reached or answers with an error, no such
-    repo (or a private one without a token), or an id the Hub refuses."""
+def why_hub_lacks_model(repo_id: str, token: str | bool | None = None, revision: str | None = None) -> str | None:
+    """None where the Hub answers one request (not retried) that it has model ``repo_id`` (at ``revision``, seen with
+    ``token``); else why not, as a clause: offline mode (``HF_HUB_OFFLINE``: no request), a Hub that cannot be
+    reached or answers with an error, no such repo (or a private one without a token), or an id the Hub refuses."""
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError
 
     if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set, so the Hub was not asked"
     try:
-        HfApi().model_info(repo_id, timeout=constants.HF_HUB_ETAG_TIMEOUT)  # one GET: model_info does not retry
+        # one GET: model_info does not retry
+        HfApi(token=token).model_info(repo_id, revision=revision, timeout=constants.HF_HUB_ETAG_TIMEOUT)
     except RepositoryNotFoundError:
         return f"the Hub has no model {repo_id} (or it is private: log in with `hf auth login`)"
     except HFValidationError as error:

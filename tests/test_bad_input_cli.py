@@ -444,11 +444,13 @@ def test_a_benchmark_that_does_not_match_the_data_file_is_refused(tmp_path, caps
 def test_a_hub_download_that_fails_is_one_error_naming_the_option_and_the_repo(monkeypatch, filename):
     import huggingface_hub
 
+    import biasedit_peft.models
     from biasedit_peft.models import ModelNotFoundError, hub_download
 
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co'\nto load this file.")
 
+    monkeypatch.setattr(biasedit_peft.models, "why_hub_lacks_model", lambda *args, **kwargs: None)  # it answers
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     what = f"its {filename}" if filename else "it"
@@ -456,6 +458,28 @@ def test_a_hub_download_that_fails_is_one_error_naming_the_option_and_the_repo(m
         hub_download("org/name", "--adapter", filename)
     assert str(error.value) == (f"--adapter org/name: not a local folder, and {what} could not be fetched from the "
                                 "Hub: We couldn't connect to 'https://huggingface.co' to load this file.")
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_hub_download_where_the_hub_does_not_answer_asks_once_then_the_cache(hub_cache, monkeypatch, cached):
+    """Without a route to the Hub, one request (not huggingface_hub's retries with back-off for each file); then the
+    cached file, or one error naming the option, the repo, the file and why the Hub did not answer."""
+    import huggingface_hub.constants
+
+    from biasedit_peft.models import ModelNotFoundError, hub_download
+
+    if cached:
+        cache_testbed_as(hub_cache, "someorg/tiny")
+    client = use_client(monkeypatch, unreachable)
+    if cached:
+        assert hub_download("someorg/tiny", "--adapter", "config.json").read_text().startswith("{")
+    else:
+        with pytest.raises(ModelNotFoundError) as error:
+            hub_download("someorg/tiny", "--adapter", "config.json")
+        assert str(error.value) == ("--adapter someorg/tiny: not a local folder, its config.json not in the local Hub "
+                                    "cache, and the Hub cannot be reached: [Errno -2] Name or service not known")
+    about_it = [call for call in client.calls if "someorg" in " ".join(call)]
+    assert about_it == [("get", f"{huggingface_hub.constants.ENDPOINT}/api/models/someorg/tiny")]
 
 
 @pytest.mark.parametrize("option", ["--train-limit", "--eval-limit"])
