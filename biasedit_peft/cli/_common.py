@@ -142,10 +142,10 @@ def load_model_from_args(args: argparse.Namespace):
     if adapter:
         from biasedit_peft.sharing.adapter_files import load_adapter, read_adapter_config
 
-        read_adapter_config(adapter)  # a bad --adapter is refused before the model is loaded
+        adapter_config = read_adapter_config(adapter)  # a bad --adapter is refused before the model is loaded
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
     if adapter:
-        model = load_adapter(model, adapter).eval()
+        model = load_adapter(model, adapter, adapter_config=adapter_config).eval()  # the config read once
     return model, tokenizer
 
 

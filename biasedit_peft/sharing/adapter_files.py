@@ -9,10 +9,15 @@ tensor), then loads it with peft, then checks that the tensors the model receive
 (:func:`check_loaded_keys`). Adapters of other PEFT types (a LoRA from ``biasedit export-lora``, say) are loaded by
 :func:`load_adapter` with peft's own loader. Every adapter's ``adapter_config.json`` is read and checked first
 (:func:`read_adapter_config`), and a local path that does not exist is refused before any Hub call.
+
+Each file is read once by these checks (for a Hub id a read can be a round trip): a caller that has read the config
+passes it on (``adapter_config=``), and the weights file's keys serve every check after the load. peft's own load
+reads both files again.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -92,20 +97,35 @@ def read_adapter_config(adapter: str | os.PathLike, **hub_kwargs) -> dict:
     return document
 
 
-def load_adapter_config(adapter: str | os.PathLike, **hub_kwargs):
+def load_adapter_config(adapter: str | os.PathLike, *, adapter_config: dict | None = None, **hub_kwargs):
     """The ``PeftConfig`` of adapter folder (or Hub id) ``adapter``, after :func:`read_adapter_config`.
+
+    Args:
+        adapter: The adapter folder or Hub id.
+        adapter_config: Its ``adapter_config.json`` as :func:`read_adapter_config` returned it (not read again);
+            None reads it.
+        hub_kwargs: For the Hub download (``revision``, ...).
 
     Raises:
         AdapterFileError: As :func:`read_adapter_config`, or fields that the peft_type's config class refuses.
         ModelNotFoundError: As :func:`read_adapter_config`.
     """
-    from peft import PeftConfig
-
-    read_adapter_config(adapter, **hub_kwargs)
+    document = read_adapter_config(adapter, **hub_kwargs) if adapter_config is None else adapter_config
     try:
-        return PeftConfig.from_pretrained(adapter_source(adapter), **hub_kwargs)
+        return _peft_config(document)
     except (TypeError, ValueError, KeyError) as error:
         raise AdapterFileError(f"{adapter}/{CONFIG_NAME}: not a valid config of its peft_type: {error}") from None
+
+
+def _peft_config(document: dict):
+    """The ``PeftConfig`` of an ``adapter_config.json`` object, built from a copy of it as
+    ``PeftConfig.from_pretrained`` builds one from the file (``check_kwargs``, then ``from_peft_type``; a
+    ``runtime_config`` key is dropped, as peft drops it), without reading the file again. Used for its fields
+    (the base model it was made for); peft's own load reads its own."""
+    from peft import PeftConfig
+
+    fields = {key: value for key, value in copy.deepcopy(document).items() if key != "runtime_config"}
+    return PeftConfig.from_peft_type(**PeftConfig.check_kwargs(**fields))
 
 
 def adapter_weights_file(adapter: str | os.PathLike, **hub_kwargs) -> Path:
@@ -191,25 +211,40 @@ def refuse_other_keys(file_keys: set[str], model_keys: set[str], path: str | os.
                                "its weights")
 
 
-def require_biasedit_adapter(adapter: str | os.PathLike, **hub_kwargs) -> dict:
+def require_biasedit_adapter(adapter: str | os.PathLike, *, adapter_config: dict | None = None, **hub_kwargs) -> dict:
     """The checked ``adapter_config.json`` (:func:`read_adapter_config`) of a BiasEdit adapter; commands that only
     take BiasEdit adapters (``merge``, ``export-lora``) call it before loading the model.
+
+    Args:
+        adapter: The adapter folder or Hub id.
+        adapter_config: Its ``adapter_config.json`` as :func:`read_adapter_config` returned it (only its type is
+            checked); None reads it.
+        hub_kwargs: For the Hub download (``revision``, ...).
 
     Raises:
         AdapterFileError: As :func:`read_adapter_config`, or another ``peft_type`` than BIASEDIT (named).
         ModelNotFoundError: As :func:`read_adapter_config`.
     """
-    config = read_adapter_config(adapter, **hub_kwargs)
+    config = read_adapter_config(adapter, **hub_kwargs) if adapter_config is None else adapter_config
     if config["peft_type"] != BIASEDIT_PEFT_TYPE:
         raise AdapterFileError(f"{adapter} is a {config['peft_type']} adapter, not a BiasEdit adapter (peft_type "
                                f"{BIASEDIT_PEFT_TYPE})")
     return config
 
 
-def load_biasedit_adapter(model, adapter: str | os.PathLike, adapter_name: str = "default", **hub_kwargs):
+def load_biasedit_adapter(model, adapter: str | os.PathLike, adapter_name: str = "default", *,
+                          adapter_config: dict | None = None, **hub_kwargs):
     """Load BiasEdit adapter folder (or Hub id) ``adapter`` onto ``model`` (a plain model or a ``PeftModel`` that
     gets another adapter) after :func:`read_adapter_config` and :func:`read_adapter_weights`, then
     :func:`check_loaded_keys`.
+
+    Args:
+        model: The model, or a ``PeftModel`` that gets one more adapter.
+        adapter: The adapter folder or Hub id.
+        adapter_name: Its name in the ``PeftModel``.
+        adapter_config: Its ``adapter_config.json`` as :func:`read_adapter_config` returned it (not read again);
+            None reads it.
+        hub_kwargs: For the Hub downloads and peft's load (``revision``, ...).
 
     Returns:
         The ``PeftModel``.
@@ -218,19 +253,40 @@ def load_biasedit_adapter(model, adapter: str | os.PathLike, adapter_name: str =
         AdapterFileError: As above, or an adapter whose peft_type is not BIASEDIT (see :func:`load_adapter`).
         ModelNotFoundError: ``adapter`` is neither an existing path nor an ``org/name`` Hub id.
     """
-    require_biasedit_adapter(adapter, **hub_kwargs)
+    return load_biasedit_adapter_with_keys(model, adapter, adapter_name, adapter_config=adapter_config,
+                                           **hub_kwargs)[0]
+
+
+def load_biasedit_adapter_with_keys(model, adapter: str | os.PathLike, adapter_name: str = "default", *,
+                                    adapter_config: dict | None = None, **hub_kwargs):
+    """:func:`load_biasedit_adapter`, also giving the tensor names of the weights file it read, for later checks
+    without a second read.
+
+    Returns:
+        ``(PeftModel, frozenset of the file's tensor names)``.
+    """
+    require_biasedit_adapter(adapter, adapter_config=adapter_config, **hub_kwargs)
     path = adapter_weights_file(adapter_source(adapter), **hub_kwargs)
-    file_keys = set(read_adapter_weights(path))
+    file_keys = frozenset(read_adapter_weights(path))
     peft_model = _peft_load(model, adapter, adapter_name, **hub_kwargs)
     check_loaded_keys(peft_model, adapter_name, file_keys, path)
-    return peft_model
+    return peft_model, file_keys
 
 
-def load_adapter(model, adapter: str | os.PathLike, adapter_name: str = "default", **hub_kwargs):
+def load_adapter(model, adapter: str | os.PathLike, adapter_name: str = "default", *,
+                 adapter_config: dict | None = None, **hub_kwargs):
     """Load a PEFT adapter folder (or Hub id) of any type onto ``model``: a BiasEdit adapter with every check of
     :func:`load_biasedit_adapter`, another type (LoRA, ...) with peft's own loader, after
     :func:`read_adapter_config` checked its config, and then refused (:func:`refuse_other_keys`) unless the model
     took every tensor of the file and holds no other (peft drops the tensors of layers the model lacks).
+
+    Args:
+        model: The model, or a ``PeftModel`` that gets one more adapter.
+        adapter: The adapter folder or Hub id.
+        adapter_name: Its name in the ``PeftModel``.
+        adapter_config: Its ``adapter_config.json`` as :func:`read_adapter_config` returned it (not read again);
+            None reads it.
+        hub_kwargs: For the Hub downloads and peft's load (``revision``, ...).
 
     Returns:
         The ``PeftModel``.
@@ -239,8 +295,9 @@ def load_adapter(model, adapter: str | os.PathLike, adapter_name: str = "default
         AdapterFileError: As :func:`read_adapter_config`, and for BiasEdit adapters :func:`load_biasedit_adapter`.
         ModelNotFoundError: ``adapter`` is neither an existing path nor an ``org/name`` Hub id.
     """
-    if read_adapter_config(adapter, **hub_kwargs)["peft_type"] == BIASEDIT_PEFT_TYPE:
-        return load_biasedit_adapter(model, adapter, adapter_name, **hub_kwargs)
+    document = read_adapter_config(adapter, **hub_kwargs) if adapter_config is None else adapter_config
+    if document["peft_type"] == BIASEDIT_PEFT_TYPE:
+        return load_biasedit_adapter(model, adapter, adapter_name, adapter_config=document, **hub_kwargs)
     from peft import get_peft_model_state_dict
     from peft.utils import load_peft_weights
 

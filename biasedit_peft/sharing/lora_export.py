@@ -456,8 +456,8 @@ def export_lora(
         from .merge import load_adapters
 
         base_name, adapter = peft_model_or_paths
-        require_biasedit_adapter(adapter)  # a bad adapter folder, or another type, is refused before the model loads
-        peft_model = load_adapters(load_model(base_name), [adapter])
+        checked = require_biasedit_adapter(adapter)  # a bad adapter folder, or another type, is refused before the
+        peft_model = load_adapters(load_model(base_name), [adapter], [checked])  # model loads; not read again
         config = peft_model.peft_config["adapter_0"]
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = str(base_name)

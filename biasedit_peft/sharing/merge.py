@@ -9,7 +9,7 @@ written (peft's ``safe_merge``). The result has no adapter layers and loads with
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -52,14 +52,10 @@ class MergeReport:
         return "\n".join(lines)
 
 
-def _adapter_module_names(adapter: str | Path) -> set[str]:
-    """Base module names an adapter's saved weights cover (read from its safetensors / bin file)."""
-    from peft.utils import load_peft_weights
-
-    from .adapter_files import adapter_source
-
+def _delta_module_names(weight_keys: Iterable[str]) -> set[str]:
+    """Base module names that an adapter's saved weights (their tensor names) cover."""
     names = set()
-    for key in load_peft_weights(adapter_source(adapter), device="cpu"):
+    for key in weight_keys:
         module, _, parameter = key.removeprefix(PEFT_PREFIX).rpartition(".")
         if parameter in DELTA_PARAMETER_NAMES:
             names.add(module)
@@ -75,12 +71,19 @@ def _check_made_for_model(config, model: torch.nn.Module, adapter: str | Path) -
         )
 
 
-def load_adapters(model: torch.nn.Module, adapters: Sequence[str | Path]):
+def load_adapters(model: torch.nn.Module, adapters: Sequence[str | Path],
+                  adapter_configs: Sequence[dict] | None = None):
     """A ``PeftModel`` over ``model`` holding ``adapters`` (folders or Hub ids) as ``adapter_0``, ``adapter_1``, ...
+
+    Each adapter's ``adapter_config.json`` is read once (none when ``adapter_configs`` gives them) and its weights
+    file once, besides peft's own load.
 
     Args:
         model: The plain transformers base model.
         adapters: BiasEdit adapter folders or Hub ids.
+        adapter_configs: Their ``adapter_config.json`` objects, in order, as
+            ``adapter_files.require_biasedit_adapter`` returned them (a caller that checked them before loading the
+            model); None reads them.
 
     Raises:
         ValueError: Naming the adapter, when it is not a BiasEdit adapter, was made for another model class, or
@@ -92,18 +95,27 @@ def load_adapters(model: torch.nn.Module, adapters: Sequence[str | Path]):
     import biasedit_peft  # noqa: F401 - registers BIASEDIT with peft
 
     from ..tuner import edit_targets
-    from .adapter_files import AdapterFileError, load_adapter_config, load_biasedit_adapter, require_biasedit_adapter
+    from .adapter_files import (
+        AdapterFileError,
+        load_adapter_config,
+        load_biasedit_adapter_with_keys,
+        require_biasedit_adapter,
+    )
 
     if not adapters:
         raise ValueError("Give at least one adapter to load.")
+    if adapter_configs is not None and len(adapter_configs) != len(adapters):
+        raise ValueError(f"{len(adapters)} adapters but {len(adapter_configs)} adapter configs")
     peft_model = None
     for index, adapter in enumerate(adapters):
         name = f"adapter_{index}"
-        require_biasedit_adapter(adapter)  # the local folder and its adapter_config.json first, named
-        config = load_adapter_config(adapter)
+        document = require_biasedit_adapter(  # the local folder and its adapter_config.json first, named
+            adapter, adapter_config=None if adapter_configs is None else adapter_configs[index])
+        config = load_adapter_config(adapter, adapter_config=document)
         _check_made_for_model(config, model, adapter)
         try:
-            peft_model = load_biasedit_adapter(model if peft_model is None else peft_model, adapter, name)
+            peft_model, file_keys = load_biasedit_adapter_with_keys(model if peft_model is None else peft_model,
+                                                                    adapter, name, adapter_config=document)
         except AdapterFileError:
             raise
         except (RuntimeError, ValueError, KeyError) as error:
@@ -111,7 +123,7 @@ def load_adapters(model: torch.nn.Module, adapters: Sequence[str | Path]):
                 f"Adapter {adapter} (made for {config.base_model_name_or_path!r}) does not fit the base model "
                 f"{type(model).__name__}: {error}"
             ) from error
-        saved, loaded = _adapter_module_names(adapter), set(edit_targets(peft_model, name))
+        saved, loaded = _delta_module_names(file_keys), set(edit_targets(peft_model, name))
         if saved != loaded:
             raise ValueError(
                 f"Adapter {adapter} holds deltas for {sorted(saved - loaded) or sorted(saved)}, but the base model "
@@ -201,10 +213,10 @@ def merge_adapters_with_report(
     """
     from .adapter_files import require_biasedit_adapter
 
-    for adapter in adapter_paths:  # a bad adapter folder, or another type, is refused before the model is loaded
-        require_biasedit_adapter(adapter)
+    # a bad adapter folder, or another type, is refused before the model is loaded
+    adapter_configs = [require_biasedit_adapter(adapter) for adapter in adapter_paths]
     model = load_model(base_model) if isinstance(base_model, str) else base_model
-    peft_model = load_adapters(model, adapter_paths)
+    peft_model = load_adapters(model, adapter_paths, adapter_configs)
     names = [f"adapter_{i}" for i in range(len(adapter_paths))]
     deltas = summed_deltas(peft_model, names)
     plain = peft_model.unload()  # drops the adapter layers, restores the base modules untouched
