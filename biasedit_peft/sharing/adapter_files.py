@@ -280,13 +280,7 @@ def load_adapter(model, adapter: str | os.PathLike, adapter_name: str = "default
     :func:`read_adapter_config` checked its config, and then refused (:func:`refuse_other_keys`) unless the model
     took every tensor of the file and holds no other (peft drops the tensors of layers the model lacks).
 
-    Args:
-        model: The model, or a ``PeftModel`` that gets one more adapter.
-        adapter: The adapter folder or Hub id.
-        adapter_name: Its name in the ``PeftModel``.
-        adapter_config: Its ``adapter_config.json`` as :func:`read_adapter_config` returned it (not read again);
-            None reads it.
-        hub_kwargs: For the Hub downloads and peft's load (``revision``, ...).
+    Args: as :func:`load_biasedit_adapter`.
 
     Returns:
         The ``PeftModel``.
