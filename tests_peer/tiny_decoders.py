@@ -11,13 +11,14 @@ from pathlib import Path
 
 from factories import tiny_model  # tests/factories.py: run_peft_peer_tests.py puts tests/ on PYTHONPATH
 
-# Hub id used by peft 0.21's PEFT_DECODER_MODELS_TO_TEST -> the architecture of its tiny stand-in (factories' "peer"
-# size: 2 blocks of width 16 over 96 ids)
+# Hub id used by peft 0.21-0.22's PEFT_DECODER_MODELS_TO_TEST -> the architecture of its tiny stand-in (factories'
+# "peer" size: 2 blocks of width 16 over 96 ids)
 TINY_DECODERS: dict[str, str] = {
     "peft-internal-testing/tiny-random-OPTForCausalLM": "opt",
     "peft-internal-testing/tiny-random-GPT2LMHeadModel": "gpt2",
     "peft-internal-testing/tiny-random-GPTJForCausalLM": "gptj",
     "trl-internal-testing/tiny-random-LlamaForCausalLM": "llama",
+    "peft-internal-testing/tiny-random-LlamaForCausalLM": "llama",  # peft 0.22's id for it
     "peft-internal-testing/tiny-dummy-qwen2": "qwen2",
     "hf-internal-testing/tiny-random-Gemma3ForCausalLM": "gemma3_text",
 }
