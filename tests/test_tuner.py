@@ -424,3 +424,24 @@ def test_adapter_parameters_are_float32_and_package_exports():
     assert isinstance(model, PeftModel)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("biasedit_" in n for n in trainable)
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])  # Conv1D ([in, out]) and Linear ([out, in]) weights
+def test_the_additive_delta_is_what_merging_adds(architecture):
+    """peft >= 0.22 converts additive adapters to LoRA from ``get_additive_delta``: for BiasEdit it is W' - W in the
+    base weight's layout, and peft refuses it while an adapter is merged."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model(architecture), BiasEditConfig())
+    targets = edit_targets(model)
+    set_deltas(model, {name: 1e-2 * torch.randn(layer.weight_shape) for name, layer in targets.items()})
+    for layer in targets.values():
+        assert layer.supports_lora_conversion()
+        base = layer.get_base_layer().weight.detach().clone()
+        delta = layer._get_additive_delta("default")
+        assert delta.dtype == torch.float32 and delta.shape == base.shape
+        layer.merge()
+        torch.testing.assert_close(layer.get_base_layer().weight.detach(), base + delta)
+        if hasattr(BiasEditLayer, "get_additive_delta"):  # peft >= 0.22
+            with pytest.raises(ValueError, match="merged"):
+                layer.get_additive_delta("default")
+        layer.unmerge()

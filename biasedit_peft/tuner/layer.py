@@ -158,6 +158,15 @@ class BiasEditLayer(BaseTunerLayer):
             return self.biasedit_delta[adapter_name]
         return self.biasedit_A[adapter_name] @ self.biasedit_B[adapter_name]
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """BiasEdit is additive (W' = W + delta): peft (>= 0.22, ``convert_to_lora``) may approximate it by a LoRA."""
+        return True
+
+    def _get_additive_delta(self, adapter_name: str = "default") -> torch.Tensor:
+        """W' - W of ``adapter_name`` for peft's ``get_additive_delta`` (>= 0.22, which refuses while an adapter is
+        merged): :meth:`get_delta_weight`, float32, in the base weight's layout."""
+        return self.get_delta_weight(adapter_name)
+
     def _active_delta(self, adapter_name: str) -> Optional[DeltaLike]:
         """What forward adds for ``adapter_name``: an override, the dense delta, or the factors."""
         if adapter_name in self._delta_overrides:
